@@ -1,0 +1,472 @@
+"""Put LoRA adapters into a plain `transformers` model and manage several of them.
+
+Everything here is a function on the user's model. Target modules are replaced in place by
+`LoRALayer` (and `modules_to_save` by `ModulesToSave`); the model stays the same class. The
+adapters' configs live in `model.tunesmith_adapters` (an `AdapterState`), which is all the
+model-level state there is.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from tunesmith.adapters.lora import (
+    LoRAAdapter,
+    LoRAConfig,
+    LoRALayer,
+    RowRoutes,
+    init_adapter_weights,
+)
+from tunesmith.adapters.saved import ModulesToSave
+from tunesmith.errors import AdapterError
+
+STATE_ATTR = "tunesmith_adapters"
+
+
+@dataclass
+class AdapterState:
+    """The adapters on a model: their configs (by name) and which are active."""
+
+    configs: dict[str, LoRAConfig] = field(default_factory=dict)
+    active: list[str] = field(default_factory=list)
+
+
+def adapter_state(model: nn.Module) -> AdapterState:
+    state = getattr(model, STATE_ATTR, None)
+    if state is None:
+        state = AdapterState()
+        setattr(model, STATE_ATTR, state)
+    return state
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    return list(adapter_state(model).configs)
+
+
+def active_adapters(model: nn.Module) -> list[str]:
+    return list(adapter_state(model).active)
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALayer]]:
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALayer):
+            yield name, module
+
+
+def saved_modules(model: nn.Module) -> Iterator[tuple[str, ModulesToSave]]:
+    for name, module in model.named_modules():
+        if isinstance(module, ModulesToSave):
+            yield name, module
+
+
+def _wrapped_modules(model: nn.Module) -> Iterator[tuple[str, LoRALayer | ModulesToSave]]:
+    for name, module in model.named_modules():
+        if isinstance(module, (LoRALayer, ModulesToSave)):
+            yield name, module
+
+
+# --- which modules to adapt ------------------------------------------------------------------
+def linear_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Every Linear/Conv1D (or LoRALayer already wrapping one) by module name, excluding the
+    insides of tunesmith's wrappers."""
+    found: dict[str, nn.Module] = {}
+    inside: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(prefix) for prefix in inside):
+            continue
+        if isinstance(module, (LoRALayer, ModulesToSave)):
+            inside.append(name + ".")
+        if isinstance(module, (nn.Linear, Conv1D, LoRALayer)):
+            found[name] = module
+    return found
+
+
+def name_matches(spec: str | Sequence[str], name: str) -> bool:
+    """PEFT's rule: a string is a regex matching the whole name; a list holds names or
+    suffixes that end at a dot boundary."""
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return any(name == s or name.endswith("." + s) for s in spec)
+
+
+def layer_index(name: str, layers_pattern: str | Sequence[str] | None) -> int | None:
+    """The index of the layer a module sits in (the first numbered segment), or None."""
+    if not layers_pattern:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
+    else:
+        patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
+        match = None
+        for pattern in patterns:
+            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", name)
+            if match:
+                break
+    return int(match.group("idx")) if match else None
+
+
+def _output_head_name(model: nn.Module) -> str | None:
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if get_head else None
+    if head is None:
+        return None
+    for name, module in model.named_modules():
+        if module is head or (isinstance(module, ModulesToSave) and module.original_module is head):
+            return name
+    return None
+
+
+def find_targets(model: nn.Module, config: LoRAConfig) -> list[str]:
+    """Names of the modules `config` adapts, in model order. Raises if nothing matches, or if a
+    listed target matches no linear module."""
+    linears = linear_modules(model)
+    spec = config.targets
+    if spec == "all-linear":
+        head = _output_head_name(model)
+        chosen = [n for n in linears if n != head]
+    else:
+        chosen = [n for n in linears if name_matches(spec, n)]
+        if not chosen:
+            raise AdapterError(_no_match_message(model, repr(spec), linears))
+        if isinstance(spec, (list, tuple)):
+            unused = [t for t in spec if not any(name_matches([t], n) for n in linears)]
+            if unused:  # fine for a list meant for several architectures; a typo otherwise
+                warnings.warn(
+                    f"LoRA targets {', '.join(map(repr, unused))} match no linear module of "
+                    f"{type(model).__name__}",
+                    stacklevel=3,
+                )
+    if config.modules_to_save:
+        chosen = [n for n in chosen if not name_matches(config.modules_to_save, n)]
+    if config.exclude:
+        chosen = [n for n in chosen if not name_matches(config.exclude, n)]
+    if config.layers is not None:
+        wanted = set(config.layers)
+        chosen = [n for n in chosen if layer_index(n, config.layers_pattern) in wanted]
+    if not chosen:
+        raise AdapterError(_no_match_message(model, spec, linears, filtered=True))
+    return chosen
+
+
+def _no_match_message(
+    model: nn.Module, spec: str | Sequence[str], linears: dict[str, nn.Module], filtered=False
+) -> str:
+    leaves = list(dict.fromkeys(n.rsplit(".", 1)[-1] for n in linears))
+    others = [
+        f"{n} ({type(m).__name__})"
+        for n, m in model.named_modules()
+        if n and n not in linears and name_matches(spec, n)
+    ]
+    why = " after exclude/layers/modules_to_save filtering" if filtered else ""
+    hint = f"; it matches non-linear modules {', '.join(others[:3])}" if others else ""
+    return (
+        f"LoRA targets {spec!r} match no linear module of {type(model).__name__}{why}{hint}; "
+        f"linear modules are: {', '.join(leaves)}"
+    )
+
+
+# --- adding and removing adapters ------------------------------------------------------------
+def add_lora(
+    model: nn.Module,
+    config: LoRAConfig | None = None,
+    name: str = "default",
+    trainable: bool = True,
+) -> nn.Module:
+    """Inject a LoRA adapter called `name` into `model` (mutated in place and returned).
+
+    Targets are replaced by `LoRALayer`s, `config.modules_to_save` by `ModulesToSave` copies.
+    Every base parameter is frozen; the new adapter's parameters train if `trainable`. The new
+    adapter becomes the one active adapter (use `set_active` to stack several).
+    """
+    config = config or LoRAConfig()
+    state = adapter_state(model)
+    _check_new_name(state, name)
+    targets = find_targets(model, config)
+    _check_ranks(model, config, targets)
+
+    for module_name in targets:
+        layer = model.get_submodule(module_name)
+        if not isinstance(layer, LoRALayer):
+            layer = LoRALayer(layer)
+            model.set_submodule(module_name, layer)
+        weight = layer.base_weight()
+        adapter = LoRAAdapter(
+            layer.in_features,
+            layer.out_features,
+            r=config.rank_for(module_name),
+            scaling=config.scaling_for(module_name),
+            dropout=config.dropout,
+            use_dora=config.use_dora,
+            device=weight.device,
+            dtype=_adapter_dtype(weight.dtype),
+        )
+        layer.adapters[name] = adapter
+        init_adapter_weights(layer, adapter, config.init, module_name)
+
+    for module_name in _modules_to_save_names(model, config):
+        wrapper = model.get_submodule(module_name)
+        if not isinstance(wrapper, ModulesToSave):
+            wrapper = ModulesToSave(wrapper)
+            model.set_submodule(module_name, wrapper)
+        wrapper.add_copy(name)
+
+    state.configs[name] = config
+    _freeze_base(model)
+    for p in adapter_parameters(model, name):
+        p.requires_grad_(trainable)
+    set_active(model, [name])
+    return model
+
+
+def _check_new_name(state: AdapterState, name: str) -> None:
+    if not isinstance(name, str) or not name or "." in name:
+        raise AdapterError(f"adapter name must be a non-empty string without dots, got {name!r}")
+    if name in state.configs:
+        raise AdapterError(
+            f"an adapter named {name!r} already exists; pick another name, or "
+            f"delete_adapter(model, {name!r}) first (load_adapter into an existing name hot-swaps)"
+        )
+
+
+def _check_ranks(model: nn.Module, config: LoRAConfig, targets: list[str]) -> None:
+    for module_name in targets:
+        layer = model.get_submodule(module_name)
+        out_features, in_features = (
+            layer.base_weight().shape
+            if isinstance(layer, LoRALayer)
+            else LoRALayer(layer).base_weight().shape
+        )
+        r = config.rank_for(module_name)
+        if r > min(in_features, out_features):
+            raise AdapterError(
+                f"r={r} is larger than {module_name} allows (in_features={in_features}, "
+                f"out_features={out_features}); use r <= {min(in_features, out_features)} "
+                "or a rank_pattern entry for this module"
+            )
+
+
+def _adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
+    # Half-precision bases get fp32 adapter weights (master weights, as PEFT does); the forward
+    # casts them to the activation dtype so activations stay in the compute dtype.
+    return base_dtype if base_dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def _modules_to_save_names(model: nn.Module, config: LoRAConfig) -> list[str]:
+    if not config.modules_to_save:
+        return []
+    found = []
+    inside: list[str] = []
+    for module_name, module in model.named_modules():
+        if any(module_name.startswith(p) for p in inside):
+            continue
+        if isinstance(module, (LoRALayer, ModulesToSave)):
+            inside.append(module_name + ".")
+        if module_name and name_matches(config.modules_to_save, module_name):
+            found.append(module_name)
+            inside.append(module_name + ".")
+    for wanted in config.modules_to_save:
+        if not any(name_matches([wanted], n) for n in found):
+            raise AdapterError(
+                f"modules_to_save entry {wanted!r} matches no module of {type(model).__name__}"
+            )
+    return found
+
+
+def adapter_parameters(model: nn.Module, name: str) -> list[nn.Parameter]:
+    """The parameters that belong to adapter `name` (LoRA weights and saved-module copies)."""
+    params: list[nn.Parameter] = []
+    for _, module in _wrapped_modules(model):
+        holder = module.adapters if isinstance(module, LoRALayer) else module.modules_to_save
+        if name in holder:
+            params.extend(holder[name].parameters())
+    return params
+
+
+def _freeze_base(model: nn.Module) -> None:
+    adapter_ids = {
+        id(p) for n in adapter_state(model).configs for p in adapter_parameters(model, n)
+    }
+    for p in model.parameters():
+        if id(p) not in adapter_ids:
+            p.requires_grad_(False)
+
+
+def delete_adapter(model: nn.Module, name: str) -> None:
+    """Remove adapter `name` (unmerging it first). Modules left with no adapter go back to the
+    original module."""
+    state = adapter_state(model)
+    _check_known(state, [name])
+    for module_name, module in list(_wrapped_modules(model)):
+        if isinstance(module, LoRALayer):
+            if name in module.merged:
+                still_merged = [n for n in module.merged if n != name]
+                module.unmerge()
+                module.merge(still_merged, module_name)
+            if name in module.adapters:
+                del module.adapters[name]
+            module.active = tuple(n for n in module.active if n != name)
+            if not module.adapters:
+                model.set_submodule(module_name, module.base_layer)
+        else:
+            if name in module.modules_to_save:
+                del module.modules_to_save[name]
+            module.active = tuple(n for n in module.active if n != name)
+            if not module.modules_to_save:
+                model.set_submodule(module_name, module.original_module)
+    del state.configs[name]
+    state.active = [n for n in state.active if n != name]
+
+
+def _check_known(state: AdapterState, names: Sequence[str | None]) -> None:
+    for name in names:
+        if name is not None and name not in state.configs:
+            have = ", ".join(state.configs) or "none"
+            raise AdapterError(f"unknown adapter {name!r}; adapters on this model: {have}")
+
+
+# --- which adapters run ----------------------------------------------------------------------
+def set_active(model: nn.Module, names: str | Sequence[str]) -> None:
+    """Make `names` the active adapters. Several active adapters add their outputs (stacking).
+    Trainability is unchanged."""
+    names = [names] if isinstance(names, str) else list(names)
+    state = adapter_state(model)
+    _check_known(state, names)
+    for module_name, layer in lora_layers(model):
+        stale = [n for n in layer.merged if n not in names]
+        if stale:
+            raise AdapterError(
+                f"adapter(s) {', '.join(stale)} are merged into {module_name}; "
+                "call unmerge(model) before deactivating them"
+            )
+    for _, module in _wrapped_modules(model):
+        holder = module.adapters if isinstance(module, LoRALayer) else module.modules_to_save
+        module.active = tuple(n for n in names if n in holder)
+    state.active = names
+
+
+@contextmanager
+def disabled(model: nn.Module):
+    """Run the base model only: adapters are skipped (merged ones are unmerged for the duration
+    and merged back afterwards)."""
+    modules = list(_wrapped_modules(model))
+    remerge = {}
+    for module_name, module in modules:
+        if isinstance(module, LoRALayer) and module.merged:
+            remerge[module_name] = list(module.merged)
+            module.unmerge()
+        module.disabled = True
+    try:
+        yield model
+    finally:
+        for module_name, module in modules:
+            module.disabled = False
+            if module_name in remerge:
+                module.merge(remerge[module_name], module_name)
+
+
+@contextmanager
+def route(model: nn.Module, rows: Sequence[str | Sequence[str] | None]):
+    """Give each row of the batch its own adapter: `rows[i]` is an adapter name, a list of names
+    (stacked), or None (base model). Works around a forward pass or `model.generate(...)`; the
+    batch runs as one pass per adapter group, never a loop over rows."""
+    state = adapter_state(model)
+    if not rows:
+        raise AdapterError("route() needs one entry per batch row; got an empty list")
+    per_row = [[] if r is None else [r] if isinstance(r, str) else list(r) for r in rows]
+    _check_known(state, [n for names in per_row for n in names])
+    for module_name, layer in lora_layers(model):
+        if layer.merged:
+            raise AdapterError(
+                f"{module_name} has merged adapters; call unmerge(model) before route()"
+            )
+    device = next(model.parameters()).device
+    groups: dict[str, list[int]] = {}
+    for i, names in enumerate(per_row):
+        for name in names:
+            groups.setdefault(name, []).append(i)
+    routes = RowRoutes(
+        batch_size=len(rows),
+        groups=[(n, torch.tensor(idx, dtype=torch.long, device=device)) for n, idx in groups.items()],
+    )
+    modules = [m for _, m in _wrapped_modules(model)]
+    for module_name, module in saved_modules(model):
+        for i, names in enumerate(per_row):
+            with_copy = [n for n in names if n in module.modules_to_save]
+            if len(with_copy) > 1:
+                raise AdapterError(
+                    f"row {i} stacks adapters {', '.join(with_copy)} that each have their own "
+                    f"copy of {module_name} (modules_to_save); give that row only one of them"
+                )
+    for module in modules:
+        module.routes = routes
+    try:
+        yield model
+    finally:
+        for module in modules:
+            module.routes = None
+
+
+# --- merging ---------------------------------------------------------------------------------
+def merge(model: nn.Module, names: Sequence[str] | None = None) -> None:
+    """Fold adapters (default: the active ones) into the base weights: W' = W + s·BA, DoRA
+    W' = k·(W + s·BA). Refuses, changing nothing, if any merged weight would be NaN/Inf."""
+    state = adapter_state(model)
+    names = list(state.active if names is None else names)
+    _check_known(state, names)
+    done: list[tuple[str, LoRALayer, tuple[str, ...]]] = []
+    try:
+        for module_name, layer in lora_layers(model):
+            before = layer.merged
+            layer.merge(names, module_name)
+            done.append((module_name, layer, before))
+    except AdapterError:
+        for module_name, layer, before in done:
+            layer.unmerge()
+            layer.merge(list(before), module_name)
+        raise
+    if any(n not in state.active for n in names):
+        set_active(model, list(dict.fromkeys(state.active + names)))
+
+
+def unmerge(model: nn.Module) -> None:
+    """Undo every merge: W = (W' − L) / c, the exact inverse of `merge` up to rounding."""
+    for _, layer in lora_layers(model):
+        layer.unmerge()
+
+
+def merge_and_unload(model: nn.Module, names: Sequence[str] | None = None) -> nn.Module:
+    """Merge adapters (default: the active ones) and remove every tunesmith module: returns the
+    same model object as a plain `transformers` model. Saved-module copies of the merged
+    adapters replace the originals."""
+    state = adapter_state(model)
+    names = list(state.active if names is None else names)
+    merge(model, names)
+    for module_name, module in list(_wrapped_modules(model)):
+        if isinstance(module, LoRALayer):
+            model.set_submodule(module_name, module.base_layer)
+        else:
+            module.active = tuple(n for n in names if n in module.modules_to_save)
+            model.set_submodule(module_name, module.active_copy(module_name))
+    delattr(model, STATE_ATTR)
+    return model
+
+
+class TrainableParameters(NamedTuple):
+    trainable: int
+    total: int
+    percent: float
+
+
+def trainable_parameters(model: nn.Module) -> TrainableParameters:
+    """Counts of trainable and all parameters (shared tensors counted once)."""
+    seen: dict[int, nn.Parameter] = {id(p): p for p in model.parameters()}
+    total = sum(p.numel() for p in seen.values())
+    trainable = sum(p.numel() for p in seen.values() if p.requires_grad)
+    return TrainableParameters(trainable, total, 100.0 * trainable / total if total else 0.0)

@@ -1,0 +1,331 @@
+"""LoRA, rsLoRA and DoRA on one linear layer.
+
+A target `nn.Linear` (or GPT-2's `Conv1D`, whose weight is stored transposed) is replaced by a
+`LoRALayer` that keeps the original module as `base_layer` and holds one `LoRAAdapter` per named
+adapter. The maths follows PEFT exactly (see DESIGN.md):
+
+    y = W x + b + s · B A dropout(x),           s = alpha / r   (rsLoRA: alpha / sqrt(r))
+    DoRA: k = m / ‖W + s·BA‖ (row norm, detached)
+          y = W x + b + (k − 1) · W x + k · s · B A x
+
+Several active adapters add their deltas, each computed against the base output, so stacking is
+exactly the sum of the single-adapter deltas.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from tunesmith.errors import AdapterError
+
+INIT_METHODS = ("default", "gaussian", "pissa")
+
+
+@dataclass
+class LoRAConfig:
+    """How to add one LoRA adapter to a model. Field names follow tunesmith's run config; the
+    PEFT equivalents are noted where they differ."""
+
+    r: int = 16
+    """Rank of the update B·A (PEFT: `r`)."""
+    alpha: float = 32
+    """Scale numerator: s = alpha / r, or alpha / sqrt(r) with rsLoRA (PEFT: `lora_alpha`)."""
+    dropout: float = 0.05
+    """Dropout on the adapter branch's input during training (PEFT: `lora_dropout`)."""
+    targets: list[str] | str = "all-linear"
+    """Modules to adapt: a list of module-name suffixes (`["q_proj", "v_proj"]`), a regex that
+    must match the whole module name, or "all-linear" (every Linear/Conv1D but the output head)
+    (PEFT: `target_modules`)."""
+    exclude: list[str] | str | None = None
+    """Modules never to adapt: suffixes or a regex, as for `targets` (PEFT: `exclude_modules`)."""
+    layers: list[int] | None = None
+    """Only adapt modules inside these layer indices (PEFT: `layers_to_transform`)."""
+    layers_pattern: str | list[str] | None = None
+    """Name of the layer list (`layers`, `h`…) used to find the index; default: the first
+    numbered segment of the module name (PEFT: `layers_pattern`)."""
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    """Per-module rank overrides: {regex matching the end of a module name: r}."""
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    """Per-module alpha overrides: {regex matching the end of a module name: alpha}."""
+    use_rslora: bool = False
+    """Rank-stabilised scaling s = alpha / sqrt(r)."""
+    use_dora: bool = False
+    """Weight-decomposed LoRA: a trainable magnitude per output row (DoRA)."""
+    init: Literal["default", "gaussian", "pissa"] = "default"
+    """A/B initialisation: "default" (Kaiming-uniform A, zero B), "gaussian" (normal A with
+    std 1/r, zero B) or "pissa" (top-r singular vectors of W; W keeps the residual)."""
+    bias: Literal["none"] = "none"
+    """Which biases train. Only "none" is supported: biases stay frozen."""
+    modules_to_save: list[str] | None = None
+    """Modules trained in full as a separate copy per adapter, e.g. ["lm_head"]."""
+
+    def __post_init__(self) -> None:
+        check_rank(self.r, "r")
+        for key, r in self.rank_pattern.items():
+            check_rank(r, f"rank_pattern[{key!r}]")
+        if not 0.0 <= self.dropout < 1.0:
+            raise AdapterError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.init not in INIT_METHODS:
+            raise AdapterError(f"init must be one of {', '.join(INIT_METHODS)}; got {self.init!r}")
+        if self.bias != "none":
+            raise AdapterError(
+                f'bias={self.bias!r} is not supported: only "none" (biases stay frozen); '
+                'use modules_to_save to train a whole module instead'
+            )
+        if isinstance(self.targets, (list, tuple)) and not self.targets:
+            raise AdapterError('targets is empty; name modules such as ["q_proj", "v_proj"]')
+        if isinstance(self.layers, int):
+            self.layers = [self.layers]
+
+    def rank_for(self, module_name: str) -> int:
+        return _pattern_value(self.rank_pattern, module_name, self.r)
+
+    def alpha_for(self, module_name: str) -> float:
+        return _pattern_value(self.alpha_pattern, module_name, self.alpha)
+
+    def scaling_for(self, module_name: str) -> float:
+        r = self.rank_for(module_name)
+        return self.alpha_for(module_name) / (math.sqrt(r) if self.use_rslora else r)
+
+
+def check_rank(r: object, what: str) -> None:
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise AdapterError(f"{what} must be a positive integer, got {r!r}")
+
+
+def _pattern_value(patterns: dict, module_name: str, default):
+    # PEFT's rule: the key is a regex that must match a trailing part of the module name.
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module_name):
+            return value
+    return default
+
+
+class LoRAAdapter(nn.Module):
+    """One adapter's weights on one layer: lora_A (r × in), lora_B (out × r), and for DoRA
+    lora_magnitude_vector (out). `scaling` is a buffer so that a hot swap to another alpha
+    changes a value, not the graph."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        r: int,
+        scaling: float,
+        dropout: float,
+        use_dora: bool,
+        device: torch.device | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.lora_A = nn.Parameter(torch.empty(r, in_features, **factory))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, r, **factory))
+        self.register_buffer(
+            "scaling", torch.tensor(float(scaling), device=device), persistent=False
+        )
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_magnitude_vector = (
+            nn.Parameter(torch.ones(out_features, **factory)) if use_dora else None
+        )
+        # DoRA only: the row scale k used by the last merge, needed to unmerge exactly.
+        self.merged_row_scale: torch.Tensor | None = None
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    @property
+    def r(self) -> int:
+        return self.lora_A.shape[0]
+
+    @property
+    def use_dora(self) -> bool:
+        return self.lora_magnitude_vector is not None
+
+    def delta_weight(self) -> torch.Tensor:
+        """s · B @ A in fp32, shape (out, in)."""
+        return (self.lora_B.float() @ self.lora_A.float()) * self.scaling.float()
+
+
+class LoRALayer(nn.Module):
+    """A Linear/Conv1D with LoRA adapters. Mutable state, all set by the functions in
+    `tunesmith.adapters.inject`: `active` (names whose deltas are added), `merged` (names folded
+    into the base weight), `disabled` (base only) and `routes` (per-row adapters)."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        if not isinstance(base_layer, (nn.Linear, Conv1D)):
+            raise AdapterError(
+                f"LoRA supports nn.Linear and Conv1D modules, not {type(base_layer).__name__}"
+            )
+        self.base_layer = base_layer
+        self.fan_in_fan_out = isinstance(base_layer, Conv1D)
+        out_features, in_features = self.base_weight().shape
+        self.in_features, self.out_features = in_features, out_features
+        self.adapters = nn.ModuleDict()
+        self.active: tuple[str, ...] = ()
+        self.merged: tuple[str, ...] = ()
+        self.disabled = False
+        self.routes: RowRoutes | None = None
+
+    def base_weight(self) -> torch.Tensor:
+        """The base weight as (out, in); a view, so writes reach the module."""
+        w = self.base_layer.weight
+        return w.T if self.fan_in_fan_out else w
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        base = self.base_layer(x, *args, **kwargs)
+        if self.disabled:
+            return base
+        if self.routes is not None:
+            return self._forward_routed(x, base)
+        result = base
+        for name in self.active:
+            if name not in self.merged:
+                result = result + self.adapter_delta(self.adapters[name], x, base)
+        return result
+
+    def _forward_routed(self, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        routes = self.routes
+        if x.shape[0] != routes.batch_size:
+            raise AdapterError(
+                f"route() was given {routes.batch_size} rows but the batch has {x.shape[0]}; "
+                "give one adapter name (or None) per row (beam search and "
+                "num_return_sequences > 1 multiply the rows)"
+            )
+        result = base
+        for name, rows in routes.groups:
+            if name not in self.adapters:
+                continue
+            rows = rows.to(x.device)
+            delta = self.adapter_delta(
+                self.adapters[name], x.index_select(0, rows), base.index_select(0, rows)
+            )
+            result = result.index_add(0, rows, delta)
+        return result
+
+    def adapter_delta(
+        self, adapter: LoRAAdapter, x: torch.Tensor, base: torch.Tensor
+    ) -> torch.Tensor:
+        """What `adapter` adds to the base output `base` for input `x` (same rows)."""
+        dtype = x.dtype
+        x_drop = adapter.dropout(x)
+        lora = F.linear(F.linear(x_drop, adapter.lora_A.to(dtype)), adapter.lora_B.to(dtype))
+        lora = lora * adapter.scaling
+        if not adapter.use_dora:
+            return lora
+        k = (adapter.lora_magnitude_vector / self.dora_weight_norm(adapter).detach()).to(dtype)
+        if self.training and not isinstance(adapter.dropout, nn.Identity):
+            # PEFT's DoRA applies the magnitude to W·dropout(x), so the base term is recomputed.
+            base_term = F.linear(x_drop, self.base_weight().to(dtype))
+        else:
+            bias = self.base_layer.bias
+            base_term = base if bias is None else base - bias
+        return (k - 1) * base_term + k * lora
+
+    def dora_weight_norm(self, adapter: LoRAAdapter) -> torch.Tensor:
+        """‖W + s·BA‖ per output row, shape (out,)."""
+        weight = self.base_weight()
+        delta = (adapter.lora_B.to(weight.dtype) @ adapter.lora_A.to(weight.dtype)) * (
+            adapter.scaling
+        )
+        return torch.linalg.norm(weight + delta, dim=1)
+
+    # --- merge maths: W' = c ⊙ W + L, with c = 1 + Σ_DoRA (k − 1), L = Σ k · s · B A ---------
+    @torch.no_grad()
+    def merge(self, names: list[str], module_name: str = "") -> None:
+        """Fold the adapters `names` into the base weight (together with any already merged)."""
+        names = [n for n in names if n in self.adapters and n not in self.merged]
+        if not names:
+            return
+        if self.merged:  # DoRA's k depends on the unmerged W: merge everything in one go
+            names = list(self.merged) + names
+            self.unmerge()
+        weight = self.base_weight()
+        for name in names:
+            adapter = self.adapters[name]
+            if adapter.use_dora:
+                norm = self.dora_weight_norm(adapter).float()
+                adapter.merged_row_scale = adapter.lora_magnitude_vector.float() / norm
+        row_scale, low_rank = self._merge_terms(names)
+        merged = weight.float() * row_scale[:, None] + low_rank
+        if not torch.isfinite(merged).all():
+            for name in names:
+                self.adapters[name].merged_row_scale = None
+            raise AdapterError(
+                f"merging adapter(s) {', '.join(names)} into {module_name or 'a layer'} gives "
+                "NaN/Inf weights; the adapter is broken (check its training loss); "
+                "nothing was merged"
+            )
+        weight.copy_(merged.to(weight.dtype))
+        self.merged = tuple(names)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        weight = self.base_weight()
+        row_scale, low_rank = self._merge_terms(list(self.merged))
+        weight.copy_(((weight.float() - low_rank) / row_scale[:, None]).to(weight.dtype))
+        for name in self.merged:
+            self.adapters[name].merged_row_scale = None
+        self.merged = ()
+
+    def _merge_terms(self, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        row_scale = torch.ones(self.out_features, device=self.base_weight().device)
+        low_rank = torch.zeros_like(self.base_weight(), dtype=torch.float32)
+        for name in names:
+            adapter = self.adapters[name]
+            delta = adapter.delta_weight().to(low_rank.device)
+            if adapter.use_dora:
+                k = adapter.merged_row_scale.to(low_rank.device)
+                row_scale += k - 1
+                delta = delta * k[:, None]
+            low_rank += delta
+        return row_scale, low_rank
+
+
+@dataclass
+class RowRoutes:
+    """Per-row adapter choice for one forward pass: `groups` pairs an adapter name with the
+    indices of the rows that use it (a row may appear under several names: stacking)."""
+
+    batch_size: int
+    groups: list[tuple[str, torch.Tensor]]
+
+
+def init_adapter_weights(
+    layer: LoRALayer, adapter: LoRAAdapter, method: str, module_name: str
+) -> None:
+    """Initialise A and B (and DoRA's magnitude). PiSSA also rewrites the base weight to the
+    residual W − s·BA, so the adapted layer still computes W x at init."""
+    with torch.no_grad():
+        if method == "gaussian":
+            nn.init.normal_(adapter.lora_A, std=1.0 / adapter.r)
+            adapter.lora_B.zero_()
+        elif method == "pissa":
+            pissa_factors(layer, adapter, apply_residual=True, module_name=module_name)
+        if adapter.use_dora:
+            adapter.lora_magnitude_vector.copy_(layer.dora_weight_norm(adapter).float())
+
+
+@torch.no_grad()
+def pissa_factors(
+    layer: LoRALayer, adapter: LoRAAdapter, apply_residual: bool, module_name: str = ""
+) -> None:
+    """Set A, B to the principal r singular directions of W (split √S between them, divided by
+    the scaling) and, if `apply_residual`, replace W by W − s·BA."""
+    weight = layer.base_weight()
+    u, s, vh = torch.linalg.svd(weight.float(), full_matrices=False)
+    r = adapter.r
+    sr = s[:r] / adapter.scaling.float()
+    adapter.lora_A.copy_((torch.diag(sr.sqrt()) @ vh[:r]).to(adapter.lora_A.dtype))
+    adapter.lora_B.copy_((u[:, :r] @ torch.diag(sr.sqrt())).to(adapter.lora_B.dtype))
+    if apply_residual:
+        weight.copy_((weight.float() - adapter.delta_weight()).to(weight.dtype))
