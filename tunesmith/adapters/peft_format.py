@@ -253,10 +253,14 @@ def save_adapter(
 
 # --- load ------------------------------------------------------------------------------------
 def find_adapter_folder(directory: str | os.PathLike, name: str) -> Path:
+    """The folder holding adapter `name` inside `directory`."""
     path = Path(directory)
     if not path.is_dir():
         raise AdapterError(f"adapter folder {path} does not exist")
-    for folder in (path, path / name):
+    # PEFT's layout: "default" in the folder itself, other names in sub-folders. A folder that
+    # holds a single adapter can still be loaded under any name.
+    candidates = (path, path / name) if name == "default" else (path / name, path)
+    for folder in candidates:
         if (folder / CONFIG_NAME).is_file():
             return folder
     subdirs = sorted(p.name for p in path.iterdir() if (p / CONFIG_NAME).is_file())
