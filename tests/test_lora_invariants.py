@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import input_ids, lora_config, logits, make_model, randomize_adapter
+from conftest import input_ids, logits, lora_config, make_model, randomize_adapter
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -164,8 +164,11 @@ def test_route_works_with_generate():
 def test_route_rows_must_match_batch():
     model = make_model("llama")
     tunesmith.add_lora(model, lora_config(), name="a")
-    with tunesmith.route(model, ["a", None]), pytest.raises(
-        tunesmith.AdapterError, match=r"route\(\) was given 2 rows but the batch has 3"
+    with (
+        tunesmith.route(model, ["a", None]),
+        pytest.raises(
+            tunesmith.AdapterError, match=r"route\(\) was given 2 rows but the batch has 3"
+        ),
     ):
         logits(model, input_ids(batch=3))
 

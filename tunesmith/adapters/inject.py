@@ -25,6 +25,7 @@ from tunesmith.adapters.lora import (
     LoRALayer,
     RowRoutes,
     init_adapter_weights,
+    weight_shape,
 )
 from tunesmith.adapters.saved import ModulesToSave
 from tunesmith.errors import AdapterError
@@ -134,7 +135,7 @@ def find_targets(model: nn.Module, config: LoRAConfig) -> list[str]:
     else:
         chosen = [n for n in linears if name_matches(spec, n)]
         if not chosen:
-            raise AdapterError(_no_match_message(model, repr(spec), linears))
+            raise AdapterError(_no_match_message(model, spec, linears))
         if isinstance(spec, (list, tuple)):
             unused = [t for t in spec if not any(name_matches([t], n) for n in linears)]
             if unused:  # fine for a list meant for several architectures; a typo otherwise
@@ -237,12 +238,7 @@ def _check_new_name(state: AdapterState, name: str) -> None:
 
 def _check_ranks(model: nn.Module, config: LoRAConfig, targets: list[str]) -> None:
     for module_name in targets:
-        layer = model.get_submodule(module_name)
-        out_features, in_features = (
-            layer.base_weight().shape
-            if isinstance(layer, LoRALayer)
-            else LoRALayer(layer).base_weight().shape
-        )
+        out_features, in_features = weight_shape(model.get_submodule(module_name))
         r = config.rank_for(module_name)
         if r > min(in_features, out_features):
             raise AdapterError(
@@ -393,7 +389,9 @@ def route(model: nn.Module, rows: Sequence[str | Sequence[str] | None]):
             groups.setdefault(name, []).append(i)
     routes = RowRoutes(
         batch_size=len(rows),
-        groups=[(n, torch.tensor(idx, dtype=torch.long, device=device)) for n, idx in groups.items()],
+        groups=[
+            (n, torch.tensor(idx, dtype=torch.long, device=device)) for n, idx in groups.items()
+        ],
     )
     modules = [m for _, m in _wrapped_modules(model)]
     for module_name, module in saved_modules(model):

@@ -78,7 +78,7 @@ class LoRAConfig:
         if self.bias != "none":
             raise AdapterError(
                 f'bias={self.bias!r} is not supported: only "none" (biases stay frozen); '
-                'use modules_to_save to train a whole module instead'
+                "use modules_to_save to train a whole module instead"
             )
         if isinstance(self.targets, (list, tuple)) and not self.targets:
             raise AdapterError('targets is empty; name modules such as ["q_proj", "v_proj"]')
@@ -153,6 +153,18 @@ class LoRAAdapter(nn.Module):
         return (self.lora_B.float() @ self.lora_A.float()) * self.scaling.float()
 
 
+def weight_shape(module: nn.Module) -> tuple[int, int]:
+    """(out_features, in_features) of a Linear, Conv1D (stored in × out) or LoRALayer."""
+    if isinstance(module, LoRALayer):
+        module = module.base_layer
+    if isinstance(module, Conv1D):
+        in_features, out_features = module.weight.shape
+        return out_features, in_features
+    if isinstance(module, nn.Linear):
+        return module.out_features, module.in_features
+    raise AdapterError(f"LoRA supports nn.Linear and Conv1D modules, not {type(module).__name__}")
+
+
 class LoRALayer(nn.Module):
     """A Linear/Conv1D with LoRA adapters. Mutable state, all set by the functions in
     `tunesmith.adapters.inject`: `active` (names whose deltas are added), `merged` (names folded
@@ -160,13 +172,9 @@ class LoRALayer(nn.Module):
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
-        if not isinstance(base_layer, (nn.Linear, Conv1D)):
-            raise AdapterError(
-                f"LoRA supports nn.Linear and Conv1D modules, not {type(base_layer).__name__}"
-            )
+        out_features, in_features = weight_shape(base_layer)
         self.base_layer = base_layer
         self.fan_in_fan_out = isinstance(base_layer, Conv1D)
-        out_features, in_features = self.base_weight().shape
         self.in_features, self.out_features = in_features, out_features
         self.adapters = nn.ModuleDict()
         self.active: tuple[str, ...] = ()

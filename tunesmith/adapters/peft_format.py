@@ -26,7 +26,6 @@ from tunesmith.adapters.inject import (
     delete_adapter,
     find_targets,
     lora_layers,
-    name_matches,
     saved_modules,
 )
 from tunesmith.adapters.lora import LoRAConfig, LoRALayer
@@ -158,7 +157,9 @@ def config_from_peft(raw: dict, source: str) -> LoRAConfig:
     PEFT features tunesmith lacks are refused when they are switched on."""
     peft_type = raw.get("peft_type", "LORA")
     if peft_type != "LORA":
-        raise AdapterError(f"{source}: peft_type is {peft_type!r}; load_adapter reads LORA adapters")
+        raise AdapterError(
+            f"{source}: peft_type is {peft_type!r}; load_adapter reads LORA adapters"
+        )
     for key in UNSUPPORTED_UNLESS_DEFAULT:
         if key in raw and raw[key] not in (PEFT_LORA_DEFAULTS[key], None, [], {}):
             raise AdapterError(
@@ -372,8 +373,10 @@ def _copy_tensors(
         owner, attr = expected[key]
         current = getattr(owner, attr)
         if tuple(tensor.shape) != tuple(current.shape):
-            rank_only = resize and attr in ("lora_A", "lora_B") and _same_except_rank(
-                attr, tensor.shape, current.shape
+            rank_only = (
+                resize
+                and attr in ("lora_A", "lora_B")
+                and _same_except_rank(attr, tensor.shape, current.shape)
             )
             if not rank_only:
                 raise AdapterError(
@@ -423,5 +426,3 @@ def _same_except_rank(attr: str, new: torch.Size, old: torch.Size) -> bool:
     if len(new) != 2 or len(old) != 2:
         return False
     return new[1] == old[1] if attr == "lora_A" else new[0] == old[0]
-
-
