@@ -282,3 +282,14 @@ def test_half_precision_base_keeps_fp32_adapter_and_bf16_activations():
     assert layer.adapters["default"].lora_A.dtype == torch.float32
     x = torch.randn(2, 3, 32, dtype=torch.bfloat16)
     assert layer(x).dtype == torch.bfloat16
+
+
+def test_new_adapters_follow_the_models_mode():
+    model = make_model("llama")  # eval mode
+    tunesmith.add_lora(model, lora_config(dropout=0.5, modules_to_save=["lm_head"]))
+    randomize_adapter(model, "default")
+    assert not any(m.training for m in model.modules())
+    first = logits(model)
+    torch.testing.assert_close(logits(model), first, atol=0, rtol=0)  # no dropout in eval
+    model.train()
+    assert model.model.layers[0].self_attn.q_proj.adapters["default"].dropout.training

@@ -195,7 +195,7 @@ def add_lora(
     for module_name in targets:
         layer = model.get_submodule(module_name)
         if not isinstance(layer, LoRALayer):
-            layer = LoRALayer(layer)
+            layer = LoRALayer(layer).train(layer.training)  # new modules follow the model's mode
             model.set_submodule(module_name, layer)
         weight = layer.base_weight()
         adapter = LoRAAdapter(
@@ -208,13 +208,13 @@ def add_lora(
             device=weight.device,
             dtype=_adapter_dtype(weight.dtype),
         )
-        layer.adapters[name] = adapter
+        layer.adapters[name] = adapter.train(layer.training)
         init_adapter_weights(layer, adapter, config.init, module_name)
 
     for module_name in _modules_to_save_names(model, config):
         wrapper = model.get_submodule(module_name)
         if not isinstance(wrapper, ModulesToSave):
-            wrapper = ModulesToSave(wrapper)
+            wrapper = ModulesToSave(wrapper).train(wrapper.training)
             model.set_submodule(module_name, wrapper)
         wrapper.add_copy(name)
 
