@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -76,19 +76,29 @@ def _wrapped_modules(model: nn.Module) -> Iterator[tuple[str, LoRALayer | Module
 
 
 # --- which modules to adapt ------------------------------------------------------------------
+def outer_modules(
+    model: nn.Module, stop: Callable[[str], bool] = lambda name: False
+) -> Iterator[tuple[str, nn.Module]]:
+    """`named_modules()` without the insides of tunesmith's wrappers, nor of modules whose name
+    `stop` accepts (the wrapper or stopped module itself is yielded)."""
+
+    def walk(prefix: str, module: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+        yield prefix, module
+        if isinstance(module, (LoRALayer, ModulesToSave)) or (prefix and stop(prefix)):
+            return
+        for child_name, child in module.named_children():
+            yield from walk(f"{prefix}.{child_name}" if prefix else child_name, child)
+
+    return walk("", model)
+
+
 def linear_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Every Linear/Conv1D (or LoRALayer already wrapping one) by module name, excluding the
-    insides of tunesmith's wrappers."""
-    found: dict[str, nn.Module] = {}
-    inside: list[str] = []
-    for name, module in model.named_modules():
-        if any(name.startswith(prefix) for prefix in inside):
-            continue
-        if isinstance(module, (LoRALayer, ModulesToSave)):
-            inside.append(name + ".")
-        if isinstance(module, (nn.Linear, Conv1D, LoRALayer)):
-            found[name] = module
-    return found
+    """Every Linear/Conv1D (or LoRALayer already wrapping one) by module name."""
+    return {
+        name: module
+        for name, module in outer_modules(model)
+        if isinstance(module, (nn.Linear, Conv1D, LoRALayer))
+    }
 
 
 def name_matches(spec: str | Sequence[str], name: str) -> bool:
@@ -257,16 +267,11 @@ def _adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
 def _modules_to_save_names(model: nn.Module, config: LoRAConfig) -> list[str]:
     if not config.modules_to_save:
         return []
-    found = []
-    inside: list[str] = []
-    for module_name, module in model.named_modules():
-        if any(module_name.startswith(p) for p in inside):
-            continue
-        if isinstance(module, (LoRALayer, ModulesToSave)):
-            inside.append(module_name + ".")
-        if module_name and name_matches(config.modules_to_save, module_name):
-            found.append(module_name)
-            inside.append(module_name + ".")
+
+    def wanted(module_name: str) -> bool:
+        return name_matches(config.modules_to_save, module_name)
+
+    found = [n for n, _ in outer_modules(model, stop=wanted) if n and wanted(n)]
     for wanted in config.modules_to_save:
         if not any(name_matches([wanted], n) for n in found):
             raise AdapterError(
