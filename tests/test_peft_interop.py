@@ -142,6 +142,8 @@ def test_save_load_round_trip_pissa(tmp_path):
     fresh = make_model("qwen2")  # the clean base: loading re-derives PiSSA's residual
     tunesmith.load_adapter(fresh, tmp_path)
     torch.testing.assert_close(logits(fresh), expected, atol=ATOL, rtol=0)
+    theirs = PeftModel.from_pretrained(make_model("qwen2"), tmp_path)  # PEFT does the same
+    torch.testing.assert_close(logits(theirs), expected, atol=ATOL, rtol=0)
 
 
 def test_hot_swap_replaces_weights_in_place(tmp_path):
@@ -162,6 +164,29 @@ def test_hot_swap_replaces_weights_in_place(tmp_path):
     assert [(n, id(m)) for n, m in model.named_modules()] == modules_before
     assert [(n, id(p)) for n, p in model.named_parameters()] == params_before
     torch.testing.assert_close(logits(model), expected_b, atol=ATOL, rtol=0)
+
+
+def test_hot_swap_does_not_recompile(tmp_path):
+    from torch._dynamo.utils import counters
+
+    for seed, folder, alpha in ((5, "a", 8), (6, "b", 16)):
+        model = make_model("llama")
+        tunesmith.add_lora(model, lora_config(alpha=alpha))
+        randomize_adapter(model, "default", seed=seed)
+        tunesmith.save_adapter(model, tmp_path / folder)
+    reference = make_model("llama")
+    tunesmith.load_adapter(reference, tmp_path / "b")
+    model = make_model("llama")
+    tunesmith.load_adapter(model, tmp_path / "a")
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    logits(compiled)
+    assert counters["stats"]["unique_graphs"] == 1
+    tunesmith.load_adapter(model, tmp_path / "b")  # other weights and alpha, same rank
+    torch.testing.assert_close(logits(compiled), logits(reference), atol=ATOL, rtol=0)
+    assert counters["stats"]["unique_graphs"] == 1
+    torch._dynamo.reset()
 
 
 def test_hot_swap_to_another_rank(tmp_path):
