@@ -191,3 +191,11 @@ def test_duplicate_name_and_merged_guards():
     ):
         with tunesmith.route(model, ["a"]):
             pass
+
+
+def test_bad_modules_to_save_changes_nothing():
+    model = make_model("llama")
+    with pytest.raises(AdapterError) as err:
+        tunesmith.add_lora(model, lora_config(modules_to_save=["score"]))
+    assert str(err.value) == "modules_to_save entry 'score' matches no module of LlamaForCausalLM"
+    assert not any(type(m).__module__.startswith("tunesmith") for m in model.modules())

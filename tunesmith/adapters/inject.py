@@ -199,8 +199,9 @@ def add_lora(
     config = config or LoRAConfig()
     state = adapter_state(model)
     _check_new_name(state, name)
-    targets = find_targets(model, config)
+    targets = find_targets(model, config)  # validate everything before changing the model
     _check_ranks(model, config, targets)
+    saved_names = _modules_to_save_names(model, config)
 
     for module_name in targets:
         layer = model.get_submodule(module_name)
@@ -221,7 +222,7 @@ def add_lora(
         layer.adapters[name] = adapter.train(layer.training)
         init_adapter_weights(layer, adapter, config.init, module_name)
 
-    for module_name in _modules_to_save_names(model, config):
+    for module_name in saved_names:
         wrapper = model.get_submodule(module_name)
         if not isinstance(wrapper, ModulesToSave):
             wrapper = ModulesToSave(wrapper).train(wrapper.training)
