@@ -269,14 +269,14 @@ def _modules_to_save_names(model: nn.Module, config: LoRAConfig) -> list[str]:
     if not config.modules_to_save:
         return []
 
-    def wanted(module_name: str) -> bool:
+    def is_saved(module_name: str) -> bool:
         return name_matches(config.modules_to_save, module_name)
 
-    found = [n for n, _ in outer_modules(model, stop=wanted) if n and wanted(n)]
-    for wanted in config.modules_to_save:
-        if not any(name_matches([wanted], n) for n in found):
+    found = [n for n, _ in outer_modules(model, stop=is_saved) if n and is_saved(n)]
+    for entry in config.modules_to_save:
+        if not any(name_matches([entry], n) for n in found):
             raise AdapterError(
-                f"modules_to_save entry {wanted!r} matches no module of {type(model).__name__}"
+                f"modules_to_save entry {entry!r} matches no module of {type(model).__name__}"
             )
     return found
 

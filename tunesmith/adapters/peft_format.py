@@ -20,7 +20,6 @@ from safetensors.torch import load_file
 from torch import nn
 
 from tunesmith.adapters.inject import (
-    adapter_parameters,
     adapter_state,
     add_lora,
     delete_adapter,
@@ -318,9 +317,6 @@ def load_adapter(
             delete_adapter(model, name)
         raise
     state.configs[name] = config
-    if not hot_swap:
-        for p in adapter_parameters(model, name):
-            p.requires_grad_(trainable)
     return model
 
 
