@@ -1,0 +1,180 @@
+"""Examples to token ids and labels. Labels are -100 where the loss must not count: prompts
+(unless `train_on_inputs`), padding, and the first token of every sample (nothing precedes it,
+so no position predicts it; this also makes packing exact)."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from multiprocessing import get_context
+
+import numpy as np
+
+from tunesmith.data.formats import Completion, Conversation, Example, Tokens
+from tunesmith.data.templates import render_segments
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class EncodeSettings:
+    max_seq_len: int
+    truncation: str = "truncate"
+    train_on_inputs: bool = False
+    add_eos: bool = True
+    template: str | None = None
+    add_bos: bool = False
+    """Prepend the tokenizer's BOS to rendered conversations (built-in templates; a
+    tokenizer's own template writes its BOS itself)."""
+
+
+class SampleSet:
+    """Samples stored flat: `input_ids` and `labels` (int32) concatenated, and `offsets` (n+1)
+    so sample i is `[offsets[i]:offsets[i+1]]`."""
+
+    def __init__(self, input_ids: np.ndarray, labels: np.ndarray, offsets: np.ndarray):
+        self.input_ids, self.labels, self.offsets = input_ids, labels, offsets
+
+    @classmethod
+    def from_lists(cls, pairs: list[tuple[list[int], list[int]]]) -> SampleSet:
+        lengths = np.array([len(ids) for ids, _ in pairs], dtype=np.int64)
+        offsets = np.zeros(len(pairs) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        flat = lambda k: np.fromiter(  # noqa: E731
+            (t for pair in pairs for t in pair[k]), dtype=np.int32, count=int(offsets[-1])
+        )
+        return cls(flat(0), flat(1), offsets)
+
+    @classmethod
+    def concat(cls, parts: list[SampleSet]) -> SampleSet:
+        parts = [p for p in parts if len(p)] or [cls.from_lists([])]
+        shifts = np.cumsum([0] + [int(p.offsets[-1]) for p in parts[:-1]])
+        offsets = np.concatenate([parts[0].offsets[:1]] + [p.offsets[1:] + s for p, s in zip(parts, shifts)])
+        return cls(
+            np.concatenate([p.input_ids for p in parts]),
+            np.concatenate([p.labels for p in parts]),
+            offsets,
+        )
+
+    def select(self, indices) -> SampleSet:
+        return SampleSet.from_lists([self[int(i)] for i in indices])
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        start, end = self.offsets[i], self.offsets[i + 1]
+        return self.input_ids[start:end], self.labels[start:end]
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.offsets[-1])
+
+    @property
+    def num_trained_tokens(self) -> int:
+        return int((self.labels != IGNORE_INDEX).sum())
+
+
+def bos_prefix(tokenizer) -> list[int]:
+    """The ids the tokenizer puts before text on a plain encode (usually [BOS] or [])."""
+    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+    without = tokenizer("a", add_special_tokens=False)["input_ids"]
+    for start in range(len(with_special) - len(without) + 1):
+        if with_special[start : start + len(without)] == without:
+            return list(with_special[:start])
+    return []
+
+
+def encode_example(
+    example: Example, where: str, tokenizer, settings: EncodeSettings, stats: Counter
+) -> list[tuple[list[int], list[int]]]:
+    """One example to zero or more samples (several with `truncation: split`); counts what
+    happened in `stats` (samples, truncated, dropped_too_long, dropped_untrained, split)."""
+    if isinstance(example, Conversation):
+        segments = render_segments(example.messages, settings.template, tokenizer, where)
+        encoded = tokenizer([text for text, _ in segments], add_special_tokens=False)["input_ids"]
+        ids: list[int] = bos_prefix(tokenizer) if settings.add_bos else []
+        labels = [IGNORE_INDEX] * len(ids)
+        if ids and segments and segments[0][0].startswith(tokenizer.bos_token or "\0"):
+            ids, labels = [], []  # the template wrote the BOS itself
+        for (_, trained), seg_ids in zip(segments, encoded):
+            ids += seg_ids
+            labels += seg_ids if (trained or settings.train_on_inputs) else [IGNORE_INDEX] * len(seg_ids)
+    elif isinstance(example, Completion):
+        ids = list(tokenizer(example.text, add_special_tokens=True)["input_ids"])
+        eos = tokenizer.eos_token_id
+        if settings.add_eos and eos is not None and (not ids or ids[-1] != eos):
+            ids.append(eos)
+        labels = list(ids)
+    else:
+        assert isinstance(example, Tokens)
+        ids = list(example.input_ids)
+        if example.labels is None or settings.train_on_inputs:
+            labels = list(ids)
+        else:
+            labels = list(example.labels)
+
+    limit = settings.max_seq_len
+    if len(ids) <= limit:
+        pieces = [(ids, labels)]
+    elif settings.truncation == "drop":
+        stats["dropped_too_long"] += 1
+        return []
+    elif settings.truncation == "split":
+        stats["split"] += 1
+        pieces = [(ids[i : i + limit], labels[i : i + limit]) for i in range(0, len(ids), limit)]
+    else:
+        stats["truncated"] += 1
+        pieces = [(ids[:limit], labels[:limit])]
+    out = []
+    for piece_ids, piece_labels in pieces:
+        piece_labels = [IGNORE_INDEX, *piece_labels[1:]]
+        if all(label == IGNORE_INDEX for label in piece_labels):
+            stats["dropped_untrained"] += 1
+            continue
+        out.append((piece_ids, piece_labels))
+    stats["samples"] += len(out)
+    return out
+
+
+def encode_all(
+    examples: list[tuple[Example, str]], tokenizer, settings: EncodeSettings, num_proc: int = 1
+) -> tuple[SampleSet, Counter]:
+    """Encode examples (with their locations) in order, in `num_proc` processes when > 1."""
+    if num_proc <= 1 or len(examples) < 2 * num_proc:
+        return _encode_chunk(examples, tokenizer, settings)
+    size = -(-len(examples) // (num_proc * 4))
+    chunks = [examples[i : i + size] for i in range(0, len(examples), size)]
+    # spawn, not fork: the parent may hold torch and tokenizer threads.
+    with ProcessPoolExecutor(
+        num_proc, mp_context=get_context("spawn"), initializer=_worker_init, initargs=(tokenizer, settings)
+    ) as pool:
+        results = list(pool.map(_worker_encode, chunks))
+    stats: Counter = Counter()
+    for _, chunk_stats in results:
+        stats.update(chunk_stats)
+    return SampleSet.concat([samples for samples, _ in results]), stats
+
+
+def _encode_chunk(examples, tokenizer, settings) -> tuple[SampleSet, Counter]:
+    stats: Counter = Counter()
+    pairs = [p for ex, where in examples for p in encode_example(ex, where, tokenizer, settings, stats)]
+    return SampleSet.from_lists(pairs), stats
+
+
+_WORKER: dict = {}
+
+
+def _worker_init(tokenizer, settings) -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _WORKER["tokenizer"], _WORKER["settings"] = tokenizer, settings
+
+
+def _worker_encode(chunk):
+    return _encode_chunk(chunk, _WORKER["tokenizer"], _WORKER["settings"])

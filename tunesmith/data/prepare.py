@@ -1,0 +1,232 @@
+"""The data pipeline for a run: read each source, parse records, render and tokenize them,
+cache the result, split off validation, mix by weight and (optionally) pack.
+
+    prepared = prepare_data(config.data, tokenizer, seed=config.train.seed)
+    prepared.train[i]        -> (input_ids, labels) numpy arrays
+    prepared.train_rows      -> packed rows of sample indices, when data.packing is on
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from tunesmith.config import BUILTIN_TEMPLATE_NAMES, DataSection, DatasetSource
+from tunesmith.data.encode import EncodeSettings, SampleSet, encode_all
+from tunesmith.data.formats import FormatSpec, detect_format, parse_record
+from tunesmith.data.pack import pack_groups, packing_efficiency
+from tunesmith.data.sources import DataError, read_records, source_fingerprint
+from tunesmith.data.templates import resolve_chat_template
+from tunesmith.io import atomic_write
+
+CACHE_VERSION = 1
+"""Bump when the encoding changes, so old cache entries are not reused."""
+PARALLEL_MIN_RECORDS = 5000
+
+
+@dataclass
+class SourceStats:
+    path: str
+    split: str
+    """"train" or "validation"."""
+    format: str
+    records: int = 0
+    samples: int = 0
+    tokens: int = 0
+    trained_tokens: int = 0
+    truncated: int = 0
+    dropped_too_long: int = 0
+    dropped_untrained: int = 0
+    split_long: int = 0
+    from_cache: bool = False
+
+
+@dataclass
+class PreparedData:
+    train: SampleSet
+    validation: SampleSet | None
+    template: str | None
+    """The chat template text used (None when no source needed one)."""
+    template_name: str
+    sources: list[SourceStats]
+    train_rows: list[list[int]] | None = None
+    """Packed rows (lists of indices into `train`), when packing is on."""
+    max_seq_len: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def packing_efficiency(self) -> float | None:
+        if self.train_rows is None:
+            return None
+        return packing_efficiency(self.train.lengths, self.train_rows, self.max_seq_len)
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("TUNESMITH_CACHE", "~/.cache/tunesmith/data")).expanduser()
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Changes when the tokenizer would encode differently: its full serialisation (fast
+    tokenizers) or vocabulary, class and special tokens."""
+    digest = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        digest.update(backend.to_str().encode())
+    else:
+        digest.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    special = [type(tokenizer).__name__, str(tokenizer.special_tokens_map)]
+    special.append(str(getattr(tokenizer, "add_bos_token", None)))
+    digest.update(json.dumps(special).encode())
+    return digest.hexdigest()
+
+
+def prepare_data(
+    data: DataSection, tokenizer, seed: int = 42, use_cache: bool = True
+) -> PreparedData:
+    """Tokenize every source (or read it from the cache), split validation, mix by weight and
+    pack. Raises `DataError` for bad files or records, naming the file and record."""
+    train_specs = [(f"data.datasets.{i}", s) for i, s in enumerate(data.datasets)]
+    val_specs = [(f"data.validation.{i}", s) for i, s in enumerate(data.validation)]
+    formats = {_peek_format(src, at) for at, src in train_specs + val_specs}
+    template, template_name = resolve_chat_template(data.chat_template, tokenizer, formats)
+    settings = EncodeSettings(
+        max_seq_len=data.max_seq_len,
+        truncation=data.truncation,
+        train_on_inputs=data.train_on_inputs,
+        add_eos=data.add_eos,
+        template=template,
+        add_bos=template_name != "tokenizer",
+    )
+    cache_dir = Path(data.cache_dir).expanduser() if data.cache_dir else default_cache_dir()
+    fingerprint = tokenizer_fingerprint(tokenizer)
+    rng = np.random.default_rng(seed)
+    stats: list[SourceStats] = []
+
+    train_parts, val_parts = [], []
+    for at, src in train_specs:
+        samples, st = _prepare_source(src, at, data, tokenizer, settings, fingerprint, cache_dir, use_cache)
+        stats.append(st)
+        if data.val_fraction:
+            samples, held_out = _split(samples, data.val_fraction, rng)
+            val_parts.append(held_out)
+        train_parts.append(_weighted(samples, src.weight, rng))
+    for at, src in val_specs:
+        samples, st = _prepare_source(src, at, data, tokenizer, settings, fingerprint, cache_dir, use_cache)
+        st.split = "validation"
+        stats.append(st)
+        val_parts.append(samples)
+
+    train = SampleSet.concat(train_parts)
+    validation = SampleSet.concat(val_parts) if val_parts else None
+    prepared = PreparedData(train, validation, template, template_name, stats, max_seq_len=data.max_seq_len)
+    if data.packing:
+        prepared.train_rows = pack_groups(train.lengths, data.max_seq_len)
+    return prepared
+
+
+def _peek_format(src: DatasetSource, at: str) -> str:
+    if src.format != "auto":
+        return src.format
+    first = next(read_records(src.path, src.split, src.subset, src.revision, max_samples=1), None)
+    if first is None:
+        raise DataError(f"{src.path}: no records (empty dataset; {at}.path)")
+    return detect_format(first, src.fields, at)
+
+
+def _prepare_source(
+    src: DatasetSource, at: str, data: DataSection, tokenizer, settings: EncodeSettings,
+    fingerprint: str, cache_dir: Path, use_cache: bool,
+) -> tuple[SampleSet, SourceStats]:  # fmt: skip
+    fmt = _peek_format(src, at)
+    key_parts = {
+        "version": CACHE_VERSION,
+        "source": source_fingerprint(src.path, src.split, src.subset, src.revision),
+        "format": fmt,
+        "fields": src.fields,
+        "roles": src.roles,
+        "max_samples": src.max_samples,
+        "system_prompt": data.system_prompt,
+        "tokenizer": fingerprint,
+        "settings": settings.__dict__,
+    }
+    key = hashlib.sha256(json.dumps(key_parts, sort_keys=True).encode()).hexdigest()[:32]
+    cache_file = cache_dir / f"{key}.safetensors"
+    if use_cache and cache_file.is_file():
+        samples, stats = _read_cache(cache_file)
+        stats.from_cache, stats.path = True, src.path
+        return samples, stats
+
+    spec = FormatSpec(fmt, src.fields, src.roles, data.system_prompt, at)
+    records = list(read_records(src.path, src.split, src.subset, src.revision, src.max_samples))
+    if not records:
+        raise DataError(f"{src.path}: no records (empty dataset; {at}.path)")
+    examples = [(parse_record(r, spec), r.where) for r in records]
+    num_proc = data.num_proc or (min(8, os.cpu_count() or 1) if len(records) >= PARALLEL_MIN_RECORDS else 1)
+    samples, counts = encode_all(examples, tokenizer, settings, num_proc)
+    stats = _stats(src.path, fmt, len(records), samples, counts)
+    if not len(samples):
+        raise DataError(
+            f"{src.path}: no samples left: {_drop_summary(stats)}; check {at} and data.max_seq_len"
+        )
+    if use_cache:
+        _write_cache(cache_file, samples, stats)
+    return samples, stats
+
+
+def _stats(path: str, fmt: str, records: int, samples: SampleSet, counts: Counter) -> SourceStats:
+    return SourceStats(
+        path=path, split="train", format=fmt, records=records, samples=len(samples),
+        tokens=samples.num_tokens, trained_tokens=samples.num_trained_tokens,
+        truncated=counts["truncated"], dropped_too_long=counts["dropped_too_long"],
+        dropped_untrained=counts["dropped_untrained"], split_long=counts["split"],
+    )  # fmt: skip
+
+
+def _drop_summary(stats: SourceStats) -> str:
+    return (
+        f"{stats.records} records, {stats.dropped_too_long} dropped as too long, "
+        f"{stats.dropped_untrained} dropped with no trained token"
+    )
+
+
+def _split(samples: SampleSet, fraction: float, rng) -> tuple[SampleSet, SampleSet]:
+    n = len(samples)
+    n_val = max(1, round(n * fraction)) if n > 1 else 0
+    order = rng.permutation(n)
+    held_out = set(order[:n_val].tolist())
+    keep = [i for i in range(n) if i not in held_out]
+    return samples.select(keep), samples.select(sorted(held_out))
+
+
+def _weighted(samples: SampleSet, weight: float, rng) -> SampleSet:
+    if weight == 1.0:
+        return samples
+    n = len(samples)
+    whole, part = int(weight), weight - int(weight)
+    indices = list(range(n)) * whole
+    indices += sorted(rng.choice(n, size=round(part * n), replace=False).tolist())
+    return samples.select(indices)
+
+
+def _write_cache(path: Path, samples: SampleSet, stats: SourceStats) -> None:
+    arrays = {"input_ids": samples.input_ids, "labels": samples.labels, "offsets": samples.offsets}
+    meta = {"stats": json.dumps(stats.__dict__)}
+    atomic_write(path, lambda tmp: save_file(arrays, tmp, metadata=meta))
+
+
+def _read_cache(path: Path) -> tuple[SampleSet, SourceStats]:
+    with safe_open(str(path), framework="np") as f:
+        arrays = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        stats = SourceStats(**json.loads(f.metadata()["stats"]))
+    return SampleSet(arrays["input_ids"], arrays["labels"], arrays["offsets"]), stats
+
+
+__all__ = ["BUILTIN_TEMPLATE_NAMES", "PreparedData", "SourceStats", "prepare_data"]

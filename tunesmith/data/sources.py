@@ -1,0 +1,182 @@
+"""Reading records from local files, folders and hub datasets. Every record comes with the
+place it was read from (`file, line N` or `file, record index N`), so an error about it can
+say where to look."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tunesmith.errors import TunesmithError
+
+LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+
+
+class DataError(TunesmithError):
+    """A problem with training data: a file, a record, a field, or a template."""
+
+
+@dataclass(frozen=True)
+class Record:
+    data: dict[str, Any]
+    where: str
+    """Human-readable location: "data/train.jsonl, line 12"."""
+
+
+def is_local(path: str) -> bool:
+    """A source is local when it exists on disk or looks like a file path (has a known
+    suffix, or starts with ./, ../, / or ~); otherwise it is a hub dataset id."""
+    p = Path(path).expanduser()
+    return p.exists() or p.suffix in LOCAL_SUFFIXES or path.startswith((".", "/", "~"))
+
+
+def local_files(path: str) -> list[Path]:
+    """The data files a local source names: the file itself, or the supported files in a
+    folder (recursively, in sorted order)."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in LOCAL_SUFFIXES)
+        if not files:
+            raise DataError(
+                f"{path}: folder has no {', '.join(LOCAL_SUFFIXES)} files; point data.datasets "
+                "at a data file or a folder of them"
+            )
+        return files
+    if not p.exists():
+        raise DataError(f"{path}: no such file or folder")
+    if p.suffix not in LOCAL_SUFFIXES:
+        raise DataError(f"{path}: unsupported file type {p.suffix!r}; use {', '.join(LOCAL_SUFFIXES)}")
+    return [p]
+
+
+def read_records(
+    path: str,
+    split: str = "train",
+    subset: str | None = None,
+    revision: str | None = None,
+    max_samples: int | None = None,
+) -> Iterator[Record]:
+    """Yield the records of one source, in file order (folders: files in sorted order)."""
+    count = 0
+    if is_local(path):
+        readers = (_read_file(f) for f in local_files(path))
+        records = (r for reader in readers for r in reader)
+    else:
+        records = _read_hub(path, split, subset, revision)
+    for record in records:
+        if max_samples is not None and count >= max_samples:
+            return
+        count += 1
+        yield record
+
+
+def _read_file(path: Path) -> Iterator[Record]:
+    if path.suffix == ".jsonl":
+        yield from _read_jsonl(path)
+    elif path.suffix == ".json":
+        yield from _read_json(path)
+    elif path.suffix == ".csv":
+        yield from _read_csv(path)
+    else:
+        yield from _read_parquet(path)
+
+
+def _check_mapping(value: Any, where: str) -> dict:
+    if not isinstance(value, dict):
+        raise DataError(f"{where}: expected a JSON object (a record with fields), got {type(value).__name__}")
+    return value
+
+
+def _read_jsonl(path: Path) -> Iterator[Record]:
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}, line {number}"
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(
+                    f"{where}: not valid JSON Lines ({err.msg}, column {err.colno}); each line "
+                    "must be one JSON object"
+                ) from None
+            yield Record(_check_mapping(value, where), where)
+
+
+def _read_json(path: Path) -> Iterator[Record]:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}, line {err.lineno}: not valid JSON ({err.msg}, column {err.colno})") from None
+    if isinstance(value, dict):
+        lists = [k for k, v in value.items() if isinstance(v, list)]
+        if len(lists) != 1:
+            raise DataError(
+                f"{path}: expected a JSON list of records (or an object holding exactly one list)"
+            )
+        value = value[lists[0]]
+    if not isinstance(value, list):
+        raise DataError(f"{path}: expected a JSON list of records, got {type(value).__name__}")
+    for index, item in enumerate(value):
+        where = f"{path}, record index {index}"
+        yield Record(_check_mapping(item, where), where)
+
+
+def _read_csv(path: Path) -> Iterator[Record]:
+    with path.open(encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames:
+            return
+        for index, row in enumerate(reader):
+            yield Record(dict(row), f"{path}, row {index + 1}")
+
+
+def _read_parquet(path: Path) -> Iterator[Record]:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    for index, row in enumerate(table.to_pylist()):
+        yield Record(row, f"{path}, record index {index}")
+
+
+def _read_hub(path: str, split: str, subset: str | None, revision: str | None) -> Iterator[Record]:
+    dataset = _load_hub(path, split, subset, revision)
+    for index, row in enumerate(dataset):
+        yield Record(dict(row), f"{path}[{split}], record index {index}")
+
+
+def _load_hub(path: str, split: str, subset: str | None, revision: str | None) -> Any:
+    try:
+        import datasets
+    except ImportError:  # pragma: no cover - datasets is a dependency
+        raise DataError(f"{path}: reading hub datasets needs the `datasets` package") from None
+    try:
+        dataset = datasets.load_dataset(path, subset, split=split, revision=revision)
+    except Exception as err:  # noqa: BLE001 - network, auth, missing split: one line for the user
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DataError(
+            f"{path}: could not load hub dataset (split {split!r}): {first}. For a local file, "
+            "give a path with its suffix (.jsonl, .json, .csv, .parquet)"
+        ) from None
+    return dataset
+
+
+def source_fingerprint(path: str, split: str, subset: str | None, revision: str | None) -> str:
+    """A hash that changes when the source's content changes: file contents for local
+    sources; for hub datasets, the fingerprint `datasets` gives the loaded split."""
+    digest = hashlib.sha256()
+    if is_local(path):
+        for f in local_files(path):
+            digest.update(str(f.name).encode())
+            with f.open("rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(block)
+    else:
+        digest.update(json.dumps([path, split, subset, revision]).encode())
+        digest.update(str(getattr(_load_hub(path, split, subset, revision), "_fingerprint", "")).encode())
+    return digest.hexdigest()

@@ -1,0 +1,29 @@
+"""Loading a base model's tokenizer (and, with the training capability, the model) with the
+run config's policy: no remote code unless asked, a clear error when the path is wrong."""
+
+from __future__ import annotations
+
+from tunesmith.config import ModelSection
+from tunesmith.errors import TunesmithError
+
+
+def load_tokenizer(model: ModelSection):
+    """The tokenizer of `model.tokenizer` or `model.path` (a directory or hub id). Gives it a
+    pad token (the EOS) when it has none, for batching."""
+    from transformers import AutoTokenizer
+
+    source = model.tokenizer or model.path
+    key = "model.tokenizer" if model.tokenizer else "model.path"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            source, revision=model.revision, trust_remote_code=model.trust_remote_code
+        )
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise TunesmithError(
+            f"{key}: cannot load a tokenizer from {source!r}: {first}. Give a local checkpoint "
+            "directory with tokenizer files, or a hub id (needs network)"
+        ) from None
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
