@@ -40,3 +40,12 @@ def test_atomic_write_leaves_no_partial_file(tmp_path):
         atomic_write(target, crash)
     assert target.read_bytes() == b"old"
     assert os.listdir(tmp_path) == ["out.bin"]
+
+
+def test_lazy_top_level_api_matches_the_adapters_package():
+    import tunesmith.adapters
+
+    assert sorted(tunesmith._ADAPTER_API) == sorted(tunesmith.adapters.__all__)
+    assert tunesmith.add_lora is tunesmith.adapters.add_lora
+    with pytest.raises(AttributeError, match="module 'tunesmith' has no attribute 'nope'"):
+        tunesmith.nope  # noqa: B018

@@ -1,9 +1,41 @@
-"""tunesmith: fine-tune large language models on the hardware you have."""
+"""tunesmith: fine-tune large language models on the hardware you have.
+
+The adapter API (`add_lora`, `save_adapter`, ...) is imported on first use, so the command
+line starts without loading torch for verbs that do not need it."""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from tunesmith.errors import AdapterError, TunesmithError
 
 __version__ = "0.1.0"
 
-from tunesmith import adapters  # noqa: E402
-from tunesmith.adapters import *  # noqa: E402, F403
-from tunesmith.errors import AdapterError, TunesmithError  # noqa: E402
+_ADAPTER_API = (
+    "LoRAConfig",
+    "active_adapters",
+    "adapter_names",
+    "add_lora",
+    "delete_adapter",
+    "disabled",
+    "load_adapter",
+    "merge",
+    "merge_and_unload",
+    "route",
+    "save_adapter",
+    "set_active",
+    "trainable_parameters",
+    "unmerge",
+)
+__all__ = ["AdapterError", "TunesmithError", "__version__", *_ADAPTER_API]
 
-__all__ = ["AdapterError", "TunesmithError", "__version__", *adapters.__all__]
+if TYPE_CHECKING:
+    from tunesmith.adapters import *  # noqa: F403
+
+
+def __getattr__(name: str) -> Any:
+    if name in _ADAPTER_API or name == "adapters":
+        adapters = importlib.import_module("tunesmith.adapters")
+        return adapters if name == "adapters" else getattr(adapters, name)
+    raise AttributeError(f"module 'tunesmith' has no attribute {name!r}")

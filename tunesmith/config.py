@@ -17,7 +17,6 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from tunesmith.adapters.lora import LoRAConfig
 from tunesmith.errors import TunesmithError
 
 BUILTIN_TEMPLATE_NAMES = ("alpaca", "chatml", "llama-3")
@@ -99,8 +98,10 @@ class LoRAMethod(Section):
     modules_to_save: list[str] | None = None
     """Modules trained in full as a copy saved with the adapter, e.g. ["lm_head"]."""
 
-    def to_lora_config(self) -> LoRAConfig:
+    def to_lora_config(self):
         """The adapter library's `LoRAConfig` with these settings."""
+        from tunesmith.adapters.lora import LoRAConfig
+
         names = {f.name for f in dataclass_fields(LoRAConfig)}
         return LoRAConfig(**{k: v for k, v in self.model_dump().items() if k in names})
 
@@ -144,7 +145,8 @@ class DatasetSource(Section):
         for key in self.fields:
             if key not in known:
                 raise ValueError(
-                    f"fields: unknown key {_shown(key)} for format {self.format}{_did_you_mean(key, known)}"
+                    f"fields: unknown key {_shown(key)} for format {self.format}"
+                    f"{_did_you_mean(key, known)}"
                     f" (known: {', '.join(known)})"
                 )
         for role in self.roles.values():
@@ -497,9 +499,11 @@ def _describe(
             parent = METHOD_CLASSES.get(method, parent)
         known = list(parent.model_fields) if parent else []
         hint = _did_you_mean(loc[-1], known)
-        scope = f' for method "{parent.model_fields["name"].default}"' if loc[:1] == (
-            "method",
-        ) and parent else ""
+        scope = (
+            f' for method "{parent.model_fields["name"].default}"'
+            if loc[:1] == ("method",) and parent
+            else ""
+        )
         what = f"unknown key{scope}{hint or ''}" + ("" if hint else _known(known))
     elif kind in ("float_parsing", "float_type"):
         what = f"expected a number, got {_shown(value)}"
@@ -514,7 +518,9 @@ def _describe(
     elif kind in ("dict_type", "model_type", "model_attributes_type"):
         what = f"expected a mapping, got {_shown(value)}"
     elif kind == "literal_error":
-        choices = [c.strip(" '\"") for c in ctx.get("expected", "").replace(" or ", ", ").split(",")]
+        choices = [
+            c.strip(" '\"") for c in ctx.get("expected", "").replace(" or ", ", ").split(",")
+        ]
         what = (
             f"expected one of {', '.join(choices)}, got {_shown(value)}"
             f"{_did_you_mean(value, choices)}"
@@ -539,7 +545,7 @@ def _describe(
     else:
         what = f"{error['msg'][:1].lower()}{error['msg'][1:]}, got {_shown(value)}"
     dotted = ".".join(map(str, loc)) or "(top level)"
-    if loc in overridden or any(loc[: len(o)] == o for o in overridden):
+    if any(loc[: len(o)] == o or o[: len(loc)] == loc for o in overridden):
         where = f"{source} (command-line override)"
     else:
         line = next((lines[loc[:n]] for n in range(len(loc), 0, -1) if loc[:n] in lines), None)
@@ -594,7 +600,7 @@ def _type_name(annotation: Any) -> str:
     text = str(annotation).replace("typing.", "")
     for plain in ("int", "float", "str", "bool"):
         text = text.replace(f"<class '{plain}'>", plain)
-    return text.replace("NoneType", "null")
+    return text.replace("NoneType", "null").replace(" | None", " | null")
 
 
 def _yaml_value(value: Any) -> str:

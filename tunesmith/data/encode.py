@@ -51,7 +51,9 @@ class SampleSet:
     def concat(cls, parts: list[SampleSet]) -> SampleSet:
         parts = [p for p in parts if len(p)] or [cls.from_lists([])]
         shifts = np.cumsum([0] + [int(p.offsets[-1]) for p in parts[:-1]])
-        offsets = np.concatenate([parts[0].offsets[:1]] + [p.offsets[1:] + s for p, s in zip(parts, shifts)])
+        offsets = np.concatenate(
+            [parts[0].offsets[:1]] + [p.offsets[1:] + s for p, s in zip(parts, shifts, strict=True)]
+        )
         return cls(
             np.concatenate([p.input_ids for p in parts]),
             np.concatenate([p.labels for p in parts]),
@@ -103,9 +105,11 @@ def encode_example(
         labels = [IGNORE_INDEX] * len(ids)
         if ids and segments and segments[0][0].startswith(tokenizer.bos_token or "\0"):
             ids, labels = [], []  # the template wrote the BOS itself
-        for (_, trained), seg_ids in zip(segments, encoded):
+        for (_, trained), seg_ids in zip(segments, encoded, strict=True):
             ids += seg_ids
-            labels += seg_ids if (trained or settings.train_on_inputs) else [IGNORE_INDEX] * len(seg_ids)
+            labels += (
+                seg_ids if (trained or settings.train_on_inputs) else [IGNORE_INDEX] * len(seg_ids)
+            )
     elif isinstance(example, Completion):
         ids = list(tokenizer(example.text, add_special_tokens=True)["input_ids"])
         eos = tokenizer.eos_token_id
@@ -153,7 +157,10 @@ def encode_all(
     chunks = [examples[i : i + size] for i in range(0, len(examples), size)]
     # spawn, not fork: the parent may hold torch and tokenizer threads.
     with ProcessPoolExecutor(
-        num_proc, mp_context=get_context("spawn"), initializer=_worker_init, initargs=(tokenizer, settings)
+        num_proc,
+        mp_context=get_context("spawn"),
+        initializer=_worker_init,
+        initargs=(tokenizer, settings),
     ) as pool:
         results = list(pool.map(_worker_encode, chunks))
     stats: Counter = Counter()
@@ -164,7 +171,9 @@ def encode_all(
 
 def _encode_chunk(examples, tokenizer, settings) -> tuple[SampleSet, Counter]:
     stats: Counter = Counter()
-    pairs = [p for ex, where in examples for p in encode_example(ex, where, tokenizer, settings, stats)]
+    pairs = [
+        p for ex, where in examples for p in encode_example(ex, where, tokenizer, settings, stats)
+    ]
     return SampleSet.from_lists(pairs), stats
 
 

@@ -23,7 +23,12 @@ BUILTIN_ROLE_NAMES = {
     "ipython": "tool",
 }
 DEFAULT_FIELDS = {
-    "alpaca": {"instruction": "instruction", "input": "input", "output": "output", "system": "system"},
+    "alpaca": {
+        "instruction": "instruction",
+        "input": "input",
+        "output": "output",
+        "system": "system",
+    },
     "chat": {"messages": "messages", "role": "role", "content": "content", "system": "system"},
     "completion": {"text": "text"},
     "tokenized": {"input_ids": "input_ids", "labels": "labels"},
@@ -146,7 +151,9 @@ def _chat(record: Record, spec: FormatSpec) -> Conversation:
         )
     raw = record.data[key]
     if not isinstance(raw, list):
-        raise DataError(f'{record.where}: field "{key}" must be a list of messages, got {type(raw).__name__}')
+        raise DataError(
+            f'{record.where}: field "{key}" must be a list of messages, got {type(raw).__name__}'
+        )
     if not raw:
         raise DataError(f'{record.where}: field "{key}" is an empty message list')
     names = {**BUILTIN_ROLE_NAMES, **spec.roles}
@@ -169,7 +176,9 @@ def _chat(record: Record, spec: FormatSpec) -> Conversation:
             )
         content = message[content_key]
         if isinstance(content, list):  # OpenAI content parts
-            parts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
+            parts = [
+                p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"
+            ]
             if len(parts) != len(content):
                 raise DataError(f"{at}: only text content parts are supported")
             content = "".join(parts)
@@ -181,12 +190,18 @@ def _chat(record: Record, spec: FormatSpec) -> Conversation:
             f"{record.where}: conversation has no assistant turn, so nothing would train; "
             "fix the roles or map them with " + f"{spec.config_path}.roles"
         )
-    system = _text(record, spec, "system", required=False) if spec.field("system") in record.data else None
+    system = (
+        _text(record, spec, "system", required=False)
+        if spec.field("system") in record.data
+        else None
+    )
     return Conversation(_with_system(messages, system or spec.system_prompt))
 
 
 def _int_list(record: Record, spec: FormatSpec, name: str, value: Any) -> list[int]:
-    if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+    if not isinstance(value, list) or not all(
+        isinstance(v, int) and not isinstance(v, bool) for v in value
+    ):
         raise DataError(f'{record.where}: field "{spec.field(name)}" must be a list of integers')
     return value
 

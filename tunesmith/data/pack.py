@@ -65,7 +65,9 @@ def collate(samples, pad_id: int) -> dict[str, torch.Tensor]:
 def collate_packed(rows, pad_id: int, width: int | None = None) -> dict[str, torch.Tensor]:
     """Packed rows (each a list of (ids, labels) samples) to `input_ids`, `labels` and
     `position_ids`, padded on the right to `width` (default: the longest row). Padding is a
-    sequence of its own (positions from 0, labels -100). Pass no attention mask to the model."""
+    sequence of its own (positions from 0, labels -100). Call the model with these three and
+    `use_cache=False`, and no attention mask: transformers only reads the position restarts
+    as sample boundaries when there is neither a mask nor a KV cache."""
     lengths = [sum(len(ids) for ids, _ in row) for row in rows]
     width = width or max(lengths)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,21 +113,27 @@ def prepare_data(
 
     train_parts, val_parts = [], []
     for at, src in train_specs:
-        samples, st = _prepare_source(src, at, data, tokenizer, settings, fingerprint, cache_dir, use_cache)
+        samples, st = _prepare_source(
+            src, at, data, tokenizer, settings, fingerprint, cache_dir, use_cache
+        )
         stats.append(st)
         if data.val_fraction:
             samples, held_out = _split(samples, data.val_fraction, rng)
             val_parts.append(held_out)
         train_parts.append(_weighted(samples, src.weight, rng))
     for at, src in val_specs:
-        samples, st = _prepare_source(src, at, data, tokenizer, settings, fingerprint, cache_dir, use_cache)
+        samples, st = _prepare_source(
+            src, at, data, tokenizer, settings, fingerprint, cache_dir, use_cache
+        )
         st.split = "validation"
         stats.append(st)
         val_parts.append(samples)
 
     train = SampleSet.concat(train_parts)
     validation = SampleSet.concat(val_parts) if val_parts else None
-    prepared = PreparedData(train, validation, template, template_name, stats, max_seq_len=data.max_seq_len)
+    prepared = PreparedData(
+        train, validation, template, template_name, stats, max_seq_len=data.max_seq_len
+    )
     if data.packing:
         prepared.train_rows = pack_groups(train.lengths, data.max_seq_len)
     return prepared
@@ -169,7 +176,9 @@ def _prepare_source(
     if not records:
         raise DataError(f"{src.path}: no records (empty dataset; {at}.path)")
     examples = [(parse_record(r, spec), r.where) for r in records]
-    num_proc = data.num_proc or (min(8, os.cpu_count() or 1) if len(records) >= PARALLEL_MIN_RECORDS else 1)
+    num_proc = data.num_proc or (
+        min(8, os.cpu_count() or 1) if len(records) >= PARALLEL_MIN_RECORDS else 1
+    )
     samples, counts = encode_all(examples, tokenizer, settings, num_proc)
     stats = _stats(src.path, fmt, len(records), samples, counts)
     if not len(samples):
@@ -178,6 +187,13 @@ def _prepare_source(
         )
     if use_cache:
         _write_cache(cache_file, samples, stats)
+    if stats.dropped_untrained:
+        warnings.warn(
+            f"{src.path}: dropped {stats.dropped_untrained} of {stats.records} samples whose every "
+            "label is masked (nothing to train, e.g. the response was truncated away); raise "
+            "data.max_seq_len or check the data",
+            stacklevel=2,
+        )
     return samples, stats
 
 

@@ -38,7 +38,8 @@ def summary_lines(prepared: PreparedData) -> list[str]:
     for s in prepared.sources:
         dropped = s.dropped_too_long + s.dropped_untrained
         lines.append(
-            f"{s.split} source {s.path} ({s.format}): {s.records:,} records -> {s.samples:,} samples, "
+            f"{s.split} source {s.path} ({s.format}): {s.records:,} records -> "
+            f"{s.samples:,} samples, "
             f"{s.tokens:,} tokens, {s.trained_tokens:,} trained; truncated {s.truncated:,}, "
             f"split {s.split_long:,}, dropped {dropped:,} "
             f"({s.dropped_too_long:,} too long, {s.dropped_untrained:,} with no trained token)"

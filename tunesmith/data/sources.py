@@ -50,7 +50,9 @@ def local_files(path: str) -> list[Path]:
     if not p.exists():
         raise DataError(f"{path}: no such file or folder")
     if p.suffix not in LOCAL_SUFFIXES:
-        raise DataError(f"{path}: unsupported file type {p.suffix!r}; use {', '.join(LOCAL_SUFFIXES)}")
+        raise DataError(
+            f"{path}: unsupported file type {p.suffix!r}; use {', '.join(LOCAL_SUFFIXES)}"
+        )
     return [p]
 
 
@@ -88,7 +90,9 @@ def _read_file(path: Path) -> Iterator[Record]:
 
 def _check_mapping(value: Any, where: str) -> dict:
     if not isinstance(value, dict):
-        raise DataError(f"{where}: expected a JSON object (a record with fields), got {type(value).__name__}")
+        raise DataError(
+            f"{where}: expected a JSON object (a record with fields), got {type(value).__name__}"
+        )
     return value
 
 
@@ -112,7 +116,9 @@ def _read_json(path: Path) -> Iterator[Record]:
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
-        raise DataError(f"{path}, line {err.lineno}: not valid JSON ({err.msg}, column {err.colno})") from None
+        raise DataError(
+            f"{path}, line {err.lineno}: not valid JSON ({err.msg}, column {err.colno})"
+        ) from None
     if isinstance(value, dict):
         lists = [k for k, v in value.items() if isinstance(v, list)]
         if len(lists) != 1:
@@ -178,5 +184,7 @@ def source_fingerprint(path: str, split: str, subset: str | None, revision: str 
                     digest.update(block)
     else:
         digest.update(json.dumps([path, split, subset, revision]).encode())
-        digest.update(str(getattr(_load_hub(path, split, subset, revision), "_fingerprint", "")).encode())
+        digest.update(
+            str(getattr(_load_hub(path, split, subset, revision), "_fingerprint", "")).encode()
+        )
     return digest.hexdigest()

@@ -98,7 +98,10 @@ def render(tokenizer, template: str, messages: list[dict], add_generation_prompt
     if not messages:
         return ""
     return tokenizer.apply_chat_template(
-        messages, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt
+        messages,
+        chat_template=template,
+        tokenize=False,
+        add_generation_prompt=add_generation_prompt,
     )
 
 

@@ -1,0 +1,80 @@
+"""The config and preprocess verbs, as a user runs them: output, exit codes, no tracebacks."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = "examples/quickstart.yaml"
+
+
+def run_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "tunesmith.cli", *args],
+        capture_output=True, text=True, timeout=300, cwd=cwd,
+    )  # fmt: skip
+
+
+def test_config_schema_prints_documented_fields():
+    result = run_cli("config", "schema")
+    assert result.returncode == 0, result.stderr
+    assert "  r: 16  # int. Rank of the update B·A." in result.stdout
+    assert "  max_seq_len: 2048  # int. Longest sample in tokens" in result.stdout
+    assert "trust_remote_code: false  # bool. Run Python code shipped with the checkpoint." in (
+        result.stdout
+    )
+
+
+def test_config_check_ok_and_errors(tmp_path):
+    result = run_cli("config", "check", QUICKSTART)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == (
+        f"{QUICKSTART}: ok (model examples/tiny-llama, method lora r=16, 1 training source(s), "
+        "lr 0.002)\n"
+    )
+    result = run_cli("config", "check", QUICKSTART, "train.lr=fast", "method.rr=3")
+    assert result.returncode == 2
+    assert result.stderr == (
+        f'error: {QUICKSTART} (command-line override): method.rr: unknown key for method "lora"; '
+        'did you mean "r"?\n'
+        f'error: {QUICKSTART} (command-line override): train.lr: expected a number, got "fast"\n'
+    )
+    missing = run_cli("config", "check", QUICKSTART, "data.datasets.0.path=nope.jsonl")
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert missing.stderr == (
+        f"error: {QUICKSTART}: data.datasets.0.path: nope.jsonl: no such file or folder\n"
+    )
+    shown = run_cli("config", "check", QUICKSTART, "method.r=4", "--show")
+    assert "  r: 4\n" in shown.stdout and "  lr: 0.002\n" in shown.stdout
+
+
+def test_preprocess_shows_masked_samples_and_counts(tmp_path):
+    result = run_cli("preprocess", QUICKSTART, "--show", "2", f"data.cache_dir={tmp_path}")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert out.count("--- sample ") == 2
+    assert "⟦<|im_start|>user\nHow many words: pencil winter violet river<|im_end|>\n" in out
+    assert "<|im_start|>assistant\n⟧4<|im_end|>\n" in out
+    assert (
+        "train source examples/data/quickstart_train.jsonl (chat): 600 records -> 600 samples"
+        in out
+    )
+    assert "packing: 600 samples into " in out and "efficiency " in out
+    assert "[cached]" not in out
+    again = run_cli("preprocess", QUICKSTART, "--show", "0", f"data.cache_dir={tmp_path}")
+    assert again.returncode == 0 and again.stdout.count("[cached]") == 2
+
+
+def test_preprocess_reports_bad_data_in_one_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "q"}]}\n')
+    result = run_cli(
+        "preprocess", QUICKSTART, f"data.datasets.0.path={bad}", f"data.cache_dir={tmp_path}"
+    )
+    assert result.returncode == 2
+    assert result.stderr == (
+        f"error: {bad}, line 1: conversation has no assistant turn, so nothing would train; fix "
+        "the roles or map them with data.datasets.0.roles\n"
+    )
