@@ -282,3 +282,30 @@ def test_preview_marks_masked_spans(tmp_path):
         "<|im_start|>assistant\n⟧b a<|im_end|>\n⟦<|im_start|>user\nFirst: c d<|im_end|>\n"
         "<|im_start|>assistant\n⟧c<|im_end|>\n"
     )
+
+
+def test_tokenizer_built_from_a_vocab_with_its_own_template(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["[UNK]", "<eos>", "<turn>", "<end>", "user", "assistant", "hello", "there", "hi"]
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core, eos_token="<eos>", additional_special_tokens=["<turn>", "<end>"]
+    )
+    tok.chat_template = (
+        "{% for m in messages %}<turn>{{ m.role }} {{ m.content }}<end>{% endfor %}"
+        "{% if add_generation_prompt %}<turn>assistant {% endif %}"
+    )
+    row = {
+        "messages": [
+            {"role": "user", "content": "hello there"},
+            {"role": "assistant", "content": "hi"},
+        ]
+    }
+    data = data_section(tmp_path, [str(write_jsonl(tmp_path / "v.jsonl", [row]))])
+    ids, labels = only(prepare_data(data, tok))
+    #        <turn> user hello there <end> <turn> assistant | hi <end>
+    assert ids == [2, 4, 6, 7, 3, 2, 5, 8, 3]
+    assert labels == [M, M, M, M, M, M, M, 8, 3]
