@@ -186,7 +186,8 @@ class DataSection(Section):
     cache_dir: str | None = None
     """Tokenized-data cache. Default: $TUNESMITH_CACHE, else ~/.cache/tunesmith/data."""
     num_proc: int | None = Field(None, gt=0)
-    """Tokenizer processes for large data (default: up to 8, for 5,000 records or more)."""
+    """Tokenizer processes. Default: half the CPU cores, at most 8, for sources of 5,000
+    records or more; 1 otherwise."""
 
     @field_validator("datasets", "validation", mode="before")
     @classmethod

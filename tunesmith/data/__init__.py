@@ -1,7 +1,7 @@
 """The data pipeline: sources → formats → chat templates and masking → tokens (cached) →
 validation split, mixing, packing → batches."""
 
-from tunesmith.data.encode import IGNORE_INDEX, EncodeSettings, SampleSet, encode_example
+from tunesmith.data.encode import IGNORE_INDEX, EncodeSettings, SampleSet, encode_examples
 from tunesmith.data.formats import Completion, Conversation, FormatSpec, Tokens, parse_record
 from tunesmith.data.pack import collate, collate_packed, pack_groups, packing_efficiency
 from tunesmith.data.prepare import PreparedData, SourceStats, prepare_data
@@ -24,7 +24,7 @@ __all__ = [
     "Tokens",
     "collate",
     "collate_packed",
-    "encode_example",
+    "encode_examples",
     "pack_groups",
     "packing_efficiency",
     "parse_record",

@@ -9,10 +9,11 @@ from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
+from typing import Union
 
 import numpy as np
 
-from tunesmith.data.formats import Completion, Conversation, Example, Tokens
+from tunesmith.data.formats import Completion, Conversation, Example
 from tunesmith.data.templates import render_segments
 
 IGNORE_INDEX = -100
@@ -93,37 +94,65 @@ def bos_prefix(tokenizer) -> list[int]:
     return []
 
 
-def encode_example(
-    example: Example, where: str, tokenizer, settings: EncodeSettings, stats: Counter
+def encode_examples(
+    examples: list[tuple[Example, str]], tokenizer, settings: EncodeSettings, stats: Counter
 ) -> list[tuple[list[int], list[int]]]:
-    """One example to zero or more samples (several with `truncation: split`); counts what
-    happened in `stats` (samples, truncated, dropped_too_long, dropped_untrained, split)."""
+    """Examples (with their locations) to samples, in order; an example gives zero samples
+    (dropped), one, or several (`truncation: split`). Counts what happened in `stats`
+    (samples, truncated, dropped_too_long, dropped_untrained, split). Texts are tokenized in
+    batches, one tokenizer call per batch."""
+    bos = bos_prefix(tokenizer)
+    out: list[tuple[list[int], list[int]]] = []
+    for start in range(0, len(examples), 256):
+        plans = [
+            _plan(ex, where, tokenizer, settings, bos)
+            for ex, where in examples[start : start + 256]
+        ]
+        texts = [part for plan in plans for part, _ in plan if isinstance(part, str)]
+        encoded = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
+        for plan in plans:
+            ids: list[int] = []
+            labels: list[int] = []
+            for part, trained in plan:
+                part_ids = list(next(encoded)) if isinstance(part, str) else part
+                ids += part_ids
+                if isinstance(trained, list):
+                    labels += trained
+                elif trained or settings.train_on_inputs:
+                    labels += part_ids
+                else:
+                    labels += [IGNORE_INDEX] * len(part_ids)
+            out += _fit(ids, labels, settings, stats)
+    return out
+
+
+Part = tuple[Union[str, list[int]], Union[bool, list[int]]]  # noqa: UP007
+
+
+def _plan(
+    example: Example, where: str, tokenizer, settings: EncodeSettings, bos: list[int]
+) -> list[Part]:
+    """What a sample is made of: texts still to tokenize with whether they train, or ids with
+    their labels."""
     if isinstance(example, Conversation):
         segments = render_segments(example.messages, settings.template, tokenizer, where)
-        encoded = tokenizer([text for text, _ in segments], add_special_tokens=False)["input_ids"]
-        ids: list[int] = bos_prefix(tokenizer) if settings.add_bos else []
-        labels = [IGNORE_INDEX] * len(ids)
-        if ids and segments and segments[0][0].startswith(tokenizer.bos_token or "\0"):
-            ids, labels = [], []  # the template wrote the BOS itself
-        for (_, trained), seg_ids in zip(segments, encoded, strict=True):
-            ids += seg_ids
-            labels += (
-                seg_ids if (trained or settings.train_on_inputs) else [IGNORE_INDEX] * len(seg_ids)
-            )
-    elif isinstance(example, Completion):
-        ids = list(tokenizer(example.text, add_special_tokens=True)["input_ids"])
+        wrote_bos = bool(segments) and segments[0][0].startswith(tokenizer.bos_token or "\0")
+        prefix: list[Part] = (
+            [(bos, [IGNORE_INDEX] * len(bos))] if settings.add_bos and bos and not wrote_bos else []
+        )
+        return prefix + list(segments)
+    if isinstance(example, Completion):
         eos = tokenizer.eos_token_id
-        if settings.add_eos and eos is not None and (not ids or ids[-1] != eos):
-            ids.append(eos)
-        labels = list(ids)
-    else:
-        assert isinstance(example, Tokens)
-        ids = list(example.input_ids)
-        if example.labels is None or settings.train_on_inputs:
-            labels = list(ids)
-        else:
-            labels = list(example.labels)
+        suffix = [eos] if settings.add_eos and eos is not None else []
+        return [(bos, list(bos)), (example.text, True), (suffix, list(suffix))]
+    ids = list(example.input_ids)
+    labels = ids if example.labels is None or settings.train_on_inputs else list(example.labels)
+    return [(ids, list(labels))]
 
+
+def _fit(ids: list[int], labels: list[int], settings: EncodeSettings, stats: Counter):
+    """Apply max_seq_len and the truncation policy; mask each piece's first label; drop pieces
+    with nothing to train."""
     limit = settings.max_seq_len
     if len(ids) <= limit:
         pieces = [(ids, labels)]
@@ -171,10 +200,7 @@ def encode_all(
 
 def _encode_chunk(examples, tokenizer, settings) -> tuple[SampleSet, Counter]:
     stats: Counter = Counter()
-    pairs = [
-        p for ex, where in examples for p in encode_example(ex, where, tokenizer, settings, stats)
-    ]
-    return SampleSet.from_lists(pairs), stats
+    return SampleSet.from_lists(encode_examples(examples, tokenizer, settings, stats)), stats
 
 
 _WORKER: dict = {}

@@ -114,15 +114,18 @@ def render_segments(
     done = ""
     try:
         for i, message in enumerate(messages):
-            if message["role"] == "assistant":
-                prompt = render(tokenizer, template, messages[:i], add_generation_prompt=True)
-                _check_prefix(done, prompt, where, i)
-                segments.append((prompt[len(done) :], False))
-                done = prompt
+            if message["role"] != "assistant":
+                continue  # rendered as part of the next prompt
+            prompt = render(tokenizer, template, messages[:i], add_generation_prompt=True)
+            _check_prefix(done, prompt, where, i)
             text = render(tokenizer, template, messages[: i + 1], add_generation_prompt=False)
-            _check_prefix(done, text, where, i)
-            segments.append((text[len(done) :], message["role"] == "assistant"))
+            _check_prefix(prompt, text, where, i)
+            segments += [(prompt[len(done) :], False), (text[len(prompt) :], True)]
             done = text
+        if messages[-1]["role"] != "assistant":
+            text = render(tokenizer, template, messages, add_generation_prompt=False)
+            _check_prefix(done, text, where, len(messages) - 1)
+            segments.append((text[len(done) :], False))
     except DataError:
         raise
     except Exception as err:  # noqa: BLE001 - Jinja raise_exception() and template bugs
