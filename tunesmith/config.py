@@ -186,7 +186,7 @@ class DataSection(Section):
     cache_dir: str | None = None
     """Tokenized-data cache. Default: $TUNESMITH_CACHE, else ~/.cache/tunesmith/data."""
     num_proc: int | None = Field(None, gt=0)
-    """Tokenizer processes. Default: half the CPU cores, at most 8, for sources of 5,000
+    """Tokenizer processes. Default: one per CPU core, at most 8, for sources of 5,000
     records or more; 1 otherwise."""
 
     @field_validator("datasets", "validation", mode="before")

@@ -176,11 +176,10 @@ def _prepare_source(
     if not records:
         raise DataError(f"{src.path}: no records (empty dataset; {at}.path)")
     examples = [(parse_record(r, spec), r.where) for r in records]
-    # Chat templates render in Python (one core per process); the tokenizer itself is already
-    # multi-threaded, so processes pay off from about 4 cores. On 2 cores: 19 s with one
-    # process vs 24 s with two for 20,000 conversations (8.6 M tokens).
+    # Chat templates render in Python, one core per process (bench/data_prep.py: 2 processes
+    # are about 15% faster than 1 on a 2-core machine; spawning costs about a second).
     num_proc = data.num_proc or (
-        min(8, (os.cpu_count() or 1) // 2) if len(records) >= PARALLEL_MIN_RECORDS else 1
+        min(8, os.cpu_count() or 1) if len(records) >= PARALLEL_MIN_RECORDS else 1
     )
     samples, counts = encode_all(examples, tokenizer, settings, num_proc)
     stats = _stats(src.path, fmt, len(records), samples, counts)
