@@ -78,3 +78,9 @@ def test_preprocess_reports_bad_data_in_one_line(tmp_path):
         f"error: {bad}, line 1: conversation has no assistant turn, so nothing would train; fix "
         "the roles or map them with data.datasets.0.roles\n"
     )
+
+
+def test_preprocess_with_a_missing_model_directory():
+    result = run_cli("preprocess", QUICKSTART, "model.path=./no-such-model")
+    assert result.returncode == 2
+    assert result.stderr == "error: model.path: ./no-such-model: no such directory\n"

@@ -3,6 +3,8 @@ run config's policy: no remote code unless asked, a clear error when the path is
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from tunesmith.config import ModelSection
 from tunesmith.errors import TunesmithError
 
@@ -14,12 +16,16 @@ def load_tokenizer(model: ModelSection):
 
     source = model.tokenizer or model.path
     key = "model.tokenizer" if model.tokenizer else "model.path"
+    if source.startswith((".", "/", "~")) and not Path(source).expanduser().is_dir():
+        raise TunesmithError(f"{key}: {source}: no such directory")
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             source, revision=model.revision, trust_remote_code=model.trust_remote_code
         )
     except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = (
+            str(err).strip().splitlines()[0].rstrip(".") if str(err).strip() else type(err).__name__
+        )
         raise TunesmithError(
             f"{key}: cannot load a tokenizer from {source!r}: {first}. Give a local checkpoint "
             "directory with tokenizer files, or a hub id (needs network)"
