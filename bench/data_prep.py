@@ -65,7 +65,7 @@ def main() -> None:
             results.append({"procs": procs, "seconds": round(seconds, 2), "tokens": tokens,
                             "tokens_per_s": round(tokens / seconds)})  # fmt: skip
             print(f"{procs} process(es): {seconds:.1f} s, {tokens / seconds:,.0f} tokens/s")
-    out = ROOT / "bench/results" / f"data_prep_{platform.node() or "host"}.json"
+    out = ROOT / "bench/results" / f"data_prep_{platform.node() or 'host'}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     record = {"records": args.records, "cpus": os.cpu_count(), "results": results}
     out.write_text(json.dumps(record, indent=2) + "\n")
