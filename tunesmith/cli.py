@@ -107,7 +107,7 @@ def preprocess(
     import warnings
 
     from tunesmith.config import load_config
-    from tunesmith.data import prepare_data, show_sample, summary_lines
+    from tunesmith.data import IGNORE_INDEX, prepare_data, show_sample, summary_lines
     from tunesmith.models import load_tokenizer
 
     cfg = load_config(config, overrides or [])
@@ -119,7 +119,7 @@ def preprocess(
         typer.echo(f"warning: {warning.message}", err=True)
     for i in range(min(show, len(prepared.train))):
         ids, labels = prepared.train[i]
-        trained = int((labels != -100).sum())
+        trained = int((labels != IGNORE_INDEX).sum())
         typer.echo(f"--- sample {i} ({len(ids)} tokens, {trained} trained; ⟦masked⟧) ---")
         typer.echo(show_sample(ids, labels, tokenizer))
     typer.echo("---")

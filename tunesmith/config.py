@@ -20,7 +20,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from tunesmith.errors import TunesmithError
 
 BUILTIN_TEMPLATE_NAMES = ("alpaca", "chatml", "llama-3")
-DATA_FORMATS = ("auto", "alpaca", "chat", "completion", "tokenized")
 FIELD_ROLES = {
     "alpaca": ("instruction", "input", "output", "system"),
     "chat": ("messages", "role", "content", "system"),
@@ -459,7 +458,7 @@ def _clean_loc(loc: tuple, raw: dict) -> tuple:
 
 
 def _is_tag(part: Any, node: dict) -> bool:
-    return node.get("name") == part or part in METHOD_CLASSES or part == "function-after"
+    return node.get("name") == part or part in METHOD_CLASSES
 
 
 def _section_class(loc: tuple) -> type[BaseModel] | None:
@@ -484,7 +483,7 @@ def _model_in(annotation: Any) -> Any:
         found = _model_in(arg)
         if found is not None:
             return found
-    return None if get_origin(annotation) is None else None
+    return None
 
 
 def _describe(

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Union
 
+from tunesmith.config import FIELD_ROLES
 from tunesmith.data.sources import DataError, Record
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -22,17 +23,8 @@ BUILTIN_ROLE_NAMES = {
     "function": "tool",
     "ipython": "tool",
 }
-DEFAULT_FIELDS = {
-    "alpaca": {
-        "instruction": "instruction",
-        "input": "input",
-        "output": "output",
-        "system": "system",
-    },
-    "chat": {"messages": "messages", "role": "role", "content": "content", "system": "system"},
-    "completion": {"text": "text"},
-    "tokenized": {"input_ids": "input_ids", "labels": "labels"},
-}
+DEFAULT_FIELDS = {fmt: {name: name for name in names} for fmt, names in FIELD_ROLES.items()}
+"""Each format's fields under their own names; `data.datasets[i].fields` maps them elsewhere."""
 
 
 @dataclass
@@ -190,11 +182,7 @@ def _chat(record: Record, spec: FormatSpec) -> Conversation:
             f"{record.where}: conversation has no assistant turn, so nothing would train; "
             "fix the roles or map them with " + f"{spec.config_path}.roles"
         )
-    system = (
-        _text(record, spec, "system", required=False)
-        if spec.field("system") in record.data
-        else None
-    )
+    system = _text(record, spec, "system", required=False)
     return Conversation(_with_system(messages, system or spec.system_prompt))
 
 

@@ -13,14 +13,14 @@ import json
 import os
 import warnings
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from tunesmith.config import BUILTIN_TEMPLATE_NAMES, DataSection, DatasetSource
+from tunesmith.config import DataSection, DatasetSource
 from tunesmith.data.encode import EncodeSettings, SampleSet, encode_all
 from tunesmith.data.formats import FormatSpec, detect_format, parse_record
 from tunesmith.data.pack import pack_groups, packing_efficiency
@@ -61,7 +61,6 @@ class PreparedData:
     train_rows: list[list[int]] | None = None
     """Packed rows (lists of indices into `train`), when packing is on."""
     max_seq_len: int = 0
-    notes: list[str] = field(default_factory=list)
 
     @property
     def packing_efficiency(self) -> float | None:
@@ -96,8 +95,10 @@ def prepare_data(
     pack. Raises `DataError` for bad files or records, naming the file and record."""
     train_specs = [(f"data.datasets.{i}", s) for i, s in enumerate(data.datasets)]
     val_specs = [(f"data.validation.{i}", s) for i, s in enumerate(data.validation)]
-    formats = {_peek_format(src, at) for at, src in train_specs + val_specs}
-    template, template_name = resolve_chat_template(data.chat_template, tokenizer, formats)
+    formats = {at: _peek_format(src, at) for at, src in train_specs + val_specs}
+    template, template_name = resolve_chat_template(
+        data.chat_template, tokenizer, set(formats.values())
+    )
     settings = EncodeSettings(
         max_seq_len=data.max_seq_len,
         truncation=data.truncation,
@@ -114,7 +115,7 @@ def prepare_data(
     train_parts, val_parts = [], []
     for at, src in train_specs:
         samples, st = _prepare_source(
-            src, at, data, tokenizer, settings, fingerprint, cache_dir, use_cache
+            src, at, formats[at], data, tokenizer, settings, fingerprint, cache_dir, use_cache
         )
         stats.append(st)
         if data.val_fraction:
@@ -123,7 +124,7 @@ def prepare_data(
         train_parts.append(_weighted(samples, src.weight, rng))
     for at, src in val_specs:
         samples, st = _prepare_source(
-            src, at, data, tokenizer, settings, fingerprint, cache_dir, use_cache
+            src, at, formats[at], data, tokenizer, settings, fingerprint, cache_dir, use_cache
         )
         st.split = "validation"
         stats.append(st)
@@ -149,10 +150,9 @@ def _peek_format(src: DatasetSource, at: str) -> str:
 
 
 def _prepare_source(
-    src: DatasetSource, at: str, data: DataSection, tokenizer, settings: EncodeSettings,
-    fingerprint: str, cache_dir: Path, use_cache: bool,
+    src: DatasetSource, at: str, fmt: str, data: DataSection, tokenizer,
+    settings: EncodeSettings, fingerprint: str, cache_dir: Path, use_cache: bool,
 ) -> tuple[SampleSet, SourceStats]:  # fmt: skip
-    fmt = _peek_format(src, at)
     key_parts = {
         "version": CACHE_VERSION,
         "source": source_fingerprint(src.path, src.split, src.subset, src.revision),
@@ -247,4 +247,4 @@ def _read_cache(path: Path) -> tuple[SampleSet, SourceStats]:
     return SampleSet(arrays["input_ids"], arrays["labels"], arrays["offsets"]), stats
 
 
-__all__ = ["BUILTIN_TEMPLATE_NAMES", "PreparedData", "SourceStats", "prepare_data"]
+__all__ = ["PreparedData", "SourceStats", "prepare_data"]

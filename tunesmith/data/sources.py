@@ -5,6 +5,7 @@ say where to look."""
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import json
 from collections.abc import Iterator
@@ -156,7 +157,10 @@ def _read_hub(path: str, split: str, subset: str | None, revision: str | None) -
         yield Record(dict(row), f"{path}[{split}], record index {index}")
 
 
+@functools.lru_cache(maxsize=8)
 def _load_hub(path: str, split: str, subset: str | None, revision: str | None) -> Any:
+    """The split as a `datasets.Dataset`, loaded once per process (format detection, the cache
+    fingerprint and reading all ask for it)."""
     try:
         import datasets
     except ImportError:  # pragma: no cover - datasets is a dependency
