@@ -69,22 +69,13 @@ def config_check(
     """Validate a run config without loading a model: schema, values, and that local data
     files exist."""
     from tunesmith.config import config_yaml, load_config
-    from tunesmith.data.sources import is_local, local_files
+    from tunesmith.data.sources import local_source_problems
 
     cfg = load_config(config, overrides or [])
-    problems = []
-    for key, sources in (
-        ("data.datasets", cfg.data.datasets),
-        ("data.validation", cfg.data.validation),
-    ):
-        for i, source in enumerate(sources):
-            if is_local(source.path):
-                try:
-                    local_files(source.path)
-                except TunesmithError as err:
-                    problems.append(f"{config}: {key}.{i}.path: {err}")
+    problems = local_source_problems(cfg.data.datasets, "data.datasets")
+    problems += local_source_problems(cfg.data.validation, "data.validation")
     if problems:
-        raise ConfigError(problems)
+        raise ConfigError([f"{config}: {problem}" for problem in problems])
     if show:
         typer.echo(config_yaml(cfg), nl=False)
     method = cfg.method.name + (f" r={cfg.method.r}" if cfg.method.name == "lora" else "")

@@ -305,14 +305,18 @@ def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
     if not path.is_file():
         raise ConfigError([f"{path}: no such config file"])
     text = path.read_text(encoding="utf-8")
-    try:
-        raw = yaml.safe_load(text)
-        lines = _line_numbers(yaml.compose(text))
+    loader = yaml.SafeLoader(text)
+    try:  # one parse: the node tree gives line numbers, and the values are built from it
+        node = loader.get_single_node()
+        raw = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise ConfigError([f"{where}: not valid YAML ({problem})"]) from None
+    finally:
+        loader.dispose()
+    lines = _line_numbers(node)
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -428,13 +432,12 @@ def _did_you_mean(word: str, choices) -> str:
 
 
 def _shown(value: Any) -> str:
-    text = json.dumps(value) if isinstance(value, (str, int, float, bool)) else None
     if value is None:
-        text = "null"
-    if text is None:
-        text = json.dumps(value, default=str)
-        text = text if len(text) <= 60 else text[:57] + "..."
-    return text
+        return "null"
+    text = json.dumps(value, default=str)
+    if isinstance(value, (str, int, float, bool)) or len(text) <= 60:
+        return text
+    return text[:57] + "..."
 
 
 def _clean_loc(loc: tuple, raw: dict) -> tuple:

@@ -5,5 +5,12 @@ class TunesmithError(ValueError):
     """Base class for tunesmith's user-facing errors (the CLI prints the message, no traceback)."""
 
 
+def first_line(err: BaseException) -> str:
+    """An exception from another library as one line: its first line without a final period,
+    or its type name when it has no message."""
+    text = str(err).strip()
+    return text.splitlines()[0].rstrip(".") if text else type(err).__name__
+
+
 class AdapterError(TunesmithError):
     """A problem with an adapter: its config, its files, or the model it is applied to."""

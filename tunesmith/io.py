@@ -8,9 +8,10 @@ import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from safetensors.torch import save_file
+if TYPE_CHECKING:
+    import torch
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
@@ -41,5 +42,7 @@ def atomic_write_json(data: dict, path: str | os.PathLike) -> Path:
 
 
 def atomic_write_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike) -> Path:
+    from safetensors.torch import save_file  # imports torch; the data pipeline needs neither
+
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))

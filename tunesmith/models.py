@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tunesmith.config import ModelSection
-from tunesmith.errors import TunesmithError
+from tunesmith.errors import TunesmithError, first_line
 
 
 def load_tokenizer(model: ModelSection):
@@ -23,12 +23,9 @@ def load_tokenizer(model: ModelSection):
             source, revision=model.revision, trust_remote_code=model.trust_remote_code
         )
     except (OSError, ValueError) as err:
-        first = (
-            str(err).strip().splitlines()[0].rstrip(".") if str(err).strip() else type(err).__name__
-        )
         raise TunesmithError(
-            f"{key}: cannot load a tokenizer from {source!r}: {first}. Give a local checkpoint "
-            "directory with tokenizer files, or a hub id (needs network)"
+            f"{key}: cannot load a tokenizer from {source!r}: {first_line(err)}. Give a local "
+            "checkpoint directory with tokenizer files, or a hub id (needs network)"
         ) from None
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -10,9 +10,12 @@ packed loss therefore equals the unpacked one; the tests prove it per architectu
 from __future__ import annotations
 
 import bisect
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 from tunesmith.data.encode import IGNORE_INDEX
 
@@ -50,6 +53,8 @@ def packing_efficiency(lengths, rows: list[list[int]], max_seq_len: int) -> floa
 def collate(samples, pad_id: int) -> dict[str, torch.Tensor]:
     """Pad (ids, labels) samples on the right to the longest: `input_ids`, `labels`,
     `attention_mask`, each (batch, seq) int64."""
+    import torch  # here, not at the top: `tunesmith config check` must not load torch
+
     width = max(len(ids) for ids, _ in samples)
     input_ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(samples), width), IGNORE_INDEX, dtype=torch.long)
@@ -68,6 +73,8 @@ def collate_packed(rows, pad_id: int, width: int | None = None) -> dict[str, tor
     sequence of its own (positions from 0, labels -100). Call the model with these three and
     `use_cache=False`, and no attention mask: transformers only reads the position restarts
     as sample boundaries when there is neither a mask nor a KV cache."""
+    import torch
+
     lengths = [sum(len(ids) for ids, _ in row) for row in rows]
     width = width or max(lengths)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)

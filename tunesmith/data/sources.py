@@ -7,13 +7,14 @@ from __future__ import annotations
 import csv
 import functools
 import hashlib
+import itertools
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tunesmith.errors import TunesmithError
+from tunesmith.errors import TunesmithError, first_line
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
@@ -57,6 +58,19 @@ def local_files(path: str) -> list[Path]:
     return [p]
 
 
+def local_source_problems(sources, config_key: str) -> list[str]:
+    """One line per local source in `sources` (DatasetSource list under `config_key`, e.g.
+    "data.datasets") whose files are missing or unreadable; hub ids are not checked."""
+    problems = []
+    for i, source in enumerate(sources):
+        if is_local(source.path):
+            try:
+                local_files(source.path)
+            except DataError as err:
+                problems.append(f"{config_key}.{i}.path: {err}")
+    return problems
+
+
 def read_records(
     path: str,
     split: str = "train",
@@ -64,18 +78,12 @@ def read_records(
     revision: str | None = None,
     max_samples: int | None = None,
 ) -> Iterator[Record]:
-    """Yield the records of one source, in file order (folders: files in sorted order)."""
-    count = 0
+    """The records of one source, lazily, in file order (folders: files in sorted order)."""
     if is_local(path):
-        readers = (_read_file(f) for f in local_files(path))
-        records = (r for reader in readers for r in reader)
+        records = itertools.chain.from_iterable(_read_file(f) for f in local_files(path))
     else:
         records = _read_hub(path, split, subset, revision)
-    for record in records:
-        if max_samples is not None and count >= max_samples:
-            return
-        count += 1
-        yield record
+    return itertools.islice(records, max_samples)
 
 
 def _read_file(path: Path) -> Iterator[Record]:
@@ -168,9 +176,9 @@ def _load_hub(path: str, split: str, subset: str | None, revision: str | None) -
     try:
         dataset = datasets.load_dataset(path, subset, split=split, revision=revision)
     except Exception as err:  # noqa: BLE001 - network, auth, missing split: one line for the user
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise DataError(
-            f"{path}: could not load hub dataset (split {split!r}): {first}. For a local file, "
+            f"{path}: could not load hub dataset (split {split!r}): {first_line(err)}. For a "
+            "local file, "
             "give a path with its suffix (.jsonl, .json, .csv, .parquet)"
         ) from None
     return dataset
