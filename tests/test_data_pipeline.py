@@ -211,3 +211,14 @@ def test_bad_input_errors_name_file_and_record(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="empty: folder has no .jsonl, .json, .csv, .parquet files"):
         prepare_data(data_section(tmp_path, [str(tmp_path / "empty")]), chat_tokenizer())
+
+
+def test_sample_set_select_gathers_in_order_with_repeats():
+    from tunesmith.data import SampleSet
+
+    samples = SampleSet.from_lists([([1, 2, 3], [-100, 2, 3]), ([4], [4]), ([5, 6], [-100, 6])])
+    chosen = samples.select([2, 0, 0, 1])
+    assert chosen.input_ids.tolist() == [5, 6, 1, 2, 3, 1, 2, 3, 4]
+    assert chosen.labels.tolist() == [-100, 6, -100, 2, 3, -100, 2, 3, 4]
+    assert chosen.offsets.tolist() == [0, 2, 5, 8, 9]
+    assert len(samples.select([])) == 0

@@ -62,7 +62,14 @@ class SampleSet:
         )
 
     def select(self, indices) -> SampleSet:
-        return SampleSet.from_lists([self[int(i)] for i in indices])
+        """The samples at `indices` (repeats allowed), in that order; vectorised gather."""
+        idx = np.asarray(indices, dtype=np.int64)
+        lengths = self.lengths[idx]
+        offsets = np.zeros(len(idx) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        # token j of the result comes from offsets_in_self[sample] + (j - offsets[sample])
+        take = np.arange(offsets[-1]) + np.repeat(self.offsets[idx] - offsets[:-1], lengths)
+        return SampleSet(self.input_ids[take], self.labels[take], offsets)
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
