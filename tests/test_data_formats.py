@@ -199,6 +199,10 @@ def test_template_choice(tmp_path):
         ValueError, match="^data.chat_template: the tokenizer has no chat template; "
     ):
         prepare_data(data_section(tmp_path, [path]), plain_tokenizer())
+    with pytest.raises(
+        ValueError, match="^data.chat_template: the tokenizer has no chat template; "
+    ):
+        prepare_data(data_section(tmp_path, [path], chat_template="tokenizer"), plain_tokenizer())
     with pytest.warns(
         UserWarning, match="<|start_header_id|>, <|end_header_id|>, <|eot_id|> are not"
     ):

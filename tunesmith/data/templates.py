@@ -57,22 +57,15 @@ def resolve_chat_template(setting: str, tokenizer, formats: set[str]) -> tuple[s
     own = getattr(tokenizer, "chat_template", None)
     if isinstance(own, dict):  # several named templates: use the default one
         own = own.get("default")
-    if setting == "auto":
+    if setting in ("auto", "tokenizer"):
         if own:
             return own, "tokenizer"
-        if formats <= {"alpaca"}:
+        if setting == "auto" and formats <= {"alpaca"}:
             return BUILTIN_TEMPLATES["alpaca"], "alpaca"
         raise DataError(
             "data.chat_template: the tokenizer has no chat template; choose a built-in one "
             "(chatml, llama-3, alpaca) or a .jinja file"
         )
-    if setting == "tokenizer":
-        if not own:
-            raise DataError(
-                "data.chat_template: tokenizer has no chat template; choose a built-in one "
-                "(chatml, llama-3, alpaca) or a .jinja file"
-            )
-        return own, "tokenizer"
     if setting in BUILTIN_TEMPLATES:
         _warn_missing_markers(setting, tokenizer)
         return BUILTIN_TEMPLATES[setting], setting
