@@ -118,10 +118,101 @@ def preprocess(
         typer.echo(line)
 
 
+@app.command("train")
+def train_cmd(
+    config: ConfigArg,
+    overrides: OverridesArg = None,
+    resume: Optional[str] = typer.Option(  # noqa: UP045
+        None,
+        "--resume",
+        help="Continue a run: --resume alone (or --resume latest) takes the newest checkpoint "
+        "in output_dir; --resume PATH a given checkpoint folder.",
+        show_default=False,
+    ),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Delete an earlier run's checkpoints in output_dir first."
+    ),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Tokenize again; ignore the cache."),
+) -> None:
+    """Train: load the model and data, attach the method (LoRA or full), run the loop with
+    checkpoints, validation and metrics, and write the adapter (or model) to output_dir."""
+    import warnings
+
+    from tunesmith.config import load_config
+    from tunesmith.train.loop import Run
+
+    cfg = load_config(config, overrides or [])
+    run = Run(cfg, resume=resume, overwrite=overwrite, use_cache=not no_cache)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run.setup()
+    for warning in caught:
+        if issubclass(warning.category, UserWarning):
+            typer.echo(f"warning: {warning.message}", err=True)
+    _print_run_header(run)
+    summary = run.run()
+    _print_summary(summary, run)
+    if cfg.eval.generate_samples:
+        from tunesmith.evaluate import compare_after_training
+
+        compare_after_training(run, echo=typer.echo)
+
+
+def _print_run_header(run) -> None:
+    from tunesmith.adapters import trainable_parameters
+    from tunesmith.data import summary_lines
+
+    for line in summary_lines(run.prepared):
+        typer.echo(line)
+    counts = trainable_parameters(run.model)
+    typer.echo(
+        f"model {run.config.model.path} on {run.device} ({str(run.dtype).removeprefix('torch.')}),"
+        f" method {run.config.method.name}: {counts.trainable:,} of {counts.total:,} parameters "
+        f"train ({counts.percent:.2f}%); {run.total_steps} steps of "
+        f"{run.config.train.micro_batch_size}x{run.config.train.grad_accum_steps} "
+        f"{'packed rows' if run.plan.rows is not None else 'samples'}"
+    )
+
+
+def _print_summary(summary: dict, run) -> None:
+    val = summary["final_val_loss"]
+    val_text = f", validation loss {val:.4f} (ppl {summary['final_val_ppl']:.2f})" if val else ""
+    typer.echo(
+        f"done: {summary['steps']} steps, {summary['tokens']:,} tokens in "
+        f"{summary['seconds']:.1f}s; train loss {summary['final_train_loss']:.4f}{val_text}"
+    )
+    typer.echo(f"saved {summary['output']} (metrics, loss.png, summary.json in {run.out})")
+
+
+@app.command("plot")
+def plot_cmd(
+    output_dir: Annotated[Path, typer.Argument(help="A run's output_dir.")],
+    out: Optional[Path] = typer.Option(  # noqa: UP045, B008
+        None, "--out", help="Image path (default: loss.png in output_dir)."
+    ),
+) -> None:
+    """Render the loss and learning-rate curves of a run to a PNG."""
+    from tunesmith.train.plot import plot_metrics
+
+    typer.echo(f"wrote {plot_metrics(output_dir, out)}")
+
+
+def _resume_default(args: list[str]) -> list[str]:
+    """`--resume` with no value means `--resume latest`."""
+    out = list(args)
+    for i, arg in enumerate(out):
+        if arg == "--resume":
+            following = out[i + 1] if i + 1 < len(out) else None
+            if following is None or following.startswith("-") or "=" in following:
+                out.insert(i + 1, "latest")
+            break
+    return out
+
+
 def main() -> None:
     """Console entry point: user errors print one line, no traceback."""
     try:
-        app()
+        app(args=_resume_default(sys.argv[1:]))
     except TunesmithError as err:
         for line in str(err).splitlines():
             typer.echo(f"error: {line}", err=True)

@@ -259,6 +259,13 @@ class EvalSection(Section):
     exists)."""
     batch_size: int | None = Field(None, gt=0)
     """Samples per evaluation batch (default: train.micro_batch_size)."""
+    generate_samples: int = Field(0, ge=0)
+    """After training, answer this many validation prompts with the base model and the tuned
+    one and print exact match, contains and ROUGE-L side by side (0: skip)."""
+    max_new_tokens: int = Field(64, gt=0)
+    """Longest generated answer in evaluation."""
+    show_samples: int = Field(1, ge=0)
+    """Example generations (prompt, reference, base and tuned answers) to print."""
 
 
 class RunConfig(Section):

@@ -30,3 +30,63 @@ def load_tokenizer(model: ModelSection):
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def resolve_device(setting: str) -> str:
+    """`model.device` to a torch device type: "auto" picks cuda, then mps, then cpu."""
+    import torch
+
+    if setting == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise TunesmithError("model.device: cuda was asked for but no CUDA GPU is visible")
+    if setting == "mps" and not torch.backends.mps.is_available():
+        raise TunesmithError("model.device: mps was asked for but MPS is not available")
+    return setting
+
+
+def resolve_dtype(setting: str, device: str):
+    """`model.dtype` to a torch dtype: "auto" is bf16 on GPUs that support it, fp16 on other
+    GPUs and fp32 on CPU."""
+    import torch
+
+    if setting == "auto":
+        if device == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if device == "mps":
+            return torch.float16
+        return torch.float32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[setting]
+
+
+def load_model(model: ModelSection, device: str, dtype):
+    """The causal LM of `model.path` with weights in `dtype` on `device`. Safetensors only."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own progress output is enough
+    source = model.path
+    if source.startswith((".", "/", "~")) and not Path(source).expanduser().is_dir():
+        raise TunesmithError(f"model.path: {source}: no such directory")
+    kwargs = {}
+    if model.attn_implementation != "auto":
+        kwargs["attn_implementation"] = model.attn_implementation
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(
+            source,
+            revision=model.revision,
+            trust_remote_code=model.trust_remote_code,
+            dtype=dtype,
+            use_safetensors=True,
+            **kwargs,
+        )
+    except (OSError, ValueError) as err:
+        raise TunesmithError(
+            f"model.path: cannot load a model from {source!r}: {first_line(err)}. Give a local "
+            "checkpoint directory with safetensors weights, or a hub id (needs network)"
+        ) from None
+    return loaded.to(device)

@@ -1,12 +1,24 @@
 """The causal-LM loss, as a sum and a count of trained tokens, so that any batching
-(micro-batches, packing) can normalise by the trained tokens of the whole batch."""
+(micro-batches, packing) can normalise by the trained tokens of the whole batch.
+
+`model_loss_sum` never builds the (batch, seq, vocab) logits tensor for architectures with a
+plain output head: it runs the decoder, keeps the hidden states of positions whose target
+trains, and applies the head and cross-entropy chunk by chunk in fp32, each chunk recomputed in
+the backward pass. Peak memory for the loss is one chunk of fp32 logits, not the whole batch in
+fp32 (a 128k-vocabulary model at 2×2048 tokens would need 2 GiB for those alone)."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from tunesmith.data.encode import IGNORE_INDEX
+
+PLAIN_HEAD_TYPES = {"llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "phi3", "gpt2"}
+"""Architectures whose logits are exactly `lm_head(last_hidden_state)`."""
+CHUNK_ELEMENTS = 1 << 24
+"""fp32 logits per chunk (64 MiB)."""
 
 
 def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -17,3 +29,39 @@ def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torc
     flat = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
     total = F.cross_entropy(flat, targets, ignore_index=IGNORE_INDEX, reduction="sum")
     return total, int((targets != IGNORE_INDEX).sum())
+
+
+def model_inputs(batch: dict) -> dict:
+    """The model's keyword arguments for a collated batch (everything but labels)."""
+    return {k: v for k, v in batch.items() if k != "labels"}
+
+
+def _head_loss(head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = head(hidden).float()
+    return F.cross_entropy(logits, targets, reduction="sum")
+
+
+def model_loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
+    """(sum of token losses, trained-token count) of `model` on a collated `batch`."""
+    labels = batch["labels"]
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if model_type not in PLAIN_HEAD_TYPES or head is None:
+        logits = model(**model_inputs(batch), use_cache=False).logits
+        return causal_lm_loss_sum(logits, labels)
+    hidden = model.base_model(**model_inputs(batch), use_cache=False).last_hidden_state
+    keep = labels[:, 1:] != IGNORE_INDEX
+    hidden, targets = hidden[:, :-1][keep], labels[:, 1:][keep]
+    count = int(targets.numel())
+    if count == 0:
+        return hidden.sum() * 0.0, 0
+    rows = max(1, CHUNK_ELEMENTS // head.out_features if hasattr(head, "out_features") else 1024)
+    total = None
+    for at in range(0, count, rows):
+        h, t = hidden[at : at + rows], targets[at : at + rows]
+        if torch.is_grad_enabled() and h.requires_grad:
+            part = checkpoint(_head_loss, head, h, t, use_reentrant=False)
+        else:
+            part = _head_loss(head, h, t)
+        total = part if total is None else total + part
+    return total, count

@@ -1,0 +1,192 @@
+"""Generation for `tunesmith generate`, `tunesmith chat` and generation-based evaluation.
+
+Prompts are encoded exactly as training encodes them: the conversation is rendered by the chat
+template segment by segment (`render_segments`) and each segment tokenized on its own, so the
+model sees at inference the same token boundaries it was trained on."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tunesmith.data.encode import bos_prefix
+from tunesmith.data.templates import render_segments
+from tunesmith.errors import TunesmithError
+
+END_OF_TURN_MARKERS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
+
+
+@dataclass
+class Sampling:
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    """0: greedy."""
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def generate_kwargs(self) -> dict:
+        if self.temperature <= 0:
+            return {"do_sample": False}
+        return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p}
+
+
+def prompt_ids(messages: list[dict], template: str, tokenizer, add_bos: bool) -> list[int]:
+    """Token ids of `messages` followed by the assistant's generation prompt."""
+    probe = [*messages, {"role": "assistant", "content": "x"}]
+    segments = render_segments(probe, template, tokenizer, where="prompt")
+    last = max(i for i, (_, trained) in enumerate(segments) if trained)
+    texts = [text for text, _ in segments[:last]]
+    ids: list[int] = []
+    bos = bos_prefix(tokenizer)
+    if add_bos and bos and not (texts and texts[0].startswith(tokenizer.bos_token or "\0")):
+        ids += bos
+    for part in tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []:
+        ids += part
+    return ids
+
+
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """EOS ids of the generation config and tokenizer, plus end-of-turn markers the vocabulary
+    has (a chat model must stop at the end of its turn)."""
+    ids: list[int] = []
+    config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for value in (config_eos, tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.append(value)
+        elif value:
+            ids += list(value)
+    vocab = tokenizer.get_vocab()
+    ids += [vocab[m] for m in END_OF_TURN_MARKERS if m in vocab]
+    return sorted(set(ids))
+
+
+@torch.no_grad()
+def generate_batch(
+    model, tokenizer, prompts: list[list[int]], sampling: Sampling, batch_size: int = 16
+) -> list[str]:
+    """Decode a completion for each prompt (ids), batched with left padding."""
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    stops = stop_token_ids(model, tokenizer)
+    was_training = model.training
+    model.eval()
+    if sampling.seed is not None:
+        torch.manual_seed(sampling.seed)
+    out: list[str] = []
+    for at in range(0, len(prompts), batch_size):
+        chunk = prompts[at : at + batch_size]
+        width = max(len(p) for p in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, p in enumerate(chunk):
+            ids[row, width - len(p) :] = torch.tensor(p)
+            mask[row, width - len(p) :] = 1
+        generated = model.generate(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            max_new_tokens=sampling.max_new_tokens,
+            eos_token_id=stops,
+            pad_token_id=pad,
+            use_cache=True,
+            **sampling.generate_kwargs(),
+        )
+        for row in generated[:, width:].tolist():
+            out.append(tokenizer.decode(_until_stop(row, stops), skip_special_tokens=True).strip())
+    model.train(was_training)
+    return out
+
+
+def _until_stop(ids: list[int], stops: list[int]) -> list[int]:
+    for i, t in enumerate(ids):
+        if t in stops:
+            return ids[:i]
+    return ids
+
+
+# --- loading for the CLI ---------------------------------------------------------------------
+
+
+def adapter_base(adapter: str | Path) -> str | None:
+    """The base model an adapter folder names (`base_model_name_or_path`), if any."""
+    config = Path(adapter) / "adapter_config.json"
+    if not config.is_file():
+        return None
+    return json.loads(config.read_text()).get("base_model_name_or_path") or None
+
+
+def load_for_inference(
+    model_path: str | None,
+    adapters: list[str],
+    device: str = "auto",
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+):
+    """(model, tokenizer) with each adapter loaded (named by its folder) and the first active.
+    The tokenizer comes from the first adapter folder when it holds one (training saves it
+    there), else from the model."""
+    from tunesmith.adapters import load_adapter, set_active
+    from tunesmith.config import ModelSection
+    from tunesmith.models import load_model, load_tokenizer, resolve_device, resolve_dtype
+
+    if model_path is None:
+        model_path = adapter_base(adapters[0]) if adapters else None
+        if model_path is None:
+            raise TunesmithError("--model: give the base model (the adapter does not name one)")
+    section = ModelSection(
+        path=model_path, device=device, dtype=dtype, trust_remote_code=trust_remote_code
+    )
+    device_name = resolve_device(section.device)
+    model = load_model(section, device_name, resolve_dtype(section.dtype, device_name))
+    model.eval()
+    names = []
+    for i, folder in enumerate(adapters):
+        name = Path(folder).name.replace(".", "_") or f"adapter{i}"
+        if name in names or name == "default":
+            name = f"adapter{i}"
+        load_adapter(model, folder, name=name)
+        names.append(name)
+    if names:
+        set_active(model, names[0])
+    tokenizer_source = model_path
+    if adapters and (Path(adapters[0]) / "tokenizer_config.json").is_file():
+        tokenizer_source = adapters[0]
+    tokenizer = load_tokenizer(ModelSection(path=model_path, tokenizer=tokenizer_source))
+    return model, tokenizer, names
+
+
+def chat_template_of(tokenizer) -> str:
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, dict):
+        template = template.get("default")
+    if not template:
+        raise TunesmithError("the tokenizer has no chat template; use --raw to complete plain text")
+    return template
+
+
+def stream_reply(model, tokenizer, ids: list[int], sampling: Sampling, echo) -> str:
+    """Generate from `ids`, calling `echo(text_piece)` as tokens arrive; returns the text."""
+    from transformers import TextStreamer
+
+    class _Streamer(TextStreamer):
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            echo(text)
+
+    device = next(model.parameters()).device
+    stops = stop_token_ids(model, tokenizer)
+    if sampling.seed is not None:
+        torch.manual_seed(sampling.seed)
+    with torch.no_grad():
+        generated = model.generate(
+            input_ids=torch.tensor([ids], device=device),
+            attention_mask=torch.ones((1, len(ids)), dtype=torch.long, device=device),
+            max_new_tokens=sampling.max_new_tokens,
+            eos_token_id=stops,
+            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
+            streamer=_Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True),
+            **sampling.generate_kwargs(),
+        )
+    new = _until_stop(generated[0, len(ids) :].tolist(), stops)
+    return tokenizer.decode(new, skip_special_tokens=True).strip()

@@ -1,0 +1,76 @@
+"""Which samples make up each optimizer step.
+
+The training data is a list of units: samples, or packed rows of samples. Each epoch shuffles
+the units with a generator seeded by (seed, epoch), cuts them into micro-batches and groups
+`grad_accum_steps` micro-batches per optimizer step. The batches of step s therefore depend on
+s alone, which is what makes resuming exact: the data position is the step number."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from tunesmith.data.encode import IGNORE_INDEX, SampleSet
+from tunesmith.data.pack import collate, collate_packed
+
+
+@dataclass
+class BatchPlan:
+    samples: SampleSet
+    rows: list[list[int]] | None
+    """Packed rows of sample indices, or None: each unit is one sample."""
+    micro_batch_size: int
+    grad_accum_steps: int
+    seed: int
+    pad_id: int
+
+    @property
+    def num_units(self) -> int:
+        return len(self.rows) if self.rows is not None else len(self.samples)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        micro = math.ceil(self.num_units / self.micro_batch_size)
+        return math.ceil(micro / self.grad_accum_steps)
+
+    def total_steps(self, epochs: float, max_steps: int | None) -> int:
+        if max_steps is not None:
+            return max_steps
+        return max(1, math.ceil(epochs * self.steps_per_epoch))
+
+    def epoch_of(self, step: int) -> float:
+        """Epochs completed after optimizer step `step` (1-based count of steps)."""
+        return step / self.steps_per_epoch
+
+    def _order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(self.num_units)
+
+    def micro_batches(self, step: int) -> list[dict]:
+        """The collated micro-batches of optimizer step `step` (0-based, across epochs)."""
+        epoch, within = divmod(step, self.steps_per_epoch)
+        order = self._order(epoch)
+        per_step = self.micro_batch_size * self.grad_accum_steps
+        units = order[within * per_step : (within + 1) * per_step]
+        batches = []
+        for at in range(0, len(units), self.micro_batch_size):
+            chunk = units[at : at + self.micro_batch_size]
+            if self.rows is not None:
+                rows = [[self.samples[i] for i in self.rows[u]] for u in chunk]
+                batches.append(collate_packed(rows, self.pad_id))
+            else:
+                batches.append(collate([self.samples[int(u)] for u in chunk], self.pad_id))
+        return batches
+
+
+def trained_tokens(batch: dict) -> int:
+    """Positions whose next-token target trains (labels[:, 1:] != -100)."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def eval_batches(samples: SampleSet, batch_size: int, pad_id: int):
+    """Padded batches in length order (less padding), for evaluation."""
+    order = np.argsort(samples.lengths, kind="stable")
+    for at in range(0, len(order), batch_size):
+        yield collate([samples[int(i)] for i in order[at : at + batch_size]], pad_id)

@@ -1,0 +1,158 @@
+"""Training checkpoints: the trained weights plus everything needed to continue exactly
+(optimizer, scheduler, RNG states, data position), with no pickle anywhere.
+
+    output_dir/checkpoints/step-000050/
+        adapter_config.json, adapter_model.safetensors   (LoRA: PEFT format)
+        config.json, model.safetensors                   (full: a Hugging Face checkpoint)
+        optimizer.safetensors                            optimizer state tensors
+        rng.safetensors                                  torch CPU (and CUDA) generator states
+        trainer_state.json                               step, scheduler, scalars, progress
+
+A checkpoint is written into a hidden temp folder beside its final name and renamed when
+complete, so a kill at any moment leaves either the whole checkpoint or none of it."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from tunesmith.errors import TunesmithError
+from tunesmith.io import atomic_write_json, atomic_write_safetensors
+
+STATE_NAME = "trainer_state.json"
+PREFIX = "step-"
+
+
+def checkpoint_root(output_dir: str | os.PathLike) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    root = checkpoint_root(output_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.name.startswith(PREFIX) and (p / STATE_NAME).is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
+
+
+def remove_partial(output_dir: str | os.PathLike) -> None:
+    """Delete temp folders left by a run killed while writing a checkpoint."""
+    root = checkpoint_root(output_dir)
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.name.startswith(".tmp-"):
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """An optimizer state dict as (tensors, JSON-able rest)."""
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, entry in state["state"].items():
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{index}.{key}"] = value
+            else:
+                scalars.setdefault(str(index), {})[key] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def optimizer_from_files(tensors: dict, rest: dict) -> dict:
+    state: dict[int, dict] = {}
+    for name, value in tensors.items():
+        _, index, key = name.split(".", 2)
+        state.setdefault(int(index), {})[key] = value
+    for index, entry in rest["scalars"].items():
+        state.setdefault(int(index), {}).update(entry)
+    return {"state": state, "param_groups": rest["param_groups"]}
+
+
+def rng_tensors() -> dict[str, torch.Tensor]:
+    out = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            out[f"cuda.{i}"] = s
+    return out
+
+
+def restore_rng(tensors: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("cuda.")]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def save_checkpoint(
+    output_dir: str | os.PathLike,
+    step: int,
+    save_weights,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    state: dict,
+    keep_last: int,
+) -> Path:
+    """Write checkpoint `step` atomically (temp folder, then rename) and delete all but the
+    newest `keep_last`. `save_weights(folder)` writes the model or adapter files."""
+    root = checkpoint_root(output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{PREFIX}{step:06d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
+    try:
+        save_weights(tmp)
+        tensors, rest = optimizer_to_files(optimizer)
+        atomic_write_safetensors(tensors, tmp / "optimizer.safetensors")
+        atomic_write_safetensors(rng_tensors(), tmp / "rng.safetensors")
+        full_state = {
+            **state,
+            "step": step,
+            "optimizer": rest,
+            "scheduler": scheduler.state_dict(),
+        }
+        atomic_write_json(full_state, tmp / STATE_NAME)  # last: marks the folder complete
+        if final.exists():  # re-saving a step (a resumed run): replace the old copy
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in list_checkpoints(output_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def resolve_resume(output_dir: str | os.PathLike, resume: str | None) -> Path | None:
+    """The checkpoint folder `--resume` names: "latest" (the newest in output_dir) or a path."""
+    if resume is None:
+        return None
+    if resume == "latest":
+        found = list_checkpoints(output_dir)
+        if not found:
+            raise TunesmithError(
+                f"--resume: no checkpoint in {checkpoint_root(output_dir)}; start without "
+                "--resume, or give a checkpoint folder"
+            )
+        return found[-1]
+    path = Path(resume)
+    if not (path / STATE_NAME).is_file():
+        raise TunesmithError(
+            f"--resume: {path} is not a checkpoint folder (no {STATE_NAME}); checkpoints are "
+            f"{checkpoint_root(output_dir)}/step-NNNNNN"
+        )
+    return path
+
+
+def read_checkpoint(folder: Path) -> tuple[dict, dict, dict]:
+    """(trainer state, optimizer state dict, rng tensors) of a checkpoint folder."""
+    from safetensors.torch import load_file
+
+    state = json.loads((folder / STATE_NAME).read_text())
+    optimizer = optimizer_from_files(
+        load_file(folder / "optimizer.safetensors"), state["optimizer"]
+    )
+    return state, optimizer, load_file(folder / "rng.safetensors")

@@ -1,0 +1,424 @@
+"""The training loop behind `tunesmith train run.yaml`.
+
+    summary = train(load_config("run.yaml"))
+
+Loads the tokenizer, data and model with the run config's policy, attaches the method (LoRA
+or full), then runs optimizer steps of `grad_accum_steps` micro-batches. The loss of a step is
+the sum of token losses over all its micro-batches divided by the trained tokens of the whole
+step, so accumulation gives exactly the gradient of one big batch. Checkpoints (weights,
+optimizer, scheduler, RNG, data position) are written atomically every
+`train.save_every_steps` and at the end; `resume="latest"` or a checkpoint path continues a run
+with the same losses it would have had uninterrupted."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import resource
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from tunesmith.config import RunConfig, config_yaml
+from tunesmith.errors import TunesmithError
+from tunesmith.io import atomic_write, atomic_write_json
+from tunesmith.train.batches import BatchPlan, eval_batches, trained_tokens
+from tunesmith.train.checkpoint import (
+    list_checkpoints,
+    read_checkpoint,
+    remove_partial,
+    resolve_resume,
+    restore_rng,
+    save_checkpoint,
+)
+from tunesmith.train.loss import model_loss_sum
+from tunesmith.train.optim import build_optimizer, build_scheduler
+from tunesmith.train.progress import Progress
+
+
+class TrainingError(TunesmithError):
+    """The run cannot continue (non-finite loss, inconsistent resume)."""
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+def autocast_for(device: str, dtype: torch.dtype):
+    """bf16/fp16 autocast where the device runs it; nothing for fp32."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device, dtype=dtype)
+
+
+def peak_memory_bytes(device: str) -> dict:
+    out = {"host_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    if device == "cuda":
+        out["gpu_peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
+    return out
+
+
+def to_device(batch: dict, device: str) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def evaluate_loss(model, samples, batch_size: int, pad_id: int, device: str, dtype) -> dict:
+    """Mean token loss and perplexity of `model` on a SampleSet (trained tokens only)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for batch in eval_batches(samples, batch_size, pad_id):
+        with autocast_for(device, dtype):
+            s, c = model_loss_sum(model, to_device(batch, device))
+        total += float(s)
+        count += c
+    model.train(was_training)
+    loss = total / max(count, 1)
+    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": count}
+
+
+class Run:
+    """One training run: built by `setup`, advanced by `run`."""
+
+    def __init__(
+        self,
+        config: RunConfig,
+        resume: str | None = None,
+        overwrite: bool = False,
+        use_cache: bool = True,
+        on_step: Callable[[int, dict], None] | None = None,
+        progress: Progress | None = None,
+    ):
+        self.config = config
+        self.out = Path(config.output_dir)
+        self.resume = resume
+        self.overwrite = overwrite
+        self.use_cache = use_cache
+        self.on_step = on_step
+        self.progress = progress or Progress(log_every=config.train.log_every_steps)
+
+    # --- setup ----------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        from tunesmith.data import prepare_data
+        from tunesmith.models import load_model, load_tokenizer, resolve_device, resolve_dtype
+
+        cfg = self.config
+        self._check_output_dir()
+        seed_everything(cfg.train.seed, cfg.train.deterministic)
+        self.tokenizer = load_tokenizer(cfg.model)
+        self.prepared = prepare_data(cfg.data, self.tokenizer, cfg.train.seed, self.use_cache)
+        self.device = resolve_device(cfg.model.device)
+        self.dtype = resolve_dtype(cfg.model.dtype, self.device)
+        full = cfg.method.name == "full"
+        # Full fine-tuning keeps fp32 master weights and autocasts to the compute dtype;
+        # adapters train on a frozen base stored in the compute dtype.
+        weights_dtype = torch.float32 if full else self.dtype
+        self.model = load_model(cfg.model, self.device, weights_dtype)
+        if not full:
+            from tunesmith.adapters import add_lora
+
+            torch.manual_seed(cfg.train.seed)
+            add_lora(self.model, cfg.method.to_lora_config())
+        if cfg.train.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+        self.model.config.use_cache = False
+        self.model.train()
+
+        self.pad_id = self.tokenizer.pad_token_id
+        if self.pad_id is None:
+            self.pad_id = 0
+        self.plan = BatchPlan(
+            self.prepared.train,
+            self.prepared.train_rows,
+            cfg.train.micro_batch_size,
+            cfg.train.grad_accum_steps,
+            cfg.train.seed,
+            self.pad_id,
+        )
+        self.total_steps = self.plan.total_steps(cfg.train.epochs, cfg.train.max_steps)
+        self.optimizer = build_optimizer(self.model, cfg.train)
+        self.scheduler = build_scheduler(self.optimizer, cfg.train, self.total_steps)
+        self.scaler = torch.amp.GradScaler(
+            self.device, enabled=self.dtype == torch.float16 and self.device == "cuda"
+        )
+        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self.start_step = 0
+        self.counters = {"tokens": 0, "trained_tokens": 0, "seconds": 0.0}
+        self.last_checkpoint: Path | None = None
+        folder = resolve_resume(self.out, self.resume)
+        if folder is not None:
+            self._restore(folder)
+        atomic_write(self.out / "config.yaml", lambda tmp: Path(tmp).write_text(config_yaml(cfg)))
+
+    def _check_output_dir(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        remove_partial(self.out)
+        if self.resume is not None:
+            return
+        existing = list_checkpoints(self.out)
+        if existing and not self.overwrite:
+            raise TunesmithError(
+                f"output_dir {self.out} already holds a run ({existing[-1].name}); continue it "
+                "with --resume, start over with --overwrite, or set another output_dir"
+            )
+        if self.overwrite:
+            for name in ("checkpoints", "adapter", "model"):
+                shutil.rmtree(self.out / name, ignore_errors=True)
+            for name in ("metrics.jsonl", "summary.json", "loss.png"):
+                (self.out / name).unlink(missing_ok=True)
+
+    def _restore(self, folder: Path) -> None:
+        state, optimizer_state, rng = read_checkpoint(folder)
+        plan = {"total_steps": self.total_steps, "steps_per_epoch": self.plan.steps_per_epoch}
+        saved = {k: state.get(k) for k in plan}
+        if saved != plan:
+            raise TrainingError(
+                f"--resume: {folder} was written by a run with {saved}, but this config gives "
+                f"{plan}; resume with the run's own config ({self.out / 'config.yaml'})"
+            )
+        self._load_weights(folder)
+        self.optimizer.load_state_dict(optimizer_state)
+        self.scheduler.load_state_dict(state["scheduler"])
+        restore_rng(rng)
+        self.start_step = state["step"]
+        self.counters = state["counters"]
+        self.last_checkpoint = folder
+        self._truncate_metrics(self.start_step)
+        self.progress.log(f"resumed from {folder} at step {self.start_step}")
+
+    def _load_weights(self, folder: Path) -> None:
+        if self.config.method.name != "full":
+            from tunesmith.adapters import load_adapter
+
+            load_adapter(self.model, folder, name="default")  # hot-swap in place
+            return
+        from safetensors.torch import load_file
+
+        tensors = {}
+        for f in sorted(folder.glob("model*.safetensors")):
+            tensors.update(load_file(f, device=self.device))
+        missing, unexpected = self.model.load_state_dict(tensors, strict=False)
+        loaded = {p.data_ptr() for n, p in self.model.named_parameters() if n in tensors}
+        really_missing = [
+            n
+            for n, p in self.model.named_parameters()
+            if n in missing and p.data_ptr() not in loaded
+        ]
+        if really_missing or unexpected:
+            raise TrainingError(
+                f"--resume: {folder} does not match the model: missing {really_missing[:3]}, "
+                f"unexpected {unexpected[:3]}"
+            )
+
+    def _truncate_metrics(self, step: int) -> None:
+        path = self.out / "metrics.jsonl"
+        if not path.is_file():
+            return
+        kept = [
+            line
+            for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step
+        ]
+        atomic_write(path, lambda tmp: Path(tmp).write_text("".join(k + "\n" for k in kept)))
+
+    # --- the loop -------------------------------------------------------------------------
+
+    def _log_metrics(self, entry: dict) -> None:
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(entry) + "\n")
+
+    def _save(self, step: int) -> Path:
+        def save_weights(folder: Path) -> None:
+            if self.config.method.name == "full":
+                self.model.save_pretrained(folder, safe_serialization=True)
+            else:
+                from tunesmith.adapters import save_adapter
+
+                save_adapter(self.model, folder)
+
+        state = {
+            "total_steps": self.total_steps,
+            "steps_per_epoch": self.plan.steps_per_epoch,
+            "counters": self.counters,
+            "method": self.config.method.name,
+        }
+        self.last_checkpoint = save_checkpoint(
+            self.out,
+            step,
+            save_weights,
+            self.optimizer,
+            self.scheduler,
+            state,
+            self.config.train.keep_last,
+        )
+        return self.last_checkpoint
+
+    def _validation(self, step: int) -> dict | None:
+        val = self.prepared.validation
+        if val is None or len(val) == 0:
+            return None
+        size = self.config.eval.batch_size or self.config.train.micro_batch_size
+        result = evaluate_loss(self.model, val, size, self.pad_id, self.device, self.dtype)
+        self._log_metrics({"step": step, **result})
+        self.progress.log(
+            f"step {step}: validation loss {result['val_loss']:.4f}, "
+            f"perplexity {result['val_ppl']:.2f}"
+        )
+        return result
+
+    def train_step(self, step: int) -> dict:
+        micro = self.plan.micro_batches(step)
+        n_trained = sum(trained_tokens(b) for b in micro)
+        total = torch.zeros((), device=self.device)
+        for batch in micro:
+            batch = to_device(batch, self.device)
+            with autocast_for(self.device, self.dtype):
+                loss_sum, _ = model_loss_sum(self.model, batch)
+            self.scaler.scale(loss_sum / max(n_trained, 1)).backward()
+            total += loss_sum.detach().float()
+        loss = float(total) / max(n_trained, 1)
+        if not math.isfinite(loss):
+            kept = self.last_checkpoint or "none written yet"
+            raise TrainingError(
+                f"step {step + 1}: the loss is {loss}; stopping without updating the weights. "
+                f"Last good checkpoint: {kept}. Lower train.lr, use dtype bf16 or fp32, or check "
+                "the data; then --resume"
+            )
+        self.scaler.unscale_(self.optimizer)
+        max_norm = self.config.train.max_grad_norm or float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        tokens = sum(int(b["input_ids"].numel()) for b in micro)
+        return {
+            "loss": loss,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens": tokens,
+            "trained_tokens": n_trained,
+        }
+
+    def run(self) -> dict:
+        cfg = self.config
+        every_save = cfg.train.save_every_steps
+        every_eval = cfg.eval.every_steps
+        self.progress.start(self.total_steps, self.start_step)
+        started = time.perf_counter()
+        seconds_before = self.counters["seconds"]
+        last = {}
+        window_tokens, window_start = 0, time.perf_counter()
+        try:
+            for step in range(self.start_step, self.total_steps):
+                result = self.train_step(step)
+                done = step + 1
+                self.counters["tokens"] += result["tokens"]
+                self.counters["trained_tokens"] += result["trained_tokens"]
+                self.counters["seconds"] = seconds_before + time.perf_counter() - started
+                window_tokens += result["tokens"]
+                now = time.perf_counter()
+                entry = {
+                    "step": done,
+                    "epoch": round(self.plan.epoch_of(done), 4),
+                    "loss": result["loss"],
+                    "lr": result["lr"],
+                    "grad_norm": result["grad_norm"],
+                    "tokens": self.counters["tokens"],
+                    "tokens_per_s": window_tokens / max(now - window_start, 1e-9),
+                }
+                last = entry
+                if done % cfg.train.log_every_steps == 0 or done == self.total_steps:
+                    self._log_metrics(entry)
+                    window_tokens, window_start = 0, now
+                self.progress.update(done, entry)
+                if every_eval and done % every_eval == 0 and done < self.total_steps:
+                    self._validation(done)
+                if every_save and done % every_save == 0 and done < self.total_steps:
+                    self._save(done)
+                if self.on_step is not None:
+                    self.on_step(done, entry)
+        finally:
+            self.progress.close()
+        final_step = self.total_steps
+        if self.last_checkpoint is None or not self.last_checkpoint.name.endswith(
+            f"{final_step:06d}"
+        ):
+            self._save(final_step)
+        val = self._validation(final_step)
+        final = self._write_final()
+        summary = self._summary(last, val, final)
+        atomic_write_json(summary, self.out / "summary.json")
+        from tunesmith.train.plot import plot_metrics
+
+        plot_metrics(self.out)
+        return summary
+
+    def _write_final(self) -> Path:
+        """The trained adapter (PEFT format) or model (HF checkpoint), with the tokenizer, in
+        output_dir/adapter or output_dir/model, replaced in one rename."""
+        name = "model" if self.config.method.name == "full" else "adapter"
+        final = self.out / name
+        tmp = self.out / f".tmp-{name}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        if self.config.method.name == "full":
+            self.model.save_pretrained(tmp, safe_serialization=True)
+        else:
+            from tunesmith.adapters import save_adapter
+
+            save_adapter(self.model, tmp)
+        self.tokenizer.save_pretrained(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        return final
+
+    def _summary(self, last: dict, val: dict | None, final: Path) -> dict:
+        from tunesmith.adapters import trainable_parameters
+
+        counts = trainable_parameters(self.model)
+        return {
+            "method": self.config.method.name,
+            "steps": self.total_steps,
+            "epochs": round(self.plan.epoch_of(self.total_steps), 4),
+            "tokens": self.counters["tokens"],
+            "trained_tokens": self.counters["trained_tokens"],
+            "seconds": round(self.counters["seconds"], 2),
+            "final_train_loss": last.get("loss"),
+            "final_val_loss": val and val["val_loss"],
+            "final_val_ppl": val and val["val_ppl"],
+            "trainable_parameters": counts.trainable,
+            "total_parameters": counts.total,
+            "device": self.device,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            **peak_memory_bytes(self.device),
+            "output": str(final),
+            "checkpoint": str(self.last_checkpoint),
+        }
+
+
+def train(config: RunConfig, resume: str | None = None, **kwargs) -> dict:
+    """Run a whole training job; returns the summary also written to output_dir/summary.json."""
+    run = Run(config, resume=resume, **kwargs)
+    run.setup()
+    return run.run()
