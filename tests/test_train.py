@@ -36,7 +36,8 @@ def tiny_dir(tmp_path_factory) -> Path:
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-        tie_word_embeddings=True, initializer_range=0.3, pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
+        tie_word_embeddings=True, initializer_range=0.3, bos_token_id=None,
+        pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>"]),
     )  # fmt: skip
     LlamaForCausalLM(config).save_pretrained(folder)
@@ -350,3 +351,42 @@ def test_prompt_ids_match_the_training_encoding():
     prompt = prompt_ids(messages, tokenizer.chat_template, tokenizer, add_bos=False)
     first_trained = next(i for i, v in enumerate(labels) if v != -100)
     assert list(ids[:first_trained]) == prompt
+
+
+@pytest.mark.parametrize("optimizer", ["adamw_8bit", "paged_adamw_8bit", "paged_adamw"])
+def test_bitsandbytes_optimizers_train_and_resume_exactly(tmp_path, tiny_dir, optimizer):
+    pytest.importorskip("bitsandbytes")  # a dev dependency: CI installs it
+    settings = {"max_steps": 4, "save_every_steps": 2, "optimizer": optimizer, "lr": 2e-2}
+    straight: list[float] = []
+    train(
+        make_config(tmp_path / "a", tiny_dir, train=settings),
+        on_step=lambda s, e: straight.append(e["loss"]),
+        progress=quiet(),
+    )
+    assert straight[-1] < straight[0]
+    cfg = make_config(tmp_path / "b", tiny_dir, train={**settings, "max_steps": 4})
+    first: list[float] = []
+
+    def stop_at_2(step, entry):
+        first.append(entry["loss"])
+        if step == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, on_step=stop_at_2, progress=quiet())
+    rest: list[float] = []
+    train(cfg, resume="latest", on_step=lambda s, e: rest.append(e["loss"]), progress=quiet())
+    assert first + rest == straight
+
+
+def test_a_missing_bitsandbytes_is_a_clear_error(tmp_path, tiny_dir, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    config = make_config(tmp_path, tiny_dir, train={"optimizer": "adamw_8bit"})
+    with pytest.raises(TunesmithError) as info:
+        train(config, progress=quiet())
+    assert str(info.value) == (
+        "train.optimizer: adamw_8bit needs bitsandbytes; pip install bitsandbytes, or use "
+        "optimizer: adamw"
+    )

@@ -1,6 +1,6 @@
 """The `tunesmith` command. Thin: it parses arguments and calls the library. Verbs: `config
-schema`, `config check`, `preprocess`; training, merging and export arrive with later
-capabilities."""
+schema`, `config check`, `preprocess`, `train`, `plot`, `eval`, `generate`, `chat`; merging and
+export arrive with later capabilities."""
 
 from __future__ import annotations
 
@@ -195,6 +195,139 @@ def plot_cmd(
     from tunesmith.train.plot import plot_metrics
 
     typer.echo(f"wrote {plot_metrics(output_dir, out)}")
+
+
+AdapterOpt = Annotated[
+    Optional[list[str]],  # noqa: UP045
+    typer.Option("--adapter", help="Adapter folder (repeat for several).", show_default=False),
+]
+
+
+@app.command("eval")
+def eval_cmd(
+    config: ConfigArg,
+    overrides: OverridesArg = None,
+    adapter: AdapterOpt = None,
+    data: Optional[str] = typer.Option(  # noqa: UP045
+        None, "--data", help="Evaluate on this file instead of data.validation."
+    ),
+    samples: int = typer.Option(100, "--samples", help="Prompt/answer pairs to generate for."),
+    max_new_tokens: Optional[int] = typer.Option(  # noqa: UP045
+        None, "--max-new-tokens", help="Default: eval.max_new_tokens."
+    ),
+    no_base: bool = typer.Option(False, "--no-base", help="Leave out the base model column."),
+) -> None:
+    """Perplexity and generation metrics (exact match, contains, ROUGE-L) on the validation
+    data, for the base model and each adapter side by side. Without --adapter, the run's own
+    output_dir/adapter (or output_dir/model) is evaluated."""
+    from tunesmith.config import load_config
+    from tunesmith.evaluate import evaluate_models, format_table
+
+    cfg = load_config(config, overrides or [])
+    adapters = list(adapter or [])
+    if not adapters:
+        for name in ("adapter", "model"):
+            if (Path(cfg.output_dir) / name).is_dir():
+                adapters.append(str(Path(cfg.output_dir) / name))
+    columns, n = evaluate_models(cfg, adapters, data, samples, max_new_tokens, not no_base)
+    typer.echo(format_table(columns, n))
+
+
+def _sampling(max_new_tokens: int, temperature: float, top_p: float, seed: int | None):
+    from tunesmith.generation import Sampling
+
+    if temperature < 0:
+        raise TunesmithError("--temperature: must be >= 0 (0 is greedy)")
+    if not 0 < top_p <= 1:
+        raise TunesmithError("--top-p: must be in (0, 1]")
+    return Sampling(max_new_tokens, temperature, top_p, seed)
+
+
+ModelOpt = Annotated[
+    Optional[str],  # noqa: UP045
+    typer.Option(
+        "--model", help="Base model folder or hub id (default: the adapter's base).",
+        show_default=False,
+    ),
+]  # fmt: skip
+MaxTokensOpt = Annotated[int, typer.Option("--max-new-tokens", help="Longest reply.")]
+TemperatureOpt = Annotated[float, typer.Option("--temperature", help="0 is greedy.")]
+TopPOpt = Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass.")]
+SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Sampling seed.")]  # noqa: UP045
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or mps.")]
+
+
+@app.command("generate")
+def generate_cmd(
+    prompt: Annotated[str, typer.Argument(help="The prompt (a user message, or text with --raw).")],
+    model: ModelOpt = None,
+    adapter: AdapterOpt = None,
+    raw: bool = typer.Option(False, "--raw", help="Complete the text; no chat template."),
+    system: Optional[str] = typer.Option(None, "--system", help="A system message."),  # noqa: UP045
+    max_new_tokens: MaxTokensOpt = 128,
+    temperature: TemperatureOpt = 0.0,
+    top_p: TopPOpt = 1.0,
+    seed: SeedOpt = None,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Generate a reply to one prompt, streamed as it is produced."""
+    from tunesmith.data.encode import bos_prefix
+    from tunesmith.generation import chat_template_of, load_for_inference, prompt_ids, stream_reply
+
+    sampling = _sampling(max_new_tokens, temperature, top_p, seed)
+    lm, tokenizer, _ = load_for_inference(model, list(adapter or []), device=device)
+    if raw:
+        ids = bos_prefix(tokenizer) + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    else:
+        messages = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": prompt}
+        ]
+        ids = prompt_ids(messages, chat_template_of(tokenizer), tokenizer, add_bos=False)
+    stream_reply(lm, tokenizer, ids, sampling, lambda text: typer.echo(text, nl=False))
+    typer.echo()
+
+
+@app.command("chat")
+def chat_cmd(
+    model: ModelOpt = None,
+    adapter: AdapterOpt = None,
+    system: Optional[str] = typer.Option(None, "--system", help="A system message."),  # noqa: UP045
+    max_new_tokens: MaxTokensOpt = 256,
+    temperature: TemperatureOpt = 0.7,
+    top_p: TopPOpt = 0.9,
+    seed: SeedOpt = None,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Chat in the terminal with the model (and adapter), using its chat template and
+    streaming replies. /reset clears the history, /exit (or end of input) quits."""
+    from tunesmith.generation import chat_template_of, load_for_inference, prompt_ids, stream_reply
+
+    sampling = _sampling(max_new_tokens, temperature, top_p, seed)
+    lm, tokenizer, _ = load_for_inference(model, list(adapter or []), device=device)
+    template = chat_template_of(tokenizer)
+    start = [{"role": "system", "content": system}] if system else []
+    history = list(start)
+    interactive = sys.stdin.isatty()
+    while True:
+        try:
+            line = input("you> " if interactive else "")
+        except EOFError:
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text == "/exit":
+            break
+        if text == "/reset":
+            history = list(start)
+            typer.echo("(history cleared)")
+            continue
+        history.append({"role": "user", "content": text})
+        ids = prompt_ids(history, template, tokenizer, add_bos=False)
+        typer.echo("assistant> ", nl=False)
+        reply = stream_reply(lm, tokenizer, ids, sampling, lambda t: typer.echo(t, nl=False))
+        typer.echo()
+        history.append({"role": "assistant", "content": reply})
 
 
 def _resume_default(args: list[str]) -> list[str]:

@@ -239,6 +239,10 @@ class TrainSection(Section):
     """Decoupled weight decay."""
     max_grad_norm: float | None = Field(1.0, gt=0)
     """Clip the global gradient norm to this value (null: no clipping)."""
+    fp32_master_weights: bool = True
+    """Full fine-tuning: keep the trained weights in fp32 and autocast the compute to
+    model.dtype (mixed precision). false stores them in model.dtype (pure bf16: half the
+    memory, e.g. an 8B model on one 80 GB GPU with adamw_8bit, at some precision cost)."""
     gradient_checkpointing: bool | None = None
     """Recompute activations in the backward pass. Default: on for adapters, off for full."""
     seed: int = 42

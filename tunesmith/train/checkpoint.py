@@ -51,25 +51,33 @@ def remove_partial(output_dir: str | os.PathLike) -> None:
 
 
 def optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
-    """An optimizer state dict as (tensors, JSON-able rest)."""
+    """An optimizer state dict as (tensors, JSON-able rest). Nested state (bitsandbytes keeps
+    its quantization state in a dict per parameter) is flattened to "state/<index>/<key>/...".
+    """
     state = optimizer.state_dict()
-    tensors, scalars = {}, {}
-    for index, entry in state["state"].items():
-        for key, value in entry.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"state.{index}.{key}"] = value
-            else:
-                scalars.setdefault(str(index), {})[key] = value
-    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+    tensors: dict[str, torch.Tensor] = {}
+
+    def split(value, path: str):
+        if isinstance(value, torch.Tensor):
+            tensors[path] = value
+            return {"__tensor__": path}
+        if isinstance(value, dict):
+            return {str(k): split(v, f"{path}/{k}") for k, v in value.items()}
+        return value
+
+    rest = {str(i): split(entry, f"state/{i}") for i, entry in state["state"].items()}
+    return tensors, {"param_groups": state["param_groups"], "state": rest}
 
 
 def optimizer_from_files(tensors: dict, rest: dict) -> dict:
-    state: dict[int, dict] = {}
-    for name, value in tensors.items():
-        _, index, key = name.split(".", 2)
-        state.setdefault(int(index), {})[key] = value
-    for index, entry in rest["scalars"].items():
-        state.setdefault(int(index), {}).update(entry)
+    def join(value):
+        if isinstance(value, dict):
+            if set(value) == {"__tensor__"}:
+                return tensors[value["__tensor__"]]
+            return {k: join(v) for k, v in value.items()}
+        return value
+
+    state = {int(i): join(entry) for i, entry in rest["state"].items()}
     return {"state": state, "param_groups": rest["param_groups"]}
 
 

@@ -127,9 +127,10 @@ class Run:
         self.device = resolve_device(cfg.model.device)
         self.dtype = resolve_dtype(cfg.model.dtype, self.device)
         full = cfg.method.name == "full"
-        # Full fine-tuning keeps fp32 master weights and autocasts to the compute dtype;
-        # adapters train on a frozen base stored in the compute dtype.
-        weights_dtype = torch.float32 if full else self.dtype
+        # Full fine-tuning keeps fp32 master weights (unless told not to) and autocasts to the
+        # compute dtype; adapters train in fp32 on a frozen base stored in the compute dtype.
+        master = full and cfg.train.fp32_master_weights
+        weights_dtype = torch.float32 if master else self.dtype
         self.model = load_model(cfg.model, self.device, weights_dtype)
         if not full:
             from tunesmith.adapters import add_lora
