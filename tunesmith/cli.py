@@ -175,12 +175,13 @@ def _print_run_header(run) -> None:
 
 
 def _print_summary(summary: dict, run) -> None:
-    val = summary["final_val_loss"]
-    val_text = f", validation loss {val:.4f} (ppl {summary['final_val_ppl']:.2f})" if val else ""
-    typer.echo(
-        f"done: {summary['steps']} steps, {summary['tokens']:,} tokens in "
-        f"{summary['seconds']:.1f}s; train loss {summary['final_train_loss']:.4f}{val_text}"
-    )
+    parts = [f"{summary['steps']} steps, {summary['tokens']:,} tokens in {summary['seconds']:.1f}s"]
+    if summary["final_train_loss"] is not None:
+        parts.append(f"train loss {summary['final_train_loss']:.4f}")
+    if summary["final_val_loss"] is not None:
+        val, ppl = summary["final_val_loss"], summary["final_val_ppl"]
+        parts.append(f"validation loss {val:.4f} (perplexity {ppl:.2f})")
+    typer.echo("done: " + "; ".join(parts))
     typer.echo(f"saved {summary['output']} (metrics, loss.png, summary.json in {run.out})")
 
 
