@@ -21,9 +21,9 @@ def chat(q: str, a: str) -> dict:
 
 def test_truncation_modes_and_counts(tmp_path):
     tok = plain_tokenizer()
-    rows = [{"text": "a b c d e f g h i j"}, {"text": "a b"}]
+    rows = [{"text": "a b c d e f g h i j k l m n o p"}, {"text": "a b"}]
     path = str(write_jsonl(tmp_path / "t.jsonl", rows))
-    full = ids_of(tok, "a b c d e f g h i j") + [tok.eos_token_id]
+    full = ids_of(tok, "a b c d e f g h i j k l m n o p") + [tok.eos_token_id]
     assert len(full) == 17
 
     cut = prepare_data(data_section(tmp_path, [path], max_seq_len=8), tok)

@@ -78,3 +78,30 @@ def test_the_quickstart_trains_evaluates_and_saves_shortened(tmp_path):
     )  # fmt: skip
     assert generated.returncode == 0, generated.stderr[-2000:]
     assert generated.stdout.strip()
+    chat = subprocess.run(
+        [sys.executable, "-m", "tunesmith.cli", "chat", "--adapter", str(run / "adapter"),
+         "--max-new-tokens", "4", "--seed", "0"],
+        input="How many words: apple river\n/reset\n/exit\nnever read\n",
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )  # fmt: skip
+    assert chat.returncode == 0, chat.stderr[-2000:]
+    assert chat.stdout.count("assistant> ") == 1 and "(history cleared)" in chat.stdout
+    evaluated = subprocess.run(
+        [sys.executable, "-m", "tunesmith.cli", "eval", "examples/quickstart.yaml",
+         "--adapter", str(run / "adapter"), "--samples", "4", "--max-new-tokens", "4",
+         f"data.cache_dir={tmp_path / 'cache'}"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )  # fmt: skip
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    table = evaluated.stdout.splitlines()
+    assert table[0].split() == ["base", "out"]
+    assert table[2].startswith("exact match (n=4)")
+    no_data = subprocess.run(
+        [sys.executable, "-m", "tunesmith.cli", "eval", "examples/quickstart.yaml",
+         "data.validation=[]"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )  # fmt: skip
+    assert no_data.returncode == 2
+    assert no_data.stderr == (
+        "error: no evaluation data: set data.validation in the run config or pass --data FILE\n"
+    )

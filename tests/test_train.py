@@ -159,13 +159,16 @@ def test_accumulation_gives_the_gradient_of_one_big_batch(tmp_path, tiny_dir):
     assert abs(naive - weighted) > 1e-3
 
 
-def test_resume_after_a_kill_gives_the_same_losses(tmp_path, tiny_dir):
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_resume_after_a_kill_gives_the_same_losses(tmp_path, tiny_dir, method):
     settings = {"max_steps": 8, "save_every_steps": 4, "micro_batch_size": 2}
-    straight_cfg = make_config(tmp_path / "a", tiny_dir, train=settings)
+    if method == "full":
+        settings["lr"] = 1e-3
+    straight_cfg = make_config(tmp_path / "a", tiny_dir, method=method, train=settings)
     straight = []
     train(straight_cfg, on_step=lambda s, e: straight.append(e["loss"]), progress=quiet())
 
-    cfg = make_config(tmp_path / "b", tiny_dir, train=settings)
+    cfg = make_config(tmp_path / "b", tiny_dir, method=method, train=settings)
 
     class Killed(Exception):
         pass
