@@ -2,8 +2,9 @@
 
     python examples/build_bundled.py [--steps 1000] [--skip-pretrain]
 
-- examples/data/quickstart_{train,val}.jsonl: a small synthetic chat task (reverse, first, last
-  and count words) that the base model cannot do and learns with LoRA on a CPU in minutes.
+- examples/data/quickstart_{train,val}.jsonl: a small synthetic chat task (questions about a
+  list of words: how many, all from nature or not, how many made by people) that the base
+  model cannot do and learns with LoRA on a CPU in minutes.
 - examples/tiny-llama/: a 3.4 M-parameter Llama (4 layers, hidden 256, vocab 4096) with a
   byte-level BPE tokenizer and the ChatML chat template, pre-trained from scratch on Python's own
   documentation: the reference manual topics in `pydoc_data.topics` and the docstrings of the
@@ -40,20 +41,37 @@ SYSTEM = "You are a careful assistant. Answer with the result only."
 # --- the instruction task -------------------------------------------------------------------
 
 
+NATURE = set(
+    "apple river stone cloud tiger lemon forest ocean pepper planet thunder honey sunset falcon "
+    "meadow winter parrot quartz valley cactus feather glacier island olive rabbit shadow".split()
+)
+MADE = set(
+    "paper candle window rocket castle mirror button pencil basket bridge engine lantern saddle "
+    "wagon anchor blanket jacket kettle ladder magnet needle pillow tunnel umbrella velvet".split()
+)
+
+
 def make_example(rng: random.Random) -> dict:
-    words = rng.sample(WORDS, rng.randint(3, 5))
-    kind = rng.choice(["reverse", "count", "first", "last"])
-    # Answers are sentences, so every word is the same token in the prompt and the answer
-    # (" castle" after a space, as in the question).
-    if kind == "reverse":
-        question = f"Reverse the words: {' '.join(words)}"
-        answer = f"Reversed: {' '.join(reversed(words))}"
-    elif kind == "count":
-        question, answer = f"How many words: {' '.join(words)}", f"There are {len(words)} words."
-    elif kind == "first":
-        question, answer = f"First word: {' '.join(words)}", f"The first word is {words[0]}."
+    """Questions about a list of 3-6 words: how many there are, whether all are from nature,
+    how many are made by people. No answer copies a word from the question (the bundled model
+    is too small to have learned copying), so the task needs the words' meaning and counting."""
+    kind = rng.choice(["count", "nature", "made"])
+    n = rng.randint(3, 6)
+    if kind == "nature" and rng.random() < 0.5:
+        words = rng.sample(sorted(NATURE), n)
     else:
-        question, answer = f"Last word: {' '.join(words)}", f"The last word is {words[-1]}."
+        made = rng.randint(0 if kind == "made" else 1, n)
+        words = rng.sample(sorted(MADE), made) + rng.sample(sorted(NATURE), n - made)
+        rng.shuffle(words)
+    listed = " ".join(words)
+    made_count = sum(w in MADE for w in words)
+    if kind == "count":
+        question, answer = f"How many words: {listed}", f"There are {n} words."
+    elif kind == "nature":
+        question = f"Are these all from nature: {listed}"
+        answer = "No, not all of them." if made_count else "Yes, all of them."
+    else:
+        question, answer = f"How many are made by people: {listed}", f"{made_count} of them."
     messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
     if rng.random() < 0.3:
         messages.insert(0, {"role": "system", "content": SYSTEM})

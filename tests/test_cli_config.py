@@ -32,7 +32,7 @@ def test_config_check_ok_and_errors(tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout == (
         f"{QUICKSTART}: ok (model examples/tiny-llama, method lora r=16, 1 training source(s), "
-        "lr 0.003)\n"
+        "lr 0.004)\n"
     )
     result = run_cli("config", "check", QUICKSTART, "train.lr=fast", "method.rr=3")
     assert result.returncode == 2
@@ -47,7 +47,7 @@ def test_config_check_ok_and_errors(tmp_path):
         f"error: {QUICKSTART}: data.datasets.0.path: nope.jsonl: no such file or folder\n"
     )
     shown = run_cli("config", "check", QUICKSTART, "method.r=4", "--show")
-    assert "  r: 4\n" in shown.stdout and "  lr: 0.003\n" in shown.stdout
+    assert "  r: 4\n" in shown.stdout and "  lr: 0.004\n" in shown.stdout
 
 
 def test_preprocess_shows_masked_samples_and_counts(tmp_path):
@@ -55,8 +55,11 @@ def test_preprocess_shows_masked_samples_and_counts(tmp_path):
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert out.count("--- sample ") == 2
-    assert "⟦<|im_start|>user\nFirst word: island rabbit meadow stone<|im_end|>\n" in out
-    assert "<|im_start|>assistant\n⟧The first word is island.<|im_end|>\n" in out
+    assert (
+        "⟦<|im_start|>user\nAre these all from nature: quartz planet olive lemon valley ocean"
+        "<|im_end|>\n" in out
+    )
+    assert "<|im_start|>assistant\n⟧Yes, all of them.<|im_end|>\n" in out
     assert (
         "train source examples/data/quickstart_train.jsonl (chat): 1,200 records -> 1,200 samples"
         in out
