@@ -445,12 +445,29 @@ def unmerge(model: nn.Module) -> None:
         layer.unmerge()
 
 
-def merge_and_unload(model: nn.Module, names: Sequence[str] | None = None) -> nn.Module:
+def merge_and_unload(
+    model: nn.Module, names: Sequence[str] | None = None, dtype: torch.dtype | None = None
+) -> nn.Module:
     """Merge adapters (default: the active ones) and remove every tunesmith module: returns the
     same model object as a plain `transformers` model. Saved-module copies of the merged
-    adapters replace the originals."""
+    adapters replace the originals.
+
+    Quantized base layers (QLoRA) become plain nn.Linear layers in `dtype` (default: the dtype
+    of the input embeddings): W' = dequantized W + s·BA computed in fp32, so the merged model
+    uses exactly the weights the adapter was trained against. Re-quantize it with
+    `tunesmith.quant.quantize_model` if wanted."""
     state = adapter_state(model)
     names = list(state.active if names is None else names)
+    _check_known(state, names)
+    quantized = [(n, layer) for n, layer in lora_layers(model) if layer.quantized]
+    if quantized:
+        if dtype is None:
+            embeddings = (
+                model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+            )
+            dtype = embeddings.weight.dtype if embeddings is not None else torch.float32
+        for module_name, layer in quantized:
+            model.set_submodule(module_name, layer.merged_linear(names, dtype))
     merge(model, names)
     for module_name, module in list(_wrapped_modules(model)):
         if isinstance(module, LoRALayer):

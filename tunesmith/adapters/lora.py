@@ -182,10 +182,32 @@ class LoRALayer(nn.Module):
         self.disabled = False
         self.routes: RowRoutes | None = None
 
+    @property
+    def quantized(self) -> bool:
+        from tunesmith.quant import is_quantized
+
+        return is_quantized(self.base_layer)
+
     def base_weight(self) -> torch.Tensor:
-        """The base weight as (out, in); a view, so writes reach the module."""
+        """The base weight as (out, in): a view for plain layers (writes reach the module), the
+        dequantized fp32 weight for quantized ones (write with `set_base_weight`)."""
+        if self.quantized:
+            from tunesmith.quant import dequantized_weight
+
+            return dequantized_weight(self.base_layer)
         w = self.base_layer.weight
         return w.T if self.fan_in_fan_out else w
+
+    @torch.no_grad()
+    def set_base_weight(self, value: torch.Tensor) -> None:
+        """Write `value` (out, in) into the base weight (re-quantizing a quantized layer)."""
+        if self.quantized:
+            from tunesmith.quant import set_quantized_weight
+
+            set_quantized_weight(self.base_layer, value)
+            return
+        weight = self.base_weight()
+        weight.copy_(value.to(weight.dtype))
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         base = self.base_layer(x, *args, **kwargs)
@@ -271,7 +293,7 @@ class LoRALayer(nn.Module):
                 "NaN/Inf weights; the adapter is broken (check its training loss); "
                 "nothing was merged"
             )
-        weight.copy_(merged.to(weight.dtype))
+        self.set_base_weight(merged)
         self.merged = tuple(names)
 
     @torch.no_grad()
@@ -280,14 +302,42 @@ class LoRALayer(nn.Module):
             return
         weight = self.base_weight()
         row_scale, low_rank = self._merge_terms(list(self.merged))
-        weight.copy_(((weight.float() - low_rank) / row_scale[:, None]).to(weight.dtype))
+        self.set_base_weight((weight.float() - low_rank) / row_scale[:, None])
         for name in self.merged:
             self.adapters[name].merged_row_scale = None
         self.merged = ()
 
+    @torch.no_grad()
+    def merged_linear(self, names: list[str], dtype: torch.dtype) -> nn.Linear:
+        """A plain nn.Linear (in `dtype`) computing the base plus adapters `names`, built in fp32
+        from the weight the adapters were trained against (the dequantized one for a quantized
+        base); the layer itself is unchanged."""
+        weight = self.base_weight().float()
+        names = [n for n in names if n in self.adapters and n not in self.merged]
+        for name in names:
+            adapter = self.adapters[name]
+            if adapter.use_dora:
+                adapter.merged_row_scale = (
+                    adapter.lora_magnitude_vector.float() / self.dora_weight_norm(adapter).float()
+                )
+        row_scale, low_rank = self._merge_terms(names)
+        for name in names:
+            self.adapters[name].merged_row_scale = None
+        merged = weight * row_scale[:, None] + low_rank
+        bias = self.base_layer.bias
+        linear = nn.Linear(
+            self.in_features, self.out_features, bias=bias is not None, device=weight.device,
+            dtype=dtype,
+        )  # fmt: skip
+        linear.weight.copy_(merged.to(dtype))
+        if bias is not None:
+            linear.bias.copy_(bias.to(dtype))
+        return linear
+
     def _merge_terms(self, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        row_scale = torch.ones(self.out_features, device=self.base_weight().device)
-        low_rank = torch.zeros_like(self.base_weight(), dtype=torch.float32)
+        weight = self.base_weight()
+        row_scale = torch.ones(self.out_features, device=weight.device)
+        low_rank = torch.zeros_like(weight, dtype=torch.float32)
         for name in names:
             adapter = self.adapters[name]
             delta = adapter.delta_weight().to(low_rank.device)
@@ -336,4 +386,4 @@ def pissa_factors(
     adapter.lora_A.copy_((torch.diag(sr.sqrt()) @ vh[:r]).to(adapter.lora_A.dtype))
     adapter.lora_B.copy_((u[:, :r] @ torch.diag(sr.sqrt())).to(adapter.lora_B.dtype))
     if apply_residual:
-        weight.copy_((weight.float() - adapter.delta_weight()).to(weight.dtype))
+        layer.set_base_weight(weight.float() - adapter.delta_weight())
