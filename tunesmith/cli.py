@@ -78,7 +78,7 @@ def config_check(
         raise ConfigError([f"{config}: {problem}" for problem in problems])
     if show:
         typer.echo(config_yaml(cfg), nl=False)
-    method = cfg.method.name + (f" r={cfg.method.r}" if cfg.method.name == "lora" else "")
+    method = cfg.method.name + (f" r={cfg.method.r}" if hasattr(cfg.method, "r") else "")
     typer.echo(
         f"{config}: ok (model {cfg.model.path}, method {method}, "
         f"{len(cfg.data.datasets)} training source(s), lr {cfg.train.lr:g})"

@@ -105,8 +105,22 @@ class LoRAMethod(Section):
         return LoRAConfig(**{k: v for k, v in self.model_dump().items() if k in names})
 
 
-Method = Annotated[Union[FullMethod, LoRAMethod], Field(discriminator="name")]  # noqa: UP007
-METHOD_CLASSES = {"full": FullMethod, "lora": LoRAMethod}
+class QLoRAMethod(LoRAMethod):
+    name: Literal["qlora"] = "qlora"
+    """QLoRA: LoRA on a frozen base quantized to 4 or 8 bits (bitsandbytes)."""
+    quant: Literal["nf4", "fp4", "int8"] = "nf4"
+    """Base weight format: nf4 / fp4 (4-bit blockwise) or int8 (LLM.int8)."""
+    double_quant: bool = True
+    """4-bit: quantize the block constants too (about 4.127 bits per weight instead of 4.5)."""
+    blocksize: Literal[64, 128, 256, 512, 1024, 2048, 4096] = 64
+    """4-bit: weights per quantization block."""
+
+
+Method = Annotated[
+    Union[FullMethod, LoRAMethod, QLoRAMethod],  # noqa: UP007
+    Field(discriminator="name"),
+]
+METHOD_CLASSES = {"full": FullMethod, "lora": LoRAMethod, "qlora": QLoRAMethod}
 
 
 class DatasetSource(Section):
@@ -276,7 +290,8 @@ class RunConfig(Section):
     model: ModelSection
     """The base model and how to load it."""
     method: Method = LoRAMethod()
-    """How to train: a method name ("lora", "full") or a mapping with `name` and settings."""
+    """How to train: a method name ("lora", "qlora", "full") or a mapping with `name` and
+    settings."""
     data: DataSection
     """Training and validation data."""
     train: TrainSection = TrainSection()

@@ -237,7 +237,13 @@ def evaluate_models(
 
     from tunesmith.adapters import load_adapter, set_active
     from tunesmith.data import prepare_data
-    from tunesmith.models import load_model, load_tokenizer, resolve_device, resolve_dtype
+    from tunesmith.models import (
+        load_base_for,
+        load_model,
+        load_tokenizer,
+        resolve_device,
+        resolve_dtype,
+    )
     from tunesmith.train.loop import evaluate_loss
 
     sources = config.data.validation
@@ -255,7 +261,7 @@ def evaluate_models(
     pairs = prompt_answer_pairs(sources, data, samples)
     device = resolve_device(config.model.device)
     dtype = resolve_dtype(config.model.dtype, device)
-    model = load_model(config.model, device, dtype).eval()
+    model = load_base_for(config.method, config.model, device, dtype).eval()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     size = config.eval.batch_size or config.train.micro_batch_size
     new_tokens = max_new_tokens or config.eval.max_new_tokens

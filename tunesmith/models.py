@@ -90,3 +90,17 @@ def load_model(model: ModelSection, device: str, dtype):
             "checkpoint directory with safetensors weights, or a hub id (needs network)"
         ) from None
     return loaded.to(device)
+
+
+def load_base_for(method, model: ModelSection, device: str, dtype):
+    """The base model a run's method trains on: quantized while loading for `qlora`, plain
+    otherwise."""
+    if getattr(method, "name", None) != "qlora":
+        return load_model(model, device, dtype)
+    from tunesmith.quant import QuantConfig, load_quantized
+
+    if model.path.startswith((".", "/", "~")) and not Path(model.path).expanduser().is_dir():
+        raise TunesmithError(f"model.path: {model.path}: no such directory")
+    config = QuantConfig(method.quant, method.double_quant, method.blocksize, dtype)
+    attn = None if model.attn_implementation == "auto" else model.attn_implementation
+    return load_quantized(model.path, config, device, model.revision, model.trust_remote_code, attn)

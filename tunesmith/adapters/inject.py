@@ -424,6 +424,12 @@ def merge(model: nn.Module, names: Sequence[str] | None = None) -> None:
     state = adapter_state(model)
     names = list(state.active if names is None else names)
     _check_known(state, names)
+    if any(layer.quantized for _, layer in lora_layers(model)):
+        warnings.warn(
+            "merging into a quantized base re-quantizes W + s·BA, which rounds the result; "
+            "merge_and_unload() instead builds 16-bit layers from the dequantized weights",
+            stacklevel=2,
+        )
     done: list[tuple[str, LoRALayer, tuple[str, ...]]] = []
     try:
         for module_name, layer in lora_layers(model):

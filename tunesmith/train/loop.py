@@ -117,7 +117,7 @@ class Run:
 
     def setup(self) -> None:
         from tunesmith.data import prepare_data
-        from tunesmith.models import load_model, load_tokenizer, resolve_device, resolve_dtype
+        from tunesmith.models import load_base_for, load_tokenizer, resolve_device, resolve_dtype
 
         cfg = self.config
         self._check_output_dir()
@@ -131,7 +131,7 @@ class Run:
         # compute dtype; adapters train in fp32 on a frozen base stored in the compute dtype.
         master = full and cfg.train.fp32_master_weights
         weights_dtype = torch.float32 if master else self.dtype
-        self.model = load_model(cfg.model, self.device, weights_dtype)
+        self.model = load_base_for(cfg.method, cfg.model, self.device, weights_dtype)
         if not full:
             from tunesmith.adapters import add_lora
 
