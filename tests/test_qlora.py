@@ -266,3 +266,78 @@ def test_qlora_training_lowers_the_loss(tmp_path, quant):
     saved = json.loads((tmp_path / "out/adapter/adapter_config.json").read_text())
     assert saved["peft_type"] == "LORA" and saved["r"] == 8
     assert summary["method"] == "qlora"
+
+
+def _transformers_quantized(model_dir: Path, quant: str):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    if quant == "int8":
+        config = BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        config = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type=quant, bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32,
+        )  # fmt: skip
+    return AutoModelForCausalLM.from_pretrained(
+        model_dir, quantization_config=config, dtype=torch.float32, device_map="cpu"
+    ).eval()
+
+
+@pytest.mark.parametrize("quant", ["nf4", "int8"])
+def test_qlora_adapters_move_between_tunesmith_and_peft_with_the_same_logits(
+    small_dir, tmp_path, quant
+):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(5))
+    # ours -> PEFT
+    ours = load_quantized(str(small_dir), QuantConfig(quant))
+    torch.manual_seed(0)
+    tunesmith.add_lora(ours, tunesmith.LoRAConfig(r=4, alpha=8, dropout=0.0))
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+        ours_logits = ours(ids).logits
+    tunesmith.save_adapter(ours, tmp_path / "ours")
+    peft_model = PeftModel.from_pretrained(
+        _transformers_quantized(small_dir, quant), tmp_path / "ours"
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(ids).logits, ours_logits, rtol=1e-4, atol=1e-4)
+    # PEFT -> ours
+    torch.manual_seed(1)
+    theirs = get_peft_model(
+        _transformers_quantized(small_dir, quant),
+        LoraConfig(
+            r=8,
+            lora_alpha=16,
+            lora_dropout=0.0,
+            target_modules="all-linear",
+            init_lora_weights="gaussian",
+        ),  # fmt: skip
+    )
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+        theirs_logits = theirs(ids).logits
+    theirs.save_pretrained(tmp_path / "theirs")
+    loaded = load_quantized(str(small_dir), QuantConfig(quant))
+    tunesmith.load_adapter(loaded, tmp_path / "theirs")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, theirs_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_an_already_quantized_checkpoint_loads_as_it_is(small_dir, tmp_path):
+    quantized = _transformers_quantized(small_dir, "nf4")
+    quantized.save_pretrained(tmp_path / "q")
+    assert "quantization_config" in json.loads((tmp_path / "q/config.json").read_text())
+    loaded = load_quantized(str(tmp_path / "q"), QuantConfig("nf4"))
+    assert is_quantized(loaded.model.layers[0].self_attn.q_proj)
+    ids = torch.randint(0, 128, (1, 7), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, quantized(ids).logits)
+    ours = load_quantized(str(small_dir), QuantConfig("nf4"))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, quantized(ids).logits)

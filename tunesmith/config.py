@@ -114,6 +114,9 @@ class QLoRAMethod(LoRAMethod):
     """4-bit: quantize the block constants too (about 4.127 bits per weight instead of 4.5)."""
     blocksize: Literal[64, 128, 256, 512, 1024, 2048, 4096] = 64
     """4-bit: weights per quantization block."""
+    compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """Dtype of activations, norms, embeddings and the output head. "auto": model.dtype (bf16
+    on a GPU that supports it, fp32 on CPU). Nothing is upcast to fp32 on a GPU."""
 
 
 Method = Annotated[

@@ -261,6 +261,8 @@ def evaluate_models(
     pairs = prompt_answer_pairs(sources, data, samples)
     device = resolve_device(config.model.device)
     dtype = resolve_dtype(config.model.dtype, device)
+    if getattr(config.method, "compute_dtype", "auto") != "auto":
+        dtype = resolve_dtype(config.method.compute_dtype, device)
     model = load_base_for(config.method, config.model, device, dtype).eval()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     size = config.eval.batch_size or config.train.micro_batch_size

@@ -140,8 +140,9 @@ def new_quantized_linear(
 ):
     bnb = bitsandbytes()
     if config.quant == "int8":
+        # threshold 6.0: LLM.int8's outlier features run in 16-bit, as in transformers' default
         layer = bnb.nn.Linear8bitLt(
-            in_features, out_features, bias=bias, has_fp16_weights=False, threshold=0.0,
+            in_features, out_features, bias=bias, has_fp16_weights=False, threshold=6.0,
             device=device,
         )  # fmt: skip
     else:

@@ -126,6 +126,8 @@ class Run:
         self.prepared = prepare_data(cfg.data, self.tokenizer, cfg.train.seed, self.use_cache)
         self.device = resolve_device(cfg.model.device)
         self.dtype = resolve_dtype(cfg.model.dtype, self.device)
+        if getattr(cfg.method, "compute_dtype", "auto") != "auto":
+            self.dtype = resolve_dtype(cfg.method.compute_dtype, self.device)
         full = cfg.method.name == "full"
         # Full fine-tuning keeps fp32 master weights (unless told not to) and autocasts to the
         # compute dtype; adapters train in fp32 on a frozen base stored in the compute dtype.
