@@ -149,7 +149,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--worker", choices=IMPLS, help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
+    parser.add_argument("--write-checkpoint", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.write_checkpoint:
+        import torch
+
+        write_checkpoint(
+            args.shape, args.seq, Path(args.write_checkpoint), torch.cuda.is_available()
+        )
+        return
     if args.worker:
         args.impl = args.worker
         print(json.dumps(worker(args)))
@@ -162,7 +170,13 @@ def main() -> None:
     args.seq = args.seq or (2048 if cuda else 256)
     args.batch = args.batch or (1 if cuda else 2)
     with tempfile.TemporaryDirectory(prefix="tunesmith-bench-") as folder:
-        write_checkpoint(args.shape, args.seq, Path(folder), cuda)
+        # In a child process: a worker's peak RSS starts at this process's RSS when it forks,
+        # which must not include a model.
+        subprocess.run(
+            [sys.executable, __file__, "--write-checkpoint", folder, "--shape", args.shape,
+             "--seq", str(args.seq)],
+            check=True, capture_output=True,
+        )  # fmt: skip
         args.checkpoint = folder
         runs: dict[str, list[dict]] = {impl: [] for impl in IMPLS}
         for _ in range(args.repeats):
