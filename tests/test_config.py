@@ -105,7 +105,8 @@ def test_missing_sections_and_method_names():
         "<config>: data.datasets: must not be empty",
     ]
     assert problems(lambda: config_from_dict({**MINIMAL, "method": "lorra"})) == [
-        '<config>: method.name: expected one of full, lora, qlora, got "lorra"; did you mean "lora"?'
+        '<config>: method.name: expected one of full, lora, qlora, got "lorra"; '
+        'did you mean "lora"?'
     ]
     assert problems(lambda: config_from_dict({**MINIMAL, "method": {"name": "full", "r": 8}})) == [
         '<config>: method.r: unknown key for method "full" (known: name)'
