@@ -109,10 +109,15 @@ def run_worker(impl: str, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--worker", impl, "--shape", args.shape, "--seq",
            str(args.seq), "--batch", str(args.batch), "--steps", str(args.steps), "--warmup",
            str(args.warmup), "--r", str(args.r)] + (["--no-gc"] if args.no_gc else [])  # fmt: skip
+    return run_json(cmd, impl)
+
+
+def run_json(cmd: list[str], label: str) -> dict:
+    """Run a worker process with the repository on its path; its last stdout line is JSON."""
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if out.returncode != 0:
-        sys.exit(f"{impl} worker failed:\n{out.stderr[-4000:]}")
+        sys.exit(f"{label} worker failed:\n{out.stderr[-4000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -28,7 +27,7 @@ from datetime import date
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from lora_step import SHAPES, TARGETS, _peak_rss_bytes  # noqa: E402
+from lora_step import SHAPES, TARGETS, _peak_rss_bytes, run_json  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 IMPLS = ("tunesmith_lora", "tunesmith_qlora", "peft_qlora_prepare", "peft_qlora")
@@ -131,11 +130,7 @@ def run_worker(impl: str, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--worker", impl, "--checkpoint", args.checkpoint,
            "--seq", str(args.seq), "--batch", str(args.batch), "--steps", str(args.steps),
            "--warmup", str(args.warmup)]  # fmt: skip
-    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-    if out.returncode != 0:
-        sys.exit(f"{impl} worker failed:\n{out.stderr[-4000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_json(cmd, impl)
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import string
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 from tunesmith.config import DataSection, DatasetSource, RunConfig
@@ -167,11 +168,25 @@ def score_model(model, tokenizer, pairs, data: DataSection, max_new_tokens: int,
     return generation_scores(predictions, [p.answer for p in pairs]), predictions
 
 
+def measure(name: str, model, samples, pairs, data, tokenizer, settings: dict) -> Column:
+    """One table column: perplexity on `samples` and generation scores on `pairs` (if any).
+    `settings`: batch_size, pad_id, device, dtype, max_new_tokens."""
+    from tunesmith.train.loop import evaluate_loss
+
+    ppl = evaluate_loss(
+        model, samples, settings["batch_size"], settings["pad_id"], settings["device"],
+        settings["dtype"],
+    )["val_ppl"]  # fmt: skip
+    scores = predictions = None
+    if pairs:
+        scores, predictions = score_model(model, tokenizer, pairs, data, settings["max_new_tokens"])
+    return Column(name, ppl, scores, predictions)
+
+
 def compare_after_training(run, echo) -> list[Column]:
     """The end of `tunesmith train` with eval.generate_samples: base vs tuned on the held-out
     prompts (perplexity and generation metrics), a table, and sample generations."""
     from tunesmith.adapters import disabled
-    from tunesmith.train.loop import evaluate_loss
 
     cfg: RunConfig = run.config
     if not cfg.data.validation:
@@ -181,30 +196,24 @@ def compare_after_training(run, echo) -> list[Column]:
     if not pairs:
         echo("eval.generate_samples: skipped, the validation data has no prompt/answer pairs")
         return []
+    settings = {
+        "batch_size": cfg.eval.batch_size or cfg.train.micro_batch_size,
+        "pad_id": run.pad_id,
+        "device": run.device,
+        "dtype": run.dtype,
+        "max_new_tokens": cfg.eval.max_new_tokens,
+    }
     val = run.prepared.validation
-    size = cfg.eval.batch_size or cfg.train.micro_batch_size
-    columns = []
-    base_model = run.model
-    base_ctx = None
     if cfg.method.name == "full":
         from tunesmith.models import load_model
 
-        base_model = load_model(cfg.model, run.device, run.dtype).eval()
-    for name in ("base", "tuned"):
-        model = base_model if name == "base" else run.model
-        if name == "base" and cfg.method.name != "full":
-            base_ctx = disabled(run.model)
-            base_ctx.__enter__()
-        try:
-            ppl = evaluate_loss(model, val, size, run.pad_id, run.device, run.dtype)["val_ppl"]
-            scores, predictions = score_model(
-                model, run.tokenizer, pairs, cfg.data, cfg.eval.max_new_tokens
-            )
-        finally:
-            if base_ctx is not None:
-                base_ctx.__exit__(None, None, None)
-                base_ctx = None
-        columns.append(Column(name, ppl, scores, predictions))
+        base_model, base_only = load_model(cfg.model, run.device, run.dtype).eval(), nullcontext()
+    else:  # the same model with its adapter switched off
+        base_model, base_only = run.model, disabled(run.model)
+    with base_only:
+        base = measure("base", base_model, val, pairs, cfg.data, run.tokenizer, settings)
+    tuned = measure("tuned", run.model, val, pairs, cfg.data, run.tokenizer, settings)
+    columns = [base, tuned]
     echo(format_table(columns, len(pairs)))
     for i in range(min(cfg.eval.show_samples, len(pairs))):
         echo(f"--- sample {i}: {pairs[i].messages[-1]['content']}")
@@ -238,13 +247,12 @@ def evaluate_models(
     from tunesmith.adapters import load_adapter, set_active
     from tunesmith.data import prepare_data
     from tunesmith.models import (
+        compute_dtype,
         load_base_for,
         load_model,
         load_tokenizer,
         resolve_device,
-        resolve_dtype,
     )
-    from tunesmith.train.loop import evaluate_loss
 
     sources = config.data.validation
     if data_path is not None:
@@ -260,25 +268,22 @@ def evaluate_models(
     prepared = prepare_data(data, tokenizer, config.train.seed)
     pairs = prompt_answer_pairs(sources, data, samples)
     device = resolve_device(config.model.device)
-    dtype = resolve_dtype(config.model.dtype, device)
-    if getattr(config.method, "compute_dtype", "auto") != "auto":
-        dtype = resolve_dtype(config.method.compute_dtype, device)
+    dtype = compute_dtype(config, device)
     model = load_base_for(config.method, config.model, device, dtype).eval()
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    size = config.eval.batch_size or config.train.micro_batch_size
-    new_tokens = max_new_tokens or config.eval.max_new_tokens
+    settings = {
+        "batch_size": config.eval.batch_size or config.train.micro_batch_size,
+        "pad_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
+        "device": device,
+        "dtype": dtype,
+        "max_new_tokens": max_new_tokens or config.eval.max_new_tokens,
+    }
 
-    def measure(name: str, m) -> Column:
-        ppl = evaluate_loss(m, prepared.train, size, pad, device, dtype)["val_ppl"]
-        scores = predictions = None
-        if pairs:
-            scores, predictions = score_model(m, tokenizer, pairs, data, new_tokens)
-        return Column(name, ppl, scores, predictions)
+    def column(name: str, m) -> Column:
+        return measure(name, m, prepared.train, pairs, data, tokenizer, settings)
 
     columns = []
     if include_base:
-        columns.append(measure("base", model))
-    names = []
+        columns.append(column("base", model))
     for i, folder in enumerate(adapters):
         path = Path(folder)
         if not path.is_dir():
@@ -287,21 +292,17 @@ def evaluate_models(
         if (path / "adapter_config.json").is_file():
             name = f"a{i}"
             load_adapter(model, path, name=name)
-            names.append(name)
             set_active(model, name)
-            columns.append(measure(label, model))
+            columns.append(column(label, model))
         elif (path / "config.json").is_file():  # a fully fine-tuned model
             other = load_model(config.model.model_copy(update={"path": str(path)}), device, dtype)
-            columns.append(measure(label, other.eval()))
+            columns.append(column(label, other.eval()))
             del other
         else:
             raise TunesmithError(
                 f"--adapter: {folder} holds neither an adapter (adapter_config.json) nor a model "
                 "(config.json)"
             )
-    if not pairs:
-        for column in columns:
-            column.scores = None
     return columns, len(pairs)
 
 

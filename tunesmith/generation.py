@@ -12,8 +12,7 @@ from pathlib import Path
 
 import torch
 
-from tunesmith.data.encode import bos_prefix
-from tunesmith.data.templates import render_segments
+from tunesmith.data.encode import bos_prefix, conversation_parts
 from tunesmith.errors import TunesmithError
 
 END_OF_TURN_MARKERS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
@@ -34,17 +33,16 @@ class Sampling:
 
 
 def prompt_ids(messages: list[dict], template: str, tokenizer, add_bos: bool) -> list[int]:
-    """Token ids of `messages` followed by the assistant's generation prompt."""
+    """Token ids of `messages` followed by the assistant's generation prompt: the parts
+    training encodes before a response (`conversation_parts`), tokenized the same way."""
     probe = [*messages, {"role": "assistant", "content": "x"}]
-    segments = render_segments(probe, template, tokenizer, where="prompt")
-    last = max(i for i, (_, trained) in enumerate(segments) if trained)
-    texts = [text for text, _ in segments[:last]]
+    parts = conversation_parts(probe, template, tokenizer, add_bos, bos_prefix(tokenizer), "prompt")
+    last = max(i for i, (_, trained) in enumerate(parts) if trained is True)
+    texts = [part for part, _ in parts[:last] if isinstance(part, str)]
+    encoded = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
     ids: list[int] = []
-    bos = bos_prefix(tokenizer)
-    if add_bos and bos and not (texts and texts[0].startswith(tokenizer.bos_token or "\0")):
-        ids += bos
-    for part in tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []:
-        ids += part
+    for part, _ in parts[:last]:
+        ids += list(next(encoded)) if isinstance(part, str) else part
     return ids
 
 

@@ -63,6 +63,12 @@ def resolve_dtype(setting: str, device: str):
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[setting]
 
 
+def compute_dtype(config, device: str):
+    """A run's compute dtype: `method.compute_dtype` (QLoRA) when set, else `model.dtype`."""
+    setting = getattr(config.method, "compute_dtype", "auto")
+    return resolve_dtype(config.model.dtype if setting == "auto" else setting, device)
+
+
 def load_model(model: ModelSection, device: str, dtype):
     """The causal LM of `model.path` with weights in `dtype` on `device`. Safetensors only."""
     from transformers import AutoModelForCausalLM
@@ -99,8 +105,6 @@ def load_base_for(method, model: ModelSection, device: str, dtype):
         return load_model(model, device, dtype)
     from tunesmith.quant import QuantConfig, load_quantized
 
-    if model.path.startswith((".", "/", "~")) and not Path(model.path).expanduser().is_dir():
-        raise TunesmithError(f"model.path: {model.path}: no such directory")
     config = QuantConfig(method.quant, method.double_quant, method.blocksize, dtype)
     attn = None if model.attn_implementation == "auto" else model.attn_implementation
     return load_quantized(model.path, config, device, model.revision, model.trust_remote_code, attn)

@@ -194,9 +194,7 @@ def quantize_model(model: nn.Module, config: QuantConfig) -> nn.Module:
 
 def _checkpoint_files(path: str, revision: str | None) -> list[Path]:
     folder = Path(path).expanduser()
-    if not folder.is_dir():
-        if path.startswith((".", "/", "~")):
-            raise TunesmithError(f"model.path: {path}: no such directory")
+    if not folder.is_dir():  # a hub id (load_quantized has refused missing local paths)
         from huggingface_hub import snapshot_download
 
         folder = Path(

@@ -136,18 +136,28 @@ def encode_examples(
 Part = tuple[Union[str, list[int]], Union[bool, list[int]]]  # noqa: UP007
 
 
+def conversation_parts(
+    messages: list[dict], template: str, tokenizer, add_bos: bool, bos: list[int], where: str
+) -> list[Part]:
+    """A conversation as the template renders it, segment by segment, (text, is_response),
+    preceded by the BOS ids (masked) when `add_bos` and the template did not write BOS."""
+    segments = render_segments(messages, template, tokenizer, where)
+    wrote_bos = bool(segments) and segments[0][0].startswith(tokenizer.bos_token or "\0")
+    prefix: list[Part] = (
+        [(bos, [IGNORE_INDEX] * len(bos))] if add_bos and bos and not wrote_bos else []
+    )
+    return prefix + list(segments)
+
+
 def _plan(
     example: Example, where: str, tokenizer, settings: EncodeSettings, bos: list[int]
 ) -> list[Part]:
     """What a sample is made of: texts still to tokenize with whether they train, or ids with
     their labels."""
     if isinstance(example, Conversation):
-        segments = render_segments(example.messages, settings.template, tokenizer, where)
-        wrote_bos = bool(segments) and segments[0][0].startswith(tokenizer.bos_token or "\0")
-        prefix: list[Part] = (
-            [(bos, [IGNORE_INDEX] * len(bos))] if settings.add_bos and bos and not wrote_bos else []
+        return conversation_parts(
+            example.messages, settings.template, tokenizer, settings.add_bos, bos, where
         )
-        return prefix + list(segments)
     if isinstance(example, Completion):
         eos = tokenizer.eos_token_id
         suffix = [eos] if settings.add_eos and eos is not None else []

@@ -117,7 +117,7 @@ class Run:
 
     def setup(self) -> None:
         from tunesmith.data import prepare_data
-        from tunesmith.models import load_base_for, load_tokenizer, resolve_device, resolve_dtype
+        from tunesmith.models import compute_dtype, load_base_for, load_tokenizer, resolve_device
 
         cfg = self.config
         self._check_output_dir()
@@ -125,9 +125,7 @@ class Run:
         self.tokenizer = load_tokenizer(cfg.model)
         self.prepared = prepare_data(cfg.data, self.tokenizer, cfg.train.seed, self.use_cache)
         self.device = resolve_device(cfg.model.device)
-        self.dtype = resolve_dtype(cfg.model.dtype, self.device)
-        if getattr(cfg.method, "compute_dtype", "auto") != "auto":
-            self.dtype = resolve_dtype(cfg.method.compute_dtype, self.device)
+        self.dtype = compute_dtype(cfg, self.device)
         full = cfg.method.name == "full"
         # Full fine-tuning keeps fp32 master weights (unless told not to) and autocasts to the
         # compute dtype; adapters train in fp32 on a frozen base stored in the compute dtype.
