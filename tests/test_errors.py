@@ -152,9 +152,13 @@ def test_unsupported_peft_features_are_refused(tmp_path):
         r"support",
     ):
         tunesmith.load_adapter(make_model("llama"), folder)
-    raw.update(lora_bias=False, peft_type="IA3")
+    raw.update(lora_bias=False, peft_type="LOHA")
     path.write_text(json.dumps(raw))
-    with pytest.raises(AdapterError, match="peft_type is 'IA3'; load_adapter reads LORA"):
+    with pytest.raises(
+        AdapterError,
+        match="peft_type 'LOHA' is not supported; tunesmith loads LORA, IA3, PROMPT_TUNING, "
+        "PREFIX_TUNING, BOTTLENECK$",
+    ):
         tunesmith.load_adapter(make_model("llama"), folder)
 
 

@@ -1,9 +1,14 @@
-"""Put LoRA adapters into a plain `transformers` model and manage several of them.
+"""Put adapters into a plain `transformers` model and manage several of them.
 
-Everything here is a function on the user's model. Target modules are replaced in place by
-`LoRALayer` (and `modules_to_save` by `ModulesToSave`); the model stays the same class. The
-adapters' configs live in `model.tunesmith_adapters` (an `AdapterState`), which is all the
-model-level state there is.
+Everything here is a function on the user's model; the model stays the same class.
+- LoRA and IA3 replace their target Linear/Conv1D modules in place by a `LoRALayer` or
+  `IA3Layer` (and `modules_to_save` by `ModulesToSave`);
+- bottleneck adapters attach a `Bottlenecks` module (and a forward hook) to each adapted
+  attention/MLP sub-layer;
+- prompt and prefix tuning attach one `VirtualTokens` module (and hooks on the backbone).
+The adapters' configs live in `model.tunesmith_adapters` (an `AdapterState`), which is all the
+model-level state there is. Every holder has `adapters`, `active` and `disabled`, so activation,
+disabling and deletion work the same for every method.
 """
 
 from __future__ import annotations
@@ -19,7 +24,15 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from tunesmith.adapters.bottleneck import (
+    BottleneckConfig,
+    Bottlenecks,
+    add_bottleneck_adapter,
+    remove_bottleneck,
+)
+from tunesmith.adapters.ia3 import IA3Config, IA3Layer
 from tunesmith.adapters.lora import (
+    LinearWrapper,
     LoRAAdapter,
     LoRAConfig,
     LoRALayer,
@@ -27,17 +40,37 @@ from tunesmith.adapters.lora import (
     init_adapter_weights,
     weight_shape,
 )
+from tunesmith.adapters.prompt import (
+    PrefixTuningConfig,
+    PromptTuningConfig,
+    VirtualTokens,
+    add_prompt_adapter,
+    remove_virtual_tokens,
+)
 from tunesmith.adapters.saved import ModulesToSave
 from tunesmith.errors import AdapterError
 
 STATE_ATTR = "tunesmith_adapters"
 
 
+AdapterConfig = LoRAConfig | IA3Config | PromptTuningConfig | PrefixTuningConfig | BottleneckConfig
+VIRTUAL_TOKEN_CONFIGS = (PromptTuningConfig, PrefixTuningConfig)
+MERGEABLE_CONFIGS = (LoRAConfig, IA3Config)
+
+
+def method_of(config: AdapterConfig) -> str:
+    """The method name of an adapter config: lora, ia3, prompt, prefix or bottleneck."""
+    return {
+        LoRAConfig: "lora", IA3Config: "ia3", PromptTuningConfig: "prompt",
+        PrefixTuningConfig: "prefix", BottleneckConfig: "bottleneck",
+    }[type(config)]  # fmt: skip
+
+
 @dataclass
 class AdapterState:
     """The adapters on a model: their configs (by name) and which are active."""
 
-    configs: dict[str, LoRAConfig] = field(default_factory=dict)
+    configs: dict[str, AdapterConfig] = field(default_factory=dict)
     active: list[str] = field(default_factory=list)
 
 
@@ -63,16 +96,37 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALayer]]:
             yield name, module
 
 
+def ia3_layers(model: nn.Module) -> Iterator[tuple[str, IA3Layer]]:
+    for name, module in model.named_modules():
+        if isinstance(module, IA3Layer):
+            yield name, module
+
+
+def linear_wrappers(model: nn.Module) -> Iterator[tuple[str, LinearWrapper]]:
+    """Every LoRA or IA3 layer (the adapters that can merge into a weight)."""
+    for name, module in model.named_modules():
+        if isinstance(module, LinearWrapper):
+            yield name, module
+
+
 def saved_modules(model: nn.Module) -> Iterator[tuple[str, ModulesToSave]]:
     for name, module in model.named_modules():
         if isinstance(module, ModulesToSave):
             yield name, module
 
 
-def _wrapped_modules(model: nn.Module) -> Iterator[tuple[str, LoRALayer | ModulesToSave]]:
+HOLDERS = (LinearWrapper, ModulesToSave, Bottlenecks, VirtualTokens)
+
+
+def _wrapped_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """Every module holding per-adapter weights."""
     for name, module in model.named_modules():
-        if isinstance(module, (LoRALayer, ModulesToSave)):
+        if isinstance(module, HOLDERS):
             yield name, module
+
+
+def _holder_dict(module: nn.Module) -> nn.ModuleDict:
+    return module.modules_to_save if isinstance(module, ModulesToSave) else module.adapters
 
 
 # --- which modules to adapt ------------------------------------------------------------------
@@ -84,7 +138,7 @@ def outer_modules(
 
     def walk(prefix: str, module: nn.Module) -> Iterator[tuple[str, nn.Module]]:
         yield prefix, module
-        if isinstance(module, (LoRALayer, ModulesToSave)) or (prefix and stop(prefix)):
+        if isinstance(module, (LinearWrapper, ModulesToSave)) or (prefix and stop(prefix)):
             return
         for child_name, child in module.named_children():
             yield from walk(f"{prefix}.{child_name}" if prefix else child_name, child)
@@ -93,11 +147,11 @@ def outer_modules(
 
 
 def linear_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Every Linear/Conv1D (or LoRALayer already wrapping one) by module name."""
+    """Every Linear/Conv1D (or LoRA/IA3 layer already wrapping one) by module name."""
     return {
         name: module
         for name, module in outer_modules(model)
-        if isinstance(module, (nn.Linear, Conv1D, LoRALayer))
+        if isinstance(module, (nn.Linear, Conv1D, LinearWrapper))
     }
 
 
@@ -134,23 +188,24 @@ def _output_head_name(model: nn.Module) -> str | None:
     return None
 
 
-def find_targets(model: nn.Module, config: LoRAConfig) -> list[str]:
+def find_targets(model: nn.Module, config: LoRAConfig | IA3Config) -> list[str]:
     """Names of the modules `config` adapts, in model order. Raises if nothing matches, or if a
     listed target matches no linear module."""
     linears = linear_modules(model)
     spec = config.targets
+    what = "IA3" if isinstance(config, IA3Config) else "LoRA"
     if spec == "all-linear":
         head = _output_head_name(model)
         chosen = [n for n in linears if n != head]
     else:
         chosen = [n for n in linears if name_matches(spec, n)]
         if not chosen:
-            raise AdapterError(_no_match_message(model, spec, linears))
+            raise AdapterError(_no_match_message(model, spec, linears, what=what))
         if isinstance(spec, (list, tuple)):
             unused = [t for t in spec if not any(name_matches([t], n) for n in linears)]
             if unused:  # fine for a list meant for several architectures; a typo otherwise
                 warnings.warn(
-                    f"LoRA targets {', '.join(map(repr, unused))} match no linear module of "
+                    f"{what} targets {', '.join(map(repr, unused))} match no linear module of "
                     f"{type(model).__name__}",
                     stacklevel=3,
                 )
@@ -158,16 +213,22 @@ def find_targets(model: nn.Module, config: LoRAConfig) -> list[str]:
         chosen = [n for n in chosen if not name_matches(config.modules_to_save, n)]
     if config.exclude:
         chosen = [n for n in chosen if not name_matches(config.exclude, n)]
-    if config.layers is not None:
-        wanted = set(config.layers)
-        chosen = [n for n in chosen if layer_index(n, config.layers_pattern) in wanted]
+    layers = getattr(config, "layers", None)
+    if layers is not None:
+        wanted = set(layers)
+        pattern = getattr(config, "layers_pattern", None)
+        chosen = [n for n in chosen if layer_index(n, pattern) in wanted]
     if not chosen:
-        raise AdapterError(_no_match_message(model, spec, linears, filtered=True))
+        raise AdapterError(_no_match_message(model, spec, linears, filtered=True, what=what))
     return chosen
 
 
 def _no_match_message(
-    model: nn.Module, spec: str | Sequence[str], linears: dict[str, nn.Module], filtered=False
+    model: nn.Module,
+    spec: str | Sequence[str],
+    linears: dict[str, nn.Module],
+    filtered=False,
+    what="LoRA",
 ) -> str:
     leaves = list(dict.fromkeys(n.rsplit(".", 1)[-1] for n in linears))
     others = [
@@ -178,7 +239,7 @@ def _no_match_message(
     why = " after exclude/layers/modules_to_save filtering" if filtered else ""
     hint = f"; it matches non-linear modules {', '.join(others[:3])}" if others else ""
     return (
-        f"LoRA targets {spec!r} match no linear module of {type(model).__name__}{why}{hint}; "
+        f"{what} targets {spec!r} match no linear module of {type(model).__name__}{why}{hint}; "
         f"linear modules are: {', '.join(leaves)}"
     )
 
@@ -200,6 +261,7 @@ def add_lora(
     state = adapter_state(model)
     _check_new_name(state, name)
     targets = find_targets(model, config)  # validate everything before changing the model
+    _check_kind(model, targets, LoRALayer)
     _check_ranks(model, config, targets)
     saved_names = _modules_to_save_names(model, config)
 
@@ -222,6 +284,12 @@ def add_lora(
         layer.adapters[name] = adapter.train(layer.training)
         init_adapter_weights(layer, adapter, config.init, module_name)
 
+    _add_saved_copies(model, saved_names, name)
+    _register(model, name, config, trainable)
+    return model
+
+
+def _add_saved_copies(model: nn.Module, saved_names: list[str], name: str) -> None:
     for module_name in saved_names:
         wrapper = model.get_submodule(module_name)
         if not isinstance(wrapper, ModulesToSave):
@@ -229,12 +297,123 @@ def add_lora(
             model.set_submodule(module_name, wrapper)
         wrapper.add_copy(name)
 
-    state.configs[name] = config
+
+def _register(model: nn.Module, name: str, config: AdapterConfig, trainable: bool) -> None:
+    """Record a new adapter, freeze the base, set its trainability and make it the active one."""
+    adapter_state(model).configs[name] = config
     _freeze_base(model)
     for p in adapter_parameters(model, name):
         p.requires_grad_(trainable)
     set_active(model, [name])
+
+
+def _check_kind(model: nn.Module, targets: list[str], kind: type) -> None:
+    for module_name in targets:
+        module = model.get_submodule(module_name)
+        if isinstance(module, LinearWrapper) and not isinstance(module, kind):
+            have = "LoRA" if isinstance(module, LoRALayer) else "IA3"
+            raise AdapterError(
+                f"{module_name} already has {have} adapters; LoRA and IA3 cannot share a module "
+                "(exclude it from one of them)"
+            )
+
+
+def add_ia3(
+    model: nn.Module, config: IA3Config | None = None, name: str = "default", trainable=True
+) -> nn.Module:
+    """Inject IA3 adapter `name`: scaling vectors (all ones) on `config`'s targets, PEFT's
+    defaults for the architecture unless set. Becomes the one active adapter."""
+    config = (config or IA3Config()).resolved(model)
+    state = adapter_state(model)
+    _check_new_name(state, name)
+    targets = find_targets(model, config)
+    _check_kind(model, targets, IA3Layer)
+    feedforward = config.feedforward or []
+    ff_targets = [t for t in targets if name_matches(feedforward, t)]
+    if isinstance(feedforward, (list, tuple)):
+        stray = [f for f in feedforward if not any(name_matches([f], t) for t in targets)]
+        if stray:
+            raise AdapterError(
+                f"IA3 feedforward entries {', '.join(map(repr, stray))} are not among the "
+                "targets; feedforward must be a subset of targets"
+            )
+    saved_names = _modules_to_save_names(model, config)
+    for module_name in targets:
+        layer = model.get_submodule(module_name)
+        is_ff = module_name in ff_targets
+        if not isinstance(layer, IA3Layer):
+            layer = IA3Layer(layer, feedforward=is_ff).train(layer.training)
+            model.set_submodule(module_name, layer)
+        elif layer.feedforward != is_ff:
+            raise AdapterError(
+                f"{module_name} already has IA3 adapters that scale its "
+                f"{'input' if layer.feedforward else 'output'}; feedforward must agree"
+            )
+        layer.add(name, device=layer.base_layer.weight.device)
+    _add_saved_copies(model, saved_names, name)
+    _register(model, name, config, trainable)
     return model
+
+
+def add_prompt_tuning(
+    model: nn.Module,
+    config: PromptTuningConfig | PrefixTuningConfig | None = None,
+    name: str = "default",
+    trainable: bool = True,
+    tokenizer=None,
+) -> nn.Module:
+    """Add a prompt-tuning (or, given a PrefixTuningConfig, prefix-tuning) adapter `name`.
+    `tokenizer` is needed for init "text". Becomes the one active adapter."""
+    config = config or PromptTuningConfig()
+    _check_new_name(adapter_state(model), name)
+    add_prompt_adapter(model, config, name, tokenizer)
+    _register(model, name, config, trainable)
+    return model
+
+
+def add_prefix_tuning(
+    model: nn.Module,
+    config: PrefixTuningConfig | None = None,
+    name: str = "default",
+    trainable: bool = True,
+    tokenizer=None,
+) -> nn.Module:
+    """Add a prefix-tuning adapter `name` (key/value prefixes in every attention layer)."""
+    return add_prompt_tuning(model, config or PrefixTuningConfig(), name, trainable, tokenizer)
+
+
+def add_bottleneck(
+    model: nn.Module,
+    config: BottleneckConfig | None = None,
+    name: str = "default",
+    trainable: bool = True,
+) -> nn.Module:
+    """Add a bottleneck adapter `name` (Houlsby or Pfeiffer placement, zero-initialised)."""
+    config = config or BottleneckConfig()
+    _check_new_name(adapter_state(model), name)
+    add_bottleneck_adapter(model, config, name)
+    _register(model, name, config, trainable)
+    return model
+
+
+def add_adapter(
+    model: nn.Module,
+    config: AdapterConfig,
+    name: str = "default",
+    trainable: bool = True,
+    tokenizer=None,
+) -> nn.Module:
+    """Add an adapter of whichever method `config` describes (LoRAConfig, IA3Config,
+    PromptTuningConfig, PrefixTuningConfig or BottleneckConfig)."""
+    if isinstance(config, LoRAConfig):
+        return add_lora(model, config, name, trainable)
+    if isinstance(config, IA3Config):
+        return add_ia3(model, config, name, trainable)
+    if isinstance(config, VIRTUAL_TOKEN_CONFIGS):
+        return add_prompt_tuning(model, config, name, trainable, tokenizer)
+    if isinstance(config, BottleneckConfig):
+        return add_bottleneck(model, config, name, trainable)
+    raise AdapterError(f"unknown adapter config type {type(config).__name__}")
 
 
 def _check_new_name(state: AdapterState, name: str) -> None:
@@ -265,7 +444,7 @@ def _adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
     return base_dtype if base_dtype in (torch.float32, torch.float64) else torch.float32
 
 
-def _modules_to_save_names(model: nn.Module, config: LoRAConfig) -> list[str]:
+def _modules_to_save_names(model: nn.Module, config: LoRAConfig | IA3Config) -> list[str]:
     if not config.modules_to_save:
         return []
 
@@ -282,10 +461,10 @@ def _modules_to_save_names(model: nn.Module, config: LoRAConfig) -> list[str]:
 
 
 def adapter_parameters(model: nn.Module, name: str) -> list[nn.Parameter]:
-    """The parameters that belong to adapter `name` (LoRA weights and saved-module copies)."""
+    """The parameters that belong to adapter `name` (its weights and saved-module copies)."""
     params: list[nn.Parameter] = []
     for _, module in _wrapped_modules(model):
-        holder = module.adapters if isinstance(module, LoRALayer) else module.modules_to_save
+        holder = _holder_dict(module)
         if name in holder:
             params.extend(holder[name].parameters())
     return params
@@ -306,7 +485,16 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     state = adapter_state(model)
     _check_known(state, [name])
     for module_name, module in list(_wrapped_modules(model)):
-        if isinstance(module, LoRALayer):
+        if isinstance(module, (Bottlenecks, VirtualTokens)):
+            if name in module.adapters:
+                del module.adapters[name]
+            module.active = tuple(n for n in module.active if n != name)
+            if not module.adapters:
+                if isinstance(module, Bottlenecks):
+                    remove_bottleneck(model, module_name.rsplit(".", 1)[0])
+                else:
+                    remove_virtual_tokens(model)
+        elif isinstance(module, LinearWrapper):
             if name in module.merged:
                 still_merged = [n for n in module.merged if n != name]
                 module.unmerge()
@@ -340,7 +528,13 @@ def set_active(model: nn.Module, names: str | Sequence[str]) -> None:
     names = [names] if isinstance(names, str) else list(names)
     state = adapter_state(model)
     _check_known(state, names)
-    for module_name, layer in lora_layers(model):
+    virtual = [n for n in names if isinstance(state.configs[n], VIRTUAL_TOKEN_CONFIGS)]
+    if len(virtual) > 1:
+        raise AdapterError(
+            f"adapters {', '.join(virtual)} are all prompt/prefix adapters; only one set of "
+            "virtual tokens can be active at a time"
+        )
+    for module_name, layer in linear_wrappers(model):
         stale = [n for n in layer.merged if n not in names]
         if stale:
             raise AdapterError(
@@ -348,7 +542,7 @@ def set_active(model: nn.Module, names: str | Sequence[str]) -> None:
                 "call unmerge(model) before deactivating them"
             )
     for _, module in _wrapped_modules(model):
-        holder = module.adapters if isinstance(module, LoRALayer) else module.modules_to_save
+        holder = _holder_dict(module)
         module.active = tuple(n for n in names if n in holder)
     state.active = names
 
@@ -360,7 +554,7 @@ def disabled(model: nn.Module):
     modules = list(_wrapped_modules(model))
     remerge = {}
     for module_name, module in modules:
-        if isinstance(module, LoRALayer) and module.merged:
+        if isinstance(module, LinearWrapper) and module.merged:
             remerge[module_name] = list(module.merged)
             module.unmerge()
         module.disabled = True
@@ -383,7 +577,14 @@ def route(model: nn.Module, rows: Sequence[str | Sequence[str] | None]):
         raise AdapterError("route() needs one entry per batch row; got an empty list")
     per_row = [[] if r is None else [r] if isinstance(r, str) else list(r) for r in rows]
     _check_known(state, [n for names in per_row for n in names])
-    for module_name, layer in lora_layers(model):
+    named = {n for names in per_row for n in names}
+    virtual = sorted(n for n in named if isinstance(state.configs[n], VIRTUAL_TOKEN_CONFIGS))
+    if virtual:
+        raise AdapterError(
+            f"route() cannot give rows different virtual tokens ({', '.join(virtual)} are "
+            "prompt/prefix adapters); batch requests by prompt/prefix adapter instead"
+        )
+    for module_name, layer in linear_wrappers(model):
         if layer.merged:
             raise AdapterError(
                 f"{module_name} has merged adapters; call unmerge(model) before route()"
@@ -399,7 +600,7 @@ def route(model: nn.Module, rows: Sequence[str | Sequence[str] | None]):
             (n, torch.tensor(idx, dtype=torch.long, device=device)) for n, idx in groups.items()
         ],
     )
-    modules = [m for _, m in _wrapped_modules(model)]
+    modules = [m for _, m in _wrapped_modules(model) if not isinstance(m, VirtualTokens)]
     for module_name, module in saved_modules(model):
         for i, names in enumerate(per_row):
             with_copy = [n for n in names if n in module.modules_to_save]
@@ -420,19 +621,21 @@ def route(model: nn.Module, rows: Sequence[str | Sequence[str] | None]):
 # --- merging ---------------------------------------------------------------------------------
 def merge(model: nn.Module, names: Sequence[str] | None = None) -> None:
     """Fold adapters (default: the active ones) into the base weights: W' = W + s·BA, DoRA
-    W' = k·(W + s·BA). Refuses, changing nothing, if any merged weight would be NaN/Inf."""
+    W' = k·(W + s·BA), IA3 W' = W ⊙ l. Refuses, changing nothing, if any merged weight would be
+    NaN/Inf, or if an adapter's method cannot merge (prompt, prefix, bottleneck)."""
     state = adapter_state(model)
     names = list(state.active if names is None else names)
     _check_known(state, names)
-    if any(layer.quantized for _, layer in lora_layers(model)):
+    _check_mergeable(state, names)
+    if any(layer.quantized for _, layer in linear_wrappers(model)):
         warnings.warn(
             "merging into a quantized base re-quantizes W + s·BA, which rounds the result; "
             "merge_and_unload() instead builds 16-bit layers from the dequantized weights",
             stacklevel=2,
         )
-    done: list[tuple[str, LoRALayer, tuple[str, ...]]] = []
+    done: list[tuple[str, LinearWrapper, tuple[str, ...]]] = []
     try:
-        for module_name, layer in lora_layers(model):
+        for module_name, layer in linear_wrappers(model):
             before = layer.merged
             layer.merge(names, module_name)
             done.append((module_name, layer, before))
@@ -445,9 +648,24 @@ def merge(model: nn.Module, names: Sequence[str] | None = None) -> None:
         set_active(model, list(dict.fromkeys(state.active + names)))
 
 
+def _check_mergeable(state: AdapterState, names: Sequence[str]) -> None:
+    for name in names:
+        config = state.configs[name]
+        if not isinstance(config, MERGEABLE_CONFIGS):
+            why = {
+                "prompt": "it adds virtual input tokens, not weights",
+                "prefix": "it adds key/value prefixes, not weights",
+                "bottleneck": "its nonlinearity sits between two projections",
+            }[method_of(config)]
+            raise AdapterError(
+                f"adapter {name!r} ({method_of(config)}) cannot be merged: {why}; "
+                "merge LoRA or IA3 adapters only, and keep this one loaded at inference"
+            )
+
+
 def unmerge(model: nn.Module) -> None:
     """Undo every merge: W = (W' − L) / c, the exact inverse of `merge` up to rounding."""
-    for _, layer in lora_layers(model):
+    for _, layer in linear_wrappers(model):
         layer.unmerge()
 
 
@@ -465,7 +683,8 @@ def merge_and_unload(
     state = adapter_state(model)
     names = list(state.active if names is None else names)
     _check_known(state, names)
-    quantized = [(n, layer) for n, layer in lora_layers(model) if layer.quantized]
+    _check_mergeable(state, names)
+    quantized = [(n, layer) for n, layer in linear_wrappers(model) if layer.quantized]
     if quantized:
         if dtype is None:
             embeddings = (
@@ -476,7 +695,11 @@ def merge_and_unload(
             model.set_submodule(module_name, layer.merged_linear(names, dtype))
     merge(model, names)
     for module_name, module in list(_wrapped_modules(model)):
-        if isinstance(module, LoRALayer):
+        if isinstance(module, Bottlenecks):
+            remove_bottleneck(model, module_name.rsplit(".", 1)[0])
+        elif isinstance(module, VirtualTokens):
+            remove_virtual_tokens(model)
+        elif isinstance(module, LinearWrapper):
             model.set_submodule(module_name, module.base_layer)
         else:
             module.active = tuple(n for n in names if n in module.modules_to_save)

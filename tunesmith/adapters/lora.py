@@ -154,21 +154,24 @@ class LoRAAdapter(nn.Module):
 
 
 def weight_shape(module: nn.Module) -> tuple[int, int]:
-    """(out_features, in_features) of a Linear, Conv1D (stored in × out) or LoRALayer."""
-    if isinstance(module, LoRALayer):
+    """(out_features, in_features) of a Linear, Conv1D (stored in × out) or a wrapper of one."""
+    if isinstance(module, LinearWrapper):
         module = module.base_layer
     if isinstance(module, Conv1D):
         in_features, out_features = module.weight.shape
         return out_features, in_features
     if isinstance(module, nn.Linear):
         return module.out_features, module.in_features
-    raise AdapterError(f"LoRA supports nn.Linear and Conv1D modules, not {type(module).__name__}")
+    raise AdapterError(
+        f"adapters support nn.Linear and Conv1D modules, not {type(module).__name__}"
+    )
 
 
-class LoRALayer(nn.Module):
-    """A Linear/Conv1D with LoRA adapters. Mutable state, all set by the functions in
-    `tunesmith.adapters.inject`: `active` (names whose deltas are added), `merged` (names folded
-    into the base weight), `disabled` (base only) and `routes` (per-row adapters)."""
+class LinearWrapper(nn.Module):
+    """A Linear/Conv1D (`base_layer`, possibly quantized) with per-adapter weights. Mutable
+    state, all set by the functions in `tunesmith.adapters.inject`: `active` (names applied),
+    `merged` (names folded into the base weight), `disabled` (base only) and `routes` (per-row
+    adapters)."""
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -208,6 +211,21 @@ class LoRALayer(nn.Module):
             return
         weight = self.base_weight()
         weight.copy_(value.to(weight.dtype))
+
+    def _plain_linear(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype) -> nn.Linear:
+        linear = nn.Linear(
+            self.in_features, self.out_features, bias=bias is not None, device=weight.device,
+            dtype=dtype,
+        )  # fmt: skip
+        with torch.no_grad():
+            linear.weight.copy_(weight.to(dtype))
+            if bias is not None:
+                linear.bias.copy_(bias.to(dtype))
+        return linear
+
+
+class LoRALayer(LinearWrapper):
+    """A Linear/Conv1D with LoRA adapters (see `LinearWrapper` for the state)."""
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         base = self.base_layer(x, *args, **kwargs)
@@ -324,15 +342,7 @@ class LoRALayer(nn.Module):
         for name in names:
             self.adapters[name].merged_row_scale = None
         merged = weight * row_scale[:, None] + low_rank
-        bias = self.base_layer.bias
-        linear = nn.Linear(
-            self.in_features, self.out_features, bias=bias is not None, device=weight.device,
-            dtype=dtype,
-        )  # fmt: skip
-        linear.weight.copy_(merged.to(dtype))
-        if bias is not None:
-            linear.bias.copy_(bias.to(dtype))
-        return linear
+        return self._plain_linear(merged, self.base_layer.bias, dtype)
 
     def _merge_terms(self, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         weight = self.base_weight()

@@ -1,14 +1,26 @@
-"""Save and load LoRA adapters in PEFT's on-disk format, byte-compatible with PEFT 0.21.
+"""Save and load adapters in PEFT's on-disk format, byte-compatible with PEFT 0.21.
 
-A folder holds `adapter_config.json` and `adapter_model.safetensors`, whose keys are
-`base_model.model.<module>.lora_A.weight` (r × in), `….lora_B.weight` (out × r),
-`….lora_magnitude_vector` (DoRA, out) and `base_model.model.<module>.<param>` for
-`modules_to_save` copies. The adapter named "default" lives in the folder itself, any other in
-`<dir>/<name>/` (PEFT's layout).
+A folder holds `adapter_config.json` and `adapter_model.safetensors`. Keys by method:
+- LoRA: `base_model.model.<module>.lora_A.weight` (r × in), `….lora_B.weight` (out × r),
+  `….lora_magnitude_vector` (DoRA, out);
+- IA3: `base_model.model.<module>.ia3_l`, (out × 1), or (1 × in) for feed-forward modules;
+- prompt tuning: `prompt_embeddings` (n × hidden);
+- prefix tuning: `prompt_embeddings` (n × layers·2·kv_heads·head_dim), per token the keys and
+  values of layer 0, then layer 1, …; a prefix trained through an MLP is saved as the MLP's
+  output (PEFT's rule), plus tunesmith's `prefix_projection.safetensors` with the MLP itself so
+  that training can resume;
+- bottleneck adapters (no PEFT equivalent; tunesmith's format, peft_type "BOTTLENECK", see
+  docs/bottleneck-format.md): `base_model.model.<sub-layer>.bottleneck_down.weight`
+  (width × hidden), `….bottleneck_down.bias`, `….bottleneck_up.weight` (hidden × width),
+  `….bottleneck_up.bias`;
+- `modules_to_save` copies: `base_model.model.<module>.<param>`.
+The adapter named "default" lives in the folder itself, any other in `<dir>/<name>/` (PEFT's
+layout).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import warnings
@@ -19,22 +31,42 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from tunesmith.adapters.bottleneck import BottleneckConfig, bottleneck_holders, hidden_size
+from tunesmith.adapters.ia3 import IA3Config
 from tunesmith.adapters.inject import (
     adapter_state,
-    add_lora,
+    add_adapter,
     delete_adapter,
     find_targets,
+    ia3_layers,
+    linear_wrappers,
     lora_layers,
+    method_of,
     saved_modules,
 )
-from tunesmith.adapters.lora import LoRAConfig, LoRALayer
-from tunesmith.errors import AdapterError
+from tunesmith.adapters.lora import LoRAConfig
+from tunesmith.adapters.prompt import (
+    PrefixTuningConfig,
+    PromptTuningConfig,
+    kv_shape,
+    virtual_tokens,
+)
+from tunesmith.errors import AdapterError, first_line
 from tunesmith.io import atomic_write_json, atomic_write_safetensors
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"
+PROJECTION_NAME = "prefix_projection.safetensors"
 PREFIX = "base_model.model."
+PROMPT_KEY = "prompt_embeddings"
+BOTTLENECK_FORMAT = "tunesmith-bottleneck"
+BOTTLENECK_FORMAT_VERSION = 1
+PEFT_TYPES = {
+    "LORA": "lora", "IA3": "ia3", "PROMPT_TUNING": "prompt", "PREFIX_TUNING": "prefix",
+    "BOTTLENECK": "bottleneck",
+}  # fmt: skip
+PROMPT_INIT_TO_PEFT = {"random": "RANDOM", "vocab": "SAMPLE_VOCAB", "text": "TEXT"}
 
 # Every key PEFT 0.21 writes for a LoRA adapter, with PEFT's default. What we write is this set.
 PEFT_LORA_DEFAULTS: dict[str, object] = {
@@ -156,9 +188,7 @@ def config_from_peft(raw: dict, source: str) -> LoRAConfig:
     PEFT features tunesmith lacks are refused when they are switched on."""
     peft_type = raw.get("peft_type", "LORA")
     if peft_type != "LORA":
-        raise AdapterError(
-            f"{source}: peft_type is {peft_type!r}; load_adapter reads LORA adapters"
-        )
+        raise AdapterError(f"{source}: peft_type is {peft_type!r}, not a LORA adapter")
     for key in UNSUPPORTED_UNLESS_DEFAULT:
         if key in raw and raw[key] not in (PEFT_LORA_DEFAULTS[key], None, [], {}):
             raise AdapterError(
@@ -202,23 +232,57 @@ def config_from_peft(raw: dict, source: str) -> LoRAConfig:
 
 
 # --- save ------------------------------------------------------------------------------------
-def adapter_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
-    """Adapter `name`'s tensors under PEFT's saved key names (detached, contiguous)."""
-    out: dict[str, torch.Tensor] = {}
+def tensor_homes(model: nn.Module, name: str) -> dict[str, tuple[nn.Module, str]]:
+    """Where each saved tensor of adapter `name` lives: {saved key: (module, attribute)}. A
+    prefix trained through an MLP has no home for its flattened prefix (see `adapter_tensors`)."""
+    homes: dict[str, tuple[nn.Module, str]] = {}
     for module_name, layer in lora_layers(model):
-        if name not in layer.adapters:
-            continue
-        adapter = layer.adapters[name]
-        key = PREFIX + module_name
-        out[f"{key}.lora_A.weight"] = adapter.lora_A
-        out[f"{key}.lora_B.weight"] = adapter.lora_B
-        if adapter.use_dora:
-            out[f"{key}.lora_magnitude_vector"] = adapter.lora_magnitude_vector
+        if name in layer.adapters:
+            adapter, key = layer.adapters[name], PREFIX + module_name
+            homes[f"{key}.lora_A.weight"] = (adapter, "lora_A")
+            homes[f"{key}.lora_B.weight"] = (adapter, "lora_B")
+            if adapter.use_dora:
+                homes[f"{key}.lora_magnitude_vector"] = (adapter, "lora_magnitude_vector")
+    for module_name, layer in ia3_layers(model):
+        if name in layer.adapters:
+            homes[f"{PREFIX}{module_name}.ia3_l"] = (layer.adapters[name], "weight")
+    for module_name, holder in bottleneck_holders(model):
+        if name in holder.adapters:
+            adapter, key = holder.adapters[name], PREFIX + module_name
+            for part in ("down", "up"):
+                for attr in ("weight", "bias"):
+                    homes[f"{key}.bottleneck_{part}.{attr}"] = (getattr(adapter, part), attr)
+    holder = virtual_tokens(model)
+    if holder is not None and name in holder.adapters:
+        adapter = holder.adapters[name]
+        if getattr(adapter, "transform", None) is None:
+            homes[PROMPT_KEY] = (adapter, "embedding")
     for module_name, wrapper in saved_modules(model):
         if name in wrapper.modules_to_save:
-            for param_name, tensor in wrapper.modules_to_save[name].state_dict().items():
-                out[f"{PREFIX}{module_name}.{param_name}"] = tensor
+            copy = wrapper.modules_to_save[name]
+            for param_name, _ in list(copy.named_parameters()) + list(copy.named_buffers()):
+                owner_name, _, attr = param_name.rpartition(".")
+                owner = copy.get_submodule(owner_name) if owner_name else copy
+                homes[f"{PREFIX}{module_name}.{param_name}"] = (owner, attr)
+    return homes
+
+
+def adapter_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    """Adapter `name`'s tensors under PEFT's saved key names (detached, contiguous)."""
+    out = {key: getattr(owner, attr) for key, (owner, attr) in tensor_homes(model, name).items()}
+    holder = virtual_tokens(model)
+    if holder is not None and name in holder.adapters:
+        with torch.no_grad():
+            out[PROMPT_KEY] = holder.adapters[name].saved_tensor()
     return {k: v.detach().contiguous() for k, v in out.items()}
+
+
+def _projection_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor] | None:
+    holder = virtual_tokens(model)
+    adapter = holder.adapters[name] if holder is not None and name in holder.adapters else None
+    if adapter is None or getattr(adapter, "transform", None) is None:
+        return None
+    return {k: v.detach().contiguous() for k, v in adapter.state_dict().items()}
 
 
 def save_adapter(
@@ -242,13 +306,81 @@ def save_adapter(
             )
         folder = Path(directory) if name == "default" else Path(directory) / name
         folder.mkdir(parents=True, exist_ok=True)
-        targets = [n for n, layer in lora_layers(model) if name in layer.adapters]
-        config = config_to_peft(state.configs[name], targets, model, base_path)
+        config = config_dict(model, name, base_path)
         # Weights first: a folder whose config exists is complete.
         atomic_write_safetensors(adapter_tensors(model, name), folder / WEIGHTS_NAME)
+        projection = _projection_tensors(model, name)
+        if projection is not None:
+            atomic_write_safetensors(projection, folder / PROJECTION_NAME)
+        else:
+            (folder / PROJECTION_NAME).unlink(missing_ok=True)
         atomic_write_json(config, folder / CONFIG_NAME)
         written.append(folder)
     return written
+
+
+def config_dict(model: nn.Module, name: str, base_path: str | None) -> dict:
+    """The `adapter_config.json` contents for adapter `name` (PEFT's keys where PEFT has the
+    method)."""
+    config = adapter_state(model).configs[name]
+    if isinstance(config, LoRAConfig):
+        targets = [n for n, layer in lora_layers(model) if name in layer.adapters]
+        return config_to_peft(config, targets, model, base_path)
+    common = {
+        "auto_mapping": None, "base_model_name_or_path": base_path, "inference_mode": True,
+        "revision": None, "task_type": "CAUSAL_LM",
+    }  # fmt: skip
+    if isinstance(config, IA3Config):
+        targets = [n for n, layer in ia3_layers(model) if name in layer.adapters]
+        ff = [n for n, layer in ia3_layers(model) if name in layer.adapters and layer.feedforward]
+        leaves = sorted({t.rsplit(".", 1)[-1] for t in targets})
+        probe = IA3Config(leaves, [], config.exclude, config.modules_to_save)
+        exact = _safe_find(model, probe) == targets
+        ff_leaves = sorted({t.rsplit(".", 1)[-1] for t in ff})
+        ff_exact = exact and [t for t in targets if any(t.endswith(f) for f in ff_leaves)] == ff
+        return {
+            **common, "peft_type": "IA3", "exclude_modules": config.exclude if exact else None,
+            "fan_in_fan_out": any(
+                layer.fan_in_fan_out for n, layer in ia3_layers(model) if n in targets
+            ),
+            "feedforward_modules": ff_leaves if ff_exact else ff, "init_ia3_weights": True,
+            "modules_to_save": list(config.modules_to_save) if config.modules_to_save else None,
+            "target_modules": leaves if exact else targets,
+        }  # fmt: skip
+    text = model.config.get_text_config(decoder=True) if hasattr(model, "config") else None
+    if isinstance(config, PromptTuningConfig):
+        init = PROMPT_INIT_TO_PEFT[config.init]
+        tokenizer_path = base_path if init == "TEXT" else None
+        if init == "TEXT" and not base_path:
+            init = "RANDOM"  # PEFT insists on a tokenizer path for TEXT; the weights are saved
+        return {
+            **common, "peft_type": "PROMPT_TUNING", "modules_to_save": None,
+            "num_attention_heads": text.num_attention_heads, "num_layers": text.num_hidden_layers,
+            "num_transformer_submodules": 1, "num_virtual_tokens": config.num_virtual_tokens,
+            "prompt_tuning_init": init,
+            "prompt_tuning_init_text": config.init_text if init == "TEXT" else None,
+            "token_dim": hidden_size(model), "tokenizer_kwargs": None,
+            "tokenizer_name_or_path": tokenizer_path,
+        }  # fmt: skip
+    if isinstance(config, PrefixTuningConfig):
+        shape = kv_shape(model)
+        return {
+            **common, "peft_type": "PREFIX_TUNING",
+            "encoder_hidden_size": config.encoder_hidden_size or hidden_size(model),
+            "init_weights": None, "modules_to_save": None, "num_attention_heads": shape.heads,
+            "num_layers": shape.layers, "num_transformer_submodules": 1,
+            "num_virtual_tokens": config.num_virtual_tokens,
+            "prefix_projection": config.projection, "token_dim": shape.heads * shape.head_dim,
+        }  # fmt: skip
+    holders = [(n, h) for n, h in bottleneck_holders(model) if name in h.adapters]
+    hidden = hidden_size(model)
+    return {
+        **common, "peft_type": "BOTTLENECK", "format": BOTTLENECK_FORMAT,
+        "format_version": BOTTLENECK_FORMAT_VERSION, "style": config.style,
+        "reduction_factor": config.reduction_factor, "bottleneck_size": config.width(hidden),
+        "hidden_size": hidden, "nonlinearity": config.nonlinearity, "dropout": config.dropout,
+        "target_modules": [n for n, _ in holders],
+    }  # fmt: skip
 
 
 # --- load ------------------------------------------------------------------------------------
@@ -290,11 +422,12 @@ def load_adapter(
     trainable: bool = False,
     allow_pickle: bool = False,
 ) -> nn.Module:
-    """Load a PEFT-format LoRA adapter from `directory` (or `directory/<name>/`) as `name`.
+    """Load an adapter from `directory` (or `directory/<name>/`) as `name`: PEFT's LoRA, IA3,
+    prompt-tuning and prefix-tuning formats, and tunesmith's bottleneck format.
 
     A new name is injected and becomes the one active adapter. An existing name is hot-swapped:
     its weights are replaced in place, the module structure is untouched, and parameters keep
-    their identity when ranks match (a compiled model need not recompile).
+    their identity when shapes match (a compiled model need not recompile).
     """
     folder = find_adapter_folder(directory, name)
     config_path = folder / CONFIG_NAME
@@ -302,15 +435,22 @@ def load_adapter(
         raw = json.loads(config_path.read_text())
     except json.JSONDecodeError as err:
         raise AdapterError(f"{config_path} is not valid JSON: {err}") from None
-    config = config_from_peft(raw, str(config_path))
+    if not isinstance(raw, dict):
+        raise AdapterError(f"{config_path} must hold a JSON object")
+    projected = (folder / PROJECTION_NAME).is_file()
+    config = read_config(raw, str(config_path), model, has_projection=projected)
     tensors = read_adapter_weights(folder, allow_pickle)
     state = adapter_state(model)
     hot_swap = name in state.configs
     if hot_swap:
         _check_hot_swap(model, name, state.configs[name], config, folder)
     else:
-        add_lora(model, config, name, trainable=trainable)
+        add_adapter(model, _creation_config(config), name, trainable=trainable)
     try:
+        projection = _projection_tensors(model, name)
+        if projection is not None:
+            tensors = {k: v for k, v in tensors.items() if k != PROMPT_KEY}
+            _copy_projection(model, name, folder / PROJECTION_NAME)
         _copy_tensors(model, name, tensors, folder / WEIGHTS_NAME, config, resize=hot_swap)
     except AdapterError:
         if not hot_swap:
@@ -320,48 +460,169 @@ def load_adapter(
     return model
 
 
+def _creation_config(config):
+    """The config to build an adapter whose weights are about to be loaded: initialisation
+    that needs a tokenizer or model passes is skipped."""
+    if isinstance(config, (PromptTuningConfig, PrefixTuningConfig)) and config.init != "random":
+        return dataclasses.replace(config, init="random", init_text=None)
+    return config
+
+
+@torch.no_grad()
+def _copy_projection(model: nn.Module, name: str, path: Path) -> None:
+    adapter = virtual_tokens(model).adapters[name]
+    try:
+        tensors = load_file(str(path))
+        adapter.load_state_dict(
+            {k: v.to(adapter.embedding.device) for k, v in tensors.items()}, strict=True
+        )
+    except (RuntimeError, OSError) as err:
+        raise AdapterError(f"{path}: does not fit the prefix MLP ({first_line(err)})") from None
+
+
+def read_config(raw: dict, source: str, model: nn.Module, has_projection: bool = False):
+    """The adapter config an `adapter_config.json` dict describes, checked against `model`."""
+    peft_type = raw.get("peft_type", "LORA")
+    method = PEFT_TYPES.get(peft_type)
+    if method is None:
+        raise AdapterError(
+            f"{source}: peft_type {peft_type!r} is not supported; tunesmith loads "
+            f"{', '.join(PEFT_TYPES)}"
+        )
+    if method == "lora":
+        return config_from_peft(raw, source)
+    task = raw.get("task_type", "CAUSAL_LM")
+    if task not in (None, "CAUSAL_LM"):
+        raise AdapterError(f"{source}: task_type {task!r}; tunesmith loads CAUSAL_LM adapters")
+    known = KNOWN_KEYS[method]
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        warnings.warn(
+            f"{source}: ignoring keys unknown to tunesmith: {', '.join(unknown)}", stacklevel=3
+        )
+    try:
+        if method == "ia3":
+            if raw.get("target_modules") is None:
+                raise AdapterError("target_modules is missing; cannot tell which modules")
+            return IA3Config(
+                targets=raw["target_modules"], feedforward=raw.get("feedforward_modules") or [],
+                exclude=raw.get("exclude_modules"), modules_to_save=raw.get("modules_to_save"),
+            )  # fmt: skip
+        if raw.get("num_transformer_submodules", 1) != 1:
+            raise AdapterError("num_transformer_submodules must be 1 (a decoder-only model)")
+        if method == "prompt":
+            if raw.get("token_dim") not in (None, hidden_size(model)):
+                raise AdapterError(
+                    f"token_dim is {raw['token_dim']} but {type(model).__name__} has hidden size "
+                    f"{hidden_size(model)}; the adapter was made for another base model"
+                )
+            init = {v: k for k, v in PROMPT_INIT_TO_PEFT.items()}.get(
+                raw.get("prompt_tuning_init"), "random"
+            )
+            text = raw.get("prompt_tuning_init_text")
+            return PromptTuningConfig(
+                raw["num_virtual_tokens"], init if init != "text" or text else "random", text
+            )
+        if method == "prefix":
+            shape = kv_shape(model)
+            found = (raw.get("num_layers"), raw.get("token_dim"))
+            if found != (shape.layers, shape.heads * shape.head_dim):
+                raise AdapterError(
+                    f"the prefix is for {found[0]} layers × {found[1]} key/value dims but "
+                    f"{type(model).__name__} has {shape.layers} × {shape.heads * shape.head_dim}; "
+                    "the adapter was made for another base model"
+                )
+            projection = bool(raw.get("prefix_projection")) and has_projection
+            return PrefixTuningConfig(
+                raw["num_virtual_tokens"], projection=projection,
+                encoder_hidden_size=raw.get("encoder_hidden_size") if projection else None,
+                init="random",
+            )  # fmt: skip
+        return _bottleneck_config(raw, model)
+    except KeyError as err:
+        raise AdapterError(f"{source}: {err.args[0]} is missing") from None
+    except AdapterError as err:
+        raise AdapterError(f"{source}: {err}") from None
+
+
+def _bottleneck_config(raw: dict, model: nn.Module) -> BottleneckConfig:
+    if raw.get("format") != BOTTLENECK_FORMAT:
+        raise AdapterError(f"format must be {BOTTLENECK_FORMAT!r}, got {raw.get('format')!r}")
+    version = raw.get("format_version")
+    if version != BOTTLENECK_FORMAT_VERSION:
+        raise AdapterError(
+            f"format_version {version!r} is not supported (this tunesmith reads version "
+            f"{BOTTLENECK_FORMAT_VERSION}); upgrade tunesmith"
+        )
+    config = BottleneckConfig(
+        style=raw["style"], reduction_factor=raw["reduction_factor"],
+        nonlinearity=raw["nonlinearity"], dropout=raw.get("dropout", 0.0),
+        targets=raw["target_modules"],
+    )  # fmt: skip
+    hidden = hidden_size(model)
+    if raw.get("hidden_size", hidden) != hidden or raw.get("bottleneck_size") not in (
+        None, config.width(hidden),
+    ):  # fmt: skip
+        raise AdapterError(
+            f"the adapter is for hidden size {raw.get('hidden_size')} (bottleneck "
+            f"{raw.get('bottleneck_size')}) but {type(model).__name__} has hidden size {hidden}; "
+            "the adapter was made for another base model"
+        )
+    return config
+
+
+_COMMON_KEYS = {
+    "auto_mapping", "base_model_name_or_path", "inference_mode", "revision", "task_type",
+    "peft_type", "peft_version", "modules_to_save",
+}  # fmt: skip
+_PROMPT_LEARNING_KEYS = _COMMON_KEYS | {
+    "num_attention_heads", "num_layers", "num_transformer_submodules", "num_virtual_tokens",
+    "token_dim",
+}  # fmt: skip
+KNOWN_KEYS = {
+    "ia3": _COMMON_KEYS | {
+        "exclude_modules", "fan_in_fan_out", "feedforward_modules", "init_ia3_weights",
+        "target_modules",
+    },
+    "prompt": _PROMPT_LEARNING_KEYS | {
+        "prompt_tuning_init", "prompt_tuning_init_text", "tokenizer_kwargs",
+        "tokenizer_name_or_path",
+    },
+    "prefix": _PROMPT_LEARNING_KEYS | {"encoder_hidden_size", "init_weights", "prefix_projection"},
+    "bottleneck": _COMMON_KEYS | {
+        "format", "format_version", "style", "reduction_factor", "bottleneck_size",
+        "hidden_size", "nonlinearity", "dropout", "target_modules",
+    },
+}  # fmt: skip
+
+
 @torch.no_grad()
 def _copy_tensors(
     model: nn.Module,
     name: str,
     tensors: dict[str, torch.Tensor],
     source: Path,
-    config: LoRAConfig,
+    config,
     resize: bool,
 ) -> None:
     """Copy adapter tensors into the model's adapter `name`. Every tensor must have a home and
-    fit it; with `resize` (hot swap) a different rank replaces the parameter instead."""
-    expected: dict[str, tuple[nn.Module, str]] = {}
-    layers: dict[str, LoRALayer] = {}
-    for module_name, layer in lora_layers(model):
-        if name not in layer.adapters:
-            continue
-        layers[module_name] = layer
-        adapter = layer.adapters[name]
-        key = PREFIX + module_name
-        expected[f"{key}.lora_A.weight"] = (adapter, "lora_A")
-        expected[f"{key}.lora_B.weight"] = (adapter, "lora_B")
-        if adapter.use_dora:
-            expected[f"{key}.lora_magnitude_vector"] = (adapter, "lora_magnitude_vector")
-    for module_name, wrapper in saved_modules(model):
-        if name in wrapper.modules_to_save:
-            copy = wrapper.modules_to_save[name]
-            for param_name, _ in list(copy.named_parameters()) + list(copy.named_buffers()):
-                owner_name, _, attr = param_name.rpartition(".")
-                owner = copy.get_submodule(owner_name) if owner_name else copy
-                expected[f"{PREFIX}{module_name}.{param_name}"] = (owner, attr)
-
+    fit it; with `resize` (hot swap) a different LoRA rank replaces the parameter instead."""
+    expected = tensor_homes(model, name)
+    layers = {n: layer for n, layer in lora_layers(model) if name in layer.adapters}
     unexpected = [k for k in tensors if k not in expected]
     if unexpected:
+        where = f"targets {len(layers)} modules" if layers else f"is {method_of(config)}"
         raise AdapterError(
             f"{source}: tensor {unexpected[0]} has no matching module in "
-            f"{type(model).__name__} (adapter {name!r} targets {len(layers)} modules); "
+            f"{type(model).__name__} (adapter {name!r} {where}); "
             "the adapter was made for a different model or target set"
         )
     missing = [k for k in expected if k not in tensors]
     lora_missing = [k for k in missing if ".lora_" in k]
     if lora_missing and not resize:
         raise AdapterError(f"{source}: tensor {lora_missing[0]} is missing from the adapter file")
+    if missing and not isinstance(config, LoRAConfig):
+        raise AdapterError(f"{source}: tensor {missing[0]} is missing from the adapter file")
 
     # Check every shape before writing anything, so a bad file changes nothing.
     plan = []
@@ -401,9 +662,25 @@ def _copy_tensors(
         layer.adapters[name].scaling.fill_(config.scaling_for(module_name))
 
 
-def _check_hot_swap(
-    model: nn.Module, name: str, old: LoRAConfig, new: LoRAConfig, folder: Path
-) -> None:
+def _check_hot_swap(model: nn.Module, name: str, old, new, folder: Path) -> None:
+    if type(old) is not type(new):
+        raise AdapterError(
+            f"cannot hot-swap {folder} into adapter {name!r}: it is a {method_of(new)} adapter "
+            f"and {name!r} is {method_of(old)}; delete_adapter(model, {name!r}) first"
+        )
+    if not isinstance(new, LoRAConfig):
+        if _structure(old) != _structure(new):
+            raise AdapterError(
+                f"cannot hot-swap {folder} into adapter {name!r}: its settings differ from the "
+                f"loaded one's; delete_adapter(model, {name!r}) first"
+            )
+        for module_name, layer in linear_wrappers(model):
+            if name in layer.merged:
+                raise AdapterError(
+                    f"adapter {name!r} is merged into {module_name}; unmerge(model) before "
+                    "hot-swapping"
+                )
+        return
     for field_name in ("use_dora", "init"):
         a, b = getattr(old, field_name), getattr(new, field_name)
         if a != b and (field_name == "use_dora" or "pissa" in (a, b)):
@@ -416,6 +693,15 @@ def _check_hot_swap(
             raise AdapterError(
                 f"adapter {name!r} is merged into {module_name}; unmerge(model) before hot-swapping"
             )
+
+
+def _structure(config) -> tuple:
+    """The settings that shape an adapter's modules beyond its tensors' shapes."""
+    if isinstance(config, (PromptTuningConfig, PrefixTuningConfig)):
+        return (config.num_virtual_tokens, getattr(config, "projection", False))
+    if isinstance(config, BottleneckConfig):
+        return (config.nonlinearity, config.reduction_factor)
+    return ()
 
 
 def _same_except_rank(attr: str, new: torch.Size, old: torch.Size) -> bool:
