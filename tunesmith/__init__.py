@@ -13,10 +13,19 @@ from tunesmith.errors import AdapterError, TunesmithError
 __version__ = "0.1.0"
 
 _ADAPTER_API = (
+    "BottleneckConfig",
+    "IA3Config",
     "LoRAConfig",
+    "PrefixTuningConfig",
+    "PromptTuningConfig",
     "active_adapters",
     "adapter_names",
+    "add_adapter",
+    "add_bottleneck",
+    "add_ia3",
     "add_lora",
+    "add_prefix_tuning",
+    "add_prompt_tuning",
     "delete_adapter",
     "disabled",
     "load_adapter",

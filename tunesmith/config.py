@@ -104,6 +104,9 @@ class LoRAMethod(Section):
         names = {f.name for f in dataclass_fields(LoRAConfig)}
         return LoRAConfig(**{k: v for k, v in self.model_dump().items() if k in names})
 
+    def to_adapter_config(self):
+        return self.to_lora_config()
+
 
 class QLoRAMethod(LoRAMethod):
     name: Literal["qlora"] = "qlora"
@@ -119,11 +122,123 @@ class QLoRAMethod(LoRAMethod):
     on a GPU that supports it, fp32 on CPU). Nothing is upcast to fp32 on a GPU."""
 
 
+class _AdapterMethod(Section):
+    """A method whose settings become one of the adapter library's config dataclasses."""
+
+    def to_adapter_config(self):
+        raise NotImplementedError
+
+    @model_validator(mode="after")
+    def _check_adapter_config(self):
+        from tunesmith.errors import AdapterError
+
+        try:
+            self.to_adapter_config()
+        except AdapterError as err:
+            raise ValueError(str(err)) from None
+        return self
+
+
+class PromptMethod(_AdapterMethod):
+    name: Literal["prompt"] = "prompt"
+    """Prompt tuning: trainable virtual-token embeddings prepended to every input."""
+    num_virtual_tokens: int = Field(20, gt=0)
+    """How many virtual tokens."""
+    init: Literal["vocab", "random", "text"] = "vocab"
+    """Start from embeddings of random vocabulary tokens ("vocab"), of init_text ("text"), or
+    random normal ones with the embeddings' scale ("random")."""
+    init_text: str | None = None
+    """Text whose token embeddings start the prompt (init "text")."""
+
+    def to_adapter_config(self):
+        from tunesmith.adapters.prompt import PromptTuningConfig
+
+        return PromptTuningConfig(self.num_virtual_tokens, self.init, self.init_text)
+
+
+class PrefixMethod(_AdapterMethod):
+    name: Literal["prefix"] = "prefix"
+    """Prefix tuning: trainable key/value prefixes in every attention layer."""
+    num_virtual_tokens: int = Field(20, gt=0)
+    """Prefix length in virtual tokens."""
+    projection: bool = False
+    """Train the prefix through an MLP (saved as its output, as PEFT does)."""
+    encoder_hidden_size: int | None = Field(None, gt=0)
+    """Hidden size of that MLP (default: the model's hidden size)."""
+    init: Literal["vocab", "random", "text"] = "vocab"
+    """Start from the keys/values of random vocabulary tokens ("vocab"), of init_text ("text"),
+    or standard normal ones ("random", the only choice with projection)."""
+    init_text: str | None = None
+    """Text whose keys/values start the prefix (init "text")."""
+
+    def to_adapter_config(self):
+        from tunesmith.adapters.prompt import PrefixTuningConfig
+
+        return PrefixTuningConfig(
+            self.num_virtual_tokens, self.projection, self.encoder_hidden_size, self.init,
+            self.init_text,
+        )  # fmt: skip
+
+
+class BottleneckMethod(_AdapterMethod):
+    name: Literal["bottleneck"] = "bottleneck"
+    """Bottleneck adapters: small residual MLPs after the attention and/or MLP sub-layers."""
+    style: Literal["houlsby", "pfeiffer"] = "pfeiffer"
+    """"houlsby": after attention and after the MLP; "pfeiffer": after the MLP only."""
+    reduction_factor: int = Field(16, gt=0)
+    """Bottleneck width = hidden size / reduction_factor."""
+    nonlinearity: Literal["relu", "gelu", "silu", "tanh"] = "relu"
+    """Activation inside the bottleneck."""
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """Dropout on the adapter's input during training."""
+    targets: list[str] | None = None
+    """Sub-layers to adapt (e.g. ["mlp"]); default from style."""
+    layers: list[int] | None = None
+    """Only adapt these layer indices."""
+
+    def to_adapter_config(self):
+        from tunesmith.adapters.bottleneck import BottleneckConfig
+
+        return BottleneckConfig(
+            self.style, self.reduction_factor, self.nonlinearity, self.dropout, self.targets,
+            self.layers,
+        )  # fmt: skip
+
+
+class IA3Method(_AdapterMethod):
+    name: Literal["ia3"] = "ia3"
+    """IA3: learned scaling vectors on keys, values and the MLP's intermediate activation."""
+    targets: str | list[str] | None = None
+    """Modules to scale (default: PEFT's per architecture, e.g. k_proj, v_proj, down_proj)."""
+    feedforward: str | list[str] | None = None
+    """Which targets scale their input (default: the MLP's down projection)."""
+    exclude: str | list[str] | None = None
+    """Modules never to adapt."""
+    modules_to_save: list[str] | None = None
+    """Modules trained in full as a copy saved with the adapter."""
+
+    def to_adapter_config(self):
+        from tunesmith.adapters.ia3 import IA3Config
+
+        return IA3Config(self.targets, self.feedforward, self.exclude, self.modules_to_save)
+
+
 Method = Annotated[
-    Union[FullMethod, LoRAMethod, QLoRAMethod],  # noqa: UP007
+    Union[  # noqa: UP007
+        FullMethod, LoRAMethod, QLoRAMethod, PromptMethod, PrefixMethod, BottleneckMethod,
+        IA3Method,
+    ],  # fmt: skip
     Field(discriminator="name"),
 ]
-METHOD_CLASSES = {"full": FullMethod, "lora": LoRAMethod, "qlora": QLoRAMethod}
+METHOD_CLASSES = {
+    "full": FullMethod, "lora": LoRAMethod, "qlora": QLoRAMethod, "prompt": PromptMethod,
+    "prefix": PrefixMethod, "bottleneck": BottleneckMethod, "ia3": IA3Method,
+}  # fmt: skip
+DEFAULT_LR = {
+    "full": 2e-5, "lora": 2e-4, "qlora": 2e-4, "prompt": 3e-2, "prefix": 1e-2,
+    "bottleneck": 1e-3, "ia3": 3e-3,
+}  # fmt: skip
+"""Peak learning rates when train.lr is not set: the usual choices for each method."""
 
 
 class DatasetSource(Section):
@@ -234,7 +349,8 @@ class DataSection(Section):
 
 class TrainSection(Section):
     lr: float | None = Field(None, gt=0)
-    """Peak learning rate. Default: 2e-4 for adapters, 2e-5 for full fine-tuning."""
+    """Peak learning rate. Default by method: full 2e-5, lora/qlora 2e-4, prompt 3e-2,
+    prefix 1e-2, bottleneck 1e-3, ia3 3e-3."""
     epochs: float = Field(1.0, gt=0)
     """Passes over the training data (ignored when max_steps is set)."""
     max_steps: int | None = Field(None, gt=0)
@@ -293,8 +409,8 @@ class RunConfig(Section):
     model: ModelSection
     """The base model and how to load it."""
     method: Method = LoRAMethod()
-    """How to train: a method name ("lora", "qlora", "full") or a mapping with `name` and
-    settings."""
+    """How to train: a method name (lora, qlora, full, prompt, prefix, bottleneck, ia3) or a
+    mapping with `name` and settings."""
     data: DataSection
     """Training and validation data."""
     train: TrainSection = TrainSection()
@@ -316,8 +432,13 @@ class RunConfig(Section):
     @model_validator(mode="after")
     def _method_defaults(self) -> RunConfig:
         full = self.method.name == "full"
+        if self.method.name in ("prompt", "prefix") and self.data.packing:
+            raise ValueError(
+                f"data.packing cannot be used with method {self.method.name}: every sequence "
+                "needs its own virtual tokens in front; set data.packing: false"
+            )
         if self.train.lr is None:
-            self.train.lr = 2e-5 if full else 2e-4
+            self.train.lr = DEFAULT_LR[self.method.name]
         if self.train.gradient_checkpointing is None:
             self.train.gradient_checkpointing = not full
         return self

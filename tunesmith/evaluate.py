@@ -244,7 +244,7 @@ def evaluate_models(
     `data_path`) for the base model and each adapter (or fully fine-tuned model folder)."""
     from pathlib import Path
 
-    from tunesmith.adapters import load_adapter, set_active
+    from tunesmith.adapters import delete_adapter, load_adapter
     from tunesmith.data import prepare_data
     from tunesmith.models import (
         compute_dtype,
@@ -292,8 +292,9 @@ def evaluate_models(
         if (path / "adapter_config.json").is_file():
             name = f"a{i}"
             load_adapter(model, path, name=name)
-            set_active(model, name)
             columns.append(column(label, model))
+            delete_adapter(model, name)  # each adapter alone on the base (LoRA and IA3 may
+            # target the same modules)
         elif (path / "config.json").is_file():  # a fully fine-tuned model
             other = load_model(config.model.model_copy(update={"path": str(path)}), device, dtype)
             columns.append(column(label, other.eval()))

@@ -2,10 +2,10 @@
 
     summary = train(load_config("run.yaml"))
 
-Loads the tokenizer, data and model with the run config's policy, attaches the method (LoRA
-or full), then runs optimizer steps of `grad_accum_steps` micro-batches. The loss of a step is
-the sum of token losses over all its micro-batches divided by the trained tokens of the whole
-step, so accumulation gives exactly the gradient of one big batch. Checkpoints (weights,
+Loads the tokenizer, data and model with the run config's policy, attaches the method (an
+adapter, or full fine-tuning), then runs optimizer steps of `grad_accum_steps` micro-batches.
+The loss of a step is the sum of token losses over all its micro-batches divided by the trained
+tokens of the whole step, so accumulation gives exactly the gradient of one big batch. Checkpoints (weights,
 optimizer, scheduler, RNG, data position) are written atomically every
 `train.save_every_steps` and at the end; `resume="latest"` or a checkpoint path continues a run
 with the same losses it would have had uninterrupted."""
@@ -133,10 +133,10 @@ class Run:
         weights_dtype = torch.float32 if master else self.dtype
         self.model = load_base_for(cfg.method, cfg.model, self.device, weights_dtype)
         if not full:
-            from tunesmith.adapters import add_lora
+            from tunesmith.adapters import add_adapter
 
             torch.manual_seed(cfg.train.seed)
-            add_lora(self.model, cfg.method.to_lora_config())
+            add_adapter(self.model, cfg.method.to_adapter_config(), tokenizer=self.tokenizer)
         if cfg.train.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False}
