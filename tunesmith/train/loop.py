@@ -5,8 +5,8 @@
 Loads the tokenizer, data and model with the run config's policy, attaches the method (an
 adapter, or full fine-tuning), then runs optimizer steps of `grad_accum_steps` micro-batches.
 The loss of a step is the sum of token losses over all its micro-batches divided by the trained
-tokens of the whole step, so accumulation gives exactly the gradient of one big batch. Checkpoints (weights,
-optimizer, scheduler, RNG, data position) are written atomically every
+tokens of the whole step, so accumulation gives exactly the gradient of one big batch.
+Checkpoints (weights, optimizer, scheduler, RNG, data position) are written atomically every
 `train.save_every_steps` and at the end; `resume="latest"` or a checkpoint path continues a run
 with the same losses it would have had uninterrupted."""
 
