@@ -79,7 +79,8 @@ def make_config(tmp_path: Path, tiny_dir: Path, **sections):
         "output_dir": str(tmp_path / "out"),
     }
     for key, value in sections.items():
-        raw[key] = {**raw.get(key, {}), **value} if isinstance(value, dict) else value
+        merge = isinstance(value, dict) and key != "method"
+        raw[key] = {**raw.get(key, {}), **value} if merge else value
     return config_from_dict(raw)
 
 

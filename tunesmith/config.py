@@ -225,7 +225,12 @@ class IA3Method(_AdapterMethod):
 
 Method = Annotated[
     Union[  # noqa: UP007
-        FullMethod, LoRAMethod, QLoRAMethod, PromptMethod, PrefixMethod, BottleneckMethod,
+        FullMethod,
+        LoRAMethod,
+        QLoRAMethod,
+        PromptMethod,
+        PrefixMethod,
+        BottleneckMethod,
         IA3Method,
     ],  # fmt: skip
     Field(discriminator="name"),
