@@ -105,7 +105,8 @@ def test_missing_sections_and_method_names():
         "<config>: data.datasets: must not be empty",
     ]
     assert problems(lambda: config_from_dict({**MINIMAL, "method": "lorra"})) == [
-        '<config>: method.name: expected one of full, lora, qlora, got "lorra"; '
+        "<config>: method.name: expected one of full, lora, qlora, prompt, prefix, bottleneck, "
+        'ia3, got "lorra"; '
         'did you mean "lora"?'
     ]
     assert problems(lambda: config_from_dict({**MINIMAL, "method": {"name": "full", "r": 8}})) == [
@@ -189,7 +190,7 @@ def test_every_field_is_documented_in_the_schema():
     for cls in METHOD_CLASSES.values():
         for name, field in cls.model_fields.items():
             assert field.description, f"{cls.__name__}.{name} has no docstring"
-    assert "  lr: null  # float | null. Peak learning rate. Default: 2e-4 for adapters" in text
+    assert "  lr: null  # float | null. Peak learning rate. Default by method: full 2e-5" in text
     assert "  path: (required)  # str. Base model" in text
 
 
