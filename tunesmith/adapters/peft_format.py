@@ -668,18 +668,17 @@ def _check_hot_swap(model: nn.Module, name: str, old, new, folder: Path) -> None
             f"cannot hot-swap {folder} into adapter {name!r}: it is a {method_of(new)} adapter "
             f"and {name!r} is {method_of(old)}; delete_adapter(model, {name!r}) first"
         )
+    for module_name, layer in linear_wrappers(model):
+        if name in layer.merged:
+            raise AdapterError(
+                f"adapter {name!r} is merged into {module_name}; unmerge(model) before hot-swapping"
+            )
     if not isinstance(new, LoRAConfig):
         if _structure(old) != _structure(new):
             raise AdapterError(
                 f"cannot hot-swap {folder} into adapter {name!r}: its settings differ from the "
                 f"loaded one's; delete_adapter(model, {name!r}) first"
             )
-        for module_name, layer in linear_wrappers(model):
-            if name in layer.merged:
-                raise AdapterError(
-                    f"adapter {name!r} is merged into {module_name}; unmerge(model) before "
-                    "hot-swapping"
-                )
         return
     for field_name in ("use_dora", "init"):
         a, b = getattr(old, field_name), getattr(new, field_name)
@@ -687,11 +686,6 @@ def _check_hot_swap(model: nn.Module, name: str, old, new, folder: Path) -> None
             raise AdapterError(
                 f"cannot hot-swap {folder} into adapter {name!r}: {field_name} differs "
                 f"({b!r} in the file, {a!r} loaded); delete_adapter(model, {name!r}) first"
-            )
-    for module_name, layer in lora_layers(model):
-        if name in layer.merged:
-            raise AdapterError(
-                f"adapter {name!r} is merged into {module_name}; unmerge(model) before hot-swapping"
             )
 
 

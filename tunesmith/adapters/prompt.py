@@ -40,9 +40,13 @@ from tunesmith.errors import AdapterError
 ATTR = "tunesmith_virtual_tokens"
 
 
-def _check_count(n: object) -> None:
+def _check_common(n: object, init: str, init_text: str | None, what: str) -> None:
     if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
         raise AdapterError(f"num_virtual_tokens must be a positive integer, got {n!r}")
+    if init not in ("vocab", "random", "text"):
+        raise AdapterError(f"init must be vocab, random or text; got {init!r}")
+    if init == "text" and not init_text:
+        raise AdapterError(f'init "text" needs init_text (the text whose {what} start it)')
 
 
 @dataclass
@@ -59,11 +63,7 @@ class PromptTuningConfig:
     """The text for init "text", e.g. "Answer the question about the word list:"."""
 
     def __post_init__(self) -> None:
-        _check_count(self.num_virtual_tokens)
-        if self.init not in ("vocab", "random", "text"):
-            raise AdapterError(f"init must be vocab, random or text; got {self.init!r}")
-        if self.init == "text" and not self.init_text:
-            raise AdapterError('init "text" needs init_text (the text whose embeddings start it)')
+        _check_common(self.num_virtual_tokens, self.init, self.init_text, "embeddings")
 
 
 @dataclass
@@ -86,11 +86,7 @@ class PrefixTuningConfig:
     """The text for init "text"."""
 
     def __post_init__(self) -> None:
-        _check_count(self.num_virtual_tokens)
-        if self.init not in ("vocab", "random", "text"):
-            raise AdapterError(f"init must be vocab, random or text; got {self.init!r}")
-        if self.init == "text" and not self.init_text:
-            raise AdapterError('init "text" needs init_text (the text whose keys/values start it)')
+        _check_common(self.num_virtual_tokens, self.init, self.init_text, "keys/values")
         if self.projection and self.init != "random":
             raise AdapterError(
                 f"init {self.init!r} sets the prefix itself, which projection=true computes from "
