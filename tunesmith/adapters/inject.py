@@ -90,29 +90,27 @@ def active_adapters(model: nn.Module) -> list[str]:
     return list(adapter_state(model).active)
 
 
-def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALayer]]:
+def _modules_of(model: nn.Module, kind: type | tuple[type, ...]) -> Iterator[tuple[str, nn.Module]]:
     for name, module in model.named_modules():
-        if isinstance(module, LoRALayer):
+        if isinstance(module, kind):
             yield name, module
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALayer]]:
+    return _modules_of(model, LoRALayer)
 
 
 def ia3_layers(model: nn.Module) -> Iterator[tuple[str, IA3Layer]]:
-    for name, module in model.named_modules():
-        if isinstance(module, IA3Layer):
-            yield name, module
+    return _modules_of(model, IA3Layer)
 
 
 def linear_wrappers(model: nn.Module) -> Iterator[tuple[str, LinearWrapper]]:
     """Every LoRA or IA3 layer (the adapters that can merge into a weight)."""
-    for name, module in model.named_modules():
-        if isinstance(module, LinearWrapper):
-            yield name, module
+    return _modules_of(model, LinearWrapper)
 
 
 def saved_modules(model: nn.Module) -> Iterator[tuple[str, ModulesToSave]]:
-    for name, module in model.named_modules():
-        if isinstance(module, ModulesToSave):
-            yield name, module
+    return _modules_of(model, ModulesToSave)
 
 
 HOLDERS = (LinearWrapper, ModulesToSave, Bottlenecks, VirtualTokens)
@@ -120,9 +118,7 @@ HOLDERS = (LinearWrapper, ModulesToSave, Bottlenecks, VirtualTokens)
 
 def _wrapped_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """Every module holding per-adapter weights."""
-    for name, module in model.named_modules():
-        if isinstance(module, HOLDERS):
-            yield name, module
+    return _modules_of(model, HOLDERS)
 
 
 def _holder_dict(module: nn.Module) -> nn.ModuleDict:
@@ -485,33 +481,31 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     state = adapter_state(model)
     _check_known(state, [name])
     for module_name, module in list(_wrapped_modules(model)):
-        if isinstance(module, (Bottlenecks, VirtualTokens)):
-            if name in module.adapters:
-                del module.adapters[name]
-            module.active = tuple(n for n in module.active if n != name)
-            if not module.adapters:
-                if isinstance(module, Bottlenecks):
-                    remove_bottleneck(model, module_name.rsplit(".", 1)[0])
-                else:
-                    remove_virtual_tokens(model)
-        elif isinstance(module, LinearWrapper):
-            if name in module.merged:
-                still_merged = [n for n in module.merged if n != name]
-                module.unmerge()
-                module.merge(still_merged, module_name)
-            if name in module.adapters:
-                del module.adapters[name]
-            module.active = tuple(n for n in module.active if n != name)
-            if not module.adapters:
-                model.set_submodule(module_name, module.base_layer)
-        else:
-            if name in module.modules_to_save:
-                del module.modules_to_save[name]
-            module.active = tuple(n for n in module.active if n != name)
-            if not module.modules_to_save:
-                model.set_submodule(module_name, module.original_module)
+        if isinstance(module, LinearWrapper) and name in module.merged:
+            still_merged = [n for n in module.merged if n != name]
+            module.unmerge()
+            module.merge(still_merged, module_name)
+        holder = _holder_dict(module)
+        if name in holder:
+            del holder[name]
+        module.active = tuple(n for n in module.active if n != name)
+        if not holder:
+            _unwrap(model, module_name, module)
     del state.configs[name]
     state.active = [n for n in state.active if n != name]
+
+
+def _unwrap(model: nn.Module, module_name: str, module: nn.Module) -> None:
+    """Take a holder out of the model: a wrapper gives back the module it wraps; an attached
+    holder (bottleneck, virtual tokens) goes, with its hooks."""
+    if isinstance(module, Bottlenecks):
+        remove_bottleneck(model, module_name.rsplit(".", 1)[0])
+    elif isinstance(module, VirtualTokens):
+        remove_virtual_tokens(model)
+    elif isinstance(module, LinearWrapper):
+        model.set_submodule(module_name, module.base_layer)
+    else:
+        model.set_submodule(module_name, module.original_module)
 
 
 def _check_known(state: AdapterState, names: Sequence[str | None]) -> None:
@@ -695,15 +689,11 @@ def merge_and_unload(
             model.set_submodule(module_name, layer.merged_linear(names, dtype))
     merge(model, names)
     for module_name, module in list(_wrapped_modules(model)):
-        if isinstance(module, Bottlenecks):
-            remove_bottleneck(model, module_name.rsplit(".", 1)[0])
-        elif isinstance(module, VirtualTokens):
-            remove_virtual_tokens(model)
-        elif isinstance(module, LinearWrapper):
-            model.set_submodule(module_name, module.base_layer)
-        else:
+        if isinstance(module, ModulesToSave):  # the merged adapters' copy replaces it
             module.active = tuple(n for n in names if n in module.modules_to_save)
             model.set_submodule(module_name, module.active_copy(module_name))
+        else:
+            _unwrap(model, module_name, module)
     delattr(model, STATE_ATTR)
     return model
 

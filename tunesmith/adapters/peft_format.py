@@ -252,11 +252,9 @@ def tensor_homes(model: nn.Module, name: str) -> dict[str, tuple[nn.Module, str]
             for part in ("down", "up"):
                 for attr in ("weight", "bias"):
                     homes[f"{key}.bottleneck_{part}.{attr}"] = (getattr(adapter, part), attr)
-    holder = virtual_tokens(model)
-    if holder is not None and name in holder.adapters:
-        adapter = holder.adapters[name]
-        if getattr(adapter, "transform", None) is None:
-            homes[PROMPT_KEY] = (adapter, "embedding")
+    adapter = _virtual_adapter(model, name)
+    if adapter is not None and getattr(adapter, "transform", None) is None:
+        homes[PROMPT_KEY] = (adapter, "embedding")
     for module_name, wrapper in saved_modules(model):
         if name in wrapper.modules_to_save:
             copy = wrapper.modules_to_save[name]
@@ -267,19 +265,24 @@ def tensor_homes(model: nn.Module, name: str) -> dict[str, tuple[nn.Module, str]
     return homes
 
 
+def _virtual_adapter(model: nn.Module, name: str):
+    """Prompt/prefix adapter `name` of `model`, or None."""
+    holder = virtual_tokens(model)
+    return holder.adapters[name] if holder is not None and name in holder.adapters else None
+
+
 def adapter_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     """Adapter `name`'s tensors under PEFT's saved key names (detached, contiguous)."""
     out = {key: getattr(owner, attr) for key, (owner, attr) in tensor_homes(model, name).items()}
-    holder = virtual_tokens(model)
-    if holder is not None and name in holder.adapters:
+    adapter = _virtual_adapter(model, name)
+    if adapter is not None:
         with torch.no_grad():
-            out[PROMPT_KEY] = holder.adapters[name].saved_tensor()
+            out[PROMPT_KEY] = adapter.saved_tensor()
     return {k: v.detach().contiguous() for k, v in out.items()}
 
 
 def _projection_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor] | None:
-    holder = virtual_tokens(model)
-    adapter = holder.adapters[name] if holder is not None and name in holder.adapters else None
+    adapter = _virtual_adapter(model, name)
     if adapter is None or getattr(adapter, "transform", None) is None:
         return None
     return {k: v.detach().contiguous() for k, v in adapter.state_dict().items()}
@@ -470,7 +473,7 @@ def _creation_config(config):
 
 @torch.no_grad()
 def _copy_projection(model: nn.Module, name: str, path: Path) -> None:
-    adapter = virtual_tokens(model).adapters[name]
+    adapter = _virtual_adapter(model, name)
     try:
         tensors = load_file(str(path))
         adapter.load_state_dict(

@@ -293,7 +293,7 @@ class VirtualTokens(nn.Module):
                     positions = torch.cat([lead.expand(positions.shape[0], n), positions], 1)
                 if cache_positions is not None:
                     cache_positions = torch.cat([lead, cache_positions])
-        else:
+        elif first:  # later steps find the prefix in the cache already
             dtype = embeds.dtype if embeds is not None else _weights_dtype(module)
             key_values = adapter.key_values(batch, dtype)
             if cache is None:
@@ -302,7 +302,7 @@ class VirtualTokens(nn.Module):
                     use_cache = getattr(getattr(module, "config", None), "use_cache", False)
                 cls = DynamicCache if use_cache and not module.training else PrefixCache
                 kwargs["past_key_values"] = cls(key_values)
-            elif first:
+            else:
                 for i, (k, v) in enumerate(key_values):
                     cache.update(k, v, i)
         if positions is not None:
@@ -385,11 +385,6 @@ def _allow_cache_under_checkpointing(model: nn.Module, allow: bool) -> None:
 
 
 # --- creating and initialising ---------------------------------------------------------------
-def _embedding_matrix(model: nn.Module) -> torch.Tensor:
-    embeddings = model.get_input_embeddings()
-    return embeddings.weight
-
-
 def _token_ids(tokenizer, text: str | None, n: int, vocab_size: int, generator) -> torch.Tensor:
     if text is None:
         special = set(getattr(tokenizer, "all_special_ids", []) or []) if tokenizer else set()
@@ -413,7 +408,7 @@ def add_prompt_adapter(
     prefix = isinstance(config, PrefixTuningConfig)
     method = "prefix" if prefix else "prompt"
     backbone_of(model, method)
-    weights = _embedding_matrix(model)
+    weights = model.get_input_embeddings().weight
     device, n = weights.device, config.num_virtual_tokens
     hidden = weights.shape[1]
     generator = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
@@ -435,7 +430,7 @@ def add_prompt_adapter(
         with torch.no_grad():
             if config.init == "random":
                 std = float(weights.float().std())
-                adapter.embedding.normal_(0.0, std, generator=None)
+                adapter.embedding.normal_(0.0, std)
             else:
                 adapter.embedding.copy_(weights[ids.to(device)].float())
     holder = virtual_tokens(model, create_for=method)
