@@ -1,6 +1,6 @@
 """The `tunesmith` command. Thin: it parses arguments and calls the library. Verbs: `config
-schema`, `config check`, `preprocess`, `train`, `plot`, `eval`, `generate`, `chat`; merging and
-export arrive with later capabilities."""
+schema`, `config check`, `preprocess`, `train`, `plot`, `eval`, `generate`, `chat`, `merge`,
+`combine`, `merge-models`; export arrives with a later capability."""
 
 from __future__ import annotations
 
@@ -329,6 +329,177 @@ def chat_cmd(
         reply = stream_reply(lm, tokenizer, ids, sampling, lambda t: typer.echo(t, nl=False))
         typer.echo()
         history.append({"role": "assistant", "content": reply})
+
+
+OutOpt = Annotated[Path, typer.Option("--out", help="Output folder (must not exist).")]
+OverwriteOpt = Annotated[
+    bool, typer.Option("--overwrite", help="Replace --out if it exists (atomically, at the end).")
+]
+DtypeOpt = Annotated[
+    str, typer.Option("--dtype", help="auto (the base's dtype), bf16, fp16 or fp32.")
+]
+ShardOpt = Annotated[
+    str, typer.Option("--max-shard-size", help="Largest shard file, e.g. 5GB, 500MB, 2GiB.")
+]
+DryRunOpt = Annotated[
+    bool, typer.Option("--dry-run", help="Print what would be written; write nothing.")
+]
+DensityOpt = Annotated[
+    float, typer.Option("--density", help="Pruning methods: the fraction of entries kept.")
+]
+CombineSeedOpt = Annotated[int, typer.Option("--seed", help="Seed for DARE's random drop.")]
+MajorityOpt = Annotated[
+    str,
+    typer.Option("--majority-sign", help="TIES sign election: total (Σ wτ) or frequency."),
+]
+
+
+def _weights(text: str | None, count: int, default: float) -> list[float]:
+    if text is None:
+        return [default] * count
+    try:
+        weights = [float(w) for w in text.split(",")]
+    except ValueError:
+        raise TunesmithError(
+            f"--weights: {text!r} is not a comma-separated list of numbers"
+        ) from None
+    if len(weights) != count:
+        raise TunesmithError(f"--weights: {len(weights)} weights for {count} inputs; give one each")
+    return weights
+
+
+def _progress(label: str):
+    if not sys.stderr.isatty():
+        return None
+
+    def report(done: int, total: int) -> None:
+        if done == total or done % max(1, total // 20) == 0:
+            typer.echo(f"\r{label}: {done}/{total} tensors", nl=done == total, err=True)
+
+    return report
+
+
+@app.command("merge")
+def merge_cmd(
+    out: OutOpt,
+    adapter: AdapterOpt = None,
+    base: Optional[str] = typer.Option(  # noqa: UP045
+        None, "--base", help="Base model folder or hub id (default: the adapter's base)."
+    ),
+    dtype: DtypeOpt = "auto",
+    max_shard_size: ShardOpt = "5GB",
+    quantized_base: str = typer.Option(
+        "auto",
+        "--quantized-base",
+        help="QLoRA adapters: merge onto the dequantized 4-bit base they were trained on. "
+        "auto (read the QLoRA run's config.yaml next to the adapter), none, nf4, fp4, int8.",
+    ),  # fmt: skip
+    dry_run: DryRunOpt = False,
+    verify: bool = typer.Option(
+        False,
+        "--verify",
+        help="Load base + adapter and the merged model afterwards and print the largest "
+        "logit difference (needs memory for both models).",
+    ),  # fmt: skip
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Merge adapter(s) into the base model and write a Hugging Face checkpoint (sharded
+    safetensors, config, tokenizer, chat template) that AutoModelForCausalLM loads. Streams
+    tensor by tensor: memory stays near one tensor plus the adapter. LoRA, rsLoRA, DoRA and
+    IA3; several --adapter flags merge their stack."""
+    from tunesmith.combine import merge_checkpoint
+    from tunesmith.generation import adapter_base
+
+    adapters = list(adapter or [])
+    if not adapters:
+        raise TunesmithError("--adapter: give the adapter folder to merge")
+    base = base or adapter_base(adapters[0])
+    if base is None:
+        raise TunesmithError("--base: give the base model (the adapter does not name one)")
+    report = merge_checkpoint(
+        base, adapters, out, dtype=dtype, max_shard_size=max_shard_size,
+        quantized_base=quantized_base, dry_run=dry_run, overwrite=overwrite, verify=verify,
+        progress=None if dry_run else _progress("merging"),
+    )  # fmt: skip
+    for line in report.lines():
+        typer.echo(line)
+
+
+@app.command("combine")
+def combine_cmd(
+    out: OutOpt,
+    adapter: AdapterOpt = None,
+    weights: Optional[str] = typer.Option(  # noqa: UP045
+        None, "--weights", help="Comma-separated, one per adapter (default: 1 each)."
+    ),
+    method: str = typer.Option(
+        "svd",
+        "--method",
+        help="linear, cat (exact), svd, ties, dare_linear, dare_ties or magnitude_prune.",
+    ),  # fmt: skip
+    rank: Optional[int] = typer.Option(  # noqa: UP045
+        None, "--rank", help="svd and pruning methods: the result's rank (default: largest input)."
+    ),
+    density: DensityOpt = 0.5,
+    seed: CombineSeedOpt = 0,
+    majority_sign: MajorityOpt = "total",
+    base: Optional[str] = typer.Option(  # noqa: UP045
+        None, "--base", help="Base model (default: the first adapter's base)."
+    ),
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Combine LoRA adapters (different ranks, alphas, rsLoRA and DoRA included) into one
+    adapter in PEFT format."""
+    from tunesmith.combine.adapters import combine_adapter_folders
+
+    adapters = list(adapter or [])
+    result = combine_adapter_folders(
+        adapters, _weights(weights, len(adapters), 1.0), out, method, base, rank, density, seed,
+        majority_sign, overwrite,
+    )  # fmt: skip
+    config = result.config
+    ranks = sorted({config.r, *config.rank_pattern.values()})
+    typer.echo(
+        f"wrote {out}: {method} of {len(adapters)} adapter(s), rank "
+        f"{'/'.join(map(str, ranks))}; {result.summary()}"
+    )
+
+
+@app.command("merge-models")
+def merge_models_cmd(
+    out: OutOpt,
+    base: str = typer.Option(..., "--base", help="The base model all the others were tuned from."),
+    model: Optional[list[str]] = typer.Option(  # noqa: UP045, B008
+        None, "--model", help="A fine-tuned model folder (repeat for several)."
+    ),
+    method: str = typer.Option(
+        "task_arithmetic",
+        "--method",
+        help="task_arithmetic, ties, dare_ties, dare_linear or magnitude_prune.",
+    ),  # fmt: skip
+    weights: Optional[str] = typer.Option(  # noqa: UP045
+        None, "--weights", help="Comma-separated, one per model (default: 1 each)."
+    ),
+    density: DensityOpt = 0.5,
+    seed: CombineSeedOpt = 0,
+    majority_sign: MajorityOpt = "total",
+    dtype: DtypeOpt = "auto",
+    max_shard_size: ShardOpt = "5GB",
+    dry_run: DryRunOpt = False,
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Merge whole fine-tuned checkpoints of one base (task vectors τ = model − base) into one
+    checkpoint, streaming tensor by tensor (memory near one tensor per model)."""
+    from tunesmith.combine import merge_models
+
+    models = list(model or [])
+    report = merge_models(
+        base, models, out, method, _weights(weights, len(models), 1.0), density, seed,
+        majority_sign, dtype, max_shard_size, dry_run, overwrite,
+        progress=None if dry_run else _progress("merging"),
+    )  # fmt: skip
+    for line in report.lines():
+        typer.echo(line)
 
 
 def _resume_default(args: list[str]) -> list[str]:

@@ -15,10 +15,6 @@ and writes (merge, unmerge, PiSSA's residual) re-quantize."""
 
 from __future__ import annotations
 
-import ctypes
-import json
-import sys
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,9 +22,9 @@ import torch
 from torch import nn
 
 from tunesmith.errors import TunesmithError
+from tunesmith.shards import checkpoint_files, iter_safetensors, large_allocations_via_mmap
 
 QUANT_TYPES = ("nf4", "fp4", "int8")
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
 BLOCKSIZES = (64, 128, 256, 512, 1024, 2048, 4096)
 
 
@@ -192,88 +188,6 @@ def quantize_model(model: nn.Module, config: QuantConfig) -> nn.Module:
     return model
 
 
-def _checkpoint_files(path: str, revision: str | None) -> list[Path]:
-    folder = Path(path).expanduser()
-    if not folder.is_dir():  # a hub id (load_quantized has refused missing local paths)
-        from huggingface_hub import snapshot_download
-
-        folder = Path(
-            snapshot_download(path, revision=revision, allow_patterns=["*.json", "*.safetensors"])
-        )
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [folder / s for s in shards]
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise TunesmithError(
-            f"model.path: {folder} has no .safetensors weights (pickle checkpoints are not "
-            "loaded); convert the checkpoint to safetensors"
-        )
-    return files
-
-
-SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
-}  # fmt: skip
-
-
-def iter_safetensors(path: Path, wanted=None):
-    """(name, tensor) for each tensor of a safetensors file, read one at a time with plain file
-    reads into one reused buffer: unlike a memory map, the pages of tensors already processed
-    do not stay resident, so peak memory is about one tensor. Each tensor is only valid until
-    the next one is read (copy or quantize it first)."""
-    with open(path, "rb") as f:
-        size = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(size))
-        header.pop("__metadata__", None)
-        start = 8 + size
-        items = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
-        items = [(n, i) for n, i in items if wanted is None or n in wanted]
-        largest = max((i["data_offsets"][1] - i["data_offsets"][0] for _, i in items), default=0)
-        buffer = bytearray(largest)
-        view = memoryview(buffer)
-        for name, info in items:
-            begin, end = info["data_offsets"]
-            dtype = SAFETENSORS_DTYPES.get(info["dtype"])
-            if dtype is None:
-                raise TunesmithError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
-            f.seek(start + begin)
-            f.readinto(view[: end - begin])
-            if end > begin:
-                tensor = torch.frombuffer(view[: end - begin], dtype=dtype)
-            else:
-                tensor = torch.empty(0, dtype=dtype)
-            yield name, tensor.reshape(info["shape"])
-
-
-@contextmanager
-def _large_allocations_via_mmap():
-    """While loading, make glibc serve allocations of 1 MiB and more with mmap, so that the
-    per-tensor temporaries of quantization go back to the OS when freed (with glibc's default
-    the process kept, on a 428 MB checkpoint, about as much memory as the fp32 model). After
-    loading, the threshold goes to 32 MiB (what glibc's own adaptive threshold tends to): left
-    at 1 MiB, every activation of a training step would be a fresh mmap (measured: steps 1.7x
-    slower). Linux/glibc only; a no-op elsewhere."""
-    libc = None
-    if sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL("libc.so.6")
-            libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)
-        except (OSError, AttributeError):
-            libc = None
-    try:
-        yield
-    finally:
-        if libc is not None:
-            # what glibc's adaptive mode settles at: large mmap threshold, trim at twice that
-            libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
-            libc.mallopt(M_TRIM_THRESHOLD, 64 << 20)
-            libc.malloc_trim(0)
-
-
 def load_quantized(
     path: str,
     config: QuantConfig,
@@ -299,8 +213,8 @@ def load_quantized(
             path, revision=revision, trust_remote_code=trust_remote_code,
             dtype=config.compute_dtype, device_map=device, use_safetensors=True, **kwargs,
         )  # fmt: skip
-    files = _checkpoint_files(path, revision)
-    with _large_allocations_via_mmap():
+    files = checkpoint_files(path, revision)
+    with large_allocations_via_mmap():
         model = _build_quantized(model_config, files, config, device, trust_remote_code, kwargs)
     missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if missing:

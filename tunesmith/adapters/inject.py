@@ -642,19 +642,25 @@ def merge(model: nn.Module, names: Sequence[str] | None = None) -> None:
         set_active(model, list(dict.fromkeys(state.active + names)))
 
 
+UNMERGEABLE = {
+    "prompt": "it adds virtual input tokens, not weights",
+    "prefix": "it adds key/value prefixes, not weights",
+    "bottleneck": "its nonlinearity sits between two projections",
+}
+
+
+def unmergeable_message(name: str, method: str) -> str:
+    return (
+        f"adapter {name!r} ({method}) cannot be merged: {UNMERGEABLE[method]}; "
+        "merge LoRA or IA3 adapters only, and keep this one loaded at inference"
+    )
+
+
 def _check_mergeable(state: AdapterState, names: Sequence[str]) -> None:
     for name in names:
         config = state.configs[name]
         if not isinstance(config, MERGEABLE_CONFIGS):
-            why = {
-                "prompt": "it adds virtual input tokens, not weights",
-                "prefix": "it adds key/value prefixes, not weights",
-                "bottleneck": "its nonlinearity sits between two projections",
-            }[method_of(config)]
-            raise AdapterError(
-                f"adapter {name!r} ({method_of(config)}) cannot be merged: {why}; "
-                "merge LoRA or IA3 adapters only, and keep this one loaded at inference"
-            )
+            raise AdapterError(unmergeable_message(name, method_of(config)))
 
 
 def unmerge(model: nn.Module) -> None:
