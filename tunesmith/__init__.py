@@ -37,14 +37,18 @@ _ADAPTER_API = (
     "trainable_parameters",
     "unmerge",
 )
-__all__ = ["AdapterError", "TunesmithError", "__version__", *_ADAPTER_API]
+_COMBINE_API = ("combine_adapters", "merge_checkpoint", "merge_models")
+__all__ = ["AdapterError", "TunesmithError", "__version__", *_ADAPTER_API, *_COMBINE_API]
 
 if TYPE_CHECKING:
     from tunesmith.adapters import *  # noqa: F403
+    from tunesmith.combine import combine_adapters, merge_checkpoint, merge_models  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:
     if name in _ADAPTER_API or name == "adapters":
         adapters = importlib.import_module("tunesmith.adapters")
         return adapters if name == "adapters" else getattr(adapters, name)
+    if name in _COMBINE_API:
+        return getattr(importlib.import_module("tunesmith.combine"), name)
     raise AttributeError(f"module 'tunesmith' has no attribute {name!r}")
