@@ -116,6 +116,20 @@ def test_merge_stacked_adapters_and_modules_to_save(tmp_path):
     torch.testing.assert_close(merged.lm_head.weight, model.lm_head.modules_to_save["c"].weight)
 
 
+def test_merge_refuses_a_copy_of_a_tied_head(tmp_path):
+    base = save_base("gpt2", tmp_path / "base")  # GPT-2 ties lm_head to wte
+    model = AutoModelForCausalLM.from_pretrained(base)
+    add_lora(model, lora_config(modules_to_save=["lm_head"]), "c")
+    save_adapter(model, tmp_path / "a", names=["c"])
+    with pytest.raises(TunesmithError) as err:
+        merge_checkpoint(str(base), [str(tmp_path / "a" / "c")], tmp_path / "m")
+    assert str(err.value) == (
+        "--adapter: the adapter trains its own copy of lm_head (modules_to_save), which the "
+        "base ties to the embeddings; a merged checkpoint cannot untie them. Keep the adapter "
+        "separate, or train without lm_head in modules_to_save"
+    )
+
+
 def test_merge_qlora_adapter_onto_its_dequantized_base(tmp_path):
     pytest.importorskip("bitsandbytes")
     from tunesmith.quant import QuantConfig, load_quantized

@@ -185,9 +185,10 @@ def merge_checkpoint(
         quantizable = set(quantizable_linears(model, quant))
     for folder in adapters:
         _check_mergeable_folder(folder)
+    tied = _tied_modules(model, config)
     names = attach_adapters(model, adapters)
     state = adapter_state(model)
-    _check_tied_copies(model, config)
+    _check_tied_copies(model, tied)
     reader = CheckpointReader(base, revision)
     resolver = _Resolver(model, reader, names, quantizable, quant, quant_as_stored)
     plan = [
@@ -236,16 +237,21 @@ def _out_dtype(stored: torch.dtype, out_dtype: torch.dtype) -> torch.dtype:
     return out_dtype if stored.is_floating_point else stored
 
 
-def _check_tied_copies(model: nn.Module, config) -> None:
+def _tied_modules(model: nn.Module, config) -> set[int]:
+    """ids of the input embedding and output head when the checkpoint ties them (stores one)."""
     if not getattr(config, "tie_word_embeddings", False):
-        return
-    tied = {id(model.get_input_embeddings()), id(model.get_output_embeddings())}
-    for module in model.modules():
+        return set()
+    return {id(model.get_input_embeddings()), id(model.get_output_embeddings())}
+
+
+def _check_tied_copies(model: nn.Module, tied: set[int]) -> None:
+    for module_name, module in model.named_modules():
         if isinstance(module, ModulesToSave) and id(module.original_module) in tied:
             raise TunesmithError(
-                "--adapter: the adapter trains its own copy of a tied embedding/output head "
-                "(modules_to_save); a merged checkpoint cannot untie them. Keep the adapter "
-                "separate, or train without that module in modules_to_save"
+                f"--adapter: the adapter trains its own copy of {module_name} "
+                "(modules_to_save), which the base ties to the embeddings; a merged checkpoint "
+                "cannot untie them. Keep the adapter separate, or train without "
+                f"{module_name} in modules_to_save"
             )
 
 
