@@ -72,9 +72,10 @@ class MergeReport:
     def lines(self) -> list[str]:
         verb = "would write" if self.dry_run else "wrote"
         base = f", from the dequantized {self.quantized_base} base" if self.quantized_base else ""
+        merged = f" ({self.merged_modules} modules merged{base})" if self.adapters else ""
         out = [
-            f"{verb} {self.out}: {self.tensors} tensors ({self.merged_modules} modules merged"
-            f"{base}), {self.dtype}, {_human(self.total_bytes)} in {len(self.files)} shard(s)",
+            f"{verb} {self.out}: {self.tensors} tensors{merged}, {self.dtype}, "
+            f"{_human(self.total_bytes)} in {len(self.files)} shard(s)",
         ]
         out += [f"  {name}" for name in self.files]
         out += self.notes
