@@ -1,0 +1,96 @@
+"""Post-training quantization primitives: the group grid, round-to-nearest and GPTQ."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tunesmith.errors import TunesmithError
+from tunesmith.quantize import (
+    HessianAccumulator,
+    QuantGrid,
+    gptq_quantize,
+    rtn_quantize,
+)
+
+
+def calibration(n=1024, i=128, seed=0):
+    """Correlated inputs with a few outlier features, like real activations."""
+    gen = torch.Generator().manual_seed(seed)
+    mix = torch.randn(i, i, generator=gen) / i**0.5
+    x = torch.randn(n, i, generator=gen) @ mix + 0.1 * torch.randn(n, i, generator=gen)
+    x = x * (0.1 + 3 * torch.rand(i, generator=gen))
+    x[:, :4] *= 10
+    return x
+
+
+def output_error(x, weight, approx) -> float:
+    return float(((x @ weight.T - x @ approx.T) ** 2).mean())
+
+
+def test_grid_round_trip_and_codes():
+    grid = QuantGrid(bits=4, group_size=8)
+    w = torch.linspace(-1, 2, 16).reshape(2, 8)
+    qw = rtn_quantize(w, grid)
+    assert qw.q.dtype == torch.uint8 and int(qw.q.max()) <= 15
+    assert qw.scales.shape == (2, 1) and qw.g_idx.tolist() == [0] * 8
+    # each group's extremes are on the grid (up to the zero point's rounding)
+    err = (qw.dequantize() - w).abs()
+    assert float(err.max()) <= float(qw.scales.max()) / 2 + 1e-6
+    # values already on a grid come back unchanged (in two groups of 8 columns)
+    w = torch.randn(4, 16, generator=torch.Generator().manual_seed(0))
+    once = rtn_quantize(w, grid).dequantize()
+    torch.testing.assert_close(rtn_quantize(once, grid).dequantize(), once)
+
+
+def test_hessian_accumulates_in_batches():
+    x = calibration()
+    acc = HessianAccumulator(x.shape[1])
+    for part in x.split(100):
+        acc.add(part)
+    torch.testing.assert_close(acc.h, 2 * x.T @ x / x.shape[0], rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize(("bits", "group_size"), [(4, 32), (4, 128), (3, 64), (4, -1), (8, 128)])
+def test_gptq_beats_round_to_nearest_on_the_layer_output(bits, group_size):
+    x = calibration()
+    weight = 0.05 * torch.randn(64, 128, generator=torch.Generator().manual_seed(1))
+    acc = HessianAccumulator(128)
+    acc.add(x)
+    grid = QuantGrid(bits, group_size)
+    rtn = output_error(x, weight, rtn_quantize(weight, grid).dequantize())
+    gptq = output_error(x, weight, gptq_quantize(weight, acc.h, grid).dequantize())
+    ordered = output_error(
+        x, weight, gptq_quantize(weight, acc.h, grid, act_order=True).dequantize()
+    )
+    assert gptq < 0.6 * rtn, (gptq, rtn)
+    assert ordered < rtn, (ordered, rtn)
+
+
+def test_gptq_with_identity_hessian_is_round_to_nearest():
+    """With uncorrelated unit inputs there is nothing to compensate: GPTQ rounds to nearest."""
+    weight = torch.randn(16, 64, generator=torch.Generator().manual_seed(2))
+    grid = QuantGrid(4, 32)
+    gptq = gptq_quantize(weight, torch.eye(64), grid, damp=0.0)
+    rtn = rtn_quantize(weight, grid)
+    assert torch.equal(gptq.q, rtn.q)
+    torch.testing.assert_close(gptq.scales, rtn.scales)
+
+
+def test_gptq_ignores_dead_inputs():
+    x = calibration(i=64)
+    x[:, 10] = 0.0
+    acc = HessianAccumulator(64)
+    acc.add(x)
+    weight = torch.randn(8, 64)
+    qw = gptq_quantize(weight, acc.h, QuantGrid(4, 32))
+    assert torch.isfinite(qw.dequantize()).all()
+
+
+def test_grid_errors():
+    with pytest.raises(TunesmithError, match="--bits: 5 is not supported; use one of 2, 3, 4, 8"):
+        QuantGrid(bits=5)
+    with pytest.raises(TunesmithError, match="--group-size: 100 must be -1"):
+        QuantGrid(group_size=100)
+    with pytest.raises(TunesmithError, match="--group-size: 128 does not divide a layer's 96"):
+        rtn_quantize(torch.zeros(4, 96), QuantGrid(4, 128))

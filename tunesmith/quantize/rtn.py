@@ -1,0 +1,107 @@
+"""Group-wise integer weight quantization: the grid every 4-/3-/8-bit method here shares.
+
+A weight W (out × in) is split along its input dimension into groups of `group_size` columns
+(-1: one group per row). Each row of each group gets an asymmetric grid: scale = (max − min) /
+(2^bits − 1) and an integer zero point, so q = clamp(round(w / scale) + zero, 0, 2^bits − 1) and
+w ≈ (q − zero) · scale. Round-to-nearest (RTN) applies the grid directly; GPTQ and AWQ choose
+what to round so that the layer's output, not its weights, stays close.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tunesmith.errors import TunesmithError
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+
+
+@dataclass(frozen=True)
+class QuantGrid:
+    bits: int = 4
+    group_size: int = 128
+    """Input columns per scale/zero; -1 for one per output row."""
+
+    def __post_init__(self) -> None:
+        if self.bits not in SUPPORTED_BITS:
+            raise TunesmithError(
+                f"--bits: {self.bits} is not supported; use one of "
+                f"{', '.join(map(str, SUPPORTED_BITS))}"
+            )
+        if self.group_size != -1 and (self.group_size < 8 or self.group_size % 8):
+            raise TunesmithError(
+                f"--group-size: {self.group_size} must be -1 (per row) or a multiple of 8 (>= 8)"
+            )
+
+    @property
+    def levels(self) -> int:
+        return 2**self.bits - 1
+
+    def groups_of(self, in_features: int) -> int:
+        """How many groups a row of `in_features` has; refuses sizes that do not divide."""
+        if self.group_size == -1:
+            return 1
+        if in_features % self.group_size:
+            raise TunesmithError(
+                f"--group-size: {self.group_size} does not divide a layer's {in_features} input "
+                "features; choose a divisor (e.g. 32, 64, 128) or -1"
+            )
+        return in_features // self.group_size
+
+    def params(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, zero) per row of `w` (rows × columns of one group), shape (rows,)."""
+        low = w.min(dim=1).values.clamp(max=0)
+        high = w.max(dim=1).values.clamp(min=0)
+        scale = (high - low) / self.levels
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        zero = torch.round(-low / scale).clamp(0, self.levels)
+        return scale, zero
+
+    def quantize(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        """Integer codes of `w` (rows × k) for per-row `scale`, `zero` (rows,)."""
+        return torch.clamp(torch.round(w / scale[:, None]) + zero[:, None], 0, self.levels)
+
+    @staticmethod
+    def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        return (q - zero[:, None]) * scale[:, None]
+
+    def round_trip(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        return self.dequantize(self.quantize(w, scale, zero), scale, zero)
+
+
+@dataclass
+class QuantizedWeight:
+    """A quantized (out × in) weight: integer codes `q` (uint8, one per weight), per-group
+    `scales` and `zeros` (out × groups), and `g_idx` (in,): the group of each input column
+    (not monotone when GPTQ quantized in activation order)."""
+
+    q: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    g_idx: torch.Tensor
+    bits: int
+
+    def dequantize(self) -> torch.Tensor:
+        scales = self.scales[:, self.g_idx]
+        zeros = self.zeros[:, self.g_idx]
+        return (self.q.float() - zeros) * scales
+
+
+def rtn_quantize(weight: torch.Tensor, grid: QuantGrid) -> QuantizedWeight:
+    """Round-to-nearest on the group grid: the baseline."""
+    w = weight.detach().float()
+    out_features, in_features = w.shape
+    groups = grid.groups_of(in_features)
+    width = in_features // groups
+    q = torch.empty_like(w, dtype=torch.uint8)
+    scales = torch.empty(out_features, groups)
+    zeros = torch.empty(out_features, groups)
+    for g in range(groups):
+        part = w[:, g * width : (g + 1) * width]
+        scale, zero = grid.params(part)
+        q[:, g * width : (g + 1) * width] = grid.quantize(part, scale, zero).to(torch.uint8)
+        scales[:, g], zeros[:, g] = scale, zero
+    g_idx = torch.arange(in_features) // width
+    return QuantizedWeight(q, scales, zeros, g_idx, grid.bits)
