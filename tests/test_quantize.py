@@ -9,6 +9,7 @@ from tunesmith.errors import TunesmithError
 from tunesmith.quantize import (
     HessianAccumulator,
     QuantGrid,
+    awq_search,
     gptq_quantize,
     rtn_quantize,
 )
@@ -94,3 +95,20 @@ def test_grid_errors():
         QuantGrid(group_size=100)
     with pytest.raises(TunesmithError, match="--group-size: 128 does not divide a layer's 96"):
         rtn_quantize(torch.zeros(4, 96), QuantGrid(4, 128))
+
+
+@pytest.mark.parametrize(("bits", "group_size"), [(4, 32), (4, 128), (3, 64)])
+def test_awq_scales_beat_round_to_nearest_for_layers_sharing_an_input(bits, group_size):
+    x = calibration()
+    gen = torch.Generator().manual_seed(3)
+    weights = [0.05 * torch.randn(64, 128, generator=gen) for _ in range(3)]  # like q, k, v
+    grid = QuantGrid(bits, group_size)
+    found = awq_search(weights, x, grid)
+    rtn = sum(output_error(x, w, rtn_quantize(w, grid).dequantize()) for w in weights)
+    assert found.rtn_error == pytest.approx(rtn, rel=1e-4)  # alpha 0 is round-to-nearest
+    assert found.alpha > 0 and found.error < 0.8 * rtn, (found.alpha, found.error, rtn)
+    # the scales fold exactly: quantize W·diag(s), divide the input by s
+    s = found.scales
+    approx = [rtn_quantize(w * s, grid).dequantize() for w in weights]
+    error = sum(output_error(x / s, w * s, a) for w, a in zip(weights, approx, strict=True))
+    assert error == pytest.approx(found.error, rel=1e-3)
