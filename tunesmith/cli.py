@@ -408,16 +408,9 @@ def merge_cmd(
     tensor by tensor: memory stays near one tensor plus the adapter. LoRA, rsLoRA, DoRA and
     IA3; several --adapter flags merge their stack."""
     from tunesmith.combine import merge_checkpoint
-    from tunesmith.generation import adapter_base
 
-    adapters = list(adapter or [])
-    if not adapters:
-        raise TunesmithError("--adapter: give the adapter folder to merge")
-    base = base or adapter_base(adapters[0])
-    if base is None:
-        raise TunesmithError("--base: give the base model (the adapter does not name one)")
     report = merge_checkpoint(
-        base, adapters, out, dtype=dtype, max_shard_size=max_shard_size,
+        base, list(adapter or []), out, dtype=dtype, max_shard_size=max_shard_size,
         quantized_base=quantized_base, dry_run=dry_run, overwrite=overwrite, verify=verify,
         progress=None if dry_run else _progress("merging"),
     )  # fmt: skip

@@ -33,6 +33,7 @@ from tunesmith.adapters.inject import UNMERGEABLE, adapter_state, method_of, unm
 from tunesmith.adapters.lora import LinearWrapper
 from tunesmith.adapters.saved import ModulesToSave
 from tunesmith.combine.skeleton import (
+    adapter_name,
     attach_adapters,
     base_config,
     checkpoint_key,
@@ -92,6 +93,37 @@ def _human(n: int) -> str:
     return f"{n}"
 
 
+def output_plan(reader: CheckpointReader, out_dtype: torch.dtype) -> list[PlannedTensor]:
+    """Every tensor of the base checkpoint, in storage order; floating ones in `out_dtype`."""
+    return [
+        PlannedTensor(name, info.shape, out_dtype if info.dtype.is_floating_point else info.dtype)
+        for name, info in reader.tensors.items()
+    ]
+
+
+def planned_report(
+    out: Path, out_dtype: torch.dtype, plan: list[PlannedTensor], shard_bytes: int, **fields
+) -> MergeReport:
+    """The report of writing `plan` to `out` (files and size as they will be)."""
+    return MergeReport(
+        out=str(out), dtype=str(out_dtype).removeprefix("torch."),
+        files=shard_names(len(shard_plan(plan, shard_bytes))),
+        total_bytes=sum(t.nbytes for t in plan), tensors=len(plan), **fields,
+    )  # fmt: skip
+
+
+def write_output(
+    out: Path, overwrite: bool, plan, produce, shard_bytes: int, progress, config,
+    out_dtype: torch.dtype, reader: CheckpointReader, tokenizer: str, report: MergeReport,
+) -> None:  # fmt: skip
+    """Write the whole checkpoint (tensors, config, generation config, tokenizer) into a
+    staging folder that becomes `out` in one rename."""
+    with large_allocations_via_mmap(), staging_dir(out, overwrite) as tmp:
+        write_checkpoint(tmp, plan, produce, shard_bytes, progress)
+        write_config(config, out_dtype, tmp)
+        copy_extras(reader, tokenizer, tmp, report)
+
+
 def output_dtype(setting: str, config) -> torch.dtype:
     """--dtype: bf16 | fp16 | fp32, or auto (the base checkpoint's dtype; fp32 if it names
     none)."""
@@ -106,8 +138,9 @@ def output_dtype(setting: str, config) -> torch.dtype:
 
 
 def qlora_settings(adapter: str | Path):
-    """The QuantConfig of the QLoRA run that wrote `adapter` (its run's config.yaml sits in the
-    parent folder, as `tunesmith train` leaves it), or None for any other adapter."""
+    """(QuantConfig, whether its compute dtype was "auto") of the QLoRA run that wrote
+    `adapter` (its run's config.yaml sits in the parent folder, as `tunesmith train` leaves
+    it), or None for any other adapter."""
     import yaml
 
     run_config = Path(adapter).parent / "config.yaml"
@@ -152,7 +185,7 @@ def resolve_quantized_base(setting: str, adapters: list[str]):
 
 @torch.no_grad()
 def merge_checkpoint(
-    base: str,
+    base: str | None,
     adapters: list[str],
     out: str | Path,
     dtype: str = "auto",
@@ -165,12 +198,18 @@ def merge_checkpoint(
     revision: str | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> MergeReport:
-    """Merge `adapters` (folders, applied together as a stack) into the checkpoint `base` and
-    write a sharded safetensors checkpoint with config, generation config and tokenizer to
-    `out`. See the module docstring. With `verify`, both models are loaded afterwards and the
-    largest logit difference is reported (this needs memory for both)."""
+    """Merge `adapters` (folders, applied together as a stack) into the checkpoint `base`
+    (None: the first adapter's `base_model_name_or_path`) and write a sharded safetensors
+    checkpoint with config, generation config and tokenizer to `out`. See the module docstring.
+    With `verify`, both models are loaded afterwards and the largest logit difference is
+    reported (this needs memory for both)."""
+    from tunesmith.generation import adapter_base
+
     if not adapters:
-        raise TunesmithError("--adapter: give at least one adapter folder to merge")
+        raise TunesmithError("--adapter: give the adapter folder to merge")
+    base = base or adapter_base(adapters[0])
+    if base is None:
+        raise TunesmithError("--base: give the base model (the adapter does not name one)")
     out = Path(out)
     shard_bytes = parse_size(max_shard_size)
     if not dry_run:
@@ -192,27 +231,22 @@ def merge_checkpoint(
     _check_tied_copies(model, tied)
     reader = CheckpointReader(base, revision)
     resolver = _Resolver(model, reader, names, quantizable, quant, quant_as_stored)
-    plan = [
-        PlannedTensor(n, reader.tensors[n].shape, _out_dtype(reader.tensors[n].dtype, out_dtype))
-        for n in reader.names
-    ]
+    plan = output_plan(reader, out_dtype)
     resolver.check_complete()
-    files = shard_names(len(shard_plan(plan, shard_bytes)))
-    report = MergeReport(
-        out=str(out), dtype=str(out_dtype).removeprefix("torch."), files=files,
-        total_bytes=sum(t.nbytes for t in plan), tensors=len(plan),
-        merged_modules=len(resolver.wrapped), adapters=[str(a) for a in adapters],
+    report = planned_report(
+        out, out_dtype, plan, shard_bytes, merged_modules=len(resolver.wrapped),
+        adapters=[str(a) for a in adapters],
         quantized_base=quant.quant if quant is not None else None, dry_run=dry_run,
     )  # fmt: skip
     methods = sorted({method_of(state.configs[n]) for n in names})
     report.notes.append(f"adapters: {', '.join(map(str, adapters))} ({', '.join(methods)})")
     if dry_run:
         return report
-    with large_allocations_via_mmap(), staging_dir(out, overwrite) as tmp:
-        write_checkpoint(tmp, plan, resolver.produce_as(out_dtype), shard_bytes, progress)
-        write_config(config, out_dtype, tmp)
-        tokenizer = adapters[0] if (Path(adapters[0]) / "tokenizer_config.json").is_file() else base
-        copy_extras(reader, tokenizer, tmp, report)
+    tokenizer = adapters[0] if (Path(adapters[0]) / "tokenizer_config.json").is_file() else base
+    write_output(
+        out, overwrite, plan, resolver.produce_as(out_dtype), shard_bytes, progress, config,
+        out_dtype, reader, tokenizer, report,
+    )  # fmt: skip
     if verify:
         report.max_logit_diff = compare_logits(base, adapters, out, quant, revision)
     return report
@@ -232,10 +266,6 @@ def _check_mergeable_folder(folder: str) -> None:
         raise TunesmithError(
             f"--adapter {folder}: {unmergeable_message(Path(folder).name, method)}"
         )
-
-
-def _out_dtype(stored: torch.dtype, out_dtype: torch.dtype) -> torch.dtype:
-    return out_dtype if stored.is_floating_point else stored
 
 
 def _tied_modules(model: nn.Module, config) -> set[int]:
@@ -420,10 +450,9 @@ def compare_logits(
         reference = AutoModelForCausalLM.from_pretrained(
             base, revision=revision, dtype=torch.float32, use_safetensors=True
         )
-    names = []
-    for i, folder in enumerate(adapters):
-        load_adapter(reference, folder, name=f"adapter{i}")
-        names.append(f"adapter{i}")
+    names = [adapter_name(i) for i in range(len(adapters))]
+    for name, folder in zip(names, adapters, strict=True):
+        load_adapter(reference, folder, name=name)
     set_active(reference, names)
     reference.eval()
     vocab = reference.config.vocab_size

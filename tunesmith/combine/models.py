@@ -15,21 +15,17 @@ from pathlib import Path
 
 import torch
 
-from tunesmith.combine.merge import MergeReport, copy_extras, output_dtype, write_config
+from tunesmith.combine.merge import (
+    MergeReport,
+    output_dtype,
+    output_plan,
+    planned_report,
+    write_output,
+)
 from tunesmith.combine.skeleton import base_config
 from tunesmith.combine.tasks import MAJORITY_SIGN, PRUNING_METHODS, check_density, combine_tasks
 from tunesmith.errors import TunesmithError
-from tunesmith.shards import (
-    CheckpointReader,
-    PlannedTensor,
-    check_output,
-    large_allocations_via_mmap,
-    parse_size,
-    shard_names,
-    shard_plan,
-    staging_dir,
-    write_checkpoint,
-)
+from tunesmith.shards import CheckpointReader, PlannedTensor, check_output, parse_size
 
 MODEL_MERGE_METHODS = ("task_arithmetic", *PRUNING_METHODS)
 
@@ -113,11 +109,7 @@ def merge_models(
     readers = [CheckpointReader(path) for path in models]
     _check_models(base, base_reader, models, readers, configs)
     out_dtype = output_dtype(dtype, configs[0])
-    plan = []
-    for name in base_reader.names:
-        stored = base_reader.tensors[name].dtype
-        plan.append(PlannedTensor(name, base_reader.tensors[name].shape,
-                                  out_dtype if stored.is_floating_point else stored))  # fmt: skip
+    plan = output_plan(base_reader, out_dtype)
     index = {name: i for i, name in enumerate(base_reader.names)}
 
     def produce(planned: PlannedTensor) -> torch.Tensor:
@@ -134,19 +126,16 @@ def merge_models(
         del tasks
         return merged.add_(base32).to(planned.dtype)
 
-    report = MergeReport(
-        out=str(out), dtype=str(out_dtype).removeprefix("torch."),
-        files=shard_names(len(shard_plan(plan, shard_bytes))),
-        total_bytes=sum(t.nbytes for t in plan), tensors=len(plan), merged_modules=0,
-        adapters=[], dry_run=dry_run,
-    )  # fmt: skip
+    report = planned_report(
+        out, out_dtype, plan, shard_bytes, merged_modules=0, adapters=[], dry_run=dry_run
+    )
     w = ", ".join(f"{x:g}" for x in weights)
     detail = f"density {density:g}, " if method in PRUNING_METHODS else ""
     report.notes.append(f"{method} of {len(models)} model(s) ({detail}weights {w}) on {base}")
     if dry_run:
         return report
-    with large_allocations_via_mmap(), staging_dir(out, overwrite) as tmp:
-        write_checkpoint(tmp, plan, produce, shard_bytes, progress)
-        write_config(configs[0], out_dtype, tmp)
-        copy_extras(base_reader, base, tmp, report)
+    write_output(
+        out, overwrite, plan, produce, shard_bytes, progress, configs[0], out_dtype,
+        base_reader, base, report,
+    )  # fmt: skip
     return report

@@ -46,11 +46,6 @@ def magnitude_threshold(task: torch.Tensor, density: float) -> float:
     return float(torch.kthvalue(task.reshape(-1).abs(), task.numel() - keep + 1).values)
 
 
-def magnitude_prune(task: torch.Tensor, density: float) -> torch.Tensor:
-    """`task` with all but its int(density·numel) largest-magnitude entries set to zero."""
-    return task * (task.abs() >= magnitude_threshold(task, density))
-
-
 def majority_sign_mask(weighted: torch.Tensor, majority_sign: str = "total") -> torch.Tensor:
     """(n, …) bool: where each task's entry has the elected sign (zeros never agree)."""
     signs = weighted.sign()

@@ -67,9 +67,6 @@ class QuantGrid:
     def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
         return (q - zero[:, None]) * scale[:, None]
 
-    def round_trip(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-        return self.dequantize(self.quantize(w, scale, zero), scale, zero)
-
 
 @dataclass
 class QuantizedWeight:
