@@ -93,8 +93,20 @@ def test_grid_errors():
         QuantGrid(bits=5)
     with pytest.raises(TunesmithError, match="--group-size: 100 must be -1"):
         QuantGrid(group_size=100)
-    with pytest.raises(TunesmithError, match="--group-size: 128 does not divide a layer's 96"):
-        rtn_quantize(torch.zeros(4, 96), QuantGrid(4, 128))
+
+
+def test_ragged_last_group_and_storable_grid():
+    """A width the group size does not divide gets a shorter last group (as GPTQ checkpoints
+    do); scales are fp16 values and zero points lie in 1..levels (stored as zero - 1)."""
+    w = torch.randn(4, 96, generator=torch.Generator().manual_seed(0))
+    w[0] = w[0].abs()  # all positive: would need zero point 0
+    qw = rtn_quantize(w, QuantGrid(4, 64))
+    assert qw.scales.shape == (4, 2)
+    assert qw.g_idx.tolist() == [0] * 64 + [1] * 32
+    torch.testing.assert_close(qw.scales, qw.scales.half().float(), rtol=0, atol=0)
+    assert int(qw.zeros.min()) >= 1 and int(qw.zeros.max()) <= 15
+    err = (qw.dequantize() - w).abs().max(dim=1).values
+    assert bool((err <= qw.scales.max(dim=1).values / 2 + 1e-6).all())
 
 
 @pytest.mark.parametrize(("bits", "group_size"), [(4, 32), (4, 128), (3, 64)])

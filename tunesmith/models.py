@@ -81,6 +81,16 @@ def load_model(model: ModelSection, device: str, dtype):
     kwargs = {}
     if model.attn_implementation != "auto":
         kwargs["attn_implementation"] = model.attn_implementation
+    quant_method = _quant_method(source, model.revision)
+    if quant_method == "gptq":  # tunesmith quantize --method gptq|awq|rtn, or any GPTQ model
+        from tunesmith.quantize.checkpoint import load_gptq_checkpoint
+
+        return load_gptq_checkpoint(
+            source, device, dtype, model.revision, model.trust_remote_code,
+            kwargs.get("attn_implementation"),
+        )  # fmt: skip
+    if quant_method == "bitsandbytes":  # int8 / nf4: bitsandbytes places it (no .to())
+        kwargs["device_map"] = device
     try:
         loaded = AutoModelForCausalLM.from_pretrained(
             source,
@@ -95,7 +105,22 @@ def load_model(model: ModelSection, device: str, dtype):
             f"model.path: cannot load a model from {source!r}: {first_line(err)}. Give a local "
             "checkpoint directory with safetensors weights, or a hub id (needs network)"
         ) from None
-    return loaded.to(device)
+    return loaded if quant_method == "bitsandbytes" else loaded.to(device)
+
+
+def _quant_method(source: str, revision: str | None) -> str | None:
+    """config.json's quantization_config.quant_method of a local checkpoint (hub ids: None;
+    transformers handles those)."""
+    import json
+
+    config = Path(source).expanduser() / "config.json"
+    if not config.is_file():
+        return None
+    try:
+        qconfig = json.loads(config.read_text()).get("quantization_config") or {}
+    except (OSError, ValueError):
+        return None
+    return qconfig.get("quant_method")
 
 
 def load_base_for(method, model: ModelSection, device: str, dtype):

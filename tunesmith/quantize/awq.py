@@ -53,3 +53,34 @@ def awq_search(
             best = AWQScales(scales, alpha, error, 0.0)
     best.rtn_error = rtn_error
     return best
+
+
+@torch.no_grad()
+def awq_clip(
+    weight: torch.Tensor, x: torch.Tensor, grid: QuantGrid, n_grid: int = 20,
+    max_shrink: float = 0.5,
+) -> torch.Tensor:  # fmt: skip
+    """AWQ's clipping search: for each output row and group, the clipping range (a fraction
+    of the largest |w|, from 1 down to 1 − max_shrink) whose rounded weights give the smallest
+    error on that group's share of the output for inputs `x` (n × in). Returns the clipped
+    weight (the grid is then fitted to it); ratio 1 is no clipping."""
+    w = weight.float()
+    x = x.reshape(-1, x.shape[-1]).float()
+    width = grid.width(w.shape[1])
+    clipped = w.clone()
+    for start in range(0, w.shape[1], width):
+        part = w[:, start : start + width]
+        xs = x[:, start : start + width]
+        reference = xs @ part.T
+        top = part.abs().amax(dim=1, keepdim=True)
+        best = torch.full((w.shape[0],), float("inf"), device=w.device)
+        for k in range(int(n_grid * max_shrink)):
+            limit = top * (1 - k / n_grid)
+            candidate = part.clamp(-limit, limit)
+            scale, zero = grid.params(candidate)
+            approx = grid.dequantize(grid.quantize(candidate, scale, zero), scale, zero)
+            error = ((xs @ approx.T - reference) ** 2).mean(0)
+            better = error < best
+            best = torch.where(better, error, best)
+            clipped[:, start : start + width][better] = candidate[better]
+    return clipped

@@ -48,7 +48,7 @@ def gptq_quantize(
     h = hessian.float().clone()
     out_features, in_features = w.shape
     groups = grid.groups_of(in_features)
-    width = in_features // groups
+    width = grid.width(in_features)
     dead = torch.diag(h) == 0  # inputs that were always zero: their weights do not matter
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
@@ -89,5 +89,5 @@ def gptq_quantize(
             errors[:, i] = error
         w[:, start:end] = block
         w[:, end:] -= errors @ h_inv[start:end, end:]
-    g_idx = torch.arange(in_features, device=w.device) // width
+    g_idx = grid.g_idx(in_features, w.device)
     return QuantizedWeight(q[:, position].to(torch.uint8), scales, zeros, g_idx, grid.bits)

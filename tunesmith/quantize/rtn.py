@@ -1,10 +1,14 @@
 """Group-wise integer weight quantization: the grid every 4-/3-/8-bit method here shares.
 
 A weight W (out × in) is split along its input dimension into groups of `group_size` columns
-(-1: one group per row). Each row of each group gets an asymmetric grid: scale = (max − min) /
+(-1: one group per row; the last group is shorter when `group_size` does not divide the width,
+as in GPTQ's checkpoints). Each row of each group gets an asymmetric grid: scale = (max − min) /
 (2^bits − 1) and an integer zero point, so q = clamp(round(w / scale) + zero, 0, 2^bits − 1) and
-w ≈ (q − zero) · scale. Round-to-nearest (RTN) applies the grid directly; GPTQ and AWQ choose
-what to round so that the layer's output, not its weights, stays close.
+w ≈ (q − zero) · scale. Scales are rounded to fp16 (what checkpoints store) before any weight
+is rounded, and zero points are kept in 1 … 2^bits − 1, because GPTQ's checkpoint format stores
+zero − 1 (a group that would need zero 0 gets a slightly wider grid with zero 1).
+Round-to-nearest (RTN) applies the grid directly; GPTQ and AWQ choose what to round so that the
+layer's output, not its weights, stays close.
 """
 
 from __future__ import annotations
@@ -39,24 +43,29 @@ class QuantGrid:
     def levels(self) -> int:
         return 2**self.bits - 1
 
+    def width(self, in_features: int) -> int:
+        """Columns per group for a layer with `in_features` inputs."""
+        return in_features if self.group_size == -1 else self.group_size
+
     def groups_of(self, in_features: int) -> int:
-        """How many groups a row of `in_features` has; refuses sizes that do not divide."""
-        if self.group_size == -1:
-            return 1
-        if in_features % self.group_size:
-            raise TunesmithError(
-                f"--group-size: {self.group_size} does not divide a layer's {in_features} input "
-                "features; choose a divisor (e.g. 32, 64, 128) or -1"
-            )
-        return in_features // self.group_size
+        """How many groups a row of `in_features` has (the last one may be shorter)."""
+        return -(-in_features // self.width(in_features))
+
+    def g_idx(self, in_features: int, device=None) -> torch.Tensor:
+        """The group of each input column, in order."""
+        return torch.arange(in_features, device=device) // self.width(in_features)
 
     def params(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(scale, zero) per row of `w` (rows × columns of one group), shape (rows,)."""
         low = w.min(dim=1).values.clamp(max=0)
         high = w.max(dim=1).values.clamp(min=0)
         scale = (high - low) / self.levels
+        zero = torch.round(-low / scale)
+        # zero 0 cannot be stored (checkpoints hold zero - 1): widen those grids to zero 1
+        scale = torch.where(zero < 1, high / (self.levels - 1), scale)
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        zero = torch.round(-low / scale).clamp(0, self.levels)
+        scale = scale.clamp(min=2.0**-20).half().float()  # exactly what checkpoints store
+        zero = torch.round(-low / scale).clamp(1, self.levels)
         return scale, zero
 
     def quantize(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
@@ -91,14 +100,13 @@ def rtn_quantize(weight: torch.Tensor, grid: QuantGrid) -> QuantizedWeight:
     w = weight.detach().float()
     out_features, in_features = w.shape
     groups = grid.groups_of(in_features)
-    width = in_features // groups
+    width = grid.width(in_features)
     q = torch.empty_like(w, dtype=torch.uint8)
-    scales = torch.empty(out_features, groups)
-    zeros = torch.empty(out_features, groups)
+    scales = torch.empty(out_features, groups, device=w.device)
+    zeros = torch.empty(out_features, groups, device=w.device)
     for g in range(groups):
         part = w[:, g * width : (g + 1) * width]
         scale, zero = grid.params(part)
         q[:, g * width : (g + 1) * width] = grid.quantize(part, scale, zero).to(torch.uint8)
         scales[:, g], zeros[:, g] = scale, zero
-    g_idx = torch.arange(in_features) // width
-    return QuantizedWeight(q, scales, zeros, g_idx, grid.bits)
+    return QuantizedWeight(q, scales, zeros, grid.g_idx(in_features), grid.bits)

@@ -1,0 +1,331 @@
+"""`tunesmith quantize`: a checkpoint (or base + adapter, merged first) to a quantized
+checkpoint that tunesmith (and, for each format, its usual consumers) loads back, with a quality
+report: perplexity of the original and the quantized model on held-out text, and size on disk.
+
+- rtn | gptq | awq: group-wise integer weights (2/3/4/8 bits) written in GPTQ's format
+  (`checkpoint.py`); calibration runs layer by layer (`calibrate.py`).
+- int8 | nf4: bitsandbytes LLM.int8 / NF4 (double-quantized, 64-weight blocks), quantized and
+  saved by transformers' own bitsandbytes integration, so `from_pretrained` loads it natively.
+
+Calibration and held-out text come from `--calib` (jsonl/json/csv/parquet/txt records in any
+format the data pipeline reads: completion text, chat, alpaca, tokenized), tokenized as one
+stream and cut into windows of `seq_len` tokens: the first `calib_samples` windows calibrate,
+the following `eval_samples` windows measure perplexity (or `--eval-data` gives them).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from tunesmith.errors import TunesmithError
+
+QUANTIZE_METHODS = ("rtn", "gptq", "awq", "int8", "nf4")
+GRID_METHODS = ("rtn", "gptq", "awq")
+REPORT_NAME = "quantize_report.json"
+
+
+@dataclass
+class QuantizeReport:
+    out: str
+    method: str
+    bits: int
+    group_size: int | None
+    source: str
+    calib_windows: int
+    eval_windows: int
+    seq_len: int
+    perplexity_original: float
+    perplexity_quantized: float
+    bytes_original: int
+    bytes_quantized: int
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        from tunesmith.combine.merge import _human
+
+        grid = f", group size {self.group_size}" if self.group_size else ""
+        ratio = self.bytes_original / max(self.bytes_quantized, 1)
+        calib = f", calibrated on {self.calib_windows} windows" if self.calib_windows else ""
+        change = self.perplexity_quantized / self.perplexity_original - 1
+        return [
+            f"wrote {self.out}: {self.method} {self.bits}-bit{grid}{calib} ({self.seconds:.0f} s)",
+            f"{'':22}{'original':>12}{'quantized':>12}",
+            f"{'perplexity':22}{self.perplexity_original:>12.3f}{self.perplexity_quantized:>12.3f}"
+            f"   ({change:+.1%}, {self.eval_windows} held-out windows of {self.seq_len} tokens)",
+            f"{'size on disk':22}{_human(self.bytes_original):>12}"
+            f"{_human(self.bytes_quantized):>12}   ({ratio:.2f}x smaller)",
+            *self.notes,
+        ]
+
+
+def _checkpoint_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.glob("*.safetensors"))
+
+
+def check_settings(method: str, bits: int | None, group_size: int | None):
+    """(bits, group size or None, QuantGrid or None) for a method, or a one-line error."""
+    from tunesmith.quantize.rtn import QuantGrid
+
+    if method not in QUANTIZE_METHODS:
+        raise TunesmithError(f"--method: {method!r} is not one of {', '.join(QUANTIZE_METHODS)}")
+    if method in ("int8", "nf4"):
+        fixed = 8 if method == "int8" else 4
+        if bits is not None and bits != fixed:
+            raise TunesmithError(
+                f"--bits: {method} is {fixed}-bit; drop --bits, or use --method gptq, awq or rtn "
+                f"for {bits} bits"
+            )
+        if group_size is not None:
+            raise TunesmithError(
+                f"--group-size: {method} uses bitsandbytes' own blocks "
+                f"({'one scale per row' if method == 'int8' else '64 weights'}); drop "
+                "--group-size, or use --method gptq, awq or rtn"
+            )
+        return fixed, None, None
+    grid = QuantGrid(4 if bits is None else bits, 128 if group_size is None else group_size)
+    return grid.bits, grid.group_size, grid
+
+
+def token_stream(path: str, tokenizer, what: str = "--calib") -> list[int]:
+    """All records of `path` as one token stream, documents separated by EOS."""
+    from tunesmith.data.formats import (
+        Completion,
+        Conversation,
+        FormatSpec,
+        detect_format,
+        parse_record,
+    )
+    from tunesmith.data.sources import local_files, read_records
+
+    if not Path(path).expanduser().exists():
+        raise TunesmithError(f"{what}: {path}: no such file or folder")
+    local_files(path)
+    records = list(read_records(path))
+    if not records:
+        raise TunesmithError(f"{what}: {path}: no records")
+    fmt = detect_format(records[0], {}, what)
+    spec = FormatSpec(fmt, {}, {}, None, what)
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    template = getattr(tokenizer, "chat_template", None)
+    stream: list[int] = []
+    for record in records:
+        example = parse_record(record, spec)
+        if isinstance(example, Completion):
+            text = example.text
+        elif isinstance(example, Conversation):
+            if template:
+                text = tokenizer.apply_chat_template(example.messages, tokenize=False)
+            else:
+                text = "\n\n".join(m["content"] for m in example.messages)
+        else:
+            stream += list(example.input_ids) + eos
+            continue
+        stream += tokenizer(text, add_special_tokens=True)["input_ids"] + eos
+    return stream
+
+
+def windows_of(stream: list[int], seq_len: int) -> torch.Tensor:
+    count = len(stream) // seq_len
+    return torch.tensor(stream[: count * seq_len], dtype=torch.long).view(count, seq_len)
+
+
+def calibration_and_eval(
+    tokenizer, calib: str | None, eval_data: str | None, calib_samples: int, eval_samples: int,
+    seq_len: int, needs_calibration: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(calibration windows, held-out windows)."""
+    if seq_len < 2:
+        raise TunesmithError(f"--seq-len: {seq_len} is too short; use at least 2 (e.g. 512)")
+    if calib_samples < 1 or eval_samples < 1:
+        raise TunesmithError("--calib-samples and --eval-samples must be at least 1")
+    if calib is None and eval_data is None:
+        raise TunesmithError(
+            "--calib: give a data file (calibration text, and held-out text for the quality "
+            "report's perplexity), or --eval-data for the report alone with --method rtn, "
+            "int8 or nf4"
+        )
+    if needs_calibration and calib is None:
+        raise TunesmithError("--calib: GPTQ and AWQ need calibration data; give a data file")
+    used = calib_samples  # always skipped, so every method is measured on the same text
+    calib_windows = torch.empty(0, seq_len, dtype=torch.long)
+    if calib is not None:
+        stream = token_stream(calib, tokenizer)
+        all_windows = windows_of(stream, seq_len)
+        needed = used + (0 if eval_data else 1)
+        if len(all_windows) < needed:
+            raise TunesmithError(
+                f"--calib: {calib} has {len(stream):,} tokens, {len(all_windows)} windows of "
+                f"{seq_len}; {used} calibration windows"
+                + ("" if eval_data else " plus at least 1 held-out window")
+                + f" need {needed * seq_len:,} tokens. Give more text, or lower "
+                "--calib-samples or --seq-len"
+            )
+        calib_windows = all_windows[:used] if needs_calibration else calib_windows
+        held = all_windows[used : used + eval_samples]
+    if eval_data is not None:
+        stream = token_stream(eval_data, tokenizer, "--eval-data")
+        held = windows_of(stream, seq_len)[:eval_samples]
+        if not len(held):
+            raise TunesmithError(
+                f"--eval-data: {eval_data} has {len(stream):,} tokens, fewer than one window "
+                f"of {seq_len}; give more text or lower --seq-len"
+            )
+    return calib_windows, held
+
+
+def quantize_checkpoint(
+    model: str | None,
+    out: str | Path,
+    method: str = "gptq",
+    adapters: list[str] | None = None,
+    bits: int | None = None,
+    group_size: int | None = None,
+    calib: str | None = None,
+    calib_samples: int = 128,
+    eval_data: str | None = None,
+    eval_samples: int = 32,
+    seq_len: int = 512,
+    act_order: bool = False,
+    damp: float = 0.01,
+    device: str = "auto",
+    overwrite: bool = False,
+    max_shard_size: str | int = "5GB",
+    trust_remote_code: bool = False,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> QuantizeReport:
+    """Quantize `model` (a checkpoint folder or hub id; with `adapters`, base + adapters are
+    merged first) into `out`. See the module docstring."""
+    from tunesmith.generation import adapter_base
+    from tunesmith.shards import check_output, parse_size
+
+    started = time.perf_counter()
+    bits, group_size, grid = check_settings(method, bits, group_size)
+    if not 0 <= damp < 1:
+        raise TunesmithError(f"--damp: {damp} must be in [0, 1) (a fraction of the mean diagonal)")
+    if act_order and method != "gptq":
+        raise TunesmithError("--act-order: only GPTQ quantizes in activation order; drop it")
+    out = Path(out)
+    check_output(out, overwrite)
+    shard_bytes = parse_size(max_shard_size)
+    adapters = list(adapters or [])
+    if model is None:
+        model = adapter_base(adapters[0]) if adapters else None
+        if model is None:
+            raise TunesmithError("--model: give the checkpoint to quantize")
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=_parent(out)) as scratch:
+        source = model
+        if adapters:
+            from tunesmith.combine import merge_checkpoint
+
+            source = str(Path(scratch) / "merged")
+            merge_checkpoint(model, adapters, source, trust_remote_code=trust_remote_code)
+        report = _quantize(
+            source, out, method, bits, group_size, grid, calib, calib_samples, eval_data,
+            eval_samples, seq_len, act_order, damp, device, overwrite, shard_bytes,
+            trust_remote_code, progress,
+        )  # fmt: skip
+    report.source = model + (f" + {', '.join(adapters)}" if adapters else "")
+    report.seconds = time.perf_counter() - started
+    (out / REPORT_NAME).write_text(json.dumps(asdict(report), indent=2) + "\n")
+    return report
+
+
+def _parent(out: Path) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return out.parent
+
+
+def _quantize(
+    source, out, method, bits, group_size, grid, calib, calib_samples, eval_data, eval_samples,
+    seq_len, act_order, damp, device, overwrite, shard_bytes, trust_remote_code, progress,
+) -> QuantizeReport:  # fmt: skip
+    from tunesmith.combine.merge import copy_extras, output_dtype
+    from tunesmith.config import ModelSection
+    from tunesmith.models import load_model, load_tokenizer, resolve_device
+    from tunesmith.quantize.calibrate import Settings, perplexity, quantize_layers
+    from tunesmith.quantize.checkpoint import quantization_config, write_gptq_checkpoint
+    from tunesmith.shards import CheckpointReader, large_allocations_via_mmap, staging_dir
+
+    section = ModelSection(path=source, trust_remote_code=trust_remote_code, device=device)
+    device = resolve_device(section.device)
+    tokenizer = load_tokenizer(section)
+    calib_windows, held = calibration_and_eval(
+        tokenizer, calib, eval_data, calib_samples, eval_samples, seq_len, method in ("gptq", "awq")
+    )
+    reader = CheckpointReader(source)
+    compute = torch.float32 if device == "cpu" else torch.float16
+    fp_model = load_model(section, "cpu", compute).eval()
+    _check_quantizable(fp_model, method)
+    store_dtype = output_dtype("auto", fp_model.config)
+    ppl_original = perplexity(fp_model.to(device), held, device)
+    notes: list[str] = []
+    with large_allocations_via_mmap(), staging_dir(out, overwrite) as tmp:
+        if grid is not None:
+            fp_model.to("cpu")
+
+            def layer_progress(done: int, total: int) -> None:
+                if progress is not None:
+                    progress("layers", done, total)
+
+            settings = Settings(method, grid, damp, act_order)
+            quantized = quantize_layers(fp_model, calib_windows, settings, device, layer_progress)
+            qconfig = quantization_config(method, bits, group_size, act_order, damp)
+            write_gptq_checkpoint(fp_model, quantized, tmp, store_dtype, qconfig, shard_bytes)
+            del fp_model, quantized
+        else:
+            del fp_model
+            _write_bitsandbytes(source, method, tmp, compute, device, trust_remote_code)
+        copy_extras(reader, source, tmp, _Notes(notes))
+        quantized_model = load_model(section.model_copy(update={"path": str(tmp)}), device, compute)
+        ppl_quantized = perplexity(quantized_model, held, device)
+        del quantized_model
+        report = QuantizeReport(
+            out=str(out), method=method, bits=bits, group_size=group_size, source=source,
+            calib_windows=len(calib_windows), eval_windows=len(held), seq_len=seq_len,
+            perplexity_original=ppl_original, perplexity_quantized=ppl_quantized,
+            bytes_original=reader.nbytes(), bytes_quantized=_checkpoint_bytes(tmp),
+            seconds=0.0, notes=notes,
+        )  # fmt: skip
+    return report
+
+
+class _Notes:
+    def __init__(self, notes: list[str]) -> None:
+        self.notes = notes
+
+
+def _check_quantizable(model, method: str) -> None:
+    if getattr(model.config, "quantization_config", None):
+        raise TunesmithError(
+            "--model: the checkpoint is already quantized; quantize its 16/32-bit original"
+        )
+
+
+def _write_bitsandbytes(source, method, folder: Path, compute, device, trust_remote_code) -> None:
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from tunesmith.quant import bitsandbytes
+
+    bitsandbytes()
+    if method == "int8":
+        config = BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        config = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute,
+        )  # fmt: skip
+    model = AutoModelForCausalLM.from_pretrained(
+        source, quantization_config=config, device_map=device, dtype=compute,
+        use_safetensors=True, trust_remote_code=trust_remote_code,
+    )  # fmt: skip
+    model.save_pretrained(folder)
+    shutil.rmtree(folder / "__pycache__", ignore_errors=True)
