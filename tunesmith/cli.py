@@ -1,6 +1,6 @@
 """The `tunesmith` command. Thin: it parses arguments and calls the library. Verbs: `config
 schema`, `config check`, `preprocess`, `train`, `plot`, `eval`, `generate`, `chat`, `merge`,
-`combine`, `merge-models`; export arrives with a later capability."""
+`combine`, `merge-models`, `quantize`, `export`."""
 
 from __future__ import annotations
 
@@ -368,13 +368,13 @@ def _weights(text: str | None, count: int, default: float) -> list[float]:
     return weights
 
 
-def _progress(label: str):
+def _progress(label: str, unit: str = "tensors"):
     if not sys.stderr.isatty():
         return None
 
     def report(done: int, total: int) -> None:
         if done == total or done % max(1, total // 20) == 0:
-            typer.echo(f"\r{label}: {done}/{total} tensors", nl=done == total, err=True)
+            typer.echo(f"\r{label}: {done}/{total} {unit}", nl=done == total, err=True)
 
     return report
 
@@ -493,6 +493,68 @@ def merge_models_cmd(
     )  # fmt: skip
     for line in report.lines():
         typer.echo(line)
+
+
+@app.command("quantize")
+def quantize_cmd(
+    out: OutOpt,
+    model: Optional[str] = typer.Option(  # noqa: UP045
+        None, "--model", help="Checkpoint folder or hub id (default: the adapter's base)."
+    ),
+    adapter: AdapterOpt = None,
+    method: str = typer.Option(
+        "gptq", "--method", help="rtn (round-to-nearest), gptq, awq, int8 or nf4 (bitsandbytes)."
+    ),
+    bits: Optional[int] = typer.Option(  # noqa: UP045
+        None, "--bits", help="rtn/gptq/awq: 2, 3, 4 (default) or 8."
+    ),
+    group_size: Optional[int] = typer.Option(  # noqa: UP045
+        None, "--group-size", help="rtn/gptq/awq: input columns per scale, or -1 (default 128)."
+    ),
+    calib: Optional[str] = typer.Option(  # noqa: UP045
+        None, "--calib", help="Data file: calibration windows, then held-out windows."
+    ),
+    calib_samples: int = typer.Option(128, "--calib-samples", help="Calibration windows."),
+    eval_data: Optional[str] = typer.Option(  # noqa: UP045
+        None, "--eval-data", help="Held-out text for the perplexity report (default: --calib's)."
+    ),
+    eval_samples: int = typer.Option(32, "--eval-samples", help="Held-out windows."),
+    seq_len: int = typer.Option(512, "--seq-len", help="Tokens per window."),
+    act_order: bool = typer.Option(
+        False, "--act-order", help="gptq: quantize the most active input columns first."
+    ),
+    damp: float = typer.Option(
+        0.01, "--damp", help="gptq: Hessian dampening (of its mean diagonal)."
+    ),
+    device: DeviceOpt = "auto",
+    max_shard_size: ShardOpt = "5GB",
+    overwrite: OverwriteOpt = False,
+    eval_config: Optional[Path] = typer.Option(  # noqa: UP045, B008
+        None, "--eval-config", help="Also run `tunesmith eval` of this run config on both models."
+    ),
+    samples: int = typer.Option(100, "--samples", help="--eval-config: prompts to answer."),
+) -> None:
+    """Quantize a checkpoint (or base + adapter, merged first) and report perplexity and size
+    against the original. rtn/gptq/awq write GPTQ's format; int8/nf4 write bitsandbytes'
+    (transformers loads both); `tunesmith generate` and `eval` load either."""
+    from tunesmith.quantize.run import quantize_checkpoint
+
+    adapters = list(adapter or [])
+    report = quantize_checkpoint(
+        model, out, method, adapters, bits, group_size, calib, calib_samples, eval_data,
+        eval_samples, seq_len, act_order, damp, device, overwrite, max_shard_size,
+        progress=_progress("quantizing", "layers"),
+    )  # fmt: skip
+    for line in report.lines():
+        typer.echo(line)
+    if eval_config is not None:
+        from tunesmith.config import load_config
+        from tunesmith.evaluate import evaluate_models, format_table
+
+        original = adapters[0] if adapters else model
+        cfg = load_config(eval_config, [])
+        columns, n = evaluate_models(cfg, [original, str(out)], None, samples, None, False)
+        typer.echo(format_table(columns, n))
 
 
 def _resume_default(args: list[str]) -> list[str]:

@@ -136,9 +136,7 @@ def quantize_layers(
     """Quantize every linear of every decoder layer, in place: each weight is replaced by its
     dequantized value (so the model computes what the checkpoint will) and AWQ's scales are
     folded in. Returns the quantized weights by module name (on the CPU)."""
-    path, layers = decoder_layers(model)
-    if settings.method == "awq":
-        _check_awq(model)
+    path, layers = check_model(model, settings.method)
     home = next(model.parameters()).device
     _move_outside(model, layers, device)
     inputs = []
@@ -189,24 +187,26 @@ def _gptq_layer(layer, linears, inputs, settings: Settings) -> dict[str, Quantiz
     }
 
 
-def _check_awq(model) -> None:
+def check_model(model: nn.Module, method: str) -> tuple[str, nn.ModuleList]:
+    """The decoder layers of a model that `method` can quantize, or a one-line error."""
     model_type = getattr(model.config, "model_type", "?")
-    if model_type not in AWQ_ARCHITECTURES:
+    if method == "awq" and model_type not in AWQ_ARCHITECTURES:
         raise TunesmithError(
             f"--method awq: {model_type} models are not supported (AWQ folds its scales into "
             f"known operations); supported: {', '.join(AWQ_ARCHITECTURES)}. Use --method gptq"
         )
+    path, layers = decoder_layers(model)
+    if not any(layer_linears(layer) for layer in layers):
+        raise TunesmithError(
+            f"quantize: {type(model).__name__} has no nn.Linear layers in its decoder layers to "
+            "quantize; GPTQ, AWQ and RTN support Llama-style decoders"
+        )
+    return path, layers
 
 
-def _fold_into(previous: nn.Module, scales: torch.Tensor) -> None:
-    """Divide the output of `previous` (a norm's weight or a linear's rows) by `scales`."""
-    shape = (-1,) + (1,) * (previous.weight.dim() - 1)
-    previous.weight.data.div_(scales.to(previous.weight.dtype).view(shape))
-    if getattr(previous, "bias", None) is not None:
-        previous.bias.data.div_(scales.to(previous.bias.dtype))
-
-
-def _awq_layer(layer, linears, inputs, settings: Settings) -> dict[str, QuantizedWeight]:
+def awq_groups(layer: nn.Module) -> list[tuple[nn.Module, list[nn.Linear]]]:
+    """(operation before, linears reading its output) pairs of a decoder layer that AWQ can
+    fold scales into."""
     groups = []
     for previous, readers in AWQ_GROUPS:
         try:
@@ -220,10 +220,31 @@ def _awq_layer(layer, linears, inputs, settings: Settings) -> dict[str, Quantize
         if prev.weight.shape[0] != width:
             continue
         groups.append((prev, mods))
+    return groups
+
+
+@torch.no_grad()
+def fold_scales(previous: nn.Module, readers: list[nn.Linear], scales: torch.Tensor) -> None:
+    """Divide `previous`'s output by `scales` (a norm's weight, or a linear's rows and bias) and
+    multiply the readers' input columns by them: the layer computes the same function."""
+    shape = (-1,) + (1,) * (previous.weight.dim() - 1)
+    previous.weight.data.div_(scales.to(previous.weight.dtype).view(shape))
+    if getattr(previous, "bias", None) is not None:
+        previous.bias.data.div_(scales.to(previous.bias.dtype))
+    for m in readers:
+        m.weight.data.mul_(scales.to(m.weight.dtype))
+
+
+def _awq_layer(layer, linears, inputs, settings: Settings) -> dict[str, QuantizedWeight]:
+    groups = awq_groups(layer)
+    tokens = sum(hidden.shape[0] * hidden.shape[1] for hidden, _ in inputs)
+    stride = max(1, tokens // AWQ_SEARCH_ROWS)  # keep about AWQ_SEARCH_ROWS rows per linear
     rows: dict[int, list[torch.Tensor]] = {id(m): [] for m in linears.values()}
     handles = [
         m.register_forward_hook(
-            lambda m, args, _out: rows[id(m)].append(args[0].reshape(-1, args[0].shape[-1]))
+            lambda m, args, _out: rows[id(m)].append(
+                args[0].reshape(-1, args[0].shape[-1])[::stride].float()
+            )
         )
         for m in linears.values()
     ]
@@ -232,20 +253,13 @@ def _awq_layer(layer, linears, inputs, settings: Settings) -> dict[str, Quantize
     finally:
         for handle in handles:
             handle.remove()
-    gen = torch.Generator().manual_seed(0)
-    inputs_of = {}
-    for name, m in linears.items():
-        x = torch.cat(rows.pop(id(m)))
-        if x.shape[0] > AWQ_SEARCH_ROWS:
-            x = x[torch.randperm(x.shape[0], generator=gen)[:AWQ_SEARCH_ROWS].to(x.device)]
-        inputs_of[name] = x
+    inputs_of = {name: torch.cat(rows.pop(id(m))) for name, m in linears.items()}
     names = {id(m): name for name, m in linears.items()}
     # later groups first: up_proj is scaled (for down_proj) before its own search
     for prev, mods in reversed(groups):
         found = awq_search([m.weight for m in mods], inputs_of[names[id(mods[0])]], settings.grid)
-        _fold_into(prev, found.scales)
+        fold_scales(prev, mods, found.scales)
         for m in mods:  # W·diag(s) reads x / s
-            m.weight.data.mul_(found.scales.to(m.weight.dtype))
             inputs_of[names[id(m)]] = inputs_of[names[id(m)]] / found.scales
     quantized = {}
     for name, m in linears.items():

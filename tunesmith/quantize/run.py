@@ -200,7 +200,7 @@ def quantize_checkpoint(
     overwrite: bool = False,
     max_shard_size: str | int = "5GB",
     trust_remote_code: bool = False,
-    progress: Callable[[str, int, int], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> QuantizeReport:
     """Quantize `model` (a checkpoint folder or hub id; with `adapters`, base + adapters are
     merged first) into `out`. See the module docstring."""
@@ -272,12 +272,8 @@ def _quantize(
         if grid is not None:
             fp_model.to("cpu")
 
-            def layer_progress(done: int, total: int) -> None:
-                if progress is not None:
-                    progress("layers", done, total)
-
             settings = Settings(method, grid, damp, act_order)
-            quantized = quantize_layers(fp_model, calib_windows, settings, device, layer_progress)
+            quantized = quantize_layers(fp_model, calib_windows, settings, device, progress)
             qconfig = quantization_config(method, bits, group_size, act_order, damp)
             write_gptq_checkpoint(fp_model, quantized, tmp, store_dtype, qconfig, shard_bytes)
             del fp_model, quantized
@@ -304,10 +300,14 @@ class _Notes:
 
 
 def _check_quantizable(model, method: str) -> None:
+    from tunesmith.quantize.calibrate import check_model
+
     if getattr(model.config, "quantization_config", None):
         raise TunesmithError(
             "--model: the checkpoint is already quantized; quantize its 16/32-bit original"
         )
+    if method in GRID_METHODS:
+        check_model(model, method)
 
 
 def _write_bitsandbytes(source, method, folder: Path, compute, device, trust_remote_code) -> None:
