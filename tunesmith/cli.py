@@ -557,6 +557,43 @@ def quantize_cmd(
         typer.echo(format_table(columns, n))
 
 
+@app.command("export")
+def export_cmd(
+    out: Annotated[Path, typer.Option("--out", help="Output file (.gguf; must not exist).")],
+    fmt: str = typer.Option("gguf", "--format", help="gguf (llama.cpp, Ollama, LM Studio)."),
+    model: Optional[str] = typer.Option(  # noqa: UP045
+        None, "--model", help="Checkpoint folder or hub id (default: the adapter's base)."
+    ),
+    adapter: AdapterOpt = None,
+    outtype: str = typer.Option(
+        "f16",
+        "--outtype",
+        help="Weights: f32, f16, bf16, q8_0 or q4_0 (--lora-only: f32/f16/bf16).",
+    ),
+    lora_only: bool = typer.Option(
+        False, "--lora-only", help="Write the LoRA adapter alone as a GGUF LoRA file."
+    ),
+    name: Optional[str] = typer.Option(None, "--name", help="general.name in the file."),  # noqa: UP045
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Export for local inference. A checkpoint (or base + adapter, merged first) becomes one
+    GGUF file with the tokenizer and chat template; --lora-only writes a GGUF LoRA adapter that
+    llama.cpp applies at run time (`--lora`)."""
+    from tunesmith.export.gguf import export_gguf, export_lora_gguf
+
+    if fmt != "gguf":
+        raise TunesmithError(f"--format: {fmt!r} is not supported; use gguf")
+    adapters = list(adapter or [])
+    if lora_only:
+        if len(adapters) != 1:
+            raise TunesmithError("--lora-only: give exactly one --adapter")
+        report = export_lora_gguf(adapters[0], out, model, outtype, overwrite)
+    else:
+        report = export_gguf(model, out, adapters, outtype, overwrite, name)
+    for line in report.lines():
+        typer.echo(line)
+
+
 def _resume_default(args: list[str]) -> list[str]:
     """`--resume` with no value means `--resume latest`."""
     out = list(args)
