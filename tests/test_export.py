@@ -130,9 +130,8 @@ def test_qwen2_keeps_rotate_half_layout_and_biases(tmp_path):
     export_gguf(str(folder), out, outtype="f32")
     tensors = gguf_tensors(out)
     assert "blk.0.attn_q.bias" in tensors and "output.weight" in tensors
-    np.testing.assert_array_equal(
-        tensors["blk.1.attn_k.weight"], model.model.layers[1].self_attn.k_proj.weight.detach().numpy()
-    )  # no permutation for qwen2
+    k_proj = model.model.layers[1].self_attn.k_proj.weight.detach().numpy()
+    np.testing.assert_array_equal(tensors["blk.1.attn_k.weight"], k_proj)  # not permuted
     fresh = AutoModelForCausalLM.from_config(config).eval()
     fresh.load_state_dict(hf_state_from_gguf(out, model), strict=False)
     ids = torch.randint(0, 4096, (1, 12), generator=torch.Generator().manual_seed(0))
@@ -151,8 +150,9 @@ def test_permutation_interleaves_rotary_halves():
 def test_block_quantized_types(tmp_path, outtype, bound):
     """q8_0/q4_0 store blocks of 32 with an fp16 scale: q8_0 values are within half a step
     (max|block|/127, plus the scale's fp16 rounding) of the original; q4_0's 16 levels span
-    [-8, 7]·max/8, so a value opposite the largest one can be a whole step off; 1-D tensors stay f32 and matrices whose rows are
-    not whole blocks (down_proj: 688 inputs) stay f16, as the report says."""
+    [-8, 7]·max/8, so a value opposite the largest one can be a whole step off. 1-D tensors
+    stay f32 and matrices whose rows are not whole blocks (down_proj: 688 inputs) stay f16, as
+    the report says."""
     out = tmp_path / "m.gguf"
     report = export_gguf(str(BUNDLED), out, outtype=outtype)
     assert report.kept_f16 == [f"blk.{i}.ffn_down.weight" for i in range(4)]
