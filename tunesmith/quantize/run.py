@@ -265,7 +265,7 @@ def _quantize(
     compute = torch.float32 if device == "cpu" else torch.float16
     fp_model = load_model(section, "cpu", compute).eval()
     _check_quantizable(fp_model, method)
-    store_dtype = output_dtype("auto", fp_model.config)
+    store_dtype = output_dtype("auto", _source_config(source, trust_remote_code))
     ppl_original = perplexity(fp_model.to(device), held, device)
     notes: list[str] = []
     with large_allocations_via_mmap(), staging_dir(out, overwrite) as tmp:
@@ -292,6 +292,14 @@ def _quantize(
             seconds=0.0, notes=notes,
         )  # fmt: skip
     return report
+
+
+def _source_config(source: str, trust_remote_code: bool):
+    """The checkpoint's own config: non-quantized tensors keep its dtype whatever the compute
+    dtype was."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
 
 
 class _Notes:
