@@ -38,7 +38,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     runs = [("rtn", 4, 128, False), ("gptq", 4, 128, False), ("gptq", 4, 128, True),
-            ("awq", 4, 128, False), ("int8", None, None, False), ("nf4", None, None, False)]  # fmt: skip
+            ("awq", 4, 128, False), ("int8", None, None, False),
+            ("nf4", None, None, False)]  # fmt: skip
     if args.all:
         for bits, group in ((3, 128), (4, -1)):
             runs += [("rtn", bits, group, False), ("gptq", bits, group, False),

@@ -38,11 +38,20 @@ _ADAPTER_API = (
     "unmerge",
 )
 _COMBINE_API = ("combine_adapters", "merge_checkpoint", "merge_models")
-__all__ = ["AdapterError", "TunesmithError", "__version__", *_ADAPTER_API, *_COMBINE_API]
+_DEPLOY_API = {
+    "quantize_checkpoint": "tunesmith.quantize.run",
+    "export_gguf": "tunesmith.export.gguf",
+    "export_lora_gguf": "tunesmith.export.gguf",
+}
+__all__ = [
+    "AdapterError", "TunesmithError", "__version__", *_ADAPTER_API, *_COMBINE_API, *_DEPLOY_API,
+]  # fmt: skip
 
 if TYPE_CHECKING:
     from tunesmith.adapters import *  # noqa: F403
     from tunesmith.combine import combine_adapters, merge_checkpoint, merge_models  # noqa: F401
+    from tunesmith.export.gguf import export_gguf, export_lora_gguf  # noqa: F401
+    from tunesmith.quantize.run import quantize_checkpoint  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:
@@ -51,4 +60,6 @@ def __getattr__(name: str) -> Any:
         return adapters if name == "adapters" else getattr(adapters, name)
     if name in _COMBINE_API:
         return getattr(importlib.import_module("tunesmith.combine"), name)
+    if name in _DEPLOY_API:
+        return getattr(importlib.import_module(_DEPLOY_API[name]), name)
     raise AttributeError(f"module 'tunesmith' has no attribute {name!r}")

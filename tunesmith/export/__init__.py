@@ -1,0 +1,1 @@
+"""Export for deployment: GGUF for llama.cpp (`gguf.py`)."""

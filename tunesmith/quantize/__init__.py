@@ -1,7 +1,8 @@
-"""Post-training weight quantization: round-to-nearest (the baseline) and GPTQ, on a shared
-group-wise integer grid, and AWQ's activation-aware scale search. (Folding AWQ scales into
-a model, the `tunesmith quantize` command and its checkpoint format are
-still to come: see the README's Status.)"""
+"""Post-training weight quantization: round-to-nearest (the baseline), GPTQ and AWQ on a
+shared group-wise integer grid (`rtn.py`, `gptq.py`, `awq.py`), run layer by layer through a
+model (`calibrate.py`), written in GPTQ's checkpoint format (`pack.py`, `checkpoint.py`) and
+loaded back by `GPTQLinear` (`layers.py`); `run.py` is `tunesmith quantize`, bitsandbytes
+int8/NF4 included."""
 
 from tunesmith.quantize.awq import AWQScales, awq_search
 from tunesmith.quantize.gptq import HessianAccumulator, gptq_quantize

@@ -1,0 +1,109 @@
+"""GGUF exports of the bundled model, run by llama.cpp (llama-cpp-python), against tunesmith.
+
+For each --outtype the bundled model is exported with `tunesmith.export.gguf.export_gguf` and
+loaded by llama.cpp; reported: file size, perplexity on the last 16 windows of 256 tokens of
+examples/data/pydoc_heldout.jsonl (llama.cpp's logits; tunesmith's fp32 model for reference),
+and how many of 8 prompts llama.cpp decodes greedily to the same 32 tokens as tunesmith.
+Needs `pip install llama-cpp-python` (it builds llama.cpp; about 35 minutes on 2 cores).
+
+    python bench/gguf_llamacpp.py
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tunesmith.export.gguf import export_gguf  # noqa: E402
+from tunesmith.quantize.run import token_stream, windows_of  # noqa: E402
+
+MODEL = ROOT / "examples" / "tiny-llama"
+TEXT = ROOT / "examples" / "data" / "pydoc_heldout.jsonl"
+PROMPTS = [
+    "The list type", "def open(file, mode='r'):", "Return a new dictionary",
+    "Exceptions are raised when", "class Counter(dict):", "The for statement is used",
+    "import os\nimport sys\n", "Raise ValueError if",
+]  # fmt: skip
+STOPS = (0, 3)
+
+
+def llama_greedy(llm, ids, n):
+    llm.reset()
+    out = []
+    for token in llm.generate(ids, top_k=1, temp=0.0, repeat_penalty=1.0):
+        if token in STOPS or len(out) == n:
+            break
+        out.append(token)
+    return out
+
+
+def ours_greedy(model, ids, n):
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=list(STOPS),
+            pad_token_id=1,
+        )[0, len(ids) :].tolist()  # fmt: skip
+    return [t for t in out if t not in STOPS][:n]
+
+
+def nll(logits: torch.Tensor, row: list[int]) -> float:
+    return float(
+        torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(row[1:]), reduction="sum")
+    )
+
+
+def main() -> None:
+    from llama_cpp import Llama
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(MODEL)
+    model = AutoModelForCausalLM.from_pretrained(MODEL).eval()
+    windows = windows_of(token_stream(str(TEXT), tokenizer), 256)[-16:].tolist()
+    count = sum(len(r) - 1 for r in windows)
+    with torch.no_grad():
+        ours = sum(nll(model(torch.tensor([r])).logits[0], r) for r in windows)
+    prompts = [tokenizer(p)["input_ids"] for p in PROMPTS]
+    reference = [ours_greedy(model, ids, 32) for ids in prompts]
+    rows = [dict(outtype="tunesmith fp32", perplexity=round(float(np.exp(ours / count)), 3))]
+    with tempfile.TemporaryDirectory() as folder:
+        for outtype in ("f32", "f16", "bf16", "q8_0", "q4_0"):
+            path = Path(folder) / f"{outtype}.gguf"
+            export_gguf(str(MODEL), path, outtype=outtype)
+            llm = Llama(str(path), n_ctx=512, logits_all=True, verbose=False)
+            total = 0.0
+            for r in windows:
+                llm.reset()
+                llm.eval(r)
+                total += nll(torch.tensor(np.asarray(llm.scores[: len(r)])), r)
+            pairs = zip(prompts, reference, strict=True)
+            same = sum(llama_greedy(llm, ids, 32) == ref for ids, ref in pairs)
+            llm.close()
+            rows.append(dict(
+                outtype=outtype, mb=round(path.stat().st_size / 1e6, 2),
+                perplexity=round(float(np.exp(total / count)), 3),
+                greedy_same=f"{same}/{len(prompts)}",
+            ))  # fmt: skip
+            print(json.dumps(rows[-1]), flush=True)
+    import llama_cpp
+
+    result = dict(
+        bench="gguf_llamacpp", date=str(date.today()), llama_cpp_python=llama_cpp.__version__,
+        windows=f"last {len(windows)} windows of 256 tokens of pydoc_heldout.jsonl",
+        results=rows, command="python bench/gguf_llamacpp.py",
+    )  # fmt: skip
+    out = ROOT / "bench" / "results" / f"gguf_llamacpp_cpu_{date.today()}.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
