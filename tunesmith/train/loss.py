@@ -9,6 +9,8 @@ fp32 (a 128k-vocabulary model at 2×2048 tokens would need 2 GiB for those alone
 
 from __future__ import annotations
 
+from contextvars import ContextVar
+
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -19,6 +21,9 @@ PLAIN_HEAD_TYPES = {"llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "p
 """Architectures whose logits are exactly `lm_head(last_hidden_state)`."""
 CHUNK_ELEMENTS = 1 << 24
 """fp32 logits per chunk (64 MiB)."""
+ALL_TRAINED: ContextVar[bool] = ContextVar("all_trained", default=False)
+"""Set by the memory planner: every position trains, so no data-dependent masking is needed
+(fake tensors have no values to mask by)."""
 
 
 def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -50,8 +55,12 @@ def model_loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
         logits = model(**model_inputs(batch), use_cache=False).logits
         return causal_lm_loss_sum(logits, labels)
     hidden = model.base_model(**model_inputs(batch), use_cache=False).last_hidden_state
-    keep = labels[:, 1:] != IGNORE_INDEX
-    hidden, targets = hidden[:, :-1][keep], labels[:, 1:][keep]
+    if ALL_TRAINED.get():
+        hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+        targets = labels[:, 1:].reshape(-1)
+    else:
+        keep = labels[:, 1:] != IGNORE_INDEX
+        hidden, targets = hidden[:, :-1][keep], labels[:, 1:][keep]
     count = int(targets.numel())
     if count == 0:
         return hidden.sum() * 0.0, 0

@@ -1,0 +1,208 @@
+"""Peak memory of one training step, traced without allocating memory.
+
+The real step runs on fake tensors (`FakeTensorMode`: shapes, dtypes and autograd, no data):
+the model is built from its config, the run's method is attached with the same code `tunesmith
+train` uses, and two steps of forward (tunesmith's chunked loss), backward and AdamW run. A
+dispatch mode counts every storage an operation creates and, through a weak reference, when it
+is freed, so the live total and its peak are exact for the step as traced. The peak of the
+second step (optimizer states exist by then) is reported, broken down at its moment into
+weights, trainable parameters, gradients, optimizer states and the rest (saved activations,
+logits chunks and temporaries).
+
+On a GPU, attention runs in a fused kernel (flash / memory-efficient SDPA) that keeps only the
+output and a log-sum-exp per row, never the (seq × seq) score matrix; `attention="flash"`
+traces that kernel's memory, `attention="eager"` traces the model's own attention (what CPU
+runs use). Same 8-bit optimizer states are counted as 2 bytes per trainable parameter.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+PLAN_ATTENTION = "tunesmith_plan_fused"
+
+
+class MemoryTracker(TorchDispatchMode):
+    """Live bytes of the storages created while active, and their peak."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live: dict[int, int] = {}
+        self.total = 0
+        self.peak = 0
+        self.at_peak: dict[int, int] = {}
+
+    def add(self, t: torch.Tensor) -> None:
+        storage = t.untyped_storage()
+        key = id(storage)
+        if key in self.live:
+            return
+        size = storage.nbytes()
+        self.live[key] = size
+        self.total += size
+        weakref.finalize(storage, self._free, key)
+        if self.total > self.peak:
+            self.peak = self.total
+            self.at_peak = dict(self.live)
+
+    def _free(self, key: int) -> None:
+        self.total -= self.live.pop(key, 0)
+
+    def seed(self, storages: dict[int, int]) -> None:
+        """Storages that exist already (weights): counted, never freed while tracing."""
+        self.live.update(storages)
+        self.total += sum(storages.values())
+        self.reset_peak()
+
+    def reset_peak(self) -> None:
+        self.peak = self.total
+        self.at_peak = dict(self.live)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.add(t)
+        return out
+
+
+class _FlashAttention(torch.autograd.Function):
+    """Memory of a fused attention kernel: output and fp32 log-sum-exp saved; gradients of
+    q, k, v in the backward (no values are computed: only shapes matter here)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        out = torch.empty_like(q)
+        lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, _, _ = ctx.saved_tensors
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _plan_attention(module, query, key, value, attention_mask, **kwargs):
+    out = _FlashAttention.apply(query, key, value)  # (batch, heads, seq, dim)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _register_attention() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(PLAN_ATTENTION, _plan_attention)
+
+
+@dataclass
+class TracedStep:
+    peak_bytes: int
+    weights_bytes: int
+    trainable_bytes: int
+    grads_bytes: int
+    optimizer_bytes: int
+    activations_bytes: int
+    """Everything else live at the peak: saved activations, loss chunks, temporaries."""
+    trainable_params: int
+    total_params: int
+    notes: list[str] = field(default_factory=list)
+
+
+def _storages(tensors) -> dict[int, int]:
+    out = {}
+    for t in tensors:
+        if isinstance(t, torch.Tensor):
+            storage = t.untyped_storage()
+            out[id(storage)] = storage.nbytes()
+    return out
+
+
+def trace_step(
+    model_config,
+    method,
+    train,
+    seq_len: int,
+    batch: int,
+    compute_dtype: torch.dtype,
+    attention: str = "flash",
+) -> TracedStep:
+    """Trace two training steps of `method` (a run config's method section) with `train`'s
+    micro-batch settings on a model built from `model_config`; see the module docstring."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from transformers import AutoModelForCausalLM
+
+    from tunesmith.train.loss import ALL_TRAINED, model_loss_sum
+
+    config = type(model_config).from_dict(model_config.to_dict())
+    if attention == "flash":
+        _register_attention()
+        config._attn_implementation = PLAN_ATTENTION
+    else:
+        config._attn_implementation = attention
+    full = method.name == "full"
+    master = full and train.fp32_master_weights
+    weights_dtype = torch.float32 if master else compute_dtype
+    token = ALL_TRAINED.set(True)
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            model = AutoModelForCausalLM.from_config(config, dtype=weights_dtype)
+            if not full:
+                from tunesmith.adapters import add_adapter
+
+                add_adapter(model, method.to_adapter_config())
+            if train.gradient_checkpointing:
+                model.gradient_checkpointing_enable(
+                    gradient_checkpointing_kwargs={"use_reentrant": False}
+                )
+            model.config.use_cache = False
+            model.train()
+            params = [p for p in model.parameters() if p.requires_grad]
+            optimizer = torch.optim.AdamW(params, lr=1e-4, foreach=False)
+            static = _storages(list(model.parameters()) + list(model.buffers()))
+            ids = torch.zeros(batch, seq_len, dtype=torch.long)
+            tracker = MemoryTracker()
+            tracker.seed(static)
+            autocast = torch.autocast("cpu", dtype=compute_dtype, enabled=master)
+            with tracker:
+                for step in range(2):
+                    if step == 1:
+                        tracker.reset_peak()
+                    with autocast:
+                        total, count = model_loss_sum(model, {"input_ids": ids, "labels": ids})
+                    (total / count).backward()
+                    grads = _storages(p.grad for p in params)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+            states = _storages(v for s in optimizer.state.values() for v in s.values())
+            trainable = _storages(params)
+            at_peak = tracker.at_peak
+            eight_bit = train.optimizer in ("adamw_8bit", "paged_adamw_8bit")
+            optimizer_bytes = sum(v for k, v in at_peak.items() if k in states)
+            peak = tracker.peak
+            notes = []
+            if eight_bit:  # fp32 m and v traced; 8-bit states are 2 bytes per parameter
+                traced_states = optimizer_bytes
+                optimizer_bytes = sum(p.numel() for p in params) * 2
+                peak += optimizer_bytes - traced_states
+                notes.append("8-bit optimizer states counted as 2 bytes per trainable parameter")
+            grads_bytes = sum(v for k, v in at_peak.items() if k in grads)
+            other = tracker.peak - sum(static.values()) - grads_bytes
+            other -= sum(v for k, v in at_peak.items() if k in states)
+            return TracedStep(
+                peak_bytes=peak,
+                weights_bytes=sum(v for k, v in static.items() if k not in trainable),
+                trainable_bytes=sum(trainable.values()),
+                grads_bytes=grads_bytes,
+                optimizer_bytes=optimizer_bytes,
+                activations_bytes=other,
+                trainable_params=sum(p.numel() for p in params),
+                total_params=sum(p.numel() for p in model.parameters()),
+                notes=notes,
+            )
+    finally:
+        ALL_TRAINED.reset(token)
