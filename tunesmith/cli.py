@@ -1,6 +1,6 @@
 """The `tunesmith` command. Thin: it parses arguments and calls the library. Verbs: `config
 schema`, `config check`, `preprocess`, `train`, `plot`, `eval`, `generate`, `chat`, `merge`,
-`combine`, `merge-models`, `quantize`, `export`."""
+`combine`, `merge-models`, `quantize`, `export`, `plan`."""
 
 from __future__ import annotations
 
@@ -555,6 +555,34 @@ def quantize_cmd(
         cfg = load_config(eval_config, [])
         columns, n = evaluate_models(cfg, [original, str(out)], None, samples, None, False)
         typer.echo(format_table(columns, n))
+
+
+@app.command("plan")
+def plan_cmd(
+    config: ConfigArg,
+    overrides: OverridesArg = None,
+    gpu: Optional[str] = typer.Option(  # noqa: UP045
+        None, "--gpu", help="h100, h200, a100, a100-40gb, l40s, a10g, 4090, 3090 or t4."
+    ),
+    gpu_mem: Optional[str] = typer.Option(  # noqa: UP045
+        None, "--gpu-mem", help="GPU memory to fit in, e.g. 24GiB (default: the --gpu's)."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
+) -> None:
+    """Peak memory of one training step of the run (traced on fake tensors: no GPU and no
+    weights needed), its breakdown, whether it fits the GPU, and a time estimate."""
+    import json
+
+    from tunesmith.config import load_config
+    from tunesmith.plan.run import plan_run
+
+    cfg = load_config(config, overrides or [])
+    result = plan_run(cfg, gpu, gpu_mem)
+    if as_json:
+        typer.echo(json.dumps(result.to_dict(), indent=2))
+    else:
+        for line in result.lines():
+            typer.echo(line)
 
 
 @app.command("export")

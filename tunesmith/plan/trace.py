@@ -167,7 +167,9 @@ def trace_step(
             ids = torch.zeros(batch, seq_len, dtype=torch.long)
             tracker = MemoryTracker()
             tracker.seed(static)
-            autocast = torch.autocast("cpu", dtype=compute_dtype, enabled=master)
+            autocast = torch.autocast(
+                "cpu", dtype=compute_dtype, enabled=master and compute_dtype != torch.float32
+            )
             with tracker:
                 for step in range(2):
                     if step == 1:
