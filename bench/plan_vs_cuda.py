@@ -3,7 +3,8 @@
 For each case (Llama shape, method, micro-batch × sequence) the step is traced on fake tensors
 with `tunesmith.plan.trace.trace_step` (on the CPU, no GPU memory) and then run for real on the
 GPU the way `tunesmith train` runs it: the model built from the config in the weights dtype
-(bf16; fp32 master weights with bf16 autocast for full fine-tuning), the method attached with
+(bf16; fp32 master weights with bf16 autocast for full fine-tuning; QLoRA: NF4 with double
+quantization by `tunesmith.quant.quantize_model`), the method attached with
 `add_adapter`, gradient checkpointing (non-reentrant), tunesmith's chunked loss, fused AdamW,
 two steps. Each real run is its own process, so its peak is its own.
 
@@ -30,6 +31,9 @@ CASES = [  # (shape, method, batch, seq)
     ("1b", "full", 1, 2048),
     ("8b", "lora", 1, 2048),
     ("8b", "lora", 2, 4096),
+    ("1b", "qlora", 1, 2048),
+    ("8b", "qlora", 1, 2048),
+    ("8b", "qlora", 2, 4096),
 ]
 
 
@@ -65,6 +69,11 @@ def real(shape: str, method: str, batch: int, seq: int) -> dict:
         model = AutoModelForCausalLM.from_config(
             config, dtype=torch.float32 if full else torch.bfloat16
         )
+    if method == "qlora":  # NF4, double quantization, blocks of 64, bf16 compute
+        from tunesmith.quant import QuantConfig, quantize_model
+
+        quantize_model(model, QuantConfig("nf4", compute_dtype=torch.bfloat16))
+        torch.cuda.empty_cache()
     if not full:
         from tunesmith.adapters import add_adapter
 

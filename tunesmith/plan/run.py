@@ -108,11 +108,6 @@ def plan_run(config, gpu_name: str | None = None, gpu_mem: str | None = None) ->
             f"({str(err).splitlines()[0]}); give a local folder with config.json or a hub id"
         ) from None
     method = config.method
-    if method.name == "qlora":
-        raise TunesmithError(
-            "method: qlora is not traced yet (bitsandbytes layers cannot run on fake tensors); "
-            "plan method.name=lora for the 16-bit-base bound"
-        )
     dtype_name = config.model.dtype if config.model.dtype != "auto" else "bf16"
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
     checkpointing = config.train.gradient_checkpointing

@@ -12,7 +12,9 @@ logits chunks and temporaries).
 On a GPU, attention runs in a fused kernel (flash / memory-efficient SDPA) that keeps only the
 output and a log-sum-exp per row, never the (seq × seq) score matrix; `attention="flash"`
 traces that kernel's memory, `attention="eager"` traces the model's own attention (what CPU
-runs use). Same 8-bit optimizer states are counted as 2 bytes per trainable parameter.
+runs use). 8-bit optimizer states are counted as 2 bytes per trainable parameter. QLoRA's
+bitsandbytes layers cannot run on fake tensors: `QuantizedStandIn` stores what they store and
+allocates what their matmul allocates.
 """
 
 from __future__ import annotations
@@ -88,6 +90,69 @@ class _FlashAttention(torch.autograd.Function):
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
+class _QuantizedMatmul(torch.autograd.Function):
+    """Memory of a bitsandbytes quantized matmul with a frozen weight: the forward and the
+    backward each dequantize the weight into a temporary of the compute dtype (4-bit), or, for
+    LLM.int8, quantize the input to int8 and accumulate in int32; the input is saved."""
+
+    @staticmethod
+    def forward(ctx, x, packed, out_features, int8):
+        ctx.int8, ctx.out_features, ctx.in_features = int8, out_features, x.shape[-1]
+        ctx.save_for_backward(x)
+        if int8:
+            x8 = torch.empty(x.shape, dtype=torch.int8)
+            acc = torch.empty(*x.shape[:-1], out_features, dtype=torch.int32)
+            del x8
+            return acc.to(x.dtype)
+        weight = x.new_empty(out_features, x.shape[-1])
+        return torch.nn.functional.linear(x, weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        weight = grad.new_empty(ctx.out_features, ctx.in_features)  # dequantized again
+        return grad @ weight, None, None, None
+
+
+class QuantizedStandIn(torch.nn.Linear):
+    """A frozen linear stored as bitsandbytes stores it (NF4/FP4: packed 4-bit codes, one
+    absmax per block, double-quantized or not; int8: one byte per weight and a per-row scale),
+    computing with `_QuantizedMatmul`'s memory. For tracing only: it computes no values."""
+
+    def __init__(self, linear: torch.nn.Linear, quant: str, blocksize: int, double_quant: bool):
+        torch.nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.quant = quant
+        n = self.in_features * self.out_features
+        frozen = {"requires_grad": False}
+        if quant == "int8":
+            self.weight = torch.nn.Parameter(torch.empty(n, dtype=torch.int8), **frozen)
+            self.register_buffer("scales", torch.empty(self.out_features))
+        else:
+            self.weight = torch.nn.Parameter(torch.empty(n // 2, dtype=torch.uint8), **frozen)
+            blocks = -(-n // blocksize)
+            if double_quant:
+                self.register_buffer("absmax", torch.empty(blocks, dtype=torch.uint8))
+                self.register_buffer("absmax2", torch.empty(-(-blocks // 256)))
+            else:
+                self.register_buffer("absmax", torch.empty(blocks))
+        self.bias = linear.bias
+
+    def forward(self, x):
+        out = _QuantizedMatmul.apply(x, self.weight, self.out_features, self.quant == "int8")
+        return out if self.bias is None else out + self.bias
+
+
+def _quantize_for_trace(model, method, compute_dtype) -> None:
+    from tunesmith.quant import QuantConfig, quantizable_linears
+
+    config = QuantConfig(method.quant, method.double_quant, method.blocksize, compute_dtype)
+    for name in quantizable_linears(model, config):
+        linear = model.get_submodule(name)
+        stand_in = QuantizedStandIn(linear, method.quant, method.blocksize, method.double_quant)
+        model.set_submodule(name, stand_in)
+
+
 def _plan_attention(module, query, key, value, attention_mask, **kwargs):
     out = _FlashAttention.apply(query, key, value)  # (batch, heads, seq, dim)
     return out.transpose(1, 2).contiguous(), None
@@ -151,6 +216,8 @@ def trace_step(
     try:
         with FakeTensorMode(allow_non_fake_inputs=True):
             model = AutoModelForCausalLM.from_config(config, dtype=weights_dtype)
+            if method.name == "qlora":
+                _quantize_for_trace(model, method, compute_dtype)
             if not full:
                 from tunesmith.adapters import add_adapter
 
