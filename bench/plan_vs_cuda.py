@@ -9,6 +9,7 @@ quantization by `tunesmith.quant.quantize_model`), the method attached with
 two steps. Each real run is its own process, so its peak is its own.
 
     python bench/plan_vs_cuda.py            # on a CUDA machine
+    python bench/plan_vs_cuda.py qlora      # only the QLoRA cases
 """
 
 from __future__ import annotations
@@ -38,13 +39,10 @@ CASES = [  # (shape, method, batch, seq)
 
 
 def sections(method: str):
-    from tunesmith.config import FullMethod, LoRAMethod, TrainSection
+    from tunesmith.config import FullMethod, LoRAMethod, QLoRAMethod, TrainSection
 
-    m = (
-        FullMethod()
-        if method == "full"
-        else LoRAMethod(r=16, alpha=32, dropout=0.0, targets=TARGETS)
-    )
+    lora = dict(r=16, alpha=32, dropout=0.0, targets=TARGETS)
+    m = {"full": FullMethod(), "lora": LoRAMethod(**lora), "qlora": QLoRAMethod(**lora)}[method]
     return m, TrainSection(lr=1e-4, gradient_checkpointing=True)
 
 
@@ -104,8 +102,11 @@ def main() -> None:
 
     from tunesmith.plan.trace import trace_step
 
+    only = sys.argv[1:]  # e.g. qlora: only the cases of these methods
     rows = []
     for shape, method, batch, seq in CASES:
+        if only and method not in only:
+            continue
         m, train = sections(method)
         planned = trace_step(model_config(shape, seq), m, train, seq, batch, torch.bfloat16)
         run = subprocess.run(
@@ -128,7 +129,8 @@ def main() -> None:
         bench="plan_vs_cuda", date=str(date.today()), torch=torch.__version__, results=rows,
         command="python bench/plan_vs_cuda.py",
     )  # fmt: skip
-    out = ROOT / "bench" / "results" / f"plan_vs_cuda_{date.today()}.json"
+    suffix = "_" + "_".join(only) if only else ""
+    out = ROOT / "bench" / "results" / f"plan_vs_cuda_{date.today()}{suffix}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
 
 
