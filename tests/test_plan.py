@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from tunesmith.config import FullMethod, IA3Method, LoRAMethod, TrainSection
+from tunesmith.config import FullMethod, IA3Method, LoRAMethod, QLoRAMethod, TrainSection
 from tunesmith.errors import TunesmithError
 from tunesmith.plan.gpus import gpu
 from tunesmith.plan.run import flops_per_token
@@ -26,6 +26,7 @@ METHODS = {
     "lora": LoRAMethod(r=8, alpha=16, dropout=0.0, targets="all-linear"),
     "full": FullMethod(),
     "ia3": IA3Method(),
+    "qlora": QLoRAMethod(r=8, alpha=16, dropout=0.0, targets="all-linear"),
 }
 
 
@@ -38,6 +39,10 @@ def measured_peak(method, train, seq, batch) -> int:
     config._attn_implementation = "eager"
     full = method.name == "full"
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if method.name == "qlora":
+        from tunesmith.quant import QuantConfig, quantize_model
+
+        quantize_model(model, QuantConfig(method.quant, compute_dtype=torch.float32))
     if not full:
         add_adapter(model, method.to_adapter_config())
     if train.gradient_checkpointing:
@@ -138,8 +143,14 @@ def test_cli_plan(tmp_path):
     assert run.returncode == 2 and run.stderr == (
         f"error: model.path: {tmp_path / 'none'}: no config.json there (no such model folder)\n"
     )
-    run = run_cli("plan", str(run_config), "method.name=qlora")
-    assert run.returncode == 2 and "method: qlora is not traced yet" in run.stderr
+    lora = plan["traced"]
+    run = run_cli("plan", str(run_config), "method.name=qlora", "--json")
+    assert run.returncode == 0, run.stderr
+    qlora = json.loads(run.stdout)["traced"]
+    assert qlora["trainable_params"] == lora["trainable_params"]
+    assert (
+        qlora["weights_bytes"] < lora["weights_bytes"] and qlora["peak_bytes"] < lora["peak_bytes"]
+    )
 
 
 def test_known_gpus():
