@@ -498,9 +498,7 @@ def merge_models_cmd(
 @app.command("quantize")
 def quantize_cmd(
     out: OutOpt,
-    model: Optional[str] = typer.Option(  # noqa: UP045
-        None, "--model", help="Checkpoint folder or hub id (default: the adapter's base)."
-    ),
+    model: ModelOpt = None,
     adapter: AdapterOpt = None,
     method: str = typer.Option(
         "gptq", "--method", help="rtn (round-to-nearest), gptq, awq, int8 or nf4 (bitsandbytes)."
@@ -589,9 +587,7 @@ def plan_cmd(
 def export_cmd(
     out: Annotated[Path, typer.Option("--out", help="Output file (.gguf; must not exist).")],
     fmt: str = typer.Option("gguf", "--format", help="gguf (llama.cpp, Ollama, LM Studio)."),
-    model: Optional[str] = typer.Option(  # noqa: UP045
-        None, "--model", help="Checkpoint folder or hub id (default: the adapter's base)."
-    ),
+    model: ModelOpt = None,
     adapter: AdapterOpt = None,
     outtype: str = typer.Option(
         "f16",

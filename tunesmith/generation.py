@@ -115,6 +115,15 @@ def adapter_base(adapter: str | Path) -> str | None:
     return json.loads(config.read_text()).get("base_model_name_or_path") or None
 
 
+def model_or_adapter_base(model: str | None, adapters: list[str], missing: str) -> str:
+    """`model`, else the base the first adapter names; `missing` is the error when neither
+    gives one."""
+    model = model or (adapter_base(adapters[0]) if adapters else None)
+    if model is None:
+        raise TunesmithError(missing)
+    return model
+
+
 def load_for_inference(
     model_path: str | None,
     adapters: list[str],
@@ -129,10 +138,9 @@ def load_for_inference(
     from tunesmith.config import ModelSection
     from tunesmith.models import load_model, load_tokenizer, resolve_device, resolve_dtype
 
-    if model_path is None:
-        model_path = adapter_base(adapters[0]) if adapters else None
-        if model_path is None:
-            raise TunesmithError("--model: give the base model (the adapter does not name one)")
+    model_path = model_or_adapter_base(
+        model_path, adapters, "--model: give the base model (the adapter does not name one)"
+    )
     section = ModelSection(
         path=model_path, device=device, dtype=dtype, trust_remote_code=trust_remote_code
     )

@@ -270,12 +270,15 @@ def write_checkpoint(
     return [folder / n for n in names]
 
 
-def check_output(out: Path, overwrite: bool, what: str = "--out") -> None:
-    """Refuse an existing output path unless `overwrite`."""
+def check_output(out: Path, overwrite: bool, what: str = "--out", folder: bool = True) -> None:
+    """Refuse an existing output path unless `overwrite`, and one of the wrong kind (`folder`:
+    the output is a folder, else a file)."""
     if out.exists() and not overwrite:
         raise TunesmithError(f"{what}: {out} already exists; choose a new path or pass --overwrite")
-    if out.exists() and not out.is_dir():
+    if folder and out.exists() and not out.is_dir():
         raise TunesmithError(f"{what}: {out} exists and is not a folder")
+    if not folder and out.is_dir():
+        raise TunesmithError(f"{what}: {out} is a folder; give a file name ending in .gguf")
 
 
 @contextmanager

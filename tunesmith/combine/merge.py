@@ -121,7 +121,7 @@ def write_output(
     with large_allocations_via_mmap(), staging_dir(out, overwrite) as tmp:
         write_checkpoint(tmp, plan, produce, shard_bytes, progress)
         write_config(config, out_dtype, tmp)
-        copy_extras(reader, tokenizer, tmp, report)
+        copy_extras(reader, tokenizer, tmp, report.notes)
 
 
 def output_dtype(setting: str, config) -> torch.dtype:
@@ -409,7 +409,7 @@ def write_config(config, out_dtype: torch.dtype, folder: Path) -> None:
     config.save_pretrained(folder)
 
 
-def copy_extras(reader: CheckpointReader, tokenizer: str, folder: Path, report) -> None:
+def copy_extras(reader: CheckpointReader, tokenizer: str, folder: Path, notes: list[str]) -> None:
     """generation_config.json from the base checkpoint, the tokenizer (with its chat template)
     from `tokenizer` (a folder or hub id)."""
     from transformers import AutoTokenizer
@@ -420,7 +420,7 @@ def copy_extras(reader: CheckpointReader, tokenizer: str, folder: Path, report) 
     try:
         AutoTokenizer.from_pretrained(tokenizer).save_pretrained(folder)
     except (OSError, ValueError, TypeError):
-        report.notes.append(f"note: no tokenizer found in {tokenizer}; the checkpoint has none")
+        notes.append(f"note: no tokenizer found in {tokenizer}; the checkpoint has none")
 
 
 @torch.no_grad()

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from tunesmith.errors import TunesmithError
+from tunesmith.shards import check_output
 
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
 ARCHITECTURES = {  # transformers class → llama.cpp architecture
@@ -359,13 +360,6 @@ def write_gguf(out: Path, arch: str, add_metadata: Callable, planned: list[_Plan
     return out.stat().st_size
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and not overwrite:
-        raise TunesmithError(f"--out: {out} already exists; choose a new path or pass --overwrite")
-    if out.exists() and out.is_dir():
-        raise TunesmithError(f"--out: {out} is a folder; give a file name ending in .gguf")
-
-
 def _tensor_names(arch: str, blocks: int):
     import gguf
 
@@ -414,18 +408,15 @@ def export_gguf(
     from transformers import AutoConfig
 
     from tunesmith.config import ModelSection
-    from tunesmith.generation import adapter_base
+    from tunesmith.generation import model_or_adapter_base
     from tunesmith.models import load_tokenizer
     from tunesmith.shards import CheckpointReader
 
     check_outtype(outtype)
     out = Path(out)
-    _check_out(out, overwrite)
+    check_output(out, overwrite, folder=False)
     adapters = list(adapters or [])
-    if model is None:
-        model = adapter_base(adapters[0]) if adapters else None
-        if model is None:
-            raise TunesmithError("--model: give the checkpoint to export")
+    model = model_or_adapter_base(model, adapters, "--model: give the checkpoint to export")
     config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
     arch = gguf_architecture(config)
     if getattr(config, "quantization_config", None):
@@ -443,12 +434,8 @@ def export_gguf(
             merge_checkpoint(
                 model, adapters, source, dtype="fp32", trust_remote_code=trust_remote_code
             )
-        tokenizer_dir = (
-            adapters[0]
-            if adapters and (Path(adapters[0]) / "tokenizer_config.json").is_file()
-            else source
-        )
-        tokenizer = load_tokenizer(ModelSection(path=source, tokenizer=tokenizer_dir))
+        # a merged folder holds the adapter's tokenizer when training saved one there
+        tokenizer = load_tokenizer(ModelSection(path=source))
         reader = CheckpointReader(source)
         planned = list(_plan_model(reader, config, arch, outtype))
         notes: list[str] = []
@@ -491,11 +478,11 @@ def export_lora_gguf(
         find_adapter_folder,
         read_adapter_weights,
     )
-    from tunesmith.generation import adapter_base
+    from tunesmith.generation import model_or_adapter_base
 
     check_outtype(outtype, LORA_TYPES)
     out = Path(out)
-    _check_out(out, overwrite)
+    check_output(out, overwrite, folder=False)
     folder = find_adapter_folder(adapter, "default")
     raw = json.loads((folder / CONFIG_NAME).read_text())
     if raw.get("peft_type", "LORA") != "LORA":
@@ -514,9 +501,9 @@ def export_lora_gguf(
             "which a GGUF LoRA file cannot carry; export the merged model instead"
         )
     config = config_from_peft(raw, str(folder / CONFIG_NAME))
-    model = model or adapter_base(adapter)
-    if model is None:
-        raise TunesmithError("--model: give the base model (the adapter does not name one)")
+    model = model_or_adapter_base(
+        model, [adapter], "--model: give the base model (the adapter does not name one)"
+    )
     base_config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
     arch = gguf_architecture(base_config)
     names = _tensor_names(arch, base_config.num_hidden_layers)

@@ -98,7 +98,7 @@ def first_layer_inputs(model, layers, windows: torch.Tensor, device, batch_size:
 
     def hook(_module, args, kwargs):
         hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.append((hidden, {k: v for k, v in kwargs.items() if k != "hidden_states"}))
+        captured.append((hidden, dict(kwargs)))
         raise _Captured
 
     handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)

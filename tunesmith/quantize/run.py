@@ -104,11 +104,10 @@ def token_stream(path: str, tokenizer, what: str = "--calib") -> list[int]:
         detect_format,
         parse_record,
     )
-    from tunesmith.data.sources import local_files, read_records
+    from tunesmith.data.sources import read_records
 
     if not Path(path).expanduser().exists():
         raise TunesmithError(f"{what}: {path}: no such file or folder")
-    local_files(path)
     records = list(read_records(path))
     if not records:
         raise TunesmithError(f"{what}: {path}: no records")
@@ -204,7 +203,7 @@ def quantize_checkpoint(
 ) -> QuantizeReport:
     """Quantize `model` (a checkpoint folder or hub id; with `adapters`, base + adapters are
     merged first) into `out`. See the module docstring."""
-    from tunesmith.generation import adapter_base
+    from tunesmith.generation import model_or_adapter_base
     from tunesmith.shards import check_output, parse_size
 
     started = time.perf_counter()
@@ -217,10 +216,7 @@ def quantize_checkpoint(
     check_output(out, overwrite)
     shard_bytes = parse_size(max_shard_size)
     adapters = list(adapters or [])
-    if model is None:
-        model = adapter_base(adapters[0]) if adapters else None
-        if model is None:
-            raise TunesmithError("--model: give the checkpoint to quantize")
+    model = model_or_adapter_base(model, adapters, "--model: give the checkpoint to quantize")
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=_parent(out)) as scratch:
         source = model
         if adapters:
@@ -280,7 +276,7 @@ def _quantize(
         else:
             del fp_model
             _write_bitsandbytes(source, method, tmp, compute, device, trust_remote_code)
-        copy_extras(reader, source, tmp, _Notes(notes))
+        copy_extras(reader, source, tmp, notes)
         quantized_model = load_model(section.model_copy(update={"path": str(tmp)}), device, compute)
         ppl_quantized = perplexity(quantized_model, held, device)
         del quantized_model
@@ -300,11 +296,6 @@ def _source_config(source: str, trust_remote_code: bool):
     from transformers import AutoConfig
 
     return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
-
-
-class _Notes:
-    def __init__(self, notes: list[str]) -> None:
-        self.notes = notes
 
 
 def _check_quantizable(model, method: str) -> None:
