@@ -381,3 +381,28 @@ def test_llamacpp_applies_the_lora_file_like_the_merged_model(tmp_path):
         assert greedy_llama(with_lora, ids, 16) == ours, prompt
     with_lora.close()
     merged.close()
+
+
+def test_mistral_exports_as_llama_with_permuted_rope(tmp_path):
+    from transformers import MistralConfig
+
+    torch.manual_seed(0)
+    config = MistralConfig(
+        vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+    )  # fmt: skip
+    model = AutoModelForCausalLM.from_config(config).eval()
+    folder = tmp_path / "mistral"
+    model.save_pretrained(folder)
+    TOKENIZER.save_pretrained(folder)
+    out = tmp_path / "m.gguf"
+    assert export_gguf(str(folder), out, outtype="f32").arch == "llama"
+    q_proj = model.model.layers[0].self_attn.q_proj.weight.detach()
+    np.testing.assert_array_equal(
+        gguf_tensors(out)["blk.0.attn_q.weight"], permute_rope_rows(q_proj, 4).numpy()
+    )
+    fresh = AutoModelForCausalLM.from_config(config).eval()
+    fresh.load_state_dict(hf_state_from_gguf(out, model), strict=False)
+    ids = torch.randint(0, 4096, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(ids).logits, model(ids).logits)
