@@ -11,9 +11,21 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from tunesmith.config import FullMethod, IA3Method, LoRAMethod, QLoRAMethod, TrainSection
+from tunesmith.config import (
+    BottleneckMethod,
+    FullMethod,
+    IA3Method,
+    LoRAMethod,
+    PrefixMethod,
+    PromptMethod,
+    QLoRAMethod,
+    TrainSection,
+    load_config,
+)  # fmt: skip
 from tunesmith.errors import TunesmithError
+from tunesmith.plan.estimate import estimate_step, skeleton
 from tunesmith.plan.gpus import gpu
+from tunesmith.plan.recommend import compare_methods, largest, workload
 from tunesmith.plan.run import flops_per_token
 from tunesmith.plan.trace import MemoryTracker, trace_step
 from tunesmith.train.loss import model_loss_sum
@@ -52,10 +64,7 @@ def measured_peak(method, train, seq, batch) -> int:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, foreach=False)
     tracker = MemoryTracker()
-    storages = {}
-    for t in list(model.parameters()) + list(model.buffers()):
-        storages[id(t.untyped_storage())] = t.untyped_storage().nbytes()
-    tracker.seed(storages)
+    tracker.seed(list(model.parameters()) + list(model.buffers()))
     ids = torch.randint(0, 1000, (batch, seq), generator=torch.Generator().manual_seed(0))
     with tracker:
         for step in range(2):
@@ -131,9 +140,13 @@ def test_cli_plan(tmp_path):
     assert plan["micro_batch"] == 2 and plan["seq_len"] == 128 and plan["method"] == "lora"
     assert plan["traced"]["peak_bytes"] > plan["traced"]["weights_bytes"] > 0
     run = run_cli("plan", str(run_config), "--gpu-mem", "1MiB")
-    assert run.returncode == 0, run.stderr
+    assert run.returncode == 2
     assert "  does NOT fit in the GPU (0.000976562 GiB)" in run.stdout
-    assert "note: to fit: lower train.micro_batch_size or data.max_seq_len" in run.stdout
+    assert run.stderr == (
+        "error: nothing fits in 0.000976562 GiB: the smallest setup, qlora with checkpointing "
+        "on, adamw_8bit, needs 2.8 MiB at micro-batch 1 × 128 tokens (0.8 MiB of it frozen "
+        "weights); use a GPU with more memory (--gpu, --gpu-mem) or a smaller model (model.path)\n"
+    )
     run = run_cli("plan", str(run_config), "--gpu", "5090")
     assert run.returncode == 2 and run.stderr == (
         "error: --gpu: '5090' is not a GPU the planner knows; known: h200, h100, a100, "
@@ -157,3 +170,141 @@ def test_known_gpus():
     assert gpu("H100").memory_gib == 80 and gpu("rtx4090").memory_gib == 24
     with pytest.raises(TunesmithError, match="known: h200, h100"):
         gpu("mi300x")
+
+
+WIDE = dict(
+    vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=3,
+    num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=4096,
+)  # fmt: skip
+ESTIMATED = {
+    "lora": (LoRAMethod(), True),
+    "lora-no-dropout": (LoRAMethod(dropout=0.0, targets=["q_proj", "v_proj"]), True),
+    "dora": (LoRAMethod(use_dora=True), True),
+    "qlora": (QLoRAMethod(), True),
+    "full": (FullMethod(), True),
+    "full-bf16": (FullMethod(), False),
+    "ia3": (IA3Method(), True),
+    "bottleneck": (BottleneckMethod(), True),
+    "prompt": (PromptMethod(), True),
+    "prefix": (PrefixMethod(), True),
+}
+
+
+@pytest.mark.parametrize("name", list(ESTIMATED))
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_analytic_estimate_matches_the_trace(name, checkpointing):
+    """The closed-form estimate against the traced peak, at two shapes, with real widths."""
+    method, master = ESTIMATED[name]
+    config = LlamaConfig(**WIDE)
+    optimizer = "adamw_8bit" if name == "full-bf16" else "adamw"
+    train = TrainSection(
+        gradient_checkpointing=checkpointing, fp32_master_weights=master, optimizer=optimizer
+    )
+    sk = skeleton(config, method, torch.bfloat16, master and name.startswith("full"))
+    for seq, batch in [(512, 1), (2048, 4)]:
+        traced = trace_step(config, method, train, seq, batch, torch.bfloat16)
+        estimated = estimate_step(sk, seq, batch, checkpointing, optimizer)
+        assert abs(estimated.peak_bytes / traced.peak_bytes - 1) < 0.10, (seq, batch)
+        assert estimated.trainable_params == traced.trainable_params
+        assert estimated.total_params == traced.total_params
+        assert estimated.weights_bytes == traced.weights_bytes
+        assert estimated.optimizer_bytes == pytest.approx(traced.optimizer_bytes, rel=0.01)
+
+
+def test_analytic_estimate_of_an_8b_model():
+    """The README's example at full depth: Llama 3.1 8B, LoRA, 2 × 2048, checkpointing."""
+    config = LlamaConfig(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
+    )  # fmt: skip
+    method = LoRAMethod(r=16, alpha=32, dropout=0.05)
+    traced = trace_step(config, method, TrainSection(gradient_checkpointing=True), 2048, 2,
+                        torch.bfloat16)  # fmt: skip
+    estimated = estimate_step(skeleton(config, method, torch.bfloat16, False), 2048, 2, True)
+    assert abs(estimated.peak_bytes / traced.peak_bytes - 1) < 0.05
+    assert estimated.weights_bytes == traced.weights_bytes
+
+
+def test_largest():
+    assert largest(lambda n: n <= 37, 1, 1024) == 37
+    assert largest(lambda n: n <= 5000, 1, 1024) == 1024
+    assert largest(lambda n: False, 1, 1024) == 0
+
+
+def quickstart(*overrides):
+    return load_config("examples/quickstart.yaml", list(overrides))
+
+
+def test_method_table_limits_are_the_largest_that_fit():
+    """Each method's max micro-batch and sequence fit under the memory, one more does not."""
+    cfg = quickstart("train.micro_batch_size=4")
+    model_config = LlamaConfig.from_pretrained("examples/tiny-llama")
+    memory = 200 * 2**20
+    options = compare_methods(model_config, cfg, torch.float32, memory, None, None)
+    assert [o.method for o in options] == ["full", "lora", "qlora"]
+    for option in options:
+        method = {"full": FullMethod(), "lora": cfg.method, "qlora": QLoRAMethod(r=16, alpha=32,
+                  dropout=0.0)}[option.method]  # fmt: skip
+        master = option.method == "full" and option.setting.master
+        sk = skeleton(model_config, method, torch.float32, master)
+
+        def peak(b, s, sk=sk, setting=option.setting):
+            return estimate_step(sk, s, b, setting.checkpointing, setting.optimizer).peak_bytes
+
+        assert option.fits and option.peak_bytes == peak(4, 256) <= memory
+        assert peak(option.max_micro_batch, 256) <= memory < peak(option.max_micro_batch + 1, 256)
+        assert option.max_seq_len == 512  # the model's max_position_embeddings
+    # the cheapest switches are kept: checkpointing stays off while it fits
+    assert not options[1].setting.checkpointing
+
+
+def test_workload_counts_what_the_trainer_batches():
+    """Processed tokens (padding included) equal the trainer's own collated micro-batches."""
+    from tunesmith.data import prepare_data
+    from tunesmith.models import load_tokenizer
+    from tunesmith.train.batches import BatchPlan
+
+    for packing in ("true", "false"):
+        cfg = quickstart(f"data.packing={packing}", "train.epochs=2", "train.micro_batch_size=4")
+        tokenizer = load_tokenizer(cfg.model)
+        work = workload(cfg, tokenizer)
+        prepared = prepare_data(cfg.data, tokenizer, cfg.train.seed)
+        plan = BatchPlan(prepared.train, prepared.train_rows, 4, 1, cfg.train.seed, 0)
+        steps = plan.total_steps(2, None)
+        batches = [b for step in range(steps) for b in plan.micro_batches(step)]
+        assert work.steps == steps
+        assert work.processed_tokens == sum(b["input_ids"].numel() for b in batches)
+        assert work.tokens_per_epoch == sum(prepared.train.lengths)
+        real = sum(int(b["labels"].numel() - (b["input_ids"] == -1).sum()) for b in batches)
+        assert real == work.processed_tokens
+        if packing == "false":
+            assert work.packed_padding is not None and work.packed_padding < work.padding
+
+
+def test_cli_plan_recommends_and_says_what_to_change():
+    run = run_cli("plan", "examples/quickstart.yaml", "train.micro_batch_size=64",
+                  "--gpu-mem", "300MiB", "--json")  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    plan = json.loads(run.stdout)
+    assert plan["fits"] is False
+    options = {o["method"]: o for o in plan["options"]}
+    assert plan["recommended"] is None  # nothing fits 64 × 256 in 300 MiB
+    assert plan["workload"]["samples"] == 1200 and plan["hours"] is None  # no --gpu: no speed
+    lora = options["lora"]
+    assert not lora["fits"] and lora["setting"] == {
+        "checkpointing": True,
+        "optimizer": "adamw_8bit",
+        "master": True,
+    }  # the most frugal setting, and what fits there
+    note = plan["notes"][-1]
+    assert note.startswith("to fit 0.292969 GiB: train.micro_batch_size 64 → ")
+    assert (
+        "; or train.gradient_checkpointing=true train.optimizer=adamw_8bit at micro-batch "
+        f"{lora['max_micro_batch']};" in note
+    )
+    own = int(note.split(" → ")[1].split(" ")[0])
+    assert 1 <= own < lora["max_micro_batch"] < 64
+    run = run_cli("plan", "examples/quickstart.yaml", "--gpu", "t4")
+    assert run.returncode == 0, run.stderr
+    assert "  dataset: 1,200 samples, " in run.stdout
+    assert "  recommended: lora with checkpointing off, adamw" in run.stdout

@@ -581,6 +581,8 @@ def plan_cmd(
     else:
         for line in result.lines():
             typer.echo(line)
+    if result.fits_nothing:
+        raise TunesmithError(result.notes[-1])
 
 
 @app.command("export")

@@ -133,3 +133,13 @@ def load_base_for(method, model: ModelSection, device: str, dtype):
     config = QuantConfig(method.quant, method.double_quant, method.blocksize, dtype)
     attn = None if model.attn_implementation == "auto" else model.attn_implementation
     return load_quantized(model.path, config, device, model.revision, model.trust_remote_code, attn)
+
+
+def enable_checkpointing(model) -> None:
+    """Gradient (activation) checkpointing of every decoder layer, non-reentrant, under the
+    name the installed transformers uses (`activation_checkpointing_enable` from 5.x)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

@@ -411,8 +411,11 @@ def add_prompt_adapter(
     weights = model.get_input_embeddings().weight
     device, n = weights.device, config.num_virtual_tokens
     hidden = weights.shape[1]
-    generator = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
-    if config.init != "random":
+    shapes_only = weights.is_meta or _is_fake(weights)  # the memory planner's model
+    init = "none" if shapes_only else config.init
+    if not shapes_only:
+        generator = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
+    if init not in ("random", "none"):
         ids = _token_ids(
             tokenizer, config.init_text if config.init == "text" else None, n, weights.shape[0],
             generator,
@@ -422,13 +425,15 @@ def add_prompt_adapter(
         adapter = PrefixEncoder(
             n, shape, hidden, config.projection, config.encoder_hidden_size, device=device
         )
-        if config.init != "random":
+        if init not in ("random", "none"):
             with torch.no_grad():
                 adapter.embedding.copy_(_prefix_from_tokens(model, ids.to(device), shape))
     else:
         adapter = PromptEmbeddings(n, hidden, device=device)
         with torch.no_grad():
-            if config.init == "random":
+            if init == "none":
+                pass
+            elif init == "random":
                 std = float(weights.float().std())
                 adapter.embedding.normal_(0.0, std)
             else:
@@ -438,6 +443,12 @@ def add_prompt_adapter(
         _allow_cache_under_checkpointing(model, True)
     holder.adapters[name] = adapter
     return model
+
+
+def _is_fake(t: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(t, FakeTensor)
 
 
 @torch.no_grad()

@@ -1,5 +1,6 @@
 """`tunesmith plan run.yaml`: the traced peak memory of one training step of the run, its
-breakdown, whether it fits the GPU, and a time estimate."""
+breakdown, whether it fits the GPU, the time for the run's dataset, and which methods and
+switches fit (`recommend.py`, from the analytic estimate)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 
 from tunesmith.errors import TunesmithError
 from tunesmith.plan.gpus import GPU, UTILIZATION, gpu
+from tunesmith.plan.recommend import Option, Setting, Workload
 from tunesmith.plan.trace import TracedStep, trace_step
 
 GIB = 2**30
@@ -30,7 +32,19 @@ class Plan:
     fits: bool | None
     flops_per_token: float
     tokens_per_s: float | None
+    workload: Workload | None = None
+    hours: float | None = None
+    """The run's dataset and epochs at tokens_per_s."""
+    options: list[Option] = field(default_factory=list)
+    """Full, LoRA, QLoRA (and the run's method): the cheapest switches that fit (estimates)."""
+    recommended: Option | None = None
+    switches: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def fits_nothing(self) -> bool:
+        """No method fits even at micro-batch 1 and the shortest sequence searched."""
+        return self.gpu_memory_gib is not None and not any(o.max_seq_len for o in self.options)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -63,7 +77,53 @@ class Plan:
                 f"{self.tokens_per_s:,.0f} tokens/s at {UTILIZATION:.0%} utilisation "
                 f"({3600 * self.tokens_per_s / 1e6:,.1f} M tokens/hour)"
             )
-        return out + [f"  note: {n}" for n in [*t.notes, *self.notes]]
+        w = self.workload
+        if w is not None:
+            line = (
+                f"  dataset: {w.samples:,} samples, {w.tokens_per_epoch / 1e6:,.2f} M tokens per "
+                f"epoch; {w.steps:,} steps ({w.epochs:g} epochs) process "
+                f"{w.processed_tokens / 1e6:,.2f} M tokens ({w.padding:.0%} padding)"
+            )
+            if self.hours is not None:
+                line += f": about {_duration(self.hours)}"
+            out.append(line)
+        if self.options:
+            where = f"{self.gpu or 'the GPU'} ({self.gpu_memory_gib:g} GiB)"
+            out += ["", f"Methods for {where} at micro-batch {self.micro_batch} × "
+                    f"{self.seq_len} (analytic estimates):"]  # fmt: skip
+            header = f"  {'method':10} {'peak':>9}  {'fits':4}  {'max batch':>9}  "
+            header += f"{'max seq':>7}  {'tokens/s':>8}  {'time':>7}  settings"
+            out.append(header)
+            for o in self.options:
+                speed = f"{o.tokens_per_s:,.0f}" if o.tokens_per_s is not None else "-"
+                time = _duration(o.hours) if o.hours is not None else "-"
+                out.append(
+                    f"  {o.method:10} {o.peak_bytes / GIB:6.1f} GiB  {'yes' if o.fits else 'no':4}"
+                    f"  {o.max_micro_batch:9d}  {o.max_seq_len:7d}  {speed:>8}  {time:>7}  "
+                    f"{o.setting.describe()}"
+                )
+            out.append("  (max batch: at the run's sequence length; max seq: at micro-batch 1)")
+            if self.recommended is not None:
+                r = self.recommended
+                out.append(f"  recommended: {r.method} with {r.setting.describe()}")
+        if self.switches:
+            out += ["", "Switches at this shape (estimates):"]
+            out += [f"  {line}" for line in self.switches]
+        notes = [*t.notes, *self.notes]
+        return out + ([""] if notes else []) + [f"note: {n}" for n in notes]
+
+
+def size(n: float) -> str:
+    """Bytes as GiB with one decimal, or MiB below 1 GiB."""
+    return f"{n / GIB:.1f} GiB" if n >= GIB else f"{n / 2**20:.1f} MiB"
+
+
+def _duration(hours: float) -> str:
+    if hours < 1 / 60:
+        return f"{hours * 3600:.0f} s"
+    if hours < 1:
+        return f"{hours * 60:.0f} min"
+    return f"{hours:.1f} h"
 
 
 def flops_per_token(config, method: str, seq_len: int, checkpointing: bool) -> float:
@@ -120,15 +180,92 @@ def plan_run(config, gpu_name: str | None = None, gpu_mem: str | None = None) ->
     fits = None if memory is None else traced.peak_bytes <= memory * GIB
     flops = flops_per_token(model_config, method.name, seq, checkpointing)
     speed = target.tflops * 1e12 * UTILIZATION / flops if target else None
-    notes = []
-    if fits is False:
-        notes.append(
-            "to fit: lower train.micro_batch_size or data.max_seq_len, turn on "
-            "train.gradient_checkpointing, or use method.name=qlora"
-        )
-    return Plan(
+    notes: list[str] = []
+    work = _workload(config, notes)
+    hours = work.processed_tokens / speed / 3600 if work is not None and speed else None
+    plan = Plan(
         model=config.model.path, method=method.name, micro_batch=batch, seq_len=seq,
         dtype=dtype_name, gradient_checkpointing=checkpointing, optimizer=train.optimizer,
         traced=traced, gpu=target.name if target else None, gpu_memory_gib=memory, fits=fits,
-        flops_per_token=flops, tokens_per_s=speed, notes=notes,
+        flops_per_token=flops, tokens_per_s=speed, workload=work, hours=hours, notes=notes,
     )  # fmt: skip
+    _advise(plan, model_config, config, dtype, memory, target, work)
+    return plan
+
+
+def nothing_fits(plan: Plan, model_config, config, dtype) -> str:
+    """What the smallest setup needs, at micro-batch 1 and a short sequence, and what to do."""
+    from tunesmith.plan.estimate import estimate_step, skeleton
+    from tunesmith.plan.recommend import SEQ_STEP, methods_to_compare
+
+    best = None
+    for method in methods_to_compare(config.method):
+        o = next(o for o in plan.options if o.method == method.name)
+        master = method.name == "full" and o.setting.master
+        sk = skeleton(model_config, method, dtype, master)
+        est = estimate_step(sk, SEQ_STEP, 1, True, o.setting.optimizer)
+        if best is None or est.peak_bytes < best[0].peak_bytes:
+            best = (est, o)
+    est, o = best
+    return (
+        f"nothing fits in {plan.gpu_memory_gib:g} GiB: the smallest setup, {o.method} with "
+        f"{o.setting.describe()}, needs {size(est.peak_bytes)} at micro-batch 1 × "
+        f"{SEQ_STEP} tokens ({size(est.weights_bytes)} of it frozen weights); use a "
+        "GPU with more memory (--gpu, --gpu-mem) or a smaller model (model.path)"
+    )
+
+
+def _workload(config, notes: list[str]) -> Workload | None:
+    """The run's dataset as the trainer batches it, or None with a note saying why not."""
+    from tunesmith.models import load_tokenizer
+    from tunesmith.plan.recommend import workload
+
+    try:
+        tokenizer = load_tokenizer(config.model)
+    except (OSError, ValueError):
+        where = config.model.tokenizer or config.model.path
+        notes.append(
+            f"dataset time not estimated: no tokenizer could be loaded from {where} "
+            "(model.tokenizer / model.path)"
+        )
+        return None
+    try:
+        return workload(config, tokenizer)
+    except (TunesmithError, OSError) as err:
+        notes.append(f"dataset time not estimated: {str(err).splitlines()[0]}")
+        return None
+
+
+def _advise(plan: Plan, model_config, config, dtype, memory, target, work) -> None:
+    """Fill in the method table, the recommendation, the switches and what to change."""
+    from tunesmith.plan.estimate import skeleton
+    from tunesmith.plan.recommend import (
+        compare_methods,
+        option_for,
+        pick,
+        switch_notes,
+        to_fit,
+    )  # fmt: skip
+
+    memory_bytes = memory * GIB if memory is not None else None
+    tflops = target.tflops if target else None
+    method, train = config.method, config.train
+    master = method.name == "full" and train.fp32_master_weights
+    sk = skeleton(model_config, method, dtype, master)
+    plan.switches = switch_notes(
+        sk, plan.seq_len, plan.micro_batch, plan.gradient_checkpointing, train.optimizer,
+        config, work,
+    )  # fmt: skip
+    if memory_bytes is None:
+        return
+    plan.options = compare_methods(model_config, config, dtype, memory_bytes, tflops, work)
+    plan.recommended = pick(plan.options, method.name)
+    if plan.fits_nothing:
+        plan.notes.append(nothing_fits(plan, model_config, config, dtype))
+    elif plan.fits is False:
+        setting = Setting(
+            plan.gradient_checkpointing, train.optimizer, master or method.name != "full"
+        )
+        own = option_for(model_config, method, setting, sk, config, memory_bytes, tflops, work)
+        changes = to_fit(plan.options, own, plan.seq_len, plan.micro_batch)
+        plan.notes.append(f"to fit {memory:g} GiB: {changes or 'nothing in reach'}")

@@ -30,36 +30,70 @@ PLAN_ATTENTION = "tunesmith_plan_fused"
 
 
 class MemoryTracker(TorchDispatchMode):
-    """Live bytes of the storages created while active, and their peak."""
+    """Live bytes of the storages created while active, and their peak. Storages are keyed by
+    a serial number, not by `id()`, which Python reuses once a storage is freed: `at_peak`
+    names exactly what was alive at the peak, and `key_of` maps a live storage to its key."""
 
     def __init__(self) -> None:
         super().__init__()
         self.live: dict[int, int] = {}
+        self.serial: dict[int, int] = {}
         self.total = 0
         self.peak = 0
         self.at_peak: dict[int, int] = {}
+        self._next = 0
 
     def add(self, t: torch.Tensor) -> None:
         storage = t.untyped_storage()
-        key = id(storage)
-        if key in self.live:
+        if id(storage) in self.serial:
             return
+        key = self._register(storage)
         size = storage.nbytes()
         self.live[key] = size
         self.total += size
-        weakref.finalize(storage, self._free, key)
         if self.total > self.peak:
             self.peak = self.total
             self.at_peak = dict(self.live)
 
-    def _free(self, key: int) -> None:
+    def _register(self, storage) -> int:
+        key = self._next
+        self._next += 1
+        self.serial[id(storage)] = key
+        weakref.finalize(storage, self._free, id(storage), key)
+        return key
+
+    def _free(self, ident: int, key: int) -> None:
+        if self.serial.get(ident) == key:
+            del self.serial[ident]
         self.total -= self.live.pop(key, 0)
 
-    def seed(self, storages: dict[int, int]) -> None:
-        """Storages that exist already (weights): counted, never freed while tracing."""
-        self.live.update(storages)
-        self.total += sum(storages.values())
+    def key_of(self, storage) -> int | None:
+        return self.serial.get(id(storage))
+
+    def seed(self, tensors) -> dict[int, int]:
+        """Storages that exist already (weights): counted, never freed while tracing. Returns
+        their {key: bytes}."""
+        out = {}
+        for t in tensors:
+            storage = t.untyped_storage()
+            if id(storage) in self.serial:
+                continue
+            key = self._register(storage)
+            out[key] = storage.nbytes()
+        self.live.update(out)
+        self.total += sum(out.values())
         self.reset_peak()
+        return out
+
+    def keys(self, tensors) -> dict[int, int]:
+        """{key: bytes} of the live storages of `tensors` (None entries skipped)."""
+        out = {}
+        for t in tensors:
+            if isinstance(t, torch.Tensor):
+                key = self.key_of(t.untyped_storage())
+                if key is not None:
+                    out[key] = self.live.get(key, 0)
+        return out
 
     def reset_peak(self) -> None:
         self.peak = self.total
@@ -164,6 +198,31 @@ def _register_attention() -> None:
     AttentionInterface.register(PLAN_ATTENTION, _plan_attention)
 
 
+def build_model(model_config, method, compute_dtype, master: bool, attention: str = "flash"):
+    """The model the run trains, built from `model_config` under whatever tensor mode or device
+    is current (fake tensors to trace, the meta device to count): weights in `compute_dtype`
+    (fp32 for full fine-tuning with fp32 master weights), QLoRA's quantized linears as
+    `QuantizedStandIn`, the method's adapter attached as `tunesmith train` attaches it."""
+    from transformers import AutoModelForCausalLM
+
+    config = type(model_config).from_dict(model_config.to_dict())
+    if attention == "flash":
+        _register_attention()
+        config._attn_implementation = PLAN_ATTENTION
+    else:
+        config._attn_implementation = attention
+    model = AutoModelForCausalLM.from_config(
+        config, dtype=torch.float32 if master else compute_dtype
+    )
+    if method.name == "qlora":
+        _quantize_for_trace(model, method, compute_dtype)
+    if method.name != "full":
+        from tunesmith.adapters import add_adapter
+
+        add_adapter(model, method.to_adapter_config())
+    return model
+
+
 @dataclass
 class TracedStep:
     peak_bytes: int
@@ -178,15 +237,6 @@ class TracedStep:
     notes: list[str] = field(default_factory=list)
 
 
-def _storages(tensors) -> dict[int, int]:
-    out = {}
-    for t in tensors:
-        if isinstance(t, torch.Tensor):
-            storage = t.untyped_storage()
-            out[id(storage)] = storage.nbytes()
-    return out
-
-
 def trace_step(
     model_config,
     method,
@@ -199,41 +249,25 @@ def trace_step(
     """Trace two training steps of `method` (a run config's method section) with `train`'s
     micro-batch settings on a model built from `model_config`; see the module docstring."""
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from transformers import AutoModelForCausalLM
 
+    from tunesmith.models import enable_checkpointing
     from tunesmith.train.loss import ALL_TRAINED, model_loss_sum
 
-    config = type(model_config).from_dict(model_config.to_dict())
-    if attention == "flash":
-        _register_attention()
-        config._attn_implementation = PLAN_ATTENTION
-    else:
-        config._attn_implementation = attention
     full = method.name == "full"
     master = full and train.fp32_master_weights
-    weights_dtype = torch.float32 if master else compute_dtype
     token = ALL_TRAINED.set(True)
     try:
         with FakeTensorMode(allow_non_fake_inputs=True):
-            model = AutoModelForCausalLM.from_config(config, dtype=weights_dtype)
-            if method.name == "qlora":
-                _quantize_for_trace(model, method, compute_dtype)
-            if not full:
-                from tunesmith.adapters import add_adapter
-
-                add_adapter(model, method.to_adapter_config())
+            model = build_model(model_config, method, compute_dtype, master, attention)
             if train.gradient_checkpointing:
-                model.gradient_checkpointing_enable(
-                    gradient_checkpointing_kwargs={"use_reentrant": False}
-                )
+                enable_checkpointing(model)
             model.config.use_cache = False
             model.train()
             params = [p for p in model.parameters() if p.requires_grad]
             optimizer = torch.optim.AdamW(params, lr=1e-4, foreach=False)
-            static = _storages(list(model.parameters()) + list(model.buffers()))
             ids = torch.zeros(batch, seq_len, dtype=torch.long)
             tracker = MemoryTracker()
-            tracker.seed(static)
+            static = tracker.seed(list(model.parameters()) + list(model.buffers()))
             autocast = torch.autocast(
                 "cpu", dtype=compute_dtype, enabled=master and compute_dtype != torch.float32
             )
@@ -244,11 +278,11 @@ def trace_step(
                     with autocast:
                         total, count = model_loss_sum(model, {"input_ids": ids, "labels": ids})
                     (total / count).backward()
-                    grads = _storages(p.grad for p in params)
+                    grads = tracker.keys(p.grad for p in params)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
-            states = _storages(v for s in optimizer.state.values() for v in s.values())
-            trainable = _storages(params)
+            states = tracker.keys(v for s in optimizer.state.values() for v in s.values())
+            trainable = tracker.keys(params)
             at_peak = tracker.at_peak
             eight_bit = train.optimizer in ("adamw_8bit", "paged_adamw_8bit")
             optimizer_bytes = sum(v for k, v in at_peak.items() if k in states)

@@ -117,7 +117,13 @@ class Run:
 
     def setup(self) -> None:
         from tunesmith.data import prepare_data
-        from tunesmith.models import compute_dtype, load_base_for, load_tokenizer, resolve_device
+        from tunesmith.models import (
+            compute_dtype,
+            enable_checkpointing,
+            load_base_for,
+            load_tokenizer,
+            resolve_device,
+        )
 
         cfg = self.config
         self._check_output_dir()
@@ -138,9 +144,7 @@ class Run:
             torch.manual_seed(cfg.train.seed)
             add_adapter(self.model, cfg.method.to_adapter_config(), tokenizer=self.tokenizer)
         if cfg.train.gradient_checkpointing:
-            self.model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
-            )
+            enable_checkpointing(self.model)
         self.model.config.use_cache = False
         self.model.train()
 

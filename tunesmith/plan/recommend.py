@@ -1,0 +1,327 @@
+"""Which methods fit the GPU, with which switches, at what micro-batch and sequence length, and
+how long the run's dataset takes: the usual decision tree (full if it fits, else LoRA, else
+QLoRA; checkpointing, then an 8-bit optimizer, then pure-bf16 weights when memory is short),
+computed with `estimate.py` for the model at hand.
+
+For each method the cheapest setting that fits the run's micro-batch and sequence length is
+chosen, in the order that costs least speed or precision: gradient checkpointing off, then on
+(one more forward pass, about a third more compute), then 8-bit AdamW states, then (full
+fine-tuning only) bf16 weights without fp32 master copies. A method that fits at none of them
+is shown at its most frugal setting with the largest micro-batch and sequence that fit there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from tunesmith.plan.estimate import Skeleton, estimate_step, skeleton
+from tunesmith.plan.gpus import UTILIZATION
+
+GIB = 2**30
+MAX_MICRO_BATCH = 1024
+SEQ_STEP = 128
+"""Sequence lengths are searched in multiples of this."""
+
+
+@dataclass
+class Setting:
+    checkpointing: bool
+    optimizer: str
+    master: bool
+    """Full fine-tuning: fp32 master weights (false: pure bf16 weights)."""
+
+    def changes_from(self, other: Setting) -> str:
+        """This setting as the run-config keys that differ from `other`."""
+        keys = []
+        if self.checkpointing != other.checkpointing:
+            keys.append(f"train.gradient_checkpointing={str(self.checkpointing).lower()}")
+        if self.optimizer != other.optimizer:
+            keys.append(f"train.optimizer={self.optimizer}")
+        if self.master != other.master:
+            keys.append(f"train.fp32_master_weights={str(self.master).lower()}")
+        return " ".join(keys)
+
+    def describe(self) -> str:
+        parts = ["checkpointing " + ("on" if self.checkpointing else "off"), self.optimizer]
+        if not self.master:
+            parts.append("bf16 weights")
+        return ", ".join(parts)
+
+
+@dataclass
+class Option:
+    method: str
+    setting: Setting
+    peak_bytes: int
+    """Estimated peak at the run's micro-batch and sequence length."""
+    fits: bool
+    max_micro_batch: int
+    """Largest micro-batch at the run's sequence length that fits (0: none)."""
+    max_seq_len: int
+    """Longest sequence (a multiple of 128, within the model's positions) at micro-batch 1."""
+    max_seq_at_batch: int
+    """Longest sequence at the run's micro-batch."""
+    trainable_params: int
+    tokens_per_s: float | None
+    hours: float | None
+    """For the run's dataset and epochs, when the plan could read them."""
+
+
+@dataclass
+class Workload:
+    """The run's training data as the trainer will batch it."""
+
+    samples: int
+    tokens_per_epoch: int
+    """Real tokens (no padding)."""
+    processed_tokens: int
+    """Tokens the run pushes through the model, padding included, over all its steps."""
+    steps: int
+    epochs: float
+    padding: float
+    """Fraction of processed tokens that are padding."""
+    packed_padding: float | None = None
+    """With data.packing on instead (when it is off): the padding fraction it would leave."""
+
+
+def methods_to_compare(method) -> list:
+    """Full, LoRA and QLoRA (LoRA's settings taken from the run's when it uses LoRA), and the
+    run's own method when it is another."""
+    from tunesmith.config import FullMethod, LoRAMethod, QLoRAMethod
+
+    if method.name in ("lora", "qlora"):
+        lora_fields = LoRAMethod.model_fields
+        shared = {k: v for k, v in method.model_dump().items() if k in lora_fields}
+        shared.pop("name")
+        lora, qlora = LoRAMethod(**shared), QLoRAMethod(**shared)
+        if method.name == "qlora":
+            qlora = method
+    else:
+        lora, qlora = LoRAMethod(), QLoRAMethod()
+    out = [FullMethod(), lora, qlora]
+    if method.name not in ("full", "lora", "qlora"):
+        out.append(method)
+    return out
+
+
+def settings_for(method: str) -> list[Setting]:
+    out = [Setting(False, "adamw", True), Setting(True, "adamw", True)]
+    out.append(Setting(True, "adamw_8bit", True))
+    if method == "full":
+        out.append(Setting(True, "adamw_8bit", False))
+    return out
+
+
+def largest(fits, low: int, high: int) -> int:
+    """The largest n in [low, high] with fits(n), for a monotone `fits`; low - 1 if none."""
+    if not fits(low):
+        return low - 1
+    while low < high:
+        mid = (low + high + 1) // 2
+        if fits(mid):
+            low = mid
+        else:
+            high = mid - 1
+    return low
+
+
+def option_for(
+    model_config, method, setting: Setting, sk: Skeleton, config,
+    memory_bytes: float | None, tflops: float | None, work: Workload | None,
+) -> Option:  # fmt: skip
+    """`method` at `setting`: its estimated peak at the run's shape, whether that fits, the
+    largest micro-batch and sequences that fit, its speed and the dataset's hours."""
+    from tunesmith.plan.run import flops_per_token
+
+    seq, batch = config.data.max_seq_len, config.train.micro_batch_size
+    max_positions = getattr(model_config, "max_position_embeddings", None) or 131072
+
+    def under(b: int, s: int) -> bool:
+        est = estimate_step(sk, s, b, setting.checkpointing, setting.optimizer)
+        return memory_bytes is None or est.peak_bytes <= memory_bytes
+
+    peak = estimate_step(sk, seq, batch, setting.checkpointing, setting.optimizer).peak_bytes
+    max_batch = max_seq = max_seq_batch = 0
+    if memory_bytes is not None:
+        max_batch = largest(lambda b: under(b, seq), 1, MAX_MICRO_BATCH)
+        top = max(1, max_positions // SEQ_STEP)
+        max_seq = largest(lambda n: under(1, n * SEQ_STEP), 1, top) * SEQ_STEP
+        max_seq_batch = largest(lambda n: under(batch, n * SEQ_STEP), 1, top) * SEQ_STEP
+    speed = hours = None
+    if tflops is not None:
+        flops = flops_per_token(model_config, method.name, seq, setting.checkpointing)
+        speed = tflops * 1e12 * UTILIZATION / flops
+        if work is not None:
+            hours = work.processed_tokens / speed / 3600
+    return Option(
+        method.name, setting, int(peak), memory_bytes is None or peak <= memory_bytes,
+        max_batch, max_seq, max_seq_batch, sk.trainable_params, speed, hours,
+    )  # fmt: skip
+
+
+def compare_methods(
+    model_config, config, compute_dtype: torch.dtype, memory_bytes: float | None,
+    tflops: float | None, work: Workload | None,
+) -> list[Option]:  # fmt: skip
+    """One `Option` per method of `methods_to_compare`, at the first of its `settings_for`
+    that fits (or the last); see the module docstring."""
+    seq, batch = config.data.max_seq_len, config.train.micro_batch_size
+    options = []
+    for method in methods_to_compare(config.method):
+        skeletons: dict[bool, Skeleton] = {}
+        for setting in settings_for(method.name):
+            master = method.name == "full" and setting.master
+            if master not in skeletons:
+                skeletons[master] = skeleton(model_config, method, compute_dtype, master)
+            sk = skeletons[master]
+            peak = estimate_step(sk, seq, batch, setting.checkpointing, setting.optimizer)
+            if memory_bytes is None or peak.peak_bytes <= memory_bytes:
+                break
+        options.append(
+            option_for(model_config, method, setting, sk, config, memory_bytes, tflops, work)
+        )
+    return options
+
+
+def pick(options: list[Option], run_method: str) -> Option | None:
+    """The run's own method when it fits, else full, LoRA, QLoRA (then the rest), in that
+    order: the first that fits."""
+    fitting = [o for o in options if o.fits]
+    for option in fitting:
+        if option.method == run_method:
+            return option
+    return fitting[0] if fitting else None
+
+
+def workload(config, tokenizer) -> Workload:
+    """Tokenize the run's data as `tunesmith train` does and count what its steps process."""
+    from tunesmith.data import prepare_data
+    from tunesmith.data.pack import pack_groups
+    from tunesmith.train.batches import BatchPlan
+
+    prepared = prepare_data(config.data, tokenizer, config.train.seed)
+    lengths = np.asarray(prepared.train.lengths, dtype=np.int64)
+    plan = BatchPlan(
+        prepared.train, prepared.train_rows, config.train.micro_batch_size,
+        config.train.grad_accum_steps, config.train.seed, 0,
+    )  # fmt: skip
+    steps = plan.total_steps(config.train.epochs, config.train.max_steps)
+    processed = _processed_tokens(plan, lengths, prepared.train_rows, steps)
+    real = _processed_tokens(plan, lengths, prepared.train_rows, steps, padded=False)
+    packed_padding = None
+    if prepared.train_rows is None and len(lengths):
+        rows = pack_groups(lengths, config.data.max_seq_len)
+        packed = BatchPlan(
+            prepared.train, rows, config.train.micro_batch_size, config.train.grad_accum_steps,
+            config.train.seed, 0,
+        )  # fmt: skip
+        packed_steps = packed.total_steps(config.train.epochs, config.train.max_steps)
+        p_all = _processed_tokens(packed, lengths, rows, packed_steps)
+        p_real = _processed_tokens(packed, lengths, rows, packed_steps, padded=False)
+        packed_padding = 1 - p_real / p_all if p_all else 0.0
+    return Workload(
+        samples=len(lengths),
+        tokens_per_epoch=int(lengths.sum()),
+        processed_tokens=processed,
+        steps=steps,
+        epochs=steps / plan.steps_per_epoch,
+        padding=1 - real / processed if processed else 0.0,
+        packed_padding=packed_padding,
+    )
+
+
+def _processed_tokens(plan, lengths, rows, steps: int, padded: bool = True) -> int:
+    """Tokens in the micro-batches of `steps` optimizer steps: each micro-batch is padded to
+    its longest unit (sample or packed row)."""
+    unit_len = lengths if rows is None else np.array([lengths[r].sum() for r in rows])
+    if len(unit_len) == 0:
+        return 0
+    per_step = plan.micro_batch_size * plan.grad_accum_steps
+    total = 0
+    epoch = 0
+    done = 0
+    while done < steps:
+        order = plan._order(epoch)
+        take = min(steps - done, plan.steps_per_epoch)
+        units = unit_len[order[: take * per_step]]
+        for at in range(0, len(units), plan.micro_batch_size):
+            chunk = units[at : at + plan.micro_batch_size]
+            total += int(chunk.max()) * len(chunk) if padded else int(chunk.sum())
+        done += take
+        epoch += 1
+    return total
+
+
+def switch_notes(
+    sk: Skeleton, seq: int, batch: int, checkpointing: bool, optimizer: str, config,
+    work: Workload | None,
+) -> list[str]:  # fmt: skip
+    """What each switch does at the run's shape, in GiB (estimates)."""
+    notes = []
+    on = estimate_step(sk, seq, batch, True, optimizer).peak_bytes
+    off = estimate_step(sk, seq, batch, False, optimizer).peak_bytes
+    notes.append(
+        f"gradient checkpointing: {off / GIB:.1f} GiB off, {on / GIB:.1f} GiB on (one more "
+        f"forward pass per step){' [on]' if checkpointing else ''}"
+    )
+    if sk.trainable_params and optimizer in ("adamw", "paged_adamw"):
+        saved = 2 * sk.trainable_bytes - 2 * sk.trainable_params
+        if saved > 0.05 * GIB:
+            notes.append(
+                f"8-bit optimizer (train.optimizer: adamw_8bit): saves {saved / GIB:.1f} GiB of "
+                "optimizer states"
+            )
+    notes.append(
+        "paged optimizer (paged_adamw, paged_adamw_8bit): states move to CPU memory under "
+        "pressure, which absorbs spikes but does not lower this peak"
+    )
+    tokens = batch * seq
+    logits = tokens * sk.vocab * (sk.compute_bytes + 8)
+    notes.append(
+        f"chunked loss (always on): avoids {logits / GIB:.1f} GiB of full-batch logits, their "
+        "fp32 copy and log-softmax"
+    )
+    if work is not None:
+        if config.data.packing:
+            notes.append(f"packing (on): {work.padding:.0%} of processed tokens are padding")
+        elif work.packed_padding is not None:
+            notes.append(
+                f"packing (data.packing: true): padding would fall from {work.padding:.0%} to "
+                f"{work.packed_padding:.0%} of processed tokens; the peak stays the same"
+            )
+    return notes
+
+
+def to_fit(options: list[Option], run: Option, seq: int, batch: int) -> str:
+    """The changes that make the run fit, each computed: a smaller micro-batch, a shorter
+    sequence, another method."""
+    changes = []
+    if 1 <= run.max_micro_batch < batch:
+        changes.append(
+            f"train.micro_batch_size {batch} → {run.max_micro_batch} (raise "
+            "train.grad_accum_steps to keep the batch)"
+        )
+    if SEQ_STEP <= run.max_seq_at_batch < seq:
+        changes.append(f"data.max_seq_len {seq} → {run.max_seq_at_batch}")
+    elif run.max_micro_batch < 1 and SEQ_STEP <= run.max_seq_len < seq:
+        changes.append(f"micro-batch 1 and data.max_seq_len {seq} → {run.max_seq_len}")
+    for option in options:
+        if option.method == run.method:
+            if option.setting != run.setting and option.max_micro_batch > run.max_micro_batch:
+                size = "" if option.fits else f" at micro-batch {option.max_micro_batch}"
+                changes.append(f"{option.setting.changes_from(run.setting)}{size}")
+            continue
+        if option.fits:
+            changes.append(
+                f"method.name={option.method} ({option.peak_bytes / GIB:.1f} GiB with "
+                f"{option.setting.describe()})"
+            )
+        elif option.max_micro_batch >= 1:
+            changes.append(
+                f"method.name={option.method} at micro-batch {option.max_micro_batch} (with "
+                f"{option.setting.describe()})"
+            )
+    return "; or ".join(changes)
