@@ -22,6 +22,7 @@ bnb = pytest.importorskip("bitsandbytes")  # a dev dependency: CI installs it
 from tunesmith.quant import (  # noqa: E402
     QuantConfig,
     dequantized_weight,
+    guard_cpu_packing,
     is_quantized,
     load_quantized,
     quantize_model,
@@ -278,9 +279,11 @@ def _transformers_quantized(model_dir: Path, quant: str):
             load_in_4bit=True, bnb_4bit_quant_type=quant, bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.float32,
         )  # fmt: skip
-    return AutoModelForCausalLM.from_pretrained(
+    model = AutoModelForCausalLM.from_pretrained(
         model_dir, quantization_config=config, dtype=torch.float32, device_map="cpu"
     ).eval()
+    guard_cpu_packing(model)  # the same generic 4-bit path as ours, whatever the CPU
+    return model
 
 
 @pytest.mark.parametrize("quant", ["nf4", "int8"])

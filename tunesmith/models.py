@@ -105,7 +105,12 @@ def load_model(model: ModelSection, device: str, dtype):
             f"model.path: cannot load a model from {source!r}: {first_line(err)}. Give a local "
             "checkpoint directory with safetensors weights, or a hub id (needs network)"
         ) from None
-    return loaded if quant_method == "bitsandbytes" else loaded.to(device)
+    if quant_method == "bitsandbytes":
+        from tunesmith.quant import guard_cpu_packing
+
+        guard_cpu_packing(loaded)
+        return loaded
+    return loaded.to(device)
 
 
 def _quant_method(source: str, revision: str | None) -> str | None:
@@ -136,10 +141,12 @@ def load_base_for(method, model: ModelSection, device: str, dtype):
 
 
 def enable_checkpointing(model) -> None:
-    """Gradient (activation) checkpointing of every decoder layer, non-reentrant, under the
-    name the installed transformers uses (`activation_checkpointing_enable` from 5.x)."""
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    """Gradient checkpointing of every decoder layer, non-reentrant. transformers 5 renamed the
+    call `activation_checkpointing_enable`, which also checkpoints in eval mode (and breaks
+    bitsandbytes' CPU inference path there); the old name keeps training-only checkpointing,
+    so it is used, without its deprecation warning."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -150,7 +150,24 @@ def new_quantized_linear(
             in_features, out_features, bias=bias, compute_dtype=config.compute_dtype,
             compress_statistics=config.double_quant, quant_type=config.quant, device=device,
         )  # fmt: skip
+        cpu_packing_guard(layer)
     return layer
+
+
+def cpu_packing_guard(layer: nn.Module) -> None:
+    """Keep a 4-bit layer on bitsandbytes' generic dequantize-then-matmul path on CPUs with
+    AVX512-BF16. On those, bitsandbytes repacks the weight on the first eval forward without
+    gradients for a CPU kernel that rounds the block scales to bf16 (logits move by ~5e-4
+    against the GPU's and the merged checkpoint's) and that fails with a reshape error when the
+    input width is not a multiple of the block size. The result would depend on the CPU."""
+    if getattr(layer, "support_avx512bf16_for_cpu", False):
+        layer.support_avx512bf16_for_cpu = False
+
+
+def guard_cpu_packing(model: nn.Module) -> None:
+    """`cpu_packing_guard` for every 4-bit layer of a model bitsandbytes loaded."""
+    for module in model.modules():
+        cpu_packing_guard(module)
 
 
 def _output_head(model: nn.Module) -> nn.Module | None:
@@ -209,10 +226,12 @@ def load_quantized(
     )
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
     if getattr(model_config, "quantization_config", None):
-        return AutoModelForCausalLM.from_pretrained(
+        model = AutoModelForCausalLM.from_pretrained(
             path, revision=revision, trust_remote_code=trust_remote_code,
             dtype=config.compute_dtype, device_map=device, use_safetensors=True, **kwargs,
         )  # fmt: skip
+        guard_cpu_packing(model)
+        return model
     files = checkpoint_files(path, revision)
     with large_allocations_via_mmap():
         model = _build_quantized(model_config, files, config, device, trust_remote_code, kwargs)
