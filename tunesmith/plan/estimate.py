@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tunesmith.plan.trace import TracedStep
 from tunesmith.train.loss import CHUNK_ELEMENTS
 
 
@@ -61,6 +62,9 @@ class Skeleton:
     largest_trainable_bytes: int
     input_embedding_bytes: int
     """A trained input embedding not tied to the head: its gradient comes last."""
+    head_bytes: int
+    """A trained output head: each loss chunk's gradient of it is a new tensor, added to the
+    accumulated one."""
     layer_linear_params: int
     """Weights of one decoder layer's linears (fp32 master: autocast keeps a copy of each)."""
     adapter_bytes_per_token: float
@@ -126,6 +130,7 @@ def skeleton(model_config, method, compute_dtype: torch.dtype, master: bool) -> 
         layer_trainable_bytes=_nbytes(p for p in first.parameters() if p.requires_grad),
         largest_trainable_bytes=max((_nbytes([p]) for p in trainable), default=0),
         input_embedding_bytes=_nbytes([embed]) if embed.requires_grad and not tied else 0,
+        head_bytes=_nbytes(p for p in head.parameters() if p.requires_grad) if head else 0,
         layer_linear_params=linear_params,
         adapter_bytes_per_token=per_token,
         virtual_tokens=virtual,
@@ -217,16 +222,8 @@ def _decoder_layers(model) -> list:
 
 
 @dataclass
-class Estimate:
-    peak_bytes: int
-    weights_bytes: int
-    trainable_bytes: int
-    grads_bytes: int
-    optimizer_bytes: int
-    activations_bytes: int
-    trainable_params: int
-    total_params: int
-    phase: str
+class Estimate(TracedStep):
+    phase: str = ""
     """Where the peak falls: forward, loss backward, last layer backward, first layer
     backward or optimizer step."""
 
@@ -258,7 +255,9 @@ def estimate_step(
     rows = max(1, min(tokens, CHUNK_ELEMENTS // sk.vocab))
     loss_kept = tokens * (4 * d + e * d + e * d)  # final norm's fp32 input and output; hidden
     loss_forward = rows * sk.vocab * 8  # a chunk's fp32 logits and their log-softmax
-    loss_backward = rows * sk.vocab * 12  # recomputed, and the logits' gradient
+    # recomputed log-softmax, its gradient and the logits'; then a trained head's gradient for
+    # the chunk is computed from the bf16 logits' gradient, before it is added to the total
+    loss_backward = max(rows * sk.vocab * 12, rows * sk.vocab * (4 + e) + sk.head_bytes)
     grads_layer = sk.layer_trainable_bytes
     # the head, the final norm, prompts (the input embedding's gradient comes after the layers)
     grads_rest = sk.trainable_bytes - layers * grads_layer - sk.input_embedding_bytes
