@@ -308,3 +308,18 @@ def test_cli_plan_recommends_and_says_what_to_change():
     assert run.returncode == 0, run.stderr
     assert "  dataset: 1,200 samples, " in run.stdout
     assert "  recommended: lora with checkpointing off, adamw" in run.stdout
+
+
+def test_dropout_is_traced_with_the_gpus_one_byte_mask():
+    """With dropout on q_proj's LoRA branch, each layer after the first (whose input needs no
+    gradient) keeps one mask element per input element: 1 byte as on a GPU ("flash"), 2 (bf16)
+    as the CPU kernel keeps it ("eager")."""
+    config = LlamaConfig(**WIDE)
+    train = TrainSection(gradient_checkpointing=False)
+    for attention, mask_bytes in [("flash", 1), ("eager", 2)]:
+        peaks = [
+            trace_step(config, LoRAMethod(dropout=p, targets=["q_proj"]), train, 512, 2,
+                       torch.bfloat16, attention=attention).peak_bytes
+            for p in (0.0, 0.1)
+        ]  # fmt: skip
+        assert peaks[1] - peaks[0] == 2 * (2 * 512) * 1024 * mask_bytes

@@ -62,6 +62,8 @@ class Skeleton:
     largest_trainable_bytes: int
     input_embedding_bytes: int
     """A trained input embedding not tied to the head: its gradient comes last."""
+    quantized: bool
+    """QLoRA: the base linears are bitsandbytes layers (which save their inputs)."""
     head_bytes: int
     """A trained output head: each loss chunk's gradient of it is a new tensor, added to the
     accumulated one."""
@@ -131,6 +133,7 @@ def skeleton(model_config, method, compute_dtype: torch.dtype, master: bool) -> 
         largest_trainable_bytes=max((_nbytes([p]) for p in trainable), default=0),
         input_embedding_bytes=_nbytes([embed]) if embed.requires_grad and not tied else 0,
         head_bytes=_nbytes(p for p in head.parameters() if p.requires_grad) if head else 0,
+        quantized=method.name == "qlora",
         layer_linear_params=linear_params,
         adapter_bytes_per_token=per_token,
         virtual_tokens=virtual,
@@ -182,7 +185,7 @@ def _layer_saves(layer, e: int) -> tuple[float, int]:
                 if isinstance(adapter.dropout, torch.nn.Identity):
                     saves = True
                 else:
-                    extra += 2 * e * base.in_features
+                    extra += (e + 1) * base.in_features
                 if adapter.use_dora:
                     extra += 2 * e * base.out_features
         elif isinstance(module, IA3Layer):
@@ -250,8 +253,11 @@ def estimate_step(
     kept = layers * layer_kept if checkpointing else (layers - sk.leading_frozen) * layer_kept
     # Layer backward temporaries: gradients of the MLP's intermediates and of the hidden stream.
     layer_work = tokens * (e * inter + 2 * residual * d)
-    if checkpointing:  # the layer recomputed, and its gradients meet the recomputed tensors
-        layer_work += layer_full + tokens * e * inter // 2
+    if checkpointing:
+        # The layer recomputed. Its backward's MLP-width gradients overlap the recomputed
+        # tensors by about half an MLP activation (fitted to the trace), except under QLoRA,
+        # whose layers keep their inputs and free them as the backward passes.
+        layer_work += layer_full + (0 if sk.quantized else tokens * e * inter // 2)
     rows = max(1, min(tokens, CHUNK_ELEMENTS // sk.vocab))
     loss_kept = tokens * (4 * d + e * d + e * d)  # final norm's fp32 input and output; hidden
     loss_forward = rows * sk.vocab * 8  # a chunk's fp32 logits and their log-softmax

@@ -12,9 +12,10 @@ logits chunks and temporaries).
 On a GPU, attention runs in a fused kernel (flash / memory-efficient SDPA) that keeps only the
 output and a log-sum-exp per row, never the (seq × seq) score matrix; `attention="flash"`
 traces that kernel's memory, `attention="eager"` traces the model's own attention (what CPU
-runs use). 8-bit optimizer states are counted as 2 bytes per trainable parameter. QLoRA's
-bitsandbytes layers cannot run on fake tensors: `QuantizedStandIn` stores what they store and
-allocates what their matmul allocates.
+runs use). With "flash", dropout also keeps a 1-byte mask as on a GPU (`FusedDropout`), where
+the CPU kernel keeps one in the activations' dtype. 8-bit optimizer states are counted as 2
+bytes per trainable parameter. QLoRA's bitsandbytes layers cannot run on fake tensors:
+`QuantizedStandIn` stores what they store and allocates what their matmul allocates.
 """
 
 from __future__ import annotations
@@ -122,6 +123,16 @@ class _FlashAttention(torch.autograd.Function):
     def backward(ctx, grad):
         q, k, v, _, _ = ctx.saved_tensors
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+class FusedDropout(torch.nn.Dropout):
+    """Dropout as a GPU runs it (`native_dropout`, which saves a 1-byte mask), not as the CPU
+    kernel does (a mask in the activations' dtype): the plan is for a GPU."""
+
+    def forward(self, x):
+        if not self.training or self.p == 0:
+            return x
+        return torch.native_dropout(x, self.p, True)[0]
 
 
 class _QuantizedMatmul(torch.autograd.Function):
@@ -259,6 +270,10 @@ def trace_step(
     try:
         with FakeTensorMode(allow_non_fake_inputs=True):
             model = build_model(model_config, method, compute_dtype, master, attention)
+            if attention == "flash":  # the GPU's kernels (eager: the CPU's, for tests)
+                for module in model.modules():
+                    if type(module) is torch.nn.Dropout:
+                        module.__class__ = FusedDropout
             if train.gradient_checkpointing:
                 enable_checkpointing(model)
             model.config.use_cache = False
