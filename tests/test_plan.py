@@ -25,7 +25,7 @@ from tunesmith.config import (
 from tunesmith.errors import TunesmithError
 from tunesmith.plan.estimate import estimate_step, skeleton
 from tunesmith.plan.gpus import gpu
-from tunesmith.plan.recommend import compare_methods, largest, workload
+from tunesmith.plan.recommend import compare_methods, largest, methods_to_compare, workload
 from tunesmith.plan.run import flops_per_token
 from tunesmith.plan.trace import MemoryTracker, trace_step
 from tunesmith.train.loss import model_loss_sum
@@ -241,10 +241,12 @@ def test_method_table_limits_are_the_largest_that_fit():
     model_config = LlamaConfig.from_pretrained("examples/tiny-llama")
     memory = 200 * 2**20
     options = compare_methods(model_config, cfg, torch.float32, memory, None, None)
-    assert [o.method for o in options] == ["full", "lora", "qlora"]
+    labels = ["full", "lora", "qlora", "dora", "ia3", "prefix", "prompt", "bottleneck"]
+    assert [o.method for o in options] == labels
+    methods = dict(methods_to_compare(cfg.method))
+    assert methods["lora"] is cfg.method and methods["dora"].r == cfg.method.r == 16
     for option in options:
-        method = {"full": FullMethod(), "lora": cfg.method, "qlora": QLoRAMethod(r=16, alpha=32,
-                  dropout=0.0)}[option.method]  # fmt: skip
+        method = methods[option.method]
         master = option.method == "full" and option.setting.master
         sk = skeleton(model_config, method, torch.float32, master)
 

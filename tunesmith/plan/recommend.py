@@ -87,24 +87,44 @@ class Workload:
     """With data.packing on instead (when it is off): the padding fraction it would leave."""
 
 
-def methods_to_compare(method) -> list:
-    """Full, LoRA and QLoRA (LoRA's settings taken from the run's when it uses LoRA), and the
-    run's own method when it is another."""
-    from tunesmith.config import FullMethod, LoRAMethod, QLoRAMethod
+def method_label(method) -> str:
+    """The method's name in the table: its name, or dora / qlora+dora for LoRA with DoRA."""
+    if method.name in ("lora", "qlora") and method.use_dora:
+        return "dora" if method.name == "lora" else "qlora+dora"
+    return method.name
 
+
+def methods_to_compare(method) -> list[tuple[str, object]]:
+    """(label, method) for full, LoRA, QLoRA, DoRA, IA3, prefix, prompt and bottleneck
+    tuning with their defaults; LoRA-family rows take the run's rank and targets when the run
+    uses LoRA, and the run's own method replaces its row (or is added)."""
+    from tunesmith.config import (
+        BottleneckMethod,
+        FullMethod,
+        IA3Method,
+        LoRAMethod,
+        PrefixMethod,
+        PromptMethod,
+        QLoRAMethod,
+    )  # fmt: skip
+
+    shared = {}
     if method.name in ("lora", "qlora"):
-        lora_fields = LoRAMethod.model_fields
-        shared = {k: v for k, v in method.model_dump().items() if k in lora_fields}
+        shared = {k: v for k, v in method.model_dump().items() if k in LoRAMethod.model_fields}
         shared.pop("name")
-        lora, qlora = LoRAMethod(**shared), QLoRAMethod(**shared)
-        if method.name == "qlora":
-            qlora = method
-    else:
-        lora, qlora = LoRAMethod(), QLoRAMethod()
-    out = [FullMethod(), lora, qlora]
-    if method.name not in ("full", "lora", "qlora"):
-        out.append(method)
-    return out
+        shared["use_dora"] = False
+    rows = {
+        "full": FullMethod(),
+        "lora": LoRAMethod(**shared),
+        "qlora": QLoRAMethod(**shared),
+        "dora": LoRAMethod(**{**shared, "use_dora": True}),
+        "ia3": IA3Method(),
+        "prefix": PrefixMethod(),
+        "prompt": PromptMethod(),
+        "bottleneck": BottleneckMethod(),
+    }
+    rows[method_label(method)] = method
+    return list(rows.items())
 
 
 def settings_for(method: str) -> list[Setting]:
@@ -170,7 +190,7 @@ def compare_methods(
     that fits (or the last); see the module docstring."""
     seq, batch = config.data.max_seq_len, config.train.micro_batch_size
     options = []
-    for method in methods_to_compare(config.method):
+    for label, method in methods_to_compare(config.method):
         skeletons: dict[bool, Skeleton] = {}
         for setting in settings_for(method.name):
             master = method.name == "full" and setting.master
@@ -180,15 +200,15 @@ def compare_methods(
             peak = estimate_step(sk, seq, batch, setting.checkpointing, setting.optimizer)
             if memory_bytes is None or peak.peak_bytes <= memory_bytes:
                 break
-        options.append(
-            option_for(model_config, method, setting, sk, config, memory_bytes, tflops, work)
-        )
+        option = option_for(model_config, method, setting, sk, config, memory_bytes, tflops, work)
+        option.method = label
+        options.append(option)
     return options
 
 
 def pick(options: list[Option], run_method: str) -> Option | None:
-    """The run's own method when it fits, else full, LoRA, QLoRA (then the rest), in that
-    order: the first that fits."""
+    """The run's own method (its `method_label`) when it fits, else the first in the table
+    that fits: full, LoRA, QLoRA, then the rest."""
     fitting = [o for o in options if o.fits]
     for option in fitting:
         if option.method == run_method:
@@ -297,7 +317,7 @@ def switch_notes(
 
 def to_fit(options: list[Option], run: Option, seq: int, batch: int) -> str:
     """The changes that make the run fit, each computed: a smaller micro-batch, a shorter
-    sequence, another method."""
+    sequence, other switches, full / LoRA / QLoRA. `run.method` is the run's label."""
     changes = []
     if 1 <= run.max_micro_batch < batch:
         changes.append(
@@ -314,6 +334,8 @@ def to_fit(options: list[Option], run: Option, seq: int, batch: int) -> str:
                 size = "" if option.fits else f" at micro-batch {option.max_micro_batch}"
                 changes.append(f"{option.setting.changes_from(run.setting)}{size}")
             continue
+        if option.method not in ("full", "lora", "qlora"):
+            continue  # the table shows the rest
         if option.fits:
             changes.append(
                 f"method.name={option.method} ({option.peak_bytes / GIB:.1f} GiB with "

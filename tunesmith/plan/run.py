@@ -206,8 +206,8 @@ def nothing_fits(plan: Plan, model_config, config, dtype) -> str:
     from tunesmith.plan.recommend import SEQ_STEP, methods_to_compare
 
     best = None
-    for method in methods_to_compare(config.method):
-        o = next(o for o in plan.options if o.method == method.name)
+    for label, method in methods_to_compare(config.method):
+        o = next(o for o in plan.options if o.method == label)
         master = method.name == "full" and o.setting.master
         sk = skeleton(model_config, method, dtype, master)
         est = estimate_step(sk, SEQ_STEP, 1, True, o.setting.optimizer)
@@ -248,6 +248,7 @@ def _advise(plan: Plan, model_config, config, dtype, memory, target, work) -> No
     from tunesmith.plan.estimate import skeleton
     from tunesmith.plan.recommend import (
         compare_methods,
+        method_label,
         option_for,
         pick,
         switch_notes,
@@ -266,7 +267,7 @@ def _advise(plan: Plan, model_config, config, dtype, memory, target, work) -> No
     if memory_bytes is None:
         return
     plan.options = compare_methods(model_config, config, dtype, memory_bytes, tflops, work)
-    plan.recommended = pick(plan.options, method.name)
+    plan.recommended = pick(plan.options, method_label(method))
     if plan.fits_nothing:
         plan.notes.append(nothing_fits(plan, model_config, config, dtype))
     elif plan.fits is False:
@@ -274,5 +275,6 @@ def _advise(plan: Plan, model_config, config, dtype, memory, target, work) -> No
             plan.gradient_checkpointing, train.optimizer, master or method.name != "full"
         )
         own = option_for(model_config, method, setting, sk, config, memory_bytes, tflops, work)
+        own.method = method_label(method)
         changes = to_fit(plan.options, own, plan.seq_len, plan.micro_batch)
         plan.notes.append(f"to fit {memory:g} GiB: {changes or 'nothing in reach'}")
