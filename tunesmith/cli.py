@@ -568,7 +568,8 @@ def plan_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
 ) -> None:
     """Peak memory of one training step of the run (traced on fake tensors: no GPU and no
-    weights needed), its breakdown, whether it fits the GPU, and a time estimate."""
+    weights needed), its breakdown, whether it fits the GPU, the time for the run's dataset,
+    and which methods fit with which switches, micro-batch and sequence length."""
     import json
 
     from tunesmith.config import load_config
