@@ -141,10 +141,10 @@ def load_base_for(method, model: ModelSection, device: str, dtype):
 
 
 def enable_checkpointing(model) -> None:
-    """Gradient checkpointing of every decoder layer, non-reentrant. transformers 5 renamed the
-    call `activation_checkpointing_enable`, which also checkpoints in eval mode (and breaks
-    bitsandbytes' CPU inference path there); the old name keeps training-only checkpointing,
-    so it is used, without its deprecation warning."""
+    """Gradient checkpointing of every decoder layer, non-reentrant, for training and for the
+    planner's trace. transformers 5 deprecates `gradient_checkpointing_enable` in favour of
+    `activation_checkpointing_enable`; the old call, which the tests cover, is kept (it exists
+    in every transformers the project admits), without its FutureWarning."""
     import warnings
 
     with warnings.catch_warnings():

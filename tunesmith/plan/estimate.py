@@ -8,14 +8,16 @@ layers are read off it. Activations follow a closed-form model of a Llama-style 
 the compute dtype's element size, D the hidden size, Q/K the query and key/value widths, I the
 MLP width and H the attention heads:
 
-- every layer keeps 8D (the two RMSNorms' fp32 inputs) + 2eD (their outputs, the linears'
-  input) + e(3Q + 2K) (rotated q and k, v, attention output and its contiguous copy) + 4H (the
-  kernel's log-sum-exp) + 4eI (gate, its SiLU, up, their product); full fine-tuning adds 2eD
-  (the norm weights' inputs); fp32 master weights keep the residual stream in fp32 and the
-  autocast copies of each layer's weights and linear inputs;
-- adapters add what their branch saves: LoRA e·r per adapted linear, and with dropout the
-  dropped input and its mask (e + 1)·in; IA3 the scaled tensor; bottleneck adapters their
-  input, hidden and output;
+- every layer keeps 8D (the two RMSNorms' fp32 inputs) + e(2Q + 2K) (rotated q and k, v and
+  the attention output, for the fused kernel) + 4H (its log-sum-exp) + 3eI (gate, its SiLU
+  and up); full fine-tuning adds 2eD (the norm weights' inputs); fp32 master weights keep the
+  residual stream in fp32 and the autocast copies of each layer's weights and linear inputs;
+- a linear's input (a norm's output, the attention output, the MLP product) is kept once per
+  group of linears that read it, when one of them needs it (`_layer_saves`): a trained
+  weight, a bitsandbytes base, a LoRA branch without dropout, an IA3 input scale;
+- adapters add what their branch saves: LoRA e·r per adapted linear, and with dropout its own
+  dropped input and 1-byte mask (e + 1)·in; DoRA 2e·out; IA3 on an output the unscaled
+  output; a bottleneck adapter its linears' inputs and its nonlinearity's;
 - with gradient checkpointing a layer keeps only its input, and the layer being recomputed in
   the backward pass holds everything above once more;
 - the loss keeps the final norm's input and output and the hidden states it reads, and works on
@@ -99,9 +101,7 @@ def skeleton(model_config, method, compute_dtype: torch.dtype, master: bool) -> 
     head = model.get_output_embeddings()
     tied = head is not None and head.weight is embed
     leading = 0.0
-    if method.name not in ("prompt", "prefix") and not (
-        model.get_input_embeddings().weight.requires_grad
-    ):
+    if method.name not in ("prompt", "prefix") and not embed.requires_grad:
         for layer in layers:
             trained = [n for n, p in layer.named_parameters() if p.requires_grad]
             if not trained:

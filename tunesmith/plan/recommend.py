@@ -229,8 +229,7 @@ def workload(config, tokenizer) -> Workload:
         config.train.grad_accum_steps, config.train.seed, 0,
     )  # fmt: skip
     steps = plan.total_steps(config.train.epochs, config.train.max_steps)
-    processed = _processed_tokens(plan, lengths, prepared.train_rows, steps)
-    real = _processed_tokens(plan, lengths, prepared.train_rows, steps, padded=False)
+    processed, real = _processed_tokens(plan, lengths, prepared.train_rows, steps)
     packed_padding = None
     if prepared.train_rows is None and len(lengths):
         rows = pack_groups(lengths, config.data.max_seq_len)
@@ -239,8 +238,7 @@ def workload(config, tokenizer) -> Workload:
             config.train.seed, 0,
         )  # fmt: skip
         packed_steps = packed.total_steps(config.train.epochs, config.train.max_steps)
-        p_all = _processed_tokens(packed, lengths, rows, packed_steps)
-        p_real = _processed_tokens(packed, lengths, rows, packed_steps, padded=False)
+        p_all, p_real = _processed_tokens(packed, lengths, rows, packed_steps)
         packed_padding = 1 - p_real / p_all if p_all else 0.0
     return Workload(
         samples=len(lengths),
@@ -253,14 +251,15 @@ def workload(config, tokenizer) -> Workload:
     )
 
 
-def _processed_tokens(plan, lengths, rows, steps: int, padded: bool = True) -> int:
-    """Tokens in the micro-batches of `steps` optimizer steps: each micro-batch is padded to
-    its longest unit (sample or packed row)."""
+def _processed_tokens(plan, lengths, rows, steps: int) -> tuple[int, int]:
+    """(tokens with padding, tokens without) in the micro-batches of `steps` optimizer steps,
+    in `BatchPlan.micro_batches`' order: each micro-batch is padded to its longest unit
+    (sample or packed row)."""
     unit_len = lengths if rows is None else np.array([lengths[r].sum() for r in rows])
     if len(unit_len) == 0:
-        return 0
+        return 0, 0
     per_step = plan.micro_batch_size * plan.grad_accum_steps
-    total = 0
+    padded = real = 0
     epoch = 0
     done = 0
     while done < steps:
@@ -269,10 +268,11 @@ def _processed_tokens(plan, lengths, rows, steps: int, padded: bool = True) -> i
         units = unit_len[order[: take * per_step]]
         for at in range(0, len(units), plan.micro_batch_size):
             chunk = units[at : at + plan.micro_batch_size]
-            total += int(chunk.max()) * len(chunk) if padded else int(chunk.sum())
+            padded += int(chunk.max()) * len(chunk)
+            real += int(chunk.sum())
         done += take
         epoch += 1
-    return total
+    return padded, real
 
 
 def switch_notes(
