@@ -86,4 +86,6 @@ def test_preprocess_reports_bad_data_in_one_line(tmp_path):
 def test_preprocess_with_a_missing_model_directory():
     result = run_cli("preprocess", QUICKSTART, "model.path=./no-such-model")
     assert result.returncode == 2
-    assert result.stderr == "error: model.path: ./no-such-model: no such directory\n"
+    assert result.stderr == (
+        f"error: model.path: ./no-such-model: no such folder (relative to {Path.cwd()})\n"
+    )

@@ -55,7 +55,10 @@ def test_samples_with_nothing_to_train_are_dropped_and_counted(tmp_path):
     )
     stats = prepared.sources[0]
     assert (stats.truncated, stats.dropped_untrained, stats.samples) == (1, 1, 1)
-    assert "dropped 1 (0 too long, 1 with no trained token)" in summary_lines(prepared)[1]
+    assert (
+        "dropped 1 (0 too long, 1 with no trained token, 0 with empty responses)"
+        in summary_lines(prepared)[1]
+    )
     only_long = str(write_jsonl(tmp_path / "long.jsonl", rows[:1]))
     with pytest.raises(DataError) as info, warnings.catch_warnings():
         warnings.simplefilter("ignore")

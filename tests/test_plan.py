@@ -154,7 +154,7 @@ def test_cli_plan(tmp_path):
     )
     run = run_cli("plan", str(run_config), f"model.path={tmp_path / 'none'}")
     assert run.returncode == 2 and run.stderr == (
-        f"error: model.path: {tmp_path / 'none'}: no config.json there (no such model folder)\n"
+        f"error: model.path: {tmp_path / 'none'}: no such folder\n"
     )
     lora = plan["traced"]
     run = run_cli("plan", str(run_config), "method.name=qlora", "--json")
@@ -325,3 +325,32 @@ def test_dropout_is_traced_with_the_gpus_one_byte_mask():
             for p in (0.0, 0.1)
         ]  # fmt: skip
         assert peaks[1] - peaks[0] == 2 * (2 * 512) * 1024 * mask_bytes
+
+
+def test_method_table_leaves_out_a_method_the_model_cannot_take(monkeypatch):
+    """A method that cannot attach to the model (prefix tuning on a backbone whose forward takes
+    no KV cache) is left out of the table with a note; the plan itself still comes out."""
+    import tunesmith.adapters.prompt as prompt
+
+    monkeypatch.setattr(prompt, "cache_argument", lambda backbone: None)
+    cfg = quickstart()
+    model_config = LlamaConfig.from_pretrained("examples/tiny-llama")
+    notes: list[str] = []
+    options = compare_methods(model_config, cfg, torch.float32, 200 * 2**20, None, None, notes)
+    assert [o.method for o in options] == [
+        "full", "lora", "qlora", "dora", "ia3", "prompt", "bottleneck"
+    ]  # fmt: skip
+    assert notes == [
+        "prefix left out of the method table: prefix tuning cannot be used with LlamaModel: its "
+        "attention takes no past key/values (forward has neither a cache nor a past_key_values "
+        "argument); use prompt tuning or LoRA"
+    ]
+    with pytest.raises(TunesmithError, match="^prefix tuning cannot be used with LlamaModel"):
+        compare_methods(
+            model_config,
+            quickstart("method=prefix", "data.packing=false"),
+            torch.float32,
+            200 * 2**20,
+            None,
+            None,
+        )

@@ -192,7 +192,7 @@ def test_merge_unmerge_and_routing_on_quantized_layers(small_dir):
 
 
 def test_a_missing_or_pickled_checkpoint_is_a_clear_error(tmp_path):
-    with pytest.raises(TunesmithError, match="model.path: ./nope: no such directory"):
+    with pytest.raises(TunesmithError, match="model.path: ./nope: no such folder"):
         load_quantized("./nope", QuantConfig())
     (tmp_path / "config.json").write_text(make_model("llama").config.to_json_string())
     (tmp_path / "pytorch_model.bin").write_bytes(b"pickle")

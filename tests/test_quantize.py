@@ -365,7 +365,7 @@ def test_interrupted_quantize_leaves_nothing(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(checkpoint, "write_checkpoint", broken)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(TunesmithError, match=rf"^{tmp_path / 'q'}: no space left on the disk"):
         quantize_checkpoint(
             str(BUNDLED), tmp_path / "q", "rtn", calib=HELD_OUT, calib_samples=1,
             eval_samples=1, seq_len=64, device="cpu",

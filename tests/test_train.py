@@ -11,37 +11,19 @@ import pytest
 import torch
 from conftest import ARCHS, make_model
 from data_helpers import chat_tokenizer, write_jsonl
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 import tunesmith
 from tunesmith.config import config_from_dict
 from tunesmith.errors import TunesmithError
 from tunesmith.train import checkpoint as checkpoint_module
 from tunesmith.train import loop as loop_module
-from tunesmith.train.loop import Run, TrainingError, train
+from tunesmith.train.loop import Run, TrainingError, TrainingInterrupted, train
 from tunesmith.train.loss import causal_lm_loss_sum, model_loss_sum
 from tunesmith.train.optim import lr_factor
 from tunesmith.train.progress import Progress
 
 WORDS = "red green blue cyan pink gold gray teal".split()
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    """A random 2-layer Llama with the bundled tokenizer (vocabulary and chat template)."""
-    folder = tmp_path_factory.mktemp("tiny")
-    tokenizer = chat_tokenizer()
-    tokenizer.save_pretrained(folder)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-        tie_word_embeddings=True, initializer_range=0.3, bos_token_id=None,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>"]),
-    )  # fmt: skip
-    LlamaForCausalLM(config).save_pretrained(folder)
-    return folder
 
 
 def toy_rows(n: int, seed: int = 0) -> list[dict]:
@@ -193,7 +175,10 @@ def test_resume_after_a_kill_gives_the_same_losses(tmp_path, tiny_dir, method):
 def test_a_run_refuses_to_overwrite_an_earlier_one(tmp_path, tiny_dir):
     config = make_config(tmp_path, tiny_dir, train={"max_steps": 1})
     train(config, progress=quiet())
-    with pytest.raises(TunesmithError, match="already holds a run .step-000001.; continue it"):
+    with pytest.raises(
+        TunesmithError,
+        match=r"already holds a run \(checkpoints/step-000001, adapter, .*\); continue it",
+    ):
         train(config, progress=quiet())
     train(config, overwrite=True, progress=quiet())
     with pytest.raises(TunesmithError, match="is not a checkpoint folder"):
@@ -376,7 +361,9 @@ def test_bitsandbytes_optimizers_train_and_resume_exactly(tmp_path, tiny_dir, op
         if step == 2:
             raise KeyboardInterrupt
 
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(
+        TrainingInterrupted, match="^interrupted after step 2; last checkpoint: .*step-000002$"
+    ):
         train(cfg, on_step=stop_at_2, progress=quiet())
     rest: list[float] = []
     train(cfg, resume="latest", on_step=lambda s, e: rest.append(e["loss"]), progress=quiet())

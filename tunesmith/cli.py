@@ -5,6 +5,7 @@ schema`, `config check`, `preprocess`, `train`, `plot`, `eval`, `generate`, `cha
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -13,6 +14,30 @@ import typer
 from tunesmith import __version__
 from tunesmith.config import ConfigError
 from tunesmith.errors import TunesmithError
+
+
+def examples(*commands: str) -> str:
+    """A command's help epilog: its examples, one paragraph each."""
+    return "\n\n".join(f"Example: {command}" for command in commands)
+
+
+def _flags_without_type() -> None:
+    """typer 0.2x shows a `<bool>` type beside on/off flags (--overwrite <bool>), which reads as
+    if the flag took a value; show flags bare, as click does."""
+    from typer.core import TyperOption
+
+    shown = getattr(TyperOption, "display_type_rich", None)
+    if shown is None or getattr(shown, "_tunesmith", False):
+        return
+
+    def display_type_rich(self, ctx):
+        return None if self.is_flag else shown(self, ctx)
+
+    display_type_rich._tunesmith = True
+    TyperOption.display_type_rich = display_type_rich
+
+
+_flags_without_type()
 
 app = typer.Typer(
     name="tunesmith",
@@ -35,9 +60,10 @@ def root(
         False, "--version", callback=_print_version, is_eager=True, help="Print the version."
     ),
 ) -> None:
-    """Fine-tune large language models on the hardware you have: LoRA, rsLoRA and DoRA adapters
-    in PEFT's format. The Python API (tunesmith.add_lora, save_adapter, load_adapter, merge…)
-    is documented in the README."""
+    """Fine-tune large language models on the hardware you have: plan, prepare data, train
+    (LoRA, rsLoRA, DoRA, QLoRA, prompt, prefix, bottleneck, IA3 or full), evaluate, merge and
+    combine, quantize and export; adapters in PEFT's format. The Python API (tunesmith.add_lora,
+    save_adapter, load_adapter, merge…) is documented in the README."""
 
 
 config_app = typer.Typer(
@@ -52,7 +78,7 @@ OverridesArg = Annotated[
 ]
 
 
-@config_app.command("schema")
+@config_app.command("schema", epilog=examples("tunesmith config schema > schema.yaml"))
 def config_schema() -> None:
     """Print every config section and field with its type, default and documentation."""
     from tunesmith.config import schema_text
@@ -60,7 +86,13 @@ def config_schema() -> None:
     typer.echo(schema_text(), nl=False)
 
 
-@config_app.command("check")
+@config_app.command(
+    "check",
+    epilog=examples(
+        "tunesmith config check examples/quickstart.yaml",
+        "tunesmith config check run.yaml method.r=8 --show",
+    ),
+)
 def config_check(
     config: ConfigArg,
     overrides: OverridesArg = None,
@@ -70,9 +102,17 @@ def config_check(
     files exist."""
     from tunesmith.config import config_yaml, load_config
     from tunesmith.data.sources import local_source_problems
+    from tunesmith.paths import model_source
 
     cfg = load_config(config, overrides or [])
-    problems = local_source_problems(cfg.data.datasets, "data.datasets")
+    problems = []
+    for key, source in (("model.path", cfg.model.path), ("model.tokenizer", cfg.model.tokenizer)):
+        try:
+            if source:
+                model_source(source, key)
+        except TunesmithError as err:
+            problems.append(str(err))
+    problems += local_source_problems(cfg.data.datasets, "data.datasets")
     problems += local_source_problems(cfg.data.validation, "data.validation")
     if problems:
         raise ConfigError([f"{config}: {problem}" for problem in problems])
@@ -85,7 +125,9 @@ def config_check(
     )
 
 
-@app.command("preprocess")
+@app.command(
+    "preprocess", epilog=examples("tunesmith preprocess examples/quickstart.yaml --show 2")
+)
 def preprocess(
     config: ConfigArg,
     overrides: OverridesArg = None,
@@ -118,7 +160,13 @@ def preprocess(
         typer.echo(line)
 
 
-@app.command("train")
+@app.command(
+    "train",
+    epilog=examples(
+        "tunesmith train examples/quickstart.yaml",
+        "tunesmith train run.yaml method=qlora train.lr=1e-4 --resume",
+    ),
+)
 def train_cmd(
     config: ConfigArg,
     overrides: OverridesArg = None,
@@ -130,16 +178,17 @@ def train_cmd(
         show_default=False,
     ),
     overwrite: bool = typer.Option(
-        False, "--overwrite", help="Delete an earlier run's checkpoints in output_dir first."
+        False, "--overwrite", help="Delete an earlier run's files in output_dir first."
     ),
     no_cache: bool = typer.Option(False, "--no-cache", help="Tokenize again; ignore the cache."),
 ) -> None:
-    """Train: load the model and data, attach the method (LoRA or full), run the loop with
+    """Train: load the model and data, attach the method (lora, qlora, full, prompt, prefix,
+    bottleneck or ia3; the LoRA family includes rsLoRA, DoRA and PiSSA init), run the loop with
     checkpoints, validation and metrics, and write the adapter (or model) to output_dir."""
     import warnings
 
     from tunesmith.config import load_config
-    from tunesmith.train.loop import Run
+    from tunesmith.train.loop import Run, TrainingInterrupted
 
     cfg = load_config(config, overrides or [])
     run = Run(cfg, resume=resume, overwrite=overwrite, use_cache=not no_cache)
@@ -150,7 +199,13 @@ def train_cmd(
         if issubclass(warning.category, UserWarning):
             typer.echo(f"warning: {warning.message}", err=True)
     _print_run_header(run)
-    summary = run.run()
+    try:
+        summary = run.run()
+    except TrainingInterrupted as err:
+        again = " ".join(["tunesmith train", str(config), *(overrides or []), "--resume"])
+        if run.last_checkpoint is None:
+            again = "nothing to resume from; start again with --overwrite"
+        raise TrainingInterrupted(f"{err}. Continue with: {again}") from None
     _print_summary(summary, run)
     if cfg.eval.generate_samples:
         from tunesmith.evaluate import compare_after_training
@@ -185,7 +240,7 @@ def _print_summary(summary: dict, run) -> None:
     typer.echo(f"saved {summary['output']} (metrics, loss.png, summary.json in {run.out})")
 
 
-@app.command("plot")
+@app.command("plot", epilog=examples("tunesmith plot outputs/quickstart"))
 def plot_cmd(
     output_dir: Annotated[Path, typer.Argument(help="A run's output_dir.")],
     out: Optional[Path] = typer.Option(  # noqa: UP045, B008
@@ -204,7 +259,12 @@ AdapterOpt = Annotated[
 ]
 
 
-@app.command("eval")
+@app.command(
+    "eval",
+    epilog=examples(
+        "tunesmith eval examples/quickstart.yaml --adapter outputs/quickstart/adapter --samples 20"
+    ),
+)
 def eval_cmd(
     config: ConfigArg,
     overrides: OverridesArg = None,
@@ -258,7 +318,14 @@ SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Sampling seed.")
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or mps.")]
 
 
-@app.command("generate")
+@app.command(
+    "generate",
+    epilog=examples(
+        'tunesmith generate --adapter outputs/quickstart/adapter "Are these all from nature: '
+        'leaf stone river"',
+        'tunesmith generate --model examples/tiny-llama --raw "def fibonacci(n):"',
+    ),
+)
 def generate_cmd(
     prompt: Annotated[str, typer.Argument(help="The prompt (a user message, or text with --raw).")],
     model: ModelOpt = None,
@@ -288,7 +355,12 @@ def generate_cmd(
     typer.echo()
 
 
-@app.command("chat")
+@app.command(
+    "chat",
+    epilog=examples(
+        'tunesmith chat --adapter outputs/quickstart/adapter --system "Answer briefly."'
+    ),
+)
 def chat_cmd(
     model: ModelOpt = None,
     adapter: AdapterOpt = None,
@@ -379,7 +451,14 @@ def _progress(label: str, unit: str = "tensors"):
     return report
 
 
-@app.command("merge")
+@app.command(
+    "merge",
+    epilog=examples(
+        "tunesmith merge --adapter outputs/quickstart/adapter --out outputs/merged",
+        "tunesmith merge --adapter A --base meta-llama/Llama-3.1-8B --out merged --dtype bf16 "
+        "--verify",
+    ),
+)
 def merge_cmd(
     out: OutOpt,
     adapter: AdapterOpt = None,
@@ -418,7 +497,12 @@ def merge_cmd(
         typer.echo(line)
 
 
-@app.command("combine")
+@app.command(
+    "combine",
+    epilog=examples(
+        "tunesmith combine --adapter a1 --adapter a2 --weights 0.7,0.3 --method ties --out combined"
+    ),
+)
 def combine_cmd(
     out: OutOpt,
     adapter: AdapterOpt = None,
@@ -458,7 +542,13 @@ def combine_cmd(
     )
 
 
-@app.command("merge-models")
+@app.command(
+    "merge-models",
+    epilog=examples(
+        "tunesmith merge-models --base B --model X --model Y --method ties --density 0.5 "
+        "--out merged"
+    ),
+)
 def merge_models_cmd(
     out: OutOpt,
     base: str = typer.Option(..., "--base", help="The base model all the others were tuned from."),
@@ -495,7 +585,14 @@ def merge_models_cmd(
         typer.echo(line)
 
 
-@app.command("quantize")
+@app.command(
+    "quantize",
+    epilog=examples(
+        "tunesmith quantize --model examples/tiny-llama --method gptq "
+        "--calib examples/data/pydoc_heldout.jsonl --out outputs/q4",
+        "tunesmith quantize --adapter outputs/quickstart/adapter --method nf4 --out outputs/nf4",
+    ),
+)
 def quantize_cmd(
     out: OutOpt,
     model: ModelOpt = None,
@@ -555,7 +652,13 @@ def quantize_cmd(
         typer.echo(format_table(columns, n))
 
 
-@app.command("plan")
+@app.command(
+    "plan",
+    epilog=examples(
+        "tunesmith plan examples/quickstart.yaml --gpu 4090",
+        "tunesmith plan run.yaml method=qlora --gpu-mem 16GiB --json",
+    ),
+)
 def plan_cmd(
     config: ConfigArg,
     overrides: OverridesArg = None,
@@ -586,7 +689,13 @@ def plan_cmd(
         raise TunesmithError(result.notes[-1])
 
 
-@app.command("export")
+@app.command(
+    "export",
+    epilog=examples(
+        "tunesmith export --model examples/tiny-llama --outtype q8_0 --out tiny.gguf",
+        "tunesmith export --adapter outputs/quickstart/adapter --lora-only --out lora.gguf",
+    ),
+)
 def export_cmd(
     out: Annotated[Path, typer.Option("--out", help="Output file (.gguf; must not exist).")],
     fmt: str = typer.Option("gguf", "--format", help="gguf (llama.cpp, Ollama, LM Studio)."),
@@ -635,12 +744,37 @@ def _resume_default(args: list[str]) -> list[str]:
 
 def main() -> None:
     """Console entry point: user errors print one line, no traceback."""
+    warnings.formatwarning = _format_warning
     try:
         app(args=_resume_default(sys.argv[1:]))
     except TunesmithError as err:
+        from tunesmith.train.loop import TrainingInterrupted
+
+        interrupted = isinstance(err, TrainingInterrupted)
         for line in str(err).splitlines():
-            typer.echo(f"error: {line}", err=True)
+            typer.echo(line if interrupted else f"error: {line}", err=True)
+        sys.exit(130 if interrupted else 2)
+    except KeyboardInterrupt:
+        typer.echo("stopped (Ctrl-C)", err=True)
+        sys.exit(130)
+    except Exception as err:
+        from tunesmith.io import is_disk_full
+
+        if not is_disk_full(err):
+            raise
+        where = getattr(err, "filename", None) or "an output file"
+        typer.echo(
+            f"error: {where}: no space left on the disk while writing it; free up space or "
+            "write elsewhere, then run again",
+            err=True,
+        )
         sys.exit(2)
+
+
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    """Warnings as one line, `warning: …`, like errors (library warnings keep their type)."""
+    kind = "" if category is UserWarning else f"{category.__name__}: "
+    return f"warning: {kind}{message}\n"
 
 
 if __name__ == "__main__":

@@ -581,6 +581,55 @@ def _line_numbers(node: yaml.Node | None, path: tuple = (), out: dict | None = N
 # --- error messages --------------------------------------------------------------------------
 
 
+FOREIGN_KEYS = {
+    # Axolotl, LLaMA-Factory, TRL / transformers TrainingArguments, PEFT: their key -> ours
+    "base_model": "model.path", "model_name_or_path": "model.path",
+    "base_model_config": "model.path", "tokenizer_config": "model.tokenizer",
+    "tokenizer_name_or_path": "model.tokenizer", "trust_remote_code": "model.trust_remote_code",
+    "bf16": "model.dtype (bf16)", "fp16": "model.dtype (fp16)", "torch_dtype": "model.dtype",
+    "adapter": "method.name (lora or qlora)", "finetuning_type": "method.name",
+    "load_in_4bit": "method.name: qlora", "load_in_8bit": "method.name: qlora with quant: int8",
+    "lora_r": "method.r", "lora_rank": "method.r", "lora_alpha": "method.alpha",
+    "lora_dropout": "method.dropout", "lora_target_modules": "method.targets",
+    "lora_target": "method.targets", "target_modules": "method.targets",
+    "lora_target_linear": "method.targets: all-linear", "use_rslora": "method.use_rslora",
+    "use_dora": "method.use_dora", "peft_use_dora": "method.use_dora",
+    "learning_rate": "train.lr", "lr": "train.lr", "num_epochs": "train.epochs",
+    "num_train_epochs": "train.epochs", "micro_batch_size": "train.micro_batch_size",
+    "per_device_train_batch_size": "train.micro_batch_size",
+    "gradient_accumulation_steps": "train.grad_accum_steps", "max_steps": "train.max_steps",
+    "lr_scheduler": "train.schedule", "lr_scheduler_type": "train.schedule",
+    "warmup_steps": "train.warmup_steps", "warmup_ratio": "train.warmup_ratio",
+    "optimizer": "train.optimizer", "optim": "train.optimizer",
+    "weight_decay": "train.weight_decay", "max_grad_norm": "train.max_grad_norm",
+    "gradient_checkpointing": "train.gradient_checkpointing", "seed": "train.seed",
+    "save_steps": "train.save_every_steps", "save_total_limit": "train.keep_last",
+    "logging_steps": "train.log_every_steps", "eval_steps": "eval.every_steps",
+    "sequence_len": "data.max_seq_len", "cutoff_len": "data.max_seq_len",
+    "max_seq_length": "data.max_seq_len", "max_length": "data.max_seq_len",
+    "sample_packing": "data.packing", "packing": "data.packing",
+    "train_on_inputs": "data.train_on_inputs", "chat_template": "data.chat_template",
+    "template": "data.chat_template", "datasets": "data.datasets", "dataset": "data.datasets",
+    "val_set_size": "data.val_fraction", "eval_dataset": "data.validation",
+    "dataset_text_field": "data.datasets[].fields (text: your field)",
+    "type": "data.datasets[].format (alpaca, chat, completion or tokenized)",
+    "data_files": "data.datasets[].path", "output_dir": "output_dir",
+}  # fmt: skip
+"""Keys people bring from other tools, with the tunesmith key each one means."""
+
+
+def _foreign_hint(loc: tuple) -> str | None:
+    """ "tunesmith calls this X" for a key another tool uses, unless X is where it stands."""
+    name = loc[-1]
+    ours = FOREIGN_KEYS.get(name) if isinstance(name, str) else None
+    if ours is None:
+        return None
+    here = ".".join(str(p) if not isinstance(p, int) else "[]" for p in loc).replace(".[]", "[]")
+    if ours.split(" ")[0] == here:
+        return None
+    return f"tunesmith calls this {ours}"
+
+
 def _did_you_mean(word: str, choices) -> str:
     close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
     return f'; did you mean "{close[0]}"?' if close else ""
@@ -656,7 +705,8 @@ def _describe(
             method = raw.get("method", {}).get("name", "lora")
             parent = METHOD_CLASSES.get(method, parent)
         known = list(parent.model_fields) if parent else []
-        hint = _did_you_mean(loc[-1], known)
+        foreign = _foreign_hint(loc)
+        hint = f"; {foreign}" if foreign else _did_you_mean(loc[-1], known)
         scope = (
             f' for method "{parent.model_fields["name"].default}"'
             if loc[:1] == ("method",) and parent

@@ -6,7 +6,6 @@ model sees at inference the same token boundaries it was trained on."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +13,8 @@ import torch
 
 from tunesmith.data.encode import bos_prefix, conversation_parts
 from tunesmith.errors import TunesmithError
+from tunesmith.paths import plain_name
+from tunesmith.provenance import resolve_base
 
 END_OF_TURN_MARKERS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
 
@@ -107,23 +108,6 @@ def _until_stop(ids: list[int], stops: list[int]) -> list[int]:
 # --- loading for the CLI ---------------------------------------------------------------------
 
 
-def adapter_base(adapter: str | Path) -> str | None:
-    """The base model an adapter folder names (`base_model_name_or_path`), if any."""
-    config = Path(adapter) / "adapter_config.json"
-    if not config.is_file():
-        return None
-    return json.loads(config.read_text()).get("base_model_name_or_path") or None
-
-
-def model_or_adapter_base(model: str | None, adapters: list[str], missing: str) -> str:
-    """`model`, else the base the first adapter names; `missing` is the error when neither
-    gives one."""
-    model = model or (adapter_base(adapters[0]) if adapters else None)
-    if model is None:
-        raise TunesmithError(missing)
-    return model
-
-
 def load_for_inference(
     model_path: str | None,
     adapters: list[str],
@@ -138,7 +122,7 @@ def load_for_inference(
     from tunesmith.config import ModelSection
     from tunesmith.models import load_model, load_tokenizer, resolve_device, resolve_dtype
 
-    model_path = model_or_adapter_base(
+    model_path = resolve_base(
         model_path, adapters, "--model: give the base model (the adapter does not name one)"
     )
     section = ModelSection(
@@ -149,7 +133,7 @@ def load_for_inference(
     model.eval()
     names = []
     for i, folder in enumerate(adapters):
-        name = Path(folder).name.replace(".", "_") or f"adapter{i}"
+        name = plain_name(Path(folder).name) or f"adapter{i}"
         if name in names or name == "default":
             name = f"adapter{i}"
         load_adapter(model, folder, name=name)
@@ -180,6 +164,11 @@ def stream_reply(model, tokenizer, ids: list[int], sampling: Sampling, echo) -> 
         def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
             echo(text)
 
+    if not ids:
+        raise TunesmithError(
+            "the prompt is empty: it gives no tokens (and this tokenizer adds no BOS); give some "
+            "text to continue"
+        )
     device = next(model.parameters()).device
     stops = stop_token_ids(model, tokenizer)
     if sampling.seed is not None:

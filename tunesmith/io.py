@@ -3,15 +3,68 @@ flush it to disk, then rename it over the target (atomic on POSIX and Windows)."
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from tunesmith.errors import TunesmithError
+
 if TYPE_CHECKING:
     import torch
+
+
+def human_bytes(n: float) -> str:
+    """A byte count in decimal units: 512 B, 1.5 KB, 3.2 MB, 7.0 GB."""
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n}"
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """An error from writing to a full disk: OSError ENOSPC (or EDQUOT), or the same reported
+    by a library in its own error type (safetensors: "No space left on device (os error 28)")."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(err)
+    return "No space left on device" in text or "os error 28" in text
+
+
+@contextmanager
+def reporting_full_disk(target: str | os.PathLike, needed_bytes: int | None = None):
+    """Turn a full-disk error while writing `target` into one line naming it, the free space
+    and (when known) the space needed. The writer must already clean up what it left."""
+    try:
+        yield
+    except Exception as err:
+        if not is_disk_full(err):
+            raise
+        folder = Path(target).expanduser().absolute()
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        free = shutil.disk_usage(folder).free
+        needs = f"; it needs about {human_bytes(needed_bytes)}" if needed_bytes else ""
+        raise TunesmithError(
+            f"{target}: no space left on the disk while writing it ({human_bytes(free)} free "
+            f"in {folder}{needs}); nothing half-written was kept. Free up space or write "
+            "elsewhere, then run again"
+        ) from None
+
+
+def share_like_umask(path: str | os.PathLike) -> None:
+    """Give a file or folder made by `tempfile` (0600 / 0700) the mode an ordinary `open` or
+    `mkdir` would: 0666 / 0777 less the umask, so a group can read results where the umask
+    lets it."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~umask)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
@@ -22,6 +75,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     os.close(fd)
     try:
         write(tmp)
+        share_like_umask(tmp)  # after writing: a writer may replace the file (safetensors does)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -7,6 +7,8 @@ from pathlib import Path
 
 from tunesmith.config import ModelSection
 from tunesmith.errors import TunesmithError, first_line
+from tunesmith.paths import model_source
+from tunesmith.shards import check_safetensors_folder
 
 
 def load_tokenizer(model: ModelSection):
@@ -14,22 +16,58 @@ def load_tokenizer(model: ModelSection):
     pad token (the EOS) when it has none, for batching."""
     from transformers import AutoTokenizer
 
-    source = model.tokenizer or model.path
     key = "model.tokenizer" if model.tokenizer else "model.path"
-    if source.startswith((".", "/", "~")) and not Path(source).expanduser().is_dir():
-        raise TunesmithError(f"{key}: {source}: no such directory")
+    source = model_source(model.tokenizer or model.path, key)
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             source, revision=model.revision, trust_remote_code=model.trust_remote_code
         )
     except (OSError, ValueError) as err:
-        raise TunesmithError(
-            f"{key}: cannot load a tokenizer from {source!r}: {first_line(err)}. Give a local "
-            "checkpoint directory with tokenizer files, or a hub id (needs network)"
-        ) from None
+        raise load_failure(
+            key, source, "a tokenizer", err,
+            "Give a local checkpoint folder with tokenizer files, or a hub id (needs network)",
+        ) from None  # fmt: skip
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def needs_remote_code(err: BaseException) -> bool:
+    text = str(err)
+    return "trust_remote_code" in text or "contains custom code" in text
+
+
+def load_failure(key: str, source: str, what: str, err: BaseException, hint: str):
+    """The one-line error for a model/tokenizer/config that transformers could not load; a
+    checkpoint that ships its own Python code says what `trust_remote_code` would do."""
+    if needs_remote_code(err):
+        return TunesmithError(
+            f"{key}: {source} ships its own Python code, which transformers must run to load "
+            f"{what}; model.trust_remote_code: true (--trust-remote-code) would run that code "
+            "on this machine: set it only if you trust where the checkpoint came from"
+        )
+    return TunesmithError(f"{key}: cannot load {what} from {source!r}: {first_line(err)}. {hint}")
+
+
+def read_model_config(
+    source: str, key: str = "model.path", revision: str | None = None,
+    trust_remote_code: bool = False,
+):  # fmt: skip
+    """The transformers config of a checkpoint folder or hub id, with one-line errors."""
+    from transformers import AutoConfig
+
+    path = model_source(source, key)
+    if Path(path).is_dir() and not (Path(path) / "config.json").is_file():
+        raise TunesmithError(f"{key}: {path}: no config.json there (no such model folder)")
+    try:
+        return AutoConfig.from_pretrained(
+            path, revision=revision, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError, KeyError) as err:
+        raise load_failure(
+            key, source, "a model config", err,
+            "Give a local folder with config.json, or a hub id (needs network)",
+        ) from None  # fmt: skip
 
 
 def resolve_device(setting: str) -> str:
@@ -75,9 +113,8 @@ def load_model(model: ModelSection, device: str, dtype):
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own progress output is enough
-    source = model.path
-    if source.startswith((".", "/", "~")) and not Path(source).expanduser().is_dir():
-        raise TunesmithError(f"model.path: {source}: no such directory")
+    source = model_source(model.path, "model.path")
+    check_safetensors_folder(source)
     kwargs = {}
     if model.attn_implementation != "auto":
         kwargs["attn_implementation"] = model.attn_implementation
@@ -101,10 +138,10 @@ def load_model(model: ModelSection, device: str, dtype):
             **kwargs,
         )
     except (OSError, ValueError) as err:
-        raise TunesmithError(
-            f"model.path: cannot load a model from {source!r}: {first_line(err)}. Give a local "
-            "checkpoint directory with safetensors weights, or a hub id (needs network)"
-        ) from None
+        raise load_failure(
+            "model.path", source, "a model", err,
+            "Give a local checkpoint folder with safetensors weights, or a hub id (needs network)",
+        ) from None  # fmt: skip
     if quant_method == "bitsandbytes":
         from tunesmith.quant import guard_cpu_packing
 

@@ -16,12 +16,13 @@ and writes (merge, unmerge, PiSSA's residual) re-quantize."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from tunesmith.errors import TunesmithError
+from tunesmith.models import read_model_config
+from tunesmith.paths import model_source
 from tunesmith.shards import checkpoint_files, iter_safetensors, large_allocations_via_mmap
 
 QUANT_TYPES = ("nf4", "fp4", "int8")
@@ -216,14 +217,11 @@ def load_quantized(
     """A causal LM with quantized linear layers, quantized tensor by tensor while reading a
     16/32-bit safetensors checkpoint. A checkpoint that is already bitsandbytes-quantized
     (a `quantization_config` in config.json) is loaded by transformers as it is."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     bitsandbytes()
-    if path.startswith((".", "/", "~")) and not Path(path).expanduser().is_dir():
-        raise TunesmithError(f"model.path: {path}: no such directory")
-    model_config = AutoConfig.from_pretrained(
-        path, revision=revision, trust_remote_code=trust_remote_code
-    )
+    path = model_source(path, "model.path")
+    model_config = read_model_config(path, "model.path", revision, trust_remote_code)
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
     if getattr(model_config, "quantization_config", None):
         model = AutoModelForCausalLM.from_pretrained(

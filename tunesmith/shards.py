@@ -20,7 +20,7 @@ import re
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +28,8 @@ from pathlib import Path
 import torch
 
 from tunesmith.errors import TunesmithError
+from tunesmith.io import reporting_full_disk, share_like_umask
+from tunesmith.paths import is_within
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
 INDEX_NAME = "model.safetensors.index.json"
@@ -61,21 +63,45 @@ def checkpoint_files(path: str, revision: str | None = None) -> list[Path]:
     return files
 
 
-def read_header(path: Path) -> tuple[dict[str, dict], int]:
-    """(header without metadata, byte offset of the data) of a safetensors file."""
+def read_header(path: str | os.PathLike) -> tuple[dict[str, dict], int]:
+    """(header without metadata, byte offset of the data) of a safetensors file, after checking
+    that the file is whole: a readable header, and exactly the bytes its tensors need."""
+
+    def damaged(reason: str) -> TunesmithError:
+        return TunesmithError(
+            f"{path}: damaged or incomplete safetensors file ({reason}); copy or save it again"
+        )
+
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) != 8:
-            raise TunesmithError(f"{path}: not a safetensors file (too short)")
+            raise damaged("too short")
         size = int.from_bytes(raw, "little")
         if size > 100_000_000:
-            raise TunesmithError(f"{path}: not a safetensors file (header size {size})")
+            raise damaged(f"header size {size}")
         try:
             header = json.loads(f.read(size))
         except (json.JSONDecodeError, UnicodeDecodeError):
-            raise TunesmithError(f"{path}: not a safetensors file (bad header)") from None
+            raise damaged("unreadable header") from None
+        file_size = os.fstat(f.fileno()).st_size
+    if not isinstance(header, dict):
+        raise damaged("unreadable header")
     header.pop("__metadata__", None)
+    try:
+        needed = 8 + size + max((i["data_offsets"][1] for i in header.values()), default=0)
+    except (KeyError, TypeError, IndexError):
+        raise damaged("unreadable header") from None
+    if file_size != needed:
+        raise damaged(f"{file_size:,} bytes, its header describes {needed:,}")
     return header, 8 + size
+
+
+def check_safetensors_folder(folder: str | os.PathLike) -> None:
+    """Raise, naming the file, if any safetensors file in a local folder is damaged."""
+    folder = Path(folder).expanduser()
+    if folder.is_dir():
+        for path in sorted(folder.glob("*.safetensors")):
+            read_header(path)
 
 
 def iter_safetensors(path: Path, wanted=None):
@@ -270,9 +296,19 @@ def write_checkpoint(
     return [folder / n for n in names]
 
 
-def check_output(out: Path, overwrite: bool, what: str = "--out", folder: bool = True) -> None:
-    """Refuse an existing output path unless `overwrite`, and one of the wrong kind (`folder`:
-    the output is a folder, else a file)."""
+def check_output(
+    out: Path, overwrite: bool, what: str = "--out", folder: bool = True,
+    inputs: Sequence[str | os.PathLike | None] = (),
+) -> None:  # fmt: skip
+    """Refuse an existing output path unless `overwrite`, one of the wrong kind (`folder`:
+    the output is a folder, else a file), and one that holds any of `inputs` (replacing it
+    would delete them)."""
+    for source in inputs:
+        if source and out.exists() and is_within(source, out):
+            raise TunesmithError(
+                f"{what}: {out} holds the input {source}; replacing it would delete the input. "
+                "Write to another path"
+            )
     if out.exists() and not overwrite:
         raise TunesmithError(f"{what}: {out} already exists; choose a new path or pass --overwrite")
     if folder and out.exists() and not out.is_dir():
@@ -282,29 +318,31 @@ def check_output(out: Path, overwrite: bool, what: str = "--out", folder: bool =
 
 
 @contextmanager
-def staging_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+def staging_dir(
+    out: str | os.PathLike, overwrite: bool = False, needed_bytes: int | None = None
+) -> Iterator[Path]:
     """A temporary folder beside `out` that becomes `out` (one rename) when the block ends
-    without an error; on an error it is removed and `out` is untouched."""
+    without an error; on an error it is removed and `out` is untouched (a full disk is
+    reported in one line, with `needed_bytes` when given)."""
     out = Path(out)
     check_output(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would make the checkpoint private
-    try:
-        yield tmp
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    share_like_umask(tmp)  # mkdtemp's 0700 would make the checkpoint private
+    with reporting_full_disk(out, needed_bytes):
+        try:
+            yield tmp
+            if out.exists():
+                old = out.with_name(f".{out.name}.old")
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(out, old)
+                os.replace(tmp, out)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
 
 @contextmanager

@@ -48,7 +48,8 @@ from tunesmith.adapters.prompt import (
     remove_virtual_tokens,
 )
 from tunesmith.adapters.saved import ModulesToSave
-from tunesmith.errors import AdapterError
+from tunesmith.errors import AdapterError, TunesmithError
+from tunesmith.paths import check_name
 
 STATE_ATTR = "tunesmith_adapters"
 
@@ -413,8 +414,10 @@ def add_adapter(
 
 
 def _check_new_name(state: AdapterState, name: str) -> None:
-    if not isinstance(name, str) or not name or "." in name:
-        raise AdapterError(f"adapter name must be a non-empty string without dots, got {name!r}")
+    try:
+        check_name(name)
+    except TunesmithError as err:
+        raise AdapterError(str(err)) from None
     if name in state.configs:
         raise AdapterError(
             f"an adapter named {name!r} already exists; pick another name, or "

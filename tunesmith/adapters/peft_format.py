@@ -51,8 +51,11 @@ from tunesmith.adapters.prompt import (
     kv_shape,
     virtual_tokens,
 )
-from tunesmith.errors import AdapterError, first_line
+from tunesmith.errors import AdapterError, TunesmithError, first_line
 from tunesmith.io import atomic_write_json, atomic_write_safetensors
+from tunesmith.paths import check_name, inside
+from tunesmith.provenance import local_base, write_base_record
+from tunesmith.shards import read_header
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -302,12 +305,14 @@ def save_adapter(
         raise AdapterError("the model has no adapters to save; add_lora() or load_adapter() first")
     written = []
     base_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    if local_base(base_path) is not None:  # absolute: a relative path means nothing elsewhere
+        base_path = str(local_base(base_path))
     for name in names:
         if name not in state.configs:
             raise AdapterError(
                 f"unknown adapter {name!r}; adapters on this model: {', '.join(state.configs)}"
             )
-        folder = Path(directory) if name == "default" else Path(directory) / name
+        folder = Path(directory) if name == "default" else adapter_subfolder(directory, name)
         folder.mkdir(parents=True, exist_ok=True)
         config = config_dict(model, name, base_path)
         # Weights first: a folder whose config exists is complete.
@@ -317,6 +322,7 @@ def save_adapter(
             atomic_write_safetensors(projection, folder / PROJECTION_NAME)
         else:
             (folder / PROJECTION_NAME).unlink(missing_ok=True)
+        write_base_record(folder, base_path)
         atomic_write_json(config, folder / CONFIG_NAME)
         written.append(folder)
     return written
@@ -387,6 +393,16 @@ def config_dict(model: nn.Module, name: str, base_path: str | None) -> dict:
 
 
 # --- load ------------------------------------------------------------------------------------
+def adapter_subfolder(directory: str | os.PathLike, name: str) -> Path:
+    """`directory/name` for a named adapter: the name must be plain (`check_name`) and the
+    folder must stay inside `directory` (a link may not lead out)."""
+    try:
+        check_name(name)
+        return inside(directory, name, what=f"adapter {name!r}'s folder")
+    except TunesmithError as err:
+        raise AdapterError(str(err)) from None
+
+
 def find_adapter_folder(directory: str | os.PathLike, name: str) -> Path:
     """The folder holding adapter `name` inside `directory`."""
     path = Path(directory)
@@ -394,7 +410,8 @@ def find_adapter_folder(directory: str | os.PathLike, name: str) -> Path:
         raise AdapterError(f"adapter folder {path} does not exist")
     # PEFT's layout: "default" in the folder itself, other names in sub-folders. A folder that
     # holds a single adapter can still be loaded under any name.
-    candidates = (path, path / name) if name == "default" else (path / name, path)
+    sub = adapter_subfolder(path, name)
+    candidates = (path, sub) if name == "default" else (sub, path)
     for folder in candidates:
         if (folder / CONFIG_NAME).is_file():
             return folder
@@ -406,6 +423,7 @@ def find_adapter_folder(directory: str | os.PathLike, name: str) -> Path:
 def read_adapter_weights(folder: Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
     safetensors_path = folder / WEIGHTS_NAME
     if safetensors_path.is_file():
+        read_header(safetensors_path)  # a damaged file is named, not a SafetensorError
         return load_file(str(safetensors_path))
     pickle_path = folder / PICKLE_WEIGHTS_NAME
     if pickle_path.is_file():

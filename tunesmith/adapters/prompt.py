@@ -34,6 +34,7 @@ from typing import Literal
 import torch
 from torch import nn
 from transformers.cache_utils import Cache, DynamicCache
+from transformers.utils import ModelOutput
 
 from tunesmith.errors import AdapterError
 
@@ -224,7 +225,8 @@ class VirtualTokens(nn.Module):
         self.disabled = False
         self._backbone = [backbone]  # a list, so it is not registered as a child module
         self._signature = inspect.signature(backbone.forward)
-        self._stripped: list[int] = []
+        self._cache_arg = cache_argument(backbone)
+        self._pending: list[tuple[int, bool]] = []  # per open forward: (strip, own cache)
         self._handles = [
             backbone.register_forward_pre_hook(self._before, with_kwargs=True),
             backbone.register_forward_hook(self._after, with_kwargs=True),
@@ -244,7 +246,7 @@ class VirtualTokens(nn.Module):
     def _before(self, module: nn.Module, args: tuple, kwargs: dict):
         adapter = self.current()
         if adapter is None:
-            self._stripped.append(0)
+            self._pending.append((0, False))
             return None
         try:
             bound = self._signature.bind_partial(*args, **kwargs)
@@ -259,12 +261,19 @@ class VirtualTokens(nn.Module):
         if ref is None:
             raise AdapterError("virtual tokens need input_ids or inputs_embeds")
         batch, device, n = ref.shape[0], ref.device, adapter.num_virtual_tokens
-        cache = kwargs.get("past_key_values")
+        # Either spelling may arrive (callers written for older transformers pass
+        # past_key_values); the backbone gets the one its forward declares.
+        cache = None
+        for name in CACHE_ARGUMENTS:
+            if kwargs.get(name) is not None:
+                cache = kwargs.pop(name)
         if cache is not None and not isinstance(cache, Cache):
             raise AdapterError(
-                "prompt/prefix tuning needs past_key_values as a transformers Cache "
+                f"prompt/prefix tuning needs {self._cache_arg} as a transformers Cache "
                 f"(e.g. DynamicCache), got {type(cache).__name__}"
             )
+        if cache is not None:
+            kwargs[self._cache_arg] = cache
         first = cache is None or cache.get_seq_length() == 0
 
         mask = kwargs.get("attention_mask")
@@ -301,7 +310,7 @@ class VirtualTokens(nn.Module):
                 if use_cache is None:
                     use_cache = getattr(getattr(module, "config", None), "use_cache", False)
                 cls = DynamicCache if use_cache and not module.training else PrefixCache
-                kwargs["past_key_values"] = cls(key_values)
+                kwargs[self._cache_arg] = cls(key_values)
             else:
                 for i, (k, v) in enumerate(key_values):
                     cache.update(k, v, i)
@@ -310,19 +319,24 @@ class VirtualTokens(nn.Module):
         if cache_positions is not None:
             kwargs["cache_position"] = cache_positions
         strip = n if isinstance(adapter, PromptEmbeddings) and first else 0
-        self._stripped.append(strip)
+        self._pending.append((strip, isinstance(kwargs.get(self._cache_arg), PrefixCache)))
         return (), kwargs
 
     def _after(self, module: nn.Module, args: tuple, kwargs: dict, output):
-        strip = self._stripped.pop() if self._stripped else 0
-        if not strip:
+        strip, own_cache = self._pending.pop() if self._pending else (0, False)
+        if not (strip or own_cache):
             return None
-        if hasattr(output, "last_hidden_state") and output.last_hidden_state is not None:
-            output.last_hidden_state = output.last_hidden_state[:, strip:]
-            if getattr(output, "hidden_states", None) is not None:
-                output.hidden_states = tuple(h[:, strip:] for h in output.hidden_states)
-            return output
-        if isinstance(output, tuple) and output and torch.is_tensor(output[0]):
+        if isinstance(output, ModelOutput):
+            fields = dict(output.items())
+            if own_cache:  # the training-time prefix cache is internal: not the caller's
+                for name in CACHE_ARGUMENTS:
+                    fields.pop(name, None)
+            if strip and fields.get("last_hidden_state") is not None:
+                fields["last_hidden_state"] = fields["last_hidden_state"][:, strip:]
+                if fields.get("hidden_states") is not None:
+                    fields["hidden_states"] = tuple(h[:, strip:] for h in fields["hidden_states"])
+            return type(output)(**fields)
+        if strip and isinstance(output, tuple) and output and torch.is_tensor(output[0]):
             return (output[0][:, strip:], *output[1:])
         return None
 
@@ -332,6 +346,17 @@ def _weights_dtype(module: nn.Module) -> torch.dtype:
     if embeddings is not None and embeddings.weight.is_floating_point():
         return embeddings.weight.dtype
     return torch.float32
+
+
+CACHE_ARGUMENTS = ("past_key_values", "cache")
+"""The KV cache argument of a decoder's forward: `past_key_values` up to transformers 5.23,
+`cache` from 5.24 (which still accepts the old name with a deprecation warning)."""
+
+
+def cache_argument(backbone: nn.Module) -> str | None:
+    """Which of `CACHE_ARGUMENTS` the backbone's forward declares (None: it takes no cache)."""
+    params = inspect.signature(backbone.forward).parameters
+    return next((name for name in reversed(CACHE_ARGUMENTS) if name in params), None)
 
 
 def backbone_of(model: nn.Module, method: str) -> nn.Module:
@@ -349,10 +374,11 @@ def backbone_of(model: nn.Module, method: str) -> nn.Module:
             f"{method} tuning cannot be used with {type(backbone).__name__}: its forward takes "
             "no inputs_embeds/attention_mask"
         )
-    if method == "prefix" and "past_key_values" not in params:
+    if method == "prefix" and cache_argument(backbone) is None:
         raise AdapterError(
             f"prefix tuning cannot be used with {type(backbone).__name__}: its attention takes no "
-            "past key/values (forward has no past_key_values argument); use prompt tuning or LoRA"
+            "past key/values (forward has neither a cache nor a past_key_values argument); use "
+            "prompt tuning or LoRA"
         )
     return backbone
 
@@ -463,7 +489,8 @@ def _prefix_from_tokens(model: nn.Module, ids: torch.Tensor, shape: KVShape) -> 
     model.eval()
     try:
         cache = DynamicCache()
-        model.base_model(input_ids=ids[None], past_key_values=cache, use_cache=True)
+        backbone = model.base_model
+        backbone(input_ids=ids[None], use_cache=True, **{cache_argument(backbone): cache})
     finally:
         model.train(was_training)
         if holder is not None:

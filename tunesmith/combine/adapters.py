@@ -286,16 +286,16 @@ def combine_adapter_folders(
         base_config,
         model_skeleton,
     )
-    from tunesmith.generation import adapter_base
+    from tunesmith.provenance import resolve_base
     from tunesmith.shards import CheckpointReader, check_output, staging_dir
 
     adapters = [str(a) for a in adapters]
     if not adapters:
         raise AdapterError("--adapter: give the adapter folders to combine")
-    base = base or adapter_base(adapters[0])
-    if base is None:
-        raise AdapterError("--base: give the base model (the adapter does not name one)")
-    check_output(Path(out), overwrite)
+    base = resolve_base(
+        base, adapters, "--base: give the base model (the adapter does not name one)"
+    )
+    check_output(Path(out), overwrite, inputs=[base, *adapters])
     model = model_skeleton(base_config(base, trust_remote_code), trust_remote_code)
     model.config._name_or_path = base
     names = attach_adapters(model, adapters)

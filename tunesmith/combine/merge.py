@@ -40,6 +40,7 @@ from tunesmith.combine.skeleton import (
     model_skeleton,
 )
 from tunesmith.errors import TunesmithError
+from tunesmith.io import human_bytes
 from tunesmith.shards import (
     CheckpointReader,
     PlannedTensor,
@@ -76,21 +77,13 @@ class MergeReport:
         merged = f" ({self.merged_modules} modules merged{base})" if self.adapters else ""
         out = [
             f"{verb} {self.out}: {self.tensors} tensors{merged}, {self.dtype}, "
-            f"{_human(self.total_bytes)} in {len(self.files)} shard(s)",
+            f"{human_bytes(self.total_bytes)} in {len(self.files)} shard(s)",
         ]
         out += [f"  {name}" for name in self.files]
         out += self.notes
         if self.max_logit_diff is not None:
             out.append(f"max |logit difference| vs base + adapter: {self.max_logit_diff:.3g}")
         return out
-
-
-def _human(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n}"
 
 
 def output_plan(reader: CheckpointReader, out_dtype: torch.dtype) -> list[PlannedTensor]:
@@ -118,7 +111,8 @@ def write_output(
 ) -> None:  # fmt: skip
     """Write the whole checkpoint (tensors, config, generation config, tokenizer) into a
     staging folder that becomes `out` in one rename."""
-    with large_allocations_via_mmap(), staging_dir(out, overwrite) as tmp:
+    needed = sum(t.nbytes for t in plan)
+    with large_allocations_via_mmap(), staging_dir(out, overwrite, needed) as tmp:
         write_checkpoint(tmp, plan, produce, shard_bytes, progress)
         write_config(config, out_dtype, tmp)
         copy_extras(reader, tokenizer, tmp, report.notes)
@@ -203,17 +197,17 @@ def merge_checkpoint(
     checkpoint with config, generation config and tokenizer to `out`. See the module docstring.
     With `verify`, both models are loaded afterwards and the largest logit difference is
     reported (this needs memory for both)."""
-    from tunesmith.generation import adapter_base
+    from tunesmith.provenance import resolve_base
 
     if not adapters:
         raise TunesmithError("--adapter: give the adapter folder to merge")
-    base = base or adapter_base(adapters[0])
-    if base is None:
-        raise TunesmithError("--base: give the base model (the adapter does not name one)")
+    base = resolve_base(
+        base, adapters, "--base: give the base model (the adapter does not name one)"
+    )
     out = Path(out)
     shard_bytes = parse_size(max_shard_size)
     if not dry_run:
-        check_output(out, overwrite)
+        check_output(out, overwrite, inputs=[base, *adapters])
     config = base_config(base, trust_remote_code, revision)
     out_dtype = output_dtype(dtype, config)
     quant, quant_as_stored = resolve_quantized_base(quantized_base, adapters)

@@ -98,7 +98,7 @@ def merge_models(
     out = Path(out)
     shard_bytes = parse_size(max_shard_size)
     if not dry_run:
-        check_output(out, overwrite)
+        check_output(out, overwrite, inputs=[base, *models])
     configs = [base_config(base, trust_remote_code)]
     for path in models:
         try:

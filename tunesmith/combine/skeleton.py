@@ -8,8 +8,6 @@ since LoRA factors do not need the base weights."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch import nn
 
@@ -20,23 +18,14 @@ from tunesmith.adapters.peft_format import (
     read_adapter_weights,
     tensor_homes,
 )
-from tunesmith.errors import TunesmithError, first_line
+from tunesmith.errors import TunesmithError
+from tunesmith.models import read_model_config
 
 
 def base_config(base: str, trust_remote_code: bool = False, revision: str | None = None):
     """The base checkpoint's transformers config; a pre-quantized checkpoint is refused."""
-    from transformers import AutoConfig
 
-    if base.startswith((".", "/", "~")) and not Path(base).expanduser().is_dir():
-        raise TunesmithError(f"--base: {base}: no such directory")
-    try:
-        config = AutoConfig.from_pretrained(
-            base, revision=revision, trust_remote_code=trust_remote_code
-        )
-    except (OSError, ValueError) as err:
-        raise TunesmithError(
-            f"--base: cannot read a model config from {base!r}: {first_line(err)}"
-        ) from None
+    config = read_model_config(base, "--base", revision, trust_remote_code)
     if getattr(config, "quantization_config", None):
         raise TunesmithError(
             f"--base: {base} is already quantized (quantization_config in config.json); merge "

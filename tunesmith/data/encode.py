@@ -13,7 +13,8 @@ from typing import Union
 
 import numpy as np
 
-from tunesmith.data.formats import Completion, Conversation, Example
+from tunesmith.data.formats import Completion, Conversation, Example, turn_order_problem
+from tunesmith.data.sources import DataError
 from tunesmith.data.templates import render_segments
 
 IGNORE_INDEX = -100
@@ -111,10 +112,17 @@ def encode_examples(
     bos = bos_prefix(tokenizer)
     out: list[tuple[list[int], list[int]]] = []
     for start in range(0, len(examples), 256):
-        plans = [
-            _plan(ex, where, tokenizer, settings, bos)
-            for ex, where in examples[start : start + 256]
-        ]
+        batch = []
+        for example, where in examples[start : start + 256]:
+            if isinstance(example, Conversation):
+                if turn_order_problem(example.messages):
+                    stats["out_of_order"] += 1
+                responses = [m for m in example.messages if m["role"] == "assistant"]
+                if all(not m["content"].strip() for m in responses):
+                    stats["dropped_empty_response"] += 1
+                    continue
+            batch.append((example, where))
+        plans = [_plan(ex, where, tokenizer, settings, bos) for ex, where in batch]
         texts = [part for plan in plans for part, _ in plan if isinstance(part, str)]
         encoded = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
         for plan in plans:
@@ -164,7 +172,22 @@ def _plan(
         return [(bos, list(bos)), (example.text, True), (suffix, list(suffix))]
     ids = list(example.input_ids)
     labels = ids if example.labels is None or settings.train_on_inputs else list(example.labels)
+    _check_ids(ids, labels, len(tokenizer), where)
     return [(ids, list(labels))]
+
+
+def _check_ids(ids: list[int], labels: list[int], vocab: int, where: str) -> None:
+    """Token ids must index the vocabulary; labels too, or be IGNORE_INDEX (masked)."""
+    for what, values, allowed in (("input_ids", ids, ()), ("labels", labels, (IGNORE_INDEX,))):
+        bad = next(
+            (i for i, v in enumerate(values) if not 0 <= v < vocab and v not in allowed), None
+        )
+        if bad is not None:
+            masked = f" or {IGNORE_INDEX} (masked)" if allowed else ""
+            raise DataError(
+                f"{where}: {what}[{bad}] is {values[bad]}, outside the tokenizer's vocabulary "
+                f"(0 … {vocab - 1}{masked}); was the data tokenized with another tokenizer?"
+            )
 
 
 def _fit(ids: list[int], labels: list[int], settings: EncodeSettings, stats: Counter):

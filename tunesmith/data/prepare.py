@@ -28,7 +28,7 @@ from tunesmith.data.sources import DataError, read_records, source_fingerprint
 from tunesmith.data.templates import resolve_chat_template
 from tunesmith.io import atomic_write
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: chat turn-order rule and empty-response drop (issue 18)
 """Bump when the encoding changes, so old cache entries are not reused."""
 PARALLEL_MIN_RECORDS = 5000
 
@@ -46,6 +46,10 @@ class SourceStats:
     truncated: int = 0
     dropped_too_long: int = 0
     dropped_untrained: int = 0
+    dropped_empty_response: int = 0
+    """Conversations whose every assistant turn is empty (only end-of-turn text would train)."""
+    out_of_order: int = 0
+    """Conversations whose roles are out of order (see `formats.turn_order_problem`)."""
     split_long: int = 0
     from_cache: bool = False
 
@@ -196,6 +200,21 @@ def _prepare_source(
             "data.max_seq_len or check the data",
             stacklevel=2,
         )
+    if stats.dropped_empty_response:
+        warnings.warn(
+            f"{src.path}: dropped {stats.dropped_empty_response} of {stats.records} conversations "
+            "whose every assistant turn is empty (only end-of-turn tokens would train); fill in "
+            "the responses or remove those records",
+            stacklevel=2,
+        )
+    if stats.out_of_order:
+        warnings.warn(
+            f"{src.path}: {stats.out_of_order} of {stats.records} conversations have roles out of "
+            "order (an assistant turn before any user turn, two user or two assistant turns in a "
+            "row, or a system message after the start); they are kept, and an assistant turn "
+            "before any user turn is masked as context, not trained",
+            stacklevel=2,
+        )
     return samples, stats
 
 
@@ -204,7 +223,9 @@ def _stats(path: str, fmt: str, records: int, samples: SampleSet, counts: Counte
         path=path, split="train", format=fmt, records=records, samples=len(samples),
         tokens=samples.num_tokens, trained_tokens=samples.num_trained_tokens,
         truncated=counts["truncated"], dropped_too_long=counts["dropped_too_long"],
-        dropped_untrained=counts["dropped_untrained"], split_long=counts["split"],
+        dropped_untrained=counts["dropped_untrained"],
+        dropped_empty_response=counts["dropped_empty_response"],
+        out_of_order=counts["out_of_order"], split_long=counts["split"],
     )  # fmt: skip
 
 

@@ -36,13 +36,14 @@ def summary_lines(prepared: PreparedData) -> list[str]:
     dropped samples, and packing efficiency."""
     lines = [f"chat template: {prepared.template_name}"]
     for s in prepared.sources:
-        dropped = s.dropped_too_long + s.dropped_untrained
+        dropped = s.dropped_too_long + s.dropped_untrained + s.dropped_empty_response
         lines.append(
             f"{s.split} source {s.path} ({s.format}): {s.records:,} records -> "
             f"{s.samples:,} samples, "
             f"{s.tokens:,} tokens, {s.trained_tokens:,} trained; truncated {s.truncated:,}, "
             f"split {s.split_long:,}, dropped {dropped:,} "
-            f"({s.dropped_too_long:,} too long, {s.dropped_untrained:,} with no trained token)"
+            f"({s.dropped_too_long:,} too long, {s.dropped_untrained:,} with no trained token, "
+            f"{s.dropped_empty_response:,} with empty responses)"
             + (" [cached]" if s.from_cache else "")
         )
     for name, samples in (("train", prepared.train), ("validation", prepared.validation)):

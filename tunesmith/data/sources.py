@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import functools
 import hashlib
+import io
 import itertools
 import json
 from collections.abc import Iterator
@@ -105,12 +106,33 @@ def _check_mapping(value: Any, where: str) -> dict:
     return value
 
 
+def _not_utf8(where: str, err: UnicodeDecodeError) -> DataError:
+    return DataError(
+        f"{where}: not UTF-8 text (byte 0x{err.object[err.start]:02x}); save the file as "
+        "UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+    )
+
+
+def _decode(path: Path) -> str:
+    """A whole file as UTF-8 text; an error names the line of the first bad byte."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise _not_utf8(f"{path}, line {line}", err) from None
+
+
 def _read_jsonl(path: Path) -> Iterator[Record]:
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
+            where = f"{path}, line {number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise _not_utf8(where, err) from None
             if not line.strip():
                 continue
-            where = f"{path}, line {number}"
             try:
                 value = json.loads(line)
             except json.JSONDecodeError as err:
@@ -122,8 +144,9 @@ def _read_jsonl(path: Path) -> Iterator[Record]:
 
 
 def _read_json(path: Path) -> Iterator[Record]:
+    text = _decode(path)
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
+        value = json.loads(text)
     except json.JSONDecodeError as err:
         raise DataError(
             f"{path}, line {err.lineno}: not valid JSON ({err.msg}, column {err.colno})"
@@ -143,18 +166,28 @@ def _read_json(path: Path) -> Iterator[Record]:
 
 
 def _read_csv(path: Path) -> Iterator[Record]:
-    with path.open(encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
+    text = _decode(path)
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
         if not reader.fieldnames:
             return
         for index, row in enumerate(reader):
             yield Record(dict(row), f"{path}, row {index + 1}")
+    except csv.Error as err:
+        raise DataError(f"{path}, line {reader.line_num}: not valid CSV ({err})") from None
 
 
 def _read_parquet(path: Path) -> Iterator[Record]:
+    import pyarrow
     import pyarrow.parquet as pq
 
-    table = pq.read_table(path)
+    try:
+        table = pq.read_table(path)
+    except (pyarrow.ArrowException, OSError) as err:
+        raise DataError(
+            f"{path}: not a readable Parquet file ({first_line(err)}); it is damaged, "
+            "incomplete or in another format"
+        ) from None
     for index, row in enumerate(table.to_pylist()):
         yield Record(row, f"{path}, record index {index}")
 

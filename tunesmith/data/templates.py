@@ -102,12 +102,15 @@ def render_segments(
     messages: list[dict[str, str]], template: str, tokenizer, where: str
 ) -> list[tuple[str, bool]]:
     """Split the rendered conversation into (text, is_response) segments whose concatenation
-    is the full rendering. Responses are assistant turns with their end-of-turn text."""
+    is the full rendering. Responses are assistant turns with their end-of-turn text; an
+    assistant turn before any user turn has nothing it answers, and is context (masked)."""
     segments: list[tuple[str, bool]] = []
     done = ""
+    asked = False
     try:
         for i, message in enumerate(messages):
-            if message["role"] != "assistant":
+            asked = asked or message["role"] in ("user", "tool")
+            if message["role"] != "assistant" or not asked:
                 continue  # rendered as part of the next prompt
             prompt = render(tokenizer, template, messages[:i], add_generation_prompt=True)
             _check_prefix(done, prompt, where, i)
@@ -115,7 +118,7 @@ def render_segments(
             _check_prefix(prompt, text, where, i)
             segments += [(prompt[len(done) :], False), (text[len(prompt) :], True)]
             done = text
-        if messages[-1]["role"] != "assistant":
+        if messages[-1]["role"] != "assistant" or not asked:
             text = render(tokenizer, template, messages, add_generation_prompt=False)
             _check_prefix(done, text, where, len(messages) - 1)
             segments.append((text[len(done) :], False))

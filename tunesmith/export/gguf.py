@@ -31,6 +31,8 @@ import numpy as np
 import torch
 
 from tunesmith.errors import TunesmithError
+from tunesmith.io import reporting_full_disk, share_like_umask
+from tunesmith.models import read_model_config
 from tunesmith.shards import check_output
 
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
@@ -61,11 +63,11 @@ class ExportReport:
     notes: list[str] = field(default_factory=list)
 
     def lines(self) -> list[str]:
-        from tunesmith.combine.merge import _human
+        from tunesmith.io import human_bytes
 
         out = [
             f"wrote {self.out}: {self.arch}, {self.outtype}, {self.tensors} tensors, "
-            f"{_human(self.bytes)}"
+            f"{human_bytes(self.bytes)}"
         ]
         if self.kept_f16:
             out.append(
@@ -327,12 +329,19 @@ def tensor_type(shape: tuple[int, ...], outtype: str) -> str:
 def write_gguf(out: Path, arch: str, add_metadata: Callable, planned: list[_Planned]) -> int:
     """Write the file through a temporary beside `out`, renamed into place when complete.
     Returns its size."""
-    import gguf
 
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent)
     os.close(fd)
     tmp = Path(tmp_name)
+    with reporting_full_disk(out):
+        _write_gguf_to(tmp, out, arch, add_metadata, planned)
+    return out.stat().st_size
+
+
+def _write_gguf_to(tmp: Path, out: Path, arch: str, add_metadata: Callable, planned) -> None:
+    import gguf
+
     try:
         writer = gguf.GGUFWriter(tmp, arch)
         add_metadata(writer)
@@ -350,14 +359,11 @@ def write_gguf(out: Path, arch: str, add_metadata: Callable, planned: list[_Plan
             fout.flush()
             os.fsync(fout.fileno())
         writer.close()
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        share_like_umask(tmp)
         os.replace(tmp, out)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return out.stat().st_size
 
 
 def _tensor_names(arch: str, blocks: int):
@@ -405,19 +411,18 @@ def export_gguf(
 ) -> ExportReport:
     """Export a checkpoint (with `adapters`: merged first) to one GGUF file. See the module
     docstring."""
-    from transformers import AutoConfig
 
     from tunesmith.config import ModelSection
-    from tunesmith.generation import model_or_adapter_base
     from tunesmith.models import load_tokenizer
+    from tunesmith.provenance import resolve_base
     from tunesmith.shards import CheckpointReader
 
     check_outtype(outtype)
     out = Path(out)
-    check_output(out, overwrite, folder=False)
     adapters = list(adapters or [])
-    model = model_or_adapter_base(model, adapters, "--model: give the checkpoint to export")
-    config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
+    model = resolve_base(model, adapters, "--model: give the checkpoint to export")
+    check_output(out, overwrite, folder=False, inputs=[model, *adapters])
+    config = read_model_config(model, "--model", trust_remote_code=trust_remote_code)
     arch = gguf_architecture(config)
     if getattr(config, "quantization_config", None):
         raise TunesmithError(
@@ -470,7 +475,6 @@ def export_lora_gguf(
     """A LoRA/rsLoRA adapter (PEFT format) as a GGUF LoRA file for the base model's GGUF. The
     scaling is carried exactly: as adapter.lora.alpha = s·r when every module has the same rank
     and scaling, else folded into lora_b with alpha 0 (llama.cpp then applies scale 1)."""
-    from transformers import AutoConfig
 
     from tunesmith.adapters.peft_format import (
         CONFIG_NAME,
@@ -478,11 +482,11 @@ def export_lora_gguf(
         find_adapter_folder,
         read_adapter_weights,
     )
-    from tunesmith.generation import model_or_adapter_base
+    from tunesmith.provenance import resolve_base
 
     check_outtype(outtype, LORA_TYPES)
     out = Path(out)
-    check_output(out, overwrite, folder=False)
+    check_output(out, overwrite, folder=False, inputs=[adapter, model])
     folder = find_adapter_folder(adapter, "default")
     raw = json.loads((folder / CONFIG_NAME).read_text())
     if raw.get("peft_type", "LORA") != "LORA":
@@ -501,10 +505,10 @@ def export_lora_gguf(
             "which a GGUF LoRA file cannot carry; export the merged model instead"
         )
     config = config_from_peft(raw, str(folder / CONFIG_NAME))
-    model = model_or_adapter_base(
+    model = resolve_base(
         model, [adapter], "--model: give the base model (the adapter does not name one)"
     )
-    base_config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
+    base_config = read_model_config(model, "--model", trust_remote_code=trust_remote_code)
     arch = gguf_architecture(base_config)
     names = _tensor_names(arch, base_config.num_hidden_layers)
     heads = base_config.num_attention_heads

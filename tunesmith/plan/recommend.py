@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from tunesmith.errors import TunesmithError, first_line
 from tunesmith.plan.estimate import Skeleton, estimate_step, skeleton
 from tunesmith.plan.gpus import UTILIZATION
 
@@ -184,14 +185,24 @@ def option_for(
 
 def compare_methods(
     model_config, config, compute_dtype: torch.dtype, memory_bytes: float | None,
-    tflops: float | None, work: Workload | None,
+    tflops: float | None, work: Workload | None, notes: list[str] | None = None,
 ) -> list[Option]:  # fmt: skip
     """One `Option` per method of `methods_to_compare`, at the first of its `settings_for`
-    that fits (or the last); see the module docstring."""
+    that fits (or the last); see the module docstring. A method other than the run's own that
+    cannot be attached to this model is left out, with the reason appended to `notes`."""
     seq, batch = config.data.max_seq_len, config.train.micro_batch_size
+    own = method_label(config.method)
     options = []
     for label, method in methods_to_compare(config.method):
         skeletons: dict[bool, Skeleton] = {}
+        try:
+            skeletons[False] = skeleton(model_config, method, compute_dtype, False)
+        except TunesmithError as err:
+            if label == own:
+                raise
+            if notes is not None:
+                notes.append(f"{label} left out of the method table: {first_line(err)}")
+            continue
         for setting in settings_for(method.name):
             master = method.name == "full" and setting.master
             if master not in skeletons:

@@ -5,11 +5,11 @@ switches fit (`recommend.py`, from the analytic estimate)."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 
 from tunesmith.errors import TunesmithError
+from tunesmith.models import read_model_config
 from tunesmith.plan.gpus import GPU, UTILIZATION, gpu
 from tunesmith.plan.recommend import Option, Setting, Workload
 from tunesmith.plan.trace import TracedStep, trace_step
@@ -148,7 +148,6 @@ def flops_per_token(config, method: str, seq_len: int, checkpointing: bool) -> f
 
 def plan_run(config, gpu_name: str | None = None, gpu_mem: str | None = None) -> Plan:
     """Trace the run config's training step (see `trace.py`) and estimate its speed."""
-    from transformers import AutoConfig
 
     from tunesmith.shards import parse_size
 
@@ -156,19 +155,9 @@ def plan_run(config, gpu_name: str | None = None, gpu_mem: str | None = None) ->
     memory = target.memory_gib if target else None
     if gpu_mem is not None:
         memory = parse_size(gpu_mem, "--gpu-mem") / GIB
-    path = config.model.path
-    if path.startswith((".", "/", "~")) and not (Path(path).expanduser() / "config.json").is_file():
-        raise TunesmithError(f"model.path: {path}: no config.json there (no such model folder)")
-    try:
-        model_config = AutoConfig.from_pretrained(
-            config.model.path, revision=config.model.revision,
-            trust_remote_code=config.model.trust_remote_code,
-        )  # fmt: skip
-    except (OSError, ValueError) as err:
-        raise TunesmithError(
-            f"model.path: cannot read a model config from {config.model.path!r} "
-            f"({str(err).splitlines()[0]}); give a local folder with config.json or a hub id"
-        ) from None
+    model_config = read_model_config(
+        config.model.path, "model.path", config.model.revision, config.model.trust_remote_code
+    )
     method = config.method
     dtype_name = config.model.dtype if config.model.dtype != "auto" else "bf16"
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
@@ -266,7 +255,9 @@ def _advise(plan: Plan, model_config, config, dtype, memory, target, work) -> No
     )  # fmt: skip
     if memory_bytes is None:
         return
-    plan.options = compare_methods(model_config, config, dtype, memory_bytes, tflops, work)
+    plan.options = compare_methods(
+        model_config, config, dtype, memory_bytes, tflops, work, plan.notes
+    )
     plan.recommended = pick(plan.options, method_label(method))
     if plan.fits_nothing:
         plan.notes.append(nothing_fits(plan, model_config, config, dtype))

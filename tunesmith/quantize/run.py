@@ -50,7 +50,7 @@ class QuantizeReport:
     notes: list[str] = field(default_factory=list)
 
     def lines(self) -> list[str]:
-        from tunesmith.combine.merge import _human
+        from tunesmith.io import human_bytes
 
         grid = f", group size {self.group_size}" if self.group_size else ""
         ratio = self.bytes_original / max(self.bytes_quantized, 1)
@@ -61,8 +61,8 @@ class QuantizeReport:
             f"{'':22}{'original':>12}{'quantized':>12}",
             f"{'perplexity':22}{self.perplexity_original:>12.3f}{self.perplexity_quantized:>12.3f}"
             f"   ({change:+.1%}, {self.eval_windows} held-out windows of {self.seq_len} tokens)",
-            f"{'size on disk':22}{_human(self.bytes_original):>12}"
-            f"{_human(self.bytes_quantized):>12}   ({ratio:.2f}x smaller)",
+            f"{'size on disk':22}{human_bytes(self.bytes_original):>12}"
+            f"{human_bytes(self.bytes_quantized):>12}   ({ratio:.2f}x smaller)",
             *self.notes,
         ]
 
@@ -203,7 +203,7 @@ def quantize_checkpoint(
 ) -> QuantizeReport:
     """Quantize `model` (a checkpoint folder or hub id; with `adapters`, base + adapters are
     merged first) into `out`. See the module docstring."""
-    from tunesmith.generation import model_or_adapter_base
+    from tunesmith.provenance import resolve_base
     from tunesmith.shards import check_output, parse_size
 
     started = time.perf_counter()
@@ -213,10 +213,10 @@ def quantize_checkpoint(
     if act_order and method != "gptq":
         raise TunesmithError("--act-order: only GPTQ quantizes in activation order; drop it")
     out = Path(out)
-    check_output(out, overwrite)
     shard_bytes = parse_size(max_shard_size)
     adapters = list(adapters or [])
-    model = model_or_adapter_base(model, adapters, "--model: give the checkpoint to quantize")
+    model = resolve_base(model, adapters, "--model: give the checkpoint to quantize")
+    check_output(out, overwrite, inputs=[model, *adapters, calib, eval_data])
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=_parent(out)) as scratch:
         source = model
         if adapters:
@@ -293,9 +293,9 @@ def _quantize(
 def _source_config(source: str, trust_remote_code: bool):
     """The checkpoint's own config: non-quantized tensors keep its dtype whatever the compute
     dtype was."""
-    from transformers import AutoConfig
+    from tunesmith.models import read_model_config
 
-    return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    return read_model_config(source, "--model", trust_remote_code=trust_remote_code)
 
 
 def _check_quantizable(model, method: str) -> None:

@@ -21,8 +21,14 @@ from pathlib import Path
 
 import torch
 
-from tunesmith.errors import TunesmithError
-from tunesmith.io import atomic_write_json, atomic_write_safetensors
+from tunesmith.errors import TunesmithError, first_line
+from tunesmith.io import (
+    atomic_write_json,
+    atomic_write_safetensors,
+    reporting_full_disk,
+    share_like_umask,
+)
+from tunesmith.shards import read_header
 
 STATE_NAME = "trainer_state.json"
 PREFIX = "step-"
@@ -110,7 +116,21 @@ def save_checkpoint(
     root = checkpoint_root(output_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:06d}"
+    with reporting_full_disk(final):
+        _write_checkpoint(tmp_dir(root, final), final, step, save_weights, optimizer, scheduler,
+                          state)  # fmt: skip
+    for old in list_checkpoints(output_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def tmp_dir(root: Path, final: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
+    share_like_umask(tmp)
+    return tmp
+
+
+def _write_checkpoint(tmp, final, step, save_weights, optimizer, scheduler, state) -> None:
     try:
         save_weights(tmp)
         tensors, rest = optimizer_to_files(optimizer)
@@ -129,13 +149,11 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for old in list_checkpoints(output_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
-def resolve_resume(output_dir: str | os.PathLike, resume: str | None) -> Path | None:
-    """The checkpoint folder `--resume` names: "latest" (the newest in output_dir) or a path."""
+def resolve_resume(output_dir: str | os.PathLike, resume: str | None, log=print) -> Path | None:
+    """The checkpoint folder `--resume` names: "latest" (the newest in output_dir that reads
+    back whole; each newer one skipped is reported through `log`) or a path."""
     if resume is None:
         return None
     if resume == "latest":
@@ -143,22 +161,59 @@ def resolve_resume(output_dir: str | os.PathLike, resume: str | None) -> Path | 
         if not found:
             raise TunesmithError(
                 f"--resume: no checkpoint in {checkpoint_root(output_dir)}; start without "
-                "--resume, or give a checkpoint folder"
+                "--resume (with --overwrite if output_dir holds the files of a run that never "
+                "checkpointed), or give a checkpoint folder"
             )
-        return found[-1]
+        for folder in reversed(found):
+            problem = checkpoint_problem(folder)
+            if problem is None:
+                return folder
+            log(f"warning: --resume: skipping {folder}: {problem}")
+        raise TunesmithError(
+            f"--resume: no checkpoint in {checkpoint_root(output_dir)} reads back whole (see "
+            "the warnings above); start over with --overwrite"
+        )
     path = Path(resume)
     if not (path / STATE_NAME).is_file():
         raise TunesmithError(
             f"--resume: {path} is not a checkpoint folder (no {STATE_NAME}); checkpoints are "
             f"{checkpoint_root(output_dir)}/step-NNNNNN"
         )
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise TunesmithError(f"--resume: {path}: {problem}; resume from an older checkpoint")
     return path
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why the checkpoint in `folder` cannot be resumed from (None: it reads back whole). Reads
+    the state and every safetensors header; tensor data is checked against the file sizes."""
+    try:
+        state = json.loads((folder / STATE_NAME).read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        return f"{STATE_NAME} does not read back ({first_line(err)})"
+    needed = ("step", "optimizer", "scheduler", "counters", "total_steps")
+    if not isinstance(state, dict) or any(k not in state for k in needed):
+        return f"{STATE_NAME} lacks the trainer's state ({', '.join(needed)})"
+    weights = sorted(folder.glob("*.safetensors"))
+    names = {p.name for p in weights}
+    if not {"optimizer.safetensors", "rng.safetensors"} <= names or len(names) < 3:
+        return "weights, optimizer.safetensors or rng.safetensors missing"
+    for path in weights:
+        try:
+            read_header(path)
+        except TunesmithError as err:
+            return f"{path.name}: {str(err).removeprefix(f'{path}: ')}"
+    return None
 
 
 def read_checkpoint(folder: Path) -> tuple[dict, dict, dict]:
     """(trainer state, optimizer state dict, rng tensors) of a checkpoint folder."""
     from safetensors.torch import load_file
 
+    problem = checkpoint_problem(folder)
+    if problem is not None:
+        raise TunesmithError(f"--resume: {folder}: {problem}; resume from an older checkpoint")
     state = json.loads((folder / STATE_NAME).read_text())
     optimizer = optimizer_from_files(
         load_file(folder / "optimizer.safetensors"), state["optimizer"]

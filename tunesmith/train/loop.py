@@ -18,6 +18,9 @@ import math
 import os
 import resource
 import shutil
+import signal
+import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,7 +29,8 @@ import torch
 
 from tunesmith.config import RunConfig, config_yaml
 from tunesmith.errors import TunesmithError
-from tunesmith.io import atomic_write, atomic_write_json
+from tunesmith.io import atomic_write, atomic_write_json, reporting_full_disk
+from tunesmith.lock import FolderLock, stale_message
 from tunesmith.train.batches import BatchPlan, eval_batches, trained_tokens
 from tunesmith.train.checkpoint import (
     list_checkpoints,
@@ -43,6 +47,17 @@ from tunesmith.train.progress import Progress
 
 class TrainingError(TunesmithError):
     """The run cannot continue (non-finite loss, inconsistent resume)."""
+
+
+class TrainingInterrupted(TunesmithError):
+    """The user stopped the run (Ctrl-C); the message names the checkpoint to resume from."""
+
+
+RUN_FILES = (
+    "checkpoints", "adapter", "model", "metrics.jsonl", "config.yaml", "summary.json", "loss.png",
+    "eval.json",
+)  # fmt: skip
+"""What a run writes into output_dir: a new run refuses a folder holding any of them."""
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -93,6 +108,29 @@ def evaluate_loss(model, samples, batch_size: int, pad_id: int, device: str, dty
     return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": count}
 
 
+class StopRequest:
+    """Ctrl-C during training: the first asks the loop to stop after the current step (which
+    is then checkpointed), a second one stops at once. Only in the main thread."""
+
+    def __init__(self, log: Callable[[str], None]) -> None:
+        self.asked = False
+        self.log = log
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.asked:
+            raise KeyboardInterrupt
+        self.asked = True
+        self.log("stopping after this step, which will be checkpointed (Ctrl-C again: at once)")
+
+    def restore(self) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+            self.previous = None
+
+
 class Run:
     """One training run: built by `setup`, advanced by `run`."""
 
@@ -116,6 +154,15 @@ class Run:
     # --- setup ----------------------------------------------------------------------------
 
     def setup(self) -> None:
+        """Lock output_dir, load tokenizer, data and model, attach the method, and restore a
+        checkpoint when resuming. On any failure output_dir is released again."""
+        try:
+            self._setup()
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(self) -> None:
         from tunesmith.data import prepare_data
         from tunesmith.models import (
             compute_dtype,
@@ -169,27 +216,43 @@ class Run:
         self.start_step = 0
         self.counters = {"tokens": 0, "trained_tokens": 0, "seconds": 0.0}
         self.last_checkpoint: Path | None = None
-        folder = resolve_resume(self.out, self.resume)
+        folder = resolve_resume(self.out, self.resume, self.progress.log)
         if folder is not None:
             self._restore(folder)
         atomic_write(self.out / "config.yaml", lambda tmp: Path(tmp).write_text(config_yaml(cfg)))
 
     def _check_output_dir(self) -> None:
-        self.out.mkdir(parents=True, exist_ok=True)
-        remove_partial(self.out)
+        """Lock output_dir for this run, then make sure it holds no other run's files (unless
+        resuming, or told to overwrite them)."""
+        self.lock = FolderLock(self.out).acquire()
+        if self.lock.took_over:
+            self.progress.log(f"warning: {stale_message(self.lock.took_over, self.out)}")
+        remove_partial(self.out)  # only now: a running run's temp checkpoint is not partial
         if self.resume is not None:
             return
-        existing = list_checkpoints(self.out)
+        existing = [name for name in RUN_FILES if (self.out / name).exists()]
+        checkpoints = list_checkpoints(self.out)
+        if checkpoints:
+            existing[existing.index("checkpoints")] = f"checkpoints/{checkpoints[-1].name}"
         if existing and not self.overwrite:
+            resume = "continue it with --resume, " if checkpoints else ""
             raise TunesmithError(
-                f"output_dir {self.out} already holds a run ({existing[-1].name}); continue it "
-                "with --resume, start over with --overwrite, or set another output_dir"
+                f"output_dir {self.out} already holds a run ({', '.join(existing)}); "
+                f"{resume}start over with --overwrite, or set another output_dir"
             )
         if self.overwrite:
-            for name in ("checkpoints", "adapter", "model"):
-                shutil.rmtree(self.out / name, ignore_errors=True)
-            for name in ("metrics.jsonl", "summary.json", "loss.png"):
-                (self.out / name).unlink(missing_ok=True)
+            for name in RUN_FILES:
+                path = self.out / name
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        """Release output_dir (also done at the end of `run`, and by process exit)."""
+        lock = getattr(self, "lock", None)
+        if lock is not None:
+            lock.release()
 
     def _restore(self, folder: Path) -> None:
         state, optimizer_state, rng = read_checkpoint(folder)
@@ -235,14 +298,28 @@ class Run:
             )
 
     def _truncate_metrics(self, step: int) -> None:
+        """Cut metrics.jsonl back to `step`. A torn last line (a kill mid-write) is dropped;
+        damage anywhere else is an error naming the line."""
         path = self.out / "metrics.jsonl"
         if not path.is_file():
             return
-        kept = [
-            line
-            for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step
-        ]
+        lines = path.read_bytes().decode("utf-8", errors="replace").split("\n")
+        kept = []
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                if number == len(lines):  # no newline after it: the write was cut short
+                    self.progress.log(f"{path}: dropped a torn last line (line {number})")
+                    continue
+                raise TrainingError(
+                    f"{path}:{number}: not a JSON line; the metrics file is damaged. Delete or "
+                    "fix that line, then --resume again"
+                ) from None
+            if isinstance(entry, dict) and entry.get("step", 0) <= step:
+                kept.append(line)
         atomic_write(path, lambda tmp: Path(tmp).write_text("".join(k + "\n" for k in kept)))
 
     # --- the loop -------------------------------------------------------------------------
@@ -334,10 +411,12 @@ class Run:
         seconds_before = self.counters["seconds"]
         last = {}
         window_tokens, window_start = 0, time.perf_counter()
+        stop = StopRequest(self.progress.log)
+        step = completed = self.start_step
         try:
             for step in range(self.start_step, self.total_steps):
                 result = self.train_step(step)
-                done = step + 1
+                done = completed = step + 1
                 self.counters["tokens"] += result["tokens"]
                 self.counters["trained_tokens"] += result["trained_tokens"]
                 self.counters["seconds"] = seconds_before + time.perf_counter() - started
@@ -363,8 +442,21 @@ class Run:
                     self._save(done)
                 if self.on_step is not None:
                     self.on_step(done, entry)
+                if stop.asked and done < self.total_steps:
+                    self._stop_at(done)
+        except KeyboardInterrupt:
+            kept = self.last_checkpoint or "none written yet"
+            where = (
+                f"after step {completed}"
+                if completed == step + 1
+                else f"during step {step + 1}, which was abandoned"
+            )
+            raise TrainingInterrupted(f"interrupted {where}; last checkpoint: {kept}") from None
         finally:
+            stop.restore()
             self.progress.close()
+            if sys.exc_info()[0] is not None:
+                self.close()
         final_step = self.total_steps
         if self.last_checkpoint is None or not self.last_checkpoint.name.endswith(
             f"{final_step:06d}"
@@ -377,7 +469,16 @@ class Run:
         from tunesmith.train.plot import plot_metrics
 
         plot_metrics(self.out)
+        self.close()
         return summary
+
+    def _stop_at(self, done: int) -> None:
+        """After a Ctrl-C: checkpoint the finished step `done` (unless it just was), then stop."""
+        if self.last_checkpoint is None or self.last_checkpoint.name != f"step-{done:06d}":
+            self._save(done)
+        raise TrainingInterrupted(
+            f"stopped at step {done} of {self.total_steps}; saved checkpoint {self.last_checkpoint}"
+        )
 
     def _write_final(self) -> Path:
         """The trained adapter (PEFT format) or model (HF checkpoint), with the tokenizer, in
@@ -386,13 +487,18 @@ class Run:
         final = self.out / name
         tmp = self.out / f".tmp-{name}"
         shutil.rmtree(tmp, ignore_errors=True)
-        if self.config.method.name == "full":
-            self.model.save_pretrained(tmp, safe_serialization=True)
-        else:
-            from tunesmith.adapters import save_adapter
+        with reporting_full_disk(final):
+            try:
+                if self.config.method.name == "full":
+                    self.model.save_pretrained(tmp, safe_serialization=True)
+                else:
+                    from tunesmith.adapters import save_adapter
 
-            save_adapter(self.model, tmp)
-        self.tokenizer.save_pretrained(tmp)
+                    save_adapter(self.model, tmp)
+                self.tokenizer.save_pretrained(tmp)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
