@@ -570,3 +570,26 @@ def test_help_ends_with_examples_and_shows_flags_as_flags(command):
         text = " ".join(lines)
         for method in ("lora", "qlora", "full", "prompt", "prefix", "bottleneck", "ia3"):
             assert method in text
+
+
+# --- 0. the transformers range is declared and CI tests both of its ends ---------------------
+def test_ci_tests_both_ends_of_the_declared_transformers_range():
+    import re
+
+    import transformers
+
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    low, high = re.search(r'"transformers>=([\d.]+),<([\d.]+)"', pyproject).groups()
+    ci = (ROOT / ".ci" / "run").read_text()
+    lowest = re.search(r"^TRANSFORMERS_LOWEST=([\d.]+)$", ci, re.M).group(1)
+    newest = re.search(r"^TRANSFORMERS_NEWEST=([\d.]+)$", ci, re.M).group(1)
+
+    def version(text: str) -> tuple[int, ...]:
+        return tuple(int(p) for p in text.split("."))
+
+    assert version(lowest)[: len(version(low))] == version(low)  # the lower bound itself
+    assert version(lowest) <= version(newest) < version(high)
+    assert version(newest)[:2] == (version(high)[0], version(high)[1] - 1)  # the last minor
+    assert version(low) <= version(transformers.__version__.split(".dev")[0]) < version(high)
+    readme = (ROOT / "README.md").read_text()
+    assert f"`transformers>={low},<{high}`" in readme

@@ -14,7 +14,7 @@ from peft import PeftModel, get_peft_model
 from peft import PrefixTuningConfig as PeftPrefixConfig
 from peft import PromptTuningConfig as PeftPromptConfig
 from safetensors.torch import load_file
-from test_train import make_config, quiet, tiny_dir  # noqa: F401  (tiny_dir is a fixture)
+from test_train import make_config, quiet
 from torch import nn
 
 import tunesmith

@@ -272,7 +272,7 @@ class VirtualTokens(nn.Module):
                 f"prompt/prefix tuning needs {self._cache_arg} as a transformers Cache "
                 f"(e.g. DynamicCache), got {type(cache).__name__}"
             )
-        if cache is not None:
+        if cache is not None and self._cache_arg is not None:
             kwargs[self._cache_arg] = cache
         first = cache is None or cache.get_seq_length() == 0
 
