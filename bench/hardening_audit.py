@@ -177,6 +177,8 @@ def main() -> None:
     ]))  # fmt: skip
     result = tunesmith("preprocess", QUICK, f"data.datasets.0.path={chat}", "data.validation=[]")
     case("15 chat roles out of order", result, 0, "have roles out of order")
+    rows[-1] = (rows[-1][0], next(ln for ln in result.stderr.splitlines() if "order" in ln),
+                *rows[-1][2:])  # fmt: skip
     case("16 empty assistant turns", result, 0, "whose every assistant turn is empty")
     rows[-1] = (rows[-1][0], next(ln for ln in result.stderr.splitlines() if "empty" in ln),
                 *rows[-1][2:])  # fmt: skip
@@ -229,7 +231,7 @@ def main() -> None:
     (work / "afile").write_text("x")
     case("b output_dir is a file", tunesmith(
         "train", QUICK, f"output_dir={work / 'afile'}", *SHORT
-    ), 2, "")  # fmt: skip
+    ), 2, "is a file (or lies under one); give a folder")  # fmt: skip
     (work / "nodata").mkdir()
     case("c data folder without data files", tunesmith(
         "preprocess", QUICK, f"data.datasets.0.path={work / 'nodata'}"

@@ -593,3 +593,26 @@ def test_ci_tests_both_ends_of_the_declared_transformers_range():
     assert version(low) <= version(transformers.__version__.split(".dev")[0]) < version(high)
     readme = (ROOT / "README.md").read_text()
     assert f"`transformers>={low},<{high}`" in readme
+    # 23: the quickstart's figures name the versions they were measured with, both ends included
+    measured = re.search(
+        r"These figures are the same with transformers (.+?) \(torch", readme, re.S
+    )
+    assert lowest in measured.group(1) and newest in measured.group(1)
+
+
+def test_an_output_dir_that_is_a_file(tmp_path, tiny_dir):
+    config = make_config(tmp_path, tiny_dir)
+    Path(config.output_dir).write_text("not a folder")
+    with pytest.raises(TunesmithError) as err:
+        Run(config, progress=quiet()).setup()
+    assert (
+        str(err.value)
+        == f"output_dir {config.output_dir} is a file (or lies under one); give a folder"
+    )
+
+
+def test_a_missing_local_dataset_folder_is_not_a_hub_dataset(tmp_path):
+    result = run_cli("preprocess", "examples/quickstart.yaml",
+                     "data.datasets.0.path=examples/data/missing")  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr == "error: examples/data/missing: no such file or folder\n"

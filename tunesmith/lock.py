@@ -31,8 +31,19 @@ class FolderLock:
     def acquire(self) -> FolderLock:
         import fcntl
 
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        folder = self.path.parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        except (FileExistsError, NotADirectoryError):
+            raise TunesmithError(
+                f"{self.what} {folder} is a file (or lies under one); give a folder"
+            ) from None
+        except OSError as err:
+            raise TunesmithError(
+                f"{self.what} {folder}: cannot write there ({err.strerror}); give a folder you "
+                "can write to"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

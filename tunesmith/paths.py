@@ -36,12 +36,15 @@ def inside(folder: str | os.PathLike, *parts: str, what: str = "path") -> Path:
 
 
 def looks_local(source: str) -> bool:
-    """Whether a model/adapter/tokenizer reference is meant as a local path rather than a hub id
-    (`org/name` or `name`): it starts with `.`, `/` or `~`, has more than one `/`, uses a
-    backslash, or exists on disk."""
+    """Whether a model/adapter/tokenizer/dataset reference is meant as a local path rather than
+    a hub id (`org/name` or `name`): it starts with `.`, `/` or `~`, has more than one `/`, uses
+    a backslash, exists on disk, or is `dir/name` where `dir` is a folder here (as
+    `examples/tiny-llama` is in this repository)."""
     if source.startswith((".", "/", "~")) or "\\" in source or source.count("/") > 1:
         return True
-    return Path(source).expanduser().exists()
+    if Path(source).expanduser().exists():
+        return True
+    return "/" in source and Path(source.split("/", 1)[0]).is_dir()
 
 
 def is_within(path: str | os.PathLike, folder: str | os.PathLike) -> bool:
@@ -61,9 +64,7 @@ def model_source(source: str, key: str, want: str = "folder") -> str:
     path = Path(source).expanduser()
     if path.exists():
         return str(path.resolve())
-    first = Path(source).parts[0] if Path(source).parts else ""
-    local = looks_local(source) or (first and "/" in source and Path(first).is_dir())
-    if local or not HUB_ID.fullmatch(source):
+    if looks_local(source) or not HUB_ID.fullmatch(source):
         where = "" if path.is_absolute() else f" (relative to {Path.cwd()})"
         raise TunesmithError(f"{key}: {source}: no such {want}{where}")
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from tunesmith.errors import TunesmithError, first_line
+from tunesmith.paths import looks_local
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
@@ -32,10 +33,10 @@ class Record:
 
 
 def is_local(path: str) -> bool:
-    """A source is local when it exists on disk or looks like a file path (has a known
-    suffix, or starts with ./, ../, / or ~); otherwise it is a hub dataset id."""
-    p = Path(path).expanduser()
-    return p.exists() or p.suffix in LOCAL_SUFFIXES or path.startswith((".", "/", "~"))
+    """A source is local when it has a data file's suffix or looks like a local path
+    (`paths.looks_local`: exists, starts with ./, ../, / or ~, or `dir/name` under a folder
+    that exists here); otherwise it is a hub dataset id."""
+    return Path(path).suffix in LOCAL_SUFFIXES or looks_local(path)
 
 
 def local_files(path: str) -> list[Path]:
