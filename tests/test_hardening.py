@@ -32,6 +32,7 @@ from tunesmith.provenance import RECORD_NAME
 from tunesmith.shards import check_output
 from tunesmith.train.checkpoint import list_checkpoints
 from tunesmith.train.loop import Run, TrainingInterrupted, train
+from tunesmith.train.plot import plot_metrics
 
 LORA = tunesmith.LoRAConfig(r=2, alpha=4, targets=["q_proj"])
 
@@ -244,6 +245,7 @@ def test_resume_drops_a_torn_last_metrics_line(tmp_path, tiny_dir):
     metrics = out / "metrics.jsonl"
     torn = len(metrics.read_text().splitlines()) + 1
     metrics.write_text(metrics.read_text() + '{"step": 5, "lo')  # a kill mid-write
+    assert plot_metrics(out).is_file()  # `tunesmith plot` reads it too (a live run's file)
     lines = []
     progress = quiet()
     progress.log = lines.append
@@ -256,8 +258,7 @@ def test_resume_drops_a_torn_last_metrics_line(tmp_path, tiny_dir):
     with pytest.raises(TunesmithError) as err:
         Run(config, resume="latest", progress=quiet()).setup()
     assert str(err.value) == (
-        f"{metrics}:2: not a JSON line; the metrics file is damaged. Delete or fix that line, "
-        "then --resume again"
+        f"{metrics}:2: not a JSON line; the metrics file is damaged: delete or fix that line"
     )
 
 

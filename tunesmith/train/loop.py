@@ -300,27 +300,14 @@ class Run:
     def _truncate_metrics(self, step: int) -> None:
         """Cut metrics.jsonl back to `step`. A torn last line (a kill mid-write) is dropped;
         damage anywhere else is an error naming the line."""
+        from tunesmith.train.plot import read_metrics
+
         path = self.out / "metrics.jsonl"
         if not path.is_file():
             return
-        lines = path.read_bytes().decode("utf-8", errors="replace").split("\n")
-        kept = []
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                entry = json.loads(line)
-            except ValueError:
-                if number == len(lines):  # no newline after it: the write was cut short
-                    self.progress.log(f"{path}: dropped a torn last line (line {number})")
-                    continue
-                raise TrainingError(
-                    f"{path}:{number}: not a JSON line; the metrics file is damaged. Delete or "
-                    "fix that line, then --resume again"
-                ) from None
-            if isinstance(entry, dict) and entry.get("step", 0) <= step:
-                kept.append(line)
-        atomic_write(path, lambda tmp: Path(tmp).write_text("".join(k + "\n" for k in kept)))
+        kept = [e for e in read_metrics(self.out, self.progress.log) if e.get("step", 0) <= step]
+        text = "".join(json.dumps(entry) + "\n" for entry in kept)  # as _log_metrics writes
+        atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
     # --- the loop -------------------------------------------------------------------------
 

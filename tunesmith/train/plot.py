@@ -3,23 +3,38 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 from tunesmith.errors import TunesmithError
 from tunesmith.io import atomic_write
 
 
-def read_metrics(output_dir: str | Path) -> list[dict]:
+def read_metrics(output_dir: str | Path, log: Callable[[str], None] | None = None) -> list[dict]:
+    """The entries of output_dir/metrics.jsonl. A torn last line (a run killed mid-write, or
+    still writing) is left out and reported through `log`; damage anywhere else is an error
+    naming the line."""
     path = Path(output_dir) / "metrics.jsonl"
     if not path.is_file():
         raise TunesmithError(f"{path}: no such file; is {output_dir} a tunesmith run's output_dir?")
+    lines = path.read_bytes().decode("utf-8", errors="replace").split("\n")
     entries = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                entries.append(json.loads(line))
-            except json.JSONDecodeError:
-                raise TunesmithError(f"{path}:{number}: not a JSON line") from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            if number == len(lines):  # no newline after it: the write was cut short
+                if log is not None:
+                    log(f"{path}: dropped a torn last line (line {number})")
+                continue
+            raise TunesmithError(
+                f"{path}:{number}: not a JSON line; the metrics file is damaged: delete or fix "
+                "that line"
+            ) from None
+        if isinstance(entry, dict):
+            entries.append(entry)
     return entries
 
 
