@@ -449,8 +449,9 @@ def test_a_checkpoint_with_remote_code_says_what_trusting_it_means(tmp_path):
     (folder / "config.json").write_text(json.dumps(config))
     expected = (
         f"error: model.path: {folder} ships its own Python code, which transformers must run to "
-        "load {what}; model.trust_remote_code: true (--trust-remote-code) would run that code on "
-        "this machine: set it only if you trust where the checkpoint came from\n"
+        "load {what}; model.trust_remote_code: true (generate and chat: --trust-remote-code) "
+        "would run that code on this machine: set it only if you trust where the checkpoint came "
+        "from\n"
     )
     result = run_cli("generate", "--model", str(folder), "--raw", "x")
     assert result.returncode == 2 and result.stderr == expected.format(what="a model")

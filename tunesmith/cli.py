@@ -316,6 +316,13 @@ TemperatureOpt = Annotated[float, typer.Option("--temperature", help="0 is greed
 TopPOpt = Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass.")]
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Sampling seed.")]  # noqa: UP045
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or mps.")]
+TrustOpt = Annotated[
+    bool,
+    typer.Option(
+        "--trust-remote-code",
+        help="Run Python code shipped with the checkpoint (only for a source you trust).",
+    ),
+]
 
 
 @app.command(
@@ -337,13 +344,16 @@ def generate_cmd(
     top_p: TopPOpt = 1.0,
     seed: SeedOpt = None,
     device: DeviceOpt = "auto",
+    trust_remote_code: TrustOpt = False,
 ) -> None:
     """Generate a reply to one prompt, streamed as it is produced."""
     from tunesmith.data.encode import bos_prefix
     from tunesmith.generation import chat_template_of, load_for_inference, prompt_ids, stream_reply
 
     sampling = _sampling(max_new_tokens, temperature, top_p, seed)
-    lm, tokenizer, _ = load_for_inference(model, list(adapter or []), device=device)
+    lm, tokenizer, _ = load_for_inference(
+        model, list(adapter or []), device=device, trust_remote_code=trust_remote_code
+    )
     if raw:
         ids = bos_prefix(tokenizer) + tokenizer(prompt, add_special_tokens=False)["input_ids"]
     else:
@@ -370,13 +380,16 @@ def chat_cmd(
     top_p: TopPOpt = 0.9,
     seed: SeedOpt = None,
     device: DeviceOpt = "auto",
+    trust_remote_code: TrustOpt = False,
 ) -> None:
     """Chat in the terminal with the model (and adapter), using its chat template and
     streaming replies. /reset clears the history, /exit (or end of input) quits."""
     from tunesmith.generation import chat_template_of, load_for_inference, prompt_ids, stream_reply
 
     sampling = _sampling(max_new_tokens, temperature, top_p, seed)
-    lm, tokenizer, _ = load_for_inference(model, list(adapter or []), device=device)
+    lm, tokenizer, _ = load_for_inference(
+        model, list(adapter or []), device=device, trust_remote_code=trust_remote_code
+    )
     template = chat_template_of(tokenizer)
     start = [{"role": "system", "content": system}] if system else []
     history = list(start)

@@ -143,7 +143,11 @@ def load_for_inference(
     tokenizer_source = model_path
     if adapters and (Path(adapters[0]) / "tokenizer_config.json").is_file():
         tokenizer_source = adapters[0]
-    tokenizer = load_tokenizer(ModelSection(path=model_path, tokenizer=tokenizer_source))
+    tokenizer = load_tokenizer(
+        ModelSection(
+            path=model_path, tokenizer=tokenizer_source, trust_remote_code=trust_remote_code
+        )
+    )
     return model, tokenizer, names
 
 

@@ -43,8 +43,9 @@ def load_failure(key: str, source: str, what: str, err: BaseException, hint: str
     if needs_remote_code(err):
         return TunesmithError(
             f"{key}: {source} ships its own Python code, which transformers must run to load "
-            f"{what}; model.trust_remote_code: true (--trust-remote-code) would run that code "
-            "on this machine: set it only if you trust where the checkpoint came from"
+            f"{what}; model.trust_remote_code: true (generate and chat: --trust-remote-code) "
+            "would run that code on this machine: set it only if you trust where the checkpoint "
+            "came from"
         )
     return TunesmithError(f"{key}: cannot load {what} from {source!r}: {first_line(err)}. {hint}")
 
