@@ -370,6 +370,12 @@ def test_out_of_order_and_empty_conversations_are_counted_and_masked_right(tmp_p
     ) in messages
     stats = prepared.sources[0]
     assert (stats.out_of_order, stats.dropped_empty_response, stats.samples) == (2, 1, 3)
+    # read back from the cache, the source says the same
+    with warnings.catch_warnings(record=True) as again:
+        warnings.simplefilter("always")
+        assert prepare_data(data, tokenizer, seed=0).sources[0].from_cache is False
+        assert prepare_data(data, tokenizer, seed=0).sources[0].from_cache is True
+    assert [str(w.message) for w in again][-2:] == messages[-2:]
     # the assistant-first record trains its answer to the user, not its greeting or header
     ids, labels = prepared.train[0]
     trained = tokenizer.decode([t for t, lab in zip(ids, labels, strict=True) if lab != -100])

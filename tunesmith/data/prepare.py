@@ -173,6 +173,7 @@ def _prepare_source(
     if use_cache and cache_file.is_file():
         samples, stats = _read_cache(cache_file)
         stats.from_cache, stats.path = True, src.path
+        _warn_degenerate(stats)  # a cached source says what it dropped every time
         return samples, stats
 
     spec = FormatSpec(fmt, src.fields, src.roles, data.system_prompt, at)
@@ -193,29 +194,35 @@ def _prepare_source(
         )
     if use_cache:
         _write_cache(cache_file, samples, stats)
+    _warn_degenerate(stats)
+    return samples, stats
+
+
+def _warn_degenerate(stats: SourceStats) -> None:
+    """Warn about samples dropped or kept against the rules (counts in `stats`)."""
+    path, records = stats.path, stats.records
     if stats.dropped_untrained:
         warnings.warn(
-            f"{src.path}: dropped {stats.dropped_untrained} of {stats.records} samples whose every "
+            f"{path}: dropped {stats.dropped_untrained} of {records} samples whose every "
             "label is masked (nothing to train, e.g. the response was truncated away); raise "
             "data.max_seq_len or check the data",
-            stacklevel=2,
+            stacklevel=3,
         )
     if stats.dropped_empty_response:
         warnings.warn(
-            f"{src.path}: dropped {stats.dropped_empty_response} of {stats.records} conversations "
+            f"{path}: dropped {stats.dropped_empty_response} of {records} conversations "
             "whose every assistant turn is empty (only end-of-turn tokens would train); fill in "
             "the responses or remove those records",
-            stacklevel=2,
+            stacklevel=3,
         )
     if stats.out_of_order:
         warnings.warn(
-            f"{src.path}: {stats.out_of_order} of {stats.records} conversations have roles out of "
+            f"{path}: {stats.out_of_order} of {records} conversations have roles out of "
             "order (an assistant turn before any user turn, two user or two assistant turns in a "
             "row, or a system message after the start); they are kept, and an assistant turn "
             "before any user turn is masked as context, not trained",
-            stacklevel=2,
+            stacklevel=3,
         )
-    return samples, stats
 
 
 def _stats(path: str, fmt: str, records: int, samples: SampleSet, counts: Counter) -> SourceStats:
