@@ -155,6 +155,32 @@ def main() -> None:
     case("11 random-bytes adapter safetensors", tunesmith(
         "generate", "--adapter", str(bad_adapter), "x"
     ), 2, "damaged or incomplete safetensors file")  # fmt: skip
+    # 12: a 2 MB tmpfs (needs root; skipped where mount is not allowed)
+    full = work / "full"
+    full.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(full)],
+                             capture_output=True).returncode == 0  # fmt: skip
+    if mounted:
+        try:
+            case("12 full disk: train checkpoint", tunesmith(
+                "train", QUICK, f"output_dir={full / 'run'}", *SHORT
+            ), 2, "no space left on the disk")  # fmt: skip
+            case("12 full disk: merge", tunesmith(
+                "merge", "--adapter", str(adapter), "--out", str(full / "merged")
+            ), 2, "it needs about 15.8 MB")  # fmt: skip
+            case("12 full disk: export GGUF", tunesmith(
+                "export", "--model", "examples/tiny-llama", "--out", str(full / "m.gguf")
+            ), 2, "no space left on the disk")  # fmt: skip
+            case("12 full disk: quantize", tunesmith(
+                "quantize", "--model", "examples/tiny-llama", "--method", "rtn", "--calib",
+                "examples/data/pydoc_heldout.jsonl", "--calib-samples", "2", "--eval-samples",
+                "2", "--seq-len", "64", "--out", str(full / "q"),
+            ), 2, "no space left on the disk")  # fmt: skip
+            left = sorted(p.name for p in full.rglob("*") if p.is_file())
+            rows.append(("12 what the full disk holds afterwards", ", ".join(left), 0,
+                         left == [".tunesmith.lock", "config.yaml"]))  # fmt: skip
+        finally:
+            subprocess.run(["umount", str(full)], check=False)
     # 13
     case("13 generate --raw ''", tunesmith(
         "generate", "--model", "examples/tiny-llama", "--raw", ""
@@ -210,8 +236,10 @@ def main() -> None:
          130, "Continue with: tunesmith train")  # fmt: skip
     # 20
     modes = sorted({oct(p.stat().st_mode & 0o777) for p in adapter.iterdir()})
+    umask = os.umask(0)
+    os.umask(umask)
     rows.append(("20 file modes of the adapter", f"modes {', '.join(modes)} (umask "
-                 f"{oct(os.umask(os.umask(0)))})", 0, modes == ["0o644"]))  # fmt: skip
+                 f"{oct(umask)})", 0, modes == [oct(0o666 & ~umask)]))  # fmt: skip
     # 21
     axolotl = work / "axolotl.yaml"
     axolotl.write_text("base_model: examples/tiny-llama\nlearning_rate: 2e-4\nlora_r: 8\n"

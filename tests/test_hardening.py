@@ -624,3 +624,12 @@ def test_a_missing_local_dataset_folder_is_not_a_hub_dataset(tmp_path):
                      "data.datasets.0.path=examples/data/missing")  # fmt: skip
     assert result.returncode == 2
     assert result.stderr == "error: examples/data/missing: no such file or folder\n"
+
+
+def test_a_short_write_counts_as_a_full_disk():
+    from tunesmith.io import is_disk_full
+
+    assert is_disk_full(OSError("1048576 requested and 977984 written"))  # numpy's tofile
+    assert is_disk_full(OSError(28, "No space left on device"))
+    assert is_disk_full(RuntimeError("I/O error: No space left on device (os error 28)"))
+    assert not is_disk_full(OSError(13, "Permission denied"))

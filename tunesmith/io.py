@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -29,11 +30,15 @@ def human_bytes(n: float) -> str:
 
 
 def is_disk_full(err: BaseException) -> bool:
-    """An error from writing to a full disk: OSError ENOSPC (or EDQUOT), or the same reported
-    by a library in its own error type (safetensors: "No space left on device (os error 28)")."""
+    """An error from writing to a full disk: OSError ENOSPC (or EDQUOT), the same reported by a
+    library in its own error type (safetensors: "No space left on device (os error 28)"), or a
+    short write (numpy's tofile, which GGUF writing uses: "1048576 requested and 977984
+    written")."""
     if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
     text = str(err)
+    if isinstance(err, OSError) and SHORT_WRITE.fullmatch(text):
+        return True
     return "No space left on device" in text or "os error 28" in text
 
 
@@ -56,6 +61,9 @@ def reporting_full_disk(target: str | os.PathLike, needed_bytes: int | None = No
             f"in {folder}{needs}); nothing half-written was kept. Free up space or write "
             "elsewhere, then run again"
         ) from None
+
+
+SHORT_WRITE = re.compile(r"\d+ requested and \d+ written")
 
 
 def share_like_umask(path: str | os.PathLike) -> None:

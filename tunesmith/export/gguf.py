@@ -19,6 +19,7 @@ only when complete: an interrupted export or a full disk leaves nothing under th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -342,6 +343,7 @@ def write_gguf(out: Path, arch: str, add_metadata: Callable, planned: list[_Plan
 def _write_gguf_to(tmp: Path, out: Path, arch: str, add_metadata: Callable, planned) -> None:
     import gguf
 
+    writer = None
     try:
         writer = gguf.GGUFWriter(tmp, arch)
         add_metadata(writer)
@@ -362,6 +364,9 @@ def _write_gguf_to(tmp: Path, out: Path, arch: str, add_metadata: Callable, plan
         share_like_umask(tmp)
         os.replace(tmp, out)
     except BaseException:
+        for fout in getattr(writer, "fout", None) or []:
+            with contextlib.suppress(OSError):  # a full disk fails the flush too
+                fout.close()
         tmp.unlink(missing_ok=True)
         raise
 
