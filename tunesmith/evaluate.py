@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import re
 import string
-import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -17,7 +16,7 @@ from tunesmith.config import DataSection, DatasetSource, RunConfig
 from tunesmith.data.formats import Conversation, FormatSpec, detect_format, parse_record
 from tunesmith.data.sources import read_records
 from tunesmith.errors import TunesmithError
-from tunesmith.provenance import base_mismatch
+from tunesmith.provenance import resolve_base
 
 # --- metrics ---------------------------------------------------------------------------------
 
@@ -292,9 +291,7 @@ def evaluate_models(
             raise TunesmithError(f"--adapter: {folder}: no such folder")
         label = path.name if path.name not in ("adapter", "model") else path.parent.name
         if (path / "adapter_config.json").is_file():
-            mismatch = base_mismatch(path, config.model.path)
-            if mismatch:
-                warnings.warn(mismatch, UserWarning, stacklevel=2)
+            resolve_base(config.model.path, [folder], "")  # warns if trained on another base
             name = f"a{i}"
             load_adapter(model, path, name=name)
             columns.append(column(label, model))
