@@ -16,7 +16,6 @@ import warnings
 from pathlib import Path
 
 from tunesmith.errors import TunesmithError
-from tunesmith.io import atomic_write_json
 from tunesmith.paths import looks_local
 
 RECORD_NAME = "tunesmith_base.json"
@@ -60,13 +59,13 @@ def base_fingerprint(folder: str | os.PathLike) -> dict:
     return {"shape": shape, "weights": digest.hexdigest()[:16] if files else None}
 
 
-def write_base_record(adapter_folder: str | os.PathLike, base: str | None) -> None:
-    """Record `base` (a local folder, stored absolute, or a hub id) for the adapter folder."""
-    record: dict = {"path": base}
+def base_record(base: str | None) -> dict:
+    """What RECORD_NAME holds for `base`: {"path"} for a hub id (or none), and for a local
+    folder its absolute path with `base_fingerprint`."""
     folder = local_base(base)
-    if folder is not None:
-        record = {"path": str(folder), **base_fingerprint(folder)}
-    atomic_write_json(record, Path(adapter_folder) / RECORD_NAME)
+    if folder is None:
+        return {"path": base}
+    return {"path": str(folder), **base_fingerprint(folder)}
 
 
 def base_mismatch(adapter_folder: str | os.PathLike, base: str) -> str | None:

@@ -54,7 +54,8 @@ from tunesmith.adapters.prompt import (
 from tunesmith.errors import AdapterError, TunesmithError, first_line
 from tunesmith.io import atomic_write_json, atomic_write_safetensors
 from tunesmith.paths import check_name, inside
-from tunesmith.provenance import local_base, write_base_record
+from tunesmith.provenance import RECORD_NAME as BASE_RECORD_NAME
+from tunesmith.provenance import base_record
 from tunesmith.shards import read_header
 
 CONFIG_NAME = "adapter_config.json"
@@ -305,8 +306,8 @@ def save_adapter(
         raise AdapterError("the model has no adapters to save; add_lora() or load_adapter() first")
     written = []
     base_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
-    if local_base(base_path) is not None:  # absolute: a relative path means nothing elsewhere
-        base_path = str(local_base(base_path))
+    record = base_record(base_path)
+    base_path = record["path"]  # absolute for a local base: a relative path means nothing elsewhere
     for name in names:
         if name not in state.configs:
             raise AdapterError(
@@ -322,7 +323,7 @@ def save_adapter(
             atomic_write_safetensors(projection, folder / PROJECTION_NAME)
         else:
             (folder / PROJECTION_NAME).unlink(missing_ok=True)
-        write_base_record(folder, base_path)
+        atomic_write_json(record, folder / BASE_RECORD_NAME)
         atomic_write_json(config, folder / CONFIG_NAME)
         written.append(folder)
     return written

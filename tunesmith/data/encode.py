@@ -13,7 +13,7 @@ from typing import Union
 
 import numpy as np
 
-from tunesmith.data.formats import Completion, Conversation, Example, turn_order_problem
+from tunesmith.data.formats import Completion, Conversation, Example, turns_out_of_order
 from tunesmith.data.sources import DataError
 from tunesmith.data.templates import render_segments
 
@@ -115,7 +115,7 @@ def encode_examples(
         batch = []
         for example, where in examples[start : start + 256]:
             if isinstance(example, Conversation):
-                if turn_order_problem(example.messages):
+                if turns_out_of_order(example.messages):
                     stats["out_of_order"] += 1
                 responses = [m for m in example.messages if m["role"] == "assistant"]
                 if all(not m["content"].strip() for m in responses):

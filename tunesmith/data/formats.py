@@ -186,21 +186,18 @@ def _chat(record: Record, spec: FormatSpec) -> Conversation:
     return Conversation(_with_system(messages, system or spec.system_prompt))
 
 
-def turn_order_problem(messages: list[dict]) -> str | None:
-    """What is out of order in a conversation's roles, or None. The order expected: optional
-    system messages first, then user and assistant turns alternating from a user turn (tool
-    results may stand between turns)."""
+def turns_out_of_order(messages: list[dict]) -> bool:
+    """Whether a conversation's roles break the expected order: optional system messages
+    first, then user and assistant turns alternating from a user turn (tool results may stand
+    between turns)."""
     roles = [m["role"] for m in messages]
     start = next((i for i, r in enumerate(roles) if r != "system"), len(roles))
-    if "system" in roles[start:]:
-        return f"system message at position {roles.index('system', start)}, after the start"
     turns = [r for r in roles[start:] if r in ("user", "assistant")]
-    if turns and turns[0] == "assistant":
-        return "an assistant turn before any user turn"
-    for i in range(1, len(turns)):
-        if turns[i] == turns[i - 1]:
-            return f"two {turns[i]} turns in a row"
-    return None
+    return (
+        "system" in roles[start:]
+        or turns[:1] == ["assistant"]
+        or any(a == b for a, b in zip(turns, turns[1:], strict=False))
+    )
 
 
 def _int_list(record: Record, spec: FormatSpec, name: str, value: Any) -> list[int]:

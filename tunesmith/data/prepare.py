@@ -49,7 +49,7 @@ class SourceStats:
     dropped_empty_response: int = 0
     """Conversations whose every assistant turn is empty (only end-of-turn text would train)."""
     out_of_order: int = 0
-    """Conversations whose roles are out of order (see `formats.turn_order_problem`)."""
+    """Conversations whose roles are out of order (see `formats.turns_out_of_order`)."""
     split_long: int = 0
     from_cache: bool = False
 

@@ -208,12 +208,10 @@ def checkpoint_problem(folder: Path) -> str | None:
 
 
 def read_checkpoint(folder: Path) -> tuple[dict, dict, dict]:
-    """(trainer state, optimizer state dict, rng tensors) of a checkpoint folder."""
+    """(trainer state, optimizer state dict, rng tensors) of a checkpoint folder that
+    `resolve_resume` has checked (`checkpoint_problem`)."""
     from safetensors.torch import load_file
 
-    problem = checkpoint_problem(folder)
-    if problem is not None:
-        raise TunesmithError(f"--resume: {folder}: {problem}; resume from an older checkpoint")
     state = json.loads((folder / STATE_NAME).read_text())
     optimizer = optimizer_from_files(
         load_file(folder / "optimizer.safetensors"), state["optimizer"]
