@@ -12,54 +12,46 @@ from tunesmith.errors import AdapterError, TunesmithError
 
 __version__ = "0.1.0"
 
-_ADAPTER_API = (
-    "BottleneckConfig",
-    "IA3Config",
-    "LoRAConfig",
-    "PrefixTuningConfig",
-    "PromptTuningConfig",
-    "active_adapters",
-    "adapter_names",
-    "add_adapter",
-    "add_bottleneck",
-    "add_ia3",
-    "add_lora",
-    "add_prefix_tuning",
-    "add_prompt_tuning",
-    "delete_adapter",
-    "disabled",
-    "load_adapter",
-    "merge",
-    "merge_and_unload",
-    "route",
-    "save_adapter",
-    "set_active",
-    "trainable_parameters",
-    "unmerge",
-)
-_COMBINE_API = ("combine_adapters", "merge_checkpoint", "merge_models")
-_DEPLOY_API = {
+_API = {
+    **dict.fromkeys(
+        ("BottleneckConfig", "FullConfig", "IA3Config", "LoRAConfig", "PrefixTuningConfig",
+         "PromptTuningConfig", "QLoRAConfig"),
+        "tunesmith.methods",
+    ),
+    "add_lora": "tunesmith.methods.lora.impl",
+    "add_ia3": "tunesmith.methods.ia3.impl",
+    "add_prompt_tuning": "tunesmith.methods.prompt.impl",
+    "add_prefix_tuning": "tunesmith.methods.prompt.impl",
+    "add_bottleneck": "tunesmith.methods.bottleneck.impl",
+    **dict.fromkeys(
+        ("active_adapters", "adapter_names", "add_adapter", "delete_adapter", "disabled",
+         "load_adapter", "merge", "merge_and_unload", "route", "save_adapter", "set_active",
+         "trainable_parameters", "unmerge"),
+        "tunesmith.adapters",
+    ),
+    **dict.fromkeys(("Method", "register_method", "method_named"), "tunesmith.registry"),
+    **dict.fromkeys(("combine_adapters", "merge_checkpoint", "merge_models"), "tunesmith.combine"),
     "quantize_checkpoint": "tunesmith.quantize.run",
     "export_gguf": "tunesmith.export.gguf",
     "export_lora_gguf": "tunesmith.export.gguf",
-}
-__all__ = [
-    "AdapterError", "TunesmithError", "__version__", *_ADAPTER_API, *_COMBINE_API, *_DEPLOY_API,
-]  # fmt: skip
+}  # fmt: skip
+"""Each public name and the module it comes from, imported on first use."""
+__all__ = ["AdapterError", "TunesmithError", "__version__", *_API]
 
 if TYPE_CHECKING:
     from tunesmith.adapters import *  # noqa: F403
     from tunesmith.combine import combine_adapters, merge_checkpoint, merge_models  # noqa: F401
     from tunesmith.export.gguf import export_gguf, export_lora_gguf  # noqa: F401
+    from tunesmith.methods import *  # noqa: F403
+    from tunesmith.methods.bottleneck.impl import add_bottleneck  # noqa: F401
+    from tunesmith.methods.ia3.impl import add_ia3  # noqa: F401
+    from tunesmith.methods.lora.impl import add_lora  # noqa: F401
+    from tunesmith.methods.prompt.impl import add_prefix_tuning, add_prompt_tuning  # noqa: F401
     from tunesmith.quantize.run import quantize_checkpoint  # noqa: F401
+    from tunesmith.registry import Method, method_named, register_method  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:
-    if name in _ADAPTER_API or name == "adapters":
-        adapters = importlib.import_module("tunesmith.adapters")
-        return adapters if name == "adapters" else getattr(adapters, name)
-    if name in _COMBINE_API:
-        return getattr(importlib.import_module("tunesmith.combine"), name)
-    if name in _DEPLOY_API:
-        return getattr(importlib.import_module(_DEPLOY_API[name]), name)
+    if name in _API:
+        return getattr(importlib.import_module(_API[name]), name)
     raise AttributeError(f"module 'tunesmith' has no attribute {name!r}")

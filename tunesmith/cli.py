@@ -347,8 +347,9 @@ def generate_cmd(
     trust_remote_code: TrustOpt = False,
 ) -> None:
     """Generate a reply to one prompt, streamed as it is produced."""
+    from tunesmith.builder import load_for_inference
     from tunesmith.data.encode import bos_prefix
-    from tunesmith.generation import chat_template_of, load_for_inference, prompt_ids, stream_reply
+    from tunesmith.generation import chat_template_of, prompt_ids, stream_reply
 
     sampling = _sampling(max_new_tokens, temperature, top_p, seed)
     lm, tokenizer, _ = load_for_inference(
@@ -384,7 +385,8 @@ def chat_cmd(
 ) -> None:
     """Chat in the terminal with the model (and adapter), using its chat template and
     streaming replies. /reset clears the history, /exit (or end of input) quits."""
-    from tunesmith.generation import chat_template_of, load_for_inference, prompt_ids, stream_reply
+    from tunesmith.builder import load_for_inference
+    from tunesmith.generation import chat_template_of, prompt_ids, stream_reply
 
     sampling = _sampling(max_new_tokens, temperature, top_p, seed)
     lm, tokenizer, _ = load_for_inference(

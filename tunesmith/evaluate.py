@@ -11,12 +11,21 @@ import re
 import string
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 
+from tunesmith.adapters import delete_adapter, disabled, load_adapter
+from tunesmith.builder import build_model, run_dtypes
 from tunesmith.config import DataSection, DatasetSource, RunConfig
+from tunesmith.data import prepare_data
 from tunesmith.data.formats import Conversation, FormatSpec, detect_format, parse_record
 from tunesmith.data.sources import read_records
+from tunesmith.data.templates import resolve_chat_template
 from tunesmith.errors import TunesmithError
+from tunesmith.generation import Sampling, generate_batch, prompt_ids
+from tunesmith.io import atomic_write_json
+from tunesmith.models import load_model, load_tokenizer, resolve_device
 from tunesmith.provenance import resolve_base
+from tunesmith.train.loop import evaluate_loss
 
 # --- metrics ---------------------------------------------------------------------------------
 
@@ -152,14 +161,12 @@ def format_table(columns: list[Column], samples: int) -> str:
 
 
 def _template_and_bos(data: DataSection, tokenizer) -> tuple[str, bool]:
-    from tunesmith.data.templates import resolve_chat_template
 
     template, name = resolve_chat_template(data.chat_template, tokenizer, {"chat"})
     return template, name != "tokenizer"
 
 
 def score_model(model, tokenizer, pairs, data: DataSection, max_new_tokens: int, batch_size=16):
-    from tunesmith.generation import Sampling, generate_batch, prompt_ids
 
     template, add_bos = _template_and_bos(data, tokenizer)
     prompts = [prompt_ids(p.messages, template, tokenizer, add_bos) for p in pairs]
@@ -172,7 +179,6 @@ def score_model(model, tokenizer, pairs, data: DataSection, max_new_tokens: int,
 def measure(name: str, model, samples, pairs, data, tokenizer, settings: dict) -> Column:
     """One table column: perplexity on `samples` and generation scores on `pairs` (if any).
     `settings`: batch_size, pad_id, device, dtype, max_new_tokens."""
-    from tunesmith.train.loop import evaluate_loss
 
     ppl = evaluate_loss(
         model, samples, settings["batch_size"], settings["pad_id"], settings["device"],
@@ -187,8 +193,6 @@ def measure(name: str, model, samples, pairs, data, tokenizer, settings: dict) -
 def compare_after_training(run, echo) -> list[Column]:
     """The end of `tunesmith train` with eval.generate_samples: base vs tuned on the held-out
     prompts (perplexity and generation metrics), a table, and sample generations."""
-    from tunesmith.adapters import disabled
-
     cfg: RunConfig = run.config
     if not cfg.data.validation:
         echo("eval.generate_samples: skipped, data.validation names no held-out file")
@@ -205,12 +209,10 @@ def compare_after_training(run, echo) -> list[Column]:
         "max_new_tokens": cfg.eval.max_new_tokens,
     }
     val = run.prepared.validation
-    if cfg.method.name == "full":
-        from tunesmith.models import load_model
-
-        base_model, base_only = load_model(cfg.model, run.device, run.dtype).eval(), nullcontext()
-    else:  # the same model with its adapter switched off
+    if run.method.trains_adapter:  # the same model with its adapter switched off
         base_model, base_only = run.model, disabled(run.model)
+    else:
+        base_model, base_only = load_model(cfg.model, run.device, run.dtype).eval(), nullcontext()
     with base_only:
         base = measure("base", base_model, val, pairs, cfg.data, run.tokenizer, settings)
     tuned = measure("tuned", run.model, val, pairs, cfg.data, run.tokenizer, settings)
@@ -221,8 +223,6 @@ def compare_after_training(run, echo) -> list[Column]:
         echo(f"    reference: {pairs[i].answer}")
         for column in columns:
             echo(f"    {column.name}: {column.predictions[i]}")
-    from tunesmith.io import atomic_write_json
-
     atomic_write_json(
         {
             "samples": len(pairs),
@@ -243,18 +243,6 @@ def evaluate_models(
 ) -> tuple[list[Column], int]:
     """`tunesmith eval`: perplexity and generation metrics on the run's validation data (or
     `data_path`) for the base model and each adapter (or fully fine-tuned model folder)."""
-    from pathlib import Path
-
-    from tunesmith.adapters import delete_adapter, load_adapter
-    from tunesmith.data import prepare_data
-    from tunesmith.models import (
-        compute_dtype,
-        load_base_for,
-        load_model,
-        load_tokenizer,
-        resolve_device,
-    )
-
     sources = config.data.validation
     if data_path is not None:
         sources = [DatasetSource(path=data_path)]
@@ -269,8 +257,11 @@ def evaluate_models(
     prepared = prepare_data(data, tokenizer, config.train.seed)
     pairs = prompt_answer_pairs(sources, data, samples)
     device = resolve_device(config.model.device)
-    dtype = compute_dtype(config, device)
-    model = load_base_for(config.method, config.model, device, dtype).eval()
+    dtype = run_dtypes(config, device).compute
+    model = build_model(
+        config.method, model=config.model, train=config.train, device=device,
+        compute_dtype=dtype, attach=False, training=False,
+    )  # fmt: skip
     settings = {
         "batch_size": config.eval.batch_size or config.train.micro_batch_size,
         "pad_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,

@@ -7,14 +7,11 @@ model sees at inference the same token boundaries it was trained on."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from tunesmith.data.encode import bos_prefix, conversation_parts
 from tunesmith.errors import TunesmithError
-from tunesmith.paths import plain_name
-from tunesmith.provenance import resolve_base
 
 END_OF_TURN_MARKERS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
 
@@ -103,52 +100,6 @@ def _until_stop(ids: list[int], stops: list[int]) -> list[int]:
         if t in stops:
             return ids[:i]
     return ids
-
-
-# --- loading for the CLI ---------------------------------------------------------------------
-
-
-def load_for_inference(
-    model_path: str | None,
-    adapters: list[str],
-    device: str = "auto",
-    dtype: str = "auto",
-    trust_remote_code: bool = False,
-):
-    """(model, tokenizer) with each adapter loaded (named by its folder) and the first active.
-    The tokenizer comes from the first adapter folder when it holds one (training saves it
-    there), else from the model."""
-    from tunesmith.adapters import load_adapter, set_active
-    from tunesmith.config import ModelSection
-    from tunesmith.models import load_model, load_tokenizer, resolve_device, resolve_dtype
-
-    model_path = resolve_base(
-        model_path, adapters, "--model: give the base model (the adapter does not name one)"
-    )
-    section = ModelSection(
-        path=model_path, device=device, dtype=dtype, trust_remote_code=trust_remote_code
-    )
-    device_name = resolve_device(section.device)
-    model = load_model(section, device_name, resolve_dtype(section.dtype, device_name))
-    model.eval()
-    names = []
-    for i, folder in enumerate(adapters):
-        name = plain_name(Path(folder).name) or f"adapter{i}"
-        if name in names or name == "default":
-            name = f"adapter{i}"
-        load_adapter(model, folder, name=name)
-        names.append(name)
-    if names:
-        set_active(model, names[0])
-    tokenizer_source = model_path
-    if adapters and (Path(adapters[0]) / "tokenizer_config.json").is_file():
-        tokenizer_source = adapters[0]
-    tokenizer = load_tokenizer(
-        ModelSection(
-            path=model_path, tokenizer=tokenizer_source, trust_remote_code=trust_remote_code
-        )
-    )
-    return model, tokenizer, names
 
 
 def chat_template_of(tokenizer) -> str:

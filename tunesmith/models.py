@@ -102,12 +102,6 @@ def resolve_dtype(setting: str, device: str):
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[setting]
 
 
-def compute_dtype(config, device: str):
-    """A run's compute dtype: `method.compute_dtype` (QLoRA) when set, else `model.dtype`."""
-    setting = getattr(config.method, "compute_dtype", "auto")
-    return resolve_dtype(config.model.dtype if setting == "auto" else setting, device)
-
-
 def load_model(model: ModelSection, device: str, dtype):
     """The causal LM of `model.path` with weights in `dtype` on `device`. Safetensors only."""
     from transformers import AutoModelForCausalLM
@@ -144,7 +138,7 @@ def load_model(model: ModelSection, device: str, dtype):
             "Give a local checkpoint folder with safetensors weights, or a hub id (needs network)",
         ) from None  # fmt: skip
     if quant_method == "bitsandbytes":
-        from tunesmith.quant import guard_cpu_packing
+        from tunesmith.qlora_base import guard_cpu_packing
 
         guard_cpu_packing(loaded)
         return loaded
@@ -164,18 +158,6 @@ def _quant_method(source: str, revision: str | None) -> str | None:
     except (OSError, ValueError):
         return None
     return qconfig.get("quant_method")
-
-
-def load_base_for(method, model: ModelSection, device: str, dtype):
-    """The base model a run's method trains on: quantized while loading for `qlora`, plain
-    otherwise."""
-    if getattr(method, "name", None) != "qlora":
-        return load_model(model, device, dtype)
-    from tunesmith.quant import QuantConfig, load_quantized
-
-    config = QuantConfig(method.quant, method.double_quant, method.blocksize, dtype)
-    attn = None if model.attn_implementation == "auto" else model.attn_implementation
-    return load_quantized(model.path, config, device, model.revision, model.trust_remote_code, attn)
 
 
 def enable_checkpointing(model) -> None:

@@ -12,18 +12,24 @@ import copy
 import torch
 from torch import nn
 
-from tunesmith.adapters.lora import RowRoutes
+from tunesmith.adapters.holders import AdapterHolder
 from tunesmith.errors import AdapterError
 
 
-class ModulesToSave(nn.Module):
+class ModulesToSave(AdapterHolder):
     def __init__(self, original_module: nn.Module) -> None:
-        super().__init__()
+        nn.Module.__init__(self)  # PEFT's attribute name: the copies are `modules_to_save`
         self.original_module = original_module
         self.modules_to_save = nn.ModuleDict()
         self.active: tuple[str, ...] = ()
         self.disabled = False
-        self.routes: RowRoutes | None = None
+        self.routes = None
+
+    def per_adapter(self) -> nn.ModuleDict:
+        return self.modules_to_save
+
+    def detach_from(self, model: nn.Module, module_name: str) -> None:
+        model.set_submodule(module_name, self.original_module)
 
     def add_copy(self, name: str) -> nn.Module:
         module = copy.deepcopy(self.original_module)

@@ -28,16 +28,13 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import AutoTokenizer
 
-from tunesmith.adapters.inject import (
-    adapter_state,
-    add_lora,
-    lora_layers,
-    method_of,
-    saved_modules,
-    set_active,
-)
-from tunesmith.adapters.lora import LoRAAdapter, LoRAConfig, LoRALayer
+from tunesmith.adapters.activation import set_active
+from tunesmith.adapters.peft_format import save_adapter
+from tunesmith.adapters.saved import ModulesToSave
+from tunesmith.adapters.state import adapter_state, modules_of
+from tunesmith.combine.skeleton import attach_adapters, base_config, model_skeleton
 from tunesmith.combine.tasks import (
     MAJORITY_SIGN,
     PRUNING_METHODS,
@@ -47,6 +44,12 @@ from tunesmith.combine.tasks import (
     low_rank_factors,
 )
 from tunesmith.errors import AdapterError
+from tunesmith.methods.lora import LoRAConfig
+from tunesmith.methods.lora.impl import add_lora, lora_layers
+from tunesmith.methods.lora.layer import LoRAAdapter, LoRALayer
+from tunesmith.provenance import resolve_base
+from tunesmith.registry import method_of
+from tunesmith.shards import CheckpointReader, check_output, staging_dir
 
 COMBINE_METHODS = ("linear", "cat", "svd", *PRUNING_METHODS)
 
@@ -138,17 +141,17 @@ def _check_inputs(model, names, weights, method, name, rank, density, majority_s
             have = ", ".join(state.configs) or "none"
             raise AdapterError(f"unknown adapter {adapter!r}; adapters on this model: {have}")
         config = state.configs[adapter]
-        if not isinstance(config, LoRAConfig):
+        if not method_of(config).low_rank:
             raise AdapterError(
-                f"adapter {adapter!r} is {method_of(config)}; combine_adapters combines LoRA "
-                "adapters (rsLoRA and DoRA included)"
+                f"adapter {adapter!r} is {method_of(config).name}; combine_adapters combines "
+                "LoRA adapters (rsLoRA and DoRA included)"
             )
         if method in ("linear", "cat") and config.use_dora:
             raise AdapterError(
                 f"adapter {adapter!r} is DoRA, whose ΔW = k(W + sBA) − W is not a product of its "
                 f"factors; method {method!r} cannot combine it: use 'svd' or a pruning method"
             )
-    for module_name, wrapper in saved_modules(model):
+    for module_name, wrapper in modules_of(model, ModulesToSave):
         holders = [a for a in names if a in wrapper.modules_to_save]
         if holders:
             raise AdapterError(
@@ -278,16 +281,6 @@ def combine_adapter_folders(
     """`tunesmith combine`: combine adapter folders into one adapter folder `out` (PEFT format,
     with the first adapter's tokenizer when it has one). The base model is built without
     weights; only DoRA adapters read the base weights of the modules they adapt."""
-    from transformers import AutoTokenizer
-
-    from tunesmith.adapters.peft_format import save_adapter
-    from tunesmith.combine.skeleton import (
-        attach_adapters,
-        base_config,
-        model_skeleton,
-    )
-    from tunesmith.provenance import resolve_base
-    from tunesmith.shards import CheckpointReader, check_output, staging_dir
 
     adapters = [str(a) for a in adapters]
     if not adapters:

@@ -20,6 +20,8 @@ leaves nothing under the final name."""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import shutil
 from collections.abc import Callable
@@ -27,11 +29,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import yaml
 from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
-from tunesmith.adapters.inject import UNMERGEABLE, adapter_state, method_of, unmergeable_message
-from tunesmith.adapters.lora import LinearWrapper
+from tunesmith.adapters.activation import set_active
+from tunesmith.adapters.holders import LinearWrapper
+from tunesmith.adapters.merging import unmergeable_message
+from tunesmith.adapters.peft_format import CONFIG_NAME, load_adapter
 from tunesmith.adapters.saved import ModulesToSave
+from tunesmith.adapters.state import adapter_state
 from tunesmith.combine.skeleton import (
     adapter_name,
     attach_adapters,
@@ -41,6 +49,16 @@ from tunesmith.combine.skeleton import (
 )
 from tunesmith.errors import TunesmithError
 from tunesmith.io import human_bytes
+from tunesmith.provenance import resolve_base
+from tunesmith.qlora_base import (
+    QuantConfig,
+    dequantized_weight,
+    load_quantized,
+    new_quantized_linear,
+    quantizable_linears,
+    quantized_parameter,
+)
+from tunesmith.registry import find_method, method_for_peft_type, method_of
 from tunesmith.shards import (
     CheckpointReader,
     PlannedTensor,
@@ -135,7 +153,6 @@ def qlora_settings(adapter: str | Path):
     """(QuantConfig, whether its compute dtype was "auto") of the QLoRA run that wrote
     `adapter` (its run's config.yaml sits in the parent folder, as `tunesmith train` leaves
     it), or None for any other adapter."""
-    import yaml
 
     run_config = Path(adapter).parent / "config.yaml"
     if not (Path(adapter) / "adapter_config.json").is_file() or not run_config.is_file():
@@ -144,27 +161,24 @@ def qlora_settings(adapter: str | Path):
         raw = yaml.safe_load(run_config.read_text()) or {}
     except yaml.YAMLError:
         return None
-    method = raw.get("method") if isinstance(raw, dict) else None
-    if not isinstance(method, dict) or method.get("name") != "qlora":
+    section = raw.get("method") if isinstance(raw, dict) else None
+    spec = find_method(section.get("name")) if isinstance(section, dict) else None
+    if spec is None or not spec.quantized_base:
         return None
-    from tunesmith.quant import QuantConfig
-
-    compute = method.get("compute_dtype", "auto")
+    try:
+        method = spec.config(**{k: v for k, v in section.items() if k != "name"})
+    except TunesmithError:
+        return None
+    compute = method.compute_dtype
     if compute == "auto":
         compute = (raw.get("model") or {}).get("dtype", "auto")
-    return QuantConfig(
-        method.get("quant", "nf4"),
-        bool(method.get("double_quant", True)),
-        int(method.get("blocksize", 64)),
-        OUTPUT_DTYPES.get(compute, torch.float32),
-    ), compute == "auto"
+    quant = spec.impl.quant_config(method, OUTPUT_DTYPES.get(compute, torch.float32))
+    return quant, compute == "auto"
 
 
 def resolve_quantized_base(setting: str, adapters: list[str]):
     """(QuantConfig or None, whether its compute dtype is the stored dtype) for --quantized-base.
     "auto" reads the QLoRA run config beside the first adapter."""
-    from tunesmith.quant import QuantConfig
-
     if setting not in QUANTIZED_BASES:
         raise TunesmithError(
             f"--quantized-base: {setting!r} is not one of {', '.join(QUANTIZED_BASES)}"
@@ -197,7 +211,6 @@ def merge_checkpoint(
     checkpoint with config, generation config and tokenizer to `out`. See the module docstring.
     With `verify`, both models are loaded afterwards and the largest logit difference is
     reported (this needs memory for both)."""
-    from tunesmith.provenance import resolve_base
 
     if not adapters:
         raise TunesmithError("--adapter: give the adapter folder to merge")
@@ -214,7 +227,6 @@ def merge_checkpoint(
     model = model_skeleton(config, trust_remote_code)
     quantizable: set[str] = set()
     if quant is not None:
-        from tunesmith.quant import quantizable_linears
 
         quantizable = set(quantizable_linears(model, quant))
     for folder in adapters:
@@ -232,7 +244,7 @@ def merge_checkpoint(
         adapters=[str(a) for a in adapters],
         quantized_base=quant.quant if quant is not None else None, dry_run=dry_run,
     )  # fmt: skip
-    methods = sorted({method_of(state.configs[n]) for n in names})
+    methods = sorted({method_of(state.configs[n]).name for n in names})
     report.notes.append(f"adapters: {', '.join(map(str, adapters))} ({', '.join(methods)})")
     if dry_run:
         return report
@@ -248,18 +260,16 @@ def merge_checkpoint(
 
 def _check_mergeable_folder(folder: str) -> None:
     """Refuse prompt/prefix/bottleneck adapters before building anything."""
-    from tunesmith.adapters.peft_format import CONFIG_NAME, PEFT_TYPES
-
     path = Path(folder) / CONFIG_NAME
     try:
         raw = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return  # load_adapter reports a missing or broken config precisely
-    method = PEFT_TYPES.get(raw.get("peft_type", "LORA")) if isinstance(raw, dict) else None
-    if method in UNMERGEABLE:
-        raise TunesmithError(
-            f"--adapter {folder}: {unmergeable_message(Path(folder).name, method)}"
-        )
+    peft_type = raw.get("peft_type", "LORA") if isinstance(raw, dict) else None
+    method = method_for_peft_type(peft_type) if isinstance(peft_type, str) else None
+    if method is not None and method.merge_refusal is not None:
+        message = unmergeable_message(Path(folder).name, method.name, method.merge_refusal)
+        raise TunesmithError(f"--adapter {folder}: {message}")
 
 
 def _tied_modules(model: nn.Module, config) -> set[int]:
@@ -357,9 +367,7 @@ class _Resolver:
 
     def _roundtrip(self, weight: torch.Tensor) -> torch.Tensor:
         """The weight the QLoRA base computed with: quantize, then dequantize (fp32)."""
-        import dataclasses
 
-        from tunesmith.quant import dequantized_weight, new_quantized_linear, quantized_parameter
 
         config = self.quant
         if self.quant_as_stored:
@@ -394,7 +402,6 @@ class _Resolver:
 
 
 def write_config(config, out_dtype: torch.dtype, folder: Path) -> None:
-    import copy
 
     config = copy.deepcopy(config)
     config.dtype = out_dtype
@@ -406,7 +413,6 @@ def write_config(config, out_dtype: torch.dtype, folder: Path) -> None:
 def copy_extras(reader: CheckpointReader, tokenizer: str, folder: Path, notes: list[str]) -> None:
     """generation_config.json from the base checkpoint, the tokenizer (with its chat template)
     from `tokenizer` (a folder or hub id)."""
-    from transformers import AutoTokenizer
 
     base_folder = next(iter(reader.tensors.values())).file.parent if reader.tensors else None
     if base_folder is not None and (base_folder / "generation_config.json").is_file():
@@ -428,16 +434,11 @@ def compare_logits(
 ) -> float:
     """Largest |logit| difference between base + adapters (fp32; a quantized base when `quant`)
     and the merged checkpoint, on two fixed random token sequences."""
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
 
-    from tunesmith.adapters import load_adapter, set_active
 
     hf_logging.disable_progress_bar()
     if quant is not None:
-        import dataclasses
 
-        from tunesmith.quant import load_quantized
 
         reference = load_quantized(base, dataclasses.replace(quant, compute_dtype=torch.float32))
     else:

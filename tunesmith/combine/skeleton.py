@@ -9,17 +9,21 @@ since LoRA factors do not need the base weights."""
 from __future__ import annotations
 
 import torch
+from accelerate import init_empty_weights
 from torch import nn
+from transformers import AutoModelForCausalLM
 
-from tunesmith.adapters.inject import adapter_state, lora_layers
+from tunesmith.adapters.activation import set_active
 from tunesmith.adapters.peft_format import (
     find_adapter_folder,
     load_adapter,
     read_adapter_weights,
     tensor_homes,
 )
+from tunesmith.adapters.state import adapter_state
 from tunesmith.errors import TunesmithError
 from tunesmith.models import read_model_config
+from tunesmith.registry import method_of
 
 
 def base_config(base: str, trust_remote_code: bool = False, revision: str | None = None):
@@ -37,8 +41,6 @@ def base_config(base: str, trust_remote_code: bool = False, revision: str | None
 
 def model_skeleton(config, trust_remote_code: bool = False) -> nn.Module:
     """The causal LM of `config` with every parameter on the meta device (buffers real)."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
 
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(
@@ -67,8 +69,6 @@ def attach_adapters(model: nn.Module, folders: list[str], allow_pickle: bool = F
         tensors = read_adapter_weights(find_adapter_folder(folder, name), allow_pickle)
         _materialize(model, name, tensors)
         names.append(name)
-    from tunesmith.adapters.inject import set_active
-
     set_active(model, names)
     return names
 
@@ -82,9 +82,9 @@ def _materialize(model: nn.Module, name: str, tensors: dict[str, torch.Tensor]) 
             raise TunesmithError(f"adapter {name}: tensor {key} is missing from the adapter file")
         setattr(owner, attr, nn.Parameter(tensors[key].float().contiguous(), requires_grad=False))
     config = adapter_state(model).configs[name]
-    for module_name, layer in lora_layers(model):
-        if name in layer.adapters:
-            layer.adapters[name].scaling = torch.tensor(float(config.scaling_for(module_name)))
+    materialize = method_of(config).hook("materialize")
+    if materialize is not None:
+        materialize(model, name, config)
 
 
 def checkpoint_key(model: nn.Module, reader, module_name: str, attr: str) -> str | None:

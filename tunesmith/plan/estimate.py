@@ -35,7 +35,10 @@ from dataclasses import dataclass
 
 import torch
 
-from tunesmith.plan.trace import TracedStep
+from tunesmith.adapters.holders import AdapterHolder, LinearWrapper
+from tunesmith.config import TrainSection
+from tunesmith.plan.trace import TracedStep, build_model
+from tunesmith.registry import method_named, method_of
 from tunesmith.train.loss import CHUNK_ELEMENTS
 
 
@@ -44,6 +47,8 @@ class Skeleton:
     """What the estimate needs of a model with its method attached, counted on the meta device."""
 
     method: str
+    trains_weights: bool
+    """Full fine-tuning: every weight has a gradient."""
     layers: int
     hidden: int
     q_dim: int
@@ -81,11 +86,11 @@ class Skeleton:
 
 
 def skeleton(model_config, method, compute_dtype: torch.dtype, master: bool) -> Skeleton:
-    """Build the model with `method` on the meta device and measure it."""
-    from tunesmith.plan.trace import build_model
-
+    """Build the model with `method` (a method config) on the meta device and measure it."""
+    spec = method_of(method)
+    train = TrainSection(fp32_master_weights=master, gradient_checkpointing=False)
     with torch.device("meta"):
-        model = build_model(model_config, method, compute_dtype, master)
+        model = build_model(model_config, method, train, compute_dtype)
     config = model.config
     e = torch.empty((), dtype=compute_dtype).element_size()
     heads = config.num_attention_heads
@@ -101,21 +106,11 @@ def skeleton(model_config, method, compute_dtype: torch.dtype, master: bool) -> 
     head = model.get_output_embeddings()
     tied = head is not None and head.weight is embed
     leading = 0.0
-    if method.name not in ("prompt", "prefix") and not embed.requires_grad:
-        for layer in layers:
-            trained = [n for n, p in layer.named_parameters() if p.requires_grad]
-            if not trained:
-                leading += 1
-                continue
-            if all(".tunesmith_bottleneck." in n for n in trained):
-                after = {n.split(".tunesmith_bottleneck.")[0] for n in trained}
-                leading += 1.0 if after == {"mlp"} else 0.5
-            break
-    virtual = 0
-    if method.name == "prompt":
-        virtual = method.num_virtual_tokens
+    if not spec.virtual_tokens and not embed.requires_grad:
+        leading = _leading_frozen(layers)
     return Skeleton(
-        method=method.name,
+        method=spec.name,
+        trains_weights=not spec.trains_adapter,
         layers=len(layers),
         hidden=config.hidden_size,
         q_dim=heads * head_dim,
@@ -133,10 +128,10 @@ def skeleton(model_config, method, compute_dtype: torch.dtype, master: bool) -> 
         largest_trainable_bytes=max((_nbytes([p]) for p in trainable), default=0),
         input_embedding_bytes=_nbytes([embed]) if embed.requires_grad and not tied else 0,
         head_bytes=_nbytes(p for p in head.parameters() if p.requires_grad) if head else 0,
-        quantized=method.name == "qlora",
+        quantized=spec.quantized_base,
         layer_linear_params=linear_params,
         adapter_bytes_per_token=per_token,
-        virtual_tokens=virtual,
+        virtual_tokens=spec.sequence_tokens(method),
         leading_frozen=leading,
     )
 
@@ -151,6 +146,29 @@ SHARED_INPUTS = {
 """Linears that read the same tensor (Llama-style names)."""
 
 
+def _leading_frozen(layers) -> float:
+    """Decoder layers before the first with a trained parameter; a layer whose only trained
+    parameters sit in adapters on its sub-layers' outputs (`AdapterHolder.on_output`) counts
+    as 1 when they all follow its `mlp` (its own work is frozen), else as half."""
+    leading = 0.0
+    for layer in layers:
+        trained = [n for n, p in layer.named_parameters() if p.requires_grad]
+        if not trained:
+            leading += 1
+            continue
+        attached = {
+            n: n.rsplit(".", 1)[0]
+            for n, m in layer.named_modules()
+            if isinstance(m, AdapterHolder) and m.on_output
+        }
+        owners = {next((n for n in attached if p.startswith(n + ".")), None) for p in trained}
+        if None not in owners:
+            after = {attached[n].rsplit(".", 1)[-1] for n in owners}
+            leading += 1.0 if after == {"mlp"} else 0.5
+        break
+    return leading
+
+
 def _layer_saves(layer, e: int) -> tuple[float, int]:
     """(bytes per token that one decoder layer's linears and adapters save for the backward
     pass, the layer's linear weights). A linear's input is kept once per group of linears
@@ -159,18 +177,12 @@ def _layer_saves(layer, e: int) -> tuple[float, int]:
     keeps its own dropped copy and mask instead; LoRA keeps its rank-wide middle, IA3 on an
     output the unscaled output, DoRA its base and low-rank terms, a bottleneck adapter its
     linears' inputs and its nonlinearity's."""
-    from tunesmith.adapters.bottleneck import Bottlenecks
-    from tunesmith.adapters.ia3 import IA3Layer
-    from tunesmith.adapters.lora import LinearWrapper, LoRALayer
-    from tunesmith.plan.trace import QuantizedStandIn
-
     groups: dict[str, list] = {}
     extra = 0.0
     params = 0
     for name, module in layer.named_modules():
-        if isinstance(module, Bottlenecks):
-            for adapter in module.adapters.values():
-                extra += e * adapter.down.out_features  # the nonlinearity's input
+        if isinstance(module, AdapterHolder) and not isinstance(module, LinearWrapper):
+            extra += module.saved_bytes_per_token(e)
             continue
         base = module.base_layer if isinstance(module, LinearWrapper) else module
         if not isinstance(base, torch.nn.Linear) or any(
@@ -178,21 +190,11 @@ def _layer_saves(layer, e: int) -> tuple[float, int]:
         ):
             continue
         params += base.in_features * base.out_features
-        saves = isinstance(base, QuantizedStandIn) or base.weight.requires_grad
-        if isinstance(module, LoRALayer):
-            for adapter in module.adapters.values():
-                extra += e * adapter.r
-                if isinstance(adapter.dropout, torch.nn.Identity):
-                    saves = True
-                else:
-                    extra += (e + 1) * base.in_features
-                if adapter.use_dora:
-                    extra += 2 * e * base.out_features
-        elif isinstance(module, IA3Layer):
-            if module.feedforward:
-                saves = True
-            else:
-                extra += e * base.out_features
+        saves = getattr(base, "saves_input", False) or base.weight.requires_grad
+        if isinstance(module, LinearWrapper):
+            more, needs_input = module.saved_bytes_per_token(e)
+            extra += more
+            saves = saves or needs_input
         key = SHARED_INPUTS.get(name.rsplit(".", 1)[-1], name)
         groups.setdefault(key, []).append((base.in_features, saves))
     for members in groups.values():
@@ -239,7 +241,7 @@ def estimate_step(
     e = sk.compute_bytes
     d, q, kv, inter, heads = sk.hidden, sk.q_dim, sk.kv_dim, sk.intermediate, sk.heads
     tokens = batch * (seq_len + sk.virtual_tokens)
-    full = sk.method == "full"
+    full = sk.trains_weights
     residual = 4 if sk.master else e  # the residual stream's element size
     per_token = 8 * d + e * (2 * q + 2 * kv) + 4 * heads + 3 * e * inter
     per_token += sk.adapter_bytes_per_token
@@ -300,3 +302,22 @@ def estimate_step(
         total_params=sk.total_params,
         phase=phase,
     )
+
+
+def flops_per_token(config, method: str, seq_len: int, checkpointing: bool) -> float:
+    """Training FLOPs per token of method `method` (a name): full ≈ 6N (forward 2N, backward
+    4N), adapters ≈ 4N (no weight gradients for the frozen base), plus attention (causal: 2·layers·seq·hidden forward, twice
+    that backward), plus one more forward with gradient checkpointing."""
+    layers = config.num_hidden_layers
+    hidden = config.hidden_size
+    vocab = config.vocab_size
+    inter = config.intermediate_size
+    kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+    per_layer = hidden * (hidden + 2 * kv * head_dim) + hidden * hidden + 3 * hidden * inter
+    n = layers * per_layer + hidden * vocab  # matmul parameters (the head included)
+    attention = 2 * layers * seq_len * hidden  # causal QKᵀ and AV, forward
+    forward = 2 * n + attention
+    weight_gradients = not method_named(method).trains_adapter
+    backward = (4 * n if weight_gradients else 2 * n) + 2 * attention
+    return forward + backward + (forward if checkpointing else 0)

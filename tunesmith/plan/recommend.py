@@ -18,8 +18,9 @@ import numpy as np
 import torch
 
 from tunesmith.errors import TunesmithError, first_line
-from tunesmith.plan.estimate import Skeleton, estimate_step, skeleton
+from tunesmith.plan.estimate import Skeleton, estimate_step, flops_per_token, skeleton
 from tunesmith.plan.gpus import UTILIZATION
+from tunesmith.registry import find_method, method_of, registered_methods
 
 GIB = 2**30
 MAX_MICRO_BATCH = 1024
@@ -90,48 +91,25 @@ class Workload:
 
 def method_label(method) -> str:
     """The method's name in the table: its name, or dora / qlora+dora for LoRA with DoRA."""
-    if method.name in ("lora", "qlora") and method.use_dora:
-        return "dora" if method.name == "lora" else "qlora+dora"
-    return method.name
+    return method_of(method).label_of(method)
 
 
 def methods_to_compare(method) -> list[tuple[str, object]]:
-    """(label, method) for full, LoRA, QLoRA, DoRA, IA3, prefix, prompt and bottleneck
-    tuning with their defaults; LoRA-family rows take the run's rank and targets when the run
-    uses LoRA, and the run's own method replaces its row (or is added)."""
-    from tunesmith.config import (
-        BottleneckMethod,
-        FullMethod,
-        IA3Method,
-        LoRAMethod,
-        PrefixMethod,
-        PromptMethod,
-        QLoRAMethod,
-    )  # fmt: skip
-
-    shared = {}
-    if method.name in ("lora", "qlora"):
-        shared = {k: v for k, v in method.model_dump().items() if k in LoRAMethod.model_fields}
-        shared.pop("name")
-        shared["use_dora"] = False
-    rows = {
-        "full": FullMethod(),
-        "lora": LoRAMethod(**shared),
-        "qlora": QLoRAMethod(**shared),
-        "dora": LoRAMethod(**{**shared, "use_dora": True}),
-        "ia3": IA3Method(),
-        "prefix": PrefixMethod(),
-        "prompt": PromptMethod(),
-        "bottleneck": BottleneckMethod(),
-    }
+    """(label, method config) for every registered method with its defaults (LoRA: LoRA and
+    DoRA; LoRA-family rows take the run's rank and targets when the run uses LoRA), and the
+    run's own method replaces its row (or is added)."""
+    rows = {}
+    for spec in registered_methods():
+        rows.update(spec.rows_for_plan(method))
     rows[method_label(method)] = method
     return list(rows.items())
 
 
-def settings_for(method: str) -> list[Setting]:
+def settings_for(method) -> list[Setting]:
+    """The switches tried, cheapest last; full fine-tuning may also drop fp32 master weights."""
     out = [Setting(False, "adamw", True), Setting(True, "adamw", True)]
     out.append(Setting(True, "adamw_8bit", True))
-    if method == "full":
+    if not method_of(method).trains_adapter:
         out.append(Setting(True, "adamw_8bit", False))
     return out
 
@@ -155,8 +133,6 @@ def option_for(
 ) -> Option:  # fmt: skip
     """`method` at `setting`: its estimated peak at the run's shape, whether that fits, the
     largest micro-batch and sequences that fit, its speed and the dataset's hours."""
-    from tunesmith.plan.run import flops_per_token
-
     seq, batch = config.data.max_seq_len, config.train.micro_batch_size
     max_positions = getattr(model_config, "max_position_embeddings", None) or 131072
 
@@ -173,12 +149,12 @@ def option_for(
         max_seq_batch = largest(lambda n: under(batch, n * SEQ_STEP), 1, top) * SEQ_STEP
     speed = hours = None
     if tflops is not None:
-        flops = flops_per_token(model_config, method.name, seq, setting.checkpointing)
+        flops = flops_per_token(model_config, method_of(method).name, seq, setting.checkpointing)
         speed = tflops * 1e12 * UTILIZATION / flops
         if work is not None:
             hours = work.processed_tokens / speed / 3600
     return Option(
-        method.name, setting, int(peak), memory_bytes is None or peak <= memory_bytes,
+        method_of(method).name, setting, int(peak), memory_bytes is None or peak <= memory_bytes,
         max_batch, max_seq, max_seq_batch, sk.trainable_params, speed, hours,
     )  # fmt: skip
 
@@ -203,8 +179,8 @@ def compare_methods(
             if notes is not None:
                 notes.append(f"{label} left out of the method table: {first_line(err)}")
             continue
-        for setting in settings_for(method.name):
-            master = method.name == "full" and setting.master
+        for setting in settings_for(method):
+            master = not method_of(method).trains_adapter and setting.master
             if master not in skeletons:
                 skeletons[master] = skeleton(model_config, method, compute_dtype, master)
             sk = skeletons[master]
@@ -345,7 +321,7 @@ def to_fit(options: list[Option], run: Option, seq: int, batch: int) -> str:
                 size = "" if option.fits else f" at micro-batch {option.max_micro_batch}"
                 changes.append(f"{option.setting.changes_from(run.setting)}{size}")
             continue
-        if option.method not in ("full", "lora", "qlora"):
+        if not _suggested(option.method):
             continue  # the table shows the rest
         if option.fits:
             changes.append(
@@ -358,3 +334,9 @@ def to_fit(options: list[Option], run: Option, seq: int, batch: int) -> str:
                 f"{option.setting.describe()})"
             )
     return "; or ".join(changes)
+
+
+def _suggested(label: str) -> bool:
+    """Whether what-to-change may suggest switching to the method of a table row."""
+    spec = find_method(label)
+    return spec is not None and spec.suggest_in_plan

@@ -9,10 +9,26 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from tunesmith.errors import TunesmithError
-from tunesmith.models import read_model_config
+from tunesmith.models import load_tokenizer, read_model_config
+from tunesmith.plan.estimate import estimate_step, flops_per_token, skeleton
 from tunesmith.plan.gpus import GPU, UTILIZATION, gpu
-from tunesmith.plan.recommend import Option, Setting, Workload
+from tunesmith.plan.recommend import (
+    SEQ_STEP,
+    Option,
+    Setting,
+    Workload,
+    compare_methods,
+    method_label,
+    methods_to_compare,
+    option_for,
+    pick,
+    switch_notes,
+    to_fit,
+    workload,
+)
 from tunesmith.plan.trace import TracedStep, trace_step
+from tunesmith.registry import method_of
+from tunesmith.shards import parse_size
 
 GIB = 2**30
 SMALL_MODEL = 3e9
@@ -128,28 +144,9 @@ def _duration(hours: float) -> str:
     return f"{hours:.1f} h"
 
 
-def flops_per_token(config, method: str, seq_len: int, checkpointing: bool) -> float:
-    """Training FLOPs per token: full ≈ 6N (forward 2N, backward 4N), adapters ≈ 4N (no weight
-    gradients for the frozen base), plus attention (causal: 2·layers·seq·hidden forward, twice
-    that backward), plus one more forward with gradient checkpointing."""
-    layers = config.num_hidden_layers
-    hidden = config.hidden_size
-    vocab = config.vocab_size
-    inter = config.intermediate_size
-    kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
-    per_layer = hidden * (hidden + 2 * kv * head_dim) + hidden * hidden + 3 * hidden * inter
-    n = layers * per_layer + hidden * vocab  # matmul parameters (the head included)
-    attention = 2 * layers * seq_len * hidden  # causal QKᵀ and AV, forward
-    forward = 2 * n + attention
-    backward = (4 * n if method == "full" else 2 * n) + 2 * attention
-    return forward + backward + (forward if checkpointing else 0)
-
-
 def plan_run(config, gpu_name: str | None = None, gpu_mem: str | None = None) -> Plan:
     """Trace the run config's training step (see `trace.py`) and estimate its speed."""
 
-    from tunesmith.shards import parse_size
 
     target: GPU | None = gpu(gpu_name) if gpu_name else None
     memory = target.memory_gib if target else None
@@ -169,7 +166,7 @@ def plan_run(config, gpu_name: str | None = None, gpu_mem: str | None = None) ->
     batch = config.train.micro_batch_size
     traced = trace_step(model_config, method, train, seq, batch, dtype)
     fits = None if memory is None else traced.peak_bytes <= memory * GIB
-    flops = flops_per_token(model_config, method.name, seq, checkpointing)
+    flops = flops_per_token(model_config, method_of(method).name, seq, checkpointing)
     speed = target.tflops * 1e12 * UTILIZATION / flops if target else None
     notes: list[str] = []
     if speed is not None and traced.total_params < SMALL_MODEL:
@@ -180,7 +177,7 @@ def plan_run(config, gpu_name: str | None = None, gpu_mem: str | None = None) ->
     work = _workload(config, notes)
     hours = work.processed_tokens / speed / 3600 if work is not None and speed else None
     plan = Plan(
-        model=config.model.path, method=method.name, micro_batch=batch, seq_len=seq,
+        model=config.model.path, method=method_of(method).name, micro_batch=batch, seq_len=seq,
         dtype=dtype_name, gradient_checkpointing=checkpointing, optimizer=train.optimizer,
         traced=traced, gpu=target.name if target else None, gpu_memory_gib=memory, fits=fits,
         flops_per_token=flops, tokens_per_s=speed, workload=work, hours=hours, notes=notes,
@@ -191,13 +188,11 @@ def plan_run(config, gpu_name: str | None = None, gpu_mem: str | None = None) ->
 
 def nothing_fits(plan: Plan, model_config, config, dtype) -> str:
     """What the smallest setup needs, at micro-batch 1 and a short sequence, and what to do."""
-    from tunesmith.plan.estimate import estimate_step, skeleton
-    from tunesmith.plan.recommend import SEQ_STEP, methods_to_compare
 
     best = None
     for label, method in methods_to_compare(config.method):
         o = next(o for o in plan.options if o.method == label)
-        master = method.name == "full" and o.setting.master
+        master = not method_of(method).trains_adapter and o.setting.master
         sk = skeleton(model_config, method, dtype, master)
         est = estimate_step(sk, SEQ_STEP, 1, True, o.setting.optimizer)
         if best is None or est.peak_bytes < best[0].peak_bytes:
@@ -213,8 +208,6 @@ def nothing_fits(plan: Plan, model_config, config, dtype) -> str:
 
 def _workload(config, notes: list[str]) -> Workload | None:
     """The run's dataset as the trainer batches it, or None with a note saying why not."""
-    from tunesmith.models import load_tokenizer
-    from tunesmith.plan.recommend import workload
 
     try:
         tokenizer = load_tokenizer(config.model)
@@ -234,20 +227,11 @@ def _workload(config, notes: list[str]) -> Workload | None:
 
 def _advise(plan: Plan, model_config, config, dtype, memory, target, work) -> None:
     """Fill in the method table, the recommendation, the switches and what to change."""
-    from tunesmith.plan.estimate import skeleton
-    from tunesmith.plan.recommend import (
-        compare_methods,
-        method_label,
-        option_for,
-        pick,
-        switch_notes,
-        to_fit,
-    )  # fmt: skip
 
     memory_bytes = memory * GIB if memory is not None else None
     tflops = target.tflops if target else None
     method, train = config.method, config.train
-    master = method.name == "full" and train.fp32_master_weights
+    master = not method_of(method).trains_adapter and train.fp32_master_weights
     sk = skeleton(model_config, method, dtype, master)
     plan.switches = switch_notes(
         sk, plan.seq_len, plan.micro_batch, plan.gradient_checkpointing, train.optimizer,
@@ -263,7 +247,8 @@ def _advise(plan: Plan, model_config, config, dtype, memory, target, work) -> No
         plan.notes.append(nothing_fits(plan, model_config, config, dtype))
     elif plan.fits is False:
         setting = Setting(
-            plan.gradient_checkpointing, train.optimizer, master or method.name != "full"
+            plan.gradient_checkpointing, train.optimizer,
+            master or method_of(method).trains_adapter,
         )
         own = option_for(model_config, method, setting, sk, config, memory_bytes, tflops, work)
         own.method = method_label(method)

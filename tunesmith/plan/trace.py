@@ -14,8 +14,9 @@ output and a log-sum-exp per row, never the (seq × seq) score matrix; `attentio
 traces that kernel's memory, `attention="eager"` traces the model's own attention (what CPU
 runs use). With "flash", dropout also keeps a 1-byte mask as on a GPU (`FusedDropout`), where
 the CPU kernel keeps one in the activations' dtype. 8-bit optimizer states are counted as 2
-bytes per trainable parameter. QLoRA's bitsandbytes layers cannot run on fake tensors:
-`QuantizedStandIn` stores what they store and allocates what their matmul allocates.
+bytes per trainable parameter. QLoRA's bitsandbytes layers cannot run on fake tensors: the
+method's `trace_base` puts a stand-in in their place that stores what they store and allocates
+what their matmul allocates.
 """
 
 from __future__ import annotations
@@ -24,8 +25,13 @@ import weakref
 from dataclasses import dataclass, field
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
+from transformers import AttentionInterface
+
+from tunesmith import builder
+from tunesmith.train.loss import ALL_TRAINED, model_loss_sum
 
 PLAN_ATTENTION = "tunesmith_plan_fused"
 
@@ -135,103 +141,26 @@ class FusedDropout(torch.nn.Dropout):
         return torch.native_dropout(x, self.p, True)[0]
 
 
-class _QuantizedMatmul(torch.autograd.Function):
-    """Memory of a bitsandbytes quantized matmul with a frozen weight: the forward and the
-    backward each dequantize the weight into a temporary of the compute dtype (4-bit), or, for
-    LLM.int8, quantize the input to int8 and accumulate in int32; the input is saved."""
-
-    @staticmethod
-    def forward(ctx, x, packed, out_features, int8):
-        ctx.int8, ctx.out_features, ctx.in_features = int8, out_features, x.shape[-1]
-        ctx.save_for_backward(x)
-        if int8:
-            x8 = torch.empty(x.shape, dtype=torch.int8)
-            acc = torch.empty(*x.shape[:-1], out_features, dtype=torch.int32)
-            del x8
-            return acc.to(x.dtype)
-        weight = x.new_empty(out_features, x.shape[-1])
-        return torch.nn.functional.linear(x, weight)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        weight = grad.new_empty(ctx.out_features, ctx.in_features)  # dequantized again
-        return grad @ weight, None, None, None
-
-
-class QuantizedStandIn(torch.nn.Linear):
-    """A frozen linear stored as bitsandbytes stores it (NF4/FP4: packed 4-bit codes, one
-    absmax per block, double-quantized or not; int8: one byte per weight and a per-row scale),
-    computing with `_QuantizedMatmul`'s memory. For tracing only: it computes no values."""
-
-    def __init__(self, linear: torch.nn.Linear, quant: str, blocksize: int, double_quant: bool):
-        torch.nn.Module.__init__(self)
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.quant = quant
-        n = self.in_features * self.out_features
-        frozen = {"requires_grad": False}
-        if quant == "int8":
-            self.weight = torch.nn.Parameter(torch.empty(n, dtype=torch.int8), **frozen)
-            self.register_buffer("scales", torch.empty(self.out_features))
-        else:
-            self.weight = torch.nn.Parameter(torch.empty(n // 2, dtype=torch.uint8), **frozen)
-            blocks = -(-n // blocksize)
-            if double_quant:
-                self.register_buffer("absmax", torch.empty(blocks, dtype=torch.uint8))
-                self.register_buffer("absmax2", torch.empty(-(-blocks // 256)))
-            else:
-                self.register_buffer("absmax", torch.empty(blocks))
-        self.bias = linear.bias
-
-    def forward(self, x):
-        out = _QuantizedMatmul.apply(x, self.weight, self.out_features, self.quant == "int8")
-        return out if self.bias is None else out + self.bias
-
-
-def _quantize_for_trace(model, method, compute_dtype) -> None:
-    from tunesmith.quant import QuantConfig, quantizable_linears
-
-    config = QuantConfig(method.quant, method.double_quant, method.blocksize, compute_dtype)
-    for name in quantizable_linears(model, config):
-        linear = model.get_submodule(name)
-        stand_in = QuantizedStandIn(linear, method.quant, method.blocksize, method.double_quant)
-        model.set_submodule(name, stand_in)
-
-
 def _plan_attention(module, query, key, value, attention_mask, **kwargs):
     out = _FlashAttention.apply(query, key, value)  # (batch, heads, seq, dim)
     return out.transpose(1, 2).contiguous(), None
 
 
 def _register_attention() -> None:
-    from transformers import AttentionInterface
-
     AttentionInterface.register(PLAN_ATTENTION, _plan_attention)
 
 
-def build_model(model_config, method, compute_dtype, master: bool, attention: str = "flash"):
-    """The model the run trains, built from `model_config` under whatever tensor mode or device
-    is current (fake tensors to trace, the meta device to count): weights in `compute_dtype`
-    (fp32 for full fine-tuning with fp32 master weights), QLoRA's quantized linears as
-    `QuantizedStandIn`, the method's adapter attached as `tunesmith train` attaches it."""
-    from transformers import AutoModelForCausalLM
-
-    config = type(model_config).from_dict(model_config.to_dict())
+def build_model(model_config, method, train, compute_dtype, attention: str = "flash"):
+    """The model the run trains (see `tunesmith.builder.build_model`), built from
+    `model_config` under whatever tensor mode or device is current (fake tensors to trace, the
+    meta device to count), in training mode with `train`'s checkpointing. "flash" attention is
+    the GPU's fused kernel's memory (see the module docstring)."""
     if attention == "flash":
         _register_attention()
-        config._attn_implementation = PLAN_ATTENTION
-    else:
-        config._attn_implementation = attention
-    model = AutoModelForCausalLM.from_config(
-        config, dtype=torch.float32 if master else compute_dtype
-    )
-    if method.name == "qlora":
-        _quantize_for_trace(model, method, compute_dtype)
-    if method.name != "full":
-        from tunesmith.adapters import add_adapter
-
-        add_adapter(model, method.to_adapter_config())
-    return model
+    return builder.build_model(
+        method, train=train, compute_dtype=compute_dtype, model_config=model_config,
+        attention=PLAN_ATTENTION if attention == "flash" else attention,
+    )  # fmt: skip
 
 
 @dataclass
@@ -259,25 +188,15 @@ def trace_step(
 ) -> TracedStep:
     """Trace two training steps of `method` (a run config's method section) with `train`'s
     micro-batch settings on a model built from `model_config`; see the module docstring."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    from tunesmith.models import enable_checkpointing
-    from tunesmith.train.loss import ALL_TRAINED, model_loss_sum
-
-    full = method.name == "full"
-    master = full and train.fp32_master_weights
+    master = builder.weights_dtype(method, train, compute_dtype) != compute_dtype
     token = ALL_TRAINED.set(True)
     try:
         with FakeTensorMode(allow_non_fake_inputs=True):
-            model = build_model(model_config, method, compute_dtype, master, attention)
+            model = build_model(model_config, method, train, compute_dtype, attention)
             if attention == "flash":  # the GPU's kernels (eager: the CPU's, for tests)
                 for module in model.modules():
                     if type(module) is torch.nn.Dropout:
                         module.__class__ = FusedDropout
-            if train.gradient_checkpointing:
-                enable_checkpointing(model)
-            model.config.use_cache = False
-            model.train()
             params = [p for p in model.parameters() if p.requires_grad]
             optimizer = torch.optim.AdamW(params, lr=1e-4, foreach=False)
             ids = torch.zeros(batch, seq_len, dtype=torch.long)

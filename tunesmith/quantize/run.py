@@ -312,7 +312,7 @@ def _check_quantizable(model, method: str) -> None:
 def _write_bitsandbytes(source, method, folder: Path, compute, device, trust_remote_code) -> None:
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from tunesmith.quant import bitsandbytes
+    from tunesmith.qlora_base import bitsandbytes
 
     bitsandbytes()
     if method == "int8":

@@ -16,6 +16,7 @@ import contextlib
 import json
 import math
 import os
+import random
 import resource
 import shutil
 import signal
@@ -25,12 +26,18 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from tunesmith.adapters import trainable_parameters
+from tunesmith.builder import build_model, load_trained, output_name, run_dtypes, save_trained
 from tunesmith.config import RunConfig, config_yaml
-from tunesmith.errors import TunesmithError
+from tunesmith.data import prepare_data
+from tunesmith.errors import AdapterError, TunesmithError
 from tunesmith.io import atomic_write, atomic_write_json, reporting_full_disk
 from tunesmith.lock import FolderLock, stale_message
+from tunesmith.models import load_tokenizer, resolve_device
+from tunesmith.registry import method_of
 from tunesmith.train.batches import BatchPlan, eval_batches, trained_tokens
 from tunesmith.train.checkpoint import (
     list_checkpoints,
@@ -42,6 +49,7 @@ from tunesmith.train.checkpoint import (
 )
 from tunesmith.train.loss import model_loss_sum
 from tunesmith.train.optim import build_optimizer, build_scheduler
+from tunesmith.train.plot import plot_metrics, read_metrics
 from tunesmith.train.progress import Progress
 
 
@@ -61,10 +69,6 @@ RUN_FILES = (
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
-    import random
-
-    import numpy as np
-
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -163,37 +167,20 @@ class Run:
             raise
 
     def _setup(self) -> None:
-        from tunesmith.data import prepare_data
-        from tunesmith.models import (
-            compute_dtype,
-            enable_checkpointing,
-            load_base_for,
-            load_tokenizer,
-            resolve_device,
-        )
-
         cfg = self.config
+        self.method = method_of(cfg.method)
         self._check_output_dir()
         seed_everything(cfg.train.seed, cfg.train.deterministic)
         self.tokenizer = load_tokenizer(cfg.model)
         self.prepared = prepare_data(cfg.data, self.tokenizer, cfg.train.seed, self.use_cache)
         self.device = resolve_device(cfg.model.device)
-        self.dtype = compute_dtype(cfg, self.device)
-        full = cfg.method.name == "full"
         # Full fine-tuning keeps fp32 master weights (unless told not to) and autocasts to the
         # compute dtype; adapters train in fp32 on a frozen base stored in the compute dtype.
-        master = full and cfg.train.fp32_master_weights
-        weights_dtype = torch.float32 if master else self.dtype
-        self.model = load_base_for(cfg.method, cfg.model, self.device, weights_dtype)
-        if not full:
-            from tunesmith.adapters import add_adapter
-
-            torch.manual_seed(cfg.train.seed)
-            add_adapter(self.model, cfg.method.to_adapter_config(), tokenizer=self.tokenizer)
-        if cfg.train.gradient_checkpointing:
-            enable_checkpointing(self.model)
-        self.model.config.use_cache = False
-        self.model.train()
+        self.dtype = run_dtypes(cfg, self.device).compute
+        self.model = build_model(
+            cfg.method, model=cfg.model, train=cfg.train, device=self.device,
+            compute_dtype=self.dtype, tokenizer=self.tokenizer, seed=cfg.train.seed,
+        )  # fmt: skip
 
         self.pad_id = self.tokenizer.pad_token_id
         if self.pad_id is None:
@@ -274,34 +261,16 @@ class Run:
         self.progress.log(f"resumed from {folder} at step {self.start_step}")
 
     def _load_weights(self, folder: Path) -> None:
-        if self.config.method.name != "full":
-            from tunesmith.adapters import load_adapter
-
-            load_adapter(self.model, folder, name="default")  # hot-swap in place
-            return
-        from safetensors.torch import load_file
-
-        tensors = {}
-        for f in sorted(folder.glob("model*.safetensors")):
-            tensors.update(load_file(f, device=self.device))
-        missing, unexpected = self.model.load_state_dict(tensors, strict=False)
-        loaded = {p.data_ptr() for n, p in self.model.named_parameters() if n in tensors}
-        really_missing = [
-            n
-            for n, p in self.model.named_parameters()
-            if n in missing and p.data_ptr() not in loaded
-        ]
-        if really_missing or unexpected:
-            raise TrainingError(
-                f"--resume: {folder} does not match the model: missing {really_missing[:3]}, "
-                f"unexpected {unexpected[:3]}"
-            )
+        try:
+            load_trained(self.model, self.method, folder, self.device)
+        except AdapterError:
+            raise
+        except TunesmithError as err:
+            raise TrainingError(str(err)) from None
 
     def _truncate_metrics(self, step: int) -> None:
         """Cut metrics.jsonl back to `step`. A torn last line (a kill mid-write) is dropped;
         damage anywhere else is an error naming the line."""
-        from tunesmith.train.plot import read_metrics
-
         path = self.out / "metrics.jsonl"
         if not path.is_file():
             return
@@ -317,18 +286,13 @@ class Run:
 
     def _save(self, step: int) -> Path:
         def save_weights(folder: Path) -> None:
-            if self.config.method.name == "full":
-                self.model.save_pretrained(folder, safe_serialization=True)
-            else:
-                from tunesmith.adapters import save_adapter
-
-                save_adapter(self.model, folder)
+            save_trained(self.model, self.method, folder)
 
         state = {
             "total_steps": self.total_steps,
             "steps_per_epoch": self.plan.steps_per_epoch,
             "counters": self.counters,
-            "method": self.config.method.name,
+            "method": self.method.name,
         }
         self.last_checkpoint = save_checkpoint(
             self.out,
@@ -453,8 +417,6 @@ class Run:
         final = self._write_final()
         summary = self._summary(last, val, final)
         atomic_write_json(summary, self.out / "summary.json")
-        from tunesmith.train.plot import plot_metrics
-
         plot_metrics(self.out)
         self.close()
         return summary
@@ -470,18 +432,13 @@ class Run:
     def _write_final(self) -> Path:
         """The trained adapter (PEFT format) or model (HF checkpoint), with the tokenizer, in
         output_dir/adapter or output_dir/model, replaced in one rename."""
-        name = "model" if self.config.method.name == "full" else "adapter"
+        name = output_name(self.method)
         final = self.out / name
         tmp = self.out / f".tmp-{name}"
         shutil.rmtree(tmp, ignore_errors=True)
         with reporting_full_disk(final):
             try:
-                if self.config.method.name == "full":
-                    self.model.save_pretrained(tmp, safe_serialization=True)
-                else:
-                    from tunesmith.adapters import save_adapter
-
-                    save_adapter(self.model, tmp)
+                save_trained(self.model, self.method, tmp)
                 self.tokenizer.save_pretrained(tmp)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -492,11 +449,9 @@ class Run:
         return final
 
     def _summary(self, last: dict, val: dict | None, final: Path) -> dict:
-        from tunesmith.adapters import trainable_parameters
-
         counts = trainable_parameters(self.model)
         return {
-            "method": self.config.method.name,
+            "method": self.method.name,
             "steps": self.total_steps,
             "epochs": round(self.plan.epoch_of(self.total_steps), 4),
             "tokens": self.counters["tokens"],

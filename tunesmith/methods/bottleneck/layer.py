@@ -18,65 +18,20 @@ from h (like stacked LoRA adapters).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tunesmith.adapters.lora import RowRoutes
+from tunesmith.adapters.holders import AdapterHolder
+from tunesmith.adapters.targets import MLP_SUBLAYERS, hidden_size
 from tunesmith.errors import AdapterError
+from tunesmith.methods.bottleneck import BottleneckConfig
 
 ATTR = "tunesmith_bottleneck"
 ATTENTION_NAMES = ("self_attn", "attn", "attention", "self_attention")
-MLP_NAMES = ("mlp", "feed_forward", "ffn")
+MLP_NAMES = MLP_SUBLAYERS
 NONLINEARITIES = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
-
-
-@dataclass
-class BottleneckConfig:
-    style: Literal["houlsby", "pfeiffer"] = "pfeiffer"
-    """"houlsby": adapters after attention and after the MLP; "pfeiffer": after the MLP only."""
-    reduction_factor: int = 16
-    """Bottleneck width = hidden_size / reduction_factor."""
-    nonlinearity: Literal["relu", "gelu", "silu", "tanh"] = "relu"
-    """Activation between the down- and up-projection."""
-    dropout: float = 0.0
-    """Dropout on the adapter's input during training."""
-    targets: list[str] | None = None
-    """Sub-layers to adapt: full module names, or names relative to a numbered layer ("mlp",
-    "self_attn"); default: each layer's MLP, and for Houlsby also its attention."""
-    layers: list[int] | None = None
-    """Only adapt these layer indices."""
-
-    def __post_init__(self) -> None:
-        if self.style not in ("houlsby", "pfeiffer"):
-            raise AdapterError(f"style must be houlsby or pfeiffer, got {self.style!r}")
-        if isinstance(self.reduction_factor, bool) or not isinstance(self.reduction_factor, int):
-            raise AdapterError(
-                f"reduction_factor must be an integer, got {self.reduction_factor!r}"
-            )
-        if self.reduction_factor <= 0:
-            raise AdapterError(f"reduction_factor must be positive, got {self.reduction_factor}")
-        if self.nonlinearity not in NONLINEARITIES:
-            raise AdapterError(
-                f"nonlinearity must be one of {', '.join(NONLINEARITIES)}, "
-                f"got {self.nonlinearity!r}"
-            )
-        if not 0.0 <= self.dropout < 1.0:
-            raise AdapterError(f"dropout must be in [0, 1), got {self.dropout}")
-        if isinstance(self.targets, (list, tuple)) and not self.targets:
-            raise AdapterError('targets is empty; name sub-layers such as ["mlp"]')
-
-    def width(self, hidden: int) -> int:
-        width = hidden // self.reduction_factor
-        if width < 1:
-            raise AdapterError(
-                f"reduction_factor {self.reduction_factor} leaves no bottleneck for hidden size "
-                f"{hidden}; use reduction_factor <= {hidden}"
-            )
-        return width
 
 
 class BottleneckAdapter(nn.Module):
@@ -101,17 +56,23 @@ class BottleneckAdapter(nn.Module):
         return F.linear(z, self.up.weight.to(dtype), self.up.bias.to(dtype))
 
 
-class Bottlenecks(nn.Module):
+class Bottlenecks(AdapterHolder):
     """The bottleneck adapters of one sub-layer (attached to it as `tunesmith_bottleneck`)."""
 
     def __init__(self, sublayer: nn.Module, hidden: int) -> None:
         super().__init__()
         self.hidden = hidden
-        self.adapters = nn.ModuleDict()
-        self.active: tuple[str, ...] = ()
-        self.disabled = False
-        self.routes: RowRoutes | None = None
         self._handle = sublayer.register_forward_hook(self._apply)
+
+    on_output = True
+
+    def detach_from(self, model: nn.Module, module_name: str) -> None:
+        remove_bottleneck(model, module_name.rsplit(".", 1)[0])
+
+    def saved_bytes_per_token(self, element_bytes: int) -> float:
+        """Each adapter keeps its nonlinearity's input (its linears' inputs are counted as the
+        sub-layer's output and the bottleneck)."""
+        return float(sum(element_bytes * a.down.out_features for a in self.adapters.values()))
 
     def remove_hook(self) -> None:
         self._handle.remove()
@@ -164,18 +125,6 @@ def find_sublayers(model: nn.Module, config: BottleneckConfig) -> list[str]:
             f"of {type(model).__name__}; set targets to its attention/MLP module names"
         )
     return found
-
-
-def hidden_size(model: nn.Module) -> int:
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "get_text_config"):
-        config = config.get_text_config(decoder=True)
-    hidden = getattr(config, "hidden_size", None)
-    if not isinstance(hidden, int):
-        raise AdapterError(
-            f"bottleneck adapters need hidden_size in {type(model).__name__}'s config"
-        )
-    return hidden
 
 
 def bottleneck_holders(model: nn.Module):

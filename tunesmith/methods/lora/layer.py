@@ -15,98 +15,13 @@ exactly the sum of the single-adapter deltas.
 from __future__ import annotations
 
 import math
-import re
-from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
+from tunesmith.adapters.holders import LinearWrapper
 from tunesmith.errors import AdapterError
-
-INIT_METHODS = ("default", "gaussian", "pissa")
-
-
-@dataclass
-class LoRAConfig:
-    """How to add one LoRA adapter to a model. Field names follow tunesmith's run config; the
-    PEFT equivalents are noted where they differ."""
-
-    r: int = 16
-    """Rank of the update B·A (PEFT: `r`)."""
-    alpha: float = 32
-    """Scale numerator: s = alpha / r, or alpha / sqrt(r) with rsLoRA (PEFT: `lora_alpha`)."""
-    dropout: float = 0.05
-    """Dropout on the adapter branch's input during training (PEFT: `lora_dropout`)."""
-    targets: list[str] | str = "all-linear"
-    """Modules to adapt: a list of module-name suffixes (`["q_proj", "v_proj"]`), a regex that
-    must match the whole module name, or "all-linear" (every Linear/Conv1D but the output head)
-    (PEFT: `target_modules`)."""
-    exclude: list[str] | str | None = None
-    """Modules never to adapt: suffixes or a regex, as for `targets` (PEFT: `exclude_modules`)."""
-    layers: list[int] | None = None
-    """Only adapt modules inside these layer indices (PEFT: `layers_to_transform`)."""
-    layers_pattern: str | list[str] | None = None
-    """Name of the layer list (`layers`, `h`…) used to find the index; default: the first
-    numbered segment of the module name (PEFT: `layers_pattern`)."""
-    rank_pattern: dict[str, int] = field(default_factory=dict)
-    """Per-module rank overrides: {regex matching the end of a module name: r}."""
-    alpha_pattern: dict[str, float] = field(default_factory=dict)
-    """Per-module alpha overrides: {regex matching the end of a module name: alpha}."""
-    use_rslora: bool = False
-    """Rank-stabilised scaling s = alpha / sqrt(r)."""
-    use_dora: bool = False
-    """Weight-decomposed LoRA: a trainable magnitude per output row (DoRA)."""
-    init: Literal["default", "gaussian", "pissa"] = "default"
-    """A/B initialisation: "default" (Kaiming-uniform A, zero B), "gaussian" (normal A with
-    std 1/r, zero B) or "pissa" (top-r singular vectors of W; W keeps the residual)."""
-    bias: Literal["none"] = "none"
-    """Which biases train. Only "none" is supported: biases stay frozen."""
-    modules_to_save: list[str] | None = None
-    """Modules trained in full as a separate copy per adapter, e.g. ["lm_head"]."""
-
-    def __post_init__(self) -> None:
-        check_rank(self.r, "r")
-        for key, r in self.rank_pattern.items():
-            check_rank(r, f"rank_pattern[{key!r}]")
-        if not 0.0 <= self.dropout < 1.0:
-            raise AdapterError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.init not in INIT_METHODS:
-            raise AdapterError(f"init must be one of {', '.join(INIT_METHODS)}; got {self.init!r}")
-        if self.bias != "none":
-            raise AdapterError(
-                f'bias={self.bias!r} is not supported: only "none" (biases stay frozen); '
-                "use modules_to_save to train a whole module instead"
-            )
-        if isinstance(self.targets, (list, tuple)) and not self.targets:
-            raise AdapterError('targets is empty; name modules such as ["q_proj", "v_proj"]')
-        if isinstance(self.layers, int):
-            self.layers = [self.layers]
-
-    def rank_for(self, module_name: str) -> int:
-        return _pattern_value(self.rank_pattern, module_name, self.r)
-
-    def alpha_for(self, module_name: str) -> float:
-        return _pattern_value(self.alpha_pattern, module_name, self.alpha)
-
-    def scaling_for(self, module_name: str) -> float:
-        r = self.rank_for(module_name)
-        return self.alpha_for(module_name) / (math.sqrt(r) if self.use_rslora else r)
-
-
-def check_rank(r: object, what: str) -> None:
-    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
-        raise AdapterError(f"{what} must be a positive integer, got {r!r}")
-
-
-def _pattern_value(patterns: dict, module_name: str, default):
-    # PEFT's rule: the key is a regex that must match a trailing part of the module name.
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module_name):
-            return value
-    return default
 
 
 class LoRAAdapter(nn.Module):
@@ -153,79 +68,25 @@ class LoRAAdapter(nn.Module):
         return (self.lora_B.float() @ self.lora_A.float()) * self.scaling.float()
 
 
-def weight_shape(module: nn.Module) -> tuple[int, int]:
-    """(out_features, in_features) of a Linear, Conv1D (stored in × out) or a wrapper of one."""
-    if isinstance(module, LinearWrapper):
-        module = module.base_layer
-    if isinstance(module, Conv1D):
-        in_features, out_features = module.weight.shape
-        return out_features, in_features
-    if isinstance(module, nn.Linear):
-        return module.out_features, module.in_features
-    raise AdapterError(
-        f"adapters support nn.Linear and Conv1D modules, not {type(module).__name__}"
-    )
-
-
-class LinearWrapper(nn.Module):
-    """A Linear/Conv1D (`base_layer`, possibly quantized) with per-adapter weights. Mutable
-    state, all set by the functions in `tunesmith.adapters.inject`: `active` (names applied),
-    `merged` (names folded into the base weight), `disabled` (base only) and `routes` (per-row
-    adapters)."""
-
-    def __init__(self, base_layer: nn.Module) -> None:
-        super().__init__()
-        out_features, in_features = weight_shape(base_layer)
-        self.base_layer = base_layer
-        self.fan_in_fan_out = isinstance(base_layer, Conv1D)
-        self.in_features, self.out_features = in_features, out_features
-        self.adapters = nn.ModuleDict()
-        self.active: tuple[str, ...] = ()
-        self.merged: tuple[str, ...] = ()
-        self.disabled = False
-        self.routes: RowRoutes | None = None
-
-    @property
-    def quantized(self) -> bool:
-        from tunesmith.quant import is_quantized
-
-        return is_quantized(self.base_layer)
-
-    def base_weight(self) -> torch.Tensor:
-        """The base weight as (out, in): a view for plain layers (writes reach the module), the
-        dequantized fp32 weight for quantized ones (write with `set_base_weight`)."""
-        if self.quantized:
-            from tunesmith.quant import dequantized_weight
-
-            return dequantized_weight(self.base_layer)
-        w = self.base_layer.weight
-        return w.T if self.fan_in_fan_out else w
-
-    @torch.no_grad()
-    def set_base_weight(self, value: torch.Tensor) -> None:
-        """Write `value` (out, in) into the base weight (re-quantizing a quantized layer)."""
-        if self.quantized:
-            from tunesmith.quant import set_quantized_weight
-
-            set_quantized_weight(self.base_layer, value)
-            return
-        weight = self.base_weight()
-        weight.copy_(value.to(weight.dtype))
-
-    def _plain_linear(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype) -> nn.Linear:
-        linear = nn.Linear(
-            self.in_features, self.out_features, bias=bias is not None, device=weight.device,
-            dtype=dtype,
-        )  # fmt: skip
-        with torch.no_grad():
-            linear.weight.copy_(weight.to(dtype))
-            if bias is not None:
-                linear.bias.copy_(bias.to(dtype))
-        return linear
-
-
 class LoRALayer(LinearWrapper):
     """A Linear/Conv1D with LoRA adapters (see `LinearWrapper` for the state)."""
+
+    method_label = "LoRA"
+
+    def saved_bytes_per_token(self, element_bytes: int) -> tuple[float, bool]:
+        """Each adapter keeps its rank-wide middle; without dropout it needs the input, with
+        dropout it keeps its own dropped copy and mask instead; DoRA keeps its base and
+        low-rank terms."""
+        e, extra, needs_input = element_bytes, 0.0, False
+        for adapter in self.adapters.values():
+            extra += e * adapter.r
+            if isinstance(adapter.dropout, nn.Identity):
+                needs_input = True
+            else:
+                extra += (e + 1) * self.in_features
+            if adapter.use_dora:
+                extra += 2 * e * self.out_features
+        return extra, needs_input
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         base = self.base_layer(x, *args, **kwargs)
@@ -357,15 +218,6 @@ class LoRALayer(LinearWrapper):
                 delta = delta * k[:, None]
             low_rank += delta
         return row_scale, low_rank
-
-
-@dataclass
-class RowRoutes:
-    """Per-row adapter choice for one forward pass: `groups` pairs an adapter name with the
-    indices of the rows that use it (a row may appear under several names: stacking)."""
-
-    batch_size: int
-    groups: list[tuple[str, torch.Tensor]]
 
 
 def init_adapter_weights(

@@ -29,74 +29,17 @@ from __future__ import annotations
 import inspect
 import math
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import nn
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.utils import ModelOutput
 
+from tunesmith.adapters.holders import AdapterHolder
 from tunesmith.errors import AdapterError
+from tunesmith.methods.prompt import PrefixTuningConfig, PromptTuningConfig
 
 ATTR = "tunesmith_virtual_tokens"
-
-
-def _check_common(n: object, init: str, init_text: str | None, what: str) -> None:
-    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
-        raise AdapterError(f"num_virtual_tokens must be a positive integer, got {n!r}")
-    if init not in ("vocab", "random", "text"):
-        raise AdapterError(f"init must be vocab, random or text; got {init!r}")
-    if init == "text" and not init_text:
-        raise AdapterError(f'init "text" needs init_text (the text whose {what} start it)')
-
-
-@dataclass
-class PromptTuningConfig:
-    """Prompt tuning: `num_virtual_tokens` trainable embeddings prepended to the input."""
-
-    num_virtual_tokens: int = 20
-    """How many virtual tokens (PEFT: `num_virtual_tokens`)."""
-    init: Literal["vocab", "random", "text"] = "vocab"
-    """"vocab": embeddings of random vocabulary tokens (Lester et al.'s recommendation);
-    "random": normal with the embedding matrix's standard deviation; "text": the embeddings of
-    `init_text`'s tokens, repeated or cut to the count (PEFT: `prompt_tuning_init`)."""
-    init_text: str | None = None
-    """The text for init "text", e.g. "Answer the question about the word list:"."""
-
-    def __post_init__(self) -> None:
-        _check_common(self.num_virtual_tokens, self.init, self.init_text, "embeddings")
-
-
-@dataclass
-class PrefixTuningConfig:
-    """Prefix tuning: `num_virtual_tokens` trainable key/value pairs in every attention layer."""
-
-    num_virtual_tokens: int = 20
-    """Prefix length (PEFT: `num_virtual_tokens`)."""
-    projection: bool = False
-    """Train the prefix through an MLP (embedding → Linear → tanh → Linear); the MLP's output
-    is what gets saved (PEFT: `prefix_projection`)."""
-    encoder_hidden_size: int | None = None
-    """Hidden size of that MLP (default: the model's hidden size)."""
-    init: Literal["vocab", "random", "text"] = "vocab"
-    """"vocab": the keys and values the model computes for random vocabulary tokens (real
-    activations, which Li & Liang found train best); "text": those of `init_text`'s tokens, so
-    the fresh adapter behaves exactly as if that text were prepended; "random": standard normal,
-    PEFT's default. With `projection`, only "random"."""
-    init_text: str | None = None
-    """The text for init "text"."""
-
-    def __post_init__(self) -> None:
-        _check_common(self.num_virtual_tokens, self.init, self.init_text, "keys/values")
-        if self.projection and self.init != "random":
-            raise AdapterError(
-                f"init {self.init!r} sets the prefix itself, which projection=true computes from "
-                'an MLP; use init "random" with projection, or projection=false'
-            )
-        if self.encoder_hidden_size is not None and self.encoder_hidden_size <= 0:
-            raise AdapterError(
-                f"encoder_hidden_size must be positive, got {self.encoder_hidden_size}"
-            )
 
 
 # --- the adapters ----------------------------------------------------------------------------
@@ -213,16 +156,15 @@ class PrefixCache(DynamicCache):
 
 
 # --- the holder and its hooks ----------------------------------------------------------------
-class VirtualTokens(nn.Module):
+class VirtualTokens(AdapterHolder):
     """Every prompt/prefix adapter of a model, and the hooks that apply the active one. Lives at
-    `model.tunesmith_virtual_tokens`; `active`/`disabled` are set by tunesmith's inject
-    functions."""
+    `model.tunesmith_virtual_tokens`; `active`/`disabled` are set by `tunesmith.adapters`.
+    Rows of a batch cannot have different virtual tokens (not `routable`)."""
+
+    routable = False
 
     def __init__(self, backbone: nn.Module) -> None:
         super().__init__()
-        self.adapters = nn.ModuleDict()
-        self.active: tuple[str, ...] = ()
-        self.disabled = False
         self._backbone = [backbone]  # a list, so it is not registered as a child module
         self._signature = inspect.signature(backbone.forward)
         self._cache_arg = cache_argument(backbone)
@@ -231,6 +173,9 @@ class VirtualTokens(nn.Module):
             backbone.register_forward_pre_hook(self._before, with_kwargs=True),
             backbone.register_forward_hook(self._after, with_kwargs=True),
         ]
+
+    def detach_from(self, model: nn.Module, module_name: str) -> None:
+        remove_virtual_tokens(model)
 
     def remove_hooks(self) -> None:
         for handle in self._handles:

@@ -13,66 +13,24 @@ ones); unmerging divides it out again.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
-from tunesmith.adapters.lora import LinearWrapper
+from tunesmith.adapters.holders import LinearWrapper
 from tunesmith.errors import AdapterError
-
-# PEFT's defaults per architecture: (targets, feed-forward targets).
-DEFAULT_TARGETS: dict[str, tuple[list[str], list[str]]] = {
-    "llama": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
-    "mistral": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
-    "mixtral": (["k_proj", "v_proj", "w2"], ["w2"]),
-    "qwen2": (["q_proj", "v_proj", "down_proj"], ["down_proj"]),
-    "qwen3": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
-    "gemma": (["q_proj", "v_proj", "down_proj"], ["down_proj"]),
-    "gemma2": (["q_proj", "v_proj", "down_proj"], ["down_proj"]),
-    "phi3": (["qkv_proj", "down_proj"], ["down_proj"]),
-    "gpt2": (["c_attn", "mlp.c_proj"], ["mlp.c_proj"]),
-}
-
-
-@dataclass
-class IA3Config:
-    """How to add one IA3 adapter. `targets`/`feedforward` default to PEFT's choice for the
-    architecture (Llama: k_proj, v_proj and down_proj, down_proj being feed-forward)."""
-
-    targets: list[str] | str | None = None
-    """Modules to scale: name suffixes or a regex matching the whole name (PEFT:
-    `target_modules`)."""
-    feedforward: list[str] | str | None = None
-    """Which of the targets scale their input rather than their output; must be a subset of
-    the targets (PEFT: `feedforward_modules`)."""
-    exclude: list[str] | str | None = None
-    """Modules never to adapt (PEFT: `exclude_modules`)."""
-    modules_to_save: list[str] | None = None
-    """Modules trained in full as a copy per adapter."""
-
-    def __post_init__(self) -> None:
-        if isinstance(self.targets, (list, tuple)) and not self.targets:
-            raise AdapterError('targets is empty; name modules such as ["k_proj", "v_proj"]')
-
-    def resolved(self, model: nn.Module) -> IA3Config:
-        """This config with architecture defaults filled in."""
-        if self.targets is not None:
-            feedforward = self.feedforward or []
-            return IA3Config(self.targets, feedforward, self.exclude, self.modules_to_save)
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
-        if model_type not in DEFAULT_TARGETS:
-            raise AdapterError(
-                f"IA3 has no default targets for model type {model_type!r} (known: "
-                f"{', '.join(DEFAULT_TARGETS)}); set targets and feedforward"
-            )
-        targets, feedforward = DEFAULT_TARGETS[model_type]
-        return IA3Config(list(targets), list(feedforward), self.exclude, self.modules_to_save)
 
 
 class IA3Layer(LinearWrapper):
     """A Linear/Conv1D with IA3 vectors: `adapters[name].weight` is (out, 1), or (1, in) when
     `feedforward` (see `LinearWrapper` for the state)."""
+
+    method_label = "IA3"
+
+    def saved_bytes_per_token(self, element_bytes: int) -> tuple[float, bool]:
+        """An input scale needs the input; an output scale keeps the unscaled output."""
+        if self.feedforward:
+            return 0.0, True
+        return float(element_bytes * self.out_features), False
 
     def __init__(self, base_layer: nn.Module, feedforward: bool) -> None:
         super().__init__(base_layer)

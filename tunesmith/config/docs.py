@@ -1,0 +1,70 @@
+"""The run schema as documentation (`tunesmith config schema`) and a resolved config as YAML."""
+
+from __future__ import annotations
+
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+from tunesmith.config.messages import model_in
+from tunesmith.config.schema import RunConfig
+from tunesmith.methods.schema import fields_of
+from tunesmith.registry import registered_methods
+
+
+def schema_text() -> str:
+    """The documented schema as commented YAML: every section and field with its default."""
+    out = [
+        "# tunesmith run config. Required fields are marked (required).",
+        "# Override any field on the command line: tunesmith <verb> run.yaml train.lr=1e-4",
+    ]
+    _schema_lines(RunConfig, 0, out)
+    return "\n".join(out) + "\n"
+
+
+def _schema_lines(cls: type, indent: int, out: list[str], summary: str = "") -> None:
+    pad = "  " * indent
+    for name, field in fields_of(cls).items():
+        doc = " ".join((field.description or "").split())
+        if summary and name == "name":
+            doc = summary
+        sub = model_in(field.annotation)
+        if cls is RunConfig and name == "method":
+            out.append(f"{pad}# {doc}")
+            for method in registered_methods():
+                out.append(f"{pad}method:  # method {method.name}")
+                _schema_lines(method.config, indent + 1, out, method.summary)
+            continue
+        if sub is not None and get_origin(field.annotation) is None:
+            out.append(f"{pad}{name}:  # {doc}")
+            _schema_lines(sub, indent + 1, out)
+            continue
+        if sub is not None:  # a list of sources
+            out.append(f"{pad}{name}:  # {doc}")
+            out.append(f"{pad}  - # each entry:")
+            _schema_lines(sub, indent + 2, out)
+            continue
+        default = (
+            "(required)"
+            if field.is_required()
+            else _yaml_value(field.get_default(call_default_factory=True))
+        )
+        out.append(f"{pad}{name}: {default}  # {_type_name(field.annotation)}. {doc}")
+
+
+def _type_name(annotation: Any) -> str:
+    if get_origin(annotation) is Literal:
+        return " | ".join(str(a) for a in get_args(annotation))
+    text = str(annotation).replace("typing.", "")
+    for plain in ("int", "float", "str", "bool"):
+        text = text.replace(f"<class '{plain}'>", plain)
+    return text.replace("NoneType", "null").replace(" | None", " | null")
+
+
+def _yaml_value(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def config_yaml(config: RunConfig) -> str:
+    """The resolved config (defaults filled in) as YAML, as written next to a run's outputs."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

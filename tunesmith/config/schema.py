@@ -1,0 +1,284 @@
+"""The run schema: one YAML file describes a whole run, in sections (`model`, `method`, `data`,
+`train`, `eval`, `output_dir`). The docstring under each field is its documentation, shown by
+`tunesmith config schema`. The `method` section is the chosen method's own config class (see
+`tunesmith.methods`), looked up in the registry by `method.name`."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from tunesmith.config.messages import did_you_mean, shown
+from tunesmith.errors import AdapterError
+from tunesmith.methods import LoRAConfig
+from tunesmith.methods.schema import library_message
+from tunesmith.registry import find_method, method_names, method_of
+
+BUILTIN_TEMPLATE_NAMES = ("alpaca", "chatml", "llama-3")
+FIELD_ROLES = {
+    "alpaca": ("instruction", "input", "output", "system"),
+    "chat": ("messages", "role", "content", "system"),
+    "completion": ("text",),
+    "tokenized": ("input_ids", "labels"),
+}
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid", use_attribute_docstrings=True, validate_assignment=True
+    )
+
+
+class ModelSection(Section):
+    path: str
+    """Base model: a local checkpoint directory or a Hugging Face hub id."""
+    tokenizer: str | None = None
+    """Tokenizer directory or hub id, when it is not the model's own."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) of the model."""
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """Weights and compute dtype. "auto": bf16 on a GPU that supports it, fp16 on other GPUs,
+    fp32 on CPU."""
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    """Where to run. "auto": cuda if present, then mps, then cpu."""
+    attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2"] = "auto"
+    """Attention kernel. "auto": transformers' choice (sdpa where available)."""
+    trust_remote_code: bool = False
+    """Run Python code shipped with the checkpoint. Off unless you trust its author."""
+
+
+class DatasetSource(Section):
+    path: str
+    """A .jsonl, .json, .csv or .parquet file, a folder of them, or a hub dataset id."""
+    format: Literal["auto", "alpaca", "chat", "completion", "tokenized"] = "auto"
+    """Record format: alpaca (instruction/input/output), chat (a list of messages, OpenAI
+    role/content or ShareGPT from/value), completion (raw text; every token trains) or
+    tokenized (input_ids, optional labels). "auto" decides from the first record's fields."""
+    fields: dict[str, str] = {}
+    """Field mapping {tunesmith's name: your field}. alpaca: instruction, input, output,
+    system; chat: messages, role, content, system; completion: text; tokenized: input_ids,
+    labels. Example: {output: response}."""
+    roles: dict[str, str] = {}
+    """Extra chat role names {your role: system|user|assistant|tool}. Built in: human→user,
+    gpt→assistant, model→assistant, bot→assistant."""
+    weight: float = Field(1.0, gt=0)
+    """Mixing weight: each epoch draws weight × (number of samples) from this dataset
+    (2.0 repeats it twice, 0.5 takes a random half)."""
+    split: str = "train"
+    """Split to read from a hub dataset (local files have one split)."""
+    subset: str | None = None
+    """Hub dataset configuration name (the `name` argument of datasets.load_dataset)."""
+    revision: str | None = None
+    """Hub revision of the dataset."""
+    max_samples: int | None = Field(None, gt=0)
+    """Read only the first N records."""
+
+    @model_validator(mode="after")
+    def _check_fields(self) -> DatasetSource:
+        if self.format == "auto":
+            known = sorted({k for keys in FIELD_ROLES.values() for k in keys})
+        else:
+            known = list(FIELD_ROLES[self.format])
+        for key in self.fields:
+            if key not in known:
+                raise ValueError(
+                    f"fields: unknown key {shown(key)} for format {self.format}"
+                    f"{did_you_mean(key, known)}"
+                    f" (known: {', '.join(known)})"
+                )
+        for role in self.roles.values():
+            if role not in ("system", "user", "assistant", "tool"):
+                raise ValueError(
+                    f"roles: {shown(role)} is not a role; map to system, user, assistant or tool"
+                )
+        return self
+
+
+class DataSection(Section):
+    datasets: list[DatasetSource] = Field(min_length=1)
+    """Training data: one or more sources, mixed by weight. A plain string is a path."""
+    validation: list[DatasetSource] = []
+    """Validation data from files. Alternatively set val_fraction."""
+    val_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    """Hold out this fraction of each training dataset for validation (before weighting)."""
+    max_seq_len: int = Field(2048, gt=1)
+    """Longest sample in tokens; longer ones follow `truncation`."""
+    truncation: Literal["truncate", "drop", "split"] = "truncate"
+    """Samples longer than max_seq_len: "truncate" keeps the first max_seq_len tokens, "drop"
+    skips them, "split" cuts them into consecutive pieces (for continued pre-training)."""
+    packing: bool = False
+    """Pack several samples into each row of max_seq_len tokens, with positions restarting per
+    sample and no attention across samples."""
+    train_on_inputs: bool = False
+    """Train on every token, prompts included. Default: only assistant turns (with their
+    end-of-turn token) and completion text train."""
+    chat_template: str = "auto"
+    """How chat and alpaca records become text. "auto": the tokenizer's chat template, else the
+    built-in "alpaca" template for alpaca data; "tokenizer": the tokenizer's (an error if it has
+    none); a built-in name (alpaca, chatml, llama-3); or a path to a .jinja file."""
+    system_prompt: str | None = None
+    """System message added to records that have none."""
+    add_eos: bool = True
+    """Append the EOS token to completion samples (chat templates end turns themselves)."""
+    cache_dir: str | None = None
+    """Tokenized-data cache. Default: $TUNESMITH_CACHE, else ~/.cache/tunesmith/data."""
+    num_proc: int | None = Field(None, gt=0)
+    """Tokenizer processes. Default: one per CPU core, at most 8, for sources of 5,000
+    records or more; 1 otherwise."""
+
+    @field_validator("datasets", "validation", mode="before")
+    @classmethod
+    def _paths_as_sources(cls, value: Any) -> Any:
+        if isinstance(value, (str, dict)):
+            value = [value]
+        if isinstance(value, list):
+            return [{"path": v} if isinstance(v, str) else v for v in value]
+        return value
+
+    @field_validator("chat_template")
+    @classmethod
+    def _check_template(cls, value: str) -> str:
+        if value in ("auto", "tokenizer", *BUILTIN_TEMPLATE_NAMES) or value.endswith(".jinja"):
+            return value
+        choices = ["auto", "tokenizer", *BUILTIN_TEMPLATE_NAMES]
+        raise ValueError(
+            f"unknown template {shown(value)}{did_you_mean(value, choices)} "
+            f"(choose {', '.join(choices)}, or a .jinja file)"
+        )
+
+    @model_validator(mode="after")
+    def _one_validation_source(self) -> DataSection:
+        if self.validation and self.val_fraction:
+            raise ValueError("set either validation (files) or val_fraction, not both")
+        return self
+
+
+class TrainSection(Section):
+    lr: float | None = Field(None, gt=0)
+    """Peak learning rate. Default by method: full 2e-5, lora/qlora 2e-4, prompt 3e-2,
+    prefix 1e-2, bottleneck 1e-3, ia3 3e-3."""
+    epochs: float = Field(1.0, gt=0)
+    """Passes over the training data (ignored when max_steps is set)."""
+    max_steps: int | None = Field(None, gt=0)
+    """Stop after this many optimizer steps."""
+    micro_batch_size: int = Field(2, gt=0)
+    """Samples (or packed rows) per forward pass."""
+    grad_accum_steps: int = Field(4, gt=0)
+    """Micro-batches per optimizer step; the loss is normalised by the trained tokens of the
+    whole accumulated batch."""
+    schedule: Literal["constant", "linear", "cosine"] = "cosine"
+    """Learning-rate schedule after warm-up."""
+    warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0)
+    """Warm-up length as a fraction of all steps."""
+    warmup_steps: int | None = Field(None, ge=0)
+    """Warm-up length in steps (overrides warmup_ratio)."""
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit"] = "adamw"
+    """AdamW (fused where available), or bitsandbytes' 8-bit / paged AdamW."""
+    weight_decay: float = Field(0.0, ge=0.0)
+    """Decoupled weight decay."""
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    """Clip the global gradient norm to this value (null: no clipping)."""
+    fp32_master_weights: bool = True
+    """Full fine-tuning: keep the trained weights in fp32 and autocast the compute to
+    model.dtype (mixed precision). false stores them in model.dtype (pure bf16: half the
+    memory, e.g. an 8B model on one 80 GB GPU with adamw_8bit, at some precision cost)."""
+    gradient_checkpointing: bool | None = None
+    """Recompute activations in the backward pass. Default: on for adapters, off for full."""
+    seed: int = 42
+    """Seed for initialisation, data order, splits and dropout."""
+    deterministic: bool = False
+    """Use deterministic kernels (slower), for exactly repeatable runs."""
+    save_every_steps: int | None = Field(None, gt=0)
+    """Write a checkpoint every N steps (and always at the end)."""
+    keep_last: int = Field(2, gt=0)
+    """Checkpoints to keep."""
+    log_every_steps: int = Field(10, gt=0)
+    """Log loss, lr and tokens/s every N steps."""
+
+
+class EvalSection(Section):
+    every_steps: int | None = Field(None, gt=0)
+    """Validation loss and perplexity every N steps (and at the end when validation data
+    exists)."""
+    batch_size: int | None = Field(None, gt=0)
+    """Samples per evaluation batch (default: train.micro_batch_size)."""
+    generate_samples: int = Field(0, ge=0)
+    """After training, answer this many validation prompts with the base model and the tuned
+    one and print exact match, contains and ROUGE-L side by side (0: skip)."""
+    max_new_tokens: int = Field(64, gt=0)
+    """Longest generated answer in evaluation."""
+    show_samples: int = Field(1, ge=0)
+    """Example generations (prompt, reference, base and tuned answers) to print."""
+
+
+class RunConfig(Section):
+    model: ModelSection
+    """The base model and how to load it."""
+    method: Any = Field(default_factory=LoRAConfig)
+    """How to train: a method name (lora, qlora, full, prompt, prefix, bottleneck, ia3, or a
+    registered one) or a mapping with `name` and the method's settings."""
+    data: DataSection
+    """Training and validation data."""
+    train: TrainSection = TrainSection()
+    """The optimisation loop."""
+    eval: EvalSection = EvalSection()
+    """Evaluation during and after training."""
+    output_dir: str = "outputs/run"
+    """Where checkpoints, metrics and the final adapter or model are written."""
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _method_config(cls, value: Any) -> Any:
+        # `config_from_dict` validates the section itself (for file:line errors); this serves
+        # RunConfig(...) built in code.
+        if _is_method_config(value):
+            return value
+        value = method_section(value)
+        method = find_method(value.get("name")) if isinstance(value, dict) else None
+        if method is None:
+            raise ValueError(f"expected one of {', '.join(method_names())}")
+        try:
+            return TypeAdapter(method.config).validate_python(value)
+        except ValidationError as err:
+            raise ValueError(library_message(method.config, err)) from None
+
+    @model_validator(mode="after")
+    def _method_defaults(self) -> RunConfig:
+        method = method_of(self.method)
+        if method.virtual_tokens and self.data.packing:
+            raise ValueError(
+                f"data.packing cannot be used with method {method.name}: every sequence "
+                "needs its own virtual tokens in front; set data.packing: false"
+            )
+        if self.train.lr is None:
+            self.train.lr = method.default_lr
+        if self.train.gradient_checkpointing is None:
+            self.train.gradient_checkpointing = method.trains_adapter
+        return self
+
+
+def method_section(value: Any) -> Any:
+    """The `method:` shorthands: a bare name (`method: qlora`), or a mapping without `name`
+    (LoRA)."""
+    if isinstance(value, str):
+        return {"name": value}
+    if isinstance(value, dict) and "name" not in value:
+        return {"name": "lora", **value}
+    return value
+
+
+def _is_method_config(value: Any) -> bool:
+    try:
+        method_of(value)
+    except AdapterError:
+        return False
+    return True
