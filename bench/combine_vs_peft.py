@@ -24,9 +24,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from conftest import input_ids, logits, lora_config, make_model, randomize_adapter  # noqa: E402
 
-from tunesmith.adapters import add_lora, save_adapter, set_active  # noqa: E402
-from tunesmith.adapters.inject import lora_layers  # noqa: E402
+from tunesmith.adapters import save_adapter, set_active  # noqa: E402
 from tunesmith.combine import combine_adapters  # noqa: E402
+from tunesmith.methods.lora.impl import add_lora, lora_layers  # noqa: E402
 
 WEIGHTS = [0.7, 0.3]
 

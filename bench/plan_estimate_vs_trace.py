@@ -23,13 +23,13 @@ import torch  # noqa: E402
 from transformers import LlamaConfig  # noqa: E402
 
 from tunesmith.config import (  # noqa: E402
-    BottleneckMethod,
-    FullMethod,
-    IA3Method,
-    LoRAMethod,
-    PrefixMethod,
-    PromptMethod,
-    QLoRAMethod,
+    BottleneckConfig,
+    FullConfig,
+    IA3Config,
+    LoRAConfig,
+    PrefixTuningConfig,
+    PromptTuningConfig,
+    QLoRAConfig,
     TrainSection,
 )  # fmt: skip
 from tunesmith.plan.estimate import estimate_step, skeleton  # noqa: E402
@@ -42,16 +42,16 @@ SHAPES = {
                 num_attention_heads=14, num_key_value_heads=2, num_hidden_layers=4),
 }  # fmt: skip
 METHODS = {  # name: (method, fp32 master weights, optimizer)
-    "lora": (LoRAMethod(), True, "adamw"),
-    "lora-no-dropout": (LoRAMethod(dropout=0.0), True, "adamw"),
-    "dora": (LoRAMethod(use_dora=True), True, "adamw"),
-    "qlora": (QLoRAMethod(), True, "adamw"),
-    "full": (FullMethod(), True, "adamw"),
-    "full-bf16-8bit": (FullMethod(), False, "adamw_8bit"),
-    "ia3": (IA3Method(), True, "adamw"),
-    "bottleneck": (BottleneckMethod(), True, "adamw"),
-    "prompt": (PromptMethod(), True, "adamw"),
-    "prefix": (PrefixMethod(), True, "adamw"),
+    "lora": (LoRAConfig(), True, "adamw"),
+    "lora-no-dropout": (LoRAConfig(dropout=0.0), True, "adamw"),
+    "dora": (LoRAConfig(use_dora=True), True, "adamw"),
+    "qlora": (QLoRAConfig(), True, "adamw"),
+    "full": (FullConfig(), True, "adamw"),
+    "full-bf16-8bit": (FullConfig(), False, "adamw_8bit"),
+    "ia3": (IA3Config(), True, "adamw"),
+    "bottleneck": (BottleneckConfig(), True, "adamw"),
+    "prompt": (PromptTuningConfig(), True, "adamw"),
+    "prefix": (PrefixTuningConfig(), True, "adamw"),
 }
 SIZES = [(512, 1), (2048, 1), (2048, 4)]
 

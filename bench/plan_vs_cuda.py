@@ -39,10 +39,10 @@ CASES = [  # (shape, method, batch, seq)
 
 
 def sections(method: str):
-    from tunesmith.config import FullMethod, LoRAMethod, QLoRAMethod, TrainSection
+    from tunesmith.config import FullConfig, LoRAConfig, QLoRAConfig, TrainSection
 
     lora = dict(r=16, alpha=32, dropout=0.0, targets=TARGETS)
-    m = {"full": FullMethod(), "lora": LoRAMethod(**lora), "qlora": QLoRAMethod(**lora)}[method]
+    m = {"full": FullConfig(), "lora": LoRAConfig(**lora), "qlora": QLoRAConfig(**lora)}[method]
     return m, TrainSection(lr=1e-4, gradient_checkpointing=True)
 
 
@@ -68,14 +68,14 @@ def real(shape: str, method: str, batch: int, seq: int) -> dict:
             config, dtype=torch.float32 if full else torch.bfloat16
         )
     if method == "qlora":  # NF4, double quantization, blocks of 64, bf16 compute
-        from tunesmith.quant import QuantConfig, quantize_model
+        from tunesmith.qlora_base import QuantConfig, quantize_model
 
         quantize_model(model, QuantConfig("nf4", compute_dtype=torch.bfloat16))
         torch.cuda.empty_cache()
     if not full:
         from tunesmith.adapters import add_adapter
 
-        add_adapter(model, m.to_adapter_config())
+        add_adapter(model, m)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     model.train()

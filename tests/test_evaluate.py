@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from data_helpers import data_section, write_jsonl
+from helpers.data import data_section, write_jsonl
 
 from tunesmith.cli import _resume_default
 from tunesmith.evaluate import (

@@ -17,10 +17,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_model
-from data_helpers import BUNDLED, chat_tokenizer, data_section, write_jsonl
-from test_cli_config import ROOT, run_cli
-from test_train import make_config, quiet
+from helpers.data import BUNDLED, chat_tokenizer, data_section, write_jsonl
+from helpers.models import make_model
+from helpers.runs import ROOT, make_config, quiet, run_cli
 from transformers import AutoModelForCausalLM
 
 import tunesmith

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, get_args, get_origin
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
 
@@ -55,6 +55,12 @@ def _schema_lines(cls: type, indent: int, out: list[str], summary: str = "") -> 
 def _type_name(annotation: Any) -> str:
     if get_origin(annotation) is Literal:
         return " | ".join(str(a) for a in get_args(annotation))
+    if get_origin(annotation) is Annotated:  # a constrained type: its base type
+        return _type_name(get_args(annotation)[0])
+    args = get_args(annotation)
+    if args and any(get_origin(a) is Annotated for a in args):
+        inner = ", ".join(_type_name(a) for a in args)
+        return f"{getattr(get_origin(annotation), '__name__', 'type')}[{inner}]"
     text = str(annotation).replace("typing.", "")
     for plain in ("int", "float", "str", "bool"):
         text = text.replace(f"<class '{plain}'>", plain)

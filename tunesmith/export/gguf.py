@@ -28,13 +28,22 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import gguf
+import gguf.quants
 import numpy as np
 import torch
 
+from tunesmith.adapters.peft_format import CONFIG_NAME, find_adapter_folder, read_adapter_weights
+from tunesmith.combine import merge_checkpoint
+from tunesmith.config import ModelSection
+from tunesmith.data.encode import bos_prefix
 from tunesmith.errors import TunesmithError
-from tunesmith.io import reporting_full_disk, share_like_umask
-from tunesmith.models import read_model_config
-from tunesmith.shards import check_output
+from tunesmith.io import human_bytes, reporting_full_disk, share_like_umask
+from tunesmith.methods.lora.impl import config_from_peft
+from tunesmith.models import load_tokenizer, read_model_config
+from tunesmith.provenance import resolve_base
+from tunesmith.registry import method_for_peft_type
+from tunesmith.shards import CheckpointReader, check_output
 
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
 ARCHITECTURES = {  # transformers class → llama.cpp architecture
@@ -64,7 +73,6 @@ class ExportReport:
     notes: list[str] = field(default_factory=list)
 
     def lines(self) -> list[str]:
-        from tunesmith.io import human_bytes
 
         out = [
             f"wrote {self.out}: {self.arch}, {self.outtype}, {self.tensors} tensors, "
@@ -79,13 +87,13 @@ class ExportReport:
 
 
 def _qtype(name: str):
-    from gguf import GGMLQuantizationType as Q
+    Q = gguf.GGMLQuantizationType
 
     return {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0}[name]
 
 
 def _file_type(name: str) -> int:
-    from gguf import LlamaFileType as F
+    F = gguf.LlamaFileType
 
     return {
         "f32": F.ALL_F32, "f16": F.MOSTLY_F16, "bf16": F.MOSTLY_BF16, "q8_0": F.MOSTLY_Q8_0,
@@ -162,7 +170,6 @@ def rope_factors(config) -> torch.Tensor | None:
 
 def add_hyperparameters(writer, config, outtype: str) -> None:
     """The architecture's metadata (rope scaling llama3 also needs `rope_factors`)."""
-    import gguf
 
     heads = config.num_attention_heads
     head_dim = _head_dim(config)
@@ -220,9 +227,7 @@ def _pre_tokenizer(data: dict) -> tuple[str, str | None]:
 
 def add_tokenizer(writer, tokenizer, n_vocab: int) -> list[str]:
     """Vocabulary, merges, special tokens and chat template; returns notes."""
-    import gguf
 
-    from tunesmith.data.encode import bos_prefix
 
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
@@ -298,7 +303,6 @@ class _Planned:
 
 
 def _encode(tensor: torch.Tensor, qtype: str) -> np.ndarray:
-    import gguf.quants
 
     data = tensor.detach().float().cpu().numpy()
     if qtype == "f32":
@@ -309,7 +313,6 @@ def _encode(tensor: torch.Tensor, qtype: str) -> np.ndarray:
 
 
 def _byte_shape(shape: tuple[int, ...], qtype: str) -> tuple[tuple[int, ...], np.dtype]:
-    import gguf.quants
 
     if qtype == "f32":
         return shape, np.dtype(np.float32)
@@ -341,7 +344,6 @@ def write_gguf(out: Path, arch: str, add_metadata: Callable, planned: list[_Plan
 
 
 def _write_gguf_to(tmp: Path, out: Path, arch: str, add_metadata: Callable, planned) -> None:
-    import gguf
 
     writer = None
     try:
@@ -372,7 +374,6 @@ def _write_gguf_to(tmp: Path, out: Path, arch: str, add_metadata: Callable, plan
 
 
 def _tensor_names(arch: str, blocks: int):
-    import gguf
 
     enum = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2}[arch]
     return gguf.get_tensor_name_map(enum, blocks)
@@ -417,10 +418,6 @@ def export_gguf(
     """Export a checkpoint (with `adapters`: merged first) to one GGUF file. See the module
     docstring."""
 
-    from tunesmith.config import ModelSection
-    from tunesmith.models import load_tokenizer
-    from tunesmith.provenance import resolve_base
-    from tunesmith.shards import CheckpointReader
 
     check_outtype(outtype)
     out = Path(out)
@@ -438,7 +435,6 @@ def export_gguf(
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as scratch:
         source = model
         if adapters:
-            from tunesmith.combine import merge_checkpoint
 
             source = str(Path(scratch) / "merged")
             merge_checkpoint(
@@ -481,20 +477,13 @@ def export_lora_gguf(
     scaling is carried exactly: as adapter.lora.alpha = s·r when every module has the same rank
     and scaling, else folded into lora_b with alpha 0 (llama.cpp then applies scale 1)."""
 
-    from tunesmith.adapters.peft_format import (
-        CONFIG_NAME,
-        config_from_peft,
-        find_adapter_folder,
-        read_adapter_weights,
-    )
-    from tunesmith.provenance import resolve_base
-
     check_outtype(outtype, LORA_TYPES)
     out = Path(out)
     check_output(out, overwrite, folder=False, inputs=[adapter, model])
     folder = find_adapter_folder(adapter, "default")
     raw = json.loads((folder / CONFIG_NAME).read_text())
-    if raw.get("peft_type", "LORA") != "LORA":
+    method = method_for_peft_type(str(raw.get("peft_type", "LORA")))
+    if method is None or not method.low_rank:
         raise TunesmithError(
             f"--adapter: {adapter} is a {raw.get('peft_type')} adapter; llama.cpp applies LoRA "
             "adapters only. Export the merged model instead: tunesmith export --adapter DIR"
@@ -509,7 +498,7 @@ def export_lora_gguf(
             f"--adapter: {adapter} trains full copies of {', '.join(raw['modules_to_save'])}, "
             "which a GGUF LoRA file cannot carry; export the merged model instead"
         )
-    config = config_from_peft(raw, str(folder / CONFIG_NAME))
+    config = config_from_peft(raw, source=str(folder / CONFIG_NAME))
     model = resolve_base(
         model, [adapter], "--model: give the base model (the adapter does not name one)"
     )

@@ -37,6 +37,13 @@ def method_config(cls: type) -> type:
     """Make `cls` a method config: a pydantic dataclass (forbidding unknown keys, documented by
     its attribute docstrings) whose constructor raises `AdapterError` with a one-line message."""
     cls = pydantic_dataclass(cls, config=SCHEMA_CONFIG)
+    for name, info in cls.__pydantic_fields__.items():  # docs of inherited fields
+        if info.description is None:
+            for base in cls.__mro__[1:]:
+                inherited = getattr(base, "__pydantic_fields__", {}).get(name)
+                if inherited is not None and inherited.description:
+                    info.description = inherited.description
+                    break
     validate = cls.__init__
 
     @functools.wraps(validate)

@@ -26,7 +26,7 @@ class LoRAConfig:
 
     name: Literal["lora"] = field_name("lora")
     r: Rank = 16
-    """Rank of the update B·A (PEFT: `r`)."""
+    """Rank of the update B·A. PEFT: `r`."""
     alpha: float = Field(32.0, gt=0)
     """Scale numerator: s = alpha / r, or alpha / sqrt(r) with use_rslora (PEFT:
     `lora_alpha`)."""

@@ -5,19 +5,18 @@ errors and the CLI."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_model
+from helpers.models import make_model
+from helpers.runs import run_cli
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 from tunesmith.config import ModelSection
 from tunesmith.errors import TunesmithError
 from tunesmith.models import load_model
-from tunesmith.quant import guard_cpu_packing
+from tunesmith.qlora_base import guard_cpu_packing
 from tunesmith.quantize import (
     HessianAccumulator,
     QuantGrid,
@@ -178,18 +177,11 @@ def test_gptq_tensors_round_trip_and_zero_offset():
 
 
 # --- whole models -----------------------------------------------------------------------------
-BUNDLED = Path(__file__).resolve().parents[1] / "examples" / "tiny-llama"
+BUNDLED = Path(__file__).resolve().parents[2] / "examples" / "tiny-llama"
 HELD_OUT = str(BUNDLED.parent / "data" / "pydoc_heldout.jsonl")
 
 
 BUNDLED_TOKENIZER = AutoTokenizer.from_pretrained(BUNDLED)
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "tunesmith.cli", *args], capture_output=True, text=True,
-        timeout=300,
-    )  # fmt: skip
 
 
 def mha_llama(seed=0):

@@ -8,20 +8,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ARCHS, VOCAB, input_ids, logits, make_model
+from helpers.models import ARCHS, VOCAB, input_ids, logits, make_model
+from helpers.runs import make_config, quiet
 from peft import IA3Config as PeftIA3Config
 from peft import PeftModel, get_peft_model
 from peft import PrefixTuningConfig as PeftPrefixConfig
 from peft import PromptTuningConfig as PeftPromptConfig
 from safetensors.torch import load_file
-from test_train import make_config, quiet
 from torch import nn
 
 import tunesmith
-from tunesmith.adapters.inject import ia3_layers
-from tunesmith.adapters.prompt import virtual_tokens
 from tunesmith.config import config_from_dict
 from tunesmith.errors import AdapterError, TunesmithError
+from tunesmith.methods.ia3.impl import ia3_layers
+from tunesmith.methods.prompt.layer import virtual_tokens
 from tunesmith.train import checkpoint as checkpoint_module
 from tunesmith.train.loop import train
 from tunesmith.train.loss import causal_lm_loss_sum, model_loss_sum

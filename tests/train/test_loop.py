@@ -9,65 +9,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ARCHS, make_model
-from data_helpers import chat_tokenizer, write_jsonl
+from helpers.data import chat_tokenizer
+from helpers.models import ARCHS, make_model
+from helpers.runs import make_config, quiet
 from transformers import LlamaForCausalLM
 
 import tunesmith
-from tunesmith.config import config_from_dict
 from tunesmith.errors import TunesmithError
 from tunesmith.train import checkpoint as checkpoint_module
 from tunesmith.train import loop as loop_module
 from tunesmith.train.loop import Run, TrainingError, TrainingInterrupted, train
 from tunesmith.train.loss import causal_lm_loss_sum, model_loss_sum
 from tunesmith.train.optim import lr_factor
-from tunesmith.train.progress import Progress
-
-WORDS = "red green blue cyan pink gold gray teal".split()
-
-
-def toy_rows(n: int, seed: int = 0) -> list[dict]:
-    """A learnable task with answers of varied length: name the colour after "after"."""
-    g = torch.Generator().manual_seed(seed)
-    rows = []
-    for _ in range(n):
-        i = int(torch.randint(0, len(WORDS) - 1, (1,), generator=g))
-        repeat = 1 + int(torch.randint(0, 3, (1,), generator=g))
-        rows.append(
-            {
-                "messages": [
-                    {"role": "user", "content": f"after {WORDS[i]}"},
-                    {"role": "assistant", "content": " ".join([WORDS[i + 1]] * repeat)},
-                ]
-            }
-        )
-    return rows
-
-
-def make_config(tmp_path: Path, tiny_dir: Path, **sections):
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    train_file = write_jsonl(tmp_path / "train.jsonl", toy_rows(48))
-    val_file = write_jsonl(tmp_path / "val.jsonl", toy_rows(8, seed=1))
-    raw = {
-        "model": {"path": str(tiny_dir), "dtype": "fp32", "device": "cpu"},
-        "method": {"name": "lora", "r": 4, "alpha": 8},
-        "data": {
-            "datasets": [{"path": str(train_file)}],
-            "validation": [{"path": str(val_file)}],
-            "max_seq_len": 64,
-            "cache_dir": str(tmp_path / "cache"),
-        },
-        "train": {"max_steps": 6, "micro_batch_size": 4, "grad_accum_steps": 2, "lr": 5e-3},
-        "output_dir": str(tmp_path / "out"),
-    }
-    for key, value in sections.items():
-        merge = isinstance(value, dict) and key != "method"
-        raw[key] = {**raw.get(key, {}), **value} if merge else value
-    return config_from_dict(raw)
-
-
-def quiet() -> Progress:
-    return Progress(log_every=1000, live=False)
 
 
 def test_lora_training_lowers_the_loss_and_writes_the_run(tmp_path, tiny_dir):

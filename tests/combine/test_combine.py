@@ -12,30 +12,24 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import input_ids, logits, lora_config, make_model, randomize_adapter
+from helpers.models import input_ids, logits, lora_config, make_model, randomize_adapter
+from helpers.runs import run_cli
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 import tunesmith
-from tunesmith.adapters import (
-    IA3Config,
-    PromptTuningConfig,
-    add_ia3,
-    add_lora,
-    add_prompt_tuning,
-    load_adapter,
-    merge_and_unload,
-    save_adapter,
-    set_active,
-)
-from tunesmith.adapters.inject import ia3_layers, lora_layers
+from tunesmith.adapters import load_adapter, merge_and_unload, save_adapter, set_active
 from tunesmith.combine import combine_adapters, compare_logits, merge_checkpoint, merge_models
 from tunesmith.combine.adapters import combine_adapter_folders
 from tunesmith.combine.tasks import combine_tasks
 from tunesmith.errors import TunesmithError
+from tunesmith.methods import IA3Config, PromptTuningConfig
+from tunesmith.methods.ia3.impl import add_ia3, ia3_layers
+from tunesmith.methods.lora.impl import add_lora, lora_layers
+from tunesmith.methods.prompt.impl import add_prompt_tuning
 from tunesmith.shards import CheckpointReader, parse_size
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 BUNDLED = ROOT / "examples" / "tiny-llama"
 
 
@@ -132,7 +126,7 @@ def test_merge_refuses_a_copy_of_a_tied_head(tmp_path):
 
 def test_merge_qlora_adapter_onto_its_dequantized_base(tmp_path):
     pytest.importorskip("bitsandbytes")
-    from tunesmith.quant import QuantConfig, load_quantized
+    from tunesmith.qlora_base import QuantConfig, load_quantized
 
     base = save_base("llama", tmp_path / "base")
     model = load_quantized(str(base), QuantConfig("nf4"))
@@ -670,11 +664,6 @@ def test_model_merging_mismatch_errors(tmp_path):
 
 
 # --- the command line ------------------------------------------------------------------------
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "tunesmith.cli", *args], capture_output=True, text=True,
-        timeout=300,
-    )  # fmt: skip
 
 
 def test_cli_merge_combine_and_merge_models(tmp_path):

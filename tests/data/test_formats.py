@@ -6,7 +6,7 @@ import csv
 import json
 
 import pytest
-from data_helpers import chat_tokenizer, data_section, ids_of, plain_tokenizer, write_jsonl
+from helpers.data import chat_tokenizer, data_section, ids_of, plain_tokenizer, write_jsonl
 
 from tunesmith.data import BUILTIN_TEMPLATES, IGNORE_INDEX, prepare_data, render_segments
 from tunesmith.data.preview import show_sample

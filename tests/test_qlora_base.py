@@ -10,16 +10,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_model
+from helpers.models import make_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import tunesmith
-from tunesmith.adapters.inject import lora_layers
 from tunesmith.errors import TunesmithError
+from tunesmith.methods.lora.impl import lora_layers
 
 bnb = pytest.importorskip("bitsandbytes")  # a dev dependency: CI installs it
 
-from tunesmith.quant import (  # noqa: E402
+from tunesmith.qlora_base import (  # noqa: E402
     QuantConfig,
     dequantized_weight,
     guard_cpu_packing,
@@ -217,7 +217,7 @@ def test_loading_a_400_mb_checkpoint_quantized_stays_well_under_its_size(tmp_pat
     assert size > 400e6
     script = f"""
 import json, resource
-from tunesmith.quant import QuantConfig, load_quantized
+from tunesmith.qlora_base import QuantConfig, load_quantized
 load_quantized({str(ROOT / "examples/tiny-llama")!r}, QuantConfig("nf4"))
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 model = load_quantized({str(big)!r}, QuantConfig("nf4"))

@@ -8,7 +8,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
-from data_helpers import chat_tokenizer, data_section, ids_of, plain_tokenizer, write_jsonl
+from helpers.data import chat_tokenizer, data_section, ids_of, plain_tokenizer, write_jsonl
 
 from tunesmith.data import DataError, prepare_data
 from tunesmith.data import prepare as prepare_module

@@ -9,7 +9,6 @@ import pytest
 
 from tunesmith import LoRAConfig
 from tunesmith.config import (
-    METHOD_CLASSES,
     ConfigError,
     DataSection,
     DatasetSource,
@@ -22,6 +21,8 @@ from tunesmith.config import (
     load_config,
     schema_text,
 )
+from tunesmith.methods.schema import fields_of
+from tunesmith.registry import registered_methods
 
 MINIMAL = {"model": {"path": "m"}, "data": {"datasets": ["train.jsonl"]}}
 
@@ -56,7 +57,7 @@ def test_defaults_follow_the_cheat_sheet():
 
 def test_lora_section_becomes_the_library_config():
     cfg = config_from_dict({**MINIMAL, "method": {"r": 8, "use_dora": True, "targets": ["q_proj"]}})
-    assert cfg.method.to_lora_config() == LoRAConfig(r=8, use_dora=True, targets=["q_proj"])
+    assert cfg.method == LoRAConfig(r=8, use_dora=True, targets=["q_proj"])
 
 
 def test_every_problem_at_once_with_path_and_line(tmp_path):
@@ -187,8 +188,8 @@ def test_every_field_is_documented_in_the_schema():
         for name, field in cls.model_fields.items():
             assert field.description, f"{cls.__name__}.{name} has no docstring"
             assert f"{name}:" in text
-    for cls in METHOD_CLASSES.values():
-        for name, field in cls.model_fields.items():
+    for cls in [method.config for method in registered_methods()]:
+        for name, field in fields_of(cls).items():
             assert field.description, f"{cls.__name__}.{name} has no docstring"
     assert "  lr: null  # float | null. Peak learning rate. Default by method: full 2e-5" in text
     assert "  path: (required)  # str. Base model" in text

@@ -18,10 +18,11 @@ import tunesmith
 from tunesmith.errors import TunesmithError
 from tunesmith.export import gguf as export
 from tunesmith.export.gguf import export_gguf, export_lora_gguf, permute_rope_rows
+from tunesmith.methods.lora.impl import lora_layers
 
 gguf = pytest.importorskip("gguf")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BUNDLED = ROOT / "examples" / "tiny-llama"
 HELD_OUT = ROOT / "examples" / "data" / "pydoc_heldout.jsonl"
 TOKENIZER = AutoTokenizer.from_pretrained(BUNDLED)
@@ -177,7 +178,7 @@ def adapter(tmp_path, name="a", **overrides) -> Path:
     config.update(overrides)
     tunesmith.add_lora(model, tunesmith.LoRAConfig(**config))
     gen = torch.Generator().manual_seed(3)
-    for _, layer in tunesmith.adapters.inject.lora_layers(model):
+    for _, layer in lora_layers(model):
         for p in (layer.adapters["default"].lora_A, layer.adapters["default"].lora_B):
             with torch.no_grad():
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
@@ -237,7 +238,7 @@ def test_lora_gguf_file(tmp_path):
 
 def test_export_errors(tmp_path):
     gpt2 = tmp_path / "gpt2"
-    from conftest import make_model
+    from helpers.models import make_model
 
     make_model("gpt2").save_pretrained(gpt2)
     with pytest.raises(TunesmithError) as err:

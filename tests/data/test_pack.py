@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import ARCHS, VOCAB, make_model
-from data_helpers import chat_tokenizer, data_section, write_jsonl
+from helpers.data import chat_tokenizer, data_section, write_jsonl
+from helpers.models import ARCHS, VOCAB, make_model
 
 from tunesmith.data import collate, collate_packed, pack_groups, packing_efficiency, prepare_data
 from tunesmith.data.encode import IGNORE_INDEX

@@ -7,13 +7,12 @@ import json
 import peft
 import pytest
 import torch
-from conftest import VARIANTS, logits, lora_config, make_model, randomize_adapter
+from helpers.models import VARIANTS, logits, lora_config, make_model, randomize_adapter
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 
 import tunesmith
-from tunesmith.adapters.inject import lora_layers
-from tunesmith.adapters.peft_format import PEFT_LORA_DEFAULTS
+from tunesmith.methods.lora.impl import PEFT_LORA_DEFAULTS, lora_layers
 
 ATOL = 1e-5
 

@@ -9,7 +9,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from tunesmith.config import DataSection
 
-BUNDLED = Path(__file__).resolve().parents[1] / "examples" / "tiny-llama"
+BUNDLED = Path(__file__).resolve().parents[2] / "examples" / "tiny-llama"
 
 
 def chat_tokenizer():

@@ -6,13 +6,13 @@ import math
 
 import pytest
 import torch
-from conftest import input_ids, logits, lora_config, make_model, randomize_adapter
+from helpers.models import input_ids, logits, lora_config, make_model, randomize_adapter
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import tunesmith
-from tunesmith.adapters.inject import lora_layers
-from tunesmith.adapters.lora import LoRALayer
+from tunesmith.methods.lora.impl import lora_layers
+from tunesmith.methods.lora.layer import LoRALayer
 
 ATOL = 1e-5
 

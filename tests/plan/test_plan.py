@@ -4,25 +4,23 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
+from helpers.runs import run_cli
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from tunesmith.config import (
-    BottleneckMethod,
-    FullMethod,
-    IA3Method,
-    LoRAMethod,
-    PrefixMethod,
-    PromptMethod,
-    QLoRAMethod,
-    TrainSection,
-    load_config,
-)  # fmt: skip
+from tunesmith.config import TrainSection, load_config
 from tunesmith.errors import TunesmithError
+from tunesmith.methods import (
+    BottleneckConfig,
+    FullConfig,
+    IA3Config,
+    LoRAConfig,
+    PrefixTuningConfig,
+    PromptTuningConfig,
+    QLoRAConfig,
+)
 from tunesmith.plan.estimate import estimate_step, skeleton
 from tunesmith.plan.gpus import gpu
 from tunesmith.plan.recommend import compare_methods, largest, methods_to_compare, workload
@@ -35,10 +33,10 @@ CONFIG = dict(
     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
 )  # fmt: skip
 METHODS = {
-    "lora": LoRAMethod(r=8, alpha=16, dropout=0.0, targets="all-linear"),
-    "full": FullMethod(),
-    "ia3": IA3Method(),
-    "qlora": QLoRAMethod(r=8, alpha=16, dropout=0.0, targets="all-linear"),
+    "lora": LoRAConfig(r=8, alpha=16, dropout=0.0, targets="all-linear"),
+    "full": FullConfig(),
+    "ia3": IA3Config(),
+    "qlora": QLoRAConfig(r=8, alpha=16, dropout=0.0, targets="all-linear"),
 }
 
 
@@ -52,11 +50,11 @@ def measured_peak(method, train, seq, batch) -> int:
     full = method.name == "full"
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     if method.name == "qlora":
-        from tunesmith.quant import QuantConfig, quantize_model
+        from tunesmith.qlora_base import QuantConfig, quantize_model
 
         quantize_model(model, QuantConfig(method.quant, compute_dtype=torch.float32))
     if not full:
-        add_adapter(model, method.to_adapter_config())
+        add_adapter(model, method)
     if train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
@@ -120,11 +118,6 @@ def test_flops_per_token():
     assert flops_per_token(config, "lora", 64, True) == 6 * n + 4 * attention
 
 
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "tunesmith.cli", *args], capture_output=True,
-                          text=True, timeout=300)  # fmt: skip
-
-
 def test_cli_plan(tmp_path):
     LlamaConfig(**CONFIG).save_pretrained(tmp_path / "m")
     run_config = tmp_path / "run.yaml"
@@ -177,16 +170,16 @@ WIDE = dict(
     num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=4096,
 )  # fmt: skip
 ESTIMATED = {
-    "lora": (LoRAMethod(), True),
-    "lora-no-dropout": (LoRAMethod(dropout=0.0, targets=["q_proj", "v_proj"]), True),
-    "dora": (LoRAMethod(use_dora=True), True),
-    "qlora": (QLoRAMethod(), True),
-    "full": (FullMethod(), True),
-    "full-bf16": (FullMethod(), False),
-    "ia3": (IA3Method(), True),
-    "bottleneck": (BottleneckMethod(), True),
-    "prompt": (PromptMethod(), True),
-    "prefix": (PrefixMethod(), True),
+    "lora": (LoRAConfig(), True),
+    "lora-no-dropout": (LoRAConfig(dropout=0.0, targets=["q_proj", "v_proj"]), True),
+    "dora": (LoRAConfig(use_dora=True), True),
+    "qlora": (QLoRAConfig(), True),
+    "full": (FullConfig(), True),
+    "full-bf16": (FullConfig(), False),
+    "ia3": (IA3Config(), True),
+    "bottleneck": (BottleneckConfig(), True),
+    "prompt": (PromptTuningConfig(), True),
+    "prefix": (PrefixTuningConfig(), True),
 }
 
 
@@ -217,7 +210,7 @@ def test_analytic_estimate_of_an_8b_model():
         vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
         num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
     )  # fmt: skip
-    method = LoRAMethod(r=16, alpha=32, dropout=0.05)
+    method = LoRAConfig(r=16, alpha=32, dropout=0.05)
     traced = trace_step(config, method, TrainSection(gradient_checkpointing=True), 2048, 2,
                         torch.bfloat16)  # fmt: skip
     estimated = estimate_step(skeleton(config, method, torch.bfloat16, False), 2048, 2, True)
@@ -241,7 +234,7 @@ def test_method_table_limits_are_the_largest_that_fit():
     model_config = LlamaConfig.from_pretrained("examples/tiny-llama")
     memory = 200 * 2**20
     options = compare_methods(model_config, cfg, torch.float32, memory, None, None)
-    labels = ["full", "lora", "qlora", "dora", "ia3", "prefix", "prompt", "bottleneck"]
+    labels = ["full", "lora", "dora", "qlora", "prompt", "prefix", "bottleneck", "ia3"]
     assert [o.method for o in options] == labels
     methods = dict(methods_to_compare(cfg.method))
     assert methods["lora"] is cfg.method and methods["dora"].r == cfg.method.r == 16
@@ -320,7 +313,7 @@ def test_dropout_is_traced_with_the_gpus_one_byte_mask():
     train = TrainSection(gradient_checkpointing=False)
     for attention, mask_bytes in [("flash", 1), ("eager", 2)]:
         peaks = [
-            trace_step(config, LoRAMethod(dropout=p, targets=["q_proj"]), train, 512, 2,
+            trace_step(config, LoRAConfig(dropout=p, targets=["q_proj"]), train, 512, 2,
                        torch.bfloat16, attention=attention).peak_bytes
             for p in (0.0, 0.1)
         ]  # fmt: skip
@@ -330,7 +323,7 @@ def test_dropout_is_traced_with_the_gpus_one_byte_mask():
 def test_method_table_leaves_out_a_method_the_model_cannot_take(monkeypatch):
     """A method that cannot attach to the model (prefix tuning on a backbone whose forward takes
     no KV cache) is left out of the table with a note; the plan itself still comes out."""
-    import tunesmith.adapters.prompt as prompt
+    import tunesmith.methods.prompt.layer as prompt
 
     monkeypatch.setattr(prompt, "cache_argument", lambda backbone: None)
     cfg = quickstart()
@@ -338,7 +331,7 @@ def test_method_table_leaves_out_a_method_the_model_cannot_take(monkeypatch):
     notes: list[str] = []
     options = compare_methods(model_config, cfg, torch.float32, 200 * 2**20, None, None, notes)
     assert [o.method for o in options] == [
-        "full", "lora", "qlora", "dora", "ia3", "prompt", "bottleneck"
+        "full", "lora", "dora", "qlora", "prompt", "bottleneck", "ia3"
     ]  # fmt: skip
     assert notes == [
         "prefix left out of the method table: prefix tuning cannot be used with LlamaModel: its "

@@ -7,7 +7,7 @@ import re
 
 import pytest
 import torch
-from conftest import logits, lora_config, make_model, randomize_adapter
+from helpers.models import logits, lora_config, make_model, randomize_adapter
 from safetensors.torch import load_file, save_file
 
 import tunesmith
@@ -156,8 +156,8 @@ def test_unsupported_peft_features_are_refused(tmp_path):
     path.write_text(json.dumps(raw))
     with pytest.raises(
         AdapterError,
-        match="peft_type 'LOHA' is not supported; tunesmith loads LORA, IA3, PROMPT_TUNING, "
-        "PREFIX_TUNING, BOTTLENECK$",
+        match="peft_type 'LOHA' is not supported; tunesmith loads LORA, PROMPT_TUNING, "
+        "PREFIX_TUNING, BOTTLENECK, IA3$",
     ):
         tunesmith.load_adapter(make_model("llama"), folder)
 

@@ -1,0 +1,1 @@
+"""Helpers shared by the tests: tiny models (`models`) and tokenizers and data (`data`)."""
