@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tunesmith.export.gguf import export_gguf  # noqa: E402
-from tunesmith.quantize.run import token_stream, windows_of  # noqa: E402
+from tunesmith.quantize.pipeline import token_stream, windows_of  # noqa: E402
 
 MODEL = ROOT / "examples" / "tiny-llama"
 TEXT = ROOT / "examples" / "data" / "pydoc_heldout.jsonl"

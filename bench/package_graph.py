@@ -67,7 +67,10 @@ def imports(tree: ast.Module, here: str):
             if node.level:
                 pkg = here.split(".")[: len(here.split(".")) - node.level + 1]
                 base = ".".join(pkg + ([base] if base else []))
-            found.append((base, in_function, node.lineno))
+            if base == "tunesmith":  # `from tunesmith import builder`: the modules named
+                found.extend((f"tunesmith.{a.name}", in_function, node.lineno) for a in node.names)
+            else:
+                found.append((base, in_function, node.lineno))
         for child in ast.iter_child_nodes(node):
             visit(child, in_function)
 
@@ -141,7 +144,8 @@ def measure() -> dict:
         here = module_name(path)
         unit = unit_of(here)
         sizes.append((len(text.splitlines()), str(path.relative_to(ROOT))))
-        funcs += [(n, f"{path.relative_to(ROOT)}:{line} {name}") for name, line, n in functions(tree)]
+        where = path.relative_to(ROOT)
+        funcs += [(n, f"{where}:{line} {name}") for name, line, n in functions(tree)]
         sites += dispatch_sites(path, text)
         for target, in_function, line in imports(tree, here):
             if in_function:

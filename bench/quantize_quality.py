@@ -1,6 +1,6 @@
 """Quality and size of each quantization method on the bundled model, in one run.
 
-Every method quantizes examples/tiny-llama with `tunesmith.quantize.run.quantize_checkpoint`
+Every method quantizes examples/tiny-llama with `tunesmith.quantize.pipeline.quantize_checkpoint`
 (the code `tunesmith quantize` runs), calibrated on the first 32 windows of 256 tokens of
 examples/data/pydoc_heldout.jsonl (Python documentation the model never trained on) and measured
 on the next 32: perplexity of the original and of the reloaded quantized checkpoint, size on
@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tunesmith.quantize.run import quantize_checkpoint  # noqa: E402
+from tunesmith.quantize.pipeline import quantize_checkpoint  # noqa: E402
 
 MODEL = ROOT / "examples" / "tiny-llama"
 TEXT = ROOT / "examples" / "data" / "pydoc_heldout.jsonl"

@@ -31,7 +31,7 @@ _API = {
     ),
     **dict.fromkeys(("Method", "register_method", "method_named"), "tunesmith.registry"),
     **dict.fromkeys(("combine_adapters", "merge_checkpoint", "merge_models"), "tunesmith.combine"),
-    "quantize_checkpoint": "tunesmith.quantize.run",
+    "quantize_checkpoint": "tunesmith.quantize.pipeline",
     "export_gguf": "tunesmith.export.gguf",
     "export_lora_gguf": "tunesmith.export.gguf",
 }  # fmt: skip
@@ -47,7 +47,7 @@ if TYPE_CHECKING:
     from tunesmith.methods.ia3.impl import add_ia3  # noqa: F401
     from tunesmith.methods.lora.impl import add_lora  # noqa: F401
     from tunesmith.methods.prompt.impl import add_prefix_tuning, add_prompt_tuning  # noqa: F401
-    from tunesmith.quantize.run import quantize_checkpoint  # noqa: F401
+    from tunesmith.quantize.pipeline import quantize_checkpoint  # noqa: F401
     from tunesmith.registry import Method, method_named, register_method  # noqa: F401
 
 

@@ -290,7 +290,10 @@ def eval_cmd(
         for name in ("adapter", "model"):
             if (Path(cfg.output_dir) / name).is_dir():
                 adapters.append(str(Path(cfg.output_dir) / name))
-    columns, n = evaluate_models(cfg, adapters, data, samples, max_new_tokens, not no_base)
+    columns, n = evaluate_models(
+        cfg, adapters, data_path=data, samples=samples, max_new_tokens=max_new_tokens,
+        include_base=not no_base,
+    )  # fmt: skip
     typer.echo(format_table(columns, n))
 
 
@@ -542,12 +545,12 @@ def combine_cmd(
 ) -> None:
     """Combine LoRA adapters (different ranks, alphas, rsLoRA and DoRA included) into one
     adapter in PEFT format."""
-    from tunesmith.combine.adapters import combine_adapter_folders
+    from tunesmith.combine.adapter_arithmetic import combine_adapter_folders
 
     adapters = list(adapter or [])
     result = combine_adapter_folders(
-        adapters, _weights(weights, len(adapters), 1.0), out, method, base, rank, density, seed,
-        majority_sign, overwrite,
+        adapters, _weights(weights, len(adapters), 1.0), out, method=method, base=base,
+        rank=rank, density=density, seed=seed, majority_sign=majority_sign, overwrite=overwrite,
     )  # fmt: skip
     config = result.config
     ranks = sorted({config.r, *config.rank_pattern.values()})
@@ -592,8 +595,9 @@ def merge_models_cmd(
 
     models = list(model or [])
     report = merge_models(
-        base, models, out, method, _weights(weights, len(models), 1.0), density, seed,
-        majority_sign, dtype, max_shard_size, dry_run, overwrite,
+        base, models, out, method=method, weights=_weights(weights, len(models), 1.0),
+        density=density, seed=seed, majority_sign=majority_sign, dtype=dtype,
+        max_shard_size=max_shard_size, dry_run=dry_run, overwrite=overwrite,
         progress=None if dry_run else _progress("merging"),
     )  # fmt: skip
     for line in report.lines():
@@ -647,13 +651,14 @@ def quantize_cmd(
     """Quantize a checkpoint (or base + adapter, merged first) and report perplexity and size
     against the original. rtn/gptq/awq write GPTQ's format; int8/nf4 write bitsandbytes'
     (transformers loads both); `tunesmith generate` and `eval` load either."""
-    from tunesmith.quantize.run import quantize_checkpoint
+    from tunesmith.quantize.pipeline import quantize_checkpoint
 
     adapters = list(adapter or [])
     report = quantize_checkpoint(
-        model, out, method, adapters, bits, group_size, calib, calib_samples, eval_data,
-        eval_samples, seq_len, act_order, damp, device, overwrite, max_shard_size,
-        progress=_progress("quantizing", "layers"),
+        model, out, method=method, adapters=adapters, bits=bits, group_size=group_size,
+        calib=calib, calib_samples=calib_samples, eval_data=eval_data, eval_samples=eval_samples,
+        seq_len=seq_len, act_order=act_order, damp=damp, device=device, overwrite=overwrite,
+        max_shard_size=max_shard_size, progress=_progress("quantizing", "layers"),
     )  # fmt: skip
     for line in report.lines():
         typer.echo(line)
@@ -663,7 +668,7 @@ def quantize_cmd(
 
         original = adapters[0] if adapters else model
         cfg = load_config(eval_config, [])
-        columns, n = evaluate_models(cfg, [original, str(out)], None, samples, None, False)
+        columns, n = evaluate_models(cfg, [original, str(out)], samples=samples, include_base=False)
         typer.echo(format_table(columns, n))
 
 
@@ -691,7 +696,7 @@ def plan_cmd(
     import json
 
     from tunesmith.config import load_config
-    from tunesmith.plan.run import plan_run
+    from tunesmith.plan.planner import plan_run
 
     cfg = load_config(config, overrides or [])
     result = plan_run(cfg, gpu, gpu_mem)
@@ -738,9 +743,13 @@ def export_cmd(
     if lora_only:
         if len(adapters) != 1:
             raise TunesmithError("--lora-only: give exactly one --adapter")
-        report = export_lora_gguf(adapters[0], out, model, outtype, overwrite)
+        report = export_lora_gguf(
+            adapters[0], out, model=model, outtype=outtype, overwrite=overwrite
+        )
     else:
-        report = export_gguf(model, out, adapters, outtype, overwrite, name)
+        report = export_gguf(
+            model, out, adapters=adapters, outtype=outtype, overwrite=overwrite, name=name
+        )
     for line in report.lines():
         typer.echo(line)
 

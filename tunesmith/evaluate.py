@@ -236,6 +236,7 @@ def compare_after_training(run, echo) -> list[Column]:
 def evaluate_models(
     config: RunConfig,
     adapters: list[str],
+    *,
     data_path: str | None = None,
     samples: int = 100,
     max_new_tokens: int | None = None,

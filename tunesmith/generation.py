@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from transformers import TextStreamer
 
 from tunesmith.data.encode import bos_prefix, conversation_parts
 from tunesmith.errors import TunesmithError
@@ -113,7 +114,6 @@ def chat_template_of(tokenizer) -> str:
 
 def stream_reply(model, tokenizer, ids: list[int], sampling: Sampling, echo) -> str:
     """Generate from `ids`, calling `echo(text_piece)` as tokens arrive; returns the text."""
-    from transformers import TextStreamer
 
     class _Streamer(TextStreamer):
         def on_finalized_text(self, text: str, stream_end: bool = False) -> None:

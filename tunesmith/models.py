@@ -3,19 +3,34 @@ run config's policy: no remote code unless asked, a clear error when the path is
 
 from __future__ import annotations
 
+import json
+import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from tunesmith.config import ModelSection
-from tunesmith.errors import TunesmithError, first_line
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
+
+from tunesmith.errors import TunesmithError
+from tunesmith.gptq_format.files import load_gptq_checkpoint
+from tunesmith.model_config import load_failure, needs_remote_code, read_model_config
 from tunesmith.paths import model_source
+from tunesmith.qlora_base import guard_cpu_packing
 from tunesmith.shards import check_safetensors_folder
+
+if TYPE_CHECKING:
+    from tunesmith.config import ModelSection
+
+__all__ = [
+    "enable_checkpointing", "load_failure", "load_model", "load_tokenizer", "needs_remote_code",
+    "read_model_config", "resolve_device", "resolve_dtype",
+]  # fmt: skip
 
 
 def load_tokenizer(model: ModelSection):
     """The tokenizer of `model.tokenizer` or `model.path` (a directory or hub id). Gives it a
     pad token (the EOS) when it has none, for batching."""
-    from transformers import AutoTokenizer
-
     key = "model.tokenizer" if model.tokenizer else "model.path"
     source = model_source(model.tokenizer or model.path, key)
     try:
@@ -32,49 +47,8 @@ def load_tokenizer(model: ModelSection):
     return tokenizer
 
 
-def needs_remote_code(err: BaseException) -> bool:
-    text = str(err)
-    return "trust_remote_code" in text or "contains custom code" in text
-
-
-def load_failure(key: str, source: str, what: str, err: BaseException, hint: str):
-    """The one-line error for a model/tokenizer/config that transformers could not load; a
-    checkpoint that ships its own Python code says what `trust_remote_code` would do."""
-    if needs_remote_code(err):
-        return TunesmithError(
-            f"{key}: {source} ships its own Python code, which transformers must run to load "
-            f"{what}; model.trust_remote_code: true (generate and chat: --trust-remote-code) "
-            "would run that code on this machine: set it only if you trust where the checkpoint "
-            "came from"
-        )
-    return TunesmithError(f"{key}: cannot load {what} from {source!r}: {first_line(err)}. {hint}")
-
-
-def read_model_config(
-    source: str, key: str = "model.path", revision: str | None = None,
-    trust_remote_code: bool = False,
-):  # fmt: skip
-    """The transformers config of a checkpoint folder or hub id, with one-line errors."""
-    from transformers import AutoConfig
-
-    path = model_source(source, key)
-    if Path(path).is_dir() and not (Path(path) / "config.json").is_file():
-        raise TunesmithError(f"{key}: {path}: no config.json there (no such model folder)")
-    try:
-        return AutoConfig.from_pretrained(
-            path, revision=revision, trust_remote_code=trust_remote_code
-        )
-    except (OSError, ValueError, KeyError) as err:
-        raise load_failure(
-            key, source, "a model config", err,
-            "Give a local folder with config.json, or a hub id (needs network)",
-        ) from None  # fmt: skip
-
-
 def resolve_device(setting: str) -> str:
     """`model.device` to a torch device type: "auto" picks cuda, then mps, then cpu."""
-    import torch
-
     if setting == "auto":
         if torch.cuda.is_available():
             return "cuda"
@@ -91,8 +65,6 @@ def resolve_device(setting: str) -> str:
 def resolve_dtype(setting: str, device: str):
     """`model.dtype` to a torch dtype: "auto" is bf16 on GPUs that support it, fp16 on other
     GPUs and fp32 on CPU."""
-    import torch
-
     if setting == "auto":
         if device == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -104,9 +76,6 @@ def resolve_dtype(setting: str, device: str):
 
 def load_model(model: ModelSection, device: str, dtype):
     """The causal LM of `model.path` with weights in `dtype` on `device`. Safetensors only."""
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
     hf_logging.disable_progress_bar()  # our own progress output is enough
     source = model_source(model.path, "model.path")
     check_safetensors_folder(source)
@@ -115,8 +84,6 @@ def load_model(model: ModelSection, device: str, dtype):
         kwargs["attn_implementation"] = model.attn_implementation
     quant_method = _quant_method(source, model.revision)
     if quant_method == "gptq":  # tunesmith quantize --method gptq|awq|rtn, or any GPTQ model
-        from tunesmith.quantize.checkpoint import load_gptq_checkpoint
-
         return load_gptq_checkpoint(
             source, device, dtype, model.revision, model.trust_remote_code,
             kwargs.get("attn_implementation"),
@@ -138,8 +105,6 @@ def load_model(model: ModelSection, device: str, dtype):
             "Give a local checkpoint folder with safetensors weights, or a hub id (needs network)",
         ) from None  # fmt: skip
     if quant_method == "bitsandbytes":
-        from tunesmith.qlora_base import guard_cpu_packing
-
         guard_cpu_packing(loaded)
         return loaded
     return loaded.to(device)
@@ -148,8 +113,6 @@ def load_model(model: ModelSection, device: str, dtype):
 def _quant_method(source: str, revision: str | None) -> str | None:
     """config.json's quantization_config.quant_method of a local checkpoint (hub ids: None;
     transformers handles those)."""
-    import json
-
     config = Path(source).expanduser() / "config.json"
     if not config.is_file():
         return None
@@ -165,8 +128,6 @@ def enable_checkpointing(model) -> None:
     planner's trace. transformers 5 deprecates `gradient_checkpointing_enable` in favour of
     `activation_checkpointing_enable`; the old call, which the tests cover, is kept (it exists
     in every transformers the project admits), without its FutureWarning."""
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

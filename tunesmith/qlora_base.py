@@ -18,10 +18,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from accelerate import init_empty_weights
+from accelerate.utils import set_module_tensor_to_device
 from torch import nn
+from transformers import AutoModelForCausalLM
 
 from tunesmith.errors import TunesmithError
-from tunesmith.models import read_model_config
+from tunesmith.model_config import read_model_config
 from tunesmith.paths import model_source
 from tunesmith.shards import checkpoint_files, iter_safetensors, large_allocations_via_mmap
 
@@ -217,7 +220,6 @@ def load_quantized(
     """A causal LM with quantized linear layers, quantized tensor by tensor while reading a
     16/32-bit safetensors checkpoint. A checkpoint that is already bitsandbytes-quantized
     (a `quantization_config` in config.json) is loaded by transformers as it is."""
-    from transformers import AutoModelForCausalLM
 
     bitsandbytes()
     path = model_source(path, "model.path")
@@ -244,9 +246,6 @@ def load_quantized(
 
 
 def _build_quantized(model_config, files, config, device, trust_remote_code, kwargs):
-    from accelerate import init_empty_weights
-    from accelerate.utils import set_module_tensor_to_device
-    from transformers import AutoModelForCausalLM
 
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(

@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM
 import tunesmith
 from tunesmith.adapters import load_adapter, merge_and_unload, save_adapter, set_active
 from tunesmith.combine import combine_adapters, compare_logits, merge_checkpoint, merge_models
-from tunesmith.combine.adapters import combine_adapter_folders
+from tunesmith.combine.adapter_arithmetic import combine_adapter_folders
 from tunesmith.combine.tasks import combine_tasks
 from tunesmith.errors import TunesmithError
 from tunesmith.methods import IA3Config, PromptTuningConfig

@@ -353,7 +353,7 @@ def llama_perplexity(llm, windows: torch.Tensor) -> float:
 
 @pytest.mark.llamacpp
 def test_llamacpp_q8_0_perplexity_stays_close(tmp_path):
-    from tunesmith.quantize.run import token_stream, windows_of
+    from tunesmith.quantize.pipeline import token_stream, windows_of
 
     windows = windows_of(token_stream(str(HELD_OUT), TOKENIZER), 256)[-8:]
     results = {}

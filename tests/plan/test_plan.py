@@ -23,8 +23,8 @@ from tunesmith.methods import (
 )
 from tunesmith.plan.estimate import estimate_step, skeleton
 from tunesmith.plan.gpus import gpu
+from tunesmith.plan.planner import flops_per_token
 from tunesmith.plan.recommend import compare_methods, largest, methods_to_compare, workload
-from tunesmith.plan.run import flops_per_token
 from tunesmith.plan.trace import MemoryTracker, trace_step
 from tunesmith.train.loss import model_loss_sum
 

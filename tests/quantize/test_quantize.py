@@ -15,6 +15,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 from tunesmith.config import ModelSection
 from tunesmith.errors import TunesmithError
+from tunesmith.gptq_format.layer import GPTQLinear
+from tunesmith.gptq_format.packing import pack_gptq, pack_rows, unpack_gptq, unpack_rows
 from tunesmith.models import load_model
 from tunesmith.qlora_base import guard_cpu_packing
 from tunesmith.quantize import (
@@ -25,9 +27,7 @@ from tunesmith.quantize import (
     rtn_quantize,
 )
 from tunesmith.quantize.calibrate import awq_groups, fold_scales
-from tunesmith.quantize.layers import GPTQLinear
-from tunesmith.quantize.pack import pack_gptq, pack_rows, unpack_gptq, unpack_rows
-from tunesmith.quantize.run import quantize_checkpoint
+from tunesmith.quantize.pipeline import quantize_checkpoint
 from tunesmith.shards import CheckpointReader
 
 
@@ -351,7 +351,7 @@ def test_quantize_errors(tmp_path):
 
 
 def test_interrupted_quantize_leaves_nothing(tmp_path, monkeypatch):
-    import tunesmith.quantize.checkpoint as checkpoint
+    import tunesmith.gptq_format.files as checkpoint
 
     def broken(*args, **kwargs):
         raise OSError(28, "No space left on device")

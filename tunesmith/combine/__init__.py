@@ -1,9 +1,9 @@
 """Combine: merge adapters into a checkpoint (`merge_checkpoint`), combine adapters into one
 (`combine_adapters`) and merge whole fine-tuned models (`merge_models`)."""
 
-from tunesmith.combine.adapters import COMBINE_METHODS, combine_adapters
+from tunesmith.combine.adapter_arithmetic import COMBINE_METHODS, combine_adapters
 from tunesmith.combine.merge import MergeReport, compare_logits, merge_checkpoint
-from tunesmith.combine.models import MODEL_MERGE_METHODS, merge_models
+from tunesmith.combine.model_merging import MODEL_MERGE_METHODS, merge_models
 
 __all__ = [
     "COMBINE_METHODS",

@@ -196,6 +196,7 @@ def merge_checkpoint(
     base: str | None,
     adapters: list[str],
     out: str | Path,
+    *,
     dtype: str = "auto",
     max_shard_size: str | int = "5GB",
     quantized_base: str = "auto",
@@ -227,7 +228,6 @@ def merge_checkpoint(
     model = model_skeleton(config, trust_remote_code)
     quantizable: set[str] = set()
     if quant is not None:
-
         quantizable = set(quantizable_linears(model, quant))
     for folder in adapters:
         _check_mergeable_folder(folder)
@@ -368,7 +368,6 @@ class _Resolver:
     def _roundtrip(self, weight: torch.Tensor) -> torch.Tensor:
         """The weight the QLoRA base computed with: quantize, then dequantize (fp32)."""
 
-
         config = self.quant
         if self.quant_as_stored:
             config = dataclasses.replace(config, compute_dtype=weight.dtype)
@@ -435,11 +434,8 @@ def compare_logits(
     """Largest |logit| difference between base + adapters (fp32; a quantized base when `quant`)
     and the merged checkpoint, on two fixed random token sequences."""
 
-
     hf_logging.disable_progress_bar()
     if quant is not None:
-
-
         reference = load_quantized(base, dataclasses.replace(quant, compute_dtype=torch.float32))
     else:
         reference = AutoModelForCausalLM.from_pretrained(

@@ -228,7 +228,6 @@ def _pre_tokenizer(data: dict) -> tuple[str, str | None]:
 def add_tokenizer(writer, tokenizer, n_vocab: int) -> list[str]:
     """Vocabulary, merges, special tokens and chat template; returns notes."""
 
-
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         raise TunesmithError(
@@ -410,6 +409,7 @@ def export_gguf(
     model: str | None,
     out: str | Path,
     adapters: list[str] | None = None,
+    *,
     outtype: str = "f16",
     overwrite: bool = False,
     name: str | None = None,
@@ -417,7 +417,6 @@ def export_gguf(
 ) -> ExportReport:
     """Export a checkpoint (with `adapters`: merged first) to one GGUF file. See the module
     docstring."""
-
 
     check_outtype(outtype)
     out = Path(out)
@@ -435,7 +434,6 @@ def export_gguf(
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as scratch:
         source = model
         if adapters:
-
             source = str(Path(scratch) / "merged")
             merge_checkpoint(
                 model, adapters, source, dtype="fp32", trust_remote_code=trust_remote_code
@@ -469,6 +467,7 @@ def export_lora_gguf(
     adapter: str,
     out: str | Path,
     model: str | None = None,
+    *,
     outtype: str = "f32",
     overwrite: bool = False,
     trust_remote_code: bool = False,

@@ -306,8 +306,9 @@ def estimate_step(
 
 def flops_per_token(config, method: str, seq_len: int, checkpointing: bool) -> float:
     """Training FLOPs per token of method `method` (a name): full ≈ 6N (forward 2N, backward
-    4N), adapters ≈ 4N (no weight gradients for the frozen base), plus attention (causal: 2·layers·seq·hidden forward, twice
-    that backward), plus one more forward with gradient checkpointing."""
+    4N), adapters ≈ 4N (no weight gradients for the frozen base), plus attention (causal:
+    2·layers·seq·hidden forward, twice that backward), plus one more forward with gradient
+    checkpointing."""
     layers = config.num_hidden_layers
     hidden = config.hidden_size
     vocab = config.vocab_size

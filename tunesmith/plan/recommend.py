@@ -17,10 +17,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from tunesmith.data import prepare_data
+from tunesmith.data.pack import pack_groups
 from tunesmith.errors import TunesmithError, first_line
 from tunesmith.plan.estimate import Skeleton, estimate_step, flops_per_token, skeleton
 from tunesmith.plan.gpus import UTILIZATION
 from tunesmith.registry import find_method, method_of, registered_methods
+from tunesmith.train.batches import BatchPlan
 
 GIB = 2**30
 MAX_MICRO_BATCH = 1024
@@ -205,9 +208,6 @@ def pick(options: list[Option], run_method: str) -> Option | None:
 
 def workload(config, tokenizer) -> Workload:
     """Tokenize the run's data as `tunesmith train` does and count what its steps process."""
-    from tunesmith.data import prepare_data
-    from tunesmith.data.pack import pack_groups
-    from tunesmith.train.batches import BatchPlan
 
     prepared = prepare_data(config.data, tokenizer, config.train.seed)
     lengths = np.asarray(prepared.train.lengths, dtype=np.int64)

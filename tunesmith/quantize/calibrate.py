@@ -25,9 +25,10 @@ import torch
 from torch import nn
 
 from tunesmith.errors import TunesmithError
+from tunesmith.gptq_format.weights import QuantizedWeight
 from tunesmith.quantize.awq import awq_clip, awq_search
 from tunesmith.quantize.gptq import HessianAccumulator, gptq_quantize
-from tunesmith.quantize.rtn import QuantGrid, QuantizedWeight, rtn_quantize
+from tunesmith.quantize.rtn import QuantGrid, rtn_quantize
 
 LAYER_PATHS = ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers")
 AWQ_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from tunesmith.quantize.rtn import QuantGrid, QuantizedWeight
+from tunesmith.gptq_format.weights import QuantizedWeight
+from tunesmith.quantize.rtn import QuantGrid
 
 
 class HessianAccumulator:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from tunesmith.errors import TunesmithError
+from tunesmith.gptq_format.weights import QuantizedWeight
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 
@@ -75,24 +76,6 @@ class QuantGrid:
     @staticmethod
     def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
         return (q - zero[:, None]) * scale[:, None]
-
-
-@dataclass
-class QuantizedWeight:
-    """A quantized (out × in) weight: integer codes `q` (uint8, one per weight), per-group
-    `scales` and `zeros` (out × groups), and `g_idx` (in,): the group of each input column
-    (not monotone when GPTQ quantized in activation order)."""
-
-    q: torch.Tensor
-    scales: torch.Tensor
-    zeros: torch.Tensor
-    g_idx: torch.Tensor
-    bits: int
-
-    def dequantize(self) -> torch.Tensor:
-        scales = self.scales[:, self.g_idx]
-        zeros = self.zeros[:, self.g_idx]
-        return (self.q.float() - zeros) * scales
 
 
 def rtn_quantize(weight: torch.Tensor, grid: QuantGrid) -> QuantizedWeight:

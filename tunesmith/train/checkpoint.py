@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from tunesmith.errors import TunesmithError, first_line
 from tunesmith.io import (
@@ -210,7 +211,6 @@ def checkpoint_problem(folder: Path) -> str | None:
 def read_checkpoint(folder: Path) -> tuple[dict, dict, dict]:
     """(trainer state, optimizer state dict, rng tensors) of a checkpoint folder that
     `resolve_resume` has checked (`checkpoint_problem`)."""
-    from safetensors.torch import load_file
 
     state = json.loads((folder / STATE_NAME).read_text())
     optimizer = optimizer_from_files(

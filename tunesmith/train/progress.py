@@ -5,6 +5,10 @@ from __future__ import annotations
 import sys
 import time
 
+from rich.console import Console
+from rich.progress import BarColumn, TextColumn, TimeRemainingColumn
+from rich.progress import Progress as RichProgress
+
 
 def format_seconds(seconds: float) -> str:
     seconds = int(max(0, seconds))
@@ -36,10 +40,7 @@ class Progress:
         self.total, self.first = total, first
         self.started = time.perf_counter()
         if self.live:
-            from rich.console import Console
-            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self._bar = Progress(
+            self._bar = RichProgress(
                 TextColumn("step {task.completed}/{task.total}"),
                 BarColumn(),
                 TextColumn("{task.fields[info]}"),

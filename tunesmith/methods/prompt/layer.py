@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.utils import ModelOutput
 
@@ -417,7 +418,6 @@ def add_prompt_adapter(
 
 
 def _is_fake(t: torch.Tensor) -> bool:
-    from torch._subclasses.fake_tensor import FakeTensor
 
     return isinstance(t, FakeTensor)
 

@@ -10,12 +10,15 @@ import copy
 from pathlib import Path
 
 import torch
+from accelerate import init_empty_weights
+from accelerate.utils import set_module_tensor_to_device
 from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from tunesmith.errors import TunesmithError
-from tunesmith.quantize.layers import GPTQLinear
-from tunesmith.quantize.pack import pack_gptq, packed_shapes
-from tunesmith.quantize.rtn import QuantizedWeight
+from tunesmith.gptq_format.layer import GPTQLinear
+from tunesmith.gptq_format.packing import pack_gptq, packed_shapes
+from tunesmith.gptq_format.weights import QuantizedWeight
 from tunesmith.shards import (
     PlannedTensor,
     checkpoint_files,
@@ -114,9 +117,6 @@ def load_gptq_checkpoint(
 ) -> nn.Module:
     """A GPTQ-format checkpoint as a causal LM whose quantized linears are `GPTQLinear`
     (dequantized in each forward), on any device."""
-    from accelerate import init_empty_weights
-    from accelerate.utils import set_module_tensor_to_device
-    from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(
         path, revision=revision, trust_remote_code=trust_remote_code

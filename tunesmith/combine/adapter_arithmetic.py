@@ -60,6 +60,7 @@ def combine_adapters(
     weights: Sequence[float],
     method: str = "svd",
     name: str = "combined",
+    *,
     rank: int | None = None,
     density: float = 0.5,
     seed: int = 0,
@@ -271,6 +272,7 @@ def combine_adapter_folders(
     out: str | Path,
     method: str = "svd",
     base: str | None = None,
+    *,
     rank: int | None = None,
     density: float = 0.5,
     seed: int = 0,
@@ -304,7 +306,15 @@ def combine_adapter_folders(
                 reader.read(f"{module_name}.weight").float(), requires_grad=False
             )
     result = combine_adapters(
-        model, names, weights, method, "default", rank, density, seed, majority_sign
+        model,
+        names,
+        weights,
+        method,
+        "default",
+        rank=rank,
+        density=density,
+        seed=seed,
+        majority_sign=majority_sign,
     )
     with staging_dir(out, overwrite) as tmp:
         save_adapter(model, tmp, names=["default"])

@@ -7,8 +7,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tunesmith.quantize.pack import packed_shapes, unpack_gptq
-from tunesmith.quantize.rtn import QuantizedWeight
+from tunesmith.gptq_format.packing import packed_shapes, unpack_gptq
+from tunesmith.gptq_format.weights import QuantizedWeight
 
 
 class GPTQLinear(nn.Module):

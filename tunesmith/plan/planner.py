@@ -147,7 +147,6 @@ def _duration(hours: float) -> str:
 def plan_run(config, gpu_name: str | None = None, gpu_mem: str | None = None) -> Plan:
     """Trace the run config's training step (see `trace.py`) and estimate its speed."""
 
-
     target: GPU | None = gpu(gpu_name) if gpu_name else None
     memory = target.memory_gib if target else None
     if gpu_mem is not None:
@@ -247,7 +246,8 @@ def _advise(plan: Plan, model_config, config, dtype, memory, target, work) -> No
         plan.notes.append(nothing_fits(plan, model_config, config, dtype))
     elif plan.fits is False:
         setting = Setting(
-            plan.gradient_checkpointing, train.optimizer,
+            plan.gradient_checkpointing,
+            train.optimizer,
             master or method_of(method).trains_adapter,
         )
         own = option_for(model_config, method, setting, sk, config, memory_bytes, tflops, work)

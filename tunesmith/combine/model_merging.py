@@ -66,6 +66,7 @@ def merge_models(
     out: str | Path,
     method: str = "task_arithmetic",
     weights: Sequence[float] | None = None,
+    *,
     density: float = 0.5,
     seed: int = 0,
     majority_sign: str = "total",

@@ -24,8 +24,28 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+from tunesmith.combine import merge_checkpoint
+from tunesmith.combine.merge import copy_extras, output_dtype
+from tunesmith.config import ModelSection
+from tunesmith.data.formats import Completion, Conversation, FormatSpec, detect_format, parse_record
+from tunesmith.data.sources import read_records
 from tunesmith.errors import TunesmithError
+from tunesmith.gptq_format.files import quantization_config, write_gptq_checkpoint
+from tunesmith.io import human_bytes
+from tunesmith.models import load_model, load_tokenizer, read_model_config, resolve_device
+from tunesmith.provenance import resolve_base
+from tunesmith.qlora_base import bitsandbytes
+from tunesmith.quantize.calibrate import Settings, check_model, perplexity, quantize_layers
+from tunesmith.quantize.rtn import QuantGrid
+from tunesmith.shards import (
+    CheckpointReader,
+    check_output,
+    large_allocations_via_mmap,
+    parse_size,
+    staging_dir,
+)
 
 QUANTIZE_METHODS = ("rtn", "gptq", "awq", "int8", "nf4")
 GRID_METHODS = ("rtn", "gptq", "awq")
@@ -50,7 +70,6 @@ class QuantizeReport:
     notes: list[str] = field(default_factory=list)
 
     def lines(self) -> list[str]:
-        from tunesmith.io import human_bytes
 
         grid = f", group size {self.group_size}" if self.group_size else ""
         ratio = self.bytes_original / max(self.bytes_quantized, 1)
@@ -73,7 +92,6 @@ def _checkpoint_bytes(path: Path) -> int:
 
 def check_settings(method: str, bits: int | None, group_size: int | None):
     """(bits, group size or None, QuantGrid or None) for a method, or a one-line error."""
-    from tunesmith.quantize.rtn import QuantGrid
 
     if method not in QUANTIZE_METHODS:
         raise TunesmithError(f"--method: {method!r} is not one of {', '.join(QUANTIZE_METHODS)}")
@@ -97,14 +115,6 @@ def check_settings(method: str, bits: int | None, group_size: int | None):
 
 def token_stream(path: str, tokenizer, what: str = "--calib") -> list[int]:
     """All records of `path` as one token stream, documents separated by EOS."""
-    from tunesmith.data.formats import (
-        Completion,
-        Conversation,
-        FormatSpec,
-        detect_format,
-        parse_record,
-    )
-    from tunesmith.data.sources import read_records
 
     if not Path(path).expanduser().exists():
         raise TunesmithError(f"{what}: {path}: no such file or folder")
@@ -185,6 +195,7 @@ def quantize_checkpoint(
     model: str | None,
     out: str | Path,
     method: str = "gptq",
+    *,
     adapters: list[str] | None = None,
     bits: int | None = None,
     group_size: int | None = None,
@@ -203,8 +214,6 @@ def quantize_checkpoint(
 ) -> QuantizeReport:
     """Quantize `model` (a checkpoint folder or hub id; with `adapters`, base + adapters are
     merged first) into `out`. See the module docstring."""
-    from tunesmith.provenance import resolve_base
-    from tunesmith.shards import check_output, parse_size
 
     started = time.perf_counter()
     bits, group_size, grid = check_settings(method, bits, group_size)
@@ -220,8 +229,6 @@ def quantize_checkpoint(
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=_parent(out)) as scratch:
         source = model
         if adapters:
-            from tunesmith.combine import merge_checkpoint
-
             source = str(Path(scratch) / "merged")
             merge_checkpoint(model, adapters, source, trust_remote_code=trust_remote_code)
         report = _quantize(
@@ -244,12 +251,6 @@ def _quantize(
     source, out, method, bits, group_size, grid, calib, calib_samples, eval_data, eval_samples,
     seq_len, act_order, damp, device, overwrite, shard_bytes, trust_remote_code, progress,
 ) -> QuantizeReport:  # fmt: skip
-    from tunesmith.combine.merge import copy_extras, output_dtype
-    from tunesmith.config import ModelSection
-    from tunesmith.models import load_model, load_tokenizer, resolve_device
-    from tunesmith.quantize.calibrate import Settings, perplexity, quantize_layers
-    from tunesmith.quantize.checkpoint import quantization_config, write_gptq_checkpoint
-    from tunesmith.shards import CheckpointReader, large_allocations_via_mmap, staging_dir
 
     section = ModelSection(path=source, trust_remote_code=trust_remote_code, device=device)
     device = resolve_device(section.device)
@@ -293,13 +294,11 @@ def _quantize(
 def _source_config(source: str, trust_remote_code: bool):
     """The checkpoint's own config: non-quantized tensors keep its dtype whatever the compute
     dtype was."""
-    from tunesmith.models import read_model_config
 
     return read_model_config(source, "--model", trust_remote_code=trust_remote_code)
 
 
 def _check_quantizable(model, method: str) -> None:
-    from tunesmith.quantize.calibrate import check_model
 
     if getattr(model.config, "quantization_config", None):
         raise TunesmithError(
@@ -310,9 +309,6 @@ def _check_quantizable(model, method: str) -> None:
 
 
 def _write_bitsandbytes(source, method, folder: Path, compute, device, trust_remote_code) -> None:
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    from tunesmith.qlora_base import bitsandbytes
 
     bitsandbytes()
     if method == "int8":

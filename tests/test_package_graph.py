@@ -1,0 +1,54 @@
+"""The package's shape holds: no import cycles between packages or modules, no method-type
+dispatch outside the method folders, no private name imported across modules, and imports
+inside functions only where the reason below applies (measured by bench/package_graph.py)."""
+
+from __future__ import annotations
+
+import importlib.util
+
+from helpers.runs import ROOT
+
+spec = importlib.util.spec_from_file_location("package_graph", ROOT / "bench/package_graph.py")
+graph = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(graph)
+
+LAZY = {
+    "bitsandbytes": "an optional extra (pip install -e .[bnb])",
+    "datasets": "heavy; only for hub datasets",
+    "pyarrow": "heavy; only for parquet files",
+    "matplotlib": "heavy; only for loss plots",
+    "fcntl": "POSIX only",
+    "huggingface_hub": "only when a model is a hub id",
+    "torch": "data/pack.py: `tunesmith config check` and the data pipeline run without torch",
+    "safetensors.torch": "io.py: the same (it imports torch)",
+}
+"""Function-level imports outside cli.py, and why each is lazy. cli.py imports each command's
+modules inside the command, so that `tunesmith --help` does not load torch."""
+
+
+def test_no_cycles_no_dispatch_outside_methods_no_private_imports():
+    found = graph.measure()
+    assert found["package_cycles"] == []
+    assert found["module_cycles"] == []
+    assert found["method_dispatch_outside_methods"] == []
+    assert found["private_imports_across_modules"] == []
+
+
+def test_imports_inside_functions_only_where_they_must_be():
+    found = graph.measure()
+    unexplained = [
+        line
+        for line in found["function_level_imports"]
+        if not line.startswith("tunesmith/cli.py:")
+        and not any(line.split(": ", 1)[1].startswith(module) for module in LAZY)
+    ]
+    assert unexplained == []
+
+
+def test_help_does_not_load_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, tunesmith.cli; print('torch' in sys.modules, 'transformers' in sys.modules)"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert run.stdout.split() == ["False", "False"]
