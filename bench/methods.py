@@ -92,7 +92,8 @@ def worker(method: str, steps: int) -> dict:
     from tunesmith.adapters import disabled, load_adapter, merge_and_unload
     from tunesmith.evaluate import _template_and_bos, compare_after_training, prompt_answer_pairs
     from tunesmith.generation import prompt_ids
-    from tunesmith.models import load_base_for, load_model, load_tokenizer
+    from tunesmith.builder import load_base
+    from tunesmith.models import load_model, load_tokenizer
     from tunesmith.train.loop import Run
     from tunesmith.train.progress import Progress
 
@@ -122,7 +123,7 @@ def worker(method: str, steps: int) -> dict:
                                torch.float32).eval()  # fmt: skip
             unmerged_tps, merged_tps = tokens_per_second(tuned, prompts), None
         else:
-            model = load_base_for(config.method, config.model, "cpu", torch.float32).eval()
+            model = load_base(config.method, config.model, "cpu", torch.float32).eval()
             load_adapter(model, folder)
             with disabled(model):
                 base_tps = tokens_per_second(model, prompts)

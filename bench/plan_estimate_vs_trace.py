@@ -22,7 +22,8 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from transformers import LlamaConfig  # noqa: E402
 
-from tunesmith.config import (  # noqa: E402
+from tunesmith.config import TrainSection  # noqa: E402
+from tunesmith.methods import (  # noqa: E402
     BottleneckConfig,
     FullConfig,
     IA3Config,
@@ -30,8 +31,7 @@ from tunesmith.config import (  # noqa: E402
     PrefixTuningConfig,
     PromptTuningConfig,
     QLoRAConfig,
-    TrainSection,
-)  # fmt: skip
+)
 from tunesmith.plan.estimate import estimate_step, skeleton  # noqa: E402
 from tunesmith.plan.trace import trace_step  # noqa: E402
 

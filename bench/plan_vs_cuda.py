@@ -39,7 +39,8 @@ CASES = [  # (shape, method, batch, seq)
 
 
 def sections(method: str):
-    from tunesmith.config import FullConfig, LoRAConfig, QLoRAConfig, TrainSection
+    from tunesmith.config import TrainSection
+    from tunesmith.methods import FullConfig, LoRAConfig, QLoRAConfig
 
     lora = dict(r=16, alpha=32, dropout=0.0, targets=TARGETS)
     m = {"full": FullConfig(), "lora": LoRAConfig(**lora), "qlora": QLoRAConfig(**lora)}[method]
