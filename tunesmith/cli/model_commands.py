@@ -1,0 +1,385 @@
+"""Commands on models and adapters: `generate`, `chat`, `merge`, `combine`, `merge-models`,
+`quantize` and `export`. Each imports what it needs inside (start-up time)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from tunesmith.cli.app import (
+    AdapterOpt,
+    CombineSeedOpt,
+    DensityOpt,
+    DeviceOpt,
+    DryRunOpt,
+    DtypeOpt,
+    MajorityOpt,
+    MaxTokensOpt,
+    ModelOpt,
+    OutOpt,
+    OverwriteOpt,
+    SeedOpt,
+    ShardOpt,
+    TemperatureOpt,
+    TopPOpt,
+    TrustOpt,
+    app,
+    examples,
+    parse_weights,
+    progress_bar,
+)
+from tunesmith.errors import TunesmithError
+
+
+def _sampling(max_new_tokens: int, temperature: float, top_p: float, seed: int | None):
+    from tunesmith.generation import Sampling
+
+    if temperature < 0:
+        raise TunesmithError("--temperature: must be >= 0 (0 is greedy)")
+    if not 0 < top_p <= 1:
+        raise TunesmithError("--top-p: must be in (0, 1]")
+    return Sampling(max_new_tokens, temperature, top_p, seed)
+
+
+@app.command(
+    "generate",
+    epilog=examples(
+        'tunesmith generate --adapter outputs/quickstart/adapter "Are these all from nature: '
+        'leaf stone river"',
+        'tunesmith generate --model examples/tiny-llama --raw "def fibonacci(n):"',
+    ),
+)
+def generate_cmd(
+    prompt: Annotated[str, typer.Argument(help="The prompt (a user message, or text with --raw).")],
+    model: ModelOpt = None,
+    adapter: AdapterOpt = None,
+    raw: bool = typer.Option(False, "--raw", help="Complete the text; no chat template."),
+    system: Optional[str] = typer.Option(None, "--system", help="A system message."),  # noqa: UP045
+    max_new_tokens: MaxTokensOpt = 128,
+    temperature: TemperatureOpt = 0.0,
+    top_p: TopPOpt = 1.0,
+    seed: SeedOpt = None,
+    device: DeviceOpt = "auto",
+    trust_remote_code: TrustOpt = False,
+) -> None:
+    """Generate a reply to one prompt, streamed as it is produced."""
+    from tunesmith.builder import load_for_inference
+    from tunesmith.data.encode import bos_prefix
+    from tunesmith.generation import chat_template_of, prompt_ids, stream_reply
+
+    sampling = _sampling(max_new_tokens, temperature, top_p, seed)
+    lm, tokenizer, _ = load_for_inference(
+        model, list(adapter or []), device=device, trust_remote_code=trust_remote_code
+    )
+    if raw:
+        ids = bos_prefix(tokenizer) + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    else:
+        messages = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": prompt}
+        ]
+        ids = prompt_ids(messages, chat_template_of(tokenizer), tokenizer, add_bos=False)
+    stream_reply(lm, tokenizer, ids, sampling, lambda text: typer.echo(text, nl=False))
+    typer.echo()
+
+
+@app.command(
+    "chat",
+    epilog=examples(
+        'tunesmith chat --adapter outputs/quickstart/adapter --system "Answer briefly."'
+    ),
+)
+def chat_cmd(
+    model: ModelOpt = None,
+    adapter: AdapterOpt = None,
+    system: Optional[str] = typer.Option(None, "--system", help="A system message."),  # noqa: UP045
+    max_new_tokens: MaxTokensOpt = 256,
+    temperature: TemperatureOpt = 0.7,
+    top_p: TopPOpt = 0.9,
+    seed: SeedOpt = None,
+    device: DeviceOpt = "auto",
+    trust_remote_code: TrustOpt = False,
+) -> None:
+    """Chat in the terminal with the model (and adapter), using its chat template and
+    streaming replies. /reset clears the history, /exit (or end of input) quits."""
+    from tunesmith.builder import load_for_inference
+    from tunesmith.generation import chat_template_of, prompt_ids, stream_reply
+
+    sampling = _sampling(max_new_tokens, temperature, top_p, seed)
+    lm, tokenizer, _ = load_for_inference(
+        model, list(adapter or []), device=device, trust_remote_code=trust_remote_code
+    )
+    template = chat_template_of(tokenizer)
+    start = [{"role": "system", "content": system}] if system else []
+    history = list(start)
+    interactive = sys.stdin.isatty()
+    while True:
+        try:
+            line = input("you> " if interactive else "")
+        except EOFError:
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text == "/exit":
+            break
+        if text == "/reset":
+            history = list(start)
+            typer.echo("(history cleared)")
+            continue
+        history.append({"role": "user", "content": text})
+        ids = prompt_ids(history, template, tokenizer, add_bos=False)
+        typer.echo("assistant> ", nl=False)
+        reply = stream_reply(lm, tokenizer, ids, sampling, lambda t: typer.echo(t, nl=False))
+        typer.echo()
+        history.append({"role": "assistant", "content": reply})
+
+
+@app.command(
+    "merge",
+    epilog=examples(
+        "tunesmith merge --adapter outputs/quickstart/adapter --out outputs/merged",
+        "tunesmith merge --adapter A --base meta-llama/Llama-3.1-8B --out merged --dtype bf16 "
+        "--verify",
+    ),
+)
+def merge_cmd(
+    out: OutOpt,
+    adapter: AdapterOpt = None,
+    base: Optional[str] = typer.Option(  # noqa: UP045
+        None, "--base", help="Base model folder or hub id (default: the adapter's base)."
+    ),
+    dtype: DtypeOpt = "auto",
+    max_shard_size: ShardOpt = "5GB",
+    quantized_base: str = typer.Option(
+        "auto",
+        "--quantized-base",
+        help="QLoRA adapters: merge onto the dequantized 4-bit base they were trained on. "
+        "auto (read the QLoRA run's config.yaml next to the adapter), none, nf4, fp4, int8.",
+    ),  # fmt: skip
+    dry_run: DryRunOpt = False,
+    verify: bool = typer.Option(
+        False,
+        "--verify",
+        help="Load base + adapter and the merged model afterwards and print the largest "
+        "logit difference (needs memory for both models).",
+    ),  # fmt: skip
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Merge adapter(s) into the base model and write a Hugging Face checkpoint (sharded
+    safetensors, config, tokenizer, chat template) that AutoModelForCausalLM loads. Streams
+    tensor by tensor: memory stays near one tensor plus the adapter. LoRA, rsLoRA, DoRA and
+    IA3; several --adapter flags merge their stack."""
+    from tunesmith.combine import merge_checkpoint
+
+    report = merge_checkpoint(
+        base, list(adapter or []), out, dtype=dtype, max_shard_size=max_shard_size,
+        quantized_base=quantized_base, dry_run=dry_run, overwrite=overwrite, verify=verify,
+        progress=None if dry_run else progress_bar("merging"),
+    )  # fmt: skip
+    for line in report.lines():
+        typer.echo(line)
+
+
+@app.command(
+    "combine",
+    epilog=examples(
+        "tunesmith combine --adapter a1 --adapter a2 --weights 0.7,0.3 --method ties --out combined"
+    ),
+)
+def combine_cmd(
+    out: OutOpt,
+    adapter: AdapterOpt = None,
+    weights: Optional[str] = typer.Option(  # noqa: UP045
+        None, "--weights", help="Comma-separated, one per adapter (default: 1 each)."
+    ),
+    method: str = typer.Option(
+        "svd",
+        "--method",
+        help="linear, cat (exact), svd, ties, dare_linear, dare_ties or magnitude_prune.",
+    ),  # fmt: skip
+    rank: Optional[int] = typer.Option(  # noqa: UP045
+        None, "--rank", help="svd and pruning methods: the result's rank (default: largest input)."
+    ),
+    density: DensityOpt = 0.5,
+    seed: CombineSeedOpt = 0,
+    majority_sign: MajorityOpt = "total",
+    base: Optional[str] = typer.Option(  # noqa: UP045
+        None, "--base", help="Base model (default: the first adapter's base)."
+    ),
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Combine LoRA adapters (different ranks, alphas, rsLoRA and DoRA included) into one
+    adapter in PEFT format."""
+    from tunesmith.combine.adapter_arithmetic import combine_adapter_folders
+
+    adapters = list(adapter or [])
+    result = combine_adapter_folders(
+        adapters, parse_weights(weights, len(adapters), 1.0), out, method=method, base=base,
+        rank=rank, density=density, seed=seed, majority_sign=majority_sign, overwrite=overwrite,
+    )  # fmt: skip
+    config = result.config
+    ranks = sorted({config.r, *config.rank_pattern.values()})
+    typer.echo(
+        f"wrote {out}: {method} of {len(adapters)} adapter(s), rank "
+        f"{'/'.join(map(str, ranks))}; {result.summary()}"
+    )
+
+
+@app.command(
+    "merge-models",
+    epilog=examples(
+        "tunesmith merge-models --base B --model X --model Y --method ties --density 0.5 "
+        "--out merged"
+    ),
+)
+def merge_models_cmd(
+    out: OutOpt,
+    base: str = typer.Option(..., "--base", help="The base model all the others were tuned from."),
+    model: Optional[list[str]] = typer.Option(  # noqa: UP045, B008
+        None, "--model", help="A fine-tuned model folder (repeat for several)."
+    ),
+    method: str = typer.Option(
+        "task_arithmetic",
+        "--method",
+        help="task_arithmetic, ties, dare_ties, dare_linear or magnitude_prune.",
+    ),  # fmt: skip
+    weights: Optional[str] = typer.Option(  # noqa: UP045
+        None, "--weights", help="Comma-separated, one per model (default: 1 each)."
+    ),
+    density: DensityOpt = 0.5,
+    seed: CombineSeedOpt = 0,
+    majority_sign: MajorityOpt = "total",
+    dtype: DtypeOpt = "auto",
+    max_shard_size: ShardOpt = "5GB",
+    dry_run: DryRunOpt = False,
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Merge whole fine-tuned checkpoints of one base (task vectors τ = model − base) into one
+    checkpoint, streaming tensor by tensor (memory near one tensor per model)."""
+    from tunesmith.combine import merge_models
+
+    models = list(model or [])
+    report = merge_models(
+        base, models, out, method=method, weights=parse_weights(weights, len(models), 1.0),
+        density=density, seed=seed, majority_sign=majority_sign, dtype=dtype,
+        max_shard_size=max_shard_size, dry_run=dry_run, overwrite=overwrite,
+        progress=None if dry_run else progress_bar("merging"),
+    )  # fmt: skip
+    for line in report.lines():
+        typer.echo(line)
+
+
+@app.command(
+    "quantize",
+    epilog=examples(
+        "tunesmith quantize --model examples/tiny-llama --method gptq "
+        "--calib examples/data/pydoc_heldout.jsonl --out outputs/q4",
+        "tunesmith quantize --adapter outputs/quickstart/adapter --method nf4 --out outputs/nf4",
+    ),
+)
+def quantize_cmd(
+    out: OutOpt,
+    model: ModelOpt = None,
+    adapter: AdapterOpt = None,
+    method: str = typer.Option(
+        "gptq", "--method", help="rtn (round-to-nearest), gptq, awq, int8 or nf4 (bitsandbytes)."
+    ),
+    bits: Optional[int] = typer.Option(  # noqa: UP045
+        None, "--bits", help="rtn/gptq/awq: 2, 3, 4 (default) or 8."
+    ),
+    group_size: Optional[int] = typer.Option(  # noqa: UP045
+        None, "--group-size", help="rtn/gptq/awq: input columns per scale, or -1 (default 128)."
+    ),
+    calib: Optional[str] = typer.Option(  # noqa: UP045
+        None, "--calib", help="Data file: calibration windows, then held-out windows."
+    ),
+    calib_samples: int = typer.Option(128, "--calib-samples", help="Calibration windows."),
+    eval_data: Optional[str] = typer.Option(  # noqa: UP045
+        None, "--eval-data", help="Held-out text for the perplexity report (default: --calib's)."
+    ),
+    eval_samples: int = typer.Option(32, "--eval-samples", help="Held-out windows."),
+    seq_len: int = typer.Option(512, "--seq-len", help="Tokens per window."),
+    act_order: bool = typer.Option(
+        False, "--act-order", help="gptq: quantize the most active input columns first."
+    ),
+    damp: float = typer.Option(
+        0.01, "--damp", help="gptq: Hessian dampening (of its mean diagonal)."
+    ),
+    device: DeviceOpt = "auto",
+    max_shard_size: ShardOpt = "5GB",
+    overwrite: OverwriteOpt = False,
+    eval_config: Optional[Path] = typer.Option(  # noqa: UP045, B008
+        None, "--eval-config", help="Also run `tunesmith eval` of this run config on both models."
+    ),
+    samples: int = typer.Option(100, "--samples", help="--eval-config: prompts to answer."),
+) -> None:
+    """Quantize a checkpoint (or base + adapter, merged first) and report perplexity and size
+    against the original. rtn/gptq/awq write GPTQ's format; int8/nf4 write bitsandbytes'
+    (transformers loads both); `tunesmith generate` and `eval` load either."""
+    from tunesmith.quantize.pipeline import quantize_checkpoint
+
+    adapters = list(adapter or [])
+    report = quantize_checkpoint(
+        model, out, method=method, adapters=adapters, bits=bits, group_size=group_size,
+        calib=calib, calib_samples=calib_samples, eval_data=eval_data, eval_samples=eval_samples,
+        seq_len=seq_len, act_order=act_order, damp=damp, device=device, overwrite=overwrite,
+        max_shard_size=max_shard_size, progress=progress_bar("quantizing", "layers"),
+    )  # fmt: skip
+    for line in report.lines():
+        typer.echo(line)
+    if eval_config is not None:
+        from tunesmith.config import load_config
+        from tunesmith.evaluate import evaluate_models, format_table
+
+        original = adapters[0] if adapters else model
+        cfg = load_config(eval_config, [])
+        columns, n = evaluate_models(cfg, [original, str(out)], samples=samples, include_base=False)
+        typer.echo(format_table(columns, n))
+
+
+@app.command(
+    "export",
+    epilog=examples(
+        "tunesmith export --model examples/tiny-llama --outtype q8_0 --out tiny.gguf",
+        "tunesmith export --adapter outputs/quickstart/adapter --lora-only --out lora.gguf",
+    ),
+)
+def export_cmd(
+    out: Annotated[Path, typer.Option("--out", help="Output file (.gguf; must not exist).")],
+    fmt: str = typer.Option("gguf", "--format", help="gguf (llama.cpp, Ollama, LM Studio)."),
+    model: ModelOpt = None,
+    adapter: AdapterOpt = None,
+    outtype: str = typer.Option(
+        "f16",
+        "--outtype",
+        help="Weights: f32, f16, bf16, q8_0 or q4_0 (--lora-only: f32/f16/bf16).",
+    ),
+    lora_only: bool = typer.Option(
+        False, "--lora-only", help="Write the LoRA adapter alone as a GGUF LoRA file."
+    ),
+    name: Optional[str] = typer.Option(None, "--name", help="general.name in the file."),  # noqa: UP045
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Export for local inference. A checkpoint (or base + adapter, merged first) becomes one
+    GGUF file with the tokenizer and chat template; --lora-only writes a GGUF LoRA adapter that
+    llama.cpp applies at run time (`--lora`)."""
+    from tunesmith.export.gguf import export_gguf, export_lora_gguf
+
+    if fmt != "gguf":
+        raise TunesmithError(f"--format: {fmt!r} is not supported; use gguf")
+    adapters = list(adapter or [])
+    if lora_only:
+        if len(adapters) != 1:
+            raise TunesmithError("--lora-only: give exactly one --adapter")
+        report = export_lora_gguf(
+            adapters[0], out, model=model, outtype=outtype, overwrite=overwrite
+        )
+    else:
+        report = export_gguf(
+            model, out, adapters=adapters, outtype=outtype, overwrite=overwrite, name=name
+        )
+    for line in report.lines():
+        typer.echo(line)

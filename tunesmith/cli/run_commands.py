@@ -1,0 +1,269 @@
+"""Commands on a run config: `config schema`, `config check`, `preprocess`, `train`, `plot`,
+`eval` and `plan`. Each imports what it needs inside (start-up time: `tunesmith --help` loads
+no torch)."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from tunesmith.cli.app import (
+    AdapterOpt,
+    ConfigArg,
+    OverridesArg,
+    app,
+    config_app,
+    examples,
+)
+from tunesmith.errors import TunesmithError
+
+
+@config_app.command("schema", epilog=examples("tunesmith config schema > schema.yaml"))
+def config_schema() -> None:
+    """Print every config section and field with its type, default and documentation."""
+    from tunesmith.config import schema_text
+
+    typer.echo(schema_text(), nl=False)
+
+
+@config_app.command(
+    "check",
+    epilog=examples(
+        "tunesmith config check examples/quickstart.yaml",
+        "tunesmith config check run.yaml method.r=8 --show",
+    ),
+)
+def config_check(
+    config: ConfigArg,
+    overrides: OverridesArg = None,
+    show: bool = typer.Option(False, "--show", help="Print the resolved config."),
+) -> None:
+    """Validate a run config without loading a model: schema, values, and that local data
+    files exist."""
+    from tunesmith.config import ConfigError, config_yaml, load_config
+    from tunesmith.data.sources import local_source_problems
+    from tunesmith.paths import model_source
+
+    cfg = load_config(config, overrides or [])
+    problems = []
+    for key, source in (("model.path", cfg.model.path), ("model.tokenizer", cfg.model.tokenizer)):
+        try:
+            if source:
+                model_source(source, key)
+        except TunesmithError as err:
+            problems.append(str(err))
+    problems += local_source_problems(cfg.data.datasets, "data.datasets")
+    problems += local_source_problems(cfg.data.validation, "data.validation")
+    if problems:
+        raise ConfigError([f"{config}: {problem}" for problem in problems])
+    if show:
+        typer.echo(config_yaml(cfg), nl=False)
+    method = cfg.method.name + (f" r={cfg.method.r}" if hasattr(cfg.method, "r") else "")
+    typer.echo(
+        f"{config}: ok (model {cfg.model.path}, method {method}, "
+        f"{len(cfg.data.datasets)} training source(s), lr {cfg.train.lr:g})"
+    )
+
+
+@app.command(
+    "preprocess", epilog=examples("tunesmith preprocess examples/quickstart.yaml --show 2")
+)
+def preprocess(
+    config: ConfigArg,
+    overrides: OverridesArg = None,
+    show: int = typer.Option(3, "--show", help="Decoded samples to print."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Tokenize again; ignore the cache."),
+) -> None:
+    """Tokenize the run's data (filling the cache) and print samples with the masked, not
+    trained, spans inside ⟦ ⟧, plus counts: samples, tokens, trained tokens, truncated and
+    dropped samples, packing efficiency."""
+
+    from tunesmith.config import load_config
+    from tunesmith.data import IGNORE_INDEX, prepare_data, show_sample, summary_lines
+    from tunesmith.models import load_tokenizer
+
+    cfg = load_config(config, overrides or [])
+    tokenizer = load_tokenizer(cfg.model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        prepared = prepare_data(cfg.data, tokenizer, seed=cfg.train.seed, use_cache=not no_cache)
+    for warning in caught:
+        typer.echo(f"warning: {warning.message}", err=True)
+    for i in range(min(show, len(prepared.train))):
+        ids, labels = prepared.train[i]
+        trained = int((labels != IGNORE_INDEX).sum())
+        typer.echo(f"--- sample {i} ({len(ids)} tokens, {trained} trained; ⟦masked⟧) ---")
+        typer.echo(show_sample(ids, labels, tokenizer))
+    typer.echo("---")
+    for line in summary_lines(prepared):
+        typer.echo(line)
+
+
+@app.command(
+    "train",
+    epilog=examples(
+        "tunesmith train examples/quickstart.yaml",
+        "tunesmith train run.yaml method=qlora train.lr=1e-4 --resume",
+    ),
+)
+def train_cmd(
+    config: ConfigArg,
+    overrides: OverridesArg = None,
+    resume: Optional[str] = typer.Option(  # noqa: UP045
+        None,
+        "--resume",
+        help="Continue a run: --resume alone (or --resume latest) takes the newest checkpoint "
+        "in output_dir; --resume PATH a given checkpoint folder.",
+        show_default=False,
+    ),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Delete an earlier run's files in output_dir first."
+    ),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Tokenize again; ignore the cache."),
+) -> None:
+    """Train: load the model and data, attach the method (lora, qlora, full, prompt, prefix,
+    bottleneck or ia3; the LoRA family includes rsLoRA, DoRA and PiSSA init), run the loop with
+    checkpoints, validation and metrics, and write the adapter (or model) to output_dir."""
+
+    from tunesmith.config import load_config
+    from tunesmith.train.loop import Run, TrainingInterrupted
+
+    cfg = load_config(config, overrides or [])
+    run = Run(cfg, resume=resume, overwrite=overwrite, use_cache=not no_cache)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run.setup()
+    for warning in caught:
+        if issubclass(warning.category, UserWarning):
+            typer.echo(f"warning: {warning.message}", err=True)
+    _print_run_header(run)
+    try:
+        summary = run.run()
+    except TrainingInterrupted as err:
+        again = " ".join(["tunesmith train", str(config), *(overrides or []), "--resume"])
+        if run.last_checkpoint is None:
+            again = "nothing to resume from; start again with --overwrite"
+        raise TrainingInterrupted(f"{err}. Continue with: {again}") from None
+    _print_summary(summary, run)
+    if cfg.eval.generate_samples:
+        from tunesmith.evaluate import compare_after_training
+
+        compare_after_training(run, echo=typer.echo)
+
+
+def _print_run_header(run) -> None:
+    from tunesmith.adapters import trainable_parameters
+    from tunesmith.data import summary_lines
+
+    for line in summary_lines(run.prepared):
+        typer.echo(line)
+    counts = trainable_parameters(run.model)
+    typer.echo(
+        f"model {run.config.model.path} on {run.device} ({str(run.dtype).removeprefix('torch.')}),"
+        f" method {run.config.method.name}: {counts.trainable:,} of {counts.total:,} parameters "
+        f"train ({counts.percent:.2f}%); {run.total_steps} steps of "
+        f"{run.config.train.micro_batch_size}x{run.config.train.grad_accum_steps} "
+        f"{'packed rows' if run.plan.rows is not None else 'samples'}"
+    )
+
+
+def _print_summary(summary: dict, run) -> None:
+    parts = [f"{summary['steps']} steps, {summary['tokens']:,} tokens in {summary['seconds']:.1f}s"]
+    if summary["final_train_loss"] is not None:
+        parts.append(f"train loss {summary['final_train_loss']:.4f}")
+    if summary["final_val_loss"] is not None:
+        val, ppl = summary["final_val_loss"], summary["final_val_ppl"]
+        parts.append(f"validation loss {val:.4f} (perplexity {ppl:.2f})")
+    typer.echo("done: " + "; ".join(parts))
+    typer.echo(f"saved {summary['output']} (metrics, loss.png, summary.json in {run.out})")
+
+
+@app.command("plot", epilog=examples("tunesmith plot outputs/quickstart"))
+def plot_cmd(
+    output_dir: Annotated[Path, typer.Argument(help="A run's output_dir.")],
+    out: Optional[Path] = typer.Option(  # noqa: UP045, B008
+        None, "--out", help="Image path (default: loss.png in output_dir)."
+    ),
+) -> None:
+    """Render the loss and learning-rate curves of a run to a PNG."""
+    from tunesmith.train.plot import plot_metrics
+
+    typer.echo(f"wrote {plot_metrics(output_dir, out)}")
+
+
+@app.command(
+    "eval",
+    epilog=examples(
+        "tunesmith eval examples/quickstart.yaml --adapter outputs/quickstart/adapter --samples 20"
+    ),
+)
+def eval_cmd(
+    config: ConfigArg,
+    overrides: OverridesArg = None,
+    adapter: AdapterOpt = None,
+    data: Optional[str] = typer.Option(  # noqa: UP045
+        None, "--data", help="Evaluate on this file instead of data.validation."
+    ),
+    samples: int = typer.Option(100, "--samples", help="Prompt/answer pairs to generate for."),
+    max_new_tokens: Optional[int] = typer.Option(  # noqa: UP045
+        None, "--max-new-tokens", help="Default: eval.max_new_tokens."
+    ),
+    no_base: bool = typer.Option(False, "--no-base", help="Leave out the base model column."),
+) -> None:
+    """Perplexity and generation metrics (exact match, contains, ROUGE-L) on the validation
+    data, for the base model and each adapter side by side. Without --adapter, the run's own
+    output_dir/adapter (or output_dir/model) is evaluated."""
+    from tunesmith.config import load_config
+    from tunesmith.evaluate import evaluate_models, format_table
+
+    cfg = load_config(config, overrides or [])
+    adapters = list(adapter or [])
+    if not adapters:
+        for name in ("adapter", "model"):
+            if (Path(cfg.output_dir) / name).is_dir():
+                adapters.append(str(Path(cfg.output_dir) / name))
+    columns, n = evaluate_models(
+        cfg, adapters, data_path=data, samples=samples, max_new_tokens=max_new_tokens,
+        include_base=not no_base,
+    )  # fmt: skip
+    typer.echo(format_table(columns, n))
+
+
+@app.command(
+    "plan",
+    epilog=examples(
+        "tunesmith plan examples/quickstart.yaml --gpu 4090",
+        "tunesmith plan run.yaml method=qlora --gpu-mem 16GiB --json",
+    ),
+)
+def plan_cmd(
+    config: ConfigArg,
+    overrides: OverridesArg = None,
+    gpu: Optional[str] = typer.Option(  # noqa: UP045
+        None, "--gpu", help="h100, h200, a100, a100-40gb, l40s, a10g, 4090, 3090 or t4."
+    ),
+    gpu_mem: Optional[str] = typer.Option(  # noqa: UP045
+        None, "--gpu-mem", help="GPU memory to fit in, e.g. 24GiB (default: the --gpu's)."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
+) -> None:
+    """Peak memory of one training step of the run (traced on fake tensors: no GPU and no
+    weights needed), its breakdown, whether it fits the GPU, the time for the run's dataset,
+    and which methods fit with which switches, micro-batch and sequence length."""
+    import json
+
+    from tunesmith.config import load_config
+    from tunesmith.plan.planner import plan_run
+
+    cfg = load_config(config, overrides or [])
+    result = plan_run(cfg, gpu, gpu_mem)
+    if as_json:
+        typer.echo(json.dumps(result.to_dict(), indent=2))
+    else:
+        for line in result.lines():
+            typer.echo(line)
+    if result.fits_nothing:
+        raise TunesmithError(result.notes[-1])
