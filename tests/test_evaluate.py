@@ -8,7 +8,7 @@ import json
 import pytest
 from helpers.data import data_section, write_jsonl
 
-from tunesmith.cli import _resume_default
+from tunesmith.cli.app import _resume_default
 from tunesmith.evaluate import (
     Column,
     format_table,

@@ -274,31 +274,39 @@ def evaluate_models(
     def column(name: str, m) -> Column:
         return measure(name, m, prepared.train, pairs, data, tokenizer, settings)
 
-    columns = []
-    if include_base:
-        columns.append(column("base", model))
+    columns = [column("base", model)] if include_base else []
     for i, folder in enumerate(adapters):
         path = Path(folder)
-        if not path.is_dir():
-            raise TunesmithError(f"--adapter: {folder}: no such folder")
         label = path.name if path.name not in ("adapter", "model") else path.parent.name
-        if (path / "adapter_config.json").is_file():
-            resolve_base(config.model.path, [folder], "")  # warns if trained on another base
-            name = f"a{i}"
-            load_adapter(model, path, name=name)
-            columns.append(column(label, model))
-            delete_adapter(model, name)  # each adapter alone on the base (LoRA and IA3 may
-            # target the same modules)
-        elif (path / "config.json").is_file():  # a fully fine-tuned model
-            other = load_model(config.model.model_copy(update={"path": str(path)}), device, dtype)
-            columns.append(column(label, other.eval()))
-            del other
-        else:
-            raise TunesmithError(
-                f"--adapter: {folder} holds neither an adapter (adapter_config.json) nor a model "
-                "(config.json)"
+        columns.append(
+            _measure_folder(
+                config, model, folder, f"a{i}", (device, dtype), lambda m, lb=label: column(lb, m)
             )
+        )
     return columns, len(pairs)
+
+
+def _measure_folder(config: RunConfig, model, folder: str, name: str, placement, measure_model):
+    """`measure_model` of the base with the adapter in `folder` (loaded as `name`, then
+    removed: each adapter alone on the base, since LoRA and IA3 may target the same modules),
+    or of the fully fine-tuned model in `folder` (loaded with `placement`: device, dtype)."""
+    path = Path(folder)
+    if not path.is_dir():
+        raise TunesmithError(f"--adapter: {folder}: no such folder")
+    if (path / "adapter_config.json").is_file():
+        resolve_base(config.model.path, [folder], "")  # warns if trained on another base
+        load_adapter(model, path, name=name)
+        try:
+            return measure_model(model)
+        finally:
+            delete_adapter(model, name)
+    if (path / "config.json").is_file():  # a fully fine-tuned model
+        section = config.model.model_copy(update={"path": str(path)})
+        return measure_model(load_model(section, *placement).eval())
+    raise TunesmithError(
+        f"--adapter: {folder} holds neither an adapter (adapter_config.json) nor a model "
+        "(config.json)"
+    )
 
 
 __all__ = [

@@ -136,6 +136,17 @@ def model_in(annotation: Any) -> Any:
     return None
 
 
+TYPE_PHRASES = {
+    ("float_parsing", "float_type"): "expected a number",
+    ("int_parsing", "int_type", "int_from_float"): "expected a whole number",
+    ("bool_parsing", "bool_type"): "expected true or false",
+    ("string_type",): "expected text",
+    ("list_type",): "expected a list",
+    ("dict_type", "model_type", "model_attributes_type"): "expected a mapping",
+}
+"""pydantic's type errors, as said to a user (followed by `got <value>`)."""
+
+
 def describe(
     root: type[BaseModel],
     loc: tuple,
@@ -146,67 +157,65 @@ def describe(
     overridden: set,
 ) -> str:
     """One problem as `where: yaml.path: what`; `root` is the schema's top-level model."""
-    kind, value, ctx = error["type"], error.get("input"), error.get("ctx") or {}
-    if kind == "missing":
-        what = "required; add it"
-    elif kind in ("extra_forbidden", "unexpected_keyword_argument"):
-        parent = _section_class(root, loc[:-1])
-        method = None
-        if loc[:1] == ("method",):
-            section = raw.get("method")
-            method = find_method(section.get("name", "lora") if isinstance(section, dict) else None)
-            parent = method.config if method else parent
-        known = list(fields_of(parent)) if parent else []
-        foreign = _foreign_hint(loc)
-        hint = f"; {foreign}" if foreign else did_you_mean(loc[-1], known)
-        scope = f' for method "{method.name}"' if method else ""
-        what = f"unknown key{scope}{hint or ''}" + ("" if hint else _known(known))
-    elif kind in ("float_parsing", "float_type"):
-        what = f"expected a number, got {shown(value)}"
-    elif kind in ("int_parsing", "int_type", "int_from_float"):
-        what = f"expected a whole number, got {shown(value)}"
-    elif kind in ("bool_parsing", "bool_type"):
-        what = f"expected true or false, got {shown(value)}"
-    elif kind in ("string_type",):
-        what = f"expected text, got {shown(value)}"
-    elif kind in ("list_type",):
-        what = f"expected a list, got {shown(value)}"
-    elif kind in ("dict_type", "model_type", "model_attributes_type"):
-        what = f"expected a mapping, got {shown(value)}"
-    elif kind == "literal_error":
-        choices = [
-            c.strip(" '\"") for c in ctx.get("expected", "").replace(" or ", ", ").split(",")
-        ]
-        what = (
-            f"expected one of {', '.join(choices)}, got {shown(value)}"
-            f"{did_you_mean(value, choices)}"
-        )
-    elif kind == "union_tag_invalid":
-        choices = method_names()
-        loc = (*loc, "name") if loc[-1:] != ("name",) else loc
-        what = (
-            f"expected one of {', '.join(choices)}, got {shown(ctx.get('tag'))}"
-            f"{did_you_mean(ctx.get('tag'), choices)}"
-        )
-    elif kind == "union_tag_not_found":
-        what = f"missing name (one of {', '.join(method_names())})"
-    elif kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
-        sign = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<"}.get(kind, "<=")
-        bound = next(iter(ctx.values()))
-        what = f"must be {sign} {bound}, got {shown(value)}"
-    elif kind == "too_short":
-        what = "must not be empty"
-    elif kind == "value_error":
-        what = str(ctx.get("error", error["msg"]))
-    else:
-        what = f"{error['msg'][:1].lower()}{error['msg'][1:]}, got {shown(value)}"
+    if error["type"] == "union_tag_invalid" and loc[-1:] != ("name",):
+        loc = (*loc, "name")
     dotted = ".".join(map(str, loc)) or "(top level)"
     if any(loc[: len(o)] == o or o[: len(loc)] == loc for o in overridden):
         where = f"{source} (command-line override)"
     else:
         line = next((lines[loc[:n]] for n in range(len(loc), 0, -1) if loc[:n] in lines), None)
         where = f"{source}:{line}" if line else source
-    return f"{where}: {dotted}: {what}"
+    return f"{where}: {dotted}: {_what(root, loc, error, raw)}"
+
+
+def _what(root: type[BaseModel], loc: tuple, error: dict, raw: dict) -> str:
+    """What is wrong, for one pydantic error at `loc`."""
+    kind, value, ctx = error["type"], error.get("input"), error.get("ctx") or {}
+    for kinds, phrase in TYPE_PHRASES.items():
+        if kind in kinds:
+            return f"{phrase}, got {shown(value)}"
+    if kind == "missing":
+        return "required; add it"
+    if kind in ("extra_forbidden", "unexpected_keyword_argument"):
+        return _unknown_key(root, loc, raw)
+    if kind == "literal_error":
+        choices = [
+            c.strip(" '\"") for c in ctx.get("expected", "").replace(" or ", ", ").split(",")
+        ]
+        return f"expected one of {', '.join(choices)}, got {shown(value)}" + did_you_mean(
+            value, choices
+        )
+    if kind == "union_tag_invalid":
+        choices, tag = method_names(), ctx.get("tag")
+        return f"expected one of {', '.join(choices)}, got {shown(tag)}" + did_you_mean(
+            tag, choices
+        )
+    if kind == "union_tag_not_found":
+        return f"missing name (one of {', '.join(method_names())})"
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        sign = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<"}.get(kind, "<=")
+        return f"must be {sign} {next(iter(ctx.values()))}, got {shown(value)}"
+    if kind == "too_short":
+        return "must not be empty"
+    if kind == "value_error":
+        return str(ctx.get("error", error["msg"]))
+    return f"{error['msg'][:1].lower()}{error['msg'][1:]}, got {shown(value)}"
+
+
+def _unknown_key(root: type[BaseModel], loc: tuple, raw: dict) -> str:
+    """An unknown key: another tool's name for a tunesmith key, or did-you-mean, or the keys
+    that section knows (a method section: that method's)."""
+    parent = _section_class(root, loc[:-1])
+    method = None
+    if loc[:1] == ("method",):
+        section = raw.get("method")
+        method = find_method(section.get("name", "lora") if isinstance(section, dict) else None)
+        parent = method.config if method else parent
+    known = list(fields_of(parent)) if parent else []
+    foreign = _foreign_hint(loc)
+    hint = f"; {foreign}" if foreign else did_you_mean(loc[-1], known)
+    scope = f' for method "{method.name}"' if method else ""
+    return f"unknown key{scope}{hint or ''}" + ("" if hint else _known(known))
 
 
 def _known(known: list[str]) -> str:

@@ -177,6 +177,36 @@ class TracedStep:
     notes: list[str] = field(default_factory=list)
 
 
+def _breakdown(tracker, model, params, static, grads, states, optimizer: str) -> TracedStep:
+    """The traced peak, split at its moment into weights, trainable parameters, gradients,
+    optimizer states and the rest."""
+    trainable = tracker.keys(params)
+    at_peak = tracker.at_peak
+    optimizer_bytes = sum(v for k, v in at_peak.items() if k in states)
+    peak = tracker.peak
+    notes = []
+    if optimizer in ("adamw_8bit", "paged_adamw_8bit"):
+        # fp32 m and v traced; 8-bit states are 2 bytes per parameter
+        traced_states = optimizer_bytes
+        optimizer_bytes = sum(p.numel() for p in params) * 2
+        peak += optimizer_bytes - traced_states
+        notes.append("8-bit optimizer states counted as 2 bytes per trainable parameter")
+    grads_bytes = sum(v for k, v in at_peak.items() if k in grads)
+    other = tracker.peak - sum(static.values()) - grads_bytes
+    other -= sum(v for k, v in at_peak.items() if k in states)
+    return TracedStep(
+        peak_bytes=peak,
+        weights_bytes=sum(v for k, v in static.items() if k not in trainable),
+        trainable_bytes=sum(trainable.values()),
+        grads_bytes=grads_bytes,
+        optimizer_bytes=optimizer_bytes,
+        activations_bytes=other,
+        trainable_params=sum(p.numel() for p in params),
+        total_params=sum(p.numel() for p in model.parameters()),
+        notes=notes,
+    )
+
+
 def trace_step(
     model_config,
     method,
@@ -216,30 +246,6 @@ def trace_step(
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
             states = tracker.keys(v for s in optimizer.state.values() for v in s.values())
-            trainable = tracker.keys(params)
-            at_peak = tracker.at_peak
-            eight_bit = train.optimizer in ("adamw_8bit", "paged_adamw_8bit")
-            optimizer_bytes = sum(v for k, v in at_peak.items() if k in states)
-            peak = tracker.peak
-            notes = []
-            if eight_bit:  # fp32 m and v traced; 8-bit states are 2 bytes per parameter
-                traced_states = optimizer_bytes
-                optimizer_bytes = sum(p.numel() for p in params) * 2
-                peak += optimizer_bytes - traced_states
-                notes.append("8-bit optimizer states counted as 2 bytes per trainable parameter")
-            grads_bytes = sum(v for k, v in at_peak.items() if k in grads)
-            other = tracker.peak - sum(static.values()) - grads_bytes
-            other -= sum(v for k, v in at_peak.items() if k in states)
-            return TracedStep(
-                peak_bytes=peak,
-                weights_bytes=sum(v for k, v in static.items() if k not in trainable),
-                trainable_bytes=sum(trainable.values()),
-                grads_bytes=grads_bytes,
-                optimizer_bytes=optimizer_bytes,
-                activations_bytes=other,
-                trainable_params=sum(p.numel() for p in params),
-                total_params=sum(p.numel() for p in model.parameters()),
-                notes=notes,
-            )
+            return _breakdown(tracker, model, params, static, grads, states, train.optimizer)
     finally:
         ALL_TRAINED.reset(token)

@@ -408,6 +408,11 @@ class Run:
             self.progress.close()
             if sys.exc_info()[0] is not None:
                 self.close()
+        return self._finish(last)
+
+    def _finish(self, last: dict) -> dict:
+        """After the last step: its checkpoint, validation, the final adapter or model, the
+        summary and the plot; output_dir is released."""
         final_step = self.total_steps
         if self.last_checkpoint is None or not self.last_checkpoint.name.endswith(
             f"{final_step:06d}"
