@@ -68,7 +68,11 @@ def imports(tree: ast.Module, here: str):
                 pkg = here.split(".")[: len(here.split(".")) - node.level + 1]
                 base = ".".join(pkg + ([base] if base else []))
             if base == "tunesmith":  # `from tunesmith import builder`: the modules named
-                found.extend((f"tunesmith.{a.name}", in_function, node.lineno) for a in node.names)
+                found.extend(
+                    (f"tunesmith.{a.name}", in_function, node.lineno)
+                    for a in node.names
+                    if (PACKAGE / a.name).is_dir() or (PACKAGE / f"{a.name}.py").is_file()
+                )
             else:
                 found.append((base, in_function, node.lineno))
         for child in ast.iter_child_nodes(node):
