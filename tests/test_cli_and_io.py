@@ -43,8 +43,14 @@ def test_lazy_top_level_api_matches_the_adapters_package():
     for name, module in tunesmith._API.items():
         assert getattr(tunesmith, name) is getattr(importlib.import_module(module), name)
     users = set(tunesmith.adapters.__all__) - {
-        "PREFIX", "AdapterHolder", "LinearWrapper", "common_peft_keys", "find_targets",
-        "hidden_size", "modules_of", "register_adapter",
+        "PREFIX",
+        "AdapterHolder",
+        "LinearWrapper",
+        "common_peft_keys",
+        "find_targets",
+        "hidden_size",
+        "modules_of",
+        "register_adapter",
     }  # what a method's implementation builds on, not the user's API
     assert users <= set(tunesmith._API)
     assert tunesmith.add_lora is importlib.import_module("tunesmith.methods.lora.impl").add_lora
