@@ -382,24 +382,7 @@ def export_lora_gguf(
     out = Path(out)
     check_output(out, overwrite, folder=False, inputs=[adapter, model])
     folder = find_adapter_folder(adapter, "default")
-    raw = json.loads((folder / CONFIG_NAME).read_text())
-    method = method_for_peft_type(str(raw.get("peft_type", "LORA")))
-    if method is None or not method.low_rank:
-        raise TunesmithError(
-            f"--adapter: {adapter} is a {raw.get('peft_type')} adapter; llama.cpp applies LoRA "
-            "adapters only. Export the merged model instead: tunesmith export --adapter DIR"
-        )
-    if raw.get("use_dora"):
-        raise TunesmithError(
-            f"--adapter: {adapter} is a DoRA adapter, which llama.cpp cannot apply at run time; "
-            "export the merged model instead (drop --lora-only)"
-        )
-    if raw.get("modules_to_save"):
-        raise TunesmithError(
-            f"--adapter: {adapter} trains full copies of {', '.join(raw['modules_to_save'])}, "
-            "which a GGUF LoRA file cannot carry; export the merged model instead"
-        )
-    config = config_from_peft(raw, source=str(folder / CONFIG_NAME))
+    config = _lora_for_llamacpp(adapter, folder)
     model = resolve_base(
         model, [adapter], "--model: give the base model (the adapter does not name one)"
     )
@@ -408,20 +391,7 @@ def export_lora_gguf(
     names = _tensor_names(arch, base_config.num_hidden_layers)
     heads = base_config.num_attention_heads
     kv_heads = getattr(base_config, "num_key_value_heads", None) or heads
-    weights = read_adapter_weights(folder)
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in weights.items():
-        for part in ("lora_A", "lora_B"):
-            marker = f".{part}.weight"
-            if key.endswith(marker):
-                module = key.removeprefix("base_model.model.").removesuffix(marker)
-                pairs.setdefault(module, {})[part] = tensor
-                break
-        else:
-            raise TunesmithError(
-                f"--adapter: {adapter} holds {key}, which a GGUF LoRA file cannot carry "
-                "(only lora_A/lora_B of linear layers); export the merged model instead"
-            )
+    pairs = _lora_pairs(adapter, read_adapter_weights(folder))
     scalings = {m: config.scaling_for(m) for m in pairs}
     ranks = {m: p["lora_A"].shape[0] for m, p in pairs.items()}
     uniform = len(set(scalings.values())) == 1 and len(set(ranks.values())) == 1
@@ -450,6 +420,46 @@ def export_lora_gguf(
     size = write_gguf(out, arch, metadata, planned)
     note = [] if uniform else ["note: modules differ in rank or scaling; scales folded into lora_b"]
     return ExportReport(str(out), arch, f"lora {outtype}", len(planned), size, [], note)
+
+
+def _lora_for_llamacpp(adapter: str, folder: Path):
+    """The adapter's LoRA config, refusing what llama.cpp cannot apply at run time."""
+    raw = json.loads((folder / CONFIG_NAME).read_text())
+    method = method_for_peft_type(str(raw.get("peft_type", "LORA")))
+    if method is None or not method.low_rank:
+        raise TunesmithError(
+            f"--adapter: {adapter} is a {raw.get('peft_type')} adapter; llama.cpp applies LoRA "
+            "adapters only. Export the merged model instead: tunesmith export --adapter DIR"
+        )
+    if raw.get("use_dora"):
+        raise TunesmithError(
+            f"--adapter: {adapter} is a DoRA adapter, which llama.cpp cannot apply at run time; "
+            "export the merged model instead (drop --lora-only)"
+        )
+    if raw.get("modules_to_save"):
+        raise TunesmithError(
+            f"--adapter: {adapter} trains full copies of {', '.join(raw['modules_to_save'])}, "
+            "which a GGUF LoRA file cannot carry; export the merged model instead"
+        )
+    return config_from_peft(raw, source=str(folder / CONFIG_NAME))
+
+
+def _lora_pairs(adapter: str, weights: dict[str, torch.Tensor]) -> dict[str, dict]:
+    """{module: {"lora_A": A, "lora_B": B}}; anything else in the file is refused."""
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in weights.items():
+        for part in ("lora_A", "lora_B"):
+            marker = f".{part}.weight"
+            if key.endswith(marker):
+                module = key.removeprefix("base_model.model.").removesuffix(marker)
+                pairs.setdefault(module, {})[part] = tensor
+                break
+        else:
+            raise TunesmithError(
+                f"--adapter: {adapter} holds {key}, which a GGUF LoRA file cannot carry "
+                "(only lora_A/lora_B of linear layers); export the merged model instead"
+            )
+    return pairs
 
 
 def _natural(name: str) -> list:
