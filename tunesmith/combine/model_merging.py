@@ -60,6 +60,25 @@ def _check_models(base: str, base_reader: CheckpointReader, models: list[str], r
 
 
 @torch.no_grad()
+def _check_settings(models, method, weights, density, majority_sign) -> list[float]:
+    """Refuse settings that cannot work, before anything is read; returns the weights."""
+    if not models:
+        raise TunesmithError("--model: give at least one fine-tuned model to merge")
+    if method not in MODEL_MERGE_METHODS:
+        raise TunesmithError(f"--method: {method!r} is not one of {', '.join(MODEL_MERGE_METHODS)}")
+    weights = [1.0] * len(models) if weights is None else [float(w) for w in weights]
+    if len(weights) != len(models):
+        raise TunesmithError(f"--weights: {len(models)} models but {len(weights)} weights")
+    if method in PRUNING_METHODS:
+        try:
+            check_density(density)
+        except TunesmithError as err:
+            raise TunesmithError(f"--density: {err}") from None
+    if majority_sign not in MAJORITY_SIGN:
+        raise TunesmithError(f"--majority-sign: must be one of {', '.join(MAJORITY_SIGN)}")
+    return weights
+
+
 def merge_models(
     base: str,
     models: Sequence[str],
@@ -82,20 +101,7 @@ def merge_models(
     `weights` default to 1 each (task arithmetic then adds every task vector in full; pass
     1/n each to average)."""
     models = [str(m) for m in models]
-    if not models:
-        raise TunesmithError("--model: give at least one fine-tuned model to merge")
-    if method not in MODEL_MERGE_METHODS:
-        raise TunesmithError(f"--method: {method!r} is not one of {', '.join(MODEL_MERGE_METHODS)}")
-    weights = [1.0] * len(models) if weights is None else [float(w) for w in weights]
-    if len(weights) != len(models):
-        raise TunesmithError(f"--weights: {len(models)} models but {len(weights)} weights")
-    if method in PRUNING_METHODS:
-        try:
-            check_density(density)
-        except TunesmithError as err:
-            raise TunesmithError(f"--density: {err}") from None
-    if majority_sign not in MAJORITY_SIGN:
-        raise TunesmithError(f"--majority-sign: must be one of {', '.join(MAJORITY_SIGN)}")
+    weights = _check_settings(models, method, weights, density, majority_sign)
     out = Path(out)
     shard_bytes = parse_size(max_shard_size)
     if not dry_run:
