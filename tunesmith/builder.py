@@ -59,9 +59,14 @@ def run_dtypes(config: Any, device: str) -> RunDtypes:
     return RunDtypes(compute, weights_dtype(config.method, config.train, compute))
 
 
+def master_weights(method_config: Any, fp32_master_weights: bool) -> bool:
+    """Whether the run keeps fp32 master copies of its trained weights and autocasts: full
+    fine-tuning with `train.fp32_master_weights` (adapters keep their own fp32 weights)."""
+    return not method_of(method_config).trains_adapter and fp32_master_weights
+
+
 def weights_dtype(method_config: Any, train: Any, compute: torch.dtype) -> torch.dtype:
-    master = not method_of(method_config).trains_adapter and train.fp32_master_weights
-    return torch.float32 if master else compute
+    return torch.float32 if master_weights(method_config, train.fp32_master_weights) else compute
 
 
 def load_base(method_config: Any, model: ModelSection, device: str, dtype: torch.dtype):

@@ -14,7 +14,7 @@ from transformers.utils import logging as hf_logging
 
 from tunesmith.errors import TunesmithError
 from tunesmith.gptq_format.files import load_gptq_checkpoint
-from tunesmith.model_config import load_failure, needs_remote_code, read_model_config
+from tunesmith.model_config import load_failure, read_model_config
 from tunesmith.paths import model_source
 from tunesmith.qlora_base import guard_cpu_packing
 from tunesmith.shards import check_safetensors_folder
@@ -23,8 +23,8 @@ if TYPE_CHECKING:
     from tunesmith.config import ModelSection
 
 __all__ = [
-    "enable_checkpointing", "load_failure", "load_model", "load_tokenizer", "needs_remote_code",
-    "read_model_config", "resolve_device", "resolve_dtype",
+    "enable_checkpointing", "load_failure", "load_model", "load_tokenizer", "read_model_config",
+    "resolve_device", "resolve_dtype",
 ]  # fmt: skip
 
 

@@ -41,10 +41,11 @@ class MethodImplementation(Protocol):
 
     Optional: `saved_tensors(model, name)`, `write_extra(model, name, folder)`,
     `load_tensors(model, name, tensors, *, source, config, hot_swap, folder)`,
-    `creation_config(config)`, `check_hot_swap(model, name, old, new, folder)`;
-    for runs: `load_base(config, model_section, device, dtype)`,
-    `trace_base(model, config, compute_dtype)`, `attach_for_run(model, config, tokenizer)`,
-    `save(model, folder)`, `load_weights(model, folder, device)`.
+    `creation_config(config)`, `hot_swap_structure(config)` (settings a hot swap must keep),
+    `check_hot_swap(model, name, old, new, folder)`, `materialize(model, name, config)` (real
+    buffers on a meta skeleton); for runs: `load_base(config, model_section, device, dtype)`,
+    `trace_base(model, config, compute_dtype)`, `save(model, folder)`,
+    `load_weights(model, folder, device)`.
     """
 
     def attach(self, model: Any, config: Any, *, name: str, trainable: bool, tokenizer: Any): ...
@@ -109,12 +110,13 @@ class Method:
 
 
 _METHODS: dict[str, Method] = {}
-_loading = False
+_builtins_imported = False
 
 
 def register_method(method: Method, *, replace: bool = False) -> Method:
     """Add `method` to the registry (under `method.name`) and return it. A second method of the
     same name is refused unless `replace`."""
+    _builtins()  # the built-ins register first, whatever is registered before any lookup
     if not replace and method.name in _METHODS and _METHODS[method.name] != method:
         raise AdapterError(
             f"a method named {method.name!r} is already registered; pick another name or pass "
@@ -143,9 +145,9 @@ def unregister_method(name: str) -> None:
 
 
 def _builtins() -> dict[str, Method]:
-    global _loading
-    if not _loading:
-        _loading = True
+    global _builtins_imported
+    if not _builtins_imported:
+        _builtins_imported = True  # before the import: the built-ins register while it runs
         importlib.import_module(BUILTINS)
     return _METHODS
 

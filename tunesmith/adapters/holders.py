@@ -91,7 +91,7 @@ class LinearWrapper(AdapterHolder):
     def detach_from(self, model: nn.Module, module_name: str) -> None:
         model.set_submodule(module_name, self.base_layer)
 
-    def saved_bytes_per_token(self, element_bytes: int) -> tuple[float, bool]:  # type: ignore[override]
+    def saved_bytes_beside_input(self, element_bytes: int) -> tuple[float, bool]:
         """For the planner: (bytes per token the adapters keep besides the layer's input,
         whether they need the input kept)."""
         return 0.0, False

@@ -328,6 +328,12 @@ def _check_hot_swap(model: nn.Module, name: str, old: Any, new: Any, folder: Pat
             raise AdapterError(
                 f"adapter {name!r} is merged into {module_name}; unmerge(model) before hot-swapping"
             )
+    structure = new_method.hook("hot_swap_structure")
+    if structure is not None and structure(old) != structure(new):
+        raise AdapterError(
+            f"cannot hot-swap {folder} into adapter {name!r}: its settings differ from the "
+            f"loaded one's; delete_adapter(model, {name!r}) first"
+        )
     check = new_method.hook("check_hot_swap")
     if check is not None:
         check(model, name, old, new, folder)

@@ -192,7 +192,7 @@ def _layer_saves(layer, e: int) -> tuple[float, int]:
         params += base.in_features * base.out_features
         saves = getattr(base, "saves_input", False) or base.weight.requires_grad
         if isinstance(module, LinearWrapper):
-            more, needs_input = module.saved_bytes_per_token(e)
+            more, needs_input = module.saved_bytes_beside_input(e)
             extra += more
             saves = saves or needs_input
         key = SHARED_INPUTS.get(name.rsplit(".", 1)[-1], name)

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from tunesmith.builder import master_weights
 from tunesmith.errors import TunesmithError
 from tunesmith.models import load_tokenizer, read_model_config
 from tunesmith.plan.estimate import estimate_step, flops_per_token, skeleton
@@ -191,7 +192,7 @@ def nothing_fits(plan: Plan, model_config, config, dtype) -> str:
     best = None
     for label, method in methods_to_compare(config.method):
         o = next(o for o in plan.options if o.method == label)
-        master = not method_of(method).trains_adapter and o.setting.master
+        master = master_weights(method, o.setting.master)
         sk = skeleton(model_config, method, dtype, master)
         est = estimate_step(sk, SEQ_STEP, 1, True, o.setting.optimizer)
         if best is None or est.peak_bytes < best[0].peak_bytes:
@@ -230,7 +231,7 @@ def _advise(plan: Plan, model_config, config, dtype, memory, target, work) -> No
     memory_bytes = memory * GIB if memory is not None else None
     tflops = target.tflops if target else None
     method, train = config.method, config.train
-    master = not method_of(method).trains_adapter and train.fp32_master_weights
+    master = master_weights(method, train.fp32_master_weights)
     sk = skeleton(model_config, method, dtype, master)
     plan.switches = switch_notes(
         sk, plan.seq_len, plan.micro_batch, plan.gradient_checkpointing, train.optimizer,

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from tunesmith.builder import master_weights
 from tunesmith.data import prepare_data
 from tunesmith.data.pack import pack_groups
 from tunesmith.errors import TunesmithError, first_line
@@ -183,7 +184,7 @@ def compare_methods(
                 notes.append(f"{label} left out of the method table: {first_line(err)}")
             continue
         for setting in settings_for(method):
-            master = not method_of(method).trains_adapter and setting.master
+            master = master_weights(method, setting.master)
             if master not in skeletons:
                 skeletons[master] = skeleton(model_config, method, compute_dtype, master)
             sk = skeletons[master]

@@ -218,7 +218,7 @@ def trace_step(
 ) -> TracedStep:
     """Trace two training steps of `method` (a run config's method section) with `train`'s
     micro-batch settings on a model built from `model_config`; see the module docstring."""
-    master = builder.weights_dtype(method, train, compute_dtype) != compute_dtype
+    master = builder.master_weights(method, train.fp32_master_weights)
     token = ALL_TRAINED.set(True)
     try:
         with FakeTensorMode(allow_non_fake_inputs=True):

@@ -101,9 +101,6 @@ def config_from_peft(raw: dict, *, source: str, model: nn.Module, folder: Path |
     return config
 
 
-def check_hot_swap(model: nn.Module, name: str, old: Any, new: Any, folder: Path) -> None:
-    if (old.nonlinearity, old.reduction_factor) != (new.nonlinearity, new.reduction_factor):
-        raise AdapterError(
-            f"cannot hot-swap {folder} into adapter {name!r}: its settings differ from the "
-            f"loaded one's; delete_adapter(model, {name!r}) first"
-        )
+def hot_swap_structure(config: Any) -> tuple:
+    """The settings that shape the modules beyond the tensors' shapes (a hot swap keeps them)."""
+    return (config.nonlinearity, config.reduction_factor)

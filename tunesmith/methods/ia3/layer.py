@@ -26,7 +26,7 @@ class IA3Layer(LinearWrapper):
 
     method_label = "IA3"
 
-    def saved_bytes_per_token(self, element_bytes: int) -> tuple[float, bool]:
+    def saved_bytes_beside_input(self, element_bytes: int) -> tuple[float, bool]:
         """An input scale needs the input; an output scale keeps the unscaled output."""
         if self.feedforward:
             return 0.0, True

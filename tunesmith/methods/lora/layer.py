@@ -73,7 +73,7 @@ class LoRALayer(LinearWrapper):
 
     method_label = "LoRA"
 
-    def saved_bytes_per_token(self, element_bytes: int) -> tuple[float, bool]:
+    def saved_bytes_beside_input(self, element_bytes: int) -> tuple[float, bool]:
         """Each adapter keeps its rank-wide middle; without dropout it needs the input, with
         dropout it keeps its own dropped copy and mask instead; DoRA keeps its base and
         low-rank terms."""

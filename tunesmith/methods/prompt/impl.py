@@ -146,15 +146,9 @@ def _copy_projection(model: nn.Module, name: str, path: Path) -> None:
         raise AdapterError(f"{path}: does not fit the prefix MLP ({first_line(err)})") from None
 
 
-def check_hot_swap(model: nn.Module, name: str, old: Any, new: Any, folder: Path) -> None:
-    def structure(config: Any) -> tuple:
-        return (config.num_virtual_tokens, getattr(config, "projection", False))
-
-    if structure(old) != structure(new):
-        raise AdapterError(
-            f"cannot hot-swap {folder} into adapter {name!r}: its settings differ from the "
-            f"loaded one's; delete_adapter(model, {name!r}) first"
-        )
+def hot_swap_structure(config: Any) -> tuple:
+    """The settings that shape the modules beyond the tensors' shapes (a hot swap keeps them)."""
+    return (config.num_virtual_tokens, getattr(config, "projection", False))
 
 
 # --- adapter_config.json ---------------------------------------------------------------------
