@@ -115,6 +115,9 @@ def build_model(
         add_adapter(built, method_config, tokenizer=tokenizer)
     if not training:
         return built.eval()
+    prepare = method.hook("prepare_training")
+    if prepare is not None and attach:
+        prepare(built, method_config, train)
     if train.gradient_checkpointing:
         enable_checkpointing(built)
     built.config.use_cache = False

@@ -306,18 +306,20 @@ def test_cli_plan_recommends_and_says_what_to_change():
 
 
 def test_dropout_is_traced_with_the_gpus_one_byte_mask():
-    """With dropout on q_proj's LoRA branch, each layer after the first (whose input needs no
-    gradient) keeps one mask element per input element: 1 byte as on a GPU ("flash"), 2 (bf16)
-    as the CPU kernel keeps it ("eager")."""
+    """With dropout on q_proj's LoRA branch the plain layer's dropout keeps one mask element
+    per input element in each layer after the first (whose input needs no gradient): 1 byte as
+    on a GPU ("flash"), 2 (bf16) as the CPU kernel keeps it ("eager"). The fused LoRA step
+    keeps its own 1-byte mask in all three layers, on either kernel."""
     config = LlamaConfig(**WIDE)
-    train = TrainSection(gradient_checkpointing=False)
-    for attention, mask_bytes in [("flash", 1), ("eager", 2)]:
+    cases = [(True, "flash", 3), (True, "eager", 3), (False, "flash", 2), (False, "eager", 4)]
+    for fused, attention, masks in cases:
+        train = TrainSection(gradient_checkpointing=False, fused_lora=fused)
         peaks = [
             trace_step(config, LoRAConfig(dropout=p, targets=["q_proj"]), train, 512, 2,
                        torch.bfloat16, attention=attention).peak_bytes
             for p in (0.0, 0.1)
         ]  # fmt: skip
-        assert peaks[1] - peaks[0] == 2 * (2 * 512) * 1024 * mask_bytes
+        assert peaks[1] - peaks[0] == masks * (2 * 512) * 1024, (fused, attention)
 
 
 def test_method_table_leaves_out_a_method_the_model_cannot_take(monkeypatch):

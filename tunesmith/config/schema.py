@@ -193,6 +193,23 @@ class TrainSection(Section):
     memory, e.g. an 8B model on one 80 GB GPU with adamw_8bit, at some precision cost)."""
     gradient_checkpointing: bool | None = None
     """Recompute activations in the backward pass. Default: on for adapters, off for full."""
+    fused_lora: bool = True
+    """LoRA/QLoRA: train with tunesmith's own LoRA autograd (one pass and one saved input for
+    q/k/v and for gate/up, fused matmuls). false uses the plain layer, as PEFT computes it."""
+    kernels: Literal["auto", "torch", "liger"] = "auto"
+    """RMSNorm, rotary embeddings, SwiGLU and the output head's cross-entropy: liger-kernel's
+    Triton kernels (`pip install 'tunesmith[gpu]'`), or the model's own torch code. auto:
+    liger on a CUDA device where it is installed, torch otherwise."""
+    offload_activations: bool = False
+    """Move each checkpointed layer input to pinned host memory during the forward (a side
+    CUDA stream) and bring it back ahead of the backward. Needs gradient_checkpointing."""
+    compile: bool = False
+    """torch.compile each decoder layer (regional compilation, dynamic sequence length: no
+    recompiles from step to step)."""
+    padding_free: Literal["auto", "on", "off"] = "auto"
+    """With data.packing: give each micro-batch to the model as one row of variable-length
+    sequences (no padding tokens at all). auto: on where attention runs a variable-length
+    kernel (flash attention); "on" also elsewhere (transformers then masks per sequence)."""
     seed: int = 42
     """Seed for initialisation, data order, splits and dropout."""
     deterministic: bool = False
@@ -263,6 +280,11 @@ class RunConfig(Section):
             self.train.lr = method.default_lr
         if self.train.gradient_checkpointing is None:
             self.train.gradient_checkpointing = method.trains_adapter
+        if self.train.offload_activations and not self.train.gradient_checkpointing:
+            raise ValueError(
+                "train.offload_activations moves the checkpointed layer inputs, so it needs "
+                "train.gradient_checkpointing: true"
+            )
         return self
 
 

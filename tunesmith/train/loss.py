@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from tunesmith.data.encode import IGNORE_INDEX
+from tunesmith.kernels import linear_cross_entropy_of
 
 PLAIN_HEAD_TYPES = {"llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "phi3", "gpt2"}
 """Architectures whose logits are exactly `lm_head(last_hidden_state)`."""
@@ -64,6 +65,9 @@ def model_loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
     count = int(targets.numel())
     if count == 0:
         return hidden.sum() * 0.0, 0
+    fused = linear_cross_entropy_of(model)
+    if fused is not None and type(head) is torch.nn.Linear and head.bias is None:
+        return fused(hidden, head.weight.to(hidden.dtype), targets), count
     rows = max(1, CHUNK_ELEMENTS // head.out_features if hasattr(head, "out_features") else 1024)
     total = None
     for at in range(0, count, rows):

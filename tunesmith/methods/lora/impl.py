@@ -25,6 +25,7 @@ from tunesmith.adapters.targets import (
 )
 from tunesmith.errors import AdapterError
 from tunesmith.methods.lora import LoRAConfig
+from tunesmith.methods.lora.fused import SHARED_INPUT_GROUPS, SharedInputGroup
 from tunesmith.methods.lora.layer import LoRAAdapter, LoRALayer, init_adapter_weights
 
 
@@ -267,3 +268,32 @@ def check_hot_swap(model: nn.Module, name: str, old: LoRAConfig, new: LoRAConfig
                 f"cannot hot-swap {folder} into adapter {name!r}: {field_name} differs "
                 f"({b!r} in the file, {a!r} loaded); delete_adapter(model, {name!r}) first"
             )
+
+
+def prepare_training(model: nn.Module, config: LoRAConfig, train: Any) -> None:
+    """`train.fused_lora`: every LoRA layer takes the fused training step, sibling projections
+    that read one input (`SHARED_INPUT_GROUPS`) in one pass."""
+    if getattr(train, "fused_lora", False):
+        fuse_lora_layers(model)
+
+
+def fuse_lora_layers(model: nn.Module) -> int:
+    """Turn on `FusedLoRA` for every LoRA layer of `model` and group the sibling projections of
+    `SHARED_INPUT_GROUPS` under each parent module; returns the number of groups of more than
+    one layer."""
+    by_parent: dict[str, dict[str, LoRALayer]] = {}
+    for name, module in lora_layers(model):
+        module.fused = True
+        module.group = None
+        parent, _, leaf = name.rpartition(".")
+        by_parent.setdefault(parent, {})[leaf] = module
+    groups = 0
+    for siblings in by_parent.values():
+        for names in SHARED_INPUT_GROUPS:
+            members = [siblings[n] for n in names if n in siblings]
+            if len(members) > 1 and len({m.in_features for m in members}) == 1:
+                group = SharedInputGroup(members)
+                for member in members:
+                    member.group = group
+                groups += 1
+    return groups

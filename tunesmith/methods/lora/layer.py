@@ -22,6 +22,7 @@ from torch import nn
 
 from tunesmith.adapters.holders import LinearWrapper
 from tunesmith.errors import AdapterError
+from tunesmith.methods.lora.fused import SharedInputGroup, dropout_of, fused_forward
 
 
 class LoRAAdapter(nn.Module):
@@ -73,12 +74,41 @@ class LoRALayer(LinearWrapper):
 
     method_label = "LoRA"
 
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.fused = False
+        """Train with `FusedLoRA` (set by `tunesmith.methods.lora.impl.prepare_training`)."""
+        self.group: SharedInputGroup | None = None
+        """The sibling layers fed the same input, computed in one pass."""
+
+    def fusable(self) -> float | None:
+        """The shared dropout probability when this call can take the fused training step
+        (train mode with gradients, plain LoRA adapters active, nothing merged or routed), else
+        None."""
+        if not (self.fused and self.training and torch.is_grad_enabled()):
+            return None
+        if self.disabled or self.routes is not None or self.merged or not self.active:
+            return None
+        adapters = [self.adapters[name] for name in self.active if name in self.adapters]
+        if len(adapters) != len(self.active) or any(a.use_dora for a in adapters):
+            return None
+        p = {dropout_of(a) for a in adapters}
+        return p.pop() if len(p) == 1 else None
+
     def saved_bytes_beside_input(self, element_bytes: int) -> tuple[float, bool]:
-        """Each adapter keeps its rank-wide middle; without dropout it needs the input, with
-        dropout it keeps its own dropped copy and mask instead; DoRA keeps its base and
-        low-rank terms."""
+        """Each adapter keeps its rank-wide middle. The plain layer needs the input without
+        dropout, and with dropout keeps its own dropped copy and mask instead; DoRA keeps its
+        base and low-rank terms. The fused step (`fused`) keeps the input and one 1-byte
+        dropout mask per group of layers that share it (counted on the group's first)."""
         e, extra, needs_input = element_bytes, 0.0, False
-        for adapter in self.adapters.values():
+        adapters = list(self.adapters.values())
+        if self.fused and adapters and not any(a.use_dora for a in adapters):
+            extra = sum(e * a.r for a in adapters)
+            first = self.group is None or self.group.members[0] is self
+            if first and any(dropout_of(a) > 0 for a in adapters):
+                extra += self.in_features
+            return extra, True
+        for adapter in adapters:
             extra += e * adapter.r
             if isinstance(adapter.dropout, nn.Identity):
                 needs_input = True
@@ -89,6 +119,10 @@ class LoRALayer(LinearWrapper):
         return extra, needs_input
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if not args and not kwargs and self.fusable() is not None:
+            if self.group is not None:
+                return self.group.output_for(self, x)
+            return fused_forward([self], x)[0]
         base = self.base_layer(x, *args, **kwargs)
         if self.disabled:
             return base

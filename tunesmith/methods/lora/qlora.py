@@ -18,6 +18,7 @@ from tunesmith.methods.lora.impl import (  # noqa: F401  (the rest of LoRA's imp
     load_tensors,
     materialize,
     peft_config,
+    prepare_training,
     tensor_homes,
 )
 from tunesmith.qlora_base import QuantConfig, load_quantized, quantizable_linears
