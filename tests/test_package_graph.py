@@ -18,6 +18,8 @@ LAZY = {
     "pyarrow": "heavy; only for parquet files",
     "matplotlib": "heavy; only for loss plots",
     "fcntl": "POSIX only",
+    "liger_kernel": "an optional extra (pip install -e .[gpu]); it imports Triton",
+    "torch._dynamo": "only with train.compile",
     "huggingface_hub": "only when a model is a hub id",
     "torch": "data/pack.py: `tunesmith config check` and the data pipeline run without torch",
     "safetensors.torch": "io.py: the same (it imports torch)",

@@ -78,10 +78,12 @@ def load_model(model: ModelSection, device: str, dtype):
     """The causal LM of `model.path` with weights in `dtype` on `device`. Safetensors only."""
     hf_logging.disable_progress_bar()  # our own progress output is enough
     source = model_source(model.path, "model.path")
-    check_safetensors_folder(source)
     kwargs = {}
     if model.attn_implementation != "auto":
         kwargs["attn_implementation"] = model.attn_implementation
+    if getattr(model, "init", "pretrained") == "random":
+        return random_model(model, device, dtype, kwargs.get("attn_implementation"))
+    check_safetensors_folder(source)
     quant_method = _quant_method(source, model.revision)
     if quant_method == "gptq":  # tunesmith quantize --method gptq|awq|rtn, or any GPTQ model
         return load_gptq_checkpoint(
@@ -108,6 +110,18 @@ def load_model(model: ModelSection, device: str, dtype):
         guard_cpu_packing(loaded)
         return loaded
     return loaded.to(device)
+
+
+def random_model(model: ModelSection, device: str, dtype, attention: str | None = None):
+    """`model.init: random`: the architecture of model.path's config.json, with random weights
+    made directly on `device` (no checkpoint is read)."""
+    config = read_model_config(model.path, "model.path", model.revision, model.trust_remote_code)
+    if attention is not None:
+        config._attn_implementation = attention
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(
+            config, dtype=dtype, trust_remote_code=model.trust_remote_code
+        )
 
 
 def _quant_method(source: str, revision: str | None) -> str | None:

@@ -129,10 +129,12 @@ def train_cmd(
     checkpoints, validation and metrics, and write the adapter (or model) to output_dir."""
 
     from tunesmith.config import load_config
+    from tunesmith.plan.planner import planned_peak
     from tunesmith.train.loop import Run, TrainingInterrupted
 
     cfg = load_config(config, overrides or [])
-    run = Run(cfg, resume=resume, overwrite=overwrite, use_cache=not no_cache)
+    run = Run(cfg, resume=resume, overwrite=overwrite, use_cache=not no_cache,
+              planned_peak=planned_peak)  # fmt: skip
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         run.setup()

@@ -50,8 +50,15 @@ class ModelSection(Section):
     fp32 on CPU."""
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     """Where to run. "auto": cuda if present, then mps, then cpu."""
-    attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2"] = "auto"
-    """Attention kernel. "auto": transformers' choice (sdpa where available)."""
+    attn_implementation: Literal[
+        "auto", "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"
+    ] = "auto"
+    """Attention kernel. "auto": transformers' choice (sdpa where available). The flash
+    attention ones take packed rows as variable-length sequences (see train.padding_free)."""
+    init: Literal["pretrained", "random"] = "pretrained"
+    """random: build the model from path's config.json with random weights instead of
+    loading them (benchmarks of the real shape: a folder with config.json and a tokenizer is
+    enough). The run's results mean nothing for a real task."""
     trust_remote_code: bool = False
     """Run Python code shipped with the checkpoint. Off unless you trust its author."""
 

@@ -186,6 +186,12 @@ def plan_run(config, gpu_name: str | None = None, gpu_mem: str | None = None) ->
     return plan
 
 
+def planned_peak(config) -> int:
+    """The traced peak bytes of the run config's training step (what `tunesmith train` records
+    beside the measured peak)."""
+    return plan_run(config).traced.peak_bytes
+
+
 def nothing_fits(plan: Plan, model_config, config, dtype) -> str:
     """What the smallest setup needs, at micro-batch 1 and a short sequence, and what to do."""
 

@@ -16,11 +16,14 @@ runs use). With "flash", dropout also keeps a 1-byte mask as on a GPU (`FusedDro
 the CPU kernel keeps one in the activations' dtype. 8-bit optimizer states are counted as 2
 bytes per trainable parameter. QLoRA's bitsandbytes layers cannot run on fake tensors: the
 method's `trace_base` puts a stand-in in their place that stores what they store and allocates
-what their matmul allocates.
+what their matmul allocates. With `train.offload_activations` the step runs under the same
+`ActivationOffload` as training, simulated: what it would move leaves the traced device total
+until its prefetch brings it back.
 """
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from dataclasses import dataclass, field
 
@@ -32,6 +35,7 @@ from transformers import AttentionInterface
 
 from tunesmith import builder
 from tunesmith.train.loss import ALL_TRAINED, model_loss_sum
+from tunesmith.train.offload import ActivationOffload
 
 PLAN_ATTENTION = "tunesmith_plan_fused"
 
@@ -48,6 +52,7 @@ class MemoryTracker(TorchDispatchMode):
         self.total = 0
         self.peak = 0
         self.at_peak: dict[int, int] = {}
+        self.hidden: dict[int, int] = {}
         self._next = 0
 
     def add(self, t: torch.Tensor) -> None:
@@ -73,6 +78,24 @@ class MemoryTracker(TorchDispatchMode):
         if self.serial.get(ident) == key:
             del self.serial[ident]
         self.total -= self.live.pop(key, 0)
+        self.hidden.pop(key, None)
+
+    def move_off(self, t: torch.Tensor) -> None:
+        """Activation offloading: `t`'s storage leaves the device (still alive on the host)."""
+        key = self.key_of(t.untyped_storage())
+        if key is not None and key in self.live:
+            self.hidden[key] = self.live.pop(key)
+            self.total -= self.hidden[key]
+
+    def move_back(self, t: torch.Tensor) -> None:
+        """`t`'s storage is on the device again (prefetched for the backward)."""
+        key = self.key_of(t.untyped_storage())
+        if key is not None and key in self.hidden:
+            self.live[key] = self.hidden.pop(key)
+            self.total += self.live[key]
+            if self.total > self.peak:
+                self.peak = self.total
+                self.at_peak = dict(self.live)
 
     def key_of(self, storage) -> int | None:
         return self.serial.get(id(storage))
@@ -235,11 +258,16 @@ def trace_step(
             autocast = torch.autocast(
                 "cpu", dtype=compute_dtype, enabled=master and compute_dtype != torch.float32
             )
+            offload = contextlib.nullcontext()
+            if train.offload_activations:
+                offload = ActivationOffload(
+                    "cpu", simulate=True, on_move=tracker.move_off, on_return=tracker.move_back
+                )
             with tracker:
                 for step in range(2):
                     if step == 1:
                         tracker.reset_peak()
-                    with autocast:
+                    with autocast, offload:
                         total, count = model_loss_sum(model, {"input_ids": ids, "labels": ids})
                     (total / count).backward()
                     grads = tracker.keys(p.grad for p in params)

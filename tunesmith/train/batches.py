@@ -25,6 +25,9 @@ class BatchPlan:
     grad_accum_steps: int
     seed: int
     pad_id: int
+    flatten: bool = False
+    """Packed rows only: each micro-batch's rows as one row (padding-free; see
+    `train.padding_free`)."""
 
     @property
     def num_units(self) -> int:
@@ -58,6 +61,8 @@ class BatchPlan:
             chunk = units[at : at + self.micro_batch_size]
             if self.rows is not None:
                 rows = [[self.samples[i] for i in self.rows[u]] for u in chunk]
+                if self.flatten:
+                    rows = [[sample for row in rows for sample in row]]
                 batches.append(collate_packed(rows, self.pad_id))
             else:
                 batches.append(collate([self.samples[int(u)] for u in chunk], self.pad_id))

@@ -48,9 +48,11 @@ from tunesmith.train.checkpoint import (
     save_checkpoint,
 )
 from tunesmith.train.loss import model_loss_sum
+from tunesmith.train.offload import ActivationOffload
 from tunesmith.train.optim import build_optimizer, build_scheduler
 from tunesmith.train.plot import plot_metrics, read_metrics
 from tunesmith.train.progress import Progress
+from tunesmith.train.speedups import apply_speedups, padding_free_for
 
 
 class TrainingError(TunesmithError):
@@ -146,6 +148,7 @@ class Run:
         use_cache: bool = True,
         on_step: Callable[[int, dict], None] | None = None,
         progress: Progress | None = None,
+        planned_peak: Callable[[RunConfig], int] | None = None,
     ):
         self.config = config
         self.out = Path(config.output_dir)
@@ -153,6 +156,9 @@ class Run:
         self.overwrite = overwrite
         self.use_cache = use_cache
         self.on_step = on_step
+        self.planned_peak = planned_peak
+        """The planner's peak for a config (`tunesmith train` passes `tunesmith plan`'s trace),
+        recorded beside the measured peak on a GPU and in benchmark runs."""
         self.progress = progress or Progress(log_every=config.train.log_every_steps)
 
     # --- setup ----------------------------------------------------------------------------
@@ -182,9 +188,18 @@ class Run:
             compute_dtype=self.dtype, tokenizer=self.tokenizer, seed=cfg.train.seed,
         )  # fmt: skip
 
+        self.speedups = apply_speedups(self.model, cfg.train, self.device)
+        self.offload = ActivationOffload(self.device) if cfg.train.offload_activations else None
+        for line in self.speedups:
+            self.progress.log(f"speed: {line}")
+
         self.pad_id = self.tokenizer.pad_token_id
         if self.pad_id is None:
             self.pad_id = 0
+        attention = getattr(self.model.config, "_attn_implementation", None)
+        self.padding_free = padding_free_for(
+            cfg.train.padding_free, self.prepared.train_rows is not None, attention
+        )
         self.plan = BatchPlan(
             self.prepared.train,
             self.prepared.train_rows,
@@ -192,6 +207,7 @@ class Run:
             cfg.train.grad_accum_steps,
             cfg.train.seed,
             self.pad_id,
+            flatten=self.padding_free,
         )
         self.total_steps = self.plan.total_steps(cfg.train.epochs, cfg.train.max_steps)
         self.optimizer = build_optimizer(self.model, cfg.train)
@@ -324,7 +340,7 @@ class Run:
         total = torch.zeros((), device=self.device)
         for batch in micro:
             batch = to_device(batch, self.device)
-            with autocast_for(self.device, self.dtype):
+            with autocast_for(self.device, self.dtype), self.offload or contextlib.nullcontext():
                 loss_sum, _ = model_loss_sum(self.model, batch)
             self.scaler.scale(loss_sum / max(n_trained, 1)).backward()
             total += loss_sum.detach().float()
@@ -363,6 +379,8 @@ class Run:
         last = {}
         window_tokens, window_start = 0, time.perf_counter()
         stop = StopRequest(self.progress.log)
+        if self.device == "cuda":  # the step's peak, not loading's
+            torch.cuda.reset_peak_memory_stats()
         step = completed = self.start_step
         try:
             for step in range(self.start_step, self.total_steps):
@@ -469,10 +487,23 @@ class Run:
             "total_parameters": counts.total,
             "device": self.device,
             "dtype": str(self.dtype).removeprefix("torch."),
+            "tokens_per_s": round(self.counters["tokens"] / max(self.counters["seconds"], 1e-9), 1),
+            "speedups": self.speedups,
+            "padding_free": self.padding_free,
             **peak_memory_bytes(self.device),
+            **self._planned(),
             "output": str(final),
             "checkpoint": str(self.last_checkpoint),
         }
+
+    def _planned(self) -> dict:
+        """The planner's traced peak for this run, beside the measured one: on a GPU, and for
+        benchmark runs (`model.init: random`)."""
+        if self.planned_peak is None:
+            return {}
+        if self.device != "cuda" and self.config.model.init != "random":
+            return {}
+        return {"planned_peak_bytes": self.planned_peak(self.config)}
 
 
 def train(config: RunConfig, resume: str | None = None, **kwargs) -> dict:

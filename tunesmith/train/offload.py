@@ -48,7 +48,8 @@ class ActivationOffload(torch.autograd.graph.saved_tensors_hooks):
     `device`: the training device ("cuda" overlaps on a side stream with pinned memory; others
     copy synchronously). `min_bytes`: smaller tensors stay. `on_move(tensor)` /
     `on_return(tensor)`: called when a tensor leaves / comes back (the planner's accounting);
-    with `simulate`, nothing is copied and only those calls happen."""
+    with `simulate`, nothing is copied and only those calls happen. `record` keeps the order
+    of transfers in `events`."""
 
     def __init__(
         self,
@@ -57,6 +58,7 @@ class ActivationOffload(torch.autograd.graph.saved_tensors_hooks):
         on_move: Callable[[torch.Tensor], None] | None = None,
         on_return: Callable[[torch.Tensor], None] | None = None,
         simulate: bool = False,
+        record: bool = False,
     ) -> None:
         super().__init__(self._pack, self._unpack)
         self.device_type = torch.device(device).type
@@ -69,6 +71,12 @@ class ActivationOffload(torch.autograd.graph.saved_tensors_hooks):
         self.by_storage: dict[tuple, int] = {}
         self._next = 0
         self.stats = {"tensors": 0, "bytes": 0, "prefetched": 0}
+        self.events: list[tuple[str, int]] | None = [] if record else None
+        """With `record`: ("out" | "in" | "prefetch", handle) in the order they happened."""
+
+    def _event(self, kind: str, handle: int) -> None:
+        if self.events is not None:
+            self.events.append((kind, handle))
 
     def __enter__(self):
         self.by_storage = {}  # dedupe within one forward only
@@ -78,8 +86,10 @@ class ActivationOffload(torch.autograd.graph.saved_tensors_hooks):
     def _pack(self, tensor: torch.Tensor):
         if not self._moves(tensor):
             return tensor
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
-               tensor.stride(), tensor._version)  # fmt: skip
+        storage = tensor.untyped_storage()
+        where = id(storage) if self.simulate else storage.data_ptr()  # fake tensors: no pointer
+        key = (where, tensor.storage_offset(), tuple(tensor.shape), tensor.stride(),
+               tensor._version)  # fmt: skip
         handle = self.by_storage.get(key)
         if handle is not None and handle in self.moved:
             self.moved[handle].refs += 1
@@ -88,6 +98,7 @@ class ActivationOffload(torch.autograd.graph.saved_tensors_hooks):
         self._next += 1
         self.by_storage[key] = handle
         self.moved[handle] = self._copy_out(tensor)
+        self._event("out", handle)
         self.stats["tensors"] += 1
         self.stats["bytes"] += tensor.numel() * tensor.element_size()
         if self.on_move is not None:
@@ -120,6 +131,7 @@ class ActivationOffload(torch.autograd.graph.saved_tensors_hooks):
         if isinstance(handle, torch.Tensor):
             return handle
         moved = self.moved[handle]
+        self._event("in", handle)
         tensor = moved.back if moved.back is not None else self._copy_in(moved, wait=True)
         if moved.back_event is not None:
             torch.cuda.current_stream().wait_event(moved.back_event)
@@ -150,6 +162,7 @@ class ActivationOffload(torch.autograd.graph.saved_tensors_hooks):
         if not earlier:
             return
         moved = self.moved[max(earlier)]
+        self._event("prefetch", max(earlier))
         moved.back = self._copy_in(moved, wait=False)
         if self.cuda:
             moved.back_event = torch.cuda.Event()

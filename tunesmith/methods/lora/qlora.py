@@ -21,7 +21,8 @@ from tunesmith.methods.lora.impl import (  # noqa: F401  (the rest of LoRA's imp
     prepare_training,
     tensor_homes,
 )
-from tunesmith.qlora_base import QuantConfig, load_quantized, quantizable_linears
+from tunesmith.models import random_model
+from tunesmith.qlora_base import QuantConfig, load_quantized, quantizable_linears, quantize_model
 
 
 def attach(
@@ -36,8 +37,13 @@ def quant_config(config: QLoRAConfig, compute_dtype: torch.dtype) -> QuantConfig
 
 
 def load_base(config: QLoRAConfig, model_section: Any, device: str, dtype: torch.dtype):
-    """The base quantized while loading (one tensor at a time; see `load_quantized`)."""
+    """The base quantized while loading (one tensor at a time; see `load_quantized`); with
+    `model.init: random`, random weights of the real shape, quantized in place layer by
+    layer."""
     attn = model_section.attn_implementation
+    if getattr(model_section, "init", "pretrained") == "random":
+        model = random_model(model_section, device, dtype, None if attn == "auto" else attn)
+        return quantize_model(model, quant_config(config, dtype))
     return load_quantized(
         model_section.path, quant_config(config, dtype), device, model_section.revision,
         model_section.trust_remote_code, None if attn == "auto" else attn,
