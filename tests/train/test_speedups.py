@@ -272,3 +272,16 @@ def test_a_random_weight_benchmark_run_needs_only_config_and_tokenizer(tmp_path,
     assert result["tokens_per_s"] > 0
     assert result["planned_peak_bytes"] == planned_peak(run.config)
     assert "fused LoRA step" in result["speedups"]
+
+
+def test_the_device_scripts_correctness_checks_run_on_cpu():
+    """bench/gpu_step.py --check, as the lent GPU runs it (there also liger's kernels)."""
+    done = subprocess.run(
+        [sys.executable, "bench/gpu_step.py", "--check"], cwd=ROOT, capture_output=True,
+        text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    checks = json.loads(done.stdout)
+    assert checks["fused_lora"]["loss_diff"] < 1e-5
+    assert checks["fused_lora"]["max_rel_grad_diff"] < 1e-5
+    assert checks["offload"] == {"loss_diff": 0.0, "max_rel_grad_diff": 0.0, "tensors_moved": 7}

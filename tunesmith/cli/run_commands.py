@@ -170,6 +170,9 @@ def _print_run_header(run) -> None:
         f"{run.config.train.micro_batch_size}x{run.config.train.grad_accum_steps} "
         f"{'packed rows' if run.plan.rows is not None else 'samples'}"
     )
+    switches = [*run.speedups, *(["padding-free packed batches"] if run.padding_free else [])]
+    if switches:
+        typer.echo(f"speed: {'; '.join(switches)}")
 
 
 def _print_summary(summary: dict, run) -> None:

@@ -85,10 +85,15 @@ class Skeleton:
     leaves that layer's own work frozen): they save nothing for the backward pass."""
 
 
-def skeleton(model_config, method, compute_dtype: torch.dtype, master: bool) -> Skeleton:
-    """Build the model with `method` (a method config) on the meta device and measure it."""
+def skeleton(
+    model_config, method, compute_dtype: torch.dtype, master: bool, fused_lora: bool = True
+) -> Skeleton:
+    """Build the model with `method` (a method config) on the meta device and measure it
+    (`fused_lora`: with LoRA's fused training step, as `train.fused_lora` says)."""
     spec = method_of(method)
-    train = TrainSection(fp32_master_weights=master, gradient_checkpointing=False)
+    train = TrainSection(
+        fp32_master_weights=master, gradient_checkpointing=False, fused_lora=fused_lora
+    )
     with torch.device("meta"):
         model = build_model(model_config, method, train, compute_dtype)
     config = model.config
@@ -234,10 +239,16 @@ class Estimate(TracedStep):
 
 
 def estimate_step(
-    sk: Skeleton, seq_len: int, batch: int, checkpointing: bool, optimizer: str = "adamw"
+    sk: Skeleton,
+    seq_len: int,
+    batch: int,
+    checkpointing: bool,
+    optimizer: str = "adamw",
+    offload: bool = False,
 ) -> Estimate:
     """Peak memory of one training step (the second: optimizer states exist); see the module
-    docstring for the model."""
+    docstring for the model. `offload` (with checkpointing): the checkpointed layer inputs
+    live in host memory, at most two of them on the device at once (`ActivationOffload`)."""
     e = sk.compute_bytes
     d, q, kv, inter, heads = sk.hidden, sk.q_dim, sk.kv_dim, sk.intermediate, sk.heads
     tokens = batch * (seq_len + sk.virtual_tokens)
@@ -253,6 +264,8 @@ def estimate_step(
     layer_kept = residual * d * tokens if checkpointing else layer_full
     layers = sk.layers
     kept = layers * layer_kept if checkpointing else (layers - sk.leading_frozen) * layer_kept
+    if checkpointing and offload:
+        kept = min(layers, 2) * layer_kept
     # Layer backward temporaries: gradients of the MLP's intermediates and of the hidden stream.
     layer_work = tokens * (e * inter + 2 * residual * d)
     if checkpointing:

@@ -256,6 +256,7 @@ def _advise(plan: Plan, model_config, config, dtype, memory, target, work) -> No
             plan.gradient_checkpointing,
             train.optimizer,
             master or method_of(method).trains_adapter,
+            offload=train.offload_activations,
         )
         own = option_for(model_config, method, setting, sk, config, memory_bytes, tflops, work)
         own.method = method_label(method)

@@ -6,7 +6,8 @@ computed with `estimate.py` for the model at hand.
 For each method the cheapest setting that fits the run's micro-batch and sequence length is
 chosen, in the order that costs least speed or precision: gradient checkpointing off, then on
 (one more forward pass, about a third more compute), then 8-bit AdamW states, then (full
-fine-tuning only) bf16 weights without fp32 master copies. A method that fits at none of them
+fine-tuning only) bf16 weights without fp32 master copies, then offloaded activations (the
+checkpointed layer inputs in host memory; a little time, overlapped on a side stream). A method that fits at none of them
 is shown at its most frugal setting with the largest micro-batch and sequence that fit there.
 """
 
@@ -22,6 +23,7 @@ from tunesmith.data import prepare_data
 from tunesmith.data.pack import pack_groups
 from tunesmith.errors import TunesmithError, first_line
 from tunesmith.plan.estimate import Skeleton, estimate_step, flops_per_token, skeleton
+from tunesmith.train.loss import CHUNK_ELEMENTS
 from tunesmith.plan.gpus import UTILIZATION
 from tunesmith.registry import find_method, method_of, registered_methods
 from tunesmith.train.batches import BatchPlan
@@ -38,6 +40,8 @@ class Setting:
     optimizer: str
     master: bool
     """Full fine-tuning: fp32 master weights (false: pure bf16 weights)."""
+    offload: bool = False
+    """Checkpointed layer inputs in host memory (`train.offload_activations`)."""
 
     def changes_from(self, other: Setting) -> str:
         """This setting as the run-config keys that differ from `other`."""
@@ -48,12 +52,16 @@ class Setting:
             keys.append(f"train.optimizer={self.optimizer}")
         if self.master != other.master:
             keys.append(f"train.fp32_master_weights={str(self.master).lower()}")
+        if self.offload != other.offload:
+            keys.append(f"train.offload_activations={str(self.offload).lower()}")
         return " ".join(keys)
 
     def describe(self) -> str:
         parts = ["checkpointing " + ("on" if self.checkpointing else "off"), self.optimizer]
         if not self.master:
             parts.append("bf16 weights")
+        if self.offload:
+            parts.append("offloaded activations")
         return ", ".join(parts)
 
 
@@ -115,6 +123,8 @@ def settings_for(method) -> list[Setting]:
     out.append(Setting(True, "adamw_8bit", True))
     if not method_of(method).trains_adapter:
         out.append(Setting(True, "adamw_8bit", False))
+    last = out[-1]
+    out.append(Setting(True, "adamw_8bit", last.master, offload=True))
     return out
 
 
@@ -141,10 +151,12 @@ def option_for(
     max_positions = getattr(model_config, "max_position_embeddings", None) or 131072
 
     def under(b: int, s: int) -> bool:
-        est = estimate_step(sk, s, b, setting.checkpointing, setting.optimizer)
+        est = estimate_step(sk, s, b, setting.checkpointing, setting.optimizer, setting.offload)
         return memory_bytes is None or est.peak_bytes <= memory_bytes
 
-    peak = estimate_step(sk, seq, batch, setting.checkpointing, setting.optimizer).peak_bytes
+    peak = estimate_step(
+        sk, seq, batch, setting.checkpointing, setting.optimizer, setting.offload
+    ).peak_bytes
     max_batch = max_seq = max_seq_batch = 0
     if memory_bytes is not None:
         max_batch = largest(lambda b: under(b, seq), 1, MAX_MICRO_BATCH)
@@ -188,7 +200,9 @@ def compare_methods(
             if master not in skeletons:
                 skeletons[master] = skeleton(model_config, method, compute_dtype, master)
             sk = skeletons[master]
-            peak = estimate_step(sk, seq, batch, setting.checkpointing, setting.optimizer)
+            peak = estimate_step(
+                sk, seq, batch, setting.checkpointing, setting.optimizer, setting.offload
+            )
             if memory_bytes is None or peak.peak_bytes <= memory_bytes:
                 break
         option = option_for(model_config, method, setting, sk, config, memory_bytes, tflops, work)
@@ -286,11 +300,26 @@ def switch_notes(
         "paged optimizer (paged_adamw, paged_adamw_8bit): states move to CPU memory under "
         "pressure, which absorbs spikes but does not lower this peak"
     )
+    if checkpointing:
+        offloaded = estimate_step(sk, seq, batch, True, optimizer, offload=True).peak_bytes
+        notes.append(
+            f"activation offloading (train.offload_activations): {offloaded / GIB:.1f} GiB, the "
+            "checkpointed layer inputs in pinned host memory, copied on a side stream"
+            f"{' [on]' if config.train.offload_activations else ''}"
+        )
     tokens = batch * seq
     logits = tokens * sk.vocab * (sk.compute_bytes + 8)
     notes.append(
         f"chunked loss (always on): avoids {logits / GIB:.1f} GiB of full-batch logits, their "
         "fp32 copy and log-softmax"
+    )
+    rows = max(1, min(tokens, CHUNK_ELEMENTS // sk.vocab))
+    notes.append(
+        f"kernels (train.kernels: liger, on a GPU): the fused head cross-entropy keeps the "
+        f"hidden states' gradient ({tokens * sk.hidden * sk.compute_bytes / GIB:.2f} GiB) "
+        f"instead of a chunk's fp32 logits and gradients ({rows * sk.vocab * 12 / GIB:.2f} GiB); "
+        "RMSNorm, rotary, SwiGLU and train.compile change only the temporaries of the one "
+        "layer being recomputed (not modelled)"
     )
     if work is not None:
         if config.data.packing:

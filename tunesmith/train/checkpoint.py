@@ -60,13 +60,22 @@ def remove_partial(output_dir: str | os.PathLike) -> None:
 def optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
     """An optimizer state dict as (tensors, JSON-able rest). Nested state (bitsandbytes keeps
     its quantization state in a dict per parameter) is flattened to "state/<index>/<key>/...".
-    """
+    A tensor held by several entries (bitsandbytes' 8-bit states share their quantization maps)
+    is written once and referred to from the others; safetensors refuses shared storage."""
     state = optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {}
+    seen: dict[tuple, str] = {}
+    storages: set[int] = set()
 
     def split(value, path: str):
         if isinstance(value, torch.Tensor):
-            tensors[path] = value
+            ptr = value.untyped_storage().data_ptr()
+            key = (ptr, value.storage_offset(), tuple(value.shape), value.stride(), value.dtype)
+            if ptr and key in seen:
+                return {"__tensor__": seen[key]}
+            tensors[path] = value.clone() if ptr and ptr in storages else value
+            seen[key] = path
+            storages.add(ptr)
             return {"__tensor__": path}
         if isinstance(value, dict):
             return {str(k): split(v, f"{path}/{k}") for k, v in value.items()}

@@ -190,8 +190,6 @@ class Run:
 
         self.speedups = apply_speedups(self.model, cfg.train, self.device)
         self.offload = ActivationOffload(self.device) if cfg.train.offload_activations else None
-        for line in self.speedups:
-            self.progress.log(f"speed: {line}")
 
         self.pad_id = self.tokenizer.pad_token_id
         if self.pad_id is None:
