@@ -61,7 +61,7 @@ def main() -> None:
     out = ROOT / "bench" / "results" / f"plan_speedups_{date.today().isoformat()}.json"
     out.write_text(json.dumps({"command": "python bench/plan_speedups.py", "rows": rows},
                               indent=1) + "\n")  # fmt: skip
-    print(f"\n| case | variant | peak GiB | weights | activations and temporaries |")
+    print("\n| case | variant | peak GiB | weights | activations and temporaries |")
     print("|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['case']} | {r['variant']} | {r['peak_gib']} | {r['weights_gib']} | "

@@ -7,8 +7,9 @@ For each method the cheapest setting that fits the run's micro-batch and sequenc
 chosen, in the order that costs least speed or precision: gradient checkpointing off, then on
 (one more forward pass, about a third more compute), then 8-bit AdamW states, then (full
 fine-tuning only) bf16 weights without fp32 master copies, then offloaded activations (the
-checkpointed layer inputs in host memory; a little time, overlapped on a side stream). A method that fits at none of them
-is shown at its most frugal setting with the largest micro-batch and sequence that fit there.
+checkpointed layer inputs in host memory; a little time, overlapped on a side stream). A
+method that fits at none of them is shown at its most frugal setting with the largest
+micro-batch and sequence that fit there.
 """
 
 from __future__ import annotations
@@ -23,10 +24,10 @@ from tunesmith.data import prepare_data
 from tunesmith.data.pack import pack_groups
 from tunesmith.errors import TunesmithError, first_line
 from tunesmith.plan.estimate import Skeleton, estimate_step, flops_per_token, skeleton
-from tunesmith.train.loss import CHUNK_ELEMENTS
 from tunesmith.plan.gpus import UTILIZATION
 from tunesmith.registry import find_method, method_of, registered_methods
 from tunesmith.train.batches import BatchPlan
+from tunesmith.train.loss import CHUNK_ELEMENTS
 
 GIB = 2**30
 MAX_MICRO_BATCH = 1024
