@@ -353,6 +353,13 @@ def main() -> None:
                     results.append(result)
             report["cases"].append({"case": f"{shape}-{method}-{batch}x{seq}",
                                     "results": results, "ratios": ratios(results)})  # fmt: skip
+    best = {c["case"]: max((r["tokens_per_s"] for r in c["results"]
+                            if r["side"].startswith("tunesmith") and "tokens_per_s" in r),
+                           default=None) for c in report["cases"]}  # fmt: skip
+    for lora in [c for c in best if "-lora-" in c]:
+        full = lora.replace("-lora-", "-full-")
+        if best.get(full) and best[lora]:  # the rule: LoRA never slower than full
+            report[f"{lora}_vs_{full}"] = round(best[lora] / best[full], 3)
     out = Path(args.out) if args.out else (
         ROOT / "bench" / "results" / f"gpu_step_{device}_{report['date']}.json"
     )  # fmt: skip

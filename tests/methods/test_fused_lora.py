@@ -203,3 +203,24 @@ def test_a_quantized_base_keeps_bitsandbytes_autograd_for_the_base_term():
     fused = copy.deepcopy(plain)
     fuse_lora_layers(fused)
     _assert_same(plain, fused, atol=1e-4)
+
+
+def test_a_quantized_base_keeps_no_dequantized_weight_for_the_backward():
+    """QLoRA's fused step saves x, x·Aᵀ and the small adapter tensors; bitsandbytes' 4-bit
+    matmul keeps its packed weight, never the (out × in) dequantized one."""
+    pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    parent = nn.ModuleDict({"q_proj": nn.Linear(256, 128, bias=False)})
+    quantize_model(parent, QuantConfig("nf4", blocksize=64))
+    tunesmith.add_lora(parent, tunesmith.LoRAConfig(r=4, alpha=8, dropout=0.0,
+                                                    targets=["q_proj"]))  # fmt: skip
+    fuse_lora_layers(parent)
+    parent.train()
+    saved = []
+    x = torch.randn(3, 256, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = parent["q_proj"](x)
+    y.sum().backward()
+    assert x.grad is not None and parent["q_proj"].adapters["default"].lora_A.grad is not None
+    floats = [t for t in saved if t.is_floating_point()]
+    assert floats and max(t.numel() for t in floats) < 128 * 256

@@ -200,7 +200,7 @@ def nothing_fits(plan: Plan, model_config, config, dtype) -> str:
         o = next(o for o in plan.options if o.method == label)
         master = master_weights(method, o.setting.master)
         sk = skeleton(model_config, method, dtype, master)
-        est = estimate_step(sk, SEQ_STEP, 1, True, o.setting.optimizer)
+        est = estimate_step(sk, SEQ_STEP, 1, True, o.setting.optimizer, o.setting.offload)
         if best is None or est.peak_bytes < best[0].peak_bytes:
             best = (est, o)
     est, o = best
