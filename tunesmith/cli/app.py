@@ -164,6 +164,15 @@ def _resume_default(args: list[str]) -> list[str]:
     return out
 
 
+def _rank_prefix() -> str:
+    """ "rank N: " in a torchrun launch of several processes (whose error it is), else ""."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return f"rank {os.environ.get('RANK', '?')}: "
+    return ""
+
+
 def main() -> None:
     """Console entry point: user errors print one line, no traceback."""
     warnings.formatwarning = _format_warning
@@ -173,8 +182,9 @@ def main() -> None:
         from tunesmith.train.loop import TrainingInterrupted
 
         interrupted = isinstance(err, TrainingInterrupted)
+        where = _rank_prefix()
         for line in str(err).splitlines():
-            typer.echo(line if interrupted else f"error: {line}", err=True)
+            typer.echo(line if interrupted else f"error: {where}{line}", err=True)
         sys.exit(130 if interrupted else 2)
     except KeyboardInterrupt:
         typer.echo("stopped (Ctrl-C)", err=True)

@@ -138,10 +138,12 @@ def train_cmd(
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         run.setup()
+    main_rank = run.world.main  # under torchrun only rank 0 speaks
     for warning in caught:
-        if issubclass(warning.category, UserWarning):
+        if issubclass(warning.category, UserWarning) and main_rank:
             typer.echo(f"warning: {warning.message}", err=True)
-    _print_run_header(run)
+    if main_rank:
+        _print_run_header(run)
     try:
         summary = run.run()
     except TrainingInterrupted as err:
@@ -149,8 +151,15 @@ def train_cmd(
         if run.last_checkpoint is None:
             again = "nothing to resume from; start again with --overwrite"
         raise TrainingInterrupted(f"{err}. Continue with: {again}") from None
+    if not main_rank:
+        return
     _print_summary(summary, run)
-    if cfg.eval.generate_samples:
+    if cfg.eval.generate_samples and run.strategy == "fsdp":
+        typer.echo(
+            "eval.generate_samples: skipped after an FSDP run (the model is sharded); run "
+            f"tunesmith eval {config} for the comparison"
+        )
+    elif cfg.eval.generate_samples:
         from tunesmith.evaluate import compare_after_training
 
         compare_after_training(run, echo=typer.echo)
@@ -171,6 +180,8 @@ def _print_run_header(run) -> None:
         f"{'packed rows' if run.plan.rows is not None else 'samples'}"
     )
     switches = [*run.speedups, *(["padding-free packed batches"] if run.padding_free else [])]
+    if run.world.distributed:
+        typer.echo(f"processes: {run.world.size} ({run.strategy}), rank 0 reporting")
     if switches:
         typer.echo(f"speed: {'; '.join(switches)}")
 

@@ -213,6 +213,13 @@ class TrainSection(Section):
     compile: bool = False
     """torch.compile each decoder layer (regional compilation, dynamic sequence length: no
     recompiles from step to step)."""
+    distributed: Literal["auto", "ddp", "fsdp"] = "auto"
+    """Under torchrun with several processes: ddp (the model replicated, every adapter method)
+    or fsdp (FSDP2: parameters, gradients and optimizer states sharded per decoder layer).
+    auto: fsdp for full fine-tuning, ddp for adapters. One process: ignored."""
+    dist_timeout_s: float = Field(600.0, gt=0)
+    """Seconds a collective waits for the other processes before the run stops with an
+    error naming the rank (a process that died or hangs)."""
     padding_free: Literal["auto", "on", "off"] = "auto"
     """With data.packing: give each micro-batch to the model as one row of variable-length
     sequences (no padding tokens at all). auto: on where attention runs a variable-length

@@ -207,7 +207,10 @@ def checkpoint_problem(folder: Path) -> str | None:
         return f"{STATE_NAME} lacks the trainer's state ({', '.join(needed)})"
     weights = sorted(folder.glob("*.safetensors"))
     names = {p.name for p in weights}
-    if not {"optimizer.safetensors", "rng.safetensors"} <= names or len(names) < 3:
+    if state.get("format") == "dcp":  # an FSDP run's shards (tunesmith.train.sharded)
+        if not (folder / ".metadata").is_file() or "rng.safetensors" not in names:
+            return "the sharded checkpoint's .metadata or rng.safetensors is missing"
+    elif not {"optimizer.safetensors", "rng.safetensors"} <= names or len(names) < 3:
         return "weights, optimizer.safetensors or rng.safetensors missing"
     for path in weights:
         try:

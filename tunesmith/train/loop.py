@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 
 from tunesmith.adapters import trainable_parameters
 from tunesmith.builder import build_model, load_trained, output_name, run_dtypes, save_trained
@@ -38,8 +39,11 @@ from tunesmith.io import atomic_write, atomic_write_json, reporting_full_disk
 from tunesmith.lock import FolderLock, stale_message
 from tunesmith.models import load_tokenizer, resolve_device
 from tunesmith.registry import method_of
+from tunesmith.train import distributed as dist_run
+from tunesmith.train import sharded
 from tunesmith.train.batches import BatchPlan, eval_batches, trained_tokens
 from tunesmith.train.checkpoint import (
+    checkpoint_root,
     list_checkpoints,
     read_checkpoint,
     remove_partial,
@@ -99,14 +103,26 @@ def to_device(batch: dict, device: str) -> dict:
 
 
 @torch.no_grad()
-def evaluate_loss(model, samples, batch_size: int, pad_id: int, device: str, dtype) -> dict:
+def evaluate_loss(
+    model,
+    samples,
+    batch_size: int,
+    pad_id: int,
+    device: str,
+    dtype,
+    device_type: str = "",
+    loss_module=None,
+) -> dict:
     """Mean token loss and perplexity of `model` on a SampleSet (trained tokens only)."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     for batch in eval_batches(samples, batch_size, pad_id):
-        with autocast_for(device, dtype):
-            s, c = model_loss_sum(model, to_device(batch, device))
+        with autocast_for(device_type or device, dtype):
+            if loss_module is not None:  # FSDP: through the sharded root, on every rank
+                s, c = loss_module(to_device(batch, device))
+            else:
+                s, c = model_loss_sum(model, to_device(batch, device))
         total += float(s)
         count += c
     model.train(was_training)
@@ -175,21 +191,35 @@ class Run:
     def _setup(self) -> None:
         cfg = self.config
         self.method = method_of(cfg.method)
+        self.world = dist_run.world_from_env()
+        if not self.world.main:  # only rank 0 speaks
+            self.progress = Progress(log_every=10**9, live=False, stream=open(os.devnull, "w"))
+        self.strategy = dist_run.strategy_for(cfg.train.distributed, self.method, self.world)
         self._check_output_dir()
         seed_everything(cfg.train.seed, cfg.train.deterministic)
         self.tokenizer = load_tokenizer(cfg.model)
         self.prepared = prepare_data(cfg.data, self.tokenizer, cfg.train.seed, self.use_cache)
-        self.device = resolve_device(cfg.model.device)
+        self.device = dist_run.start(
+            self.world, resolve_device(cfg.model.device), cfg.train.dist_timeout_s
+        )
+        self.device_type = self.device.split(":")[0]
         # Full fine-tuning keeps fp32 master weights (unless told not to) and autocasts to the
         # compute dtype; adapters train in fp32 on a frozen base stored in the compute dtype.
-        self.dtype = run_dtypes(cfg, self.device).compute
+        self.dtype = run_dtypes(cfg, self.device_type).compute
         self.model = build_model(
             cfg.method, model=cfg.model, train=cfg.train, device=self.device,
             compute_dtype=self.dtype, tokenizer=self.tokenizer, seed=cfg.train.seed,
         )  # fmt: skip
 
-        self.speedups = apply_speedups(self.model, cfg.train, self.device)
-        self.offload = ActivationOffload(self.device) if cfg.train.offload_activations else None
+        self.speedups = apply_speedups(self.model, cfg.train, self.device_type)
+        self.offload = (
+            ActivationOffload(self.device_type) if cfg.train.offload_activations else None
+        )
+        master = run_dtypes(cfg, self.device_type).weights == torch.float32
+        self.step_module = dist_run.wrap(
+            self.model, self.strategy, self.world, self.device, self.dtype, master,
+            model_loss_sum,
+        )  # fmt: skip
 
         self.pad_id = self.tokenizer.pad_token_id
         if self.pad_id is None:
@@ -211,7 +241,7 @@ class Run:
         self.optimizer = build_optimizer(self.model, cfg.train)
         self.scheduler = build_scheduler(self.optimizer, cfg.train, self.total_steps)
         self.scaler = torch.amp.GradScaler(
-            self.device, enabled=self.dtype == torch.float16 and self.device == "cuda"
+            self.device_type, enabled=self.dtype == torch.float16 and self.device_type == "cuda"
         )
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.start_step = 0
@@ -220,11 +250,24 @@ class Run:
         folder = resolve_resume(self.out, self.resume, self.progress.log)
         if folder is not None:
             self._restore(folder)
-        atomic_write(self.out / "config.yaml", lambda tmp: Path(tmp).write_text(config_yaml(cfg)))
+        if self.world.main:
+            atomic_write(
+                self.out / "config.yaml", lambda tmp: Path(tmp).write_text(config_yaml(cfg))
+            )
 
     def _check_output_dir(self) -> None:
         """Lock output_dir for this run, then make sure it holds no other run's files (unless
-        resuming, or told to overwrite them)."""
+        resuming, or told to overwrite them). Rank 0 does it; the others wait for it."""
+        if not self.world.main:
+            self.lock = None
+            dist_run.barrier_after_setup(self.world)
+            return
+        try:
+            self._check_output_dir_main()
+        finally:
+            dist_run.barrier_after_setup(self.world)
+
+    def _check_output_dir_main(self) -> None:
         self.lock = FolderLock(self.out).acquire()
         if self.lock.took_over:
             self.progress.log(f"warning: {stale_message(self.lock.took_over, self.out)}")
@@ -254,9 +297,25 @@ class Run:
         lock = getattr(self, "lock", None)
         if lock is not None:
             lock.release()
+        dist_run.stop()
 
     def _restore(self, folder: Path) -> None:
-        state, optimizer_state, rng = read_checkpoint(folder)
+        if sharded.is_sharded(folder):
+            state = sharded.load_sharded(
+                folder, self.step_module, self.optimizer, self.method.trains_adapter
+            )
+            optimizer_state = None
+            rng = load_file(folder / "rng.safetensors")
+        elif self.strategy == "fsdp":
+            raise TrainingError(
+                f"--resume: {folder} was written by one process or under DDP, not in FSDP's "
+                "sharded format; resume it with train.distributed: ddp or on one process"
+            )
+        else:
+            state, optimizer_state, rng = read_checkpoint(folder)
+        self._restore_state(folder, state, optimizer_state, rng)
+
+    def _restore_state(self, folder: Path, state: dict, optimizer_state, rng) -> None:
         plan = {"total_steps": self.total_steps, "steps_per_epoch": self.plan.steps_per_epoch}
         saved = {k: state.get(k) for k in plan}
         if saved != plan:
@@ -264,15 +323,24 @@ class Run:
                 f"--resume: {folder} was written by a run with {saved}, but this config gives "
                 f"{plan}; resume with the run's own config ({self.out / 'config.yaml'})"
             )
-        self._load_weights(folder)
-        self.optimizer.load_state_dict(optimizer_state)
+        if optimizer_state is not None:  # (a sharded checkpoint is loaded whole above)
+            self._load_weights(folder)
+            self.optimizer.load_state_dict(optimizer_state)
         self.scheduler.load_state_dict(state["scheduler"])
         restore_rng(rng)
         self.start_step = state["step"]
         self.counters = state["counters"]
         self.last_checkpoint = folder
-        self._truncate_metrics(self.start_step)
+        if self.world.main:
+            self._truncate_metrics(self.start_step)
         self.progress.log(f"resumed from {folder} at step {self.start_step}")
+        written_by = state.get("world_size", 1)
+        if written_by != self.world.size:
+            self.progress.log(
+                f"the checkpoint was written by {written_by} process(es) and this run has "
+                f"{self.world.size}: the state is whole in the checkpoint and every process "
+                "loads it (the steps' micro-batches are dealt out anew)"
+            )
 
     def _load_weights(self, folder: Path) -> None:
         try:
@@ -295,10 +363,33 @@ class Run:
     # --- the loop -------------------------------------------------------------------------
 
     def _log_metrics(self, entry: dict) -> None:
+        if not self.world.main:
+            return
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(entry) + "\n")
 
     def _save(self, step: int) -> Path:
+        """The checkpoint of `step`: written by rank 0 (the trained state is the same on every
+        rank under DDP), the others wait for it; under FSDP every rank writes its shards."""
+        if self.strategy == "fsdp":
+            state = {"total_steps": self.total_steps, "steps_per_epoch": self.plan.steps_per_epoch,
+                     "counters": self.counters, "method": self.method.name,
+                     "world_size": self.world.size}  # fmt: skip
+            self.last_checkpoint = sharded.save_sharded(
+                self.out, step, self.step_module, self.optimizer, self.scheduler, state,
+                self.config.train.keep_last, self.method.trains_adapter, self.world.main,
+            )  # fmt: skip
+            return self.last_checkpoint
+        if not self.world.main:
+            dist_run.barrier(self.world)
+            self.last_checkpoint = checkpoint_root(self.out) / f"step-{step:06d}"
+            return self.last_checkpoint
+        try:
+            return self._save_main(step)
+        finally:
+            dist_run.barrier(self.world)
+
+    def _save_main(self, step: int) -> Path:
         def save_weights(folder: Path) -> None:
             save_trained(self.model, self.method, folder)
 
@@ -307,6 +398,7 @@ class Run:
             "steps_per_epoch": self.plan.steps_per_epoch,
             "counters": self.counters,
             "method": self.method.name,
+            "world_size": self.world.size,
         }
         self.last_checkpoint = save_checkpoint(
             self.out,
@@ -323,8 +415,22 @@ class Run:
         val = self.prepared.validation
         if val is None or len(val) == 0:
             return None
+        if self.strategy == "fsdp":  # every rank computes it; rank 0 reports
+            return self._validation_main(step, val)
+        if not self.world.main:
+            dist_run.barrier(self.world)
+            return None
+        try:
+            return self._validation_main(step, val)
+        finally:
+            dist_run.barrier(self.world)
+
+    def _validation_main(self, step: int, val) -> dict | None:
         size = self.config.eval.batch_size or self.config.train.micro_batch_size
-        result = evaluate_loss(self.model, val, size, self.pad_id, self.device, self.dtype)
+        result = evaluate_loss(
+            self.model, val, size, self.pad_id, self.device, self.dtype, self.device_type,
+            loss_module=self.step_module if self.strategy == "fsdp" else None,
+        )  # fmt: skip
         self._log_metrics({"step": step, **result})
         self.progress.log(
             f"step {step}: validation loss {result['val_loss']:.4f}, "
@@ -334,14 +440,32 @@ class Run:
 
     def train_step(self, step: int) -> dict:
         micro = self.plan.micro_batches(step)
-        n_trained = sum(trained_tokens(b) for b in micro)
+        size, rank = self.world.size, self.world.rank
+        mine = micro[rank::size]
+        # every rank runs the same number of passes (the DDP reduction needs all of them): a
+        # rank short of micro-batches repeats one with its loss weighted 0
+        passes = -(-len(micro) // size)
+        n_trained = sum(trained_tokens(b) for b in mine)
+        if self.world.distributed:
+            n_trained = int(dist_run.all_sum(n_trained, self.device))
         total = torch.zeros((), device=self.device)
-        for batch in micro:
+        for i in range(passes):
+            batch, weight = (mine[i], 1.0) if i < len(mine) else (micro[0], 0.0)
             batch = to_device(batch, self.device)
-            with autocast_for(self.device, self.dtype), self.offload or contextlib.nullcontext():
-                loss_sum, _ = model_loss_sum(self.model, batch)
-            self.scaler.scale(loss_sum / max(n_trained, 1)).backward()
-            total += loss_sum.detach().float()
+            with dist_run.accumulating(self.step_module, self.strategy, i < passes - 1):
+                with (
+                    autocast_for(self.device_type, self.dtype),
+                    self.offload or contextlib.nullcontext(),
+                ):
+                    loss_sum, _ = self.step_module(batch)
+                if self.world.distributed:  # DDP and FSDP average what they reduce
+                    scaled = loss_sum * (weight * size / max(n_trained, 1))
+                else:
+                    scaled = loss_sum / max(n_trained, 1)
+                self.scaler.scale(scaled).backward()
+            total += loss_sum.detach().float() * weight
+        if self.world.distributed:
+            total = torch.tensor(dist_run.all_sum(float(total), self.device))
         loss = float(total) / max(n_trained, 1)
         if not math.isfinite(loss):
             kept = self.last_checkpoint or "none written yet"
@@ -352,7 +476,8 @@ class Run:
             )
         self.scaler.unscale_(self.optimizer)
         max_norm = self.config.train.max_grad_norm or float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        grad_norm = float(getattr(grad_norm, "full_tensor", lambda: grad_norm)())
         lr = self.optimizer.param_groups[0]["lr"]
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -377,7 +502,7 @@ class Run:
         last = {}
         window_tokens, window_start = 0, time.perf_counter()
         stop = StopRequest(self.progress.log)
-        if self.device == "cuda":  # the step's peak, not loading's
+        if self.device_type == "cuda":  # the step's peak, not loading's
             torch.cuda.reset_peak_memory_stats()
         step = completed = self.start_step
         try:
@@ -435,10 +560,18 @@ class Run:
         ):
             self._save(final_step)
         val = self._validation(final_step)
-        final = self._write_final()
-        summary = self._summary(last, val, final)
-        atomic_write_json(summary, self.out / "summary.json")
-        plot_metrics(self.out)
+        full = sharded.gather_full(self.step_module) if self.strategy == "fsdp" else None
+        if not self.world.main:
+            dist_run.barrier(self.world)
+            self.close()
+            return {}
+        try:
+            final = self._write_final(self._consolidated(full) if full is not None else None)
+            summary = self._summary(last, val, final)
+            atomic_write_json(summary, self.out / "summary.json")
+            plot_metrics(self.out)
+        finally:
+            dist_run.barrier(self.world)
         self.close()
         return summary
 
@@ -450,7 +583,17 @@ class Run:
             f"stopped at step {done} of {self.total_steps}; saved checkpoint {self.last_checkpoint}"
         )
 
-    def _write_final(self) -> Path:
+    def _consolidated(self, full: dict) -> torch.nn.Module:
+        """After FSDP: the model rebuilt whole on the CPU with the gathered state (rank 0)."""
+        cfg = self.config
+        model = build_model(
+            cfg.method, model=cfg.model, train=cfg.train, device="cpu",
+            compute_dtype=self.dtype, tokenizer=self.tokenizer, seed=cfg.train.seed,
+        )  # fmt: skip
+        model.load_state_dict(full, strict=False)
+        return model
+
+    def _write_final(self, model: torch.nn.Module | None = None) -> Path:
         """The trained adapter (PEFT format) or model (HF checkpoint), with the tokenizer, in
         output_dir/adapter or output_dir/model, replaced in one rename."""
         name = output_name(self.method)
@@ -459,7 +602,7 @@ class Run:
         shutil.rmtree(tmp, ignore_errors=True)
         with reporting_full_disk(final):
             try:
-                save_trained(self.model, self.method, tmp)
+                save_trained(model or self.model, self.method, tmp)
                 self.tokenizer.save_pretrained(tmp)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -483,12 +626,14 @@ class Run:
             "final_val_ppl": val and val["val_ppl"],
             "trainable_parameters": counts.trainable,
             "total_parameters": counts.total,
-            "device": self.device,
+            "device": self.device_type,
+            "processes": self.world.size,
+            "distributed": self.strategy,
             "dtype": str(self.dtype).removeprefix("torch."),
             "tokens_per_s": round(self.counters["tokens"] / max(self.counters["seconds"], 1e-9), 1),
             "speedups": self.speedups,
             "padding_free": self.padding_free,
-            **peak_memory_bytes(self.device),
+            **peak_memory_bytes(self.device_type),
             **self._planned(),
             "output": str(final),
             "checkpoint": str(self.last_checkpoint),
@@ -499,7 +644,7 @@ class Run:
         benchmark runs (`model.init: random`)."""
         if self.planned_peak is None:
             return {}
-        if self.device != "cuda" and self.config.model.init != "random":
+        if self.device_type != "cuda" and self.config.model.init != "random":
             return {}
         return {"planned_peak_bytes": self.planned_peak(self.config)}
 
