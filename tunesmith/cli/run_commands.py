@@ -123,10 +123,31 @@ def train_cmd(
         False, "--overwrite", help="Delete an earlier run's files in output_dir first."
     ),
     no_cache: bool = typer.Option(False, "--no-cache", help="Tokenize again; ignore the cache."),
+    nproc: int = typer.Option(
+        1,
+        "--nproc",
+        min=1,
+        help="Processes on this machine (GPUs, or CPU processes with gloo): runs torchrun "
+        "--standalone --nproc_per_node N -m tunesmith train ... for you.",
+    ),  # fmt: skip
 ) -> None:
     """Train: load the model and data, attach the method (lora, qlora, full, prompt, prefix,
     bottleneck or ia3; the LoRA family includes rsLoRA, DoRA and PiSSA init), run the loop with
     checkpoints, validation and metrics, and write the adapter (or model) to output_dir."""
+    if nproc > 1:
+        import os
+        import subprocess
+        import sys
+
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise TunesmithError("--nproc: already running under torchrun; leave --nproc out")
+        argv = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                f"--nproc_per_node={nproc}", "-m", "tunesmith", "train", str(config),
+                *(overrides or [])]  # fmt: skip
+        if resume is not None:
+            argv += ["--resume", resume]
+        argv += ["--overwrite"] * overwrite + ["--no-cache"] * no_cache
+        raise typer.Exit(subprocess.run(argv).returncode)
 
     from tunesmith.config import load_config
     from tunesmith.plan.planner import planned_peak

@@ -336,10 +336,14 @@ class Run:
         self.progress.log(f"resumed from {folder} at step {self.start_step}")
         written_by = state.get("world_size", 1)
         if written_by != self.world.size:
+            how = (
+                "its shards are resharded to this run's processes"
+                if state.get("format") == "dcp"
+                else "the checkpoint holds the whole state and every process loads it"
+            )
             self.progress.log(
                 f"the checkpoint was written by {written_by} process(es) and this run has "
-                f"{self.world.size}: the state is whole in the checkpoint and every process "
-                "loads it (the steps' micro-batches are dealt out anew)"
+                f"{self.world.size}: {how}; each step's micro-batches are dealt out anew"
             )
 
     def _load_weights(self, folder: Path) -> None:

@@ -85,9 +85,11 @@ def load_sharded(folder: Path, step_module, optimizer, trains_adapter: bool) -> 
     )
     loaded = {"model": model_state, "optimizer": optimizer_state}
     dcp.load(loaded, checkpoint_id=str(folder))
+    # not strict: an adapter run's checkpoint holds the trained parameters only
+    options = StateDictOptions(ignore_frozen_params=trains_adapter, strict=False)
     set_state_dict(
         step_module, optimizer, model_state_dict=loaded["model"],
-        optim_state_dict=loaded["optimizer"], options=_options(trains_adapter),
+        optim_state_dict=loaded["optimizer"], options=options,
     )  # fmt: skip
     return json.loads((folder / STATE_NAME).read_text())
 

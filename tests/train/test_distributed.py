@@ -1,0 +1,174 @@
+"""Several processes on CPU (gloo), launched by torchrun as a user launches them: DDP and FSDP
+give one process's losses and adapter, only rank 0 writes or prints, FSDP's sharded checkpoints
+resume on the same and on another number of processes, a failing rank stops the job with its
+message, and two "machines" (two torchrun launches with --nnodes 2) train over loopback."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from helpers.data import write_jsonl
+from helpers.runs import ROOT, run_cli, toy_rows
+from safetensors.torch import load_file
+
+from tunesmith.errors import TunesmithError
+from tunesmith.registry import method_named
+from tunesmith.train.distributed import World, strategy_for
+
+TIMEOUT = 240
+
+
+def _config(tmp_path: Path, tiny_dir: Path, name: str, **train) -> Path:
+    data = tmp_path / "train.jsonl"
+    if not data.exists():
+        write_jsonl(data, toy_rows(48))
+        write_jsonl(tmp_path / "val.jsonl", toy_rows(8, seed=1))
+    raw = {
+        "model": {"path": str(tiny_dir), "dtype": "fp32", "device": "cpu"},
+        "method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
+        "data": {"datasets": [{"path": str(data)}], "validation": [{"path": str(tmp_path / "val.jsonl")}],
+                 "max_seq_len": 64, "cache_dir": str(tmp_path / "cache")},
+        "train": {"max_steps": 4, "micro_batch_size": 2, "grad_accum_steps": 2, "lr": 5e-3,
+                  "log_every_steps": 1, **train},
+        "output_dir": str(tmp_path / name),
+    }  # fmt: skip
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _torchrun(*args: str, nproc: int = 2, script: list[str] | None = None, **kwargs):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={nproc}", *(script or ["-m", "tunesmith"]), *args]  # fmt: skip
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT,
+                          **kwargs)  # fmt: skip
+
+
+def _losses(out: Path) -> list[float]:
+    entries = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [e["loss"] for e in entries if "loss" in e]
+
+
+def _adapter(out: Path) -> dict:
+    return load_file(out / "adapter" / "adapter_model.safetensors")
+
+
+def _assert_same_adapter(a: dict, b: dict, atol: float) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert (a[key] - b[key]).abs().max() <= atol, key
+
+
+@pytest.mark.parametrize(
+    ("strategy", "atol", "accum"), [("ddp", 1e-5, 3), ("fsdp", 1e-4, 2)]
+)  # ddp with 3 micro-batches a step: one rank takes two, the other one and a zero-weight pass
+def test_two_processes_train_like_one(tmp_path, tiny_dir, strategy, atol, accum):
+    one = _config(tmp_path, tiny_dir, "one", grad_accum_steps=accum)
+    two = _config(tmp_path, tiny_dir, "two", grad_accum_steps=accum, distributed=strategy)
+    single = run_cli("train", str(one))
+    assert single.returncode == 0, single.stderr[-3000:]
+    if strategy == "ddp":  # the convenience wrapper
+        double = run_cli("train", str(two), "--nproc", "2", timeout=TIMEOUT)
+    else:
+        double = _torchrun("train", str(two))
+    assert double.returncode == 0, double.stderr[-3000:]
+    assert _losses(tmp_path / "two") == pytest.approx(_losses(tmp_path / "one"), abs=atol)
+    _assert_same_adapter(_adapter(tmp_path / "two"), _adapter(tmp_path / "one"), atol)
+    # only rank 0 speaks and writes: one header, one summary, one line per step
+    out = double.stdout + double.stderr
+    assert out.count(f"processes: 2 ({strategy}), rank 0 reporting") == 1
+    assert out.count("done: 4 steps") == 1
+    assert len(_losses(tmp_path / "two")) == 4
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert (summary["processes"], summary["distributed"]) == (2, strategy)
+    assert (
+        summary["tokens"] == json.loads((tmp_path / "one" / "summary.json").read_text())["tokens"]
+    )
+
+
+def test_fsdp_checkpoints_resume_exactly_and_on_another_number_of_processes(tmp_path, tiny_dir):
+    config = _config(tmp_path, tiny_dir, "run", distributed="fsdp", save_every_steps=2)
+    first = _torchrun("train", str(config))
+    assert first.returncode == 0, first.stderr[-3000:]
+    step2 = tmp_path / "run" / "checkpoints" / "step-000002"
+    assert (step2 / ".metadata").is_file() and len(list(step2.glob("*.distcp"))) == 2
+    assert json.loads((step2 / "trainer_state.json").read_text())["format"] == "dcp"
+    straight = _losses(tmp_path / "run")
+    keep = tmp_path / "step2"
+    shutil.copytree(step2, keep)
+    again = _torchrun("train", str(config), "--resume", str(keep))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert _losses(tmp_path / "run") == straight  # bit-identical on CPU
+    alone = run_cli("train", str(config), "--resume", str(keep))
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    assert (
+        "the checkpoint was written by 2 process(es) and this run has 1: its shards are "
+        "resharded to this run's processes" in alone.stderr
+    )
+    assert _losses(tmp_path / "run") == pytest.approx(straight, abs=1e-5)
+
+
+def test_a_failing_rank_stops_the_job_with_its_message(tmp_path, tiny_dir):
+    config = _config(tmp_path, tiny_dir, "run", distributed="ddp", dist_timeout_s=60)
+    run = _torchrun("train", str(config), script=[str(ROOT / "tests/helpers/failing_rank.py")])
+    assert run.returncode != 0
+    assert "error: rank 1: step 2: a planted failure on this rank" in run.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_machines_over_loopback(tmp_path, tiny_dir):
+    one = _config(tmp_path, tiny_dir, "one")
+    two = _config(tmp_path, tiny_dir, "two", distributed="ddp")
+    assert run_cli("train", str(one)).returncode == 0
+    port = _free_port()
+    nodes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes=2",
+                f"--node_rank={rank}",
+                "--nproc_per_node=1",
+                "--rdzv-backend=c10d",
+                f"--rdzv-endpoint=127.0.0.1:{port}",
+                "--rdzv-id=tunesmith-test",
+                "-m",
+                "tunesmith",
+                "train",
+                str(two),
+            ],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for rank in (0, 1)
+    ]
+    outputs = [node.communicate(timeout=TIMEOUT) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][1][-2000:]
+    assert _losses(tmp_path / "two") == pytest.approx(_losses(tmp_path / "one"), abs=1e-5)
+
+
+def test_a_sharded_qlora_base_is_refused_with_what_to_use():
+    with pytest.raises(TunesmithError) as err:
+        strategy_for("fsdp", method_named("qlora"), World(0, 2, 0))
+    assert str(err.value).startswith(
+        "train.distributed: fsdp cannot shard method qlora's base: bitsandbytes keeps each 4-bit "
+        "weight as one packed tensor"
+    )
+    assert strategy_for("auto", method_named("qlora"), World(0, 2, 0)) == "ddp"
+    assert strategy_for("auto", method_named("full"), World(0, 2, 0)) == "fsdp"
+    assert strategy_for("fsdp", method_named("lora"), World()) == "none"
