@@ -33,7 +33,8 @@ def _config(tmp_path: Path, tiny_dir: Path, name: str, **train) -> Path:
     raw = {
         "model": {"path": str(tiny_dir), "dtype": "fp32", "device": "cpu"},
         "method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
-        "data": {"datasets": [{"path": str(data)}], "validation": [{"path": str(tmp_path / "val.jsonl")}],
+        "data": {"datasets": [{"path": str(data)}],
+                 "validation": [{"path": str(tmp_path / "val.jsonl")}],
                  "max_seq_len": 64, "cache_dir": str(tmp_path / "cache")},
         "train": {"max_steps": 4, "micro_batch_size": 2, "grad_accum_steps": 2, "lr": 5e-3,
                   "log_every_steps": 1, **train},
