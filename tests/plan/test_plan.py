@@ -365,3 +365,40 @@ def test_analytic_estimate_of_offloading_matches_the_trace():
     plain = estimate_step(skeleton(config, method, torch.bfloat16, False), 2048, 2, True)
     assert abs(estimated.peak_bytes / traced.peak_bytes - 1) < 0.10
     assert plain.peak_bytes - estimated.peak_bytes == 6 * (2 * 2048 * 1024 * 2)
+
+
+def test_planning_several_gpus_per_gpu_for_ddp_and_fsdp():
+    from tunesmith.plan.scaling import plan_scale
+    from tunesmith.plan.trace import TracedStep
+
+    gib = 2**30
+    traced = TracedStep(peak_bytes=20 * gib, weights_bytes=15 * gib, trainable_bytes=gib // 4,
+                        grads_bytes=gib // 4, optimizer_bytes=gib // 2, activations_bytes=4 * gib,
+                        trainable_params=0, total_params=0)  # fmt: skip
+    scale = plan_scale(traced, gib // 2, 4, 1, 18 * gib, 10_000.0, 4096, True, True, 15 * gib)
+    assert scale.ddp_peak_bytes == 20 * gib + gib // 4  # replicated, plus gradient buckets
+    assert scale.fsdp_peak_bytes == 16 * gib // 4 + 4 * gib + gib  # 1/4 + activations + 2 layers
+    assert (scale.pick, scale.why) == (
+        "fsdp",
+        "the frozen base does not fit one GPU; FSDP shards it",
+    )
+    assert scale.fsdp_comm_s_per_step == pytest.approx(0.75 * (3 * 15 + 0.25) * gib / 200e9)
+    assert scale.tokens_per_s == pytest.approx(
+        4 * 4096 / max(4096 / 10_000, scale.fsdp_comm_s_per_step)
+    )
+    roomy = plan_scale(traced, gib // 2, 8, 2, 80 * gib, None, 4096, True, True, 15 * gib)
+    assert roomy.pick == "ddp" and roomy.bandwidth_bytes_per_s == 20e9 and roomy.world == 16
+    full = plan_scale(traced, gib // 2, 2, 1, 80 * gib, None, 4096, False, True, 15 * gib)
+    assert full.pick == "fsdp"
+
+
+def test_cli_plan_for_several_gpus():
+    run = run_cli(
+        "plan", "examples/quickstart.yaml", "--gpu", "h100", "--gpus", "4", "--nodes", "2"
+    )
+    assert run.returncode == 0, run.stderr
+    assert "Several GPUs: 4 GPU(s) × 2 machine(s) = 8 (per GPU):" in run.stdout
+    assert "  pick: ddp (the model fits one GPU, and DDP communicates only the gradients)" in (
+        run.stdout
+    )
+    assert "assuming 20 GB/s per GPU" in run.stdout

@@ -286,6 +286,8 @@ def plan_cmd(
         None, "--gpu-mem", help="GPU memory to fit in, e.g. 24GiB (default: the --gpu's)."
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
+    gpus: int = typer.Option(1, "--gpus", min=1, help="GPUs per machine (DDP and FSDP per GPU)."),
+    nodes: int = typer.Option(1, "--nodes", min=1, help="Machines, each with --gpus GPUs."),
 ) -> None:
     """Peak memory of one training step of the run (traced on fake tensors: no GPU and no
     weights needed), its breakdown, whether it fits the GPU, the time for the run's dataset,
@@ -296,7 +298,7 @@ def plan_cmd(
     from tunesmith.plan.planner import plan_run
 
     cfg = load_config(config, overrides or [])
-    result = plan_run(cfg, gpu, gpu_mem)
+    result = plan_run(cfg, gpu, gpu_mem, gpus=gpus, nodes=nodes)
     if as_json:
         typer.echo(json.dumps(result.to_dict(), indent=2))
     else:

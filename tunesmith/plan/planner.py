@@ -27,6 +27,7 @@ from tunesmith.plan.recommend import (
     to_fit,
     workload,
 )
+from tunesmith.plan.scaling import Scale, plan_scale
 from tunesmith.plan.trace import TracedStep, trace_step
 from tunesmith.registry import method_of
 from tunesmith.shards import parse_size
@@ -59,6 +60,8 @@ class Plan:
     recommended: Option | None = None
     switches: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    scale: Scale | None = None
+    """With --gpus / --nodes: the run on several GPUs (per GPU, DDP and FSDP)."""
 
     @property
     def fits_nothing(self) -> bool:
@@ -128,6 +131,8 @@ class Plan:
         if self.switches:
             out += ["", "Switches at this shape (estimates):"]
             out += [f"  {line}" for line in self.switches]
+        if self.scale is not None:
+            out += ["", *self.scale.lines()]
         notes = [*t.notes, *self.notes]
         return out + ([""] if notes else []) + [f"note: {n}" for n in notes]
 
@@ -145,8 +150,15 @@ def _duration(hours: float) -> str:
     return f"{hours:.1f} h"
 
 
-def plan_run(config, gpu_name: str | None = None, gpu_mem: str | None = None) -> Plan:
-    """Trace the run config's training step (see `trace.py`) and estimate its speed."""
+def plan_run(
+    config,
+    gpu_name: str | None = None,
+    gpu_mem: str | None = None,
+    gpus: int = 1,
+    nodes: int = 1,
+) -> Plan:
+    """Trace the run config's training step (see `trace.py`) and estimate its speed; with
+    `gpus` × `nodes` > 1, also per GPU on that many (see `scaling.py`)."""
 
     target: GPU | None = gpu(gpu_name) if gpu_name else None
     memory = target.memory_gib if target else None
@@ -183,6 +195,19 @@ def plan_run(config, gpu_name: str | None = None, gpu_mem: str | None = None) ->
         flops_per_token=flops, tokens_per_s=speed, workload=work, hours=hours, notes=notes,
     )  # fmt: skip
     _advise(plan, model_config, config, dtype, memory, target, work)
+    if gpus * nodes > 1:
+        e = torch.empty((), dtype=dtype).element_size()
+        kv = getattr(model_config, "num_key_value_heads", None) or model_config.num_attention_heads
+        head_dim = getattr(model_config, "head_dim", None) or (
+            model_config.hidden_size // model_config.num_attention_heads
+        )
+        d, inter = model_config.hidden_size, model_config.intermediate_size
+        layer = d * (d + 2 * kv * head_dim) + d * d + 3 * d * inter
+        plan.scale = plan_scale(
+            traced, layer * e, gpus, nodes, memory * GIB if memory is not None else None, speed,
+            batch * seq, method_of(method).trains_adapter, checkpointing,
+            traced.total_params * e, config.train.distributed,
+        )  # fmt: skip
     return plan
 
 

@@ -20,6 +20,7 @@ fine-tuning, ddp for adapters. The backend is NCCL on GPUs and gloo on CPUs.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 from dataclasses import dataclass
@@ -162,8 +163,6 @@ def barrier_after_setup(world: World) -> None:
 def accumulating(step_module: nn.Module, strategy: str, more_to_come: bool):
     """While gradients accumulate over a rank's micro-batches, reduce them only after its last
     (DDP: `no_sync`; FSDP2: gradient sync off until the last backward)."""
-    import contextlib
-
     if strategy == "ddp" and more_to_come:
         return step_module.no_sync()
     if strategy == "fsdp":

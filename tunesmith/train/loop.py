@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+import tunesmith.train.distributed as dist_run
+import tunesmith.train.sharded as sharded
 from tunesmith.adapters import trainable_parameters
 from tunesmith.builder import build_model, load_trained, output_name, run_dtypes, save_trained
 from tunesmith.config import RunConfig, config_yaml
@@ -39,8 +41,6 @@ from tunesmith.io import atomic_write, atomic_write_json, reporting_full_disk
 from tunesmith.lock import FolderLock, stale_message
 from tunesmith.models import load_tokenizer, resolve_device
 from tunesmith.registry import method_of
-from tunesmith.train import distributed as dist_run
-from tunesmith.train import sharded
 from tunesmith.train.batches import BatchPlan, eval_batches, trained_tokens
 from tunesmith.train.checkpoint import (
     checkpoint_root,
