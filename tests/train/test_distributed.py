@@ -173,3 +173,31 @@ def test_a_sharded_qlora_base_is_refused_with_what_to_use():
     assert strategy_for("auto", method_named("qlora"), World(0, 2, 0)) == "ddp"
     assert strategy_for("auto", method_named("full"), World(0, 2, 0)) == "fsdp"
     assert strategy_for("fsdp", method_named("lora"), World()) == "none"
+    # auto shards an adapter run's base when it does not fit one GPU (QLoRA's cannot be)
+    assert strategy_for("auto", method_named("lora"), World(0, 2, 0), fits=False) == "fsdp"
+    assert strategy_for("auto", method_named("qlora"), World(0, 2, 0), fits=False) == "ddp"
+
+
+def test_fsdp_shards_every_decoder_layer_and_the_loss_module_with_the_policies(monkeypatch):
+    """What `wrap` asks of FSDP2: one unit per decoder layer and the loss module as the root,
+    fp32 master weights through a bf16 mixed-precision policy, and the CPU offload policy only
+    for GPU processes that ask for it."""
+    import torch
+    import torch.distributed.fsdp as fsdp
+    from helpers.models import make_model
+
+    from tunesmith.train import distributed
+
+    calls = []
+    monkeypatch.setattr(fsdp, "fully_shard", lambda module, **kw: calls.append((module, kw)))
+    model = make_model("llama")
+    root = distributed.wrap(model, "fsdp", World(0, 2, 0), "cuda:0", torch.bfloat16, True,
+                            lambda m, b: None, cpu_offload=True)  # fmt: skip
+    assert [m for m, _ in calls] == [*model.model.layers, root] and root.model is model
+    policy = calls[0][1]["mp_policy"]
+    assert (policy.param_dtype, policy.reduce_dtype) == (torch.bfloat16, torch.float32)
+    assert type(calls[0][1]["offload_policy"]).__name__ == "CPUOffloadPolicy"
+    calls.clear()
+    distributed.wrap(model, "fsdp", World(0, 2, 0), "cpu", torch.float32, True,
+                     lambda m, b: None, cpu_offload=True)  # fmt: skip
+    assert "offload_policy" not in calls[0][1]  # CPU processes have nothing to offload to

@@ -167,6 +167,16 @@ def train_cmd(
         _print_run_header(run)
     try:
         summary = run.run()
+    except RuntimeError as err:
+        if not run.world.distributed:
+            raise
+        from tunesmith.errors import first_line
+
+        raise TunesmithError(
+            f"a collective operation failed: {first_line(err)}; another process stopped or "
+            f"hangs (its own error names its rank; train.dist_timeout_s: "
+            f"{cfg.train.dist_timeout_s:g})"
+        ) from None
     except TrainingInterrupted as err:
         again = " ".join(["tunesmith train", str(config), *(overrides or []), "--resume"])
         if run.last_checkpoint is None:

@@ -217,6 +217,10 @@ class TrainSection(Section):
     """Under torchrun with several processes: ddp (the model replicated, every adapter method)
     or fsdp (FSDP2: parameters, gradients and optimizer states sharded per decoder layer).
     auto: fsdp for full fine-tuning, ddp for adapters. One process: ignored."""
+    fsdp_cpu_offload: bool = False
+    """fsdp on GPUs: keep each process's parameter shards, gradients and optimizer states in
+    host memory (FSDP2's CPUOffloadPolicy; the optimizer steps on the CPU): the least GPU
+    memory, at a large cost in speed."""
     dist_timeout_s: float = Field(600.0, gt=0)
     """Seconds a collective waits for the other processes before the run stops with an
     error naming the rank (a process that died or hangs)."""

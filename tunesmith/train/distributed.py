@@ -27,9 +27,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from accelerate import init_empty_weights
 from torch import nn
+from transformers import AutoModelForCausalLM
 
 from tunesmith.errors import TunesmithError
+from tunesmith.model_config import read_model_config
 
 
 @dataclass(frozen=True)
@@ -86,13 +89,15 @@ def all_sum(value: float | int, device: str = "cpu") -> float:
     return float(t.item())
 
 
-def strategy_for(setting: str, method, world: World) -> str:
-    """ "none" for one process; otherwise ddp or fsdp as `train.distributed` says (auto: fsdp
-    for full fine-tuning, ddp for adapters). QLoRA's 4-bit base cannot be sharded."""
+def strategy_for(setting: str, method, world: World, fits: bool = True) -> str:
+    """The strategy of this run: "none" for one process; otherwise ddp or fsdp as
+    `train.distributed` says (auto: fsdp for full fine-tuning, ddp for adapters unless their
+    base does not `fit` one device). QLoRA's 4-bit base cannot be sharded."""
     if not world.distributed:
         return "none"
     if setting == "auto":
-        setting = "ddp" if method.trains_adapter else "fsdp"
+        adapters = method.trains_adapter and (fits or method.quantized_base)
+        setting = "ddp" if adapters else "fsdp"
     if setting == "fsdp" and method.quantized_base:
         raise TunesmithError(
             f"train.distributed: fsdp cannot shard method {method.name}'s base: bitsandbytes "
@@ -101,6 +106,26 @@ def strategy_for(setting: str, method, world: World) -> str:
             "base), or method lora with fsdp"
         )
     return setting
+
+
+FIT_SHARE = 0.8
+"""`auto` shards an adapter run's base when its weights take more than this share of one
+GPU's memory (activations and the rest need the remainder)."""
+
+
+def fits_one_device(config, device: str, world: World) -> bool:
+    """Whether the run's base weights fit one GPU with room to train (`FIT_SHARE`): counted on
+    the meta device from config.json. CPU processes: always."""
+    if not world.distributed or not device.startswith("cuda"):
+        return True
+    model = config.model
+    model_config = read_model_config(model.path, "model.path", model.revision,
+                                     model.trust_remote_code)  # fmt: skip
+    with init_empty_weights():
+        skeleton = AutoModelForCausalLM.from_config(model_config)
+    element = 2 if model.dtype != "fp32" else 4
+    weights = sum(p.numel() for p in skeleton.parameters()) * element
+    return weights <= FIT_SHARE * torch.cuda.get_device_properties(device).total_memory
 
 
 class LossModule(nn.Module):
@@ -124,7 +149,7 @@ def decoder_stack(model: nn.Module) -> list[nn.Module]:
 
 
 def wrap(model: nn.Module, strategy: str, world: World, device: str, compute_dtype, master: bool,
-         loss_fn) -> nn.Module:  # fmt: skip
+         loss_fn, cpu_offload: bool = False) -> nn.Module:  # fmt: skip
     """The module a step calls, `batch -> (loss sum, trained tokens)`: `LossModule(model)`,
     under DDP wrapped by DistributedDataParallel, under FSDP2 sharded (in place: `model`'s
     parameters are shards afterwards)."""
@@ -134,17 +159,20 @@ def wrap(model: nn.Module, strategy: str, world: World, device: str, compute_dty
         ids = [world.local_rank] if device.startswith("cuda") else None
         return DistributedDataParallel(LossModule(model, loss_fn), device_ids=ids)
     if strategy == "fsdp":
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
         policy = MixedPrecisionPolicy()
         if master and compute_dtype != torch.float32:
             policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+        shard = {"mp_policy": policy}
+        if cpu_offload and device.startswith("cuda"):  # shards, gradients, states in host memory
+            shard["offload_policy"] = CPUOffloadPolicy()
         for layer in decoder_stack(model):
-            fully_shard(layer, mp_policy=policy)
+            fully_shard(layer, **shard)
         # the loss module is the root: the loss calls the backbone and the head directly, so
         # the root's hooks (which gather the embeddings, final norm and head) must be its own
         root = LossModule(model, loss_fn)
-        fully_shard(root, mp_policy=policy)
+        fully_shard(root, **shard)
         return root
     return LossModule(model, loss_fn)
 

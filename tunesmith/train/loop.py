@@ -194,7 +194,6 @@ class Run:
         self.world = dist_run.world_from_env()
         if not self.world.main:  # only rank 0 speaks
             self.progress = Progress(log_every=10**9, live=False, stream=open(os.devnull, "w"))
-        self.strategy = dist_run.strategy_for(cfg.train.distributed, self.method, self.world)
         self._check_output_dir()
         seed_everything(cfg.train.seed, cfg.train.deterministic)
         self.tokenizer = load_tokenizer(cfg.model)
@@ -206,8 +205,15 @@ class Run:
         # Full fine-tuning keeps fp32 master weights (unless told not to) and autocasts to the
         # compute dtype; adapters train in fp32 on a frozen base stored in the compute dtype.
         self.dtype = run_dtypes(cfg, self.device_type).compute
+        self.strategy = dist_run.strategy_for(
+            cfg.train.distributed, self.method, self.world,
+            dist_run.fits_one_device(cfg, self.device, self.world),
+        )  # fmt: skip
+        # FSDP builds on the CPU and fully_shard moves each process's shards to its GPU: a
+        # base that does not fit one GPU is never whole on one
+        build_on = "cpu" if self.strategy == "fsdp" else self.device
         self.model = build_model(
-            cfg.method, model=cfg.model, train=cfg.train, device=self.device,
+            cfg.method, model=cfg.model, train=cfg.train, device=build_on,
             compute_dtype=self.dtype, tokenizer=self.tokenizer, seed=cfg.train.seed,
         )  # fmt: skip
 
@@ -218,7 +224,7 @@ class Run:
         master = run_dtypes(cfg, self.device_type).weights == torch.float32
         self.step_module = dist_run.wrap(
             self.model, self.strategy, self.world, self.device, self.dtype, master,
-            model_loss_sum,
+            model_loss_sum, cpu_offload=cfg.train.fsdp_cpu_offload,
         )  # fmt: skip
 
         self.pad_id = self.tokenizer.pad_token_id
