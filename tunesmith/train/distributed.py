@@ -33,6 +33,7 @@ from transformers import AutoModelForCausalLM
 
 from tunesmith.errors import TunesmithError
 from tunesmith.model_config import read_model_config
+from tunesmith.train.speedups import decoder_layers
 
 
 @dataclass(frozen=True)
@@ -140,14 +141,6 @@ class LossModule(nn.Module):
         return self.loss_fn(self.model, batch)
 
 
-def decoder_stack(model: nn.Module) -> list[nn.Module]:
-    for module in model.modules():
-        if isinstance(module, nn.ModuleList) and len(module):
-            if all(type(m) is type(module[0]) for m in module):
-                return list(module)
-    return []
-
-
 def wrap(model: nn.Module, strategy: str, world: World, device: str, compute_dtype, master: bool,
          loss_fn, cpu_offload: bool = False) -> nn.Module:  # fmt: skip
     """The module a step calls, `batch -> (loss sum, trained tokens)`: `LossModule(model)`,
@@ -167,7 +160,7 @@ def wrap(model: nn.Module, strategy: str, world: World, device: str, compute_dty
         shard = {"mp_policy": policy}
         if cpu_offload and device.startswith("cuda"):  # shards, gradients, states in host memory
             shard["offload_policy"] = CPUOffloadPolicy()
-        for layer in decoder_stack(model):
+        for layer in decoder_layers(model):
             fully_shard(layer, **shard)
         # the loss module is the root: the loss calls the backbone and the head directly, so
         # the root's hooks (which gather the embeddings, final norm and head) must be its own
