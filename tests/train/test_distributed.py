@@ -23,6 +23,7 @@ from tunesmith.registry import method_named
 from tunesmith.train.distributed import World, strategy_for
 
 TIMEOUT = 240
+pytestmark = pytest.mark.slow  # .ci/run runs these once, at the newest transformers
 
 
 def _config(tmp_path: Path, tiny_dir: Path, name: str, **train) -> Path:

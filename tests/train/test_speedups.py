@@ -220,6 +220,7 @@ def test_padding_free_packing_trains_with_the_same_losses(tmp_path, tiny_dir):
     assert on == pytest.approx(off, abs=1e-5)
 
 
+@pytest.mark.slow
 def test_compiled_layers_train_with_the_same_losses_and_no_recompiles(tmp_path, tiny_dir):
     import torch._dynamo
 
