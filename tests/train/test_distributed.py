@@ -202,3 +202,22 @@ def test_fsdp_shards_every_decoder_layer_and_the_loss_module_with_the_policies(m
     distributed.wrap(model, "fsdp", World(0, 2, 0), "cpu", torch.float32, True,
                      lambda m, b: None, cpu_offload=True)  # fmt: skip
     assert "offload_policy" not in calls[0][1]  # CPU processes have nothing to offload to
+
+
+def test_ddp_resumes_a_one_process_checkpoint_on_two_processes(tmp_path, tiny_dir):
+    """Under DDP the state is replicated: rank 0 writes the usual checkpoint, and a run on
+    another number of processes loads it whole on every rank."""
+    config = _config(tmp_path, tiny_dir, "run", distributed="ddp", save_every_steps=2)
+    single = run_cli("train", str(config))
+    assert single.returncode == 0, single.stderr[-3000:]
+    straight, straight_adapter = _losses(tmp_path / "run"), _adapter(tmp_path / "run")
+    keep = tmp_path / "step2"
+    shutil.copytree(tmp_path / "run" / "checkpoints" / "step-000002", keep)
+    resumed = _torchrun("train", str(config), "--resume", str(keep))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert (
+        "the checkpoint was written by 1 process(es) and this run has 2: the checkpoint holds "
+        "the whole state and every process loads it" in resumed.stderr
+    )
+    assert _losses(tmp_path / "run") == pytest.approx(straight, abs=1e-5)
+    _assert_same_adapter(_adapter(tmp_path / "run"), straight_adapter, 1e-5)
