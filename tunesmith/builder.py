@@ -26,6 +26,7 @@ from transformers import AutoModelForCausalLM
 
 from tunesmith.adapters import add_adapter, load_adapter, save_adapter, set_active
 from tunesmith.config import ModelSection
+from tunesmith.errors import TunesmithError
 from tunesmith.models import (
     enable_checkpointing,
     load_model,
@@ -156,10 +157,12 @@ def load_for_inference(
     device: str = "auto",
     dtype: str = "auto",
     trust_remote_code: bool = False,
+    names: list[str | None] | None = None,
 ):
-    """(model, tokenizer, adapter names): the base with each adapter loaded (named by its
-    folder) and the first active, in eval mode. The tokenizer comes from the first adapter
-    folder when it holds one (training saves it there), else from the model."""
+    """(model, tokenizer, adapter names): the base with each adapter loaded (named by
+    `names[i]`, else by its folder) and the first active, in eval mode. The tokenizer comes
+    from the first adapter folder when it holds one (training saves it there), else from the
+    model."""
     model_path = resolve_base(
         model_path, adapters, "--model: give the base model (the adapter does not name one)"
     )
@@ -169,11 +172,16 @@ def load_for_inference(
     device_name = resolve_device(section.device)
     model = load_model(section, device_name, resolve_dtype(section.dtype, device_name))
     model.eval()
+    given = list(names or [])
     names = []
     for i, folder in enumerate(adapters):
-        name = plain_name(Path(folder).name) or f"adapter{i}"
-        if name in names or name == "default":
-            name = f"adapter{i}"
+        name = given[i] if i < len(given) and given[i] else None
+        if name is None:
+            name = plain_name(Path(folder).name) or f"adapter{i}"
+            if name in names or name == "default":
+                name = f"adapter{i}"
+        elif name in names:
+            raise TunesmithError(f"--adapter: two adapters are named {name!r}; name them apart")
         load_adapter(model, folder, name=name)
         names.append(name)
     if names:

@@ -1,0 +1,127 @@
+"""`tunesmith serve`: the OpenAI-compatible server (see `tunesmith.serve`)."""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated, Optional
+
+import typer
+
+from tunesmith.cli.app import DeviceOpt, DtypeOpt, ModelOpt, TrustOpt, app, examples
+from tunesmith.errors import TunesmithError
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def parse_adapters(values: list[str]) -> tuple[list[str | None], list[str]]:
+    """`NAME=DIR` or `DIR` options as (names, folders); a bare folder is named by the server
+    after its folder name."""
+    names: list[str | None] = []
+    folders: list[str] = []
+    for value in values:
+        name, sep, folder = value.partition("=")
+        if sep and name and folder and "/" not in name:
+            names.append(name)
+            folders.append(folder)
+        else:
+            names.append(None)
+            folders.append(value)
+    return names, folders
+
+
+@app.command(
+    "serve",
+    epilog=examples(
+        "tunesmith serve --adapter quickstart=outputs/quickstart/adapter",
+        "tunesmith serve --model examples/tiny-llama --adapter a=runs/a --adapter b=runs/b "
+        "--host 0.0.0.0 --api-key $KEY",
+    ),
+)
+def serve_cmd(
+    model: ModelOpt = None,
+    adapter: Annotated[
+        Optional[list[str]],  # noqa: UP045
+        typer.Option(
+            "--adapter",
+            show_default=False,
+            help="An adapter to serve, as NAME=DIR (or DIR: named by its folder); repeat.",
+        ),
+    ] = None,  # fmt: skip
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind."),
+    port: int = typer.Option(8000, "--port", help="Port to bind."),
+    api_key: Optional[str] = typer.Option(  # noqa: UP045
+        None,
+        "--api-key",
+        envvar="TUNESMITH_API_KEY",
+        show_default=False,
+        help="Require 'Authorization: Bearer KEY' (needed to bind beyond localhost).",
+    ),  # fmt: skip
+    name: Optional[str] = typer.Option(  # noqa: UP045
+        None,
+        "--name",
+        show_default=False,
+        help="The base model's name in requests (default: its folder name or hub id).",
+    ),  # fmt: skip
+    max_running: int = typer.Option(16, "--max-running", help="Sequences decoded at once."),
+    max_queue: int = typer.Option(64, "--max-queue", help="Sequences waiting (then HTTP 429)."),
+    max_tokens: int = typer.Option(512, "--max-tokens", help="Most tokens per completion."),
+    max_n: int = typer.Option(8, "--max-n", help="Most choices (n) per request."),
+    max_body_bytes: int = typer.Option(1 << 20, "--max-body-bytes", help="Largest request."),
+    timeout: float = typer.Option(300.0, "--timeout", help="Seconds a request may take."),
+    adapter_root: str = typer.Option(
+        ".", "--adapter-root", help="POST /v1/adapters loads only folders under this one."
+    ),
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    trust_remote_code: TrustOpt = False,
+) -> None:
+    """Serve the model and its adapters with an OpenAI-compatible API (chat, completions,
+    models; streaming; adapters loaded and unloaded at run time), decoding requests for
+    different adapters together in one batch."""
+    try:
+        import uvicorn
+
+        from tunesmith.serve.app import Limits, Server, build_app
+    except ImportError as err:
+        raise TunesmithError(
+            f"tunesmith serve needs the serve extra ({err.name} is missing): "
+            "pip install 'tunesmith[serve]'"
+        ) from None
+    from tunesmith.builder import load_for_inference
+    from tunesmith.serve.engine import Engine
+
+    if host not in LOOPBACK and not api_key:
+        raise TunesmithError(
+            f"--host {host}: binding beyond this machine needs --api-key (or the "
+            "TUNESMITH_API_KEY environment variable), so that not everyone who can reach the "
+            "port can use the model"
+        )
+    for option, value in (
+        ("--max-running", max_running), ("--max-queue", max_queue),
+        ("--max-tokens", max_tokens), ("--max-n", max_n), ("--max-body-bytes", max_body_bytes),
+    ):  # fmt: skip
+        if value < 1:
+            raise TunesmithError(f"{option}: must be at least 1, got {value}")
+    names, folders = parse_adapters(list(adapter or []))
+    lm, tokenizer, loaded = load_for_inference(
+        model, folders, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+        names=names,
+    )  # fmt: skip
+    base = name or _base_name(model, lm)
+    if base in loaded:
+        raise TunesmithError(f"--name: {base!r} is also an adapter's name; choose another")
+    engine = Engine(lm, tokenizer, max_running=max_running, max_queue=max_queue)
+    limits = Limits(max_body_bytes, max_tokens, max_n, timeout)
+    server = Server(engine, base, api_key=api_key, limits=limits, adapter_root=adapter_root)
+    typer.echo(
+        f"serving {base!r} with adapters {', '.join(loaded) or '(none)'} on "
+        f"http://{host}:{port}/v1" + (" (API key required)" if api_key else ""),
+        err=True,
+    )
+    uvicorn.run(build_app(server), host=host, port=port, log_level="warning")
+
+
+def _base_name(model: str | None, lm) -> str:
+    source = model or getattr(lm.config, "_name_or_path", "") or "base"
+    source = source.rstrip("/")
+    return os.path.basename(source) if os.path.isdir(source) else source

@@ -1,0 +1,515 @@
+"""Continuous batching over one base model with many adapters (the engine of `tunesmith serve`).
+
+One worker thread owns the model. Each turn of its loop it
+
+1. admits waiting sequences into free slots: each is prefilled alone (a batch of one, so its
+   prompt is computed exactly as `tunesmith generate` computes it) and its KV cache joins the
+   running batch of its group;
+2. runs one decode step for every group: all rows of a group in one forward pass, each row
+   through its own adapter (`tunesmith.adapters.route`), each with its own position and
+   attention-mask row;
+3. drops finished, cancelled and timed-out rows, so a request leaves the batch at the step it
+   ends and its slot is free at the next.
+
+Groups: every LoRA-family adapter (LoRA, DoRA, IA3, bottleneck, ...) and the base share one
+group. A prompt- or prefix-tuning adapter puts virtual tokens in front of every row, so its
+requests form a group of their own (one forward pass per such group per step).
+
+The batch's KV cache is left-padded: when a sequence joins, the shorter of (batch, newcomer)
+gets zero keys/values on the left with mask 0, after the group's `lead` (the virtual tokens of a
+prompt/prefix adapter, which sit at the front of every row). When rows leave, columns no row
+attends to are cut. Padding is masked out, so a row's greedy tokens are the same whether it runs
+alone or in a batch (the tests hold the engine to that).
+
+The engine knows nothing of HTTP: a sequence reports through `on_event(kind, value)`, called
+from the worker thread: ("text", piece), ("done", finish_reason) or ("error", (status, text)).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+from transformers.cache_utils import DynamicCache
+
+from tunesmith.adapters.activation import route, set_active
+from tunesmith.adapters.peft_format import load_adapter
+from tunesmith.adapters.state import adapter_state, delete_adapter
+from tunesmith.errors import TunesmithError
+from tunesmith.generation import stop_token_ids
+from tunesmith.paths import check_name
+from tunesmith.registry import method_of
+
+log = logging.getLogger("tunesmith.serve")
+
+
+class QueueFull(TunesmithError):
+    """The waiting queue is full (HTTP 429)."""
+
+
+class AdapterBusy(TunesmithError):
+    """An adapter still has requests in flight (HTTP 409)."""
+
+
+class UnknownModel(TunesmithError):
+    """A request names a model the server does not serve (HTTP 404)."""
+
+
+@dataclass
+class Params:
+    """How one sequence is decoded."""
+
+    max_tokens: int
+    temperature: float = 0.0
+    """0: greedy."""
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+Event = Callable[[str, object], None]
+
+
+class Sequence:
+    """One completion being generated: its prompt ids, adapter (None: the base), decoding
+    parameters and what it has produced so far."""
+
+    def __init__(
+        self, prompt: list[int], adapter: str | None, params: Params, on_event: Event,
+        timeout_s: float | None = None,
+    ) -> None:  # fmt: skip
+        self.prompt = list(prompt)
+        self.adapter = adapter
+        self.params = params
+        self.on_event = on_event
+        self.submitted = time.monotonic()
+        self.deadline = None if timeout_s is None else self.submitted + timeout_s
+        self.tokens: list[int] = []
+        """Generated ids, without a final stop token."""
+        self.generated = 0
+        """Generated ids, a final stop token included (what `usage` counts)."""
+        self.text = ""
+        self.sent = 0
+        """Characters of `text` already reported."""
+        self.finish_reason: str | None = None
+        self.cancelled = False
+        self.first_token_at: float | None = None
+        self.position = len(self.prompt) - 1
+        """The position of the next token fed to the model (`last`)."""
+        self.last = -1
+        seed = params.seed if params.seed is not None else random.getrandbits(63)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def cancel(self) -> None:
+        """Stop generating (the client went away); the slot frees at the next step."""
+        self.cancelled = True
+
+
+class _Batch:
+    """The running rows of one group and their left-padded KV cache."""
+
+    def __init__(self, virtual: str | None, lead: int) -> None:
+        self.virtual = virtual
+        self.lead = lead
+        self.rows: list[Sequence] = []
+        self.cache: DynamicCache | None = None
+        self.mask: torch.Tensor | None = None
+        """(rows, cached tokens after the lead): 1 where a row has a token, 0 where padded."""
+
+
+@dataclass
+class Stats:
+    """Counters the worker keeps, read by `/metrics`."""
+
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    finished: dict[str, int] = field(default_factory=dict)
+    steps: int = 0
+    step_rows: int = 0
+    """Sum over decode steps of the rows in them (mean batch size = step_rows / steps)."""
+    ttft_s: list[float] = field(default_factory=list)
+    busy_s: float = 0.0
+    """Seconds the worker spent computing (prefill and decode)."""
+
+
+def _cache_argument(model) -> str:
+    """The KV cache argument of the model's forward: `past_key_values` up to transformers 5.23,
+    `cache` from 5.24."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def context_length(model) -> int:
+    config = model.config
+    getter = getattr(config, "get_text_config", None)
+    text = getter() if getter else config
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(text, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 2048
+
+
+class Engine:
+    """Continuous batching for `model` (a transformers causal LM with tunesmith adapters
+    loaded). `max_running`: sequences decoded at once; `max_queue`: sequences waiting for a
+    slot (`submit` raises `QueueFull` beyond it)."""
+
+    def __init__(
+        self, model, tokenizer, *, max_running: int = 16, max_queue: int = 64,
+        max_prefills_per_step: int = 4,
+    ) -> None:  # fmt: skip
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.device = next(model.parameters()).device
+        self.max_running = max_running
+        self.max_queue = max_queue
+        self.max_prefills_per_step = max_prefills_per_step
+        self.context = context_length(model)
+        self.stops = set(stop_token_ids(model, tokenizer))
+        self.stats = Stats()
+        self._cache_arg = _cache_argument(model)
+        self._cv = threading.Condition()
+        self._waiting: deque[Sequence] = deque()
+        self._batches: dict[str | None, _Batch] = {}
+        self._running = 0
+        self._model_lock = threading.RLock()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    # --- what the server calls ---------------------------------------------------------------
+    def adapters(self) -> dict[str, str]:
+        """Loaded adapters: name → method name."""
+        configs = adapter_state(self.model).configs
+        return {name: method_of(config).name for name, config in configs.items()}
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._stopping = False
+            self._thread = threading.Thread(target=self._loop, name="tunesmith-engine", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    def submit(self, sequences: list[Sequence]) -> None:
+        """Queue `sequences` (all or none: QueueFull when they do not all fit)."""
+        with self._cv:
+            known = adapter_state(self.model).configs
+            for seq in sequences:
+                if seq.adapter is not None and seq.adapter not in known:
+                    raise UnknownModel(f"the model {seq.adapter!r} does not exist")
+            if len(self._waiting) + len(sequences) > self.max_queue:
+                raise QueueFull(
+                    f"the server is busy: {len(self._waiting)} sequences wait for a slot "
+                    f"(limit {self.max_queue}); retry shortly"
+                )
+            self._waiting.extend(sequences)
+            self._cv.notify_all()
+
+    def queue_length(self) -> int:
+        return len(self._waiting)
+
+    def running(self) -> int:
+        return self._running
+
+    def cached_tokens(self) -> int:
+        """KV-cache columns held across all groups (0 when idle: nothing is kept)."""
+        return sum(b.mask.numel() for b in self._batches.values() if b.mask is not None)
+
+    def load(self, name: str, path: str) -> str:
+        """Load the adapter at `path` as `name` between decode steps; returns its method."""
+        check_name(name)
+        with self._model_lock:
+            if name in adapter_state(self.model).configs:
+                raise TunesmithError(
+                    f"an adapter named {name!r} is already loaded; unload it first "
+                    f"(DELETE /v1/adapters/{name}) or choose another name"
+                )
+            load_adapter(self.model, path, name=name)
+            self.model.eval()
+            return method_of(adapter_state(self.model).configs[name]).name
+
+    def unload(self, name: str) -> None:
+        with self._model_lock, self._cv:
+            if name not in adapter_state(self.model).configs:
+                raise UnknownModel(f"no adapter named {name!r} is loaded")
+            busy = sum(
+                1
+                for seq in [*self._waiting, *(r for b in self._batches.values() for r in b.rows)]
+                if seq.adapter == name and not seq.done
+            )
+            if busy:
+                raise AdapterBusy(
+                    f"adapter {name!r} has {busy} request(s) in flight; unload it when they finish"
+                )
+            delete_adapter(self.model, name)
+
+    # --- the worker --------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._stopping and not self._waiting and not self._batches:
+                    self._cv.wait()
+                if self._stopping:
+                    break
+                joining: list[Sequence] = []
+                free = self.max_running - self._running
+                while self._waiting and len(joining) < min(free, self.max_prefills_per_step):
+                    joining.append(self._waiting.popleft())
+            started = time.perf_counter()
+            with self._model_lock, torch.inference_mode():
+                for seq in joining:
+                    if self._drop_if_over(seq):
+                        continue
+                    try:
+                        self._prefill(seq)
+                    except Exception as err:  # one bad request must not stop the others
+                        log.exception("prefill failed")
+                        self._fail(seq, err)
+                for key, batch in list(self._batches.items()):
+                    try:
+                        self._decode(batch)
+                    except Exception as err:
+                        log.exception("decode step failed")
+                        for seq in batch.rows:
+                            self._fail(seq, err)
+                    self._compact(key, batch)
+            self.stats.busy_s += time.perf_counter() - started
+            self._running = sum(len(b.rows) for b in self._batches.values())
+        for batch in self._batches.values():
+            for seq in batch.rows:
+                self._finish(seq, "error", (503, "the server is shutting down"))
+        self._batches.clear()
+        self._running = 0
+
+    def _drop_if_over(self, seq: Sequence) -> bool:
+        if seq.cancelled:
+            self._finish(seq, "cancelled")
+        elif seq.deadline is not None and time.monotonic() > seq.deadline:
+            self._finish(seq, "error", (504, "the request timed out before it finished"))
+        return seq.done
+
+    def _fail(self, seq: Sequence, err: Exception) -> None:
+        if not seq.done:
+            self._finish(seq, "error", (500, f"generation failed: {type(err).__name__}"))
+
+    def _group(self, adapter: str | None) -> tuple[str | None, int]:
+        """(group key, lead): a prompt/prefix adapter's name and its virtual tokens, else
+        (None, 0), the shared group."""
+        if adapter is None:
+            return None, 0
+        config = adapter_state(self.model).configs[adapter]
+        if method_of(config).virtual_tokens:
+            return adapter, int(config.num_virtual_tokens)
+        return None, 0
+
+    def _forward(self, key, adapters, ids, mask, positions, cache) -> torch.Tensor:
+        set_active(self.model, [key] if key is not None else [])
+        routing = route(self.model, adapters) if key is None and any(adapters) else nullcontext()
+        with routing:
+            out = self.model(
+                input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                logits_to_keep=1, **{self._cache_arg: cache},
+            )  # fmt: skip
+        return out.logits[:, -1].float()
+
+    def _prefill(self, seq: Sequence) -> None:
+        key, lead = self._group(seq.adapter)
+        n = len(seq.prompt)
+        ids = torch.tensor([seq.prompt], device=self.device)
+        mask = torch.ones((1, n), dtype=torch.long, device=self.device)
+        positions = torch.arange(n, device=self.device)[None]
+        cache = DynamicCache()
+        logits = self._forward(key, [seq.adapter], ids, mask, positions, cache)
+        self.stats.prompt_tokens += n
+        self._accept(seq, self._sample(seq, logits[0]))
+        if seq.done:
+            return
+        batch = self._batches.get(key)
+        if batch is None:
+            batch = self._batches[key] = _Batch(key, lead)
+        self._join(batch, seq, cache, mask)
+
+    def _decode(self, batch: _Batch) -> None:
+        rows = [s for s in batch.rows if not s.done]
+        if len(rows) != len(batch.rows) or not rows:
+            return  # rows that finished at prefill this turn leave first (see _compact)
+        ids = torch.tensor([[s.last] for s in rows], device=self.device)
+        positions = torch.tensor([[s.position] for s in rows], device=self.device)
+        ones = torch.ones((len(rows), 1), dtype=torch.long, device=self.device)
+        mask = torch.cat([batch.mask, ones], dim=1)
+        logits = self._forward(
+            batch.virtual, [s.adapter for s in rows], ids, mask, positions, batch.cache
+        )
+        batch.mask = mask
+        self.stats.steps += 1
+        self.stats.step_rows += len(rows)
+        for seq, row in zip(rows, logits, strict=True):
+            self._accept(seq, self._sample(seq, row))
+
+    # --- the KV cache ----------------------------------------------------------------------
+    def _join(self, batch: _Batch, seq: Sequence, cache: DynamicCache, mask: torch.Tensor):
+        if batch.cache is None:
+            batch.cache, batch.mask, batch.rows = cache, mask, [seq]
+            return
+        width = max(batch.mask.shape[1], mask.shape[1])
+        old = _layers(batch.cache)
+        new = _layers(cache)
+        pad_old, pad_new = width - batch.mask.shape[1], width - mask.shape[1]
+        merged = [
+            tuple(
+                torch.cat([_pad(a, batch.lead, pad_old), _pad(b, batch.lead, pad_new)])
+                for a, b in zip(old_kv, new_kv, strict=True)
+            )
+            for old_kv, new_kv in zip(old, new, strict=True)
+        ]
+        batch.cache = _cache_of(merged)
+        batch.mask = torch.cat([_pad_mask(batch.mask, pad_old), _pad_mask(mask, pad_new)])
+        batch.rows.append(seq)
+
+    def _compact(self, key: str | None, batch: _Batch) -> None:
+        """Remove finished rows, and cache columns no remaining row attends to."""
+        for seq in batch.rows:
+            self._drop_if_over(seq)
+        keep = [i for i, s in enumerate(batch.rows) if not s.done]
+        if len(keep) == len(batch.rows):
+            return
+        if not keep:
+            del self._batches[key]
+            return
+        index = torch.tensor(keep, device=self.device)
+        mask = batch.mask.index_select(0, index)
+        used = mask.sum(0).nonzero()
+        start = int(used[0]) if len(used) else 0
+        lead = batch.lead
+        layers = [
+            tuple(
+                torch.cat([t[:, :, :lead], t[:, :, lead + start :]], dim=2).index_select(0, index)
+                for t in kv
+            )
+            for kv in _layers(batch.cache)
+        ]
+        batch.cache = _cache_of(layers)
+        batch.mask = mask[:, start:]
+        batch.rows = [batch.rows[i] for i in keep]
+
+    # --- tokens ------------------------------------------------------------------------------
+    def _sample(self, seq: Sequence, logits: torch.Tensor) -> int:
+        p = seq.params
+        if p.temperature <= 0:
+            return int(logits.argmax())
+        probs = torch.softmax(logits / p.temperature, dim=-1).cpu()
+        if p.top_p < 1:
+            ordered, order = probs.sort(descending=True)
+            outside = ordered.cumsum(0) - ordered > p.top_p
+            ordered[outside] = 0
+            probs = torch.zeros_like(probs).scatter_(0, order, ordered)
+        return int(torch.multinomial(probs, 1, generator=seq.generator))
+
+    def _accept(self, seq: Sequence, token: int) -> None:
+        seq.generated += 1
+        self.stats.generated_tokens += 1
+        if seq.first_token_at is None:
+            seq.first_token_at = time.monotonic()
+            self.stats.ttft_s.append(seq.first_token_at - seq.submitted)
+            del self.stats.ttft_s[:-1000]
+        if token in self.stops:
+            self._finish(seq, "stop")
+            return
+        seq.tokens.append(token)
+        seq.last = token
+        seq.position += 1
+        text = self.tokenizer.decode(seq.tokens, skip_special_tokens=True)
+        cut = _first_stop(text, seq.params.stop, max(0, seq.sent - _longest(seq.params.stop)))
+        if cut is not None:
+            seq.text = text[:cut]
+            self._finish(seq, "stop")
+            return
+        seq.text = text
+        if seq.generated >= seq.params.max_tokens or seq.position + 1 >= self.context:
+            self._finish(seq, "length")
+            return
+        self._emit(seq, _held_back(text, seq.params.stop))
+
+    def _emit(self, seq: Sequence, upto: int) -> None:
+        if upto > seq.sent:
+            piece = seq.text[seq.sent : upto]
+            seq.sent = upto
+            seq.on_event("text", piece)
+
+    def _finish(self, seq: Sequence, reason: str, error: tuple[int, str] | None = None) -> None:
+        if seq.done:
+            return
+        seq.finish_reason = reason
+        self.stats.finished[reason] = self.stats.finished.get(reason, 0) + 1
+        if error is not None:
+            seq.on_event("error", error)
+        elif reason != "cancelled":
+            self._emit(seq, len(seq.text))
+            seq.on_event("done", reason)
+
+
+def _layers(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def _cache_of(layers) -> DynamicCache:
+    cache = DynamicCache()
+    for i, (k, v) in enumerate(layers):
+        cache.update(k, v, i)
+    return cache
+
+
+def _pad(t: torch.Tensor, lead: int, width: int) -> torch.Tensor:
+    """`t` (rows, heads, tokens, dim) with `width` zero tokens inserted after the first `lead`."""
+    if width == 0:
+        return t
+    zeros = t.new_zeros((t.shape[0], t.shape[1], width, t.shape[3]))
+    return torch.cat([t[:, :, :lead], zeros, t[:, :, lead:]], dim=2)
+
+
+def _pad_mask(mask: torch.Tensor, width: int) -> torch.Tensor:
+    if width == 0:
+        return mask
+    return torch.cat([mask.new_zeros((mask.shape[0], width)), mask], dim=1)
+
+
+def _longest(stops: tuple[str, ...]) -> int:
+    return max((len(s) for s in stops), default=0)
+
+
+def _first_stop(text: str, stops: tuple[str, ...], start: int) -> int | None:
+    found = [i for i in (text.find(s, start) for s in stops) if i >= 0]
+    return min(found) if found else None
+
+
+def _held_back(text: str, stops: tuple[str, ...]) -> int:
+    """How much of `text` can be sent now: not a trailing part that may grow into a stop
+    string, nor a trailing replacement character (an incomplete multi-byte character)."""
+    end = len(text)
+    while end and text[end - 1] == "\ufffd":
+        end -= 1
+    for stop in stops:
+        for k in range(min(len(stop) - 1, end), 0, -1):
+            if text[:end].endswith(stop[:k]):
+                end = min(end, len(text[:end]) - k)
+                break
+    return end
