@@ -85,7 +85,7 @@ def load_model(model: ModelSection, device: str, dtype):
         return random_model(model, device, dtype, kwargs.get("attn_implementation"))
     check_safetensors_folder(source)
     quant_method = _quant_method(source, model.revision)
-    if quant_method == "gptq":  # tunesmith quantize --method gptq|awq|rtn, or any GPTQ model
+    if quant_method in ("gptq", "pack-quantized"):  # tunesmith quantize rtn|gptq|awq, others
         return load_gptq_checkpoint(
             source, device, dtype, model.revision, model.trust_remote_code,
             kwargs.get("attn_implementation"),
@@ -134,7 +134,10 @@ def _quant_method(source: str, revision: str | None) -> str | None:
         qconfig = json.loads(config.read_text()).get("quantization_config") or {}
     except (OSError, ValueError):
         return None
-    return qconfig.get("quant_method")
+    method = qconfig.get("quant_method")
+    if method == "compressed-tensors" and qconfig.get("format") == "pack-quantized":
+        return "pack-quantized"  # integer weights: tunesmith's loader (any device)
+    return method
 
 
 def enable_checkpointing(model) -> None:

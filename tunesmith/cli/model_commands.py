@@ -315,10 +315,17 @@ def quantize_cmd(
         None, "--eval-config", help="Also run `tunesmith eval` of this run config on both models."
     ),
     samples: int = typer.Option(100, "--samples", help="--eval-config: prompts to answer."),
+    layout: str = typer.Option(
+        "gptq",
+        "--format",
+        help="rtn/gptq/awq: gptq (GPTQ's format) or compressed-tensors (llm-compressor's "
+        "pack-quantized: transformers with compressed-tensors, vLLM on CPU and GPU).",
+    ),  # fmt: skip
 ) -> None:
     """Quantize a checkpoint (or base + adapter, merged first) and report perplexity and size
-    against the original. rtn/gptq/awq write GPTQ's format; int8/nf4 write bitsandbytes'
-    (transformers loads both); `tunesmith generate` and `eval` load either."""
+    against the original. rtn/gptq/awq write GPTQ's format or compressed-tensors'; int8/nf4
+    write bitsandbytes' (transformers loads all three); `tunesmith generate`, `serve` and `eval`
+    load any of them."""
     from tunesmith.quantize.pipeline import quantize_checkpoint
 
     adapters = list(adapter or [])
@@ -327,6 +334,7 @@ def quantize_cmd(
         calib=calib, calib_samples=calib_samples, eval_data=eval_data, eval_samples=eval_samples,
         seq_len=seq_len, act_order=act_order, damp=damp, device=device, overwrite=overwrite,
         max_shard_size=max_shard_size, progress=progress_bar("quantizing", "layers"),
+        layout=layout,
     )  # fmt: skip
     for line in report.lines():
         typer.echo(line)

@@ -32,12 +32,19 @@ from tunesmith.config import ModelSection
 from tunesmith.data.formats import Completion, Conversation, FormatSpec, detect_format, parse_record
 from tunesmith.data.sources import read_records
 from tunesmith.errors import TunesmithError
-from tunesmith.gptq_format.files import quantization_config, write_gptq_checkpoint
+from tunesmith.gptq_format.files import LAYOUTS, quantization_config, write_gptq_checkpoint
 from tunesmith.io import human_bytes
 from tunesmith.models import load_model, load_tokenizer, read_model_config, resolve_device
 from tunesmith.provenance import resolve_base
 from tunesmith.qlora_base import bitsandbytes
-from tunesmith.quantize.calibrate import Settings, check_model, perplexity, quantize_layers
+from tunesmith.quantize.calibrate import (
+    Settings,
+    check_model,
+    decoder_layers,
+    layer_linears,
+    perplexity,
+    quantize_layers,
+)
 from tunesmith.quantize.rtn import QuantGrid
 from tunesmith.shards import (
     CheckpointReader,
@@ -211,6 +218,7 @@ def quantize_checkpoint(
     max_shard_size: str | int = "5GB",
     trust_remote_code: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    layout: str = "gptq",
 ) -> QuantizeReport:
     """Quantize `model` (a checkpoint folder or hub id; with `adapters`, base + adapters are
     merged first) into `out`. See the module docstring."""
@@ -221,6 +229,13 @@ def quantize_checkpoint(
         raise TunesmithError(f"--damp: {damp} must be in [0, 1) (a fraction of the mean diagonal)")
     if act_order and method != "gptq":
         raise TunesmithError("--act-order: only GPTQ quantizes in activation order; drop it")
+    if layout not in LAYOUTS:
+        raise TunesmithError(f"--format: {layout!r} is not one of {', '.join(LAYOUTS)}")
+    if layout != "gptq" and grid is None:
+        raise TunesmithError(
+            f"--format {layout}: only rtn, gptq and awq results are written in it; {method} is "
+            "saved in bitsandbytes' format (drop --format)"
+        )
     out = Path(out)
     shard_bytes = parse_size(max_shard_size)
     adapters = list(adapters or [])
@@ -234,7 +249,7 @@ def quantize_checkpoint(
         report = _quantize(
             source, out, method, bits, group_size, grid, calib, calib_samples, eval_data,
             eval_samples, seq_len, act_order, damp, device, overwrite, shard_bytes,
-            trust_remote_code, progress,
+            trust_remote_code, progress, layout,
         )  # fmt: skip
     report.source = model + (f" + {', '.join(adapters)}" if adapters else "")
     report.seconds = time.perf_counter() - started
@@ -250,6 +265,7 @@ def _parent(out: Path) -> Path:
 def _quantize(
     source, out, method, bits, group_size, grid, calib, calib_samples, eval_data, eval_samples,
     seq_len, act_order, damp, device, overwrite, shard_bytes, trust_remote_code, progress,
+    layout="gptq",
 ) -> QuantizeReport:  # fmt: skip
 
     section = ModelSection(path=source, trust_remote_code=trust_remote_code, device=device)
@@ -262,6 +278,8 @@ def _quantize(
     compute = torch.float32 if device == "cpu" else torch.float16
     fp_model = load_model(section, "cpu", compute).eval()
     _check_quantizable(fp_model, method)
+    if layout == "compressed-tensors":
+        _check_whole_groups(fp_model, group_size)
     store_dtype = output_dtype("auto", _source_config(source, trust_remote_code))
     ppl_original = perplexity(fp_model.to(device), held, device)
     notes: list[str] = []
@@ -271,7 +289,11 @@ def _quantize(
 
             settings = Settings(method, grid, damp, act_order)
             quantized = quantize_layers(fp_model, calib_windows, settings, device, progress)
-            qconfig = quantization_config(method, bits, group_size, act_order, damp)
+            ignore = [
+                name for name, module in fp_model.named_modules()
+                if isinstance(module, torch.nn.Linear) and name not in quantized
+            ]  # fmt: skip
+            qconfig = quantization_config(method, bits, group_size, act_order, damp, layout, ignore)
             write_gptq_checkpoint(fp_model, quantized, tmp, store_dtype, qconfig, shard_bytes)
             del fp_model, quantized
         else:
@@ -289,6 +311,23 @@ def _quantize(
             seconds=0.0, notes=notes,
         )  # fmt: skip
     return report
+
+
+def _check_whole_groups(model, group_size: int) -> None:
+    """compressed-tensors' group strategy needs every quantized linear's input width to be a
+    multiple of the group size (GPTQ's format allows a shorter last group)."""
+    if group_size == -1:
+        return
+    path, layers = decoder_layers(model)
+    for i, layer in enumerate(layers):
+        for name, linear in layer_linears(layer).items():
+            if linear.in_features % group_size:
+                raise TunesmithError(
+                    f"--format compressed-tensors: --group-size {group_size} does not divide "
+                    f"{path}.{i}.{name}'s {linear.in_features} input columns, and that format "
+                    "stores whole groups only; choose a group size that divides every width "
+                    "(or -1), or keep --format gptq"
+                )
 
 
 def _source_config(source: str, trust_remote_code: bool):

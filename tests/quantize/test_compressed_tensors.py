@@ -1,0 +1,104 @@
+"""`tunesmith quantize --format compressed-tensors`: GPTQ and AWQ results in llm-compressor's
+pack-quantized layout. The oracle is the compressed-tensors package: its packing of the same
+codes, and transformers loading the checkpoint through it, must equal tunesmith's own loader
+(which must equal the GPTQ-format checkpoint of the same quantization)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+from transformers import AutoModelForCausalLM
+
+from tunesmith.config import ModelSection
+from tunesmith.errors import TunesmithError
+from tunesmith.gptq_format.compressed import _pack, pack_compressed, unpack_compressed
+from tunesmith.gptq_format.weights import QuantizedWeight
+from tunesmith.models import load_model
+from tunesmith.quantize.pipeline import quantize_checkpoint
+
+ROOT = Path(__file__).resolve().parents[2]
+BUNDLED = ROOT / "examples" / "tiny-llama"
+HELD_OUT = str(ROOT / "examples" / "data" / "pydoc_heldout.jsonl")
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_packing_matches_compressed_tensors(bits):
+    gen = torch.Generator().manual_seed(bits)
+    codes = torch.randint(0, 2**bits, (48, 70), generator=gen)
+    signed = (codes - 2 ** (bits - 1)).to(torch.int8)  # the library's codes are signed
+    assert torch.equal(_pack(codes, bits), pack_to_int32(signed, bits))
+    assert torch.equal(_pack(codes.T, bits).T, pack_to_int32(signed, bits, packed_dim=0))
+    groups = 5
+    qw = QuantizedWeight(
+        codes.to(torch.uint8), torch.rand(48, groups, generator=gen) + 0.1,
+        torch.randint(1, 2**bits, (48, groups), generator=gen).float(),
+        torch.arange(70) // 14, bits,
+    )  # fmt: skip
+    back = unpack_compressed(pack_compressed(qw, torch.float32, act_order=True), bits, 14)
+    assert torch.equal(back.q, qw.q) and torch.equal(back.zeros, qw.zeros)
+    assert torch.equal(back.dequantize(), qw.dequantize())
+
+
+@pytest.fixture(scope="module")
+def outputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ct")
+    made = {}
+    for method in ("gptq", "awq"):
+        for layout in ("gptq", "compressed-tensors"):
+            made[(method, layout)] = root / f"{method}-{layout}"
+            quantize_checkpoint(
+                str(BUNDLED), made[(method, layout)], method, group_size=16, calib=HELD_OUT,
+                calib_samples=8, eval_samples=4, seq_len=128, device="cpu", layout=layout,
+            )  # fmt: skip
+    return made
+
+
+IDS = torch.tensor([[5, 60, 700, 33, 12, 900, 4000, 7, 81, 2]])
+
+
+def _logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(IDS).logits
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_transformers_loads_it_with_the_same_outputs_as_tunesmith(outputs, method):
+    folder = outputs[(method, "compressed-tensors")]
+    qconfig = json.loads((folder / "config.json").read_text())["quantization_config"]
+    assert qconfig["quant_method"] == "compressed-tensors" and qconfig["format"] == "pack-quantized"
+    assert qconfig["ignore"] == ["lm_head"]
+    weights = qconfig["config_groups"]["group_0"]["weights"]
+    assert (weights["num_bits"], weights["group_size"], weights["symmetric"]) == (4, 16, False)
+    ours = _logits(load_model(ModelSection(path=str(folder)), "cpu", torch.float32))
+    gptq_section = ModelSection(path=str(outputs[(method, "gptq")]))
+    gptq_format = load_model(gptq_section, "cpu", torch.float32)
+    assert torch.equal(ours, _logits(gptq_format))  # one quantization, two layouts
+    theirs = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    assert type(theirs.model.layers[0].mlp.down_proj).__name__ != "GPTQLinear"
+    torch.testing.assert_close(_logits(theirs), ours, rtol=0, atol=1e-5)
+    report = json.loads((folder / "quantize_report.json").read_text())
+    gptq_report = json.loads((outputs[(method, "gptq")] / "quantize_report.json").read_text())
+    assert report["perplexity_quantized"] == gptq_report["perplexity_quantized"]
+
+
+def test_format_errors(tmp_path):
+    with pytest.raises(TunesmithError) as err:
+        quantize_checkpoint(
+            str(BUNDLED), tmp_path / "x", "gptq", group_size=64, calib=HELD_OUT,
+            calib_samples=4, eval_samples=2, seq_len=64, device="cpu", layout="compressed-tensors",
+        )  # fmt: skip
+    assert str(err.value) == (
+        "--format compressed-tensors: --group-size 64 does not divide "
+        "model.layers.0.mlp.down_proj's 688 input columns, and that format stores whole groups "
+        "only; choose a group size that divides every width (or -1), or keep --format gptq"
+    )
+    with pytest.raises(TunesmithError) as err:
+        quantize_checkpoint(str(BUNDLED), tmp_path / "y", "int8", layout="compressed-tensors")
+    assert str(err.value).startswith("--format compressed-tensors: only rtn, gptq and awq")
+    with pytest.raises(TunesmithError) as err:
+        quantize_checkpoint(str(BUNDLED), tmp_path / "z", "gptq", layout="awq")
+    assert str(err.value) == "--format: 'awq' is not one of gptq, compressed-tensors"
