@@ -11,7 +11,8 @@ differ) from vLLM and from `tunesmith serve`:
 2. the base with the adapter as a LoRA module (`--lora-modules`, PEFT's format, which tunesmith
    writes), and a second adapter loaded into the running vLLM at run time
    (`POST /v1/load_lora_adapter`);
-3. the merged checkpoint quantized with `tunesmith quantize --method gptq` and `--method awq`.
+3. the merged checkpoint quantized with `tunesmith quantize --method gptq` (GPTQ's format and
+   compressed-tensors') and `--method awq` (compressed-tensors').
 
 Also compares `/v1/chat/completions` text for the adapter (vLLM renders and tokenizes the
 chat template itself). Prints a table and writes bench/results/vllm_check_<date>.json.
@@ -109,7 +110,7 @@ def chat(url: str, model: str, key: str | None = None) -> list[str]:
 class Vllm:
     """A vLLM OpenAI server in its own virtualenv, on a free port."""
 
-    def __init__(self, python: str, model: Path, *extra: str, log: Path) -> None:
+    def __init__(self, python: str, model: Path, *extra: str, log: Path, dtype="float32") -> None:
         import socket
 
         with socket.socket() as s:
@@ -120,7 +121,7 @@ class Vllm:
         env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
         cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
                "--host", "127.0.0.1", "--port", str(self.port), "--max-model-len", "512",
-               "--dtype", "float32", "--gpu-memory-utilization", "0.15", *extra]  # fmt: skip
+               "--dtype", dtype, "--gpu-memory-utilization", "0.15", *extra]  # fmt: skip
         self.log = log
         self.proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env,
                                      cwd=tempfile.gettempdir())  # fmt: skip
@@ -149,13 +150,13 @@ class Vllm:
             self.proc.kill()
 
 
-def tunesmith_server(model: Path, adapters: dict[str, Path]):
+def tunesmith_server(model: Path, adapters: dict[str, Path], dtype: str = "auto"):
     from tunesmith.builder import load_for_inference
     from tunesmith.serve.app import Server, running
     from tunesmith.serve.engine import Engine
 
     lm, tokenizer, _ = load_for_inference(
-        str(model), [str(p) for p in adapters.values()], names=list(adapters)
+        str(model), [str(p) for p in adapters.values()], names=list(adapters), dtype=dtype
     )
     return running(Server(Engine(lm, tokenizer), str(model), api_key="check"))
 
@@ -189,12 +190,20 @@ def main() -> None:
         tunesmith("merge", "--adapter", str(adapter), "--base", str(BUNDLED), "--out", str(merged))
     calib = str(ROOT / "examples" / "data" / "pydoc_heldout.jsonl")
     quantized = {}
-    for method in ("gptq", "awq"):
-        quantized[method] = work / method
-        if not quantized[method].is_dir():
+    # vLLM's CPU kernels need widths that are multiples of 32 and symmetric GPTQ-format
+    # weights: the bundled model's MLP (688 wide) runs only where it stays unquantized (--skip)
+    variants = (
+        ("gptq", "gptq", 16, None), ("gptq", "compressed-tensors", 16, None),
+        ("awq", "compressed-tensors", 16, None), ("gptq", "compressed-tensors", 64, r"mlp\."),
+    )  # fmt: skip
+    for method, layout, group, skip in variants:
+        label = f"{method} 4-bit/{group}, {layout} format" + (f", --skip {skip}" if skip else "")
+        folder = quantized[label] = work / f"{method}-{layout}-{group}{'-attn' if skip else ''}"
+        if not folder.is_dir():
             tunesmith("quantize", "--model", str(merged), "--method", method, "--bits", "4",
-                      "--group-size", "64", "--calib", calib, "--calib-samples", "16",
-                      "--seq-len", "256", "--out", str(quantized[method]))  # fmt: skip
+                      "--group-size", str(group), "--format", layout, "--calib", calib,
+                      "--calib-samples", "16", "--seq-len", "256", "--out", str(folder),
+                      *(["--skip", skip] if skip else []))  # fmt: skip
     tokenizer = AutoTokenizer.from_pretrained(adapter if (adapter / "tokenizer.json").is_file()
                                               else BUNDLED)  # fmt: skip
     prompts = prompts_of(tokenizer)
@@ -227,16 +236,19 @@ def main() -> None:
         compare("base + adapter, chat completions (vLLM's own template)", ours_chat,
                 chat(v.url, "quick"), rows)  # fmt: skip
 
-    for method, folder in quantized.items():
-        with tunesmith_server(folder, {}) as url:
+    for label, folder in quantized.items():
+        # vLLM's CPU kernel for 4-bit weights computes in bf16 only: both sides run in bf16
+        with tunesmith_server(folder, {}, "bf16") as url:
             ours_q = complete(url, str(folder), prompts, "check")
         try:
-            with Vllm(args.vllm_python, folder, log=logs / f"{method}.log") as v:
+            log = logs / f"{folder.name}.log"
+            with Vllm(args.vllm_python, folder, log=log, dtype="bfloat16") as v:
                 theirs = complete(v.url, v.model, prompts)
-            compare(f"{method} 4-bit checkpoint", ours_q, theirs, rows)
+            compare(label, ours_q, theirs, rows)
         except RuntimeError as err:
-            print(f"{method} 4-bit checkpoint: vLLM could not load it: {str(err)[-400:]}")
-            rows.append({"check": f"{method} 4-bit checkpoint", "error": str(err)[-3000:]})
+            reason = [line for line in str(err).splitlines() if "Error" in line][-1:]
+            print(f"{label}: vLLM could not load it: {' '.join(reason)[-300:]}")
+            rows.append({"check": label, "error": str(err)[-3000:]})
 
     version = subprocess.run([args.vllm_python, "-c", "import vllm; print(vllm.__version__)"],
                              capture_output=True, text=True).stdout.strip()  # fmt: skip

@@ -102,3 +102,29 @@ def test_format_errors(tmp_path):
     with pytest.raises(TunesmithError) as err:
         quantize_checkpoint(str(BUNDLED), tmp_path / "z", "gptq", layout="awq")
     assert str(err.value) == "--format: 'awq' is not one of gptq, compressed-tensors"
+
+
+def test_skip_keeps_the_matching_linears_in_floating_point(tmp_path):
+    out = tmp_path / "attn"
+    quantize_checkpoint(
+        str(BUNDLED), out, "gptq", group_size=64, calib=HELD_OUT, calib_samples=4,
+        eval_samples=2, seq_len=64, device="cpu", layout="compressed-tensors", skip=r"mlp\.",
+    )  # fmt: skip
+    ignore = json.loads((out / "config.json").read_text())["quantization_config"]["ignore"]
+    assert ignore == ["lm_head"] + [
+        f"model.layers.{i}.mlp.{p}" for i in range(4) for p in ("down_proj", "gate_proj", "up_proj")
+    ]
+    ours = load_model(ModelSection(path=str(out)), "cpu", torch.float32)
+    layer = ours.model.layers[0]
+    assert type(layer.mlp.down_proj) is torch.nn.Linear
+    assert type(layer.self_attn.q_proj).__name__ == "GPTQLinear"
+    original = AutoModelForCausalLM.from_pretrained(BUNDLED, dtype=torch.float32)
+    assert torch.equal(layer.mlp.up_proj.weight, original.model.layers[0].mlp.up_proj.weight)
+    theirs = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    torch.testing.assert_close(_logits(theirs), _logits(ours), rtol=0, atol=1e-5)
+    with pytest.raises(TunesmithError) as err:
+        quantize_checkpoint(str(BUNDLED), tmp_path / "a", "awq", skip="mlp")
+    assert str(err.value).startswith("--skip: only rtn and gptq leave linears out")
+    with pytest.raises(TunesmithError) as err:
+        quantize_checkpoint(str(BUNDLED), tmp_path / "b", "gptq", skip="(")
+    assert str(err.value).startswith("--skip: '(' is not a regular expression")

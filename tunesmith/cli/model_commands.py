@@ -321,6 +321,13 @@ def quantize_cmd(
         help="rtn/gptq/awq: gptq (GPTQ's format) or compressed-tensors (llm-compressor's "
         "pack-quantized: transformers with compressed-tensors, vLLM on CPU and GPU).",
     ),  # fmt: skip
+    skip: Optional[str] = typer.Option(  # noqa: UP045
+        None,
+        "--skip",
+        show_default=False,
+        help="rtn/gptq: a regular expression; linears whose name it matches stay unquantized "
+        "(e.g. 'mlp\\.').",
+    ),  # fmt: skip
 ) -> None:
     """Quantize a checkpoint (or base + adapter, merged first) and report perplexity and size
     against the original. rtn/gptq/awq write GPTQ's format or compressed-tensors'; int8/nf4
@@ -334,7 +341,7 @@ def quantize_cmd(
         calib=calib, calib_samples=calib_samples, eval_data=eval_data, eval_samples=eval_samples,
         seq_len=seq_len, act_order=act_order, damp=damp, device=device, overwrite=overwrite,
         max_shard_size=max_shard_size, progress=progress_bar("quantizing", "layers"),
-        layout=layout,
+        layout=layout, skip=skip,
     )  # fmt: skip
     for line in report.lines():
         typer.echo(line)

@@ -18,6 +18,7 @@ attention scores) and rounds to nearest on the grid.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -49,6 +50,9 @@ class Settings:
     damp: float = 0.01
     act_order: bool = False
     batch_size: int = 8
+    skip: str | None = None
+    """A regular expression: linears whose full name it matches (re.search) stay in floating
+    point."""
 
 
 class _Captured(Exception):
@@ -70,8 +74,15 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     )
 
 
-def layer_linears(layer: nn.Module) -> dict[str, nn.Linear]:
-    return {name: m for name, m in layer.named_modules() if type(m) is nn.Linear}
+def layer_linears(
+    layer: nn.Module, prefix: str = "", skip: str | None = None
+) -> dict[str, nn.Linear]:
+    """The layer's linears by name, without those whose full name (`prefix.name`) `skip`
+    matches."""
+    return {
+        name: m for name, m in layer.named_modules()
+        if type(m) is nn.Linear and not (skip and re.search(skip, f"{prefix}.{name}"))
+    }  # fmt: skip
 
 
 def _move_outside(model: nn.Module, layers: nn.ModuleList, device) -> None:
@@ -146,7 +157,7 @@ def quantize_layers(
     results: dict[str, QuantizedWeight] = {}
     for i, layer in enumerate(layers):
         layer.to(device)
-        linears = layer_linears(layer)
+        linears = layer_linears(layer, f"{path}.{i}", settings.skip)
         if settings.method == "gptq":
             quantized = _gptq_layer(layer, linears, inputs, settings)
         elif settings.method == "awq":

@@ -16,6 +16,7 @@ the following `eval_samples` windows measure perplexity (or `--eval-data` gives 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import tempfile
 import time
@@ -219,6 +220,7 @@ def quantize_checkpoint(
     trust_remote_code: bool = False,
     progress: Callable[[int, int], None] | None = None,
     layout: str = "gptq",
+    skip: str | None = None,
 ) -> QuantizeReport:
     """Quantize `model` (a checkpoint folder or hub id; with `adapters`, base + adapters are
     merged first) into `out`. See the module docstring."""
@@ -229,6 +231,16 @@ def quantize_checkpoint(
         raise TunesmithError(f"--damp: {damp} must be in [0, 1) (a fraction of the mean diagonal)")
     if act_order and method != "gptq":
         raise TunesmithError("--act-order: only GPTQ quantizes in activation order; drop it")
+    if skip is not None:
+        if method not in ("rtn", "gptq"):
+            raise TunesmithError(
+                f"--skip: only rtn and gptq leave linears out ({method} folds scales across "
+                "the linears that share an input); drop --skip or use --method gptq"
+            )
+        try:
+            re.compile(skip)
+        except re.error as err:
+            raise TunesmithError(f"--skip: {skip!r} is not a regular expression: {err}") from None
     if layout not in LAYOUTS:
         raise TunesmithError(f"--format: {layout!r} is not one of {', '.join(LAYOUTS)}")
     if layout != "gptq" and grid is None:
@@ -249,7 +261,7 @@ def quantize_checkpoint(
         report = _quantize(
             source, out, method, bits, group_size, grid, calib, calib_samples, eval_data,
             eval_samples, seq_len, act_order, damp, device, overwrite, shard_bytes,
-            trust_remote_code, progress, layout,
+            trust_remote_code, progress, layout, skip,
         )  # fmt: skip
     report.source = model + (f" + {', '.join(adapters)}" if adapters else "")
     report.seconds = time.perf_counter() - started
@@ -265,7 +277,7 @@ def _parent(out: Path) -> Path:
 def _quantize(
     source, out, method, bits, group_size, grid, calib, calib_samples, eval_data, eval_samples,
     seq_len, act_order, damp, device, overwrite, shard_bytes, trust_remote_code, progress,
-    layout="gptq",
+    layout="gptq", skip=None,
 ) -> QuantizeReport:  # fmt: skip
 
     section = ModelSection(path=source, trust_remote_code=trust_remote_code, device=device)
@@ -279,7 +291,7 @@ def _quantize(
     fp_model = load_model(section, "cpu", compute).eval()
     _check_quantizable(fp_model, method)
     if layout == "compressed-tensors":
-        _check_whole_groups(fp_model, group_size)
+        _check_whole_groups(fp_model, group_size, skip)
     store_dtype = output_dtype("auto", _source_config(source, trust_remote_code))
     ppl_original = perplexity(fp_model.to(device), held, device)
     notes: list[str] = []
@@ -287,7 +299,7 @@ def _quantize(
         if grid is not None:
             fp_model.to("cpu")
 
-            settings = Settings(method, grid, damp, act_order)
+            settings = Settings(method, grid, damp, act_order, skip=skip)
             quantized = quantize_layers(fp_model, calib_windows, settings, device, progress)
             ignore = [
                 name for name, module in fp_model.named_modules()
@@ -313,14 +325,14 @@ def _quantize(
     return report
 
 
-def _check_whole_groups(model, group_size: int) -> None:
+def _check_whole_groups(model, group_size: int, skip: str | None) -> None:
     """compressed-tensors' group strategy needs every quantized linear's input width to be a
     multiple of the group size (GPTQ's format allows a shorter last group)."""
     if group_size == -1:
         return
     path, layers = decoder_layers(model)
     for i, layer in enumerate(layers):
-        for name, linear in layer_linears(layer).items():
+        for name, linear in layer_linears(layer, f"{path}.{i}", skip).items():
             if linear.in_features % group_size:
                 raise TunesmithError(
                     f"--format compressed-tensors: --group-size {group_size} does not divide "
