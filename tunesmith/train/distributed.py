@@ -175,12 +175,6 @@ def barrier(world: World) -> None:
         dist.barrier()
 
 
-def barrier_after_setup(world: World) -> None:
-    """Rank 0 checks and prepares output_dir; the others wait for it (a failure there stops
-    rank 0, and torchrun stops the rest)."""
-    barrier(world)
-
-
 def accumulating(step_module: nn.Module, strategy: str, more_to_come: bool):
     """While gradients accumulate over a rank's micro-batches, reduce them only after its last
     (DDP: `no_sync`; FSDP2: gradient sync off until the last backward)."""

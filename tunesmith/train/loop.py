@@ -266,12 +266,12 @@ class Run:
         resuming, or told to overwrite them). Rank 0 does it; the others wait for it."""
         if not self.world.main:
             self.lock = None
-            dist_run.barrier_after_setup(self.world)
+            dist_run.barrier(self.world)  # rank 0 prepares output_dir; a failure there stops it
             return
         try:
             self._check_output_dir_main()
         finally:
-            dist_run.barrier_after_setup(self.world)
+            dist_run.barrier(self.world)
 
     def _check_output_dir_main(self) -> None:
         self.lock = FolderLock(self.out).acquire()
@@ -382,11 +382,9 @@ class Run:
         """The checkpoint of `step`: written by rank 0 (the trained state is the same on every
         rank under DDP), the others wait for it; under FSDP every rank writes its shards."""
         if self.strategy == "fsdp":
-            state = {"total_steps": self.total_steps, "steps_per_epoch": self.plan.steps_per_epoch,
-                     "counters": self.counters, "method": self.method.name,
-                     "world_size": self.world.size}  # fmt: skip
             self.last_checkpoint = sharded.save_sharded(
-                self.out, step, self.step_module, self.optimizer, self.scheduler, state,
+                self.out, step, self.step_module, self.optimizer, self.scheduler,
+                self._trainer_state(),
                 self.config.train.keep_last, self.method.trains_adapter, self.world.main,
             )  # fmt: skip
             return self.last_checkpoint
@@ -403,23 +401,26 @@ class Run:
         def save_weights(folder: Path) -> None:
             save_trained(self.model, self.method, folder)
 
-        state = {
-            "total_steps": self.total_steps,
-            "steps_per_epoch": self.plan.steps_per_epoch,
-            "counters": self.counters,
-            "method": self.method.name,
-            "world_size": self.world.size,
-        }
         self.last_checkpoint = save_checkpoint(
             self.out,
             step,
             save_weights,
             self.optimizer,
             self.scheduler,
-            state,
+            self._trainer_state(),
             self.config.train.keep_last,
         )
         return self.last_checkpoint
+
+    def _trainer_state(self) -> dict:
+        """What a checkpoint records besides weights, optimizer and schedule (both layouts)."""
+        return {
+            "total_steps": self.total_steps,
+            "steps_per_epoch": self.plan.steps_per_epoch,
+            "counters": self.counters,
+            "method": self.method.name,
+            "world_size": self.world.size,
+        }
 
     def _validation(self, step: int) -> dict | None:
         val = self.prepared.validation
