@@ -1,0 +1,262 @@
+"""What the routes of `tunesmith serve` share: the server's state and limits (`Server`,
+`Limits`), the request bodies, and OpenAI's error body (`ApiError`). The routes are in
+`app.py`."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from tunesmith.data.encode import bos_prefix
+from tunesmith.errors import TunesmithError
+from tunesmith.generation import chat_template_of, prompt_ids
+from tunesmith.serve.engine import Engine, Params
+from tunesmith.serve.metrics import Metrics
+
+
+@dataclass
+class Limits:
+    """What one request may ask for, and how long it may take."""
+
+    max_body_bytes: int = 1 << 20
+    max_tokens: int = 512
+    """The most tokens one completion may generate (and the default when a request says none)."""
+    max_n: int = 8
+    request_timeout_s: float = 300.0
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, kind: str, code: str | None = None,
+                 param: str | None = None, headers: dict | None = None) -> None:  # fmt: skip
+        super().__init__(message)
+        self.status, self.message, self.kind, self.code = status, message, kind, code
+        self.param, self.headers = param, headers or {}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(
+            error_body(self.message, self.kind, self.code, self.param),
+            status_code=self.status, headers=self.headers,
+        )  # fmt: skip
+
+
+def error_body(message: str, kind: str, code: str | None = None, param: str | None = None):
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> ApiError:
+    return ApiError(400, message, "invalid_request_error", code, param)
+
+
+# --- request bodies ---------------------------------------------------------------------------
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    n: int = Field(1, ge=1)
+    seed: int | None = None
+    stop: Union[str, list[str], None] = None  # noqa: UP007
+    stream: bool = False
+    stream_options: dict | None = None
+    logprobs: Union[bool, int, None] = None  # noqa: UP007
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+
+class _Part(BaseModel):
+    type: str
+    text: str | None = None
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Union[str, list[_Part], None] = None  # noqa: UP007
+
+
+class ChatBody(_Body):
+    messages: list[_Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+
+class CompletionBody(_Body):
+    prompt: Union[str, list[str], list[int], list[list[int]]]  # noqa: UP007
+    echo: bool = False
+    suffix: str | None = None
+
+
+class AdapterBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    path: str
+
+
+def validation_message(err: ValidationError) -> tuple[str, str]:
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "body"
+    return f"{where}: {first['msg']}", where
+
+
+# --- the app ----------------------------------------------------------------------------------
+class Server:
+    """The state behind the routes: the engine, what it serves and the limits."""
+
+    def __init__(
+        self, engine: Engine, base_name: str, *, api_key: str | None = None,
+        limits: Limits | None = None, adapter_root: str | Path = ".",
+    ) -> None:  # fmt: skip
+        self.engine = engine
+        self.base_name = base_name
+        self.api_key = api_key
+        self.limits = limits or Limits()
+        self.adapter_root = Path(adapter_root).resolve()
+        self.metrics = Metrics(engine)
+        self.created = int(time.time())
+        self.tokenizer = engine.tokenizer
+
+    # --- checks ---
+    def check_key(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            token.strip().encode(), self.api_key.encode()
+        ):
+            raise ApiError(
+                401,
+                "missing or wrong API key: send the header 'Authorization: Bearer <key>' with "
+                "the server's --api-key",
+                "authentication_error", "invalid_api_key",
+            )  # fmt: skip
+
+    async def read_json(self, request: Request) -> dict:
+        limit = self.limits.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise self._too_large(limit)
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise self._too_large(limit)
+        try:
+            data = json.loads(body or b"null")
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise bad_request(f"the body is not valid JSON: {err}") from None
+        if not isinstance(data, dict):
+            raise bad_request("the body must be a JSON object")
+        return data
+
+    @staticmethod
+    def _too_large(limit: int) -> ApiError:
+        return ApiError(
+            413, f"the request body is larger than this server accepts ({limit} bytes; "
+            "--max-body-bytes)", "invalid_request_error", "request_too_large",
+        )  # fmt: skip
+
+    def adapter_for(self, model: str) -> str | None:
+        if model == self.base_name:
+            return None
+        if model in self.engine.adapters():
+            return model
+        raise ApiError(
+            404,
+            f"the model {model!r} does not exist; GET /v1/models lists the base "
+            f"({self.base_name!r}) and the adapters this server has",
+            "invalid_request_error", "model_not_found", "model",
+        )  # fmt: skip
+
+    def params(self, body: _Body, prompt_tokens: int, max_tokens: int | None) -> Params:
+        if body.logprobs:
+            raise bad_request("logprobs are not supported by tunesmith serve", "logprobs")
+        if body.presence_penalty or body.frequency_penalty:
+            raise bad_request(
+                "presence_penalty and frequency_penalty are not supported by tunesmith serve; "
+                "leave them at 0", "presence_penalty",
+            )  # fmt: skip
+        if body.n > self.limits.max_n:
+            raise bad_request(f"n: at most {self.limits.max_n} on this server (--max-n)", "n")
+        cap = self.limits.max_tokens
+        if max_tokens is not None and max_tokens > cap:
+            raise bad_request(
+                f"max_tokens: {max_tokens} is more than this server allows ({cap}; "
+                "--max-tokens)", "max_tokens",
+            )  # fmt: skip
+        context = self.engine.context
+        room = context - prompt_tokens
+        wanted = max_tokens if max_tokens is not None else min(cap, room)
+        if wanted > room:
+            raise bad_request(
+                f"This model's maximum context length is {context} tokens. However, you "
+                f"requested {prompt_tokens + wanted} tokens ({prompt_tokens} in the prompt, "
+                f"{wanted} in the completion). Please reduce the length of the prompt or "
+                "completion.", "messages", "context_length_exceeded",
+            )  # fmt: skip
+        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        if len(stop) > 4 or any(not s for s in stop):
+            raise bad_request("stop: up to 4 non-empty strings", "stop")
+        return Params(wanted, body.temperature, body.top_p, body.seed, tuple(stop))
+
+    # --- prompts ---
+    def chat_prompt(self, body: ChatBody) -> list[int]:
+        messages = []
+        for i, m in enumerate(body.messages):
+            content = m.content
+            if isinstance(content, list):
+                texts = [p.text or "" for p in content if p.type == "text"]
+                if len(texts) != len(content):
+                    raise bad_request(
+                        f"messages[{i}].content: only text parts are supported", "messages"
+                    )
+                content = "".join(texts)
+            role = "system" if m.role == "developer" else m.role
+            messages.append({"role": role, "content": content or ""})
+        if not any(m["role"] == "user" for m in messages):
+            raise bad_request("messages: give at least one message with role 'user'", "messages")
+        try:
+            template = chat_template_of(self.tokenizer)
+        except TunesmithError as err:
+            raise bad_request(
+                f"{err}; this model has no chat template, use /v1/completions"
+            ) from None
+        return prompt_ids(messages, template, self.tokenizer, add_bos=False)
+
+    def completion_prompts(self, body: CompletionBody) -> list[list[int]]:
+        if body.echo or body.suffix:
+            raise bad_request("echo and suffix are not supported by tunesmith serve", "echo")
+        prompt = body.prompt
+        if isinstance(prompt, str):
+            prompt = [prompt]
+        elif prompt and isinstance(prompt[0], int):
+            prompt = [prompt]
+        out = []
+        vocab = len(self.tokenizer)
+        for item in prompt:
+            if isinstance(item, str):
+                ids = (
+                    bos_prefix(self.tokenizer)
+                    + self.tokenizer(item, add_special_tokens=False)["input_ids"]
+                )
+            else:
+                ids = list(item)
+                if any(not 0 <= t < vocab for t in ids):
+                    raise bad_request(f"prompt: token ids must be in [0, {vocab})", "prompt")
+            if not ids:
+                raise bad_request("prompt: the prompt gives no tokens", "prompt")
+            out.append(ids)
+        if not out:
+            raise bad_request("prompt: give at least one prompt", "prompt")
+        return out
