@@ -195,6 +195,7 @@ def main() -> None:
     variants = (
         ("gptq", "gptq", 16, None), ("gptq", "compressed-tensors", 16, None),
         ("awq", "compressed-tensors", 16, None), ("gptq", "compressed-tensors", 64, r"mlp\."),
+        ("awq", "compressed-tensors", 64, r"mlp\."),
     )  # fmt: skip
     for method, layout, group, skip in variants:
         label = f"{method} 4-bit/{group}, {layout} format" + (f", --skip {skip}" if skip else "")

@@ -122,9 +122,26 @@ def test_skip_keeps_the_matching_linears_in_floating_point(tmp_path):
     assert torch.equal(layer.mlp.up_proj.weight, original.model.layers[0].mlp.up_proj.weight)
     theirs = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     torch.testing.assert_close(_logits(theirs), _logits(ours), rtol=0, atol=1e-5)
+    awq = tmp_path / "awq"
+    quantize_checkpoint(
+        str(BUNDLED), awq, "awq", group_size=64, calib=HELD_OUT, calib_samples=4,
+        eval_samples=2, seq_len=64, device="cpu", layout="compressed-tensors", skip=r"mlp\.",
+    )  # fmt: skip
+    awq_model = load_model(ModelSection(path=str(awq)), "cpu", torch.float32)
+    assert type(awq_model.model.layers[1].mlp.gate_proj) is torch.nn.Linear
+    assert type(awq_model.model.layers[1].self_attn.o_proj).__name__ == "GPTQLinear"
     with pytest.raises(TunesmithError) as err:
-        quantize_checkpoint(str(BUNDLED), tmp_path / "a", "awq", skip="mlp")
-    assert str(err.value).startswith("--skip: only rtn and gptq leave linears out")
+        quantize_checkpoint(
+            str(BUNDLED), tmp_path / "a", "awq", calib=HELD_OUT, calib_samples=4,
+            eval_samples=2, seq_len=64, device="cpu", skip="up_proj",
+        )  # fmt: skip
+    assert str(err.value) == (
+        "--skip: AWQ scales mlp.gate_proj, mlp.up_proj together (they read the same input); "
+        "skip all of them or none"
+    )
+    with pytest.raises(TunesmithError) as err:
+        quantize_checkpoint(str(BUNDLED), tmp_path / "c", "nf4", skip="mlp")
+    assert str(err.value) == "--skip: only rtn, gptq and awq leave linears out, not nf4"
     with pytest.raises(TunesmithError) as err:
         quantize_checkpoint(str(BUNDLED), tmp_path / "b", "gptq", skip="(")
     assert str(err.value).startswith("--skip: '(' is not a regular expression")

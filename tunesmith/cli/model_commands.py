@@ -325,7 +325,7 @@ def quantize_cmd(
         None,
         "--skip",
         show_default=False,
-        help="rtn/gptq: a regular expression; linears whose name it matches stay unquantized "
+        help="rtn/gptq/awq: a regular expression; linears whose name it matches stay unquantized "
         "(e.g. 'mlp\\.').",
     ),  # fmt: skip
 ) -> None:

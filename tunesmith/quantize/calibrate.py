@@ -235,6 +235,24 @@ def awq_groups(layer: nn.Module) -> list[tuple[nn.Module, list[nn.Linear]]]:
     return groups
 
 
+def _quantized_groups(layer: nn.Module, linears: dict[str, nn.Linear]):
+    """AWQ's groups whose linears are all quantized (`--skip` may leave whole groups out, not
+    part of one: their shared scales would be folded into a linear left in floating point)."""
+    kept = {id(m) for m in linears.values()}
+    names = {id(m): name for name, m in layer.named_modules()}
+    groups = []
+    for prev, mods in awq_groups(layer):
+        inside = [id(m) in kept for m in mods]
+        if all(inside):
+            groups.append((prev, mods))
+        elif any(inside):
+            raise TunesmithError(
+                f"--skip: AWQ scales {', '.join(names[id(m)] for m in mods)} together (they read "
+                "the same input); skip all of them or none"
+            )
+    return groups
+
+
 @torch.no_grad()
 def fold_scales(previous: nn.Module, readers: list[nn.Linear], scales: torch.Tensor) -> None:
     """Divide `previous`'s output by `scales` (a norm's weight, or a linear's rows and bias) and
@@ -248,7 +266,7 @@ def fold_scales(previous: nn.Module, readers: list[nn.Linear], scales: torch.Ten
 
 
 def _awq_layer(layer, linears, inputs, settings: Settings) -> dict[str, QuantizedWeight]:
-    groups = awq_groups(layer)
+    groups = _quantized_groups(layer, linears)
     tokens = sum(hidden.shape[0] * hidden.shape[1] for hidden, _ in inputs)
     stride = max(1, tokens // AWQ_SEARCH_ROWS)  # keep about AWQ_SEARCH_ROWS rows per linear
     rows: dict[int, list[torch.Tensor]] = {id(m): [] for m in linears.values()}

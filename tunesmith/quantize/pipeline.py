@@ -232,11 +232,8 @@ def quantize_checkpoint(
     if act_order and method != "gptq":
         raise TunesmithError("--act-order: only GPTQ quantizes in activation order; drop it")
     if skip is not None:
-        if method not in ("rtn", "gptq"):
-            raise TunesmithError(
-                f"--skip: only rtn and gptq leave linears out ({method} folds scales across "
-                "the linears that share an input); drop --skip or use --method gptq"
-            )
+        if grid is None:
+            raise TunesmithError(f"--skip: only rtn, gptq and awq leave linears out, not {method}")
         try:
             re.compile(skip)
         except re.error as err:
