@@ -9,6 +9,7 @@ the request; the server's state (`api.Server`) is `request.app.state.server`.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import socket
@@ -38,7 +39,7 @@ from tunesmith.serve.api import (
     error_body,
     validation_message,
 )
-from tunesmith.serve.engine import AdapterBusy, Params, QueueFull, Sequence, UnknownModel
+from tunesmith.serve.engine import AdapterBusy, QueueFull, Sequence, UnknownModel
 
 __all__ = ["Limits", "Server", "build_app", "running"]
 
@@ -60,7 +61,7 @@ class _Request:
         for p_index, prompt in enumerate(prompts):
             for j in range(n):
                 seed = None if params.seed is None else params.seed + j
-                p = Params(params.max_tokens, params.temperature, params.top_p, seed, params.stop)
+                p = dataclasses.replace(params, seed=seed)
                 index = p_index * n + j
                 self.sequences.append(
                     Sequence(

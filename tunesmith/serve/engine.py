@@ -349,9 +349,7 @@ class Engine:
         self._join(batch, seq, cache, mask)
 
     def _decode(self, batch: _Batch) -> None:
-        rows = [s for s in batch.rows if not s.done]
-        if len(rows) != len(batch.rows) or not rows:
-            return  # rows that finished at prefill this turn leave first (see _compact)
+        rows = batch.rows  # never empty, none done: _compact runs after every step
         ids = torch.tensor([[s.last] for s in rows], device=self.device)
         positions = torch.tensor([[s.position] for s in rows], device=self.device)
         ones = torch.ones((len(rows), 1), dtype=torch.long, device=self.device)
@@ -510,6 +508,6 @@ def _held_back(text: str, stops: tuple[str, ...]) -> int:
     for stop in stops:
         for k in range(min(len(stop) - 1, end), 0, -1):
             if text[:end].endswith(stop[:k]):
-                end = min(end, len(text[:end]) - k)
+                end -= k
                 break
     return end
