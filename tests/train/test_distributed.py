@@ -62,6 +62,15 @@ def _adapter(out: Path) -> dict:
     return load_file(out / "adapter" / "adapter_model.safetensors")
 
 
+def _resume_elsewhere(run, config: Path, keep: Path, out: Path, said: str, straight: list):
+    """Resume from `keep` with `run`, on another number of processes than wrote it: the run
+    must say `said` and give the straight run's losses within 1e-5."""
+    resumed = run("train", str(config), "--resume", str(keep))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert said in resumed.stderr
+    assert _losses(out) == pytest.approx(straight, abs=1e-5)
+
+
 def _assert_same_adapter(a: dict, b: dict, atol: float) -> None:
     assert a.keys() == b.keys()
     for key in a:
@@ -108,13 +117,11 @@ def test_fsdp_checkpoints_resume_exactly_and_on_another_number_of_processes(tmp_
     again = _torchrun("train", str(config), "--resume", str(keep))
     assert again.returncode == 0, again.stderr[-3000:]
     assert _losses(tmp_path / "run") == straight  # bit-identical on CPU
-    alone = run_cli("train", str(config), "--resume", str(keep))
-    assert alone.returncode == 0, alone.stderr[-3000:]
-    assert (
+    _resume_elsewhere(
+        run_cli, config, keep, tmp_path / "run",
         "the checkpoint was written by 2 process(es) and this run has 1: its shards are "
-        "resharded to this run's processes" in alone.stderr
-    )
-    assert _losses(tmp_path / "run") == pytest.approx(straight, abs=1e-5)
+        "resharded to this run's processes", straight,
+    )  # fmt: skip
 
 
 def test_a_failing_rank_stops_the_job_with_its_message(tmp_path, tiny_dir):
@@ -213,11 +220,9 @@ def test_ddp_resumes_a_one_process_checkpoint_on_two_processes(tmp_path, tiny_di
     straight, straight_adapter = _losses(tmp_path / "run"), _adapter(tmp_path / "run")
     keep = tmp_path / "step2"
     shutil.copytree(tmp_path / "run" / "checkpoints" / "step-000002", keep)
-    resumed = _torchrun("train", str(config), "--resume", str(keep))
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert (
+    _resume_elsewhere(
+        _torchrun, config, keep, tmp_path / "run",
         "the checkpoint was written by 1 process(es) and this run has 2: the checkpoint holds "
-        "the whole state and every process loads it" in resumed.stderr
-    )
-    assert _losses(tmp_path / "run") == pytest.approx(straight, abs=1e-5)
+        "the whole state and every process loads it", straight,
+    )  # fmt: skip
     _assert_same_adapter(_adapter(tmp_path / "run"), straight_adapter, 1e-5)
