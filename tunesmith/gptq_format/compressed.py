@@ -21,6 +21,9 @@ import torch
 from tunesmith.gptq_format.weights import QuantizedWeight
 
 FORMAT = "pack-quantized"
+PARTS = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx")
+"""The tensors a pack-quantized linear may have (the last two only for asymmetric weights and
+activation order)."""
 
 
 def compressed_config(method: str, bits: int, group_size: int, act_order: bool, ignore):

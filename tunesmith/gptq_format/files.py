@@ -23,6 +23,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from tunesmith.errors import TunesmithError
 from tunesmith.gptq_format.compressed import (
+    PARTS,
     compressed_config,
     compressed_shapes,
     pack_compressed,
@@ -156,11 +157,6 @@ def _compressed_settings(path: str, qconfig: dict) -> tuple[int, int | None]:
     return int(weights[0]["num_bits"]), weights[0].get("group_size")
 
 
-COMPRESSED_PARTS = (
-    "weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx",
-)  # fmt: skip
-
-
 def load_gptq_checkpoint(
     path: str,
     device: str = "cpu",
@@ -217,13 +213,13 @@ def load_gptq_checkpoint(
     expected = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
     parts: dict[str, dict[str, torch.Tensor]] = {}
     if compressed:
-        gptq_buffers = {"qweight", "qzeros", "scales", "g_idx"}
+        gptq_buffers = set(packed_shapes(1, 1, 1, bits))  # GPTQLinear's, filled after reading
         expected = {n for n in expected if n.rpartition(".")[2] not in gptq_buffers}
-        expected |= {f"{m}.{part}" for m in scales for part in COMPRESSED_PARTS}
+        expected |= {f"{m}.{part}" for m in scales for part in PARTS}
     for file in files:
         for key, tensor in iter_safetensors(file, expected):
             module_name, _, part = key.rpartition(".")
-            if compressed and module_name in scales and part in COMPRESSED_PARTS:
+            if compressed and module_name in scales and part in PARTS:
                 parts.setdefault(module_name, {})[part] = tensor.clone()
                 continue
             if tensor.is_floating_point() and not key.endswith(".scales"):
