@@ -46,7 +46,7 @@ def serve_cmd(
             show_default=False,
             help="An adapter to serve, as NAME=DIR (or DIR: named by its folder); repeat.",
         ),
-    ] = None,  # fmt: skip
+    ] = None,
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind."),
     port: int = typer.Option(8000, "--port", help="Port to bind."),
     api_key: Optional[str] = typer.Option(  # noqa: UP045
@@ -55,13 +55,13 @@ def serve_cmd(
         envvar="TUNESMITH_API_KEY",
         show_default=False,
         help="Require 'Authorization: Bearer KEY' (needed to bind beyond localhost).",
-    ),  # fmt: skip
+    ),
     name: Optional[str] = typer.Option(  # noqa: UP045
         None,
         "--name",
         show_default=False,
         help="The base model's name in requests (default: its folder name or hub id).",
-    ),  # fmt: skip
+    ),
     max_running: int = typer.Option(16, "--max-running", help="Sequences decoded at once."),
     max_queue: int = typer.Option(64, "--max-queue", help="Sequences waiting (then HTTP 429)."),
     max_tokens: int = typer.Option(512, "--max-tokens", help="Most tokens per completion."),
