@@ -13,21 +13,12 @@ from tunesmith.evaluate import (
     Column,
     format_table,
     generation_scores,
+    label_set,
     normalize,
+    predicted_label,
     prompt_answer_pairs,
-    rouge_l,
 )
 from tunesmith.train.plot import plot_metrics
-
-
-def test_rouge_l_is_the_lcs_f1_on_words():
-    assert rouge_l("the cat sat on the mat", "the cat sat on the mat") == 1.0
-    # LCS of [a b c d] and [a c d e] is [a c d]: P = R = 3/4
-    assert rouge_l("a b c d", "a c d e") == pytest.approx(0.75)
-    # LCS 2 of pred 2 words, ref 4 words: P 1, R 1/2, F 2/3
-    assert rouge_l("Apple, river!", "apple stone river cloud") == pytest.approx(2 / 3)
-    assert rouge_l("x y", "a b") == 0.0
-    assert rouge_l("", "") == 1.0 and rouge_l("", "a") == 0.0
 
 
 def test_generation_scores_exact_and_contains():
@@ -36,10 +27,60 @@ def test_generation_scores_exact_and_contains():
     scores = generation_scores(predictions, references)
     assert scores["exact_match"] == pytest.approx(2 / 4)  # "Paris." and "  Rome  "
     assert scores["contains"] == pytest.approx(3 / 4)
+    # ROUGE-L F1 on words: 1, then LCS 1 of 3 predicted words and 1 reference word, 0, 1
     assert scores["rouge_l"] == pytest.approx((1 + 2 * (1 / 3) * 1 / (1 / 3 + 1) + 0 + 1) / 4)
     assert normalize("  Hello,   World! ") == "hello, world"
     with pytest.raises(ValueError, match="2 predictions for 1 references"):
         generation_scores(["a", "b"], ["a"])
+
+
+# Free-form answers and references with punctuation, case, repeats and a miss.
+PREDICTIONS = [
+    "The cat sat on the mat.", "there are 4 words", "No, not all of them.", "2 of them",
+    "A quick brown fox jumps over the lazy dog", "", "Yes", "the the the",
+]  # fmt: skip
+REFERENCES = [
+    "The cat is on the mat.", "There are 4 words.", "Yes, all of them.", "2 of them.",
+    "The quick brown fox jumped over the lazy dog.", "Nothing here", "Yes, all of them.",
+    "the cat",
+]  # fmt: skip
+
+
+def test_bleu_chrf_and_rouge_are_the_libraries_own_figures():
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    scores = generation_scores(PREDICTIONS, REFERENCES)
+    assert scores["bleu"] == sacrebleu.corpus_bleu(PREDICTIONS, [REFERENCES]).score / 100
+    assert scores["chrf"] == sacrebleu.corpus_chrf(PREDICTIONS, [REFERENCES]).score / 100
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"])
+    for key, name in (("rouge1", "rouge1"), ("rouge2", "rouge2"), ("rouge_l", "rougeL")):
+        per_pair = [scorer.score(r, p)[name].fmeasure for p, r in zip(PREDICTIONS, REFERENCES)]
+        assert scores[key] == pytest.approx(sum(per_pair) / len(per_pair), abs=1e-12)
+    # Known values: identical texts are BLEU/chrF 1, ROUGE 1; rouge-score's F1 of "the cat sat
+    # on the mat" against "the cat is on the mat": 5 of 6 unigrams, 3 of 5 bigrams
+    same = generation_scores(["the cat sat on the mat"], ["the cat sat on the mat"])
+    assert same["bleu"] == pytest.approx(1.0) and same["chrf"] == pytest.approx(1.0)
+    one = generation_scores(["the cat sat on the mat"], ["the cat is on the mat"])
+    assert one["rouge1"] == pytest.approx(5 / 6) and one["rouge2"] == pytest.approx(3 / 5)
+    assert one["rouge_l"] == pytest.approx(5 / 6)
+
+
+def test_accuracy_scores_classification_like_answers_only():
+    references = ["positive", "negative", "Positive", "neutral", "negative", "positive"]
+    predictions = [
+        "Positive. The reviewer loved it", "negative", "neutral", "Neutral!", "I think negative",
+        "positively",
+    ]  # fmt: skip
+    assert label_set(references) == ["negative", "positive", "neutral"]
+    assert predicted_label("Positive. The reviewer loved it", label_set(references)) == "positive"
+    assert predicted_label("positively", label_set(references)) is None
+    # right: 0 (starts with the label), 1, 3 (punctuation trimmed); wrong: 2, 4, 5
+    assert generation_scores(predictions, references)["accuracy"] == pytest.approx(3 / 6)
+    # free-form answers (as many labels as answers, or long ones) are not classification-like
+    assert label_set(REFERENCES) is None
+    assert generation_scores(PREDICTIONS, REFERENCES)["accuracy"] is None
+    assert label_set(["a b c d", "a b c d", "x", "x"]) is None  # a 4-word label
 
 
 def test_prompt_answer_pairs_take_the_last_assistant_turn(tmp_path):
@@ -73,8 +114,14 @@ def test_the_table_puts_models_side_by_side():
         "perplexity            12.35      2.50",
         "exact match (n=8)      0.0%     87.5%",
         "contains (n=8)        10.0%     90.0%",
+        "BLEU (n=8)                -         -",
+        "chrF (n=8)                -         -",
+        "ROUGE-1 (n=8)             -         -",
+        "ROUGE-2 (n=8)             -         -",
         "ROUGE-L (n=8)         25.0%     95.0%",
-    ]
+    ]  # accuracy has no row: neither column has one
+    columns[1].scores["accuracy"] = 0.5
+    assert "accuracy (n=8)            -     50.0%" in format_table(columns, 8).splitlines()
 
 
 @pytest.mark.parametrize(

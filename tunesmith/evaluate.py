@@ -1,5 +1,6 @@
-"""Evaluation: perplexity on a dataset, and generation metrics (exact match, contains,
-ROUGE-L) on prompt/answer pairs, for the base model and adapters side by side.
+"""Evaluation: perplexity on a dataset, and generation metrics on prompt/answer pairs (exact
+match, contains, accuracy on classification-like answers, BLEU and chrF from sacrebleu,
+ROUGE-1/2/L from rouge-score), for the base model and adapters side by side.
 
     pairs = prompt_answer_pairs(config.data.validation, config.data, limit=100)
     scores = generation_scores(predictions, [p.answer for p in pairs])
@@ -7,11 +8,14 @@ ROUGE-L) on prompt/answer pairs, for the base model and adapters side by side.
 
 from __future__ import annotations
 
-import re
+import json
 import string
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+
+import sacrebleu
+from rouge_score import rouge_scorer
 
 from tunesmith.adapters import delete_adapter, disabled, load_adapter
 from tunesmith.builder import build_model, run_dtypes
@@ -22,12 +26,29 @@ from tunesmith.data.sources import read_records
 from tunesmith.data.templates import resolve_chat_template
 from tunesmith.errors import TunesmithError
 from tunesmith.generation import Sampling, generate_batch, prompt_ids
-from tunesmith.io import atomic_write_json
+from tunesmith.io import atomic_write_json, atomic_write_text
 from tunesmith.models import load_model, load_tokenizer, resolve_device
 from tunesmith.provenance import resolve_base
 from tunesmith.train.loop import evaluate_loss
 
 # --- metrics ---------------------------------------------------------------------------------
+
+MAX_LABELS = 20
+"""At most this many distinct reference answers (each of at most `MAX_LABEL_WORDS` words, and
+each repeated on average) make the answers classification-like, scored by accuracy."""
+MAX_LABEL_WORDS = 3
+
+METRICS = {
+    "exact_match": "exact match",
+    "contains": "contains",
+    "accuracy": "accuracy",
+    "bleu": "BLEU",
+    "chrf": "chrF",
+    "rouge1": "ROUGE-1",
+    "rouge2": "ROUGE-2",
+    "rouge_l": "ROUGE-L",
+}
+"""Score keys (eval.json, `generation_scores`) and their row labels, in table order."""
 
 
 def normalize(text: str) -> str:
@@ -35,42 +56,62 @@ def normalize(text: str) -> str:
     return " ".join(text.lower().split()).strip(string.punctuation + " ")
 
 
-def _tokens(text: str) -> list[str]:
-    return re.findall(r"\w+", text.lower())
+def label_set(references: list[str]) -> list[str] | None:
+    """The distinct normalized answers when the references are classification-like (a few
+    short labels, each used more than once on average), longest first; else None."""
+    labels = sorted({normalize(r) for r in references}, key=lambda x: (-len(x), x))
+    if (
+        not labels
+        or len(labels) > MAX_LABELS
+        or 2 * len(labels) > len(references)
+        or any(len(label.split()) > MAX_LABEL_WORDS for label in labels)
+    ):
+        return None
+    return labels
 
 
-def rouge_l(prediction: str, reference: str) -> float:
-    """ROUGE-L F1 on lower-cased word tokens (longest common subsequence)."""
-    pred, ref = _tokens(prediction), _tokens(reference)
-    if not pred or not ref:
-        return float(pred == ref)
-    previous = [0] * (len(ref) + 1)
-    for p in pred:
-        current = [0]
-        for j, r in enumerate(ref):
-            current.append(previous[j] + 1 if p == r else max(previous[j + 1], current[j]))
-        previous = current
-    lcs = previous[-1]
-    if lcs == 0:
-        return 0.0
-    precision, recall = lcs / len(pred), lcs / len(ref)
-    return 2 * precision * recall / (precision + recall)
+def predicted_label(prediction: str, labels: list[str]) -> str | None:
+    """The label a free-form answer gives: the longest label the normalized answer starts
+    with as whole words ("Positive. The review..." gives "positive"), or None."""
+    text = normalize(prediction)
+    for label in labels:  # longest first
+        if text.startswith(label) and not text[len(label) : len(label) + 1].isalnum():
+            return label
+    return None
 
 
-def generation_scores(predictions: list[str], references: list[str]) -> dict[str, float]:
-    """Mean exact match, contains (the reference appears in the prediction) and ROUGE-L F1,
-    each in [0, 1], after `normalize`."""
+_ROUGE = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"])
+
+
+def generation_scores(predictions: list[str], references: list[str]) -> dict[str, float | None]:
+    """Scores in [0, 1]: mean exact match and contains (the reference appears in the
+    prediction) after `normalize`; accuracy (the `predicted_label` is the reference's) when the
+    references are classification-like, else None; corpus BLEU and chrF (sacrebleu, default
+    settings, divided by 100); mean ROUGE-1, ROUGE-2 and ROUGE-L F1 (rouge-score, no
+    stemming)."""
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
     if not references:
-        return {"exact_match": 0.0, "contains": 0.0, "rouge_l": 0.0}
+        return dict.fromkeys(METRICS, 0.0) | {"accuracy": None}
     n = len(references)
-    exact = sum(normalize(p) == normalize(r) for p, r in zip(predictions, references, strict=True))
-    contains = sum(
-        normalize(r) in normalize(p) for p, r in zip(predictions, references, strict=True)
-    )
-    rouge = sum(rouge_l(p, r) for p, r in zip(predictions, references, strict=True))
-    return {"exact_match": exact / n, "contains": contains / n, "rouge_l": rouge / n}
+    pairs = list(zip(predictions, references, strict=True))
+    exact = sum(normalize(p) == normalize(r) for p, r in pairs)
+    contains = sum(normalize(r) in normalize(p) for p, r in pairs)
+    labels = label_set(references)
+    accuracy = None
+    if labels is not None:
+        accuracy = sum(predicted_label(p, labels) == normalize(r) for p, r in pairs) / n
+    rouge = [_ROUGE.score(r, p) for p, r in pairs]  # score(target, prediction)
+    return {
+        "exact_match": exact / n,
+        "contains": contains / n,
+        "accuracy": accuracy,
+        "bleu": sacrebleu.corpus_bleu(predictions, [references]).score / 100,
+        "chrf": sacrebleu.corpus_chrf(predictions, [references]).score / 100,
+        "rouge1": sum(s["rouge1"].fmeasure for s in rouge) / n,
+        "rouge2": sum(s["rouge2"].fmeasure for s in rouge) / n,
+        "rouge_l": sum(s["rougeL"].fmeasure for s in rouge) / n,
+    }
 
 
 # --- data ------------------------------------------------------------------------------------
@@ -134,17 +175,15 @@ class Column:
 
 def format_table(columns: list[Column], samples: int) -> str:
     rows = [("perplexity", lambda c: f"{c.perplexity:.2f}" if c.perplexity is not None else "-")]
-    for key, label in (
-        ("exact_match", "exact match"),
-        ("contains", "contains"),
-        ("rouge_l", "ROUGE-L"),
-    ):
-        rows.append(
-            (
-                f"{label} (n={samples})",
-                lambda c, key=key: f"{100 * c.scores[key]:.1f}%" if c.scores else "-",
-            )
-        )
+
+    def score(c: Column, key: str) -> str:
+        value = (c.scores or {}).get(key)
+        return "-" if value is None else f"{100 * value:.1f}%"
+
+    for key, label in METRICS.items():
+        if key == "accuracy" and all((c.scores or {}).get(key) is None for c in columns):
+            continue  # the answers are not classification-like
+        rows.append((f"{label} (n={samples})", lambda c, key=key: score(c, key)))
     width0 = max(len(r[0]) for r in rows)
     widths = [max(len(c.name), 8) for c in columns]
     lines = [
@@ -230,7 +269,35 @@ def compare_after_training(run, echo) -> list[Column]:
         },
         run.out / "eval.json",
     )
+    write_samples(run.out / SAMPLES_FILE, pairs, columns)
     return columns
+
+
+SAMPLES_FILE = "samples.jsonl"
+"""Every generated answer of the end-of-training comparison, one prompt per line: what
+`tunesmith report` and `tunesmith review` show."""
+
+
+def write_samples(path: Path, pairs: list[PromptAnswer], columns: list[Column]) -> Path:
+    """One JSON line per pair: index, where (file and line), messages (the prompt), reference,
+    answers {column: text} and exact {column: exact match}; written atomically."""
+    lines = []
+    for i, pair in enumerate(pairs):
+        answers = {c.name: c.predictions[i] for c in columns if c.predictions is not None}
+        lines.append(
+            json.dumps(
+                {
+                    "index": i,
+                    "where": pair.where,
+                    "messages": pair.messages,
+                    "reference": pair.answer,
+                    "answers": answers,
+                    "exact": {k: normalize(v) == normalize(pair.answer) for k, v in answers.items()},
+                },
+                ensure_ascii=False,
+            )
+        )
+    return atomic_write_text("".join(line + "\n" for line in lines), path)
 
 
 def evaluate_models(
@@ -310,13 +377,16 @@ def _measure_folder(config: RunConfig, model, folder: str, name: str, placement,
 
 
 __all__ = [
+    "METRICS",
     "Column",
     "PromptAnswer",
     "compare_after_training",
     "evaluate_models",
     "format_table",
     "generation_scores",
+    "label_set",
     "normalize",
+    "predicted_label",
     "prompt_answer_pairs",
-    "rouge_l",
+    "write_samples",
 ]

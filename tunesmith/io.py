@@ -94,6 +94,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     return path
 
 
+def atomic_write_text(text: str, path: str | os.PathLike) -> Path:
+    """Write UTF-8 `text` to `path` in one rename."""
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
 def atomic_write_json(data: dict, path: str | os.PathLike) -> Path:
     def write(tmp: str) -> None:
         with open(tmp, "w") as f:

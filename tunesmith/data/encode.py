@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing import get_context
 from typing import Union
 
@@ -102,30 +102,46 @@ def bos_prefix(tokenizer) -> list[int]:
     return []
 
 
+@dataclass
+class Trace:
+    """What encoding did to one example (`encode_examples(..., trace=[])`)."""
+
+    prompt_tokens: int = 0
+    """Tokens of the parts that are not responses (before max_seq_len)."""
+    answer_tokens: int = 0
+    """Tokens of the responses (before max_seq_len)."""
+    events: Counter = field(default_factory=Counter)
+    """The `stats` keys this example added to (samples, truncated, dropped_too_long, …)."""
+
+
 def encode_examples(
-    examples: list[tuple[Example, str]], tokenizer, settings: EncodeSettings, stats: Counter
-) -> list[tuple[list[int], list[int]]]:
+    examples: list[tuple[Example, str]], tokenizer, settings: EncodeSettings, stats: Counter,
+    trace: list[Trace] | None = None,
+) -> list[tuple[list[int], list[int]]]:  # fmt: skip
     """Examples (with their locations) to samples, in order; an example gives zero samples
     (dropped), one, or several (`truncation: split`). Counts what happened in `stats`
     (samples, truncated, dropped_too_long, dropped_untrained, split). Texts are tokenized in
-    batches, one tokenizer call per batch."""
+    batches, one tokenizer call per batch. With `trace`, appends one `Trace` per example."""
     bos = bos_prefix(tokenizer)
     out: list[tuple[list[int], list[int]]] = []
     for start in range(0, len(examples), 256):
         batch = []
         for example, where in examples[start : start + 256]:
+            record = Trace() if trace is not None else None
+            if record is not None:
+                trace.append(record)
             if isinstance(example, Conversation):
                 if turns_out_of_order(example.messages):
-                    stats["out_of_order"] += 1
+                    _count(stats, record, "out_of_order")
                 responses = [m for m in example.messages if m["role"] == "assistant"]
                 if all(not m["content"].strip() for m in responses):
-                    stats["dropped_empty_response"] += 1
+                    _count(stats, record, "dropped_empty_response")
                     continue
-            batch.append((example, where))
-        plans = [_plan(ex, where, tokenizer, settings, bos) for ex, where in batch]
+            batch.append((example, where, record))
+        plans = [_plan(ex, where, tokenizer, settings, bos) for ex, where, _ in batch]
         texts = [part for plan in plans for part, _ in plan if isinstance(part, str)]
         encoded = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
-        for plan in plans:
+        for plan, (_, _, record) in zip(plans, batch, strict=True):
             ids: list[int] = []
             labels: list[int] = []
             for part, trained in plan:
@@ -137,8 +153,28 @@ def encode_examples(
                     labels += part_ids
                 else:
                     labels += [IGNORE_INDEX] * len(part_ids)
-            out += _fit(ids, labels, settings, stats)
+                if record is not None:
+                    answer = (
+                        sum(t != IGNORE_INDEX for t in trained)
+                        if isinstance(trained, list)
+                        else len(part_ids) * bool(trained)
+                    )
+                    record.answer_tokens += answer
+                    record.prompt_tokens += len(part_ids) - answer
+            if record is None:
+                out += _fit(ids, labels, settings, stats)
+            else:
+                counts: Counter = Counter()
+                out += _fit(ids, labels, settings, counts)
+                stats.update(counts)
+                record.events.update(counts)
     return out
+
+
+def _count(stats: Counter, record: Trace | None, key: str) -> None:
+    stats[key] += 1
+    if record is not None:
+        record.events[key] += 1
 
 
 Part = tuple[Union[str, list[int]], Union[bool, list[int]]]  # noqa: UP007

@@ -69,7 +69,7 @@ class TrainingInterrupted(TunesmithError):
 
 RUN_FILES = (
     "checkpoints", "adapter", "model", "metrics.jsonl", "config.yaml", "summary.json", "loss.png",
-    "eval.json",
+    "eval.json", "samples.jsonl", "tensorboard",
 )  # fmt: skip
 """What a run writes into output_dir: a new run refuses a folder holding any of them."""
 

@@ -1,0 +1,525 @@
+"""`tunesmith data report`: what a run's data holds, after the same preparation `train` does:
+counts, lengths against max_seq_len, exact and near duplicates (MinHash/LSH, datasketch),
+leakage from training into validation, degenerate answers and label balance, with the few
+things worth fixing first.
+
+    report = data_report(config, tokenizer)
+    print("\\n".join(summary_lines(report)))
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, field
+
+from datasketch import MinHash, MinHashLSH
+
+from tunesmith.config import DatasetSource, RunConfig
+from tunesmith.data import prepare_data
+from tunesmith.data.encode import EncodeSettings, Trace, encode_examples
+from tunesmith.data.formats import (
+    Completion,
+    Conversation,
+    FormatSpec,
+    detect_format,
+    parse_record,
+    turns_out_of_order,
+)
+from tunesmith.data.sources import read_records
+from tunesmith.data.templates import resolve_chat_template
+from tunesmith.evaluate import MAX_LABEL_WORDS, normalize
+from tunesmith.judge.html import esc, page, svg_histogram, table
+
+NUM_PERM = 128
+"""MinHash permutations: the estimate of a Jaccard similarity J has a standard error of
+sqrt(J(1-J)/128), at most 0.044."""
+SHINGLE = 3
+"""Near duplicates compare sets of word 3-grams (the words themselves in shorter texts)."""
+SHORT_ANSWER_WORDS = MAX_LABEL_WORDS
+"""Answers of at most this many words count as short: labels in classification-like data."""
+LIST_LIMIT = 20
+"""Record locations listed per finding (the counts are complete)."""
+
+
+@dataclass
+class Item:
+    """One record as the report sees it."""
+
+    source: int
+    """Index into `DataReport.sources`."""
+    number: int
+    """1-based record number in its source."""
+    where: str
+    text: str
+    """The whole record, normalized (for duplicates)."""
+    prompt: str
+    answer: str | None
+    trace: Trace
+
+
+@dataclass
+class Finding:
+    key: str
+    severity: int
+    """0 (worst) to 3: the summary lists findings worst first."""
+    count: int
+    message: str
+    where: list[str] = field(default_factory=list)
+    """Locations of the affected records (at most `LIST_LIMIT`); for duplicates one line per
+    group: "file, line 3 = file, line 9"."""
+
+
+@dataclass
+class SourceReport:
+    path: str
+    split: str
+    format: str
+    records: int
+    samples: int
+    tokens: int
+    trained_tokens: int
+    truncated: int
+    split_long: int
+    dropped_too_long: int
+    dropped_untrained: int
+    dropped_empty_response: int
+    out_of_order: int
+    prompt_lengths: list[int]
+    answer_lengths: list[int]
+    answers: dict[str, float] | None = None
+    """Share of each distinct short answer when most answers are short, largest first."""
+
+
+@dataclass
+class DataReport:
+    config: str
+    max_seq_len: int
+    truncation: str
+    threshold: float
+    sources: list[SourceReport]
+    findings: list[Finding]
+    train_samples: int = 0
+    train_trained_tokens: int = 0
+    validation_samples: int = 0
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+# --- text and similarity ---------------------------------------------------------------------
+
+
+def _record_text(example) -> tuple[str, str, str | None]:
+    """(whole text, prompt, answer) of an example; the answer is the last assistant turn."""
+    if isinstance(example, Conversation):
+        messages = example.messages
+        last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+        whole = "\n".join(f"{m['role']}: {m['content']}" for m in messages)
+        prompt = "\n".join(f"{m['role']}: {m['content']}" for m in messages[:last])
+        return normalize_text(whole), normalize_text(prompt), messages[last]["content"]
+    if isinstance(example, Completion):
+        return normalize_text(example.text), "", None
+    text = " ".join(map(str, example.input_ids))
+    return text, "", None
+
+
+def normalize_text(text: str) -> str:
+    """Lower case and whitespace collapsed: what counts as the same text."""
+    return " ".join(text.lower().split())
+
+
+def shingles(text: str) -> set[str]:
+    words = re.findall(r"\w+", text.lower())
+    if len(words) < SHINGLE:
+        return set(words) or {text}
+    return {" ".join(words[i : i + SHINGLE]) for i in range(len(words) - SHINGLE + 1)}
+
+
+def jaccard(a: set[str], b: set[str]) -> float:
+    return len(a & b) / len(a | b) if a or b else 1.0
+
+
+def _minhash(tokens: set[str]) -> MinHash:
+    m = MinHash(num_perm=NUM_PERM, seed=1)
+    m.update_batch([t.encode() for t in tokens])
+    return m
+
+
+def _digest(text: str) -> str:
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
+class _Groups:
+    """Union-find over item indices."""
+
+    def __init__(self) -> None:
+        self.parent: dict[int, int] = {}
+
+    def find(self, i: int) -> int:
+        self.parent.setdefault(i, i)
+        while self.parent[i] != i:
+            self.parent[i] = self.parent[self.parent[i]]
+            i = self.parent[i]
+        return i
+
+    def union(self, i: int, j: int) -> None:
+        self.parent[self.find(i)] = self.find(j)
+
+    def groups(self) -> list[list[int]]:
+        out: dict[int, list[int]] = defaultdict(list)
+        for i in self.parent:
+            out[self.find(i)].append(i)
+        return sorted((sorted(g) for g in out.values() if len(g) > 1), key=lambda g: g[0])
+
+
+# --- the report ------------------------------------------------------------------------------
+
+
+def data_report(config: RunConfig, tokenizer, threshold: float = 0.8, config_path: str = "") -> DataReport:
+    """Prepare the run's data as `train` does (the counts), then look at every record."""
+    if not 0 < threshold <= 1:
+        raise ValueError(f"--threshold must lie in (0, 1], got {threshold}")
+    data = config.data
+    prepared = prepare_data(data, tokenizer, config.train.seed)
+    train_sources = [(f"data.datasets.{i}", s, "train") for i, s in enumerate(data.datasets)]
+    val_sources = [(f"data.validation.{i}", s, "validation") for i, s in enumerate(data.validation)]
+    template, name = resolve_chat_template(
+        data.chat_template, tokenizer, {_format_of(s, at) for at, s, _ in train_sources + val_sources}
+    )
+    settings = EncodeSettings(
+        max_seq_len=data.max_seq_len, truncation=data.truncation,
+        train_on_inputs=data.train_on_inputs, add_eos=data.add_eos, template=template,
+        add_bos=name != "tokenizer",
+    )  # fmt: skip
+    items: list[Item] = []
+    sources: list[SourceReport] = []
+    for index, ((at, src, split), stats) in enumerate(
+        zip(train_sources + val_sources, prepared.sources, strict=True)
+    ):
+        source_items = _read_items(index, src, at, data.system_prompt, tokenizer, settings)
+        items += source_items
+        sources.append(_source_report(stats, split, source_items))
+    report = DataReport(
+        config=config_path, max_seq_len=data.max_seq_len, truncation=data.truncation,
+        threshold=threshold, sources=sources, findings=[],
+        train_samples=len(prepared.train), train_trained_tokens=prepared.train.num_trained_tokens,
+        validation_samples=len(prepared.validation) if prepared.validation is not None else 0,
+    )  # fmt: skip
+    report.findings = _findings(report, items)
+    return report
+
+
+def _format_of(src: DatasetSource, at: str) -> str:
+    if src.format != "auto":
+        return src.format
+    first = next(read_records(src.path, src.split, src.subset, src.revision, max_samples=1))
+    return detect_format(first, src.fields, at)
+
+
+def _read_items(index, src: DatasetSource, at, system_prompt, tokenizer, settings) -> list[Item]:
+    spec = FormatSpec(_format_of(src, at), src.fields, src.roles, system_prompt, at)
+    records = list(read_records(src.path, src.split, src.subset, src.revision, src.max_samples))
+    examples = [(parse_record(r, spec), r.where) for r in records]
+    traces: list[Trace] = []
+    encode_examples(examples, tokenizer, settings, Counter(), trace=traces)
+    items = []
+    for number, ((example, where), trace) in enumerate(zip(examples, traces, strict=True), 1):
+        text, prompt, answer = _record_text(example)
+        items.append(Item(index, number, where, text, prompt, answer, trace))
+    return items
+
+
+def _source_report(stats, split: str, items: list[Item]) -> SourceReport:
+    answers = [normalize(it.answer) for it in items if it.answer is not None]
+    short = [a for a in answers if a and len(a.split()) <= SHORT_ANSWER_WORDS]
+    shares = None
+    if answers and 2 * len(short) >= len(answers):
+        counts = Counter(short)
+        shares = {a: c / len(short) for a, c in counts.most_common()}
+    return SourceReport(
+        path=stats.path, split=split, format=stats.format, records=stats.records,
+        samples=stats.samples, tokens=stats.tokens, trained_tokens=stats.trained_tokens,
+        truncated=stats.truncated, split_long=stats.split_long,
+        dropped_too_long=stats.dropped_too_long, dropped_untrained=stats.dropped_untrained,
+        dropped_empty_response=stats.dropped_empty_response, out_of_order=stats.out_of_order,
+        prompt_lengths=[it.trace.prompt_tokens for it in items],
+        answer_lengths=[it.trace.answer_tokens for it in items], answers=shares,
+    )  # fmt: skip
+
+
+def _findings(report: DataReport, items: list[Item]) -> list[Finding]:
+    split_of = {i: s.split for i, s in enumerate(report.sources)}
+    train = [i for i, it in enumerate(items) if split_of[it.source] == "train"]
+    val = [i for i, it in enumerate(items) if split_of[it.source] == "validation"]
+    found: list[Finding] = []
+
+    def add(key, severity, where, message):
+        if where:
+            found.append(Finding(key, severity, len(where), message, where[:LIST_LIMIT]))
+
+    # Leakage: validation records that are (nearly) training records, or ask a training prompt.
+    train_text = {}
+    train_prompt = {}
+    for i in train:
+        train_text.setdefault(_digest(items[i].text), i)
+        if items[i].prompt:
+            train_prompt.setdefault(_digest(items[i].prompt), i)
+    exact_leak = [
+        f"{items[i].where} = {items[train_text[_digest(items[i].text)]].where}"
+        for i in val
+        if _digest(items[i].text) in train_text
+    ]
+    add("leakage_exact", 0, exact_leak,
+        "validation records identical to a training record (the validation score is inflated); "
+        "remove them from one side")  # fmt: skip
+    prompt_leak = [
+        f"{items[i].where} = {items[train_prompt[_digest(items[i].prompt)]].where}"
+        for i in val
+        if items[i].prompt
+        and _digest(items[i].prompt) in train_prompt
+        and _digest(items[i].text) not in train_text
+    ]
+    add("leakage_prompt", 1, prompt_leak,
+        "validation prompts also asked in training (with another answer)")  # fmt: skip
+
+    # Exact duplicates within training.
+    by_text: dict[str, list[int]] = defaultdict(list)
+    for i in train:
+        by_text[_digest(items[i].text)].append(i)
+    exact_groups = [g for g in by_text.values() if len(g) > 1]
+    add("duplicates_exact", 1,
+        [" = ".join(items[i].where for i in g) for g in exact_groups],
+        "groups of identical training records (each repeat trains the same text again); "
+        "keep one of each")  # fmt: skip
+    if exact_groups:
+        found[-1].count = sum(len(g) - 1 for g in exact_groups)
+
+    # Near duplicates: one representative per distinct text, LSH candidates checked exactly.
+    representatives = [g[0] for g in by_text.values()]
+    sets = {i: shingles(items[i].text) for i in representatives}
+    val_sets = {i: shingles(items[i].text) for i in val if _digest(items[i].text) not in train_text}
+    lsh = MinHashLSH(threshold=report.threshold, num_perm=NUM_PERM)
+    hashes = {}
+    for i in representatives:
+        hashes[i] = _minhash(sets[i])
+        lsh.insert(str(i), hashes[i])
+    groups = _Groups()
+    for i in representatives:
+        for key in lsh.query(hashes[i]):
+            j = int(key)
+            if j != i and jaccard(sets[i], sets[j]) >= report.threshold:
+                groups.union(i, j)
+    near = groups.groups()
+    add("duplicates_near", 2,
+        [" ~ ".join(items[i].where for i in g) for g in near],
+        f"groups of near-duplicate training records (word 3-gram Jaccard >= {report.threshold:g}, "
+        "MinHash/LSH); check that they differ on purpose")  # fmt: skip
+    if near:
+        found[-1].count = sum(len(g) - 1 for g in near)
+    near_leak = []
+    for i, s in val_sets.items():
+        matches = [
+            int(k) for k in lsh.query(_minhash(s)) if jaccard(s, sets[int(k)]) >= report.threshold
+        ]
+        if matches:
+            near_leak.append(f"{items[i].where} ~ {items[min(matches)].where}")
+    add("leakage_near", 1, near_leak,
+        f"validation records nearly identical to a training record (Jaccard >= "
+        f"{report.threshold:g})")  # fmt: skip
+
+    # What preparation does to records.
+    def fate(key: str) -> list[str]:
+        return [it.where for it in items if it.trace.events[key]]
+
+    add("truncated_away", 0, fate("dropped_untrained"),
+        f"records whose answer lies past max_seq_len={report.max_seq_len} (dropped: nothing left "
+        "to train); raise data.max_seq_len or shorten the prompts")  # fmt: skip
+    add("too_long", 1, fate("dropped_too_long"),
+        f"records longer than max_seq_len={report.max_seq_len}, dropped (truncation: drop)")
+    add("truncated", 2, fate("truncated"),
+        f"records cut at max_seq_len={report.max_seq_len} (the end of their answer is not trained)")
+    add("out_of_order", 1, fate("out_of_order"),
+        "conversations with roles out of order (system after the start, an assistant turn first, "
+        "or two turns of one role in a row)")  # fmt: skip
+    add("empty_answer", 0, fate("dropped_empty_response"),
+        "conversations whose answers are all empty (dropped)")
+    short = [
+        it.where for it in items
+        if it.answer is not None and it.answer.strip() and len(normalize(it.answer)) <= 1
+    ]  # fmt: skip
+    add("short_answer", 2, short, "answers of one character or less")
+
+    # Answers identical across many prompts (free-form data only: labels repeat by design).
+    for s_index, source in enumerate(report.sources):
+        if source.answers is not None:
+            continue
+        answers = Counter(
+            normalize(it.answer) for it in items if it.source == s_index and it.answer is not None
+        )
+        many = max(5, source.records // 20)
+        common = [(a, c) for a, c in answers.most_common() if c >= many and a]
+        if common:
+            first = {}
+            for it in items:
+                if it.source == s_index and it.answer is not None:
+                    first.setdefault(normalize(it.answer), it.where)
+            where = [f"{a!r}: {c} prompts, e.g. {first[a]}" for a, c in common]
+            add("same_answer", 3, where,
+                f"{source.path}: answers each given to {many} or more of {source.records} prompts "
+                f"(the most common: {common[0][0]!r}, {common[0][1]} times); check that they "
+                "are right for each")  # fmt: skip
+            found[-1].count = sum(c for _, c in common)
+
+    # Imbalance among labels.
+    for source in report.sources:
+        shares = source.answers
+        if shares and len(shares) > 1:
+            top, low = max(shares.values()), min(shares.values())
+            if top >= 3 * low:
+                largest = next(iter(shares))
+                add("imbalance", 2, [source.path],
+                    f"{source.path}: labels are imbalanced: {largest!r} {100 * top:.0f}% vs "
+                    f"{100 * low:.0f}% for the rarest; a model can score {100 * top:.0f}% by "
+                    "always answering it")  # fmt: skip
+    return sorted(found, key=lambda f: f.severity)
+
+
+# --- text output -----------------------------------------------------------------------------
+
+
+def _quantiles(values: list[int]) -> str:
+    if not values:
+        return "-"
+    v = sorted(values)
+    pick = lambda q: v[min(len(v) - 1, int(q * len(v)))]  # noqa: E731
+    return f"min {v[0]}, median {pick(0.5)}, p95 {pick(0.95)}, max {v[-1]}"
+
+
+def summary_lines(report: DataReport, top: int = 5) -> list[str]:
+    """The terminal view: one block per source, then the findings worth fixing first."""
+    lines = []
+    for s in report.sources:
+        lines.append(f"{s.split} {s.path} ({s.format}): {s.records:,} records -> {s.samples:,} "
+                     f"samples, {s.trained_tokens:,} trained of {s.tokens:,} tokens")  # fmt: skip
+        lines.append(
+            f"  dropped {s.dropped_too_long} too long, {s.dropped_untrained} with the answer "
+            f"truncated away, {s.dropped_empty_response} with empty answers; truncated "
+            f"{s.truncated}, split {s.split_long}; roles out of order {s.out_of_order}"
+        )
+        lines.append(f"  prompt tokens: {_quantiles(s.prompt_lengths)}")
+        lines.append(f"  answer tokens: {_quantiles(s.answer_lengths)}")
+        totals = [p + a for p, a in zip(s.prompt_lengths, s.answer_lengths, strict=True)]
+        over = sum(t > report.max_seq_len for t in totals)
+        lines.append(f"  records over max_seq_len={report.max_seq_len}: {over}")
+        if s.answers:
+            shares = ", ".join(f"{a!r} {100 * v:.1f}%" for a, v in list(s.answers.items())[:8])
+            more = f" (+{len(s.answers) - 8} more)" if len(s.answers) > 8 else ""
+            lines.append(f"  short answers: {shares}{more}")
+    lines.append(
+        f"near duplicates: word {SHINGLE}-gram Jaccard >= {report.threshold:g} "
+        f"(MinHash, {NUM_PERM} permutations, LSH)"
+    )
+    if not report.findings:
+        lines.append("nothing to fix: no duplicates, leakage, truncation or degenerate answers")
+        return lines
+    lines.append(f"worth fixing first ({len(report.findings)} finding(s)):")
+    for f in report.findings[:top]:
+        example = f"; e.g. {f.where[0]}" if f.where else ""
+        lines.append(f"  - {f.count} {f.message}{example}")
+    if len(report.findings) > top:
+        lines.append(f"  … and {len(report.findings) - top} more in the HTML or JSON report")
+    return lines
+
+
+# --- HTML and PNG ----------------------------------------------------------------------------
+
+
+def report_body(report: DataReport) -> str:
+    """The report as an HTML fragment (also a section of `tunesmith report`)."""
+    parts = [
+        f"<p>max_seq_len {report.max_seq_len} (truncation: {esc(report.truncation)}); "
+        f"{report.train_samples:,} training samples ({report.train_trained_tokens:,} trained "
+        f"tokens), {report.validation_samples:,} validation samples. Near duplicates: word "
+        f"{SHINGLE}-gram Jaccard &ge; {report.threshold:g} (MinHash, {NUM_PERM} permutations, "
+        "LSH).</p>",
+        "<h3>Worth fixing first</h3>",
+    ]
+    if not report.findings:
+        parts.append('<p class="ok">nothing to fix: no duplicates, leakage, truncation or '
+                     "degenerate answers</p>")  # fmt: skip
+    else:
+        items = []
+        for f in report.findings:
+            where = "".join(f"<li>{esc(w)}</li>" for w in f.where)
+            more = f"<li class=\"muted\">… {f.count - len(f.where)} more</li>" if (
+                f.count > len(f.where) and f.key not in ("duplicates_exact", "duplicates_near")
+            ) else ""
+            items.append(
+                f'<li class="sev{f.severity}" data-finding="{esc(f.key)}"><b>{f.count}</b> '
+                f"{esc(f.message)}<details><summary>records</summary><ul>{where}{more}</ul>"
+                "</details></li>"
+            )
+        parts.append(f"<ol>{''.join(items)}</ol>")
+    header = ["split", "file", "format", "records", "samples", "tokens", "trained",
+              "truncated", "split long", "dropped: too long", "answer truncated away",
+              "empty answer", "roles out of order"]  # fmt: skip
+    rows = [
+        [s.split, s.path, s.format, s.records, s.samples, s.tokens, s.trained_tokens,
+         s.truncated, s.split_long, s.dropped_too_long, s.dropped_untrained,
+         s.dropped_empty_response, s.out_of_order]
+        for s in report.sources
+    ]  # fmt: skip
+    parts += ["<h3>Counts</h3>", table(header, rows, numeric_from=3)]
+    for s in report.sources:
+        parts.append(f"<h3>Lengths: {esc(s.split)} {esc(s.path)}</h3>")
+        parts.append(
+            svg_histogram(
+                {"prompt tokens": s.prompt_lengths, "answer tokens": s.answer_lengths,
+                 "total": [p + a for p, a in zip(s.prompt_lengths, s.answer_lengths, strict=True)]},
+                limit=report.max_seq_len,
+            )  # fmt: skip
+        )
+        if s.answers:
+            rows = [[a, f"{100 * v:.1f}%"] for a, v in s.answers.items()]
+            parts.append("<p>Short answers (share of each distinct answer):</p>")
+            parts.append(table(["answer", "share"], rows))
+    return "\n".join(parts)
+
+
+def render_html(report: DataReport) -> str:
+    title = f"tunesmith data report: {report.config}" if report.config else "tunesmith data report"
+    return page(title, f"<h1>{esc(title)}</h1>\n{report_body(report)}")
+
+
+def write_png(report: DataReport, path) -> None:
+    """Length histograms, one panel per source, with max_seq_len marked (matplotlib)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from tunesmith.io import atomic_write
+
+    n = len(report.sources)
+    fig, axes = plt.subplots(n, 1, figsize=(8, 2.6 * n), squeeze=False)
+    for ax, s in zip(axes[:, 0], report.sources, strict=True):
+        totals = [p + a for p, a in zip(s.prompt_lengths, s.answer_lengths, strict=True)]
+        top = max([*totals, report.max_seq_len, 1])
+        bins = [top * i / 30 for i in range(31)]
+        ax.hist(s.prompt_lengths, bins=bins, alpha=0.55, label="prompt tokens")
+        ax.hist(s.answer_lengths, bins=bins, alpha=0.55, label="answer tokens")
+        ax.hist(totals, bins=bins, alpha=0.4, label="total")
+        ax.axvline(report.max_seq_len, color="#b00020", linestyle="--", label="max_seq_len")
+        ax.set_title(f"{s.split}: {s.path}", fontsize=9)
+        ax.set_ylabel("records")
+        ax.legend(fontsize=7)
+    axes[-1, 0].set_xlabel("tokens")
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=90))
+    plt.close(fig)
+
+
+__all__ = ["DataReport", "Finding", "SourceReport", "data_report", "jaccard", "render_html",
+           "report_body", "shingles", "summary_lines", "write_png"]  # fmt: skip
