@@ -55,7 +55,9 @@ def test_bleu_chrf_and_rouge_are_the_libraries_own_figures():
     assert scores["chrf"] == sacrebleu.corpus_chrf(PREDICTIONS, [REFERENCES]).score / 100
     scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"])
     for key, name in (("rouge1", "rouge1"), ("rouge2", "rouge2"), ("rouge_l", "rougeL")):
-        per_pair = [scorer.score(r, p)[name].fmeasure for p, r in zip(PREDICTIONS, REFERENCES)]
+        per_pair = [
+            scorer.score(r, p)[name].fmeasure for p, r in zip(PREDICTIONS, REFERENCES, strict=True)
+        ]
         assert scores[key] == pytest.approx(sum(per_pair) / len(per_pair), abs=1e-12)
     # Known values: identical texts are BLEU/chrF 1, ROUGE 1; rouge-score's F1 of "the cat sat
     # on the mat" against "the cat is on the mat": 5 of 6 unigrams, 3 of 5 bigrams

@@ -292,7 +292,9 @@ def write_samples(path: Path, pairs: list[PromptAnswer], columns: list[Column]) 
                     "messages": pair.messages,
                     "reference": pair.answer,
                     "answers": answers,
-                    "exact": {k: normalize(v) == normalize(pair.answer) for k, v in answers.items()},
+                    "exact": {
+                        k: normalize(v) == normalize(pair.answer) for k, v in answers.items()
+                    },
                 },
                 ensure_ascii=False,
             )

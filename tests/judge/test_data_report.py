@@ -42,8 +42,13 @@ def crafted(tmp_path):
     train.append(chat(words(400), words(5)))  # ~800 prompt tokens: the answer is cut away
     train.append(chat(words(10), words(200)))  # the answer is cut
     train.append(
-        {"messages": [{"role": "assistant", "content": "hi"}, {"role": "user", "content": "x"},
-                      {"role": "assistant", "content": words(6)}]}  # fmt: skip
+        {
+            "messages": [
+                {"role": "assistant", "content": "hi"},
+                {"role": "user", "content": "x"},
+                {"role": "assistant", "content": words(6)},
+            ]
+        }  # fmt: skip
     )
     train.append(chat(words(12), ""))
     near_val = json.loads(json.dumps(base[11]))
@@ -101,8 +106,9 @@ def test_the_threshold_decides_what_is_near(tmp_path, tiny_dir):
     a = " ".join(VOCAB[:10])  # 8 word 3-grams
     b = " ".join(VOCAB[:9] + ["other"])  # shares 7 of 9 in the union: Jaccard 7/9
     assert jaccard(shingles(a), shingles(b)) == pytest.approx(7 / 9)
-    rows = [chat(a, "x y z"), chat(b, "x y z")] + [chat(" ".join(VOCAB[20 + 10 * i : 30 + 10 * i]),
-                                                       f"answer {i} here") for i in range(6)]  # fmt: skip
+    others = [" ".join(VOCAB[20 + 10 * i : 30 + 10 * i]) for i in range(6)]
+    rows = [chat(a, "x y z"), chat(b, "x y z")] + [chat(o, f"answer {i} here") for i, o in
+                                                   enumerate(others)]  # fmt: skip
     # the records add roles and answers to the texts: the threshold brackets their similarity
     train_file = write_jsonl(tmp_path / "t.jsonl", rows)
     cfg = make_config(tmp_path, tiny_dir, data={"datasets": [{"path": str(train_file)}],
@@ -124,7 +130,9 @@ def test_label_shares_and_imbalance(tmp_path, tiny_dir):
     report = data_report(cfg, chat_tokenizer())
     assert report.sources[0].answers == {"positive": 0.75, "negative": 0.25}
     imbalance = findings(report)["imbalance"]
-    assert imbalance.message.startswith(f"{train_file}: labels are imbalanced: 'positive' 75% vs 25%")
+    assert imbalance.message.startswith(
+        f"{train_file}: labels are imbalanced: 'positive' 75% vs 25%"
+    )
     assert "same_answer" not in findings(report)  # labels repeat by design
     balanced = write_jsonl(tmp_path / "b.jsonl", rows[:3] + rows[9:])  # 3 and 3
     cfg = make_config(tmp_path, tiny_dir, data={"datasets": [{"path": str(balanced)}],

@@ -17,8 +17,6 @@ data_app = typer.Typer(
 )
 app.add_typer(data_app, name="data")
 
-DATA_REPORT_FILE = "data_report.json"
-
 
 @data_app.command(
     "report",
@@ -29,14 +27,16 @@ DATA_REPORT_FILE = "data_report.json"
 def data_report_cmd(
     config: ConfigArg,
     overrides: OverridesArg = None,
-    html: Optional[Path] = typer.Option(  # noqa: UP045
+    html: Optional[str] = typer.Option(  # noqa: UP045
         None, "--html", help="Also write the report as one HTML page.", show_default=False
     ),
-    png: Optional[Path] = typer.Option(  # noqa: UP045
+    png: Optional[str] = typer.Option(  # noqa: UP045
         None, "--png", help="Also write the length histograms as a PNG.", show_default=False
     ),
-    json_path: Optional[Path] = typer.Option(  # noqa: UP045
-        None, "--json", help="Where the JSON report goes (default: output_dir/data_report.json).",
+    json_path: Optional[str] = typer.Option(  # noqa: UP045
+        None,
+        "--json",
+        help="Where the JSON report goes (default: output_dir/data_report.json).",
         show_default=False,
     ),  # fmt: skip
     threshold: float = typer.Option(
@@ -51,6 +51,7 @@ def data_report_cmd(
     from tunesmith.config import load_config
     from tunesmith.io import atomic_write_json, atomic_write_text
     from tunesmith.judge.data_report import data_report, render_html, summary_lines, write_png
+    from tunesmith.judge.run_report import DATA_REPORT_FILE
     from tunesmith.models import load_tokenizer
 
     if not 0 < threshold <= 1:
@@ -62,10 +63,97 @@ def data_report_cmd(
         report = data_report(cfg, tokenizer, threshold, config_path=str(config))
     for line in summary_lines(report, top):
         typer.echo(line)
-    target = json_path or Path(cfg.output_dir) / DATA_REPORT_FILE
+    target = Path(json_path) if json_path else Path(cfg.output_dir) / DATA_REPORT_FILE
     typer.echo(f"wrote {atomic_write_json(report.to_json(), target)}")
     if html is not None:
         typer.echo(f"wrote {atomic_write_text(render_html(report), html)}")
     if png is not None:
         write_png(report, png)
         typer.echo(f"wrote {png}")
+
+
+@app.command(
+    "report",
+    epilog=examples(
+        "tunesmith report outputs/quickstart", "tunesmith report outputs/a --out a.html"
+    ),
+)
+def report_cmd(
+    output_dir: str = typer.Argument(..., help="A run's output_dir."),
+    out: Optional[str] = typer.Option(  # noqa: UP045
+        None, "--out", help="The HTML file (default: OUTPUT_DIR/report.html).", show_default=False
+    ),
+) -> None:
+    """One self-contained HTML page about a run (it opens without network): config, loss /
+    learning-rate / validation curves, the evaluation table, the data report and the blind
+    review's summary when present, and every generated sample with base and tuned answers
+    side by side, searchable and filterable by right or wrong."""
+    from tunesmith.io import atomic_write_text
+    from tunesmith.judge.run_report import REPORT_FILE, render_report
+
+    target = Path(out) if out else Path(output_dir) / REPORT_FILE
+    typer.echo(f"wrote {atomic_write_text(render_report(output_dir), target)}")
+
+
+@app.command(
+    "review",
+    epilog=examples(
+        "tunesmith review outputs/quickstart",
+        "tunesmith review outputs/quickstart --a base --b tuned --port 8100",
+        "tunesmith review outputs/quickstart --summary",
+    ),
+)
+def review_cmd(
+    output_dir: str = typer.Argument(..., help="A run's output_dir (with samples.jsonl)."),
+    a: str = typer.Option("base", "--a", help="Model A: a column of samples.jsonl."),
+    b: Optional[str] = typer.Option(  # noqa: UP045
+        None, "--b", help="Model B (default: the other column, e.g. tuned).", show_default=False
+    ),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind."),
+    port: int = typer.Option(8100, "--port", help="Port (0: any free port)."),
+    api_key: Optional[str] = typer.Option(  # noqa: UP045
+        None,
+        "--api-key",
+        envvar="TUNESMITH_API_KEY",
+        show_default=False,
+        help="Required to bind another address than 127.0.0.1; the page takes it as ?key=.",
+    ),  # fmt: skip
+    summary: bool = typer.Option(False, "--summary", help="Print the votes' summary and exit."),
+) -> None:
+    """A local page for blind A/B review of two models' answers to the run's held-out
+    prompts: random left/right order, votes by click or key (1 left better, 2 right better,
+    3 tie, 4 both bad), saved as cast to OUTPUT_DIR/review.jsonl; a reload resumes. Open
+    http://127.0.0.1:PORT/?reviewer=NAME; each reviewer's votes are kept apart. The summary
+    is model B's win rate over A among decisive votes, with a 95% interval."""
+    import uvicorn
+
+    from tunesmith.judge.review import Review, summary_lines
+    from tunesmith.judge.review_app import LOCAL_NAMES, build_review_app
+    from tunesmith.judge.run_report import read_samples
+
+    samples = read_samples(Path(output_dir))
+    if b is None:
+        others = [c for c in (samples[0]["answers"] if samples else {}) if c != a]
+        b = others[0] if others else "tuned"
+    review = Review(Path(output_dir), a, b)
+    if summary:
+        for line in summary_lines(review.summary(), a, b):
+            typer.echo(line)
+        return
+    local = host in LOCAL_NAMES or host == "::1"
+    if not local and not api_key:
+        raise TunesmithError(
+            f"--host {host}: the review page would be open to the network; bind 127.0.0.1 "
+            "or set --api-key (or TUNESMITH_API_KEY)"
+        )
+    typer.echo(
+        f"{len(review.items)} prompts to review ({a} vs {b}; {review.identical} with identical "
+        f"answers left out); votes go to {review.log.path}"
+    )
+    shown = "127.0.0.1" if local else host
+    key = f"&key={api_key}" if api_key else ""
+    typer.echo(f"open http://{shown}:{port}/?reviewer=YOUR_NAME{key}   (Ctrl-C stops)")
+    uvicorn.run(
+        build_review_app(review, api_key, local_only=local), host=host, port=port,
+        log_level="warning",
+    )  # fmt: skip

@@ -25,11 +25,11 @@ from tunesmith.data.formats import (
     FormatSpec,
     detect_format,
     parse_record,
-    turns_out_of_order,
 )
 from tunesmith.data.sources import read_records
 from tunesmith.data.templates import resolve_chat_template
 from tunesmith.evaluate import MAX_LABEL_WORDS, normalize
+from tunesmith.io import atomic_write
 from tunesmith.judge.html import esc, page, svg_histogram, table
 
 NUM_PERM = 128
@@ -107,6 +107,13 @@ class DataReport:
     def to_json(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_json(cls, data: dict) -> DataReport:
+        fields = {**data}
+        fields["sources"] = [SourceReport(**s) for s in data["sources"]]
+        fields["findings"] = [Finding(**f) for f in data["findings"]]
+        return cls(**fields)
+
 
 # --- text and similarity ---------------------------------------------------------------------
 
@@ -177,7 +184,9 @@ class _Groups:
 # --- the report ------------------------------------------------------------------------------
 
 
-def data_report(config: RunConfig, tokenizer, threshold: float = 0.8, config_path: str = "") -> DataReport:
+def data_report(
+    config: RunConfig, tokenizer, threshold: float = 0.8, config_path: str = ""
+) -> DataReport:
     """Prepare the run's data as `train` does (the counts), then look at every record."""
     if not 0 < threshold <= 1:
         raise ValueError(f"--threshold must lie in (0, 1], got {threshold}")
@@ -186,7 +195,9 @@ def data_report(config: RunConfig, tokenizer, threshold: float = 0.8, config_pat
     train_sources = [(f"data.datasets.{i}", s, "train") for i, s in enumerate(data.datasets)]
     val_sources = [(f"data.validation.{i}", s, "validation") for i, s in enumerate(data.validation)]
     template, name = resolve_chat_template(
-        data.chat_template, tokenizer, {_format_of(s, at) for at, s, _ in train_sources + val_sources}
+        data.chat_template,
+        tokenizer,
+        {_format_of(s, at) for at, s, _ in train_sources + val_sources},
     )
     settings = EncodeSettings(
         max_seq_len=data.max_seq_len, truncation=data.truncation,
@@ -336,15 +347,27 @@ def _findings(report: DataReport, items: list[Item]) -> list[Finding]:
     add("truncated_away", 0, fate("dropped_untrained"),
         f"records whose answer lies past max_seq_len={report.max_seq_len} (dropped: nothing left "
         "to train); raise data.max_seq_len or shorten the prompts")  # fmt: skip
-    add("too_long", 1, fate("dropped_too_long"),
-        f"records longer than max_seq_len={report.max_seq_len}, dropped (truncation: drop)")
-    add("truncated", 2, fate("truncated"),
-        f"records cut at max_seq_len={report.max_seq_len} (the end of their answer is not trained)")
+    add(
+        "too_long",
+        1,
+        fate("dropped_too_long"),
+        f"records longer than max_seq_len={report.max_seq_len}, dropped (truncation: drop)",
+    )
+    add(
+        "truncated",
+        2,
+        fate("truncated"),
+        f"records cut at max_seq_len={report.max_seq_len} (the end of their answer is not trained)",
+    )
     add("out_of_order", 1, fate("out_of_order"),
         "conversations with roles out of order (system after the start, an assistant turn first, "
         "or two turns of one role in a row)")  # fmt: skip
-    add("empty_answer", 0, fate("dropped_empty_response"),
-        "conversations whose answers are all empty (dropped)")
+    add(
+        "empty_answer",
+        0,
+        fate("dropped_empty_response"),
+        "conversations whose answers are all empty (dropped)",
+    )
     short = [
         it.where for it in items
         if it.answer is not None and it.answer.strip() and len(normalize(it.answer)) <= 1
@@ -453,9 +476,11 @@ def report_body(report: DataReport) -> str:
         items = []
         for f in report.findings:
             where = "".join(f"<li>{esc(w)}</li>" for w in f.where)
-            more = f"<li class=\"muted\">… {f.count - len(f.where)} more</li>" if (
-                f.count > len(f.where) and f.key not in ("duplicates_exact", "duplicates_near")
-            ) else ""
+            more = (
+                f'<li class="muted">… {f.count - len(f.where)} more</li>'
+                if (f.count > len(f.where) and f.key not in ("duplicates_exact", "duplicates_near"))
+                else ""
+            )
             items.append(
                 f'<li class="sev{f.severity}" data-finding="{esc(f.key)}"><b>{f.count}</b> '
                 f"{esc(f.message)}<details><summary>records</summary><ul>{where}{more}</ul>"
@@ -476,8 +501,13 @@ def report_body(report: DataReport) -> str:
         parts.append(f"<h3>Lengths: {esc(s.split)} {esc(s.path)}</h3>")
         parts.append(
             svg_histogram(
-                {"prompt tokens": s.prompt_lengths, "answer tokens": s.answer_lengths,
-                 "total": [p + a for p, a in zip(s.prompt_lengths, s.answer_lengths, strict=True)]},
+                {
+                    "prompt tokens": s.prompt_lengths,
+                    "answer tokens": s.answer_lengths,
+                    "total": [
+                        p + a for p, a in zip(s.prompt_lengths, s.answer_lengths, strict=True)
+                    ],
+                },
                 limit=report.max_seq_len,
             )  # fmt: skip
         )
@@ -499,8 +529,6 @@ def write_png(report: DataReport, path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from tunesmith.io import atomic_write
 
     n = len(report.sources)
     fig, axes = plt.subplots(n, 1, figsize=(8, 2.6 * n), squeeze=False)

@@ -32,8 +32,8 @@ def page(title: str, body: str, script: str = "") -> str:
     """A whole HTML document: `body` is HTML, `script` JavaScript run at load."""
     js = f"<script>\n{script}\n</script>" if script else ""
     return (
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-        f"<meta name=\"viewport\" content=\"width=device-width\"><title>{esc(title)}</title>"
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f'<meta name="viewport" content="width=device-width"><title>{esc(title)}</title>'
         f"<style>{CSS}</style></head><body>\n{body}\n{js}\n</body></html>\n"
     )
 
@@ -44,7 +44,7 @@ def table(header: list[str], rows: list[list], numeric_from: int = 1, attrs: str
     body = []
     for row in rows:
         cells = "".join(
-            f"<td class=\"num\">{esc(c)}</td>" if j >= numeric_from else f"<td>{esc(c)}</td>"
+            f'<td class="num">{esc(c)}</td>' if j >= numeric_from else f"<td>{esc(c)}</td>"
             for j, c in enumerate(row)
         )
         body.append(f"<tr>{cells}</tr>")
@@ -79,7 +79,7 @@ def svg_histogram(series: dict[str, list[int]], limit: int | None = None, bins: 
     """Overlaid histograms of each series, with a dashed line at `limit` (max_seq_len)."""
     values = [v for vs in series.values() for v in vs]
     if not values:
-        return "<p class=\"muted\">no records</p>"
+        return '<p class="muted">no records</p>'
     top = max(max(values), limit or 0, 1)
     edges = [top * i / bins for i in range(bins + 1)]
     counts = {}
@@ -90,8 +90,10 @@ def svg_histogram(series: dict[str, list[int]], limit: int | None = None, bins: 
         counts[name] = c
     peak = max(max(c) for c in counts.values()) or 1
     left, bottom, plot_w, plot_h = 48, 30, width - 60, height - 50
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-             f'role="img" aria-label="histogram of {esc(label)}">']  # fmt: skip
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'role="img" aria-label="histogram of {esc(label)}">'
+    ]
     bar_w = plot_w / bins
     for k, (name, c) in enumerate(counts.items()):
         color = COLORS[k % len(COLORS)]
@@ -102,35 +104,45 @@ def svg_histogram(series: dict[str, list[int]], limit: int | None = None, bins: 
                 parts.append(
                     f'<rect x="{x:.1f}" y="{y:.1f}" width="{bar_w - 1:.1f}" height="{h:.1f}" '
                     f'fill="{color}" fill-opacity="0.55"><title>{esc(name)}: {n} records, '
-                    f'{edges[i]:.0f}-{edges[i + 1]:.0f} {esc(label)}</title></rect>'
+                    f"{edges[i]:.0f}-{edges[i + 1]:.0f} {esc(label)}</title></rect>"
                 )
-        parts.append(f'<rect x="{left + 10 + 130 * k}" y="4" width="10" height="10" '
-                     f'fill="{color}"/><text x="{left + 24 + 130 * k}" y="13">{esc(name)}</text>')  # fmt: skip
+        parts.append(
+            f'<rect x="{left + 10 + 130 * k}" y="4" width="10" height="10" '
+            f'fill="{color}"/><text x="{left + 24 + 130 * k}" y="13">{esc(name)}</text>'
+        )
     parts += _axes(left, bottom, plot_w, plot_h, width, height, 0, top, 0, peak, label, "records")
     if limit:
         x = left + limit / top * plot_w
-        parts.append(f'<line x1="{x:.1f}" y1="{height - bottom}" x2="{x:.1f}" y2="20" '
-                     'stroke="#b00020" stroke-dasharray="4 3"/>'
-                     f'<text x="{x - 4:.1f}" y="30" text-anchor="end" fill="#b00020">'
-                     f'max_seq_len {limit}</text>')  # fmt: skip
+        parts.append(
+            f'<line x1="{x:.1f}" y1="{height - bottom}" x2="{x:.1f}" y2="20" '
+            'stroke="#b00020" stroke-dasharray="4 3"/>'
+            f'<text x="{x - 4:.1f}" y="30" text-anchor="end" fill="#b00020">'
+            f"max_seq_len {limit}</text>"
+        )
     parts.append("</svg>")
     return "".join(parts)
 
 
 def _axes(left, bottom, plot_w, plot_h, width, height, x0, x1, y0, y1, xlabel, ylabel):
     base = height - bottom
-    parts = [f'<line x1="{left}" y1="{base}" x2="{left + plot_w}" y2="{base}" stroke="#333"/>',
-             f'<line x1="{left}" y1="{base}" x2="{left}" y2="{base - plot_h}" stroke="#333"/>']  # fmt: skip
+    parts = [
+        f'<line x1="{left}" y1="{base}" x2="{left + plot_w}" y2="{base}" stroke="#333"/>',
+        f'<line x1="{left}" y1="{base}" x2="{left}" y2="{base - plot_h}" stroke="#333"/>',
+    ]
     for t in _nice_ticks(x0, x1):
         x = left + (t - x0) / ((x1 - x0) or 1) * plot_w
         parts.append(f'<text x="{x:.1f}" y="{base + 14}" text-anchor="middle">{t:g}</text>')
     for t in _nice_ticks(y0, y1, 4):
         y = base - (t - y0) / ((y1 - y0) or 1) * plot_h
         parts.append(f'<text x="{left - 4}" y="{y + 4:.1f}" text-anchor="end">{t:g}</text>')
-    parts.append(f'<text x="{left + plot_w / 2:.0f}" y="{height - 2}" text-anchor="middle">'
-                 f'{esc(xlabel)}</text>')  # fmt: skip
-    parts.append(f'<text x="10" y="{base - plot_h / 2:.0f}" transform="rotate(-90 10 '
-                 f'{base - plot_h / 2:.0f})" text-anchor="middle">{esc(ylabel)}</text>')  # fmt: skip
+    parts.append(
+        f'<text x="{left + plot_w / 2:.0f}" y="{height - 2}" text-anchor="middle">'
+        f"{esc(xlabel)}</text>"
+    )
+    parts.append(
+        f'<text x="10" y="{base - plot_h / 2:.0f}" transform="rotate(-90 10 '
+        f'{base - plot_h / 2:.0f})" text-anchor="middle">{esc(ylabel)}</text>'
+    )
     return parts
 
 
@@ -139,7 +151,7 @@ def svg_lines(series: dict[str, list[tuple[float, float]]], xlabel: str, ylabel:
     """Line plots of (x, y) points, one color per series."""
     points = [p for ps in series.values() for p in ps]
     if not points:
-        return "<p class=\"muted\">nothing logged</p>"
+        return '<p class="muted">nothing logged</p>'
 
     def ty(y):
         return math.log10(y) if log_y and y > 0 else y
@@ -149,8 +161,10 @@ def svg_lines(series: dict[str, list[tuple[float, float]]], xlabel: str, ylabel:
     if y1 == y0:
         y0, y1 = y0 - 1, y1 + 1
     left, bottom, plot_w, plot_h = 56, 30, width - 70, height - 50
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-             f'role="img" aria-label="{esc(ylabel)} by {esc(xlabel)}">']  # fmt: skip
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'role="img" aria-label="{esc(ylabel)} by {esc(xlabel)}">'
+    ]
     for k, (name, ps) in enumerate(series.items()):
         color = COLORS[k % len(COLORS)]
         coords = " ".join(
@@ -158,11 +172,13 @@ def svg_lines(series: dict[str, list[tuple[float, float]]], xlabel: str, ylabel:
             f"{height - bottom - (ty(y) - y0) / (y1 - y0) * plot_h:.1f}"
             for x, y in ps
         )
-        marker = "" if len(ps) > 1 else f' stroke-width="6" stroke-linecap="round"'
-        parts.append(f'<polyline points="{coords}{" " + coords if len(ps) == 1 else ""}" '
-                     f'fill="none" stroke="{color}" stroke-width="1.6"{marker}/>'
-                     f'<rect x="{left + 10 + 150 * k}" y="4" width="10" height="10" '
-                     f'fill="{color}"/><text x="{left + 24 + 150 * k}" y="13">{esc(name)}</text>')  # fmt: skip
+        marker = "" if len(ps) > 1 else ' stroke-width="6" stroke-linecap="round"'
+        parts.append(
+            f'<polyline points="{coords}{" " + coords if len(ps) == 1 else ""}" '
+            f'fill="none" stroke="{color}" stroke-width="1.6"{marker}/>'
+            f'<rect x="{left + 10 + 150 * k}" y="4" width="10" height="10" '
+            f'fill="{color}"/><text x="{left + 24 + 150 * k}" y="13">{esc(name)}</text>'
+        )
     ylab = f"{ylabel} (log10)" if log_y else ylabel
     parts += _axes(left, bottom, plot_w, plot_h, width, height, x0, x1, y0, y1, xlabel, ylab)
     parts.append("</svg>")

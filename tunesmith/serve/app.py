@@ -12,14 +12,11 @@ import asyncio
 import dataclasses
 import json
 import logging
-import socket
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, contextmanager
 
-import uvicorn
 from pydantic import BaseModel, ValidationError
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -39,6 +36,7 @@ from tunesmith.serve.api import (
     error_body,
     validation_message,
 )
+from tunesmith.serve.background import serve_in_thread
 from tunesmith.serve.engine import AdapterBusy, QueueFull, Sequence, UnknownModel
 
 __all__ = ["Limits", "Server", "build_app", "running"]
@@ -346,21 +344,5 @@ def _usage(prompt_tokens: int, generated: int) -> dict:
 def running(server: Server, host: str = "127.0.0.1", port: int = 0):
     """Serve `server` from a background thread (tests, benchmarks); yields the base URL
     (`http://host:port`, the port chosen by the system when 0) and stops on exit."""
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    config = uvicorn.Config(build_app(server), log_level="warning", lifespan="on")
-    runner = uvicorn.Server(config)
-    thread = threading.Thread(target=runner.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not runner.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the server did not start")
-        time.sleep(0.01)
-    try:
-        yield f"http://{host}:{sock.getsockname()[1]}"
-    finally:
-        runner.should_exit = True
-        thread.join(timeout=30)
-        sock.close()
+    with serve_in_thread(build_app(server), host, port) as url:
+        yield url

@@ -1,0 +1,75 @@
+"""`tunesmith report`: one self-contained page (no request leaves the file), with the
+evaluation table, curves, data report, review summary and samples that filter and search, in
+headless Chromium."""
+
+from __future__ import annotations
+
+import json
+
+from helpers.pages import browser, write_run  # noqa: F401 - browser: a fixture
+from helpers.runs import run_cli
+
+from tunesmith.judge.data_report import DataReport, Finding, SourceReport
+from tunesmith.judge.review import Review, a_on_left
+from tunesmith.judge.run_report import render_report
+
+
+def _data_report() -> dict:
+    source = SourceReport(
+        path="train.jsonl", split="train", format="chat", records=3, samples=3, tokens=30,
+        trained_tokens=9, truncated=0, split_long=0, dropped_too_long=0, dropped_untrained=0,
+        dropped_empty_response=0, out_of_order=0, prompt_lengths=[5, 6, 7],
+        answer_lengths=[3, 3, 3],
+    )  # fmt: skip
+    finding = Finding("duplicates_exact", 1, 1, "groups of identical training records",
+                      ["train.jsonl, line 1 = train.jsonl, line 3"])  # fmt: skip
+    return DataReport("run.yaml", 64, "truncate", 0.8, [source], [finding], 3, 9, 0).to_json()
+
+
+def test_the_report_page_in_a_browser(tmp_path, browser):  # noqa: F811
+    out = write_run(tmp_path / "run")
+    (out / "data_report.json").write_text(json.dumps(_data_report()))
+    review = Review(out, "base", "tuned")
+    for item in review.items:
+        review.vote("ann", item.index, item.key, "right" if a_on_left("ann", item) else "left")
+    result = run_cli("report", str(out))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"wrote {out / 'report.html'}"
+    page = browser.new_page()
+    requests = []
+    page.on("request", lambda r: requests.append(r.url))
+    page.goto((out / "report.html").as_uri())
+    assert requests == [(out / "report.html").as_uri()]  # nothing else is fetched
+    rows = page.locator("#eval-table tbody tr")
+    assert rows.nth(0).inner_text().split("\t") == ["perplexity", "4255.90", "1.22"]
+    assert rows.nth(1).inner_text().split("\t") == ["exact match (n=6)", "33.3%", "83.3%"]
+    assert "accuracy" not in page.inner_text("#eval-table")  # None in both columns
+    assert page.locator("svg").count() >= 3  # loss, lr, the data report's lengths
+    assert "1 groups of identical training records" in page.inner_text("body")
+    assert "tuned wins 100% of decisive votes" in page.inner_text("body")
+    assert page.text_content("#count") == "6 of 6 samples"
+    page.select_option("#filter", "tuned:wrong")
+    assert page.text_content("#count") == "1 of 6 samples"
+    assert page.locator("#samples tbody tr").first.get_attribute("data-index") == "5"
+    page.select_option("#filter", "base:right")
+    assert page.text_content("#count") == "2 of 6 samples"
+    page.select_option("#filter", "differ")
+    assert page.text_content("#count") == "5 of 6 samples"
+    page.select_option("#filter", "all")
+    page.fill("#search", "colour")
+    assert page.text_content("#count") == "1 of 6 samples"
+    assert page.locator("#samples tbody tr").first.get_attribute("data-index") == "3"
+    assert "r: 16" in page.inner_text("#config + pre")
+
+
+def test_the_report_names_what_is_missing(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = run_cli("report", str(empty))
+    assert result.returncode == 2
+    assert result.stderr.strip().endswith(
+        f"{empty}: holds no run (no config.yaml or metrics.jsonl); give a run's output_dir"
+    )
+    (empty / "config.yaml").write_text("method: {name: lora}\n")
+    text = render_report(empty)  # only a config: the page says what is not there
+    assert "no metrics.jsonl" in text and "no eval.json" in text and "no samples.jsonl" in text

@@ -1,0 +1,196 @@
+"""`tunesmith report OUTPUT_DIR`: one self-contained HTML page about a run: its config, the
+loss / learning-rate / validation curves, the evaluation table, the data report and review
+summary when present, and every generated sample with each model's answer side by side,
+searchable and filterable by right or wrong."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tunesmith.errors import TunesmithError
+from tunesmith.evaluate import METRICS, SAMPLES_FILE
+from tunesmith.judge.data_report import DataReport, report_body
+from tunesmith.judge.html import esc, json_script, page, svg_lines, table
+from tunesmith.judge.review import REVIEW_FILE, Review, summary_lines
+from tunesmith.train.plot import read_metrics
+
+DATA_REPORT_FILE = "data_report.json"
+REPORT_FILE = "report.html"
+
+
+def _read_json(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise TunesmithError(f"{path}: not valid JSON ({err.msg}, line {err.lineno})") from None
+
+
+def _curves(metrics: list[dict]) -> str:
+    train = [(m["step"], m["loss"]) for m in metrics if "loss" in m]
+    val = [(m["step"], m["val_loss"]) for m in metrics if "val_loss" in m]
+    lr = [(m["step"], m["lr"]) for m in metrics if "lr" in m]
+    if not train and not val:
+        return '<p class="muted">metrics.jsonl holds no losses</p>'
+    return svg_lines({"train loss": train, "validation loss": val}, "step", "loss") + svg_lines(
+        {"learning rate": lr}, "step", "lr"
+    )
+
+
+def _eval_table(evaluation: dict) -> str:
+    columns = evaluation.get("columns", {})
+    names = list(columns)
+    n = evaluation.get("samples")
+    rows = [["perplexity"] + [_fmt(columns[c].get("perplexity"), ppl=True) for c in names]]
+    for key, label in METRICS.items():
+        values = [columns[c].get(key) for c in names]
+        if all(v is None for v in values):
+            continue
+        rows.append([f"{label} (n={n})"] + [_fmt(v) for v in values])
+    return table([""] + names, rows, attrs='id="eval-table"')
+
+
+def _plain(value) -> str:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return str(value)
+    return f"{value:,}" if isinstance(value, int) else f"{value:,.4g}"
+
+
+def _fmt(value, ppl: bool = False) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.2f}" if ppl else f"{100 * value:.1f}%"
+
+
+def _samples_section(samples: list[dict]) -> str:
+    if not samples:
+        return '<p class="muted">no samples.jsonl (train with eval.generate_samples &gt; 0)</p>'
+    columns = list(samples[0]["answers"])
+    options = "".join(
+        f'<option value="{esc(c)}:right">{esc(c)} right</option>'
+        f'<option value="{esc(c)}:wrong">{esc(c)} wrong</option>'
+        for c in columns
+    )
+    if len(columns) >= 2:
+        options += '<option value="differ">answers differ</option>'
+    header = "".join(f"<th>{esc(c)}</th>" for c in columns)
+    return (
+        '<p><input id="search" type="search" placeholder="search prompts and answers" size="40"> '
+        f'<select id="filter"><option value="all">all samples</option>{options}</select> '
+        '<span id="count" class="muted"></span></p>'
+        '<div style="max-height:40em;overflow:auto"><table id="samples" style="width:100%">'
+        "<thead><tr><th>#</th><th>prompt</th>"
+        f"<th>reference</th>{header}</tr></thead><tbody></tbody></table></div>"
+        + json_script("samples-data", samples)
+    )
+
+
+SAMPLES_SCRIPT = r"""
+const samples = JSON.parse(document.getElementById("samples-data")?.textContent || "[]");
+const body = document.querySelector("#samples tbody");
+function cell(text, cls) {
+  const td = document.createElement("td");
+  td.textContent = text; td.style.whiteSpace = "pre-wrap";
+  if (cls) td.className = cls;
+  return td;
+}
+function render() {
+  if (!body) return;
+  const q = document.getElementById("search").value.toLowerCase();
+  const f = document.getElementById("filter").value;
+  body.innerHTML = "";
+  let shown = 0;
+  for (const s of samples) {
+    const prompt = s.messages.map((m) => `${m.role}: ${m.content}`).join("\n");
+    const answers = Object.values(s.answers);
+    const hay = [prompt, s.reference, ...answers].join("\n").toLowerCase();
+    if (q && !hay.includes(q)) continue;
+    if (f === "differ" && new Set(answers).size < 2) continue;
+    if (f.includes(":")) {
+      const [name, want] = f.split(":");
+      if (s.exact[name] !== (want === "right")) continue;
+    }
+    const tr = document.createElement("tr");
+    tr.dataset.index = s.index;
+    tr.appendChild(cell(String(s.index)));
+    tr.appendChild(cell(prompt));
+    tr.appendChild(cell(s.reference));
+    for (const [name, text] of Object.entries(s.answers))
+      tr.appendChild(cell(text, s.exact[name] ? "ok" : "bad"));
+    body.appendChild(tr);
+    shown += 1;
+  }
+  document.getElementById("count").textContent = `${shown} of ${samples.length} samples`;
+}
+if (body) {
+  document.getElementById("search").addEventListener("input", render);
+  document.getElementById("filter").addEventListener("change", render);
+  render();
+}
+"""
+
+
+def read_samples(output_dir: Path) -> list[dict]:
+    path = output_dir / SAMPLES_FILE
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            out.append(json.loads(line))
+    return out
+
+
+def render_report(output_dir: str | Path) -> str:
+    """The page for the run in `output_dir` (at least its config.yaml or metrics.jsonl)."""
+    out = Path(output_dir)
+    if not out.is_dir():
+        raise TunesmithError(f"{out}: no such folder (give a run's output_dir)")
+    config = out / "config.yaml"
+    if not config.is_file() and not (out / "metrics.jsonl").is_file():
+        raise TunesmithError(
+            f"{out}: holds no run (no config.yaml or metrics.jsonl); give a run's output_dir"
+        )
+    title = f"tunesmith report: {out}"
+    parts = [f"<h1>{esc(title)}</h1>"]
+    summary = _read_json(out / "summary.json")
+    if summary:
+        keys = ["method", "steps", "epochs", "tokens", "tokens_per_s", "seconds",
+                "final_train_loss", "final_val_loss", "final_val_ppl", "trainable_parameters",
+                "total_parameters", "device", "dtype"]  # fmt: skip
+        rows = [[k, _plain(summary[k])] for k in keys if k in summary]
+        parts += ['<h2 id="summary">Summary</h2>', table(["", "value"], rows)]
+    parts += ['<h2 id="curves">Curves</h2>', _curves(read_metrics(out)) if (
+        out / "metrics.jsonl").is_file() else '<p class="muted">no metrics.jsonl</p>']  # fmt: skip
+    evaluation = _read_json(out / "eval.json")
+    parts.append('<h2 id="evaluation">Evaluation</h2>')
+    parts.append(
+        _eval_table(evaluation)
+        if evaluation
+        else '<p class="muted">no eval.json (train with eval.generate_samples &gt; 0)</p>'
+    )
+    bench = _read_json(out / "bench" / "table.json")
+    if bench:
+        parts.append('<h2 id="bench">Benchmarks (lm-evaluation-harness)</h2>')
+        parts.append(table(bench["header"], bench["rows"]))
+    data = _read_json(out / DATA_REPORT_FILE)
+    if data:
+        parts += ['<h2 id="data">Data report</h2>', report_body(DataReport.from_json(data))]
+    samples = read_samples(out)
+    if (out / REVIEW_FILE).is_file() and samples and len(samples[0]["answers"]) >= 2:
+        a, b = list(samples[0]["answers"])[:2]
+        try:
+            review = Review(out, a, b)
+            lines = summary_lines(review.summary(), a, b)
+            parts += ['<h2 id="review">Blind review</h2>', f"<pre>{esc(chr(10).join(lines))}</pre>"]
+        except TunesmithError:
+            pass  # nothing to review: the two answered alike everywhere
+    parts += [f'<h2 id="samples-title">Samples ({len(samples)})</h2>', _samples_section(samples)]
+    if config.is_file():
+        parts += ['<h2 id="config">Config</h2>', f"<pre>{esc(config.read_text())}</pre>"]
+    return page(title, "\n".join(parts), SAMPLES_SCRIPT)
+
+
+__all__ = ["DATA_REPORT_FILE", "REPORT_FILE", "read_samples", "render_report"]
