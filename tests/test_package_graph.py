@@ -14,6 +14,7 @@ spec.loader.exec_module(graph)
 
 LAZY = {
     "bitsandbytes": "an optional extra (pip install -e .[bnb])",
+    "lm_eval": "an optional extra (pip install -e .[bench])",
     "datasets": "heavy; only for hub datasets",
     "pyarrow": "heavy; only for parquet files",
     "matplotlib": "heavy; only for loss plots",

@@ -345,17 +345,22 @@ def evaluate_models(
 
     columns = [column("base", model)] if include_base else []
     for i, folder in enumerate(adapters):
-        path = Path(folder)
-        label = path.name if path.name not in ("adapter", "model") else path.parent.name
+        label = adapter_label(folder)
         columns.append(
-            _measure_folder(
+            measure_folder(
                 config, model, folder, f"a{i}", (device, dtype), lambda m, lb=label: column(lb, m)
             )
         )
     return columns, len(pairs)
 
 
-def _measure_folder(config: RunConfig, model, folder: str, name: str, placement, measure_model):
+def adapter_label(folder: str) -> str:
+    """A column's name: the folder's, or its parent's for a run's adapter/ or model/."""
+    path = Path(folder)
+    return path.name if path.name not in ("adapter", "model") else path.parent.name
+
+
+def measure_folder(config: RunConfig, model, folder: str, name: str, placement, measure_model):
     """`measure_model` of the base with the adapter in `folder` (loaded as `name`, then
     removed: each adapter alone on the base, since LoRA and IA3 may target the same modules),
     or of the fully fine-tuned model in `folder` (loaded with `placement`: device, dtype)."""
@@ -381,12 +386,14 @@ def _measure_folder(config: RunConfig, model, folder: str, name: str, placement,
 __all__ = [
     "METRICS",
     "Column",
+    "adapter_label",
     "PromptAnswer",
     "compare_after_training",
     "evaluate_models",
     "format_table",
     "generation_scores",
     "label_set",
+    "measure_folder",
     "normalize",
     "predicted_label",
     "prompt_answer_pairs",

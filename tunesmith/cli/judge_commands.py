@@ -5,12 +5,17 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 
-from tunesmith.cli.app import ConfigArg, OverridesArg, app, examples
+from tunesmith.cli.app import AdapterOpt, ConfigArg, OverridesArg, app, examples
 from tunesmith.errors import TunesmithError
+
+IncludeOpt = Annotated[
+    Optional[list[str]],  # noqa: UP045
+    typer.Option("--include", help="A folder of task YAML files (repeatable).", show_default=False),
+]
 
 data_app = typer.Typer(
     help="Look at a run's data before training.", no_args_is_help=True, add_completion=False
@@ -157,3 +162,68 @@ def review_cmd(
         build_review_app(review, api_key, local_only=local), host=host, port=port,
         log_level="warning",
     )  # fmt: skip
+
+
+@app.command(
+    "bench",
+    epilog=examples(
+        "tunesmith bench examples/quickstart.yaml --tasks tunesmith_words",
+        "tunesmith bench run.yaml --tasks arc_easy,mmlu --limit 200 --adapter outputs/a/adapter",
+    ),
+)
+def bench_cmd(
+    config: ConfigArg,
+    overrides: OverridesArg = None,
+    tasks: str = typer.Option(
+        ..., "--tasks", help="Comma-separated harness tasks (bundled: tunesmith_words)."
+    ),
+    adapter: AdapterOpt = None,
+    limit: Optional[int] = typer.Option(  # noqa: UP045
+        None, "--limit", min=1, help="At most this many examples per task.", show_default=False
+    ),
+    num_fewshot: Optional[int] = typer.Option(  # noqa: UP045
+        None,
+        "--num-fewshot",
+        min=0,
+        help="Few-shot examples (default: the task's).",
+        show_default=False,
+    ),  # fmt: skip
+    include: IncludeOpt = None,
+    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Harness batch size."),
+    chat_template: Optional[bool] = typer.Option(  # noqa: UP045
+        None,
+        "--chat-template/--no-chat-template",
+        show_default=False,
+        help="Wrap prompts in the run's chat template (default: when it has one).",
+    ),  # fmt: skip
+    no_base: bool = typer.Option(False, "--no-base", help="Leave out the base model column."),
+    out: Optional[str] = typer.Option(  # noqa: UP045
+        None, "--out", help="Results folder (default: output_dir/bench).", show_default=False
+    ),
+) -> None:
+    """Benchmark tasks through lm-evaluation-harness (pip install -e ".[bench]") on the base
+    model and each adapter side by side, the adapter attached in memory. Writes the harness's
+    results JSON per model and a table to output_dir/bench. Without --adapter, the run's own
+    output_dir/adapter (or output_dir/model) is measured."""
+    from tunesmith.config import load_config
+    from tunesmith.judge.harness import bench_table, format_bench_table, run_bench, write_bench
+
+    cfg = load_config(config, overrides or [])
+    names = [t.strip() for t in tasks.split(",") if t.strip()]
+    if not names:
+        raise TunesmithError("--tasks: name at least one task, e.g. --tasks tunesmith_words")
+    adapters = list(adapter or [])
+    if not adapters:
+        for name in ("adapter", "model"):
+            if (Path(cfg.output_dir) / name).is_dir():
+                adapters.append(str(Path(cfg.output_dir) / name))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        columns = run_bench(
+            cfg, names, adapters, include=include, limit=limit, num_fewshot=num_fewshot,
+            batch_size=batch_size, chat_template=chat_template, include_base=not no_base,
+        )  # fmt: skip
+    typer.echo(format_bench_table(bench_table(columns)))
+    target = Path(out) if out else Path(cfg.output_dir) / "bench"
+    for path in write_bench(columns, target):
+        typer.echo(f"wrote {path}")
