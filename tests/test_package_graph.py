@@ -15,6 +15,9 @@ spec.loader.exec_module(graph)
 LAZY = {
     "bitsandbytes": "an optional extra (pip install -e .[bnb])",
     "lm_eval": "an optional extra (pip install -e .[bench])",
+    "torch.utils.tensorboard": "an optional extra (pip install -e .[tensorboard])",
+    "wandb": "an optional extra (pip install -e .[wandb])",
+    "mlflow": "an optional extra (pip install -e .[mlflow])",
     "datasets": "heavy; only for hub datasets",
     "pyarrow": "heavy; only for parquet files",
     "matplotlib": "heavy; only for loss plots",

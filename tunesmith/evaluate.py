@@ -262,14 +262,13 @@ def compare_after_training(run, echo) -> list[Column]:
         echo(f"    reference: {pairs[i].answer}")
         for column in columns:
             echo(f"    {column.name}: {column.predictions[i]}")
-    atomic_write_json(
-        {
-            "samples": len(pairs),
-            "columns": {c.name: {"perplexity": c.perplexity, **(c.scores or {})} for c in columns},
-        },
-        run.out / "eval.json",
-    )
+    evaluation = {
+        "samples": len(pairs),
+        "columns": {c.name: {"perplexity": c.perplexity, **(c.scores or {})} for c in columns},
+    }
+    atomic_write_json(evaluation, run.out / "eval.json")
     write_samples(run.out / SAMPLES_FILE, pairs, columns)
+    run.trackers.log_eval(evaluation)
     return columns
 
 

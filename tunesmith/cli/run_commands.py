@@ -184,6 +184,13 @@ def train_cmd(
         raise TrainingInterrupted(f"{err}. Continue with: {again}") from None
     if not main_rank:
         return
+    try:
+        _after_training(summary, run, cfg, config)
+    finally:
+        run.trackers.close()
+
+
+def _after_training(summary: dict, run, cfg, config) -> None:
     _print_summary(summary, run)
     if cfg.eval.generate_samples and run.strategy == "fsdp":
         typer.echo(

@@ -238,6 +238,11 @@ class TrainSection(Section):
     """Checkpoints to keep."""
     log_every_steps: int = Field(10, gt=0)
     """Log loss, lr and tokens/s every N steps."""
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = []
+    """Experiment trackers that also get what metrics.jsonl records, the config and the
+    evaluation table: tensorboard (event files in output_dir/tensorboard), wandb (WANDB_MODE,
+    WANDB_PROJECT), mlflow (MLFLOW_TRACKING_URI, else a local store in output_dir). Each needs
+    its extra: pip install -e ".[tensorboard]" (or wandb, mlflow)."""
 
 
 class EvalSection(Section):
@@ -248,7 +253,8 @@ class EvalSection(Section):
     """Samples per evaluation batch (default: train.micro_batch_size)."""
     generate_samples: int = Field(0, ge=0)
     """After training, answer this many validation prompts with the base model and the tuned
-    one and print exact match, contains and ROUGE-L side by side (0: skip)."""
+    one and print exact match, contains, BLEU, chrF and ROUGE side by side (eval.json), with
+    every answer in samples.jsonl for `tunesmith report` and `tunesmith review` (0: skip)."""
     max_new_tokens: int = Field(64, gt=0)
     """Longest generated answer in evaluation."""
     show_samples: int = Field(1, ge=0)

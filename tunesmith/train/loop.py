@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from safetensors.torch import load_file
 
 import tunesmith.train.distributed as dist_run
@@ -57,6 +58,7 @@ from tunesmith.train.optim import build_optimizer, build_scheduler
 from tunesmith.train.plot import plot_metrics, read_metrics
 from tunesmith.train.progress import Progress
 from tunesmith.train.speedups import apply_speedups, padding_free_for
+from tunesmith.train.trackers import Trackers
 
 
 class TrainingError(TunesmithError):
@@ -69,7 +71,8 @@ class TrainingInterrupted(TunesmithError):
 
 RUN_FILES = (
     "checkpoints", "adapter", "model", "metrics.jsonl", "config.yaml", "summary.json", "loss.png",
-    "eval.json", "samples.jsonl", "tensorboard",
+    "eval.json", "samples.jsonl", "tensorboard", "trackers.json", "wandb", "mlflow.db",
+    "mlartifacts",
 )  # fmt: skip
 """What a run writes into output_dir: a new run refuses a folder holding any of them."""
 
@@ -168,6 +171,7 @@ class Run:
     ):
         self.config = config
         self.out = Path(config.output_dir)
+        self.trackers = Trackers([], self.out, {})  # the real ones start in setup (rank 0)
         self.resume = resume
         self.overwrite = overwrite
         self.use_cache = use_cache
@@ -257,9 +261,12 @@ class Run:
         if folder is not None:
             self._restore(folder)
         if self.world.main:
-            atomic_write(
-                self.out / "config.yaml", lambda tmp: Path(tmp).write_text(config_yaml(cfg))
-            )
+            text = config_yaml(cfg)
+            atomic_write(self.out / "config.yaml", lambda tmp: Path(tmp).write_text(text))
+            self.trackers = Trackers(
+                cfg.train.report_to, self.out, {"data": yaml.safe_load(text), "yaml": text},
+                self.start_step,
+            )  # fmt: skip
 
     def _check_output_dir(self) -> None:
         """Lock output_dir for this run, then make sure it holds no other run's files (unless
@@ -377,6 +384,7 @@ class Run:
             return
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(entry) + "\n")
+        self.trackers.log(entry)
 
     def _save(self, step: int) -> Path:
         """The checkpoint of `step`: written by rank 0 (the trained state is the same on every
@@ -560,6 +568,7 @@ class Run:
             self.progress.close()
             if sys.exc_info()[0] is not None:
                 self.close()
+                self.trackers.close()
         return self._finish(last)
 
     def _finish(self, last: dict) -> dict:
@@ -664,4 +673,7 @@ def train(config: RunConfig, resume: str | None = None, **kwargs) -> dict:
     """Run a whole training job; returns the summary also written to output_dir/summary.json."""
     run = Run(config, resume=resume, **kwargs)
     run.setup()
-    return run.run()
+    try:
+        return run.run()
+    finally:
+        run.trackers.close()

@@ -1,0 +1,206 @@
+"""Experiment trackers (`train.report_to`): what a run writes to metrics.jsonl, its config and
+its evaluation table, sent to TensorBoard, Weights & Biases or MLflow through their own client
+libraries (the `tensorboard`, `wandb` and `mlflow` extras).
+
+- tensorboard: event files in output_dir/tensorboard (`tensorboard --logdir OUTPUT_DIR`).
+- wandb: `wandb.init` in output_dir; WANDB_MODE=offline keeps it on this machine
+  (`wandb sync` uploads later), WANDB_PROJECT names the project (default tunesmith).
+- mlflow: MLFLOW_TRACKING_URI when set, else a local store in output_dir (mlflow.db, and
+  mlartifacts/ for the config and evaluation table); MLFLOW_EXPERIMENT_NAME (default
+  tunesmith).
+
+A resumed run continues the same tracker run (ids kept in output_dir/trackers.json); the
+TensorBoard writer drops events logged after the checkpoint it resumes from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from tunesmith.errors import TunesmithError
+from tunesmith.io import atomic_write_json
+
+TRACKERS = ("tensorboard", "wandb", "mlflow")
+STATE_FILE = "trackers.json"
+EXTRA = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+
+
+def _flatten(data: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def _scalars(entry: dict) -> dict[str, float]:
+    """The numbers of a metrics.jsonl entry, named as trackers show them: train/loss,
+    train/lr, …, val/loss, val/ppl (`step` is the x axis)."""
+    out = {}
+    for key, value in entry.items():
+        if key == "step" or isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        name = f"val/{key[4:]}" if key.startswith("val_") else f"train/{key}"
+        out[name] = float(value)
+    return out
+
+
+def _eval_scalars(evaluation: dict) -> dict[str, float]:
+    out = {}
+    for column, scores in evaluation.get("columns", {}).items():
+        for metric, value in scores.items():
+            if isinstance(value, int | float):
+                out[f"eval/{column}/{metric}"] = float(value)
+    return out
+
+
+def _missing(name: str, err: ImportError) -> TunesmithError:
+    return TunesmithError(
+        f"train.report_to: {name} needs its client library ({err.name} is missing): "
+        f'pip install -e ".[{EXTRA[name]}]", or remove {name} from train.report_to'
+    )
+
+
+class _TensorBoard:
+    def __init__(self, out: Path, config: dict, state: dict, start_step: int) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as err:
+            raise _missing("tensorboard", err) from None
+        self.writer = SummaryWriter(
+            str(out / "tensorboard"), purge_step=start_step + 1 if start_step else None
+        )
+        if not start_step:
+            self.writer.add_text("config", "```yaml\n" + config["yaml"] + "\n```", 0)
+
+    def log(self, scalars: dict[str, float], step: int) -> None:
+        for name, value in scalars.items():
+            self.writer.add_scalar(name, value, step)
+
+    def log_eval(self, evaluation: dict, step: int) -> None:
+        self.log(_eval_scalars(evaluation), step)
+        columns = list(evaluation.get("columns", {}))
+        metrics = sorted({m for c in columns for m in evaluation["columns"][c]})
+        lines = ["| metric | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+        for metric in metrics:
+            cells = [evaluation["columns"][c].get(metric) for c in columns]
+            shown = ["-" if v is None else f"{v:.4g}" for v in cells]
+            lines.append(f"| {metric} | " + " | ".join(shown) + " |")
+        self.writer.add_text("evaluation", "\n".join(lines), step)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class _Wandb:
+    def __init__(self, out: Path, config: dict, state: dict, start_step: int) -> None:
+        try:
+            import wandb
+        except ImportError as err:
+            raise _missing("wandb", err) from None
+        self.run = wandb.init(
+            project=os.environ.get("WANDB_PROJECT", "tunesmith"), name=out.name, dir=str(out),
+            config=config["data"], id=state.get("wandb_id"), resume="allow",
+        )  # fmt: skip
+        state["wandb_id"] = self.run.id
+
+    def log(self, scalars: dict[str, float], step: int) -> None:
+        self.run.log(scalars, step=step)
+
+    def log_eval(self, evaluation: dict, step: int) -> None:
+        import wandb
+
+        for name, value in _eval_scalars(evaluation).items():
+            self.run.summary[name] = value
+        columns = list(evaluation.get("columns", {}))
+        metrics = sorted({m for c in columns for m in evaluation["columns"][c]})
+        rows = [[m, *(evaluation["columns"][c].get(m) for c in columns)] for m in metrics]
+        self.run.log({"evaluation": wandb.Table(columns=["metric", *columns], data=rows)})
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class _Mlflow:
+    def __init__(self, out: Path, config: dict, state: dict, start_step: int) -> None:
+        try:
+            import mlflow
+        except ImportError as err:
+            raise _missing("mlflow", err) from None
+        self.mlflow = mlflow
+        local = not os.environ.get("MLFLOW_TRACKING_URI")
+        if local:  # (set_tracking_uri also sets MLFLOW_TRACKING_URI)
+            mlflow.set_tracking_uri(f"sqlite:///{(out / 'mlflow.db').resolve()}")
+        name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "tunesmith")
+        experiment = mlflow.get_experiment_by_name(name)
+        if experiment is None:
+            artifacts = (out / "mlartifacts").resolve().as_uri() if local else None
+            experiment_id = mlflow.create_experiment(name, artifact_location=artifacts)
+        else:
+            experiment_id = experiment.experiment_id
+        self.active = mlflow.start_run(
+            run_id=state.get("mlflow_run_id"), experiment_id=experiment_id, run_name=out.name
+        )
+        state["mlflow_run_id"] = self.active.info.run_id
+        if not start_step:
+            params = {k: str(v)[:6000] for k, v in _flatten(config["data"]).items()}
+            mlflow.log_params(params)
+            mlflow.log_text(config["yaml"], "config.yaml")
+
+    def log(self, scalars: dict[str, float], step: int) -> None:
+        self.mlflow.log_metrics({k.replace("/", "."): v for k, v in scalars.items()}, step=step)
+
+    def log_eval(self, evaluation: dict, step: int) -> None:
+        scalars = _eval_scalars(evaluation)
+        self.mlflow.log_metrics({k.replace("/", "."): v for k, v in scalars.items()}, step=step)
+        self.mlflow.log_dict(evaluation, "eval.json")
+
+    def close(self) -> None:
+        self.mlflow.end_run()
+
+
+_KINDS = {"tensorboard": _TensorBoard, "wandb": _Wandb, "mlflow": _Mlflow}
+
+
+class Trackers:
+    """The run's trackers: `log` each metrics.jsonl entry, `log_eval` the evaluation table,
+    `close` at the end (idempotent). Rank 0 only."""
+
+    def __init__(self, names: list[str], out: Path, config: dict, start_step: int = 0) -> None:
+        self.out = Path(out)
+        self.step = start_step
+        state_path = self.out / STATE_FILE
+        state = json.loads(state_path.read_text()) if start_step and state_path.is_file() else {}
+        self.active = []
+        try:
+            for name in names:
+                self.active.append(_KINDS[name](self.out, config, state, start_step))
+        except BaseException:
+            self.close()
+            raise
+        if self.active:
+            atomic_write_json(state, state_path)
+
+    def log(self, entry: dict) -> None:
+        step = int(entry.get("step", self.step))
+        self.step = max(self.step, step)
+        scalars = _scalars(entry)
+        for tracker in self.active:
+            tracker.log(scalars, step)
+
+    def log_eval(self, evaluation: dict) -> None:
+        for tracker in self.active:
+            tracker.log_eval(evaluation, self.step)
+
+    def close(self) -> None:
+        active, self.active = self.active, []
+        for tracker in active:
+            tracker.close()
+
+
+__all__ = ["STATE_FILE", "TRACKERS", "Trackers"]
