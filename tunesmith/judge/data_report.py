@@ -388,11 +388,10 @@ def _findings(report: DataReport, items: list[Item]) -> list[Finding]:
             for it in items:
                 if it.source == s_index and it.answer is not None:
                     first.setdefault(normalize(it.answer), it.where)
-            where = [f"{a!r}: {c} prompts, e.g. {first[a]}" for a, c in common]
+            where = [f"{a!r} x{c} (first: {first[a]})" for a, c in common]
             add("same_answer", 3, where,
-                f"{source.path}: answers each given to {many} or more of {source.records} prompts "
-                f"(the most common: {common[0][0]!r}, {common[0][1]} times); check that they "
-                "are right for each")  # fmt: skip
+                f"records of {source.path} share {len(common)} answers, each given to {many} or "
+                f"more of its {source.records} prompts; check that they fit each prompt")  # fmt: skip
             found[-1].count = sum(c for _, c in common)
 
     # Imbalance among labels.
@@ -487,16 +486,18 @@ def report_body(report: DataReport) -> str:
                 "</details></li>"
             )
         parts.append(f"<ol>{''.join(items)}</ol>")
-    header = ["split", "file", "format", "records", "samples", "tokens", "trained",
-              "truncated", "split long", "dropped: too long", "answer truncated away",
-              "empty answer", "roles out of order"]  # fmt: skip
-    rows = [
-        [s.split, s.path, s.format, s.records, s.samples, s.tokens, s.trained_tokens,
-         s.truncated, s.split_long, s.dropped_too_long, s.dropped_untrained,
-         s.dropped_empty_response, s.out_of_order]
-        for s in report.sources
+    counts = [
+        ("format", "format"), ("records", "records"), ("samples", "samples"),
+        ("tokens", "tokens"), ("trained tokens", "trained_tokens"),
+        ("truncated at max_seq_len", "truncated"), ("split (truncation: split)", "split_long"),
+        ("dropped: too long", "dropped_too_long"),
+        ("dropped: answer truncated away", "dropped_untrained"),
+        ("dropped: empty answers", "dropped_empty_response"),
+        ("roles out of order", "out_of_order"),
     ]  # fmt: skip
-    parts += ["<h3>Counts</h3>", table(header, rows, numeric_from=3)]
+    header = [""] + [f"{s.split}: {s.path}" for s in report.sources]
+    rows = [[label] + [getattr(s, key) for s in report.sources] for label, key in counts]
+    parts += ["<h3>Counts</h3>", table(header, rows, attrs='id="data-counts"')]
     for s in report.sources:
         parts.append(f"<h3>Lengths: {esc(s.split)} {esc(s.path)}</h3>")
         parts.append(

@@ -72,9 +72,11 @@ class TrainingInterrupted(TunesmithError):
 RUN_FILES = (
     "checkpoints", "adapter", "model", "metrics.jsonl", "config.yaml", "summary.json", "loss.png",
     "eval.json", "samples.jsonl", "tensorboard", "trackers.json", "wandb", "mlflow.db",
-    "mlartifacts",
+    "mlartifacts", "bench", "report.html",
 )  # fmt: skip
-"""What a run writes into output_dir: a new run refuses a folder holding any of them."""
+"""What a run writes into output_dir (or a command writes about the trained model): a new run
+refuses a folder holding any of them. data_report.json (about the data) and review.jsonl (a
+person's votes; stale ones are left out) are kept."""
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:

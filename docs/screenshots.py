@@ -1,0 +1,62 @@
+"""The README's screenshots of `tunesmith report` and `tunesmith review`, taken in Debian's
+headless Chromium through Playwright, from a run's output folder (copied first: the votes the
+review screenshot casts stay in the copy).
+
+    python docs/screenshots.py outputs/quickstart  # docs/report.png, report-samples.png, review.png
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from playwright.sync_api import sync_playwright
+
+from tunesmith.io import atomic_write_text
+from tunesmith.judge.review import Review
+from tunesmith.judge.review_app import build_review_app
+from tunesmith.judge.run_report import render_report
+from tunesmith.serve.background import serve_in_thread
+
+DOCS = Path(__file__).resolve().parent
+
+
+def main(output_dir: str) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        run = Path(tmp) / Path(output_dir).name
+        shutil.copytree(
+            output_dir, run, ignore=shutil.ignore_patterns("checkpoints", "review.jsonl")
+        )
+        page_file = atomic_write_text(render_report(run), run / "report.html")
+        with sync_playwright() as p:
+            browser = p.chromium.launch(
+                executable_path=shutil.which("chromium"), args=["--no-sandbox"]
+            )
+            page = browser.new_page(viewport={"width": 1100, "height": 1500})
+            page.goto(page_file.resolve().as_uri())
+            page.evaluate("document.getElementById('evaluation').scrollIntoView()")
+            page.screenshot(path=str(DOCS / "report.png"))
+            page.select_option("#filter", "tuned:wrong")
+            page.evaluate("document.getElementById('samples-title').scrollIntoView()")
+            page.screenshot(path=str(DOCS / "report-samples.png"))
+            review = Review(run, "base", "tuned")
+            with serve_in_thread(build_review_app(review)) as url:
+                page = browser.new_page(viewport={"width": 1100, "height": 760})
+                page.goto(f"{url}/?reviewer=ann")
+                page.wait_for_selector("#left:not(:empty)")
+                for key in ("1", "2", "3"):
+                    before = page.text_content("#progress")
+                    page.keyboard.press(key)
+                    page.wait_for_function(
+                        f"document.querySelector('#progress').textContent != {before!r}"
+                    )
+                page.screenshot(path=str(DOCS / "review.png"))
+            browser.close()
+    print(f"wrote {DOCS / 'report.png'}, {DOCS / 'report-samples.png'}, {DOCS / 'review.png'}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "outputs/quickstart")
