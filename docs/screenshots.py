@@ -25,11 +25,12 @@ DOCS = Path(__file__).resolve().parent
 
 
 def main(output_dir: str) -> None:
+    source = Path(output_dir).resolve()
     with tempfile.TemporaryDirectory() as tmp:
-        run = Path(tmp) / Path(output_dir).name
-        shutil.copytree(
-            output_dir, run, ignore=shutil.ignore_patterns("checkpoints", "review.jsonl")
-        )
+        os.chdir(tmp)  # the pages show the folder as given, relative
+        run = Path(output_dir)
+        skip = shutil.ignore_patterns("checkpoints", "review.jsonl")
+        shutil.copytree(source, run, ignore=skip)
         page_file = atomic_write_text(render_report(run), run / "report.html")
         with sync_playwright() as p:
             browser = p.chromium.launch(

@@ -309,9 +309,12 @@ def evaluate_models(
     samples: int = 100,
     max_new_tokens: int | None = None,
     include_base: bool = True,
+    save_dir: str | Path | None = None,
 ) -> tuple[list[Column], int]:
     """`tunesmith eval`: perplexity and generation metrics on the run's validation data (or
-    `data_path`) for the base model and each adapter (or fully fine-tuned model folder)."""
+    `data_path`) for the base model and each adapter (or fully fine-tuned model folder). With
+    `save_dir`, the table goes to save_dir/eval.json and every answer to samples.jsonl (what
+    `tunesmith report` and `tunesmith review` read)."""
     sources = config.data.validation
     if data_path is not None:
         sources = [DatasetSource(path=data_path)]
@@ -350,6 +353,19 @@ def evaluate_models(
                 config, model, folder, f"a{i}", (device, dtype), lambda m, lb=label: column(lb, m)
             )
         )
+    if save_dir is not None:
+        names = [c.name for c in columns]
+        if len(set(names)) != len(names):
+            raise TunesmithError(
+                f"--save: two columns are both called {max(names, key=names.count)!r} (named "
+                "after their folders); give the folders different names"
+            )
+        evaluation = {
+            "samples": len(pairs),
+            "columns": {c.name: {"perplexity": c.perplexity, **(c.scores or {})} for c in columns},
+        }
+        atomic_write_json(evaluation, Path(save_dir) / "eval.json")
+        write_samples(Path(save_dir) / SAMPLES_FILE, pairs, columns)
     return columns, len(pairs)
 
 

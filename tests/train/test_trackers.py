@@ -52,7 +52,8 @@ def test_trackers_get_the_metrics_config_and_evaluation(tmp_path, tiny_dir, monk
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     cfg = make_config(
         tmp_path, tiny_dir,
-        train={"max_steps": 4, "log_every_steps": 1, "report_to": ["tensorboard", "wandb", "mlflow"]},
+        train={"max_steps": 4, "log_every_steps": 1,
+               "report_to": ["tensorboard", "wandb", "mlflow"]},
         eval={"every_steps": 2, "generate_samples": 3, "max_new_tokens": 4},
     )  # fmt: skip
     config = tmp_path / "run.yaml"

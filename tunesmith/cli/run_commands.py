@@ -266,10 +266,17 @@ def eval_cmd(
         None, "--max-new-tokens", help="Default: eval.max_new_tokens."
     ),
     no_base: bool = typer.Option(False, "--no-base", help="Leave out the base model column."),
+    save: Optional[str] = typer.Option(  # noqa: UP045
+        None,
+        "--save",
+        show_default=False,
+        help="Write eval.json and samples.jsonl (every answer) to this folder, for "
+        "`tunesmith report` and `tunesmith review`.",
+    ),  # fmt: skip
 ) -> None:
-    """Perplexity and generation metrics (exact match, contains, ROUGE-L) on the validation
-    data, for the base model and each adapter side by side. Without --adapter, the run's own
-    output_dir/adapter (or output_dir/model) is evaluated."""
+    """Perplexity and generation metrics (exact match, contains, accuracy, BLEU, chrF,
+    ROUGE-1/2/L) on the validation data, for the base model and each adapter side by side.
+    Without --adapter, the run's own output_dir/adapter (or output_dir/model) is evaluated."""
     from tunesmith.config import load_config
     from tunesmith.evaluate import evaluate_models, format_table
 
@@ -281,9 +288,11 @@ def eval_cmd(
                 adapters.append(str(Path(cfg.output_dir) / name))
     columns, n = evaluate_models(
         cfg, adapters, data_path=data, samples=samples, max_new_tokens=max_new_tokens,
-        include_base=not no_base,
+        include_base=not no_base, save_dir=save,
     )  # fmt: skip
     typer.echo(format_table(columns, n))
+    if save:
+        typer.echo(f"wrote {Path(save) / 'eval.json'} and {Path(save) / 'samples.jsonl'}")
 
 
 @app.command(

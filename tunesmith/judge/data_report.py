@@ -260,109 +260,120 @@ def _source_report(stats, split: str, items: list[Item]) -> SourceReport:
     )  # fmt: skip
 
 
+class _Found(list):
+    """The findings so far; `add` keeps a finding only when it has records."""
+
+    def add(self, key, severity, where, message, count=None) -> None:
+        if where:
+            count = len(where) if count is None else count
+            self.append(Finding(key, severity, count, message, where[:LIST_LIMIT]))
+
+
 def _findings(report: DataReport, items: list[Item]) -> list[Finding]:
     split_of = {i: s.split for i, s in enumerate(report.sources)}
     train = [i for i, it in enumerate(items) if split_of[it.source] == "train"]
     val = [i for i, it in enumerate(items) if split_of[it.source] == "validation"]
-    found: list[Finding] = []
-
-    def add(key, severity, where, message):
-        if where:
-            found.append(Finding(key, severity, len(where), message, where[:LIST_LIMIT]))
-
-    # Leakage: validation records that are (nearly) training records, or ask a training prompt.
-    train_text = {}
-    train_prompt = {}
-    for i in train:
-        train_text.setdefault(_digest(items[i].text), i)
-        if items[i].prompt:
-            train_prompt.setdefault(_digest(items[i].prompt), i)
-    exact_leak = [
-        f"{items[i].where} = {items[train_text[_digest(items[i].text)]].where}"
-        for i in val
-        if _digest(items[i].text) in train_text
-    ]
-    add("leakage_exact", 0, exact_leak,
-        "validation records identical to a training record (the validation score is inflated); "
-        "remove them from one side")  # fmt: skip
-    prompt_leak = [
-        f"{items[i].where} = {items[train_prompt[_digest(items[i].prompt)]].where}"
-        for i in val
-        if items[i].prompt
-        and _digest(items[i].prompt) in train_prompt
-        and _digest(items[i].text) not in train_text
-    ]
-    add("leakage_prompt", 1, prompt_leak,
-        "validation prompts also asked in training (with another answer)")  # fmt: skip
-
-    # Exact duplicates within training.
-    by_text: dict[str, list[int]] = defaultdict(list)
+    found = _Found()
+    by_text: dict[str, list[int]] = defaultdict(list)  # training records by their text
     for i in train:
         by_text[_digest(items[i].text)].append(i)
-    exact_groups = [g for g in by_text.values() if len(g) > 1]
-    add("duplicates_exact", 1,
-        [" = ".join(items[i].where for i in g) for g in exact_groups],
-        "groups of identical training records (each repeat trains the same text again); "
-        "keep one of each")  # fmt: skip
-    if exact_groups:
-        found[-1].count = sum(len(g) - 1 for g in exact_groups)
+    _leakage(found, items, by_text, val)
+    _duplicates(found, items, by_text, val, report.threshold)
+    _preparation(found, items, report.max_seq_len)
+    _answers(found, items, report.sources)
+    return sorted(found, key=lambda f: f.severity)
 
-    # Near duplicates: one representative per distinct text, LSH candidates checked exactly.
+
+def _leakage(found: _Found, items: list[Item], by_text: dict, val: list[int]) -> None:
+    """Validation records that are training records, or ask a training prompt."""
+    prompts = {}
+    for group in by_text.values():
+        for i in group:
+            if items[i].prompt:
+                prompts.setdefault(_digest(items[i].prompt), i)
+    exact = [
+        f"{items[i].where} = {items[by_text[_digest(items[i].text)][0]].where}"
+        for i in val
+        if _digest(items[i].text) in by_text
+    ]
+    found.add("leakage_exact", 0, exact,
+              "validation records identical to a training record (the validation score is "
+              "inflated); remove them from one side")  # fmt: skip
+    same_prompt = [
+        f"{items[i].where} = {items[prompts[_digest(items[i].prompt)]].where}"
+        for i in val
+        if items[i].prompt
+        and _digest(items[i].prompt) in prompts
+        and _digest(items[i].text) not in by_text
+    ]
+    found.add("leakage_prompt", 1, same_prompt,
+              "validation prompts also asked in training (with another answer)")  # fmt: skip
+
+
+def _duplicates(found: _Found, items, by_text: dict, val: list[int], threshold: float) -> None:
+    """Exact duplicates within training; near duplicates within training and from validation
+    into training: one representative per distinct text, LSH candidates checked exactly."""
+    exact = [g for g in by_text.values() if len(g) > 1]
+    found.add("duplicates_exact", 1, [" = ".join(items[i].where for i in g) for g in exact],
+              "groups of identical training records (each repeat trains the same text again); "
+              "keep one of each", count=sum(len(g) - 1 for g in exact))  # fmt: skip
     representatives = [g[0] for g in by_text.values()]
     sets = {i: shingles(items[i].text) for i in representatives}
-    val_sets = {i: shingles(items[i].text) for i in val if _digest(items[i].text) not in train_text}
-    lsh = MinHashLSH(threshold=report.threshold, num_perm=NUM_PERM)
-    hashes = {}
+    lsh = MinHashLSH(threshold=threshold, num_perm=NUM_PERM)
+    hashes = {i: _minhash(sets[i]) for i in representatives}
     for i in representatives:
-        hashes[i] = _minhash(sets[i])
         lsh.insert(str(i), hashes[i])
+
+    def near(tokens: set[str], minhash: MinHash) -> list[int]:
+        return sorted(
+            int(k) for k in lsh.query(minhash) if jaccard(tokens, sets[int(k)]) >= threshold
+        )
+
     groups = _Groups()
     for i in representatives:
-        for key in lsh.query(hashes[i]):
-            j = int(key)
-            if j != i and jaccard(sets[i], sets[j]) >= report.threshold:
+        for j in near(sets[i], hashes[i]):
+            if j != i:
                 groups.union(i, j)
-    near = groups.groups()
-    add("duplicates_near", 2,
-        [" ~ ".join(items[i].where for i in g) for g in near],
-        f"groups of near-duplicate training records (word 3-gram Jaccard >= {report.threshold:g}, "
-        "MinHash/LSH); check that they differ on purpose")  # fmt: skip
-    if near:
-        found[-1].count = sum(len(g) - 1 for g in near)
-    near_leak = []
-    for i, s in val_sets.items():
-        matches = [
-            int(k) for k in lsh.query(_minhash(s)) if jaccard(s, sets[int(k)]) >= report.threshold
-        ]
+    clusters = groups.groups()
+    found.add("duplicates_near", 2, [" ~ ".join(items[i].where for i in g) for g in clusters],
+              f"groups of near-duplicate training records (word 3-gram Jaccard >= {threshold:g}, "
+              "MinHash/LSH); check that they differ on purpose",
+              count=sum(len(g) - 1 for g in clusters))  # fmt: skip
+    leaks = []
+    for i in val:
+        if _digest(items[i].text) in by_text:
+            continue  # an exact leak, listed already
+        tokens = shingles(items[i].text)
+        matches = near(tokens, _minhash(tokens))
         if matches:
-            near_leak.append(f"{items[i].where} ~ {items[min(matches)].where}")
-    add("leakage_near", 1, near_leak,
-        f"validation records nearly identical to a training record (Jaccard >= "
-        f"{report.threshold:g})")  # fmt: skip
+            leaks.append(f"{items[i].where} ~ {items[matches[0]].where}")
+    found.add("leakage_near", 1, leaks,
+              f"validation records nearly identical to a training record (Jaccard >= "
+              f"{threshold:g})")  # fmt: skip
 
-    # What preparation does to records.
+
+def _preparation(found: _Found, items: list[Item], max_seq_len: int) -> None:
+    """What preparation did to records: dropped, cut, roles out of order, empty answers."""
+
     def fate(key: str) -> list[str]:
         return [it.where for it in items if it.trace.events[key]]
 
-    add("truncated_away", 0, fate("dropped_untrained"),
-        f"records whose answer lies past max_seq_len={report.max_seq_len} (dropped: nothing left "
-        "to train); raise data.max_seq_len or shorten the prompts")  # fmt: skip
-    add(
+    found.add("truncated_away", 0, fate("dropped_untrained"),
+              f"records whose answer lies past max_seq_len={max_seq_len} (dropped: nothing left "
+              "to train); raise data.max_seq_len or shorten the prompts")  # fmt: skip
+    found.add(
         "too_long",
         1,
         fate("dropped_too_long"),
-        f"records longer than max_seq_len={report.max_seq_len}, dropped (truncation: drop)",
+        f"records longer than max_seq_len={max_seq_len}, dropped (truncation: drop)",
     )
-    add(
-        "truncated",
-        2,
-        fate("truncated"),
-        f"records cut at max_seq_len={report.max_seq_len} (the end of their answer is not trained)",
-    )
-    add("out_of_order", 1, fate("out_of_order"),
-        "conversations with roles out of order (system after the start, an assistant turn first, "
-        "or two turns of one role in a row)")  # fmt: skip
-    add(
+    found.add("truncated", 2, fate("truncated"),
+              f"records cut at max_seq_len={max_seq_len} (the end of their answer is not "
+              "trained)")  # fmt: skip
+    found.add("out_of_order", 1, fate("out_of_order"),
+              "conversations with roles out of order (system after the start, an assistant "
+              "turn first, or two turns of one role in a row)")  # fmt: skip
+    found.add(
         "empty_answer",
         0,
         fate("dropped_empty_response"),
@@ -372,40 +383,34 @@ def _findings(report: DataReport, items: list[Item]) -> list[Finding]:
         it.where for it in items
         if it.answer is not None and it.answer.strip() and len(normalize(it.answer)) <= 1
     ]  # fmt: skip
-    add("short_answer", 2, short, "answers of one character or less")
+    found.add("short_answer", 2, short, "answers of one character or less")
 
-    # Answers identical across many prompts (free-form data only: labels repeat by design).
-    for s_index, source in enumerate(report.sources):
-        if source.answers is not None:
-            continue
-        answers = Counter(
-            normalize(it.answer) for it in items if it.source == s_index and it.answer is not None
-        )
-        many = max(5, source.records // 20)
-        common = [(a, c) for a, c in answers.most_common() if c >= many and a]
-        if common:
-            first = {}
-            for it in items:
-                if it.source == s_index and it.answer is not None:
-                    first.setdefault(normalize(it.answer), it.where)
-            where = [f"{a!r} x{c} (first: {first[a]})" for a, c in common]
-            add("same_answer", 3, where,
-                f"records of {source.path} share {len(common)} answers, each given to {many} or "
-                f"more of its {source.records} prompts; check that they fit each prompt")  # fmt: skip
-            found[-1].count = sum(c for _, c in common)
 
-    # Imbalance among labels.
-    for source in report.sources:
+def _answers(found: _Found, items: list[Item], sources: list[SourceReport]) -> None:
+    """Answers given to many prompts (free-form data; labels repeat by design), and
+    imbalanced labels (classification-like data)."""
+    for s_index, source in enumerate(sources):
         shares = source.answers
-        if shares and len(shares) > 1:
-            top, low = max(shares.values()), min(shares.values())
-            if top >= 3 * low:
-                largest = next(iter(shares))
-                add("imbalance", 2, [source.path],
-                    f"{source.path}: labels are imbalanced: {largest!r} {100 * top:.0f}% vs "
-                    f"{100 * low:.0f}% for the rarest; a model can score {100 * top:.0f}% by "
-                    "always answering it")  # fmt: skip
-    return sorted(found, key=lambda f: f.severity)
+        if shares is not None:
+            top, low = max(shares.values(), default=0), min(shares.values(), default=0)
+            if len(shares) > 1 and top >= 3 * low:
+                found.add("imbalance", 2, [source.path],
+                          f"{source.path}: labels are imbalanced: {next(iter(shares))!r} "
+                          f"{100 * top:.0f}% vs {100 * low:.0f}% for the rarest; a model can "
+                          f"score {100 * top:.0f}% by always answering it")  # fmt: skip
+            continue
+        answers = [normalize(it.answer) for it in items
+                   if it.source == s_index and it.answer is not None]  # fmt: skip
+        first = {}
+        for it in items:
+            if it.source == s_index and it.answer is not None:
+                first.setdefault(normalize(it.answer), it.where)
+        many = max(5, source.records // 20)
+        common = [(a, c) for a, c in Counter(answers).most_common() if c >= many and a]
+        found.add("same_answer", 3, [f"{a!r} x{c} (first: {first[a]})" for a, c in common],
+                  f"records of {source.path} share {len(common)} answers, each given to {many} "
+                  f"or more of its {source.records} prompts; check that they fit each prompt",
+                  count=sum(c for _, c in common))  # fmt: skip
 
 
 # --- text output -----------------------------------------------------------------------------

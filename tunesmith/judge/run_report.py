@@ -149,9 +149,10 @@ def render_report(output_dir: str | Path) -> str:
     if not out.is_dir():
         raise TunesmithError(f"{out}: no such folder (give a run's output_dir)")
     config = out / "config.yaml"
-    if not config.is_file() and not (out / "metrics.jsonl").is_file():
+    if not any((out / n).is_file() for n in ("config.yaml", "metrics.jsonl", "eval.json")):
         raise TunesmithError(
-            f"{out}: holds no run (no config.yaml or metrics.jsonl); give a run's output_dir"
+            f"{out}: holds no run (no config.yaml, metrics.jsonl or eval.json); give a run's "
+            "output_dir or a `tunesmith eval --save` folder"
         )
     title = f"tunesmith report: {out}"
     parts = [f"<h1>{esc(title)}</h1>"]
