@@ -38,6 +38,7 @@ def reference_accuracy(model, tokenizer, docs) -> float:
     return right / len(docs)
 
 
+@pytest.mark.slow  # another tool's run: once in .ci/run, at the newest transformers
 def test_bench_runs_the_bundled_task_for_base_and_adapter(tmp_path, tiny_dir):
     adapter = adapter_folder(tmp_path, tiny_dir, "lora", name="words", seed=2, b_scale=3.0)
     config = tmp_path / "run.yaml"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from helpers.pages import browser, write_run  # noqa: F401 - browser: a fixture
 from helpers.runs import run_cli
 
@@ -26,6 +27,7 @@ def _data_report() -> dict:
     return DataReport("run.yaml", 64, "truncate", 0.8, [source], [finding], 3, 9, 0).to_json()
 
 
+@pytest.mark.slow  # another tool's run: once in .ci/run, at the newest transformers
 def test_the_report_page_in_a_browser(tmp_path, browser):  # noqa: F811
     out = write_run(tmp_path / "run")
     (out / "data_report.json").write_text(json.dumps(_data_report()))

@@ -104,6 +104,7 @@ def _tuned_side(page) -> str:
     return "left" if left in TUNED and left not in BASE else "right"
 
 
+@pytest.mark.slow  # another tool's run: once in .ci/run, at the newest transformers
 def test_review_page_in_a_browser(tmp_path, browser):  # noqa: F811
     out = write_run(tmp_path / "run")
     review = Review(out, "base", "tuned")

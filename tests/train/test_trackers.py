@@ -46,6 +46,7 @@ def _key(item) -> str:
     return item.key or "/".join(item.nested_key)
 
 
+@pytest.mark.slow  # another tool's run: once in .ci/run, at the newest transformers
 def test_trackers_get_the_metrics_config_and_evaluation(tmp_path, tiny_dir, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")

@@ -59,6 +59,13 @@ def _eval_scalars(evaluation: dict) -> dict[str, float]:
     return out
 
 
+def _eval_rows(evaluation: dict) -> tuple[list[str], list[list]]:
+    """The evaluation table: its columns (models) and rows [metric, value per column]."""
+    columns = list(evaluation.get("columns", {}))
+    metrics = sorted({m for c in columns for m in evaluation["columns"][c]})
+    return columns, [[m, *(evaluation["columns"][c].get(m) for c in columns)] for m in metrics]
+
+
 def _missing(name: str, err: ImportError) -> TunesmithError:
     return TunesmithError(
         f"train.report_to: {name} needs its client library ({err.name} is missing): "
@@ -84,11 +91,9 @@ class _TensorBoard:
 
     def log_eval(self, evaluation: dict, step: int) -> None:
         self.log(_eval_scalars(evaluation), step)
-        columns = list(evaluation.get("columns", {}))
-        metrics = sorted({m for c in columns for m in evaluation["columns"][c]})
+        columns, rows = _eval_rows(evaluation)
         lines = ["| metric | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
-        for metric in metrics:
-            cells = [evaluation["columns"][c].get(metric) for c in columns]
+        for metric, *cells in rows:
             shown = ["-" if v is None else f"{v:.4g}" for v in cells]
             lines.append(f"| {metric} | " + " | ".join(shown) + " |")
         self.writer.add_text("evaluation", "\n".join(lines), step)
@@ -117,9 +122,7 @@ class _Wandb:
 
         for name, value in _eval_scalars(evaluation).items():
             self.run.summary[name] = value
-        columns = list(evaluation.get("columns", {}))
-        metrics = sorted({m for c in columns for m in evaluation["columns"][c]})
-        rows = [[m, *(evaluation["columns"][c].get(m) for c in columns)] for m in metrics]
+        columns, rows = _eval_rows(evaluation)
         self.run.log({"evaluation": wandb.Table(columns=["metric", *columns], data=rows)})
 
     def close(self) -> None:
