@@ -115,7 +115,7 @@ def review_cmd(
         None, "--b", help="Model B (default: the other column, e.g. tuned).", show_default=False
     ),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind."),
-    port: int = typer.Option(8100, "--port", help="Port (0: any free port)."),
+    port: int = typer.Option(8100, "--port", help="Port to bind."),
     api_key: Optional[str] = typer.Option(  # noqa: UP045
         None,
         "--api-key",

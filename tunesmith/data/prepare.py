@@ -99,18 +99,9 @@ def prepare_data(
     pack. Raises `DataError` for bad files or records, naming the file and record."""
     train_specs = [(f"data.datasets.{i}", s) for i, s in enumerate(data.datasets)]
     val_specs = [(f"data.validation.{i}", s) for i, s in enumerate(data.validation)]
-    formats = {at: _peek_format(src, at) for at, src in train_specs + val_specs}
-    template, template_name = resolve_chat_template(
-        data.chat_template, tokenizer, set(formats.values())
-    )
-    settings = EncodeSettings(
-        max_seq_len=data.max_seq_len,
-        truncation=data.truncation,
-        train_on_inputs=data.train_on_inputs,
-        add_eos=data.add_eos,
-        template=template,
-        add_bos=template_name != "tokenizer",
-    )
+    formats = {at: peek_format(src, at) for at, src in train_specs + val_specs}
+    settings, template_name = encode_settings(data, tokenizer, set(formats.values()))
+    template = settings.template
     cache_dir = Path(data.cache_dir).expanduser() if data.cache_dir else default_cache_dir()
     fingerprint = tokenizer_fingerprint(tokenizer)
     rng = np.random.default_rng(seed)
@@ -144,7 +135,22 @@ def prepare_data(
     return prepared
 
 
-def _peek_format(src: DatasetSource, at: str) -> str:
+def encode_settings(data: DataSection, tokenizer, formats: set[str]) -> tuple[EncodeSettings, str]:
+    """How the sources' `formats` are encoded, and the chat template's name."""
+    template, template_name = resolve_chat_template(data.chat_template, tokenizer, formats)
+    settings = EncodeSettings(
+        max_seq_len=data.max_seq_len,
+        truncation=data.truncation,
+        train_on_inputs=data.train_on_inputs,
+        add_eos=data.add_eos,
+        template=template,
+        add_bos=template_name != "tokenizer",
+    )
+    return settings, template_name
+
+
+def peek_format(src: DatasetSource, at: str) -> str:
+    """A source's format: the configured one, or detected from its first record."""
     if src.format != "auto":
         return src.format
     first = next(read_records(src.path, src.split, src.subset, src.revision, max_samples=1), None)
@@ -275,4 +281,4 @@ def _read_cache(path: Path) -> tuple[SampleSet, SourceStats]:
     return SampleSet(arrays["input_ids"], arrays["labels"], arrays["offsets"]), stats
 
 
-__all__ = ["PreparedData", "SourceStats", "prepare_data"]
+__all__ = ["PreparedData", "SourceStats", "encode_settings", "peek_format", "prepare_data"]

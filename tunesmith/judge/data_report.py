@@ -18,16 +18,15 @@ from datasketch import MinHash, MinHashLSH
 
 from tunesmith.config import DatasetSource, RunConfig
 from tunesmith.data import prepare_data
-from tunesmith.data.encode import EncodeSettings, Trace, encode_examples
+from tunesmith.data.encode import Trace, encode_examples
 from tunesmith.data.formats import (
     Completion,
     Conversation,
     FormatSpec,
-    detect_format,
     parse_record,
 )
+from tunesmith.data.prepare import encode_settings, peek_format
 from tunesmith.data.sources import read_records
-from tunesmith.data.templates import resolve_chat_template
 from tunesmith.evaluate import MAX_LABEL_WORDS, normalize
 from tunesmith.io import atomic_write
 from tunesmith.judge.html import esc, page, svg_histogram, table
@@ -194,16 +193,8 @@ def data_report(
     prepared = prepare_data(data, tokenizer, config.train.seed)
     train_sources = [(f"data.datasets.{i}", s, "train") for i, s in enumerate(data.datasets)]
     val_sources = [(f"data.validation.{i}", s, "validation") for i, s in enumerate(data.validation)]
-    template, name = resolve_chat_template(
-        data.chat_template,
-        tokenizer,
-        {_format_of(s, at) for at, s, _ in train_sources + val_sources},
-    )
-    settings = EncodeSettings(
-        max_seq_len=data.max_seq_len, truncation=data.truncation,
-        train_on_inputs=data.train_on_inputs, add_eos=data.add_eos, template=template,
-        add_bos=name != "tokenizer",
-    )  # fmt: skip
+    formats = {peek_format(s, at) for at, s, _ in train_sources + val_sources}
+    settings, _ = encode_settings(data, tokenizer, formats)
     items: list[Item] = []
     sources: list[SourceReport] = []
     for index, ((at, src, split), stats) in enumerate(
@@ -222,15 +213,8 @@ def data_report(
     return report
 
 
-def _format_of(src: DatasetSource, at: str) -> str:
-    if src.format != "auto":
-        return src.format
-    first = next(read_records(src.path, src.split, src.subset, src.revision, max_samples=1))
-    return detect_format(first, src.fields, at)
-
-
 def _read_items(index, src: DatasetSource, at, system_prompt, tokenizer, settings) -> list[Item]:
-    spec = FormatSpec(_format_of(src, at), src.fields, src.roles, system_prompt, at)
+    spec = FormatSpec(peek_format(src, at), src.fields, src.roles, system_prompt, at)
     records = list(read_records(src.path, src.split, src.subset, src.revision, src.max_samples))
     examples = [(parse_record(r, spec), r.where) for r in records]
     traces: list[Trace] = []
