@@ -38,8 +38,8 @@ SHINGLE = 3
 """Near duplicates compare sets of word 3-grams (the words themselves in shorter texts)."""
 SHORT_ANSWER_WORDS = MAX_LABEL_WORDS
 """Answers of at most this many words count as short: labels in classification-like data."""
-LIST_LIMIT = 20
-"""Record locations listed per finding (the counts are complete)."""
+HTML_LIMIT = 200
+"""Record locations the HTML page lists per finding (the JSON report has all)."""
 
 
 @dataclass
@@ -66,7 +66,7 @@ class Finding:
     count: int
     message: str
     where: list[str] = field(default_factory=list)
-    """Locations of the affected records (at most `LIST_LIMIT`); for duplicates one line per
+    """Locations of all the affected records; for duplicates one line per
     group: "file, line 3 = file, line 9"."""
 
 
@@ -250,7 +250,7 @@ class _Found(list):
     def add(self, key, severity, where, message, count=None) -> None:
         if where:
             count = len(where) if count is None else count
-            self.append(Finding(key, severity, count, message, where[:LIST_LIMIT]))
+            self.append(Finding(key, severity, count, message, list(where)))
 
 
 def _findings(report: DataReport, items: list[Item]) -> list[Finding]:
@@ -463,11 +463,10 @@ def report_body(report: DataReport) -> str:
     else:
         items = []
         for f in report.findings:
-            where = "".join(f"<li>{esc(w)}</li>" for w in f.where)
+            where = "".join(f"<li>{esc(w)}</li>" for w in f.where[:HTML_LIMIT])
+            hidden = len(f.where) - HTML_LIMIT
             more = (
-                f'<li class="muted">… {f.count - len(f.where)} more</li>'
-                if (f.count > len(f.where) and f.key not in ("duplicates_exact", "duplicates_near"))
-                else ""
+                f'<li class="muted">… {hidden} more in the JSON report</li>' if hidden > 0 else ""
             )
             items.append(
                 f'<li class="sev{f.severity}" data-finding="{esc(f.key)}"><b>{f.count}</b> '
