@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 from tunesmith.errors import TunesmithError
@@ -130,41 +131,48 @@ class _Wandb:
 
 
 class _Mlflow:
+    """Through an `MlflowClient` of its own: no process-wide tracking URI or active run is
+    set, so runs in one process (the Python API) do not leak into each other."""
+
     def __init__(self, out: Path, config: dict, state: dict, start_step: int) -> None:
         try:
-            import mlflow
+            from mlflow import MlflowClient
+            from mlflow.entities import Metric, Param
         except ImportError as err:
             raise _missing("mlflow", err) from None
-        self.mlflow = mlflow
-        local = not os.environ.get("MLFLOW_TRACKING_URI")
-        if local:  # (set_tracking_uri also sets MLFLOW_TRACKING_URI)
-            mlflow.set_tracking_uri(f"sqlite:///{(out / 'mlflow.db').resolve()}")
+        self.metric = Metric
+        uri = os.environ.get("MLFLOW_TRACKING_URI")
+        local = not uri
+        self.client = MlflowClient(uri or f"sqlite:///{(out / 'mlflow.db').resolve()}")
         name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "tunesmith")
-        experiment = mlflow.get_experiment_by_name(name)
+        experiment = self.client.get_experiment_by_name(name)
         if experiment is None:
             artifacts = (out / "mlartifacts").resolve().as_uri() if local else None
-            experiment_id = mlflow.create_experiment(name, artifact_location=artifacts)
+            experiment_id = self.client.create_experiment(name, artifact_location=artifacts)
         else:
             experiment_id = experiment.experiment_id
-        self.active = mlflow.start_run(
-            run_id=state.get("mlflow_run_id"), experiment_id=experiment_id, run_name=out.name
-        )
-        state["mlflow_run_id"] = self.active.info.run_id
+        self.run_id = state.get("mlflow_run_id")
+        if self.run_id is None:
+            self.run_id = self.client.create_run(experiment_id, run_name=out.name).info.run_id
+        else:
+            self.client.update_run(self.run_id, status="RUNNING")
+        state["mlflow_run_id"] = self.run_id
         if not start_step:
-            params = {k: str(v)[:6000] for k, v in _flatten(config["data"]).items()}
-            mlflow.log_params(params)
-            mlflow.log_text(config["yaml"], "config.yaml")
+            params = [Param(k, str(v)[:6000]) for k, v in _flatten(config["data"]).items()]
+            self.client.log_batch(self.run_id, params=params)
+            self.client.log_text(self.run_id, config["yaml"], "config.yaml")
 
     def log(self, scalars: dict[str, float], step: int) -> None:
-        self.mlflow.log_metrics({k.replace("/", "."): v for k, v in scalars.items()}, step=step)
+        now = int(time.time() * 1000)
+        metrics = [self.metric(k.replace("/", "."), v, now, step) for k, v in scalars.items()]
+        self.client.log_batch(self.run_id, metrics=metrics)
 
     def log_eval(self, evaluation: dict, step: int) -> None:
-        scalars = _eval_scalars(evaluation)
-        self.mlflow.log_metrics({k.replace("/", "."): v for k, v in scalars.items()}, step=step)
-        self.mlflow.log_dict(evaluation, "eval.json")
+        self.log(_eval_scalars(evaluation), step)
+        self.client.log_dict(self.run_id, evaluation, "eval.json")
 
     def close(self) -> None:
-        self.mlflow.end_run()
+        self.client.set_terminated(self.run_id)
 
 
 _KINDS = {"tensorboard": _TensorBoard, "wandb": _Wandb, "mlflow": _Mlflow}
