@@ -161,3 +161,31 @@ def test_the_command_writes_json_html_and_png(tmp_path, tiny_dir):
     bad = run_cli("data", "report", str(config), "--threshold", "1.5")
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines()[-1] == "error: --threshold must lie in (0, 1], got 1.5"
+
+
+def test_repeated_answers_one_character_answers_and_drops(tmp_path, tiny_dir):
+    """Free-form data: an answer given to 6 of 12 prompts (at least 5) is flagged, with its
+    count; one-character answers are listed; truncation: drop drops the long record."""
+    rng = random.Random(1)
+    rows = [chat(" ".join(rng.choice(VOCAB) for _ in range(6)), "I cannot say which one it is")
+            for _ in range(6)]  # fmt: skip
+    rows += [chat(" ".join(rng.choice(VOCAB) for _ in range(6)), f"answer {w} is a long one")
+             for w in VOCAB[:3]]  # fmt: skip
+    rows += [chat("pick one", "x"), chat("pick two", "y")]  # lines 10, 11
+    rows.append(chat(" ".join(rng.choice(VOCAB) for _ in range(300)), "too long to keep"))
+    train_file = write_jsonl(tmp_path / "t.jsonl", rows)
+    cfg = make_config(
+        tmp_path, tiny_dir,
+        data={"datasets": [{"path": str(train_file)}], "validation": [], "max_seq_len": 128,
+              "truncation": "drop"},
+    )  # fmt: skip
+    report = data_report(cfg, chat_tokenizer())
+    f = findings(report)
+    assert report.sources[0].answers is None  # free-form: most answers are long
+    assert f["same_answer"].count == 6
+    assert f["same_answer"].where == [
+        f"'i cannot say which one it is' x6 (first: {train_file}, line 1)"
+    ]
+    assert f["short_answer"].where == [f"{train_file}, line 10", f"{train_file}, line 11"]
+    assert f["too_long"].where == [f"{train_file}, line 12"]
+    assert report.sources[0].dropped_too_long == 1 and report.sources[0].samples == 11
