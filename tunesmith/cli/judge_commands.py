@@ -201,7 +201,7 @@ def bench_cmd(
         None, "--out", help="Results folder (default: output_dir/bench).", show_default=False
     ),
 ) -> None:
-    """Benchmark tasks through lm-evaluation-harness (pip install -e ".[bench]") on the base
+    """Benchmark tasks through lm-evaluation-harness (the bench extra) on the base
     model and each adapter side by side, the adapter attached in memory. Writes the harness's
     results JSON per model and a table to output_dir/bench. Without --adapter, the run's own
     output_dir/adapter (or output_dir/model) is measured."""
