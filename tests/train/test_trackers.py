@@ -134,3 +134,4 @@ def test_a_missing_tracker_library_is_named(tmp_path, tiny_dir):
         "error: train.report_to: wandb needs its client library (wandb is missing): "
         'pip install -e ".[wandb]", or remove wandb from train.report_to'
     )
+    assert not (tmp_path / "out").exists()  # stopped before output_dir held anything

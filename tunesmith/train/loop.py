@@ -58,7 +58,7 @@ from tunesmith.train.optim import build_optimizer, build_scheduler
 from tunesmith.train.plot import plot_metrics, read_metrics
 from tunesmith.train.progress import Progress
 from tunesmith.train.speedups import apply_speedups, padding_free_for
-from tunesmith.train.trackers import Trackers
+from tunesmith.train.trackers import Trackers, check_trackers
 
 
 class TrainingError(TunesmithError):
@@ -200,6 +200,8 @@ class Run:
         self.world = dist_run.world_from_env()
         if not self.world.main:  # only rank 0 speaks
             self.progress = Progress(log_every=10**9, live=False, stream=open(os.devnull, "w"))
+        else:
+            check_trackers(cfg.train.report_to)  # before output_dir holds anything
         self._check_output_dir()
         seed_everything(cfg.train.seed, cfg.train.deterministic)
         self.tokenizer = load_tokenizer(cfg.model)

@@ -15,6 +15,7 @@ TensorBoard writer drops events logged after the checkpoint it resumes from.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import time
@@ -72,6 +73,19 @@ def _missing(name: str, err: ImportError) -> TunesmithError:
         f"train.report_to: {name} needs its client library ({err.name} is missing): "
         f'pip install -e ".[{EXTRA[name]}]", or remove {name} from train.report_to'
     )
+
+
+_MODULES = {"tensorboard": "torch.utils.tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+
+
+def check_trackers(names: list[str]) -> None:
+    """Import each tracker's client library now, so a missing one stops the run before it
+    writes anything (the import is cached for the tracker itself)."""
+    for name in names:
+        try:
+            importlib.import_module(_MODULES[name])
+        except ImportError as err:
+            raise _missing(name, err) from None
 
 
 class _TensorBoard:
@@ -214,4 +228,4 @@ class Trackers:
             tracker.close()
 
 
-__all__ = ["STATE_FILE", "TRACKERS", "Trackers"]
+__all__ = ["STATE_FILE", "TRACKERS", "Trackers", "check_trackers"]
