@@ -135,3 +135,44 @@ def test_a_missing_tracker_library_is_named(tmp_path, tiny_dir):
         'pip install -e ".[wandb]", or remove wandb from train.report_to'
     )
     assert not (tmp_path / "out").exists()  # stopped before output_dir held anything
+
+
+@pytest.mark.slow  # another tool's run: once in .ci/run, at the newest transformers
+def test_a_resumed_run_continues_the_same_tracker_runs(tmp_path, tiny_dir, monkeypatch):
+    """Killed after logging step 5, resumed from the step-4 checkpoint: TensorBoard drops the
+    first step 5 and holds each step once; MLflow continues the same run."""
+    import mlflow
+    from helpers.runs import quiet
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from tunesmith.train.loop import train
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    settings = {"max_steps": 8, "save_every_steps": 4, "micro_batch_size": 2,
+                "log_every_steps": 1, "report_to": ["tensorboard", "mlflow"]}  # fmt: skip
+    cfg = make_config(tmp_path, tiny_dir, train=settings)
+    out = tmp_path / "out"
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_5(step, entry):
+        if step == 5:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train(cfg, on_step=kill_at_5, progress=quiet())
+    first_id = json.loads((out / "trackers.json").read_text())["mlflow_run_id"]
+    train(cfg, resume="latest", progress=quiet())
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    loss = {m["step"]: m["loss"] for m in metrics if "loss" in m}
+    assert sorted(loss) == list(range(1, 9))
+    events = EventAccumulator(str(out / "tensorboard")).Reload()
+    logged = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    assert logged == [(s, pytest.approx(loss[s], rel=1e-6)) for s in range(1, 9)]
+    assert json.loads((out / "trackers.json").read_text())["mlflow_run_id"] == first_id
+    client = mlflow.MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    history = client.get_metric_history(first_id, "train.loss")
+    assert {m.step: m.value for m in history} == loss  # step 5 twice, the same value (exact resume)
+    assert client.get_run(first_id).info.status == "FINISHED"
+    assert len(client.search_runs([client.get_run(first_id).info.experiment_id])) == 1
