@@ -262,19 +262,25 @@ def compare_after_training(run, echo) -> list[Column]:
         echo(f"    reference: {pairs[i].answer}")
         for column in columns:
             echo(f"    {column.name}: {column.predictions[i]}")
-    evaluation = {
-        "samples": len(pairs),
-        "columns": {c.name: {"perplexity": c.perplexity, **(c.scores or {})} for c in columns},
-    }
-    atomic_write_json(evaluation, run.out / "eval.json")
-    write_samples(run.out / SAMPLES_FILE, pairs, columns)
-    run.trackers.log_eval(evaluation)
+    run.trackers.log_eval(save_evaluation(run.out, pairs, columns))
     return columns
 
 
 SAMPLES_FILE = "samples.jsonl"
 """Every generated answer of the end-of-training comparison, one prompt per line: what
 `tunesmith report` and `tunesmith review` show."""
+
+
+def save_evaluation(folder: Path, pairs: list[PromptAnswer], columns: list[Column]) -> dict:
+    """The table as folder/eval.json and every answer as folder/samples.jsonl; returns the
+    table (what trackers get)."""
+    evaluation = {
+        "samples": len(pairs),
+        "columns": {c.name: {"perplexity": c.perplexity, **(c.scores or {})} for c in columns},
+    }
+    atomic_write_json(evaluation, folder / "eval.json")
+    write_samples(folder / SAMPLES_FILE, pairs, columns)
+    return evaluation
 
 
 def write_samples(path: Path, pairs: list[PromptAnswer], columns: list[Column]) -> Path:
@@ -360,12 +366,7 @@ def evaluate_models(
                 f"--save: two columns are both called {max(names, key=names.count)!r} (named "
                 "after their folders); give the folders different names"
             )
-        evaluation = {
-            "samples": len(pairs),
-            "columns": {c.name: {"perplexity": c.perplexity, **(c.scores or {})} for c in columns},
-        }
-        atomic_write_json(evaluation, Path(save_dir) / "eval.json")
-        write_samples(Path(save_dir) / SAMPLES_FILE, pairs, columns)
+        save_evaluation(Path(save_dir), pairs, columns)
     return columns, len(pairs)
 
 
@@ -412,5 +413,6 @@ __all__ = [
     "normalize",
     "predicted_label",
     "prompt_answer_pairs",
+    "save_evaluation",
     "write_samples",
 ]
