@@ -22,7 +22,7 @@ from tunesmith.judge.review import (
     wilson,
 )
 from tunesmith.judge.review_app import build_review_app
-from tunesmith.serve.background import serve_in_thread
+from tunesmith.serve.runner import serve_in_thread
 
 
 def test_wilson_interval_known_values():
@@ -80,7 +80,7 @@ def test_the_server_checks_host_and_key(tmp_path):
     with serve_in_thread(build_review_app(review)) as url:
         assert httpx.get(f"{url}/api/queue?reviewer=ann").status_code == 200
         refused = httpx.get(f"{url}/api/queue?reviewer=ann", headers={"Host": "evil.example"})
-        assert refused.status_code == 403
+        assert refused.status_code == 421
         bad = httpx.get(f"{url}/api/queue?reviewer=../x")
         assert bad.status_code == 400 and "reviewer name '../x'" in bad.json()["error"]
         wrong = httpx.post(f"{url}/api/vote", json={"reviewer": "ann", "item": 0, "key": "x",
@@ -92,9 +92,10 @@ def test_the_server_checks_host_and_key(tmp_path):
         assert ok.status_code == 200 and ok.json()["items"] == 5
     result = run_cli("review", str(tmp_path / "run"), "--host", "0.0.0.0")
     assert result.returncode == 2
-    assert result.stderr.strip().endswith(
-        "--host 0.0.0.0: the review page would be open to the network; bind 127.0.0.1 or set "
-        "--api-key (or TUNESMITH_API_KEY)"
+    assert result.stderr.strip() == (
+        "error: --host 0.0.0.0: binding beyond this machine would open the review page to the "
+        "network; bind 127.0.0.1, or set --api-key (or the TUNESMITH_API_KEY environment "
+        "variable)"
     )
 
 

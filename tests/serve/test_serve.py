@@ -214,10 +214,13 @@ def test_stop_strings_n_and_seeded_sampling(client):
 
 
 # --- errors ------------------------------------------------------------------------------------
-def _error(served, method, path, body=None, key=KEY, content=None):
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-    r = httpx.request(method, served[1] + path, json=body, content=content, headers=headers,
-                      timeout=60)  # fmt: skip
+def _error(served, method, path, body=None, key=KEY, content=None, headers=None):
+    headers = {**({"Authorization": f"Bearer {key}"} if key else {}), **(headers or {})}
+    if content is not None:
+        headers.setdefault("Content-Type", "application/json")
+    r = httpx.request(
+        method, served[1] + path, json=body, content=content, headers=headers, timeout=60
+    )
     return r.status_code, r.json()["error"] if r.status_code >= 400 else r.json(), r
 
 
@@ -292,7 +295,7 @@ def test_a_full_queue_answers_429_with_retry_after(folders):
         assert "limit 1" in r.json()["error"]["message"]
         first.cancel()
         second.cancel()
-        server.limits.request_timeout_s = 0.0
+        server.limits.timeout_s = 0.0
         r = httpx.post(url + "/v1/completions", json=body, timeout=60,
                        headers={"Authorization": f"Bearer {KEY}"})  # fmt: skip
         assert r.status_code == 504 and r.json()["error"]["type"] == "timeout"
@@ -424,9 +427,9 @@ def test_serve_refuses_a_public_address_without_an_api_key():
     run = run_cli("serve", "--model", str(BUNDLED), "--host", "0.0.0.0")
     assert run.returncode == 2
     assert run.stderr.strip() == (
-        "error: --host 0.0.0.0: binding beyond this machine needs --api-key (or the "
-        "TUNESMITH_API_KEY environment variable), so that not everyone who can reach the port "
-        "can use the model"
+        "error: --host 0.0.0.0: binding beyond this machine would open the model to the "
+        "network; bind 127.0.0.1, or set --api-key (or the TUNESMITH_API_KEY environment "
+        "variable)"
     )
 
 
@@ -456,7 +459,15 @@ def test_the_serve_command_answers_curl_style_requests(folders):
             time.sleep(0.2)
         body = {"model": "a", "messages": [{"role": "user", "content": PROMPTS[0]}],
                 "max_tokens": TOKENS, "temperature": 0}  # fmt: skip
-        reply = httpx.post(url + "/v1/chat/completions", content=json.dumps(body), timeout=60)
+        plain = httpx.post(url + "/v1/chat/completions", content=json.dumps(body), timeout=60)
+        assert plain.status_code == 415 and plain.json()["error"]["message"] == (
+            "no Content-Type header: send the body as JSON with the header "
+            "'Content-Type: application/json'"
+        )
+        json_type = {"Content-Type": "application/json"}
+        reply = httpx.post(
+            url + "/v1/chat/completions", content=json.dumps(body), headers=json_type, timeout=60
+        )
         assert reply.status_code == 200
         expected = _generate("--model", str(BUNDLED), "--adapter", str(folders["alpha"]),
                              PROMPTS[0])  # fmt: skip

@@ -124,17 +124,26 @@ def review_cmd(
         help="Required to bind another address than 127.0.0.1; the page takes it as ?key=.",
     ),  # fmt: skip
     summary: bool = typer.Option(False, "--summary", help="Print the votes' summary and exit."),
+    allowed_host: Annotated[
+        Optional[list[str]],  # noqa: UP045
+        typer.Option(
+            "--allowed-host",
+            show_default=False,
+            help="A name reviewers use for this machine in the address, besides 127.0.0.1, "
+            "localhost and the --host address; repeat.",
+        ),
+    ] = None,
 ) -> None:
     """A local page for blind A/B review of two models' answers to the run's held-out
     prompts: random left/right order, votes by click or key (1 left better, 2 right better,
     3 tie, 4 both bad), saved as cast to OUTPUT_DIR/review.jsonl; a reload resumes. Open
     http://127.0.0.1:PORT/?reviewer=NAME; each reviewer's votes are kept apart. The summary
     is model B's win rate over A among decisive votes, with a 95% interval."""
-    import uvicorn
-
     from tunesmith.judge.review import Review, summary_lines
-    from tunesmith.judge.review_app import LOCAL_NAMES, build_review_app
+    from tunesmith.judge.review_app import build_review_app
     from tunesmith.judge.run_report import read_samples
+    from tunesmith.serve.guard import LOOPBACK, allowed_hosts, check_bind
+    from tunesmith.serve.runner import bind, serve_forever
 
     samples = read_samples(Path(output_dir))
     if b is None:
@@ -145,23 +154,17 @@ def review_cmd(
         for line in summary_lines(review.summary(), a, b):
             typer.echo(line)
         return
-    local = host in LOCAL_NAMES or host == "::1"
-    if not local and not api_key:
-        raise TunesmithError(
-            f"--host {host}: the review page would be open to the network; bind 127.0.0.1 "
-            "or set --api-key (or TUNESMITH_API_KEY)"
-        )
+    check_bind(host, api_key, "the review page")
+    sock = bind(host, port)
     typer.echo(
         f"{len(review.items)} prompts to review ({a} vs {b}; {review.identical} with identical "
         f"answers left out); votes go to {review.log.path}"
     )
-    shown = "127.0.0.1" if local else host
+    shown = "127.0.0.1" if host in LOOPBACK else host
     key = f"&key={api_key}" if api_key else ""
     typer.echo(f"open http://{shown}:{port}/?reviewer=YOUR_NAME{key}   (Ctrl-C stops)")
-    uvicorn.run(
-        build_review_app(review, api_key, local_only=local), host=host, port=port,
-        log_level="warning",
-    )  # fmt: skip
+    hosts = allowed_hosts(host, allowed_host or [])
+    serve_forever(build_review_app(review, api_key, hosts), sock)
 
 
 @app.command(

@@ -10,8 +10,6 @@ import typer
 from tunesmith.cli.app import DeviceOpt, DtypeOpt, ModelOpt, TrustOpt, app, examples
 from tunesmith.errors import TunesmithError
 
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
-
 
 def parse_adapters(values: list[str]) -> tuple[list[str | None], list[str]]:
     """`NAME=DIR` or `DIR` options as (names, folders); a bare folder is named by the server
@@ -68,6 +66,20 @@ def serve_cmd(
     max_n: int = typer.Option(8, "--max-n", help="Most choices (n) per request."),
     max_body_bytes: int = typer.Option(1 << 20, "--max-body-bytes", help="Largest request."),
     timeout: float = typer.Option(300.0, "--timeout", help="Seconds a request may take."),
+    request_timeout: float = typer.Option(
+        30.0,
+        "--request-timeout",
+        help="Seconds a client may take to send a request's headers, and again its body.",
+    ),
+    allowed_host: Annotated[
+        Optional[list[str]],  # noqa: UP045
+        typer.Option(
+            "--allowed-host",
+            show_default=False,
+            help="A name clients use for this server in the Host header, besides 127.0.0.1, "
+            "localhost and the --host address (a DNS name, behind a proxy; '*': any); repeat.",
+        ),
+    ] = None,
     adapter_root: str = typer.Option(
         ".", "--adapter-root", help="POST /v1/adapters loads only folders under this one."
     ),
@@ -79,9 +91,9 @@ def serve_cmd(
     models; streaming; adapters loaded and unloaded at run time), decoding requests for
     different adapters together in one batch."""
     try:
-        import uvicorn
-
         from tunesmith.serve.app import Limits, Server, build_app
+        from tunesmith.serve.guard import allowed_hosts, check_bind
+        from tunesmith.serve.runner import bind, serve_forever
     except ImportError as err:
         raise TunesmithError(
             f"tunesmith serve needs the serve extra ({err.name} is missing): "
@@ -90,35 +102,48 @@ def serve_cmd(
     from tunesmith.builder import load_for_inference
     from tunesmith.serve.engine import Engine
 
-    if host not in LOOPBACK and not api_key:
-        raise TunesmithError(
-            f"--host {host}: binding beyond this machine needs --api-key (or the "
-            "TUNESMITH_API_KEY environment variable), so that not everyone who can reach the "
-            "port can use the model"
-        )
+    check_bind(host, api_key, "the model")
     for option, value in (
-        ("--max-running", max_running), ("--max-queue", max_queue),
-        ("--max-tokens", max_tokens), ("--max-n", max_n), ("--max-body-bytes", max_body_bytes),
-    ):  # fmt: skip
+        ("--max-running", max_running),
+        ("--max-queue", max_queue),
+        ("--max-tokens", max_tokens),
+        ("--max-n", max_n),
+        ("--max-body-bytes", max_body_bytes),
+    ):
         if value < 1:
             raise TunesmithError(f"{option}: must be at least 1, got {value}")
+    for option, seconds in (("--timeout", timeout), ("--request-timeout", request_timeout)):
+        if not seconds > 0:
+            raise TunesmithError(f"{option}: must be more than 0 seconds, got {seconds:g}")
+    sock = bind(host, port)  # before the model loads: a port in use is said at once
     names, folders = parse_adapters(list(adapter or []))
     lm, tokenizer, loaded = load_for_inference(
-        model, folders, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+        model,
+        folders,
+        device=device,
+        dtype=dtype,
+        trust_remote_code=trust_remote_code,
         names=names,
-    )  # fmt: skip
+    )
     base = name or _base_name(model, lm)
     if base in loaded:
         raise TunesmithError(f"--name: {base!r} is also an adapter's name; choose another")
     engine = Engine(lm, tokenizer, max_running=max_running, max_queue=max_queue)
-    limits = Limits(max_body_bytes, max_tokens, max_n, timeout)
-    server = Server(engine, base, api_key=api_key, limits=limits, adapter_root=adapter_root)
+    limits = Limits(max_body_bytes, max_tokens, max_n, timeout, request_timeout)
+    server = Server(
+        engine,
+        base,
+        api_key=api_key,
+        limits=limits,
+        adapter_root=adapter_root,
+        hosts=allowed_hosts(host, allowed_host or []),
+    )
     typer.echo(
         f"serving {base!r} with adapters {', '.join(loaded) or '(none)'} on "
         f"http://{host}:{port}/v1" + (" (API key required)" if api_key else ""),
         err=True,
     )
-    uvicorn.run(build_app(server), host=host, port=port, log_level="warning")
+    serve_forever(build_app(server), sock, request_timeout)
 
 
 def _base_name(model: str | None, lm) -> str:

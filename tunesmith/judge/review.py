@@ -26,7 +26,7 @@ from tunesmith.evaluate import SAMPLES_FILE
 
 REVIEW_FILE = "review.jsonl"
 VOTES = ("a", "b", "tie", "both_bad")
-REVIEWER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
+REVIEWER = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
 
 
 @dataclass
@@ -80,7 +80,7 @@ def load_items(output_dir: Path, a: str, b: str) -> tuple[list[ReviewItem], int]
 
 
 def check_reviewer(name: str) -> str:
-    if not REVIEWER.match(name):
+    if not isinstance(name, str) or not REVIEWER.fullmatch(name):
         raise TunesmithError(
             f"reviewer name {name!r}: use 1-64 letters, digits, '_', '.', '@' or '-'"
         )

@@ -1,12 +1,11 @@
 """The review page's HTTP side (Starlette, run by uvicorn): `GET /` the page, `GET /api/queue`
-a reviewer's items, `POST /api/vote`, `GET /api/summary`. Bound to 127.0.0.1 by default;
-requests must name this machine in their Host header (a page elsewhere cannot post votes
-through the browser), and with an API key every request must carry it."""
+a reviewer's items, `POST /api/vote`, `GET /api/summary`. Bound to 127.0.0.1 by default; every
+request passes the same guard as `tunesmith serve`'s (`tunesmith.serve.guard`): a Host header
+naming this server, no foreign Origin (a page elsewhere cannot post votes through the browser),
+the API key when there is one, and a vote's body as JSON of at most 64 KiB, sent within the
+request timeout."""
 
 from __future__ import annotations
-
-import hmac
-import json
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -16,84 +15,89 @@ from starlette.routing import Route
 from tunesmith.errors import TunesmithError, first_line
 from tunesmith.judge.html import esc, page
 from tunesmith.judge.review import Review, summary_lines
+from tunesmith.serve.guard import Access, Refused, check_json_content_type, read_json_body
+from tunesmith.serve.runner import REQUEST_TIMEOUT_S
 
-LOCAL_NAMES = {"127.0.0.1", "localhost", "[::1]"}
+MAX_VOTE_BYTES = 64 * 1024
 
 
 def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-def _check(request: Request) -> JSONResponse | None:
-    state = request.app.state
-    host = request.headers.get("host", "").rsplit(":", 1)[0]
-    if state.local_only and host not in LOCAL_NAMES:
-        return _error(403, f"Host {host!r} refused: the review page answers on 127.0.0.1 only")
-    if state.api_key:
-        given = request.headers.get("authorization", "").removeprefix("Bearer ")
-        given = given or request.query_params.get("key", "")
-        if not hmac.compare_digest(given.encode(), state.api_key.encode()):
-            return _error(401, "missing or wrong API key (?key=... or Authorization: Bearer)")
-    return None
+def _guarded(handler):
+    """`handler` behind the guard, with refusals and bad input as `{"error": message}`."""
+
+    async def run(request: Request):
+        try:
+            request.app.state.access.check(request)
+            if request.method == "POST":
+                check_json_content_type(request)
+            return await handler(request)
+        except Refused as err:
+            return _error(err.status, err.message)
+        except TunesmithError as err:
+            return _error(400, first_line(err))
+
+    return run
 
 
 async def index(request: Request):
-    refused = _check(request)
-    if refused is not None:
-        return refused
     review: Review = request.app.state.review
     title = f"tunesmith review: {review.output_dir}"
     return HTMLResponse(page(title, BODY.replace("{title}", esc(title)), SCRIPT))
 
 
 async def queue(request: Request):
-    refused = _check(request)
-    if refused is not None:
-        return refused
-    try:
-        return JSONResponse(
-            request.app.state.review.queue(request.query_params.get("reviewer", ""))
-        )
-    except TunesmithError as err:
-        return _error(400, first_line(err))
+    reviewer = request.query_params.get("reviewer", "")
+    return JSONResponse(request.app.state.review.queue(reviewer))
 
 
 async def vote(request: Request):
-    refused = _check(request)
-    if refused is not None:
-        return refused
-    try:
-        body = json.loads(await request.body())
-        entry = request.app.state.review.vote(
-            str(body["reviewer"]), int(body["item"]), str(body["key"]), str(body["side"])
+    state = request.app.state
+    body = await read_json_body(request, MAX_VOTE_BYTES, state.request_timeout_s)
+    fields = {"reviewer": str, "item": int, "key": str, "side": str}
+    wrong = [k for k, kind in fields.items() if type(body.get(k)) is not kind]
+    if wrong:
+        return _error(
+            400,
+            "a vote is {reviewer, item, key, side}: strings, and item an integer; "
+            f"missing or of another type: {', '.join(wrong)}",
         )
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-        return _error(400, f"a vote is {{reviewer, item, key, side}}: {err}")
-    except TunesmithError as err:
-        return _error(400, first_line(err))
+    try:
+        entry = state.review.vote(body["reviewer"], body["item"], body["key"], body["side"])
+    except ValueError as err:
+        return _error(400, str(err))
     return JSONResponse({"ok": True, "time": entry["time"]})
 
 
 async def summary(request: Request):
-    refused = _check(request)
-    if refused is not None:
-        return refused
     review: Review = request.app.state.review
     result = review.summary()
     result["lines"] = summary_lines(result, review.a, review.b)
     return JSONResponse(result)
 
 
-def build_review_app(review: Review, api_key: str | None = None, local_only: bool = True):
+def build_review_app(
+    review: Review,
+    api_key: str | None = None,
+    hosts: frozenset[str] | None = None,
+    request_timeout_s: float = REQUEST_TIMEOUT_S,
+):
+    """The review page's app; `hosts`: the Host names it answers to (default: loopback)."""
     app = Starlette(
         routes=[
-            Route("/", index),
-            Route("/api/queue", queue),
-            Route("/api/vote", vote, methods=["POST"]),
-            Route("/api/summary", summary),
+            Route("/", _guarded(index)),
+            Route("/api/queue", _guarded(queue)),
+            Route("/api/vote", _guarded(vote), methods=["POST"]),
+            Route("/api/summary", _guarded(summary)),
         ]
     )
-    app.state.review, app.state.api_key, app.state.local_only = review, api_key, local_only
+    access = Access(api_key=api_key, key_in_query=True)
+    if hosts is not None:
+        access = Access(hosts, api_key, key_in_query=True)
+    app.state.review, app.state.access = review, access
+    app.state.request_timeout_s = request_timeout_s
     return app
 
 

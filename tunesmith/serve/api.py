@@ -4,14 +4,12 @@
 
 from __future__ import annotations
 
-import hmac
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Union
+from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, Strict, StrictBool, StrictInt, ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
@@ -19,7 +17,11 @@ from tunesmith.data.encode import bos_prefix
 from tunesmith.errors import TunesmithError
 from tunesmith.generation import chat_template_of, prompt_ids
 from tunesmith.serve.engine import Engine, Params
+from tunesmith.serve.guard import Access, Refused, read_json_body
 from tunesmith.serve.metrics import Metrics
+from tunesmith.serve.runner import REQUEST_TIMEOUT_S
+
+INVALID = "invalid_request_error"
 
 
 @dataclass
@@ -30,7 +32,11 @@ class Limits:
     max_tokens: int = 512
     """The most tokens one completion may generate (and the default when a request says none)."""
     max_n: int = 8
-    request_timeout_s: float = 300.0
+    timeout_s: float = 300.0
+    """Seconds from a request's arrival to its last token (--timeout; then 504)."""
+    request_timeout_s: float = REQUEST_TIMEOUT_S
+    """Seconds a client may take to send a request's line and headers, and again its body
+    (--request-timeout; then 408)."""
 
 
 class ApiError(Exception):
@@ -39,6 +45,14 @@ class ApiError(Exception):
         super().__init__(message)
         self.status, self.message, self.kind, self.code = status, message, kind, code
         self.param, self.headers = param, headers or {}
+
+    @classmethod
+    def of(cls, refused: Refused) -> ApiError:
+        """A guard's refusal as OpenAI's error body."""
+        kinds = {401: "authentication_error", 403: "permission_error", 421: "permission_error"}
+        return cls(
+            refused.status, refused.message, kinds.get(refused.status, INVALID), refused.code
+        )
 
     def response(self) -> JSONResponse:
         return JSONResponse(
@@ -56,21 +70,27 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
 
 
 # --- request bodies ---------------------------------------------------------------------------
+# JSON's true is not a number and "3" is not an int: no coercion between kinds
+Number = Annotated[float, Strict()]
+"""A JSON number (an int is one; a bool or a string is not)."""
+INT64 = 2**63
+
+
 class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
-    n: int = Field(1, ge=1)
-    seed: int | None = None
+    max_tokens: StrictInt | None = Field(None, ge=1)
+    temperature: Number = Field(1.0, ge=0, le=2)
+    top_p: Number = Field(1.0, gt=0, le=1)
+    n: StrictInt = Field(1, ge=1)
+    seed: StrictInt | None = Field(None, ge=-INT64, lt=INT64)
     stop: Union[str, list[str], None] = None  # noqa: UP007
-    stream: bool = False
+    stream: StrictBool = False
     stream_options: dict | None = None
-    logprobs: Union[bool, int, None] = None  # noqa: UP007
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    logprobs: Union[StrictBool, StrictInt, None] = None  # noqa: UP007
+    presence_penalty: Number = 0.0
+    frequency_penalty: Number = 0.0
 
 
 class _Part(BaseModel):
@@ -87,20 +107,20 @@ class _Message(BaseModel):
 
 class ChatBody(_Body):
     messages: list[_Message] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: StrictInt | None = Field(None, ge=1)
 
 
 class CompletionBody(_Body):
-    prompt: Union[str, list[str], list[int], list[list[int]]]  # noqa: UP007
-    echo: bool = False
+    prompt: Union[str, list[str], list[StrictInt], list[list[StrictInt]]]  # noqa: UP007
+    echo: StrictBool = False
     suffix: str | None = None
 
 
 class AdapterBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str
-    path: str
+    name: str = Field(max_length=256)
+    path: str = Field(min_length=1, max_length=4096)
 
 
 def validation_message(err: ValidationError) -> tuple[str, str]:
@@ -114,58 +134,32 @@ class Server:
     """The state behind the routes: the engine, what it serves and the limits."""
 
     def __init__(
-        self, engine: Engine, base_name: str, *, api_key: str | None = None,
-        limits: Limits | None = None, adapter_root: str | Path = ".",
-    ) -> None:  # fmt: skip
+        self,
+        engine: Engine,
+        base_name: str,
+        *,
+        api_key: str | None = None,
+        limits: Limits | None = None,
+        adapter_root: str | Path = ".",
+        hosts: frozenset[str] | None = None,
+    ) -> None:
         self.engine = engine
         self.base_name = base_name
-        self.api_key = api_key
+        self.access = Access(api_key=api_key) if hosts is None else Access(hosts, api_key)
         self.limits = limits or Limits()
         self.adapter_root = Path(adapter_root).resolve()
         self.metrics = Metrics(engine)
         self.created = int(time.time())
         self.tokenizer = engine.tokenizer
 
-    # --- checks ---
-    def check_key(self, request: Request) -> None:
-        if self.api_key is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            token.strip().encode(), self.api_key.encode()
-        ):
-            raise ApiError(
-                401,
-                "missing or wrong API key: send the header 'Authorization: Bearer <key>' with "
-                "the server's --api-key",
-                "authentication_error", "invalid_api_key",
-            )  # fmt: skip
-
     async def read_json(self, request: Request) -> dict:
-        limit = self.limits.max_body_bytes
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise self._too_large(limit)
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                raise self._too_large(limit)
+        """The request's JSON body, within --max-body-bytes and --request-timeout."""
         try:
-            data = json.loads(body or b"null")
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise bad_request(f"the body is not valid JSON: {err}") from None
-        if not isinstance(data, dict):
-            raise bad_request("the body must be a JSON object")
-        return data
-
-    @staticmethod
-    def _too_large(limit: int) -> ApiError:
-        return ApiError(
-            413, f"the request body is larger than this server accepts ({limit} bytes; "
-            "--max-body-bytes)", "invalid_request_error", "request_too_large",
-        )  # fmt: skip
+            return await read_json_body(
+                request, self.limits.max_body_bytes, self.limits.request_timeout_s
+            )
+        except Refused as err:
+            raise ApiError.of(err) from None
 
     def adapter_for(self, model: str) -> str | None:
         if model == self.base_name:

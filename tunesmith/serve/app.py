@@ -16,6 +16,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
 
 from pydantic import BaseModel, ValidationError
 from starlette.applications import Starlette
@@ -36,8 +37,9 @@ from tunesmith.serve.api import (
     error_body,
     validation_message,
 )
-from tunesmith.serve.background import serve_in_thread
-from tunesmith.serve.engine import AdapterBusy, QueueFull, Sequence, UnknownModel
+from tunesmith.serve.engine import AdapterBusy, NeverFits, QueueFull, Sequence, UnknownModel
+from tunesmith.serve.guard import Refused, check_json_content_type
+from tunesmith.serve.runner import serve_in_thread
 
 __all__ = ["Limits", "Server", "build_app", "running"]
 
@@ -56,15 +58,14 @@ class _Request:
         self.loop = asyncio.get_running_loop()
         self.events: asyncio.Queue = asyncio.Queue()
         self.sequences: list[Sequence] = []
+        timeout_s = server.limits.timeout_s
         for p_index, prompt in enumerate(prompts):
             for j in range(n):
                 seed = None if params.seed is None else params.seed + j
                 p = dataclasses.replace(params, seed=seed)
                 index = p_index * n + j
                 self.sequences.append(
-                    Sequence(
-                        prompt, adapter, p, self._callback(index), server.limits.request_timeout_s
-                    )  # fmt: skip
+                    Sequence(prompt, adapter, p, self._callback(index), timeout_s)
                 )
 
     def _callback(self, index: int):
@@ -77,22 +78,43 @@ class _Request:
         for seq in self.sequences:
             seq.cancel()
 
+    async def watch(self, request: Request) -> None:
+        """Until the client goes away (its body already read): then cancel every sequence, so
+        their rows leave the batch after the decode step under way, and wake the waiter."""
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        self.cancel()
+        self.events.put_nowait((-1, "disconnected", None))
+
+    @asynccontextmanager
+    async def watching(self, request: Request) -> AsyncIterator[None]:
+        task = asyncio.create_task(self.watch(request))
+        try:
+            yield
+        finally:
+            task.cancel()
+            self.cancel()  # a no-op for sequences that finished
+
 
 def _server(request: Request) -> Server:
     return request.app.state.server
 
 
 def _guarded(handler, endpoint: str, auth: bool = True):
-    """`handler` with the API-key check, errors as OpenAI's body (500 for anything
-    unexpected, logged) and the request counted in the metrics."""
+    """`handler` behind the guard (Host, Origin, API key unless `auth` is off, a JSON body
+    for POST), errors as OpenAI's body (500 for anything unexpected, logged) and the request
+    counted in the metrics."""
 
     async def run(request: Request) -> Response:
         server = _server(request)
         started = time.monotonic()
         try:
-            if auth:
-                server.check_key(request)
+            server.access.check(request, key=auth)
+            if request.method == "POST":
+                check_json_content_type(request)
             response = await handler(request)
+        except Refused as err:
+            response = ApiError.of(err).response()
         except ApiError as err:
             response = err.response()
         except Exception:
@@ -116,6 +138,8 @@ async def _parse(request: Request, model: type[BaseModel]):
 def _submit(server: Server, req: _Request) -> None:
     try:
         server.engine.submit(req.sequences)
+    except NeverFits as err:
+        raise bad_request(str(err), "n", "too_many_sequences") from None
     except QueueFull as err:
         raise ApiError(
             429, str(err), "rate_limit_error", "queue_full", headers={"Retry-After": "1"}
@@ -142,11 +166,12 @@ async def _complete(request: Request, chat: bool) -> Response:
     prompt_tokens = sum(len(p) for p in prompts)
     if body.stream:
         include_usage = bool((body.stream_options or {}).get("include_usage"))
-        stream = _stream(req, head, chat, prompt_tokens, include_usage)
+        stream = _stream(req, request, head, chat, prompt_tokens, include_usage)
         return StreamingResponse(
             stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
         )
-    return await _whole(req, request, head, chat, prompt_tokens)
+    async with req.watching(request):
+        return await _whole(req, head, chat, prompt_tokens)
 
 
 def _failure(value) -> ApiError:
@@ -154,29 +179,20 @@ def _failure(value) -> ApiError:
     return ApiError(status, message, "timeout" if status == 504 else "server_error")
 
 
-async def _whole(req: _Request, request: Request, head: dict, chat: bool, prompt_tokens: int):
+async def _whole(req: _Request, head: dict, chat: bool, prompt_tokens: int):
     """Wait for every sequence of `req`, then answer in one body."""
     texts = {i: "" for i in range(len(req.sequences))}
     reasons: dict[int, str] = {}
-    try:
-        while len(reasons) < len(req.sequences):
-            try:
-                index, what, value = await asyncio.wait_for(req.events.get(), 1.0)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    req.cancel()
-                    return Response(status_code=499)
-                continue
-            if what == "text":
-                texts[index] += value
-            elif what == "done":
-                reasons[index] = value
-            else:
-                req.cancel()
-                raise _failure(value)
-    except asyncio.CancelledError:
-        req.cancel()
-        raise
+    while len(reasons) < len(req.sequences):
+        index, what, value = await req.events.get()
+        if what == "text":
+            texts[index] += value
+        elif what == "done":
+            reasons[index] = value
+        elif what == "disconnected":
+            return Response(status_code=499)  # nobody reads it
+        else:
+            raise _failure(value)
     choices = []
     for i in range(len(req.sequences)):
         if chat:
@@ -191,7 +207,9 @@ async def _whole(req: _Request, request: Request, head: dict, chat: bool, prompt
     )
 
 
-async def _stream(req: _Request, head: dict, chat: bool, prompt_tokens: int, include_usage: bool):
+async def _stream(
+    req: _Request, request: Request, head: dict, chat: bool, prompt_tokens: int, include_usage: bool
+):
     """Server-sent events as the sequences of `req` produce text, then `data: [DONE]`."""
     kind = "chat.completion.chunk" if chat else "text_completion"
 
@@ -207,7 +225,7 @@ async def _stream(req: _Request, head: dict, chat: bool, prompt_tokens: int, inc
         return _sse({**head, "object": kind, "choices": [choice]})
 
     finished = 0
-    try:
+    async with req.watching(request):
         if chat:
             for i in range(len(req.sequences)):
                 yield chunk(i, None, None, first=True)
@@ -218,17 +236,16 @@ async def _stream(req: _Request, head: dict, chat: bool, prompt_tokens: int, inc
             elif what == "done":
                 finished += 1
                 yield chunk(index, None, value)
+            elif what == "disconnected":
+                return
             else:
                 failure = _failure(value)
                 yield _sse(error_body(failure.message, failure.kind))
-                req.cancel()
-                break
+                return
         if include_usage:
             usage = _usage(prompt_tokens, sum(s.generated for s in req.sequences))
             yield _sse({**head, "object": kind, "choices": [], "usage": usage})
         yield _sse("[DONE]")
-    finally:  # also when the client disconnects: the slots free at the next step
-        req.cancel()
 
 
 async def chat_completions(request: Request) -> Response:
@@ -261,20 +278,32 @@ async def add_adapter(request: Request) -> Response:
     body = await _parse(request, AdapterBody)
     if body.name == server.base_name:
         raise bad_request(f"name: {body.name!r} is the base model's name", "name")
-    path = (server.adapter_root / body.path).resolve()
-    if not is_within(path, server.adapter_root):
-        raise bad_request(
-            f"path: {body.path!r} is outside the folder this server loads adapters from "
-            f"({server.adapter_root}; --adapter-root)", "path",
-        )  # fmt: skip
-    if not path.is_dir():
-        raise bad_request(f"path: {body.path!r} is not a folder", "path")
+    path = _adapter_path(server, body.path)
     try:
         method = await asyncio.to_thread(server.engine.load, body.name, str(path))
     except TunesmithError as err:
         raise bad_request(first_line(err), "path") from None
     card = _model_card(server, body.name, server.base_name, method)
     return JSONResponse(card, status_code=201)
+
+
+def _adapter_path(server: Server, given: str) -> Path:
+    """`given` resolved under --adapter-root, or a 400 naming what is wrong with it."""
+    if "\0" in given:
+        raise bad_request("path: holds a NUL character", "path")
+    try:
+        path = (server.adapter_root / given).resolve()
+        if not is_within(path, server.adapter_root):
+            raise bad_request(
+                f"path: {given!r} is outside the folder this server loads adapters from "
+                f"({server.adapter_root}; --adapter-root)",
+                "path",
+            )
+        if not path.is_dir():
+            raise bad_request(f"path: {given!r} is not a folder", "path")
+    except OSError as err:  # a name too long for the file system, a loop of links
+        raise bad_request(f"path: {given[:80]!r}: {err.strerror or err}", "path") from None
+    return path
 
 
 async def remove_adapter(request: Request) -> Response:

@@ -47,12 +47,18 @@ from tunesmith.errors import TunesmithError
 from tunesmith.generation import stop_token_ids
 from tunesmith.paths import check_name
 from tunesmith.registry import method_of
+from tunesmith.serve.metrics import TTFT_BUCKETS, Histogram
 
 log = logging.getLogger("tunesmith.serve")
 
 
 class QueueFull(TunesmithError):
-    """The waiting queue is full (HTTP 429)."""
+    """The waiting queue is full for now (HTTP 429: waiting helps)."""
+
+
+class NeverFits(TunesmithError):
+    """A request has more sequences than the server queues or runs at once (HTTP 400: waiting
+    does not help)."""
 
 
 class AdapterBusy(TunesmithError):
@@ -101,20 +107,24 @@ class Sequence:
         """Characters of `text` already reported."""
         self.finish_reason: str | None = None
         self.cancelled = False
+        self.generated_at_cancel: int | None = None
+        """`generated` when `cancel` was called (the tests measure what came after)."""
         self.first_token_at: float | None = None
         self.position = len(self.prompt) - 1
         """The position of the next token fed to the model (`last`)."""
         self.last = -1
         seed = params.seed if params.seed is not None else random.getrandbits(63)
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = torch.Generator().manual_seed(seed % 2**64)
 
     @property
     def done(self) -> bool:
         return self.finish_reason is not None
 
     def cancel(self) -> None:
-        """Stop generating (the client went away); the slot frees at the next step."""
-        self.cancelled = True
+        """Stop generating (the client went away); the slot frees after the step under way."""
+        if not self.cancelled:
+            self.cancelled = True
+            self.generated_at_cancel = self.generated
 
 
 class _Batch:
@@ -139,7 +149,8 @@ class Stats:
     steps: int = 0
     step_rows: int = 0
     """Sum over decode steps of the rows in them (mean batch size = step_rows / steps)."""
-    ttft_s: list[float] = field(default_factory=list)
+    ttft: Histogram = field(default_factory=lambda: Histogram(TTFT_BUCKETS))
+    """Seconds from arrival to the first token, every sequence since start."""
     busy_s: float = 0.0
     """Seconds the worker spent computing (prefill and decode)."""
 
@@ -210,7 +221,15 @@ class Engine:
             self._thread = None
 
     def submit(self, sequences: list[Sequence]) -> None:
-        """Queue `sequences` (all or none: QueueFull when they do not all fit)."""
+        """Queue `sequences`, all or none: NeverFits when they are more than the server queues
+        or runs at once, QueueFull when they do not fit in the queue now."""
+        limit = min(self.max_queue, self.max_running)
+        if len(sequences) > limit:
+            which = "--max-queue" if self.max_queue <= self.max_running else "--max-running"
+            raise NeverFits(
+                f"this request asks for {len(sequences)} completions (prompts × n), more than "
+                f"this server takes at once ({limit}; {which}); send fewer prompts or a smaller n"
+            )
         with self._cv:
             known = adapter_state(self.model).configs
             for seq in sequences:
@@ -427,8 +446,7 @@ class Engine:
         self.stats.generated_tokens += 1
         if seq.first_token_at is None:
             seq.first_token_at = time.monotonic()
-            self.stats.ttft_s.append(seq.first_token_at - seq.submitted)
-            del self.stats.ttft_s[:-1000]
+            self.stats.ttft.observe(seq.first_token_at - seq.submitted)
         if token in self.stops:
             self._finish(seq, "stop")
             return
