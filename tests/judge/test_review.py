@@ -162,3 +162,38 @@ def test_review_page_in_a_browser(tmp_path, browser):  # noqa: F811
     assert cli.returncode == 0, cli.stderr
     assert cli.stdout.splitlines()[1].startswith("  ann: 5 votes: base better 0, tuned better 3")
     assert cli.stdout.splitlines()[2].startswith("  bob: 1 votes: base better 1, tuned better 0")
+
+
+def test_other_sites_cannot_post_votes_and_bodies_are_bounded(tmp_path):
+    out = write_run(tmp_path / "run")
+    review = Review(out, "base", "tuned")
+    item = review.queue("ann")["items"][0]
+    vote = {"reviewer": "ann", "item": item["item"], "key": item["key"], "side": "left"}
+    with serve_in_thread(build_review_app(review)) as url:
+        form = httpx.post(
+            f"{url}/api/vote", content=json.dumps(vote), headers={"Content-Type": "text/plain"}
+        )
+        assert form.status_code == 415 and form.json()["error"] == (
+            "Content-Type 'text/plain': send the body as JSON with the header "
+            "'Content-Type: application/json'"
+        )
+        foreign = httpx.post(
+            f"{url}/api/vote", json=vote, headers={"Origin": "http://evil.example"}
+        )
+        assert foreign.status_code == 403 and foreign.json()["error"].startswith(
+            "Origin 'http://evil.example' refused"
+        )
+        assert not (out / "review.jsonl").exists()  # nothing was counted
+        big = httpx.post(f"{url}/api/vote", json={**vote, "pad": "x" * 70_000})
+        assert big.status_code == 413
+        newline = httpx.post(f"{url}/api/vote", json={**vote, "reviewer": "ann\n"})
+        assert newline.status_code == 400 and newline.json()["error"] == (
+            "reviewer name 'ann\\n': use 1-64 letters, digits, '_', '.', '@' or '-'"
+        )
+        assert httpx.get(f"{url}/api/queue", params={"reviewer": "ann\n"}).status_code == 400
+        typed = httpx.post(f"{url}/api/vote", json={**vote, "item": str(item["item"])})
+        assert typed.status_code == 400 and typed.json()["error"].endswith("of another type: item")
+        assert not (out / "review.jsonl").exists()
+        ok = httpx.post(f"{url}/api/vote", json=vote, headers={"Origin": url})
+        assert ok.status_code == 200
+    assert [e["reviewer"] for e in VoteLog(out / "review.jsonl").read()] == ["ann"]
