@@ -76,3 +76,65 @@ def test_the_report_names_what_is_missing(tmp_path):
     (empty / "config.yaml").write_text("method: {name: lora}\n")
     text = render_report(empty)  # only a config: the page says what is not there
     assert "no metrics.jsonl" in text and "no eval.json" in text and "no samples.jsonl" in text
+
+
+def _damage(out) -> None:
+    """Every kind of damage at once: a torn last line and a line of another shape in
+    samples.jsonl, a torn review line and one without a reviewer, a binary eval.json, a list as
+    summary.json, a data report of another shape, an Infinity loss and a step given as text."""
+    with open(out / "samples.jsonl", "a") as f:
+        f.write('{"index": 9, "answers": {"base": "x"}}\n{"index": 7, "mess')
+    (out / "review.jsonl").write_text(
+        '{"item": 0, "key": "k", "vote": "a"}\n{"reviewer": "ann", "item": 0, "ke'
+    )
+    (out / "eval.json").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00")
+    (out / "summary.json").write_text("[1, 2]")
+    (out / "data_report.json").write_text('{"sources": 3}')
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 40, "loss": Infinity, "lr": 0.0}\n{"step": "41", "loss": 0.1}\n')
+
+
+def test_every_damaged_input_gives_one_line_naming_file_and_line(tmp_path):
+    out = write_run(tmp_path / "run")
+    _damage(out)
+    result = run_cli("report", str(out))
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == [
+        f"warning: {out / 'summary.json'}: not a JSON object; left out of the report",
+        f"warning: {out / 'metrics.jsonl'}, line 41: loss is inf; left out",
+        f"warning: {out / 'metrics.jsonl'}, line 42: 'step' is not an integer; left out",
+        f"warning: {out / 'eval.json'}: not UTF-8 text (a binary file?); left out of the report",
+        f"warning: {out / 'data_report.json'}: not a tunesmith data report: 'sources' is not a "
+        "list; left out of the report",
+        f"warning: {out / 'samples.jsonl'}, line 7: no 'messages'; left out",
+        f"warning: {out / 'samples.jsonl'}, line 8: a torn last line (cut short by a crash?); "
+        "left out",
+        f"warning: {out / 'review.jsonl'}, line 1: no 'reviewer'; left out",
+        f"warning: {out / 'review.jsonl'}, line 2: a torn last line (cut short by a crash?); "
+        "left out",
+    ]
+    html = (out / "report.html").read_text()
+    assert "Samples (6)" in html and "no eval.json" in html
+    review = run_cli("review", str(out), "--summary")
+    assert review.returncode == 0 and review.stdout.startswith("all reviewers: 0 votes")
+    assert review.stderr.splitlines() == [
+        f"warning: {out / 'samples.jsonl'}, line 7: no 'messages'; left out",
+        f"warning: {out / 'samples.jsonl'}, line 8: a torn last line (cut short by a crash?); "
+        "left out",
+        f"warning: {out / 'review.jsonl'}, line 1: no 'reviewer'; left out",
+        f"warning: {out / 'review.jsonl'}, line 2: a torn last line (cut short by a crash?); "
+        "left out",
+    ]
+
+
+def test_the_inline_json_cannot_end_the_script_early(tmp_path):
+    out = write_run(tmp_path / "run")
+    lines = (out / "samples.jsonl").read_text().splitlines()
+    record = json.loads(lines[0])
+    record["answers"]["tuned"] = "<!--<script>alert(1)</script>&amp;"
+    lines[0] = json.dumps(record)
+    (out / "samples.jsonl").write_text("\n".join(lines) + "\n")
+    html = render_report(out)
+    block = html.split('id="samples-data">', 1)[1].split("</script>", 1)[0]
+    assert "<" not in block and ">" not in block and "&" not in block
+    assert json.loads(block)[0]["answers"]["tuned"] == "<!--<script>alert(1)</script>&amp;"

@@ -97,7 +97,12 @@ def report_cmd(
     from tunesmith.judge.run_report import REPORT_FILE, render_report
 
     target = Path(out) if out else Path(output_dir) / REPORT_FILE
-    typer.echo(f"wrote {atomic_write_text(render_report(output_dir), target)}")
+    text = render_report(output_dir, warn=_warn_line)
+    typer.echo(f"wrote {atomic_write_text(text, target)}")
+
+
+def _warn_line(message: str) -> None:
+    typer.echo(f"warning: {message}", err=True)
 
 
 @app.command(
@@ -139,17 +144,19 @@ def review_cmd(
     3 tie, 4 both bad), saved as cast to OUTPUT_DIR/review.jsonl; a reload resumes. Open
     http://127.0.0.1:PORT/?reviewer=NAME; each reviewer's votes are kept apart. The summary
     is model B's win rate over A among decisive votes, with a 95% interval."""
+    from tunesmith.judge.files import once
     from tunesmith.judge.review import Review, summary_lines
     from tunesmith.judge.review_app import build_review_app
     from tunesmith.judge.run_report import read_samples
     from tunesmith.serve.guard import LOOPBACK, allowed_hosts, check_bind
     from tunesmith.serve.runner import bind, serve_forever
 
-    samples = read_samples(Path(output_dir))
+    warn = once(_warn_line)
+    samples = read_samples(Path(output_dir), warn)
     if b is None:
         others = [c for c in (samples[0]["answers"] if samples else {}) if c != a]
         b = others[0] if others else "tuned"
-    review = Review(Path(output_dir), a, b)
+    review = Review(Path(output_dir), a, b, warn)
     if summary:
         for line in summary_lines(review.summary(), a, b):
             typer.echo(line)

@@ -7,6 +7,8 @@ import html
 import json
 import math
 
+from tunesmith.judge.files import finite_json
+
 CSS = """
 body{font:14px/1.45 system-ui,-apple-system,Segoe UI,sans-serif;margin:2em auto;max-width:70em;
  padding:0 1em;color:#1d1d1f}
@@ -52,8 +54,12 @@ def table(header: list[str], rows: list[list], numeric_from: int = 1, attrs: str
 
 
 def json_script(element_id: str, data) -> str:
-    """Data for the page's script, as a JSON block that cannot close the script tag early."""
-    text = json.dumps(data, ensure_ascii=False).replace("</", "<\\/")
+    """Data for the page's script, as a JSON block the HTML parser reads as plain text: `<`,
+    `>` and `&` as JSON escapes (`<!--<script>` in a sample would otherwise swallow the closing
+    tag), and Infinity or NaN as null (JSON.parse refuses them)."""
+    text = json.dumps(finite_json(data), ensure_ascii=False)
+    for char, escape in (("&", "\\u0026"), ("<", "\\u003c"), (">", "\\u003e")):
+        text = text.replace(char, escape)
     return f'<script type="application/json" id="{esc(element_id)}">{text}</script>'
 
 

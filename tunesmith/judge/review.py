@@ -18,14 +18,32 @@ import random
 import re
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 from tunesmith.errors import TunesmithError
 from tunesmith.evaluate import SAMPLES_FILE
+from tunesmith.judge.files import Warn, needs, once, read_json_lines
 
 REVIEW_FILE = "review.jsonl"
 VOTES = ("a", "b", "tie", "both_bad")
+SAMPLE_SHAPE = needs(index=int, messages=list, reference=str, answers=dict, exact=dict)
+"""What a line of samples.jsonl holds (`evaluate.write_samples`)."""
+VOTE_SHAPE = needs(reviewer=str, item=int, key=str, vote=str)
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, stacklevel=3)
+
+
+def _vote_shape(entry: dict) -> str | None:
+    problem = VOTE_SHAPE(entry)
+    if problem is None and entry["vote"] not in VOTES:
+        problem = f"vote {entry['vote']!r} is not one of {', '.join(VOTES)}"
+    return problem
+
+
 REVIEWER = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
 
 
@@ -40,9 +58,12 @@ class ReviewItem:
     b: str
 
 
-def load_items(output_dir: Path, a: str, b: str) -> tuple[list[ReviewItem], int]:
+def load_items(
+    output_dir: Path, a: str, b: str, warn: Warn = _warn
+) -> tuple[list[ReviewItem], int]:
     """The items to review (answers of columns `a` and `b` of samples.jsonl that differ) and
-    how many pairs were left out because the two answers are the same."""
+    how many pairs were left out because the two answers are the same. A damaged line is left
+    out with one warning through `warn`."""
     path = output_dir / SAMPLES_FILE
     if not path.is_file():
         raise TunesmithError(
@@ -50,10 +71,7 @@ def load_items(output_dir: Path, a: str, b: str) -> tuple[list[ReviewItem], int]
             "eval.generate_samples > 0 (and data.validation set)"
         )
     items, same = [], 0
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        record = json.loads(line)
+    for number, record in read_json_lines(path, warn, SAMPLE_SHAPE):
         answers = record["answers"]
         for name in (a, b):
             if name not in answers:
@@ -116,11 +134,13 @@ def to_vote(side: str, left_is_a: bool) -> str:
 
 class VoteLog:
     """review.jsonl: appends one whole line per vote (one write on an O_APPEND file, then
-    fsync), so a crash leaves at most a torn last line, which reading skips."""
+    fsync), so a crash leaves at most a torn last line, which reading skips (with a warning,
+    as it does any other damaged line)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, warn: Warn = _warn) -> None:
         self.path = path
         self.lock = threading.Lock()
+        self.warn = once(warn)  # the log is read again on every request
 
     def append(self, entry: dict) -> None:
         line = (json.dumps(entry, ensure_ascii=False, sort_keys=True) + "\n").encode()
@@ -135,17 +155,7 @@ class VoteLog:
                 os.close(fd)
 
     def read(self) -> list[dict]:
-        if not self.path.is_file():
-            return []
-        entries = []
-        for line in self.path.read_text(encoding="utf-8").splitlines():
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a torn line from a crash
-            if isinstance(entry, dict) and entry.get("vote") in VOTES:
-                entries.append(entry)
-        return entries
+        return [entry for _, entry in read_json_lines(self.path, self.warn, _vote_shape)]
 
 
 def _ends_with_newline(fd: int) -> bool:
@@ -221,17 +231,17 @@ def summary_lines(result: dict, a: str, b: str) -> list[str]:
 class Review:
     """The state behind the review page."""
 
-    def __init__(self, output_dir: Path, a: str, b: str) -> None:
+    def __init__(self, output_dir: Path, a: str, b: str, warn: Warn = _warn) -> None:
         self.output_dir = Path(output_dir)
         self.a, self.b = a, b
-        self.items, self.identical = load_items(self.output_dir, a, b)
+        self.items, self.identical = load_items(self.output_dir, a, b, warn)
         if not self.items:
             raise TunesmithError(
                 f"{self.output_dir / SAMPLES_FILE}: {a!r} and {b!r} gave the same answer to "
                 "every prompt; there is nothing to review"
             )
         self.by_index = {item.index: item for item in self.items}
-        self.log = VoteLog(self.output_dir / REVIEW_FILE)
+        self.log = VoteLog(self.output_dir / REVIEW_FILE, warn)
 
     def queue(self, reviewer: str) -> dict:
         """The reviewer's items in their order, as the page shows them (no model names), and

@@ -5,27 +5,60 @@ searchable and filterable by right or wrong."""
 
 from __future__ import annotations
 
-import json
+import warnings
 from pathlib import Path
 
 from tunesmith.errors import TunesmithError
 from tunesmith.evaluate import METRICS, SAMPLES_FILE
 from tunesmith.judge.data_report import DataReport, report_body
+from tunesmith.judge.files import (
+    Warn,
+    all_finite,
+    needs,
+    once,
+    read_json_file,
+    read_json_lines,
+)
 from tunesmith.judge.html import esc, json_script, page, svg_lines, table
-from tunesmith.judge.review import REVIEW_FILE, Review, summary_lines
-from tunesmith.train.plot import read_metrics
+from tunesmith.judge.review import REVIEW_FILE, SAMPLE_SHAPE, Review, summary_lines
 
 DATA_REPORT_FILE = "data_report.json"
 REPORT_FILE = "report.html"
+METRIC_SHAPE = needs(step=int)
 
 
-def _read_json(path: Path) -> dict | None:
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise TunesmithError(f"{path}: not valid JSON ({err.msg}, line {err.lineno})") from None
+def _warn(message: str) -> None:
+    warnings.warn(message, stacklevel=3)
+
+
+def _metric_shape(entry: dict) -> str | None:
+    problem = METRIC_SHAPE(entry) or all_finite(entry)
+    for key in ("loss", "val_loss", "lr"):
+        value = entry.get(key)
+        if problem is None and value is not None and not isinstance(value, int | float):
+            problem = f"{key!r} is not a number"
+    return problem
+
+
+def _eval_shape(data: dict) -> str | None:
+    columns = data.get("columns")
+    if not isinstance(columns, dict) or not all(isinstance(c, dict) for c in columns.values()):
+        return "no 'columns' of scores (is it a tunesmith eval.json?)"
+    return None
+
+
+DATA_REPORT_SHAPE = needs(sources=list, findings=list)
+
+
+def _data_report(data: dict, path: Path, warn: Warn) -> DataReport | None:
+    problem = DATA_REPORT_SHAPE(data)
+    if problem is None:
+        try:
+            return DataReport.from_json(data)
+        except (KeyError, TypeError, ValueError) as err:
+            problem = f"a source or finding of another shape ({err})"
+    warn(f"{path}: not a tunesmith data report: {problem}; left out of the report")
+    return None
 
 
 def _curves(metrics: list[dict]) -> str:
@@ -132,19 +165,16 @@ if (body) {
 """
 
 
-def read_samples(output_dir: Path) -> list[dict]:
-    path = output_dir / SAMPLES_FILE
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            out.append(json.loads(line))
-    return out
+def read_samples(output_dir: Path, warn: Warn = _warn) -> list[dict]:
+    """The records of output_dir/samples.jsonl that have its shape; each damaged line gives one
+    warning through `warn`."""
+    return [r for _, r in read_json_lines(output_dir / SAMPLES_FILE, warn, SAMPLE_SHAPE)]
 
 
-def render_report(output_dir: str | Path) -> str:
-    """The page for the run in `output_dir` (at least its config.yaml or metrics.jsonl)."""
+def render_report(output_dir: str | Path, warn: Warn = _warn) -> str:
+    """The page for the run in `output_dir` (at least its config.yaml or metrics.jsonl).
+    Damaged files are left out, each with one warning through `warn` naming file and line."""
+    warn = once(warn)
     out = Path(output_dir)
     if not out.is_dir():
         raise TunesmithError(f"{out}: no such folder (give a run's output_dir)")
@@ -156,34 +186,39 @@ def render_report(output_dir: str | Path) -> str:
         )
     title = f"tunesmith report: {out}"
     parts = [f"<h1>{esc(title)}</h1>"]
-    summary = _read_json(out / "summary.json")
+    summary = read_json_file(out / "summary.json", warn)
     if summary:
         keys = ["method", "steps", "epochs", "tokens", "tokens_per_s", "seconds",
                 "final_train_loss", "final_val_loss", "final_val_ppl", "trainable_parameters",
                 "total_parameters", "device", "dtype"]  # fmt: skip
         rows = [[k, _plain(summary[k])] for k in keys if k in summary]
         parts += ['<h2 id="summary">Summary</h2>', table(["", "value"], rows)]
-    parts += ['<h2 id="curves">Curves</h2>', _curves(read_metrics(out)) if (
-        out / "metrics.jsonl").is_file() else '<p class="muted">no metrics.jsonl</p>']  # fmt: skip
-    evaluation = _read_json(out / "eval.json")
+    metrics = out / "metrics.jsonl"
+    parts.append('<h2 id="curves">Curves</h2>')
+    if metrics.is_file():
+        parts.append(_curves([r for _, r in read_json_lines(metrics, warn, _metric_shape)]))
+    else:
+        parts.append('<p class="muted">no metrics.jsonl</p>')
+    evaluation = read_json_file(out / "eval.json", warn, _eval_shape)
     parts.append('<h2 id="evaluation">Evaluation</h2>')
     parts.append(
         _eval_table(evaluation)
         if evaluation
         else '<p class="muted">no eval.json (train with eval.generate_samples &gt; 0)</p>'
     )
-    bench = _read_json(out / "bench" / "table.json")
+    bench = read_json_file(out / "bench" / "table.json", warn, needs(header=list, rows=list))
     if bench:
         parts.append('<h2 id="bench">Benchmarks (lm-evaluation-harness)</h2>')
         parts.append(table(bench["header"], bench["rows"]))
-    data = _read_json(out / DATA_REPORT_FILE)
-    if data:
-        parts += ['<h2 id="data">Data report</h2>', report_body(DataReport.from_json(data))]
-    samples = read_samples(out)
+    data = read_json_file(out / DATA_REPORT_FILE, warn)
+    report = data and _data_report(data, out / DATA_REPORT_FILE, warn)
+    if report:
+        parts += ['<h2 id="data">Data report</h2>', report_body(report)]
+    samples = read_samples(out, warn)
     if (out / REVIEW_FILE).is_file() and samples and len(samples[0]["answers"]) >= 2:
         a, b = list(samples[0]["answers"])[:2]
         try:
-            review = Review(out, a, b)
+            review = Review(out, a, b, warn)
             lines = summary_lines(review.summary(), a, b)
             parts += ['<h2 id="review">Blind review</h2>', f"<pre>{esc(chr(10).join(lines))}</pre>"]
         except TunesmithError:
