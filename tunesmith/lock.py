@@ -62,6 +62,10 @@ class FolderLock:
         self._fd = fd
         return self
 
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
     def release(self) -> None:
         if self._fd is None:
             return

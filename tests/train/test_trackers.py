@@ -5,6 +5,7 @@ evaluation table."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import yaml
@@ -44,6 +45,63 @@ def wandb_records(path):
 
 def _key(item) -> str:
     return item.key or "/".join(item.nested_key)
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # nothing listens there once the socket is closed
+
+
+@pytest.mark.parametrize(
+    "tracker, env, expected",
+    [
+        (
+            "mlflow",
+            {"MLFLOW_TRACKING_URI": "http://127.0.0.1:{port}"},
+            "error: train.report_to: mlflow could not start: MlflowException: API request to "
+            "http://127.0.0.1:{port}/api/2.0/mlflow/experiments/get-by-name failed",
+        ),
+        (
+            "mlflow",
+            {"MLFLOW_TRACKING_URI": "sqlite:///{tmp}/a-file/mlflow.db"},  # under a file
+            "error: train.report_to: mlflow could not start: ",
+        ),
+        (
+            "wandb",
+            {"WANDB_MODE": "online", "WANDB_API_KEY": "", "WANDB_DIR": ""},
+            "error: train.report_to: wandb could not start: UsageError: No API key configured",
+        ),
+    ],
+)
+def test_a_tracker_that_cannot_start_stops_the_run_in_one_line(
+    tmp_path, tiny_dir, monkeypatch, tracker, env, expected
+):
+    """Before the model loads, and nothing is left behind: output_dir did not exist, and does
+    not now."""
+    port = _closed_port()
+    cfg = make_config(tmp_path, tiny_dir, train={"report_to": [tracker], "max_steps": 2})
+    config = tmp_path / "run.yaml"
+    config.write_text(config_yaml(cfg))
+    import subprocess
+    import sys
+
+    (tmp_path / "a-file").write_text("not a folder")
+    env = {k: v.format(port=port, tmp=tmp_path) for k, v in env.items()}
+    result = subprocess.run(
+        [sys.executable, "-m", "tunesmith.cli", "train", str(config)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=300,
+    )
+    assert result.returncode == 2, result.stderr
+    (line,) = [x for x in result.stderr.splitlines() if x.startswith("error:")]
+    assert line.startswith(expected.format(port=port)), line
+    assert line.endswith(f", or remove {tracker} from train.report_to")
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.slow  # another tool's run: once in .ci/run, at the newest transformers

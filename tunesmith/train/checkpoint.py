@@ -48,6 +48,11 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
 
 
+def step_of(folder: Path) -> int:
+    """The optimizer step a checkpoint folder (`step-NNNNNN`) was written after."""
+    return int(json.loads((folder / STATE_NAME).read_text())["step"])
+
+
 def remove_partial(output_dir: str | os.PathLike) -> None:
     """Delete temp folders left by a run killed while writing a checkpoint."""
     root = checkpoint_root(output_dir)

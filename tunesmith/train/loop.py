@@ -51,6 +51,7 @@ from tunesmith.train.checkpoint import (
     resolve_resume,
     restore_rng,
     save_checkpoint,
+    step_of,
 )
 from tunesmith.train.loss import model_loss_sum
 from tunesmith.train.offload import ActivationOffload
@@ -135,6 +136,25 @@ def evaluate_loss(
     return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": count}
 
 
+def _entries(folder: Path) -> set[str] | None:
+    """The names in `folder`, or None when it does not exist."""
+    return set(os.listdir(folder)) if folder.is_dir() else None
+
+
+def _remove_new(folder: Path, before: set[str] | None) -> None:
+    """Remove what was added to `folder` since `before` (`_entries`), and the folder itself
+    when it did not exist then and is empty now."""
+    for name in sorted((_entries(folder) or set()) - (before or set())):
+        path = folder / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    if before is None:
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+
+
 class StopRequest:
     """Ctrl-C during training: the first asks the loop to stop after the current step (which
     is then checkpointed), a second one stops at once. Only in the main thread."""
@@ -186,11 +206,17 @@ class Run:
     # --- setup ----------------------------------------------------------------------------
 
     def setup(self) -> None:
-        """Lock output_dir, load tokenizer, data and model, attach the method, and restore a
-        checkpoint when resuming. On any failure output_dir is released again."""
+        """Lock output_dir, start the trackers, load tokenizer, data and model, attach the
+        method, and restore a checkpoint when resuming. On any failure the trackers are closed,
+        what this run added to output_dir is removed (the folder too, if it made it) and
+        output_dir is released."""
+        before = _entries(self.out)
         try:
             self._setup()
         except BaseException:
+            self.trackers.close()
+            if getattr(self, "lock", None) is not None and self.lock.held:
+                _remove_new(self.out, before)
             self.close()
             raise
 
@@ -203,6 +229,16 @@ class Run:
         else:
             check_trackers(cfg.train.report_to)  # before output_dir holds anything
         self._check_output_dir()
+        resume_from = resolve_resume(self.out, self.resume, self.progress.log)
+        if self.world.main:  # a tracker that cannot start stops the run before any loading
+            text = config_yaml(cfg)
+            atomic_write(self.out / "config.yaml", lambda tmp: Path(tmp).write_text(text))
+            self.trackers = Trackers(
+                cfg.train.report_to,
+                self.out,
+                {"data": yaml.safe_load(text), "yaml": text},
+                step_of(resume_from) if resume_from is not None else 0,
+            )
         seed_everything(cfg.train.seed, cfg.train.deterministic)
         self.tokenizer = load_tokenizer(cfg.model)
         self.prepared = prepare_data(cfg.data, self.tokenizer, cfg.train.seed, self.use_cache)
@@ -261,16 +297,8 @@ class Run:
         self.start_step = 0
         self.counters = {"tokens": 0, "trained_tokens": 0, "seconds": 0.0}
         self.last_checkpoint: Path | None = None
-        folder = resolve_resume(self.out, self.resume, self.progress.log)
-        if folder is not None:
-            self._restore(folder)
-        if self.world.main:
-            text = config_yaml(cfg)
-            atomic_write(self.out / "config.yaml", lambda tmp: Path(tmp).write_text(text))
-            self.trackers = Trackers(
-                cfg.train.report_to, self.out, {"data": yaml.safe_load(text), "yaml": text},
-                self.start_step,
-            )  # fmt: skip
+        if resume_from is not None:
+            self._restore(resume_from)
 
     def _check_output_dir(self) -> None:
         """Lock output_dir for this run, then make sure it holds no other run's files (unless

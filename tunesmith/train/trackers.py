@@ -15,13 +15,14 @@ TensorBoard writer drops events logged after the checkpoint it resumes from.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
 import time
 from pathlib import Path
 
-from tunesmith.errors import TunesmithError
+from tunesmith.errors import TunesmithError, first_line
 from tunesmith.io import atomic_write_json
 
 TRACKERS = ("tensorboard", "wandb", "mlflow")
@@ -190,6 +191,42 @@ class _Mlflow:
 
 
 _KINDS = {"tensorboard": _TensorBoard, "wandb": _Wandb, "mlflow": _Mlflow}
+HINTS = {
+    "tensorboard": "check that output_dir is writable",
+    "wandb": "check WANDB_API_KEY (or `wandb login`), or set WANDB_MODE=offline",
+    "mlflow": "check MLFLOW_TRACKING_URI (unset: a local store in output_dir)",
+}
+FIRST_CONTACT = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "15",
+}
+"""While a tracker starts: a tracking server that does not answer fails in seconds, not after
+MLflow's minutes of retries (a user's own settings win)."""
+
+
+@contextlib.contextmanager
+def _first_contact():
+    added = [k for k in FIRST_CONTACT if k not in os.environ]
+    os.environ.update({k: FIRST_CONTACT[k] for k in added})
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
+
+
+def _start(name: str, out: Path, config: dict, state: dict, start_step: int):
+    """Tracker `name`, started; any failure of its library is one line naming it."""
+    try:
+        with _first_contact():
+            return _KINDS[name](out, config, state, start_step)
+    except TunesmithError:
+        raise
+    except Exception as err:  # noqa: BLE001 - each library fails in its own way
+        raise TunesmithError(
+            f"train.report_to: {name} could not start: {type(err).__name__}: "
+            f"{first_line(err)[:300]}; {HINTS[name]}, or remove {name} from train.report_to"
+        ) from None
 
 
 class Trackers:
@@ -204,7 +241,7 @@ class Trackers:
         self.active = []
         try:
             for name in names:
-                self.active.append(_KINDS[name](self.out, config, state, start_step))
+                self.active.append(_start(name, self.out, config, state, start_step))
         except BaseException:
             self.close()
             raise
