@@ -189,3 +189,22 @@ def test_repeated_answers_one_character_answers_and_drops(tmp_path, tiny_dir):
     assert f["short_answer"].where == [f"{train_file}, line 10", f"{train_file}, line 11"]
     assert f["too_long"].where == [f"{train_file}, line 12"]
     assert report.sources[0].dropped_too_long == 1 and report.sources[0].samples == 11
+
+
+def test_nothing_left_after_preparation_is_the_finding_not_an_error(tmp_path, tiny_dir):
+    """Every answer lies past max_seq_len: `train` refuses the data, the report says why."""
+    rows = [chat(" ".join(VOCAB[i : i + 40]), "w001 w002") for i in range(6)]
+    train_file = write_jsonl(tmp_path / "long.jsonl", rows)
+    cfg = make_config(tmp_path, tiny_dir)
+    cfg.data.datasets[0].path = str(train_file)
+    cfg.data.validation = []
+    cfg.data.max_seq_len = 16
+    report = data_report(cfg, chat_tokenizer())
+    assert report.train_samples == 0
+    (finding,) = [f for f in report.findings if f.key == "nothing_left"]
+    assert finding.severity == 0 and finding.count == 1
+    assert finding.where == [
+        f"{train_file} (train): 6 records, 6 with the answer cut away, 0 too long, 0 with "
+        "empty answers"
+    ]
+    assert report.findings[0].key in ("truncated_away", "nothing_left")

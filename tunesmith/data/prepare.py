@@ -93,10 +93,11 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def prepare_data(
-    data: DataSection, tokenizer, seed: int = 42, use_cache: bool = True
+    data: DataSection, tokenizer, seed: int = 42, use_cache: bool = True, allow_empty: bool = False
 ) -> PreparedData:
     """Tokenize every source (or read it from the cache), split validation, mix by weight and
-    pack. Raises `DataError` for bad files or records, naming the file and record."""
+    pack. Raises `DataError` for bad files or records, naming the file and record, and for a
+    source of which no sample is left (unless `allow_empty`: the data report's finding)."""
     train_specs = [(f"data.datasets.{i}", s) for i, s in enumerate(data.datasets)]
     val_specs = [(f"data.validation.{i}", s) for i, s in enumerate(data.validation)]
     formats = {at: peek_format(src, at) for at, src in train_specs + val_specs}
@@ -110,7 +111,16 @@ def prepare_data(
     train_parts, val_parts = [], []
     for at, src in train_specs:
         samples, st = _prepare_source(
-            src, at, formats[at], data, tokenizer, settings, fingerprint, cache_dir, use_cache
+            src,
+            at,
+            formats[at],
+            data,
+            tokenizer,
+            settings,
+            fingerprint,
+            cache_dir,
+            use_cache,
+            allow_empty,
         )
         stats.append(st)
         if data.val_fraction:
@@ -119,7 +129,16 @@ def prepare_data(
         train_parts.append(_weighted(samples, src.weight, rng))
     for at, src in val_specs:
         samples, st = _prepare_source(
-            src, at, formats[at], data, tokenizer, settings, fingerprint, cache_dir, use_cache
+            src,
+            at,
+            formats[at],
+            data,
+            tokenizer,
+            settings,
+            fingerprint,
+            cache_dir,
+            use_cache,
+            allow_empty,
         )
         st.split = "validation"
         stats.append(st)
@@ -162,6 +181,7 @@ def peek_format(src: DatasetSource, at: str) -> str:
 def _prepare_source(
     src: DatasetSource, at: str, fmt: str, data: DataSection, tokenizer,
     settings: EncodeSettings, fingerprint: str, cache_dir: Path, use_cache: bool,
+    allow_empty: bool = False,
 ) -> tuple[SampleSet, SourceStats]:  # fmt: skip
     key_parts = {
         "version": CACHE_VERSION,
@@ -194,7 +214,7 @@ def _prepare_source(
     )
     samples, counts = encode_all(examples, tokenizer, settings, num_proc)
     stats = _stats(src.path, fmt, len(records), samples, counts)
-    if not len(samples):
+    if not len(samples) and not allow_empty:
         raise DataError(
             f"{src.path}: no samples left: {_drop_summary(stats)}; check {at} and data.max_seq_len"
         )

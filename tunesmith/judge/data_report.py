@@ -190,7 +190,7 @@ def data_report(
     if not 0 < threshold <= 1:
         raise ValueError(f"--threshold must lie in (0, 1], got {threshold}")
     data = config.data
-    prepared = prepare_data(data, tokenizer, config.train.seed)
+    prepared = prepare_data(data, tokenizer, config.train.seed, allow_empty=True)
     train_sources = [(f"data.datasets.{i}", s, "train") for i, s in enumerate(data.datasets)]
     val_sources = [(f"data.validation.{i}", s, "validation") for i, s in enumerate(data.validation)]
     formats = {peek_format(s, at) for at, s, _ in train_sources + val_sources}
@@ -264,6 +264,7 @@ def _findings(report: DataReport, items: list[Item]) -> list[Finding]:
     _leakage(found, items, by_text, val)
     _duplicates(found, items, by_text, val, report.threshold)
     _preparation(found, items, report.max_seq_len)
+    _nothing_left(found, report)
     _answers(found, items, report.sources)
     return sorted(found, key=lambda f: f.severity)
 
@@ -368,6 +369,20 @@ def _preparation(found: _Found, items: list[Item], max_seq_len: int) -> None:
         if it.answer is not None and it.answer.strip() and len(normalize(it.answer)) <= 1
     ]  # fmt: skip
     found.add("short_answer", 2, short, "answers of one character or less")
+
+
+def _nothing_left(found: _Found, report: DataReport) -> None:
+    """Sources of which preparation keeps no sample (`train` refuses them)."""
+    empty = [
+        f"{s.path} ({s.split}): {s.records} records, {s.dropped_untrained} with the answer cut "
+        f"away, {s.dropped_too_long} too long, {s.dropped_empty_response} with empty answers"
+        for s in report.sources
+        if s.samples == 0
+    ]
+    found.add("nothing_left", 0, empty,
+              f"sources of which no sample survives preparation (max_seq_len="
+              f"{report.max_seq_len}, truncation: {report.truncation}); `tunesmith train` "
+              "refuses them: raise data.max_seq_len or fix the records")  # fmt: skip
 
 
 def _answers(found: _Found, items: list[Item], sources: list[SourceReport]) -> None:
