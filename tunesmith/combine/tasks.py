@@ -94,8 +94,9 @@ def combine_tasks(
 
 def low_rank_factors(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(B, A, kept) with B @ A the best rank-`rank` approximation of `delta` (truncated SVD; √S
-    goes to each side) and `kept` the fraction of ‖delta‖² it keeps (1.0: exact)."""
-    u, s, vh = torch.linalg.svd(delta.detach().float(), full_matrices=False)
+    goes to each side) and `kept` the fraction of ‖delta‖² it keeps (1.0: exact). The SVD runs in
+    float64 (fp32 rounding alone moved logits by 3e-5 on a tiny model); the factors are float32."""
+    u, s, vh = torch.linalg.svd(delta.detach().double(), full_matrices=False)
     return _truncate(u, s, vh, rank)
 
 
@@ -104,8 +105,8 @@ def factored_low_rank(
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """`low_rank_factors(left @ right, rank)` without forming the (out × in) product: QR of
     both factors and an SVD of the small (k × k) core, k = left.shape[1]. Exact."""
-    q_left, r_left = torch.linalg.qr(left.detach().float())
-    q_right, r_right = torch.linalg.qr(right.detach().float().T)
+    q_left, r_left = torch.linalg.qr(left.detach().double())
+    q_right, r_right = torch.linalg.qr(right.detach().double().T)
     u, s, vh = torch.linalg.svd(r_left @ r_right.T)
     return _truncate(q_left @ u, s, vh @ q_right.T, rank)
 
@@ -115,4 +116,4 @@ def _truncate(u, s, vh, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
     energy = float((s**2).sum())
     kept = float((s[:rank] ** 2).sum()) / energy if energy > 0 else 1.0
     root = s[:rank].sqrt()
-    return u[:, :rank] * root, root[:, None] * vh[:rank], kept
+    return (u[:, :rank] * root).float(), (root[:, None] * vh[:rank]).float(), kept
