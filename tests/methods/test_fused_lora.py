@@ -59,9 +59,9 @@ def test_fused_step_gives_the_plain_layers_loss_and_gradients(arch):
     calls = []
     original = FusedLoRA.forward
 
-    def counting(ctx, x, p, a, slots, *rest):
+    def counting(ctx, x, p, site, a, slots, *rest):
         calls.append(len(slots))
-        return original(ctx, x, p, a, slots, *rest)
+        return original(ctx, x, p, site, a, slots, *rest)
 
     FusedLoRA.forward = staticmethod(counting)
     try:

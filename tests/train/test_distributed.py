@@ -1,7 +1,8 @@
 """Several processes on CPU (gloo), launched by torchrun as a user launches them: DDP and FSDP
-give one process's losses and adapter, only rank 0 writes or prints, FSDP's sharded checkpoints
-resume on the same and on another number of processes, a failing rank stops the job with its
-message, and two "machines" (two torchrun launches with --nnodes 2) train over loopback."""
+give one process's losses and adapter (LoRA dropout on: its masks are keyed by sample), only
+rank 0 writes or prints, FSDP's sharded checkpoints resume on the same and on another number of
+processes, a failing rank stops the job with its message, and two "machines" (two torchrun
+launches with --nnodes 2) train over loopback."""
 
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ def _config(tmp_path: Path, tiny_dir: Path, name: str, **train) -> Path:
         write_jsonl(tmp_path / "val.jsonl", toy_rows(8, seed=1))
     raw = {
         "model": {"path": str(tiny_dir), "dtype": "fp32", "device": "cpu"},
-        "method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
+        "method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.1},  # keyed: same masks
         "data": {"datasets": [{"path": str(data)}],
                  "validation": [{"path": str(tmp_path / "val.jsonl")}],
                  "max_seq_len": 64, "cache_dir": str(tmp_path / "cache")},

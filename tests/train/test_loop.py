@@ -59,19 +59,45 @@ def test_full_fine_tuning_lowers_the_loss_and_saves_a_loadable_model(tmp_path, t
     assert isinstance(model, LlamaForCausalLM)
 
 
-def _one_step(tmp_path: Path, tiny_dir: Path, micro: int, accum: int):
+def _one_step(tmp_path: Path, tiny_dir: Path, micro: int, accum: int, dropout: float = 0.0):
+    name = f"{micro}x{accum}-{dropout}"
     config = make_config(
-        tmp_path / f"{micro}x{accum}", tiny_dir,
-        method={"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
-        train={"max_steps": 1, "micro_batch_size": micro, "grad_accum_steps": accum,
-               "max_grad_norm": None},
-    )  # fmt: skip
-    config = config.model_copy(update={"output_dir": str(tmp_path / f"out{micro}x{accum}")})
+        tmp_path / name,
+        tiny_dir,
+        method={"name": "lora", "r": 4, "alpha": 8, "dropout": dropout},
+        train={
+            "max_steps": 1,
+            "micro_batch_size": micro,
+            "grad_accum_steps": accum,
+            "max_grad_norm": None,
+        },
+    )
+    config = config.model_copy(update={"output_dir": str(tmp_path / f"out{name}")})
     run = Run(config, progress=quiet())
     run.setup()
     result = run.train_step(0)
     weights = {n: p.detach().clone() for n, p in run.model.named_parameters() if p.requires_grad}
     return run, result, weights
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_accumulation_is_exact_with_dropout_too(tmp_path, tiny_dir, fused, monkeypatch):
+    """Each sample's dropout mask is keyed by the sample, not drawn in batch order: 2x4
+    micro-batches and one batch of 8 drop the same elements (with and without the fused
+    LoRA step), and a run without keys (dropout 0) differs from both."""
+    from tunesmith.methods.lora.layer import LoRALayer
+
+    if not fused:
+        monkeypatch.setattr(LoRALayer, "fusable", lambda self: None)
+    _, big, big_weights = _one_step(tmp_path, tiny_dir, micro=8, accum=1, dropout=0.3)
+    _, small, small_weights = _one_step(tmp_path, tiny_dir, micro=2, accum=4, dropout=0.3)
+    _, _, plain_weights = _one_step(tmp_path, tiny_dir, micro=8, accum=1, dropout=0.0)
+    assert small["loss"] == pytest.approx(big["loss"], rel=1e-6)
+    for name in big_weights:
+        torch.testing.assert_close(small_weights[name], big_weights[name], rtol=1e-5, atol=1e-7)
+    # B's first update is g·(dropout(x)·A): the dropout did drop something
+    b = next(n for n in big_weights if "lora_B" in n)
+    assert (plain_weights[b] - big_weights[b]).abs().max() > 1e-4
 
 
 def test_accumulation_gives_the_gradient_of_one_big_batch(tmp_path, tiny_dir):

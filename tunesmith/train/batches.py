@@ -3,7 +3,9 @@
 The training data is a list of units: samples, or packed rows of samples. Each epoch shuffles
 the units with a generator seeded by (seed, epoch), cuts them into micro-batches and groups
 `grad_accum_steps` micro-batches per optimizer step. The batches of step s therefore depend on
-s alone, which is what makes resuming exact: the data position is the step number."""
+s alone, which is what makes resuming exact: the data position is the step number. Each batch
+carries its tokens' dropout keys (`tunesmith.adapters.dropout`): (seed, step, unit, position),
+so a unit's dropout mask does not depend on which process or micro-batch it lands in."""
 
 from __future__ import annotations
 
@@ -12,8 +14,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from tunesmith.adapters.dropout import hash_int, token_keys
 from tunesmith.data.encode import IGNORE_INDEX, SampleSet
 from tunesmith.data.pack import collate, collate_packed
+
+DROPOUT_KEYS = "dropout_keys"
+"""The batch entry holding its tokens' dropout keys (not a model input)."""
 
 
 @dataclass
@@ -58,15 +64,29 @@ class BatchPlan:
         units = order[within * per_step : (within + 1) * per_step]
         batches = []
         for at in range(0, len(units), self.micro_batch_size):
-            chunk = units[at : at + self.micro_batch_size]
+            chunk = [int(u) for u in units[at : at + self.micro_batch_size]]
             if self.rows is not None:
                 rows = [[self.samples[i] for i in self.rows[u]] for u in chunk]
+                segments = [
+                    [(u, sum(len(ids) for ids, _ in row))]
+                    for u, row in zip(chunk, rows, strict=True)
+                ]
                 if self.flatten:
                     rows = [[sample for row in rows for sample in row]]
-                batches.append(collate_packed(rows, self.pad_id))
+                    segments = [[seg for row in segments for seg in row]]
+                batch = collate_packed(rows, self.pad_id)
             else:
-                batches.append(collate([self.samples[int(u)] for u in chunk], self.pad_id))
+                batch = collate([self.samples[u] for u in chunk], self.pad_id)
+                segments = [[(u, int(self.samples.lengths[u]))] for u in chunk]
+            width = batch["input_ids"].shape[1]
+            batch[DROPOUT_KEYS] = token_keys(self.seed, step, segments, width)
+            batches.append(batch)
         return batches
+
+
+def micro_batch_seed(seed: int, step: int, index: int) -> int:
+    """The seed of torch's generator for micro-batch `index` of step `step` (0-based)."""
+    return hash_int(hash_int(hash_int(seed) ^ step) ^ index)
 
 
 def trained_tokens(batch: dict) -> int:

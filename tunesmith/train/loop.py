@@ -34,6 +34,7 @@ from safetensors.torch import load_file
 import tunesmith.train.distributed as dist_run
 import tunesmith.train.sharded as sharded
 from tunesmith.adapters import trainable_parameters
+from tunesmith.adapters.dropout import dropout_keys, number_sites
 from tunesmith.builder import build_model, load_trained, output_name, run_dtypes, save_trained
 from tunesmith.config import RunConfig, config_yaml
 from tunesmith.data import prepare_data
@@ -42,7 +43,13 @@ from tunesmith.io import atomic_write, atomic_write_json, reporting_full_disk
 from tunesmith.lock import FolderLock, stale_message
 from tunesmith.models import load_tokenizer, resolve_device
 from tunesmith.registry import method_of
-from tunesmith.train.batches import BatchPlan, eval_batches, trained_tokens
+from tunesmith.train.batches import (
+    DROPOUT_KEYS,
+    BatchPlan,
+    eval_batches,
+    micro_batch_seed,
+    trained_tokens,
+)
 from tunesmith.train.checkpoint import (
     checkpoint_root,
     list_checkpoints,
@@ -261,6 +268,7 @@ class Run:
             compute_dtype=self.dtype, tokenizer=self.tokenizer, seed=cfg.train.seed,
         )  # fmt: skip
 
+        number_sites(self.model)  # before wrapping: the names every process shares
         self.speedups = apply_speedups(self.model, cfg.train, self.device_type)
         self.offload = (
             ActivationOffload(self.device_type) if cfg.train.offload_activations else None
@@ -503,7 +511,13 @@ class Run:
         for i in range(passes):
             batch, weight = (mine[i], 1.0) if i < len(mine) else (micro[0], 0.0)
             batch = to_device(batch, self.device)
-            with dist_run.accumulating(self.step_module, self.strategy, i < passes - 1):
+            # the model's own dropout (GPT-2's, say) draws from torch's generator: seeded by
+            # the micro-batch's place in the step, it draws the same on 1 or N processes
+            torch.manual_seed(micro_batch_seed(self.config.train.seed, step, rank + i * size))
+            with (
+                dist_run.accumulating(self.step_module, self.strategy, i < passes - 1),
+                dropout_keys(batch[DROPOUT_KEYS]),  # forward and backward (recomputation)
+            ):
                 with (
                     autocast_for(self.device_type, self.dtype),
                     self.offload or contextlib.nullcontext(),

@@ -37,9 +37,13 @@ def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torc
     return total, int((targets != IGNORE_INDEX).sum())
 
 
+NOT_INPUTS = ("labels", "dropout_keys")
+
+
 def model_inputs(batch: dict) -> dict:
-    """The model's keyword arguments for a collated batch (everything but labels)."""
-    return {k: v for k, v in batch.items() if k != "labels"}
+    """The model's keyword arguments for a collated batch (everything but the labels and the
+    dropout keys)."""
+    return {k: v for k, v in batch.items() if k not in NOT_INPUTS}
 
 
 def _head_loss(head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tunesmith.adapters.dropout import KeyedDropout
 from tunesmith.adapters.holders import AdapterHolder
 from tunesmith.adapters.targets import MLP_SUBLAYERS, hidden_size
 from tunesmith.errors import AdapterError
@@ -43,7 +44,7 @@ class BottleneckAdapter(nn.Module):
         self.down = nn.Linear(hidden, width, **factory)
         self.up = nn.Linear(width, hidden, **factory)
         self.nonlinearity = nonlinearity
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = KeyedDropout(dropout) if dropout > 0 else nn.Identity()
         with torch.no_grad():
             self.down.bias.zero_()
             self.up.weight.zero_()

@@ -29,6 +29,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from tunesmith.adapters.dropout import keep_mask
+
 SHARED_INPUT_GROUPS = (
     ("q_proj", "k_proj", "v_proj"),
     ("gate_proj", "up_proj"),
@@ -39,18 +41,21 @@ SHARED_INPUT_GROUPS = (
 
 
 class FusedLoRA(torch.autograd.Function):
-    """See the module docstring. Arguments: x (..., in), the dropout probability p, A (R × in,
-    every adapter's A stacked), `slots` (per output: the (start, end) columns of xa it reads),
-    then per output: W (out × in, or None: the base is computed outside), bias (or None) and
-    sB (out × (end − start)). Returns one tensor per output."""
+    """See the module docstring. Arguments: x (..., in), the dropout probability p and site
+    (`tunesmith.adapters.dropout`), A (R × in, every adapter's A stacked), `slots` (per output:
+    the (start, end) columns of xa it reads), then per output: W (out × in, or None: the base
+    is computed outside), bias (or None) and sB (out × (end − start)). Returns one tensor per
+    output."""
 
     @staticmethod
-    def forward(ctx, x, p: float, a, slots, *per_output):
+    def forward(ctx, x, p: float, site: int | None, a, slots, *per_output):
         with torch.autocast(x.device.type, enabled=False):
             x2 = x.reshape(-1, x.shape[-1])
             mask = None
             if p > 0:
-                mask = torch.empty_like(x2).bernoulli_(1.0 - p).bool()
+                mask = keep_mask(x2.shape, p, site, x2.device)
+                if mask is None:
+                    mask = torch.empty_like(x2).bernoulli_(1.0 - p).bool()
                 x_drop = x2 * mask * (1.0 / (1.0 - p))
             else:
                 x_drop = x2
@@ -91,7 +96,7 @@ class FusedLoRA(torch.autograd.Function):
             for i, ((start, end), grad) in enumerate(zip(ctx.slots, grads, strict=True)):
                 weight = next(weights_iter) if ctx.has_weight[i] else None
                 b = bs[i]
-                at = 4 + 3 * i
+                at = 5 + 3 * i
                 if grad is None:
                     per_output_grads += [None, None, None]
                     continue
@@ -105,7 +110,7 @@ class FusedLoRA(torch.autograd.Function):
                 per_output_grads += [d_w, d_bias, d_b]
             scale = 1.0 / (1.0 - ctx.p) if ctx.has_mask else 1.0
             d_a = None
-            if needs[2]:
+            if needs[3]:
                 x_drop = x2 * mask * scale if ctx.has_mask else x2
                 d_a = dxa.t() @ x_drop
             if needs[0]:
@@ -114,7 +119,7 @@ class FusedLoRA(torch.autograd.Function):
                     lora_dx.mul_(mask).mul_(scale)
                 dx = lora_dx if dx is None else dx.add_(lora_dx)
                 dx = dx.view(ctx.shape)
-        return (dx, None, d_a, None, *per_output_grads)
+        return (dx, None, None, d_a, None, *per_output_grads)
 
 
 @dataclass(eq=False)
@@ -150,6 +155,10 @@ def dropout_of(adapter) -> float:
     return adapter.dropout.p if isinstance(adapter.dropout, nn.Dropout) else 0.0
 
 
+def dropout_site(adapter) -> int | None:
+    return getattr(adapter.dropout, "site", None)
+
+
 def fused_forward(layers: list, x: torch.Tensor) -> list[torch.Tensor]:
     """The training-mode outputs of `layers` on x: LoRALayers whose `fusable()` gives one
     dropout probability."""
@@ -159,6 +168,8 @@ def fused_forward(layers: list, x: torch.Tensor) -> list[torch.Tensor]:
         dtype = x.dtype
     a_parts, slots, per_output, at = [], [], [], 0
     p = layers[0].fusable()
+    first = layers[0]
+    site = dropout_site(first.adapters[first.active[0]])  # one mask for the group
     for layer in layers:
         adapters = [layer.adapters[name] for name in layer.active]
         a_parts += [adapter.lora_A.to(dtype) for adapter in adapters]
@@ -177,7 +188,7 @@ def fused_forward(layers: list, x: torch.Tensor) -> list[torch.Tensor]:
                 b,
             ]
     a = a_parts[0] if len(a_parts) == 1 else torch.cat(a_parts, 0)
-    outputs = FusedLoRA.apply(x.to(dtype), p, a, slots, *per_output)
+    outputs = FusedLoRA.apply(x.to(dtype), p, site, a, slots, *per_output)
     return [
         out if fuses_base(layer) else layer.base_layer(x) + out
         for layer, out in zip(layers, outputs, strict=True)

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tunesmith.adapters.dropout import KeyedDropout
 from tunesmith.adapters.holders import LinearWrapper
 from tunesmith.errors import AdapterError
 from tunesmith.methods.lora.fused import SharedInputGroup, dropout_of, fused_forward
@@ -48,7 +49,7 @@ class LoRAAdapter(nn.Module):
         self.register_buffer(
             "scaling", torch.tensor(float(scaling), device=device), persistent=False
         )
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = KeyedDropout(dropout) if dropout > 0 else nn.Identity()
         self.lora_magnitude_vector = (
             nn.Parameter(torch.ones(out_features, **factory)) if use_dora else None
         )
