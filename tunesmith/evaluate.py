@@ -208,7 +208,8 @@ def _template_and_bos(data: DataSection, tokenizer) -> tuple[str, bool]:
 def score_model(model, tokenizer, pairs, data: DataSection, max_new_tokens: int, batch_size=16):
 
     template, add_bos = _template_and_bos(data, tokenizer)
-    prompts = [prompt_ids(p.messages, template, tokenizer, add_bos) for p in pairs]
+    kwargs = data.chat_template_kwargs
+    prompts = [prompt_ids(p.messages, template, tokenizer, add_bos, kwargs) for p in pairs]
     predictions = generate_batch(
         model, tokenizer, prompts, Sampling(max_new_tokens=max_new_tokens), batch_size
     )

@@ -1,8 +1,8 @@
 """Generation for `tunesmith generate`, `tunesmith chat` and generation-based evaluation.
 
-Prompts are encoded exactly as training encodes them: the conversation is rendered by the chat
-template segment by segment (`render_segments`) and each segment tokenized on its own, so the
-model sees at inference the same token boundaries it was trained on."""
+A chat prompt is what the chat template renders with `add_generation_prompt`, encoded as
+training encodes the prompt before a response (`conversation_parts`: segment by segment), so
+the model sees at inference the tokens it was trained to answer."""
 
 from __future__ import annotations
 
@@ -12,9 +12,8 @@ import torch
 from transformers import TextStreamer
 
 from tunesmith.data.encode import bos_prefix, conversation_parts
+from tunesmith.data.templates import END_OF_TURN_MARKERS, render
 from tunesmith.errors import TunesmithError
-
-END_OF_TURN_MARKERS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
 
 
 @dataclass
@@ -31,17 +30,42 @@ class Sampling:
         return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p}
 
 
-def prompt_ids(messages: list[dict], template: str, tokenizer, add_bos: bool) -> list[int]:
-    """Token ids of `messages` followed by the assistant's generation prompt: the parts
-    training encodes before a response (`conversation_parts`), tokenized the same way."""
+def prompt_ids(
+    messages: list[dict],
+    template: str,
+    tokenizer,
+    add_bos: bool,
+    template_kwargs: dict | None = None,
+) -> list[int]:
+    """Token ids of `messages` followed by the assistant's generation prompt, as the chat
+    template renders them (`add_generation_prompt`): the parts training encodes before a reply
+    to `messages`, tokenized the same way. Where the template renders a reply behind another
+    prompt than its generation prompt (DeepSeek-R1's `<think>`), the generation prompt's text
+    is kept, and what differs from training's is tokenized on its own."""
+    kwargs = template_kwargs or {}
     probe = [*messages, {"role": "assistant", "content": "x"}]
-    parts = conversation_parts(probe, template, tokenizer, add_bos, bos_prefix(tokenizer), "prompt")
+    bos = bos_prefix(tokenizer)
+    parts, _ = conversation_parts(probe, template, tokenizer, add_bos, bos, "prompt", kwargs)
     last = max(i for i, (_, trained) in enumerate(parts) if trained is True)
-    texts = [part for part, _ in parts[:last] if isinstance(part, str)]
+    try:
+        wanted = render(tokenizer, template, messages, True, **kwargs)
+    except Exception as err:  # noqa: BLE001 - Jinja raise_exception() and template bugs
+        raise TunesmithError(f"the chat template failed on this conversation: {err}") from None
+    pieces: list = []
+    at = 0
+    for part, _ in parts[:last]:
+        if isinstance(part, str):
+            if not wanted.startswith(part, at):
+                break
+            at += len(part)
+        pieces.append(part)
+    if at < len(wanted):
+        pieces.append(wanted[at:])
+    texts = [p for p in pieces if isinstance(p, str)]
     encoded = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
     ids: list[int] = []
-    for part, _ in parts[:last]:
-        ids += list(next(encoded)) if isinstance(part, str) else part
+    for piece in pieces:
+        ids += list(next(encoded)) if isinstance(piece, str) else piece
     return ids
 
 

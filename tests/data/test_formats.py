@@ -49,9 +49,10 @@ def test_chat_masks_every_assistant_turn_with_its_end_of_turn(tmp_path):
         [
             ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nReverse: a b<|im_end|>\n"
              "<|im_start|>assistant\n", False),
-            ("b a<|im_end|>\n", True),
-            ("<|im_start|>user\nFirst: c d<|im_end|>\n<|im_start|>assistant\n", False),
-            ("c<|im_end|>\n", True),
+            ("b a<|im_end|>", True),
+            ("\n<|im_start|>user\nFirst: c d<|im_end|>\n<|im_start|>assistant\n", False),
+            ("c<|im_end|>", True),
+            ("\n", False),  # after the end of the turn: nothing the model must produce
         ],
     )  # fmt: skip
     # The end-of-turn token is a single special token, and it is trained.
@@ -85,7 +86,8 @@ def test_sharegpt_with_role_mapping(tmp_path):
         [
             ("<|im_start|>user\nhi<|im_end|>\n<|im_start|>user\nok<|im_end|>\n"
              "<|im_start|>assistant\n", False),
-            ("yo<|im_end|>\n", True),
+            ("yo<|im_end|>", True),
+            ("\n", False),
         ],
     )  # fmt: skip
 
@@ -105,7 +107,8 @@ def test_chat_field_mapping_and_content_parts(tmp_path):
         tok,
         [
             ("<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n", False),
-            ("a<|im_end|>\n", True),
+            ("a<|im_end|>", True),
+            ("\n", False),
         ],
     )
 
@@ -123,7 +126,9 @@ def test_alpaca_with_builtin_template_bos_and_field_mapping(tmp_path):
         "completes the request.\n\n### Instruction:\nSort\n\nb a\n\n### Response:\n"
     )
     assert only(prepared) == expected(
-        tok, [(header, False), ("a b<|endoftext|>\n\n", True)], bos=[tok.bos_token_id]
+        tok,
+        [(header, False), ("a b<|endoftext|>", True), ("\n\n", False)],
+        bos=[tok.bos_token_id],
     )
 
 
@@ -178,9 +183,9 @@ def test_builtin_templates_render_exactly(name):
     assert (
         responses
         == {
-            "chatml": ["b a<|im_end|>\n", "c<|im_end|>\n"],
+            "chatml": ["b a<|im_end|>", "c<|im_end|>"],
             "llama-3": ["b a<|eot_id|>", "c<|eot_id|>"],
-            "alpaca": ["b a<|endoftext|>\n\n", "c<|endoftext|>\n\n"],
+            "alpaca": ["b a<|endoftext|>", "c<|endoftext|>"],
         }[name]
     )
     if name == "llama-3":
@@ -222,15 +227,45 @@ def test_template_choice(tmp_path):
     )
 
 
-def test_template_that_rewrites_history_is_refused(tmp_path):
+def test_a_template_that_rewrites_history_trains_each_turn_with_one_warning(tmp_path):
+    """The count in front changes with every message, so no prompt is the one generation
+    sends: each response is found in the whole rendering, and the warning names the turn."""
     tok = plain_tokenizer()
     jinja = tmp_path / "t.jinja"
     jinja.write_text("{{ messages | length }}{% for m in messages %}{{ m.content }}{% endfor %}")
     path = str(write_jsonl(tmp_path / "c.jsonl", [CHAT]))
-    with pytest.raises(
-        ValueError, match=r"c.jsonl, line 1: the chat template rewrites earlier turns"
-    ):
+    with pytest.warns(UserWarning) as caught:
+        prepared = prepare_data(data_section(tmp_path, [path], chat_template=str(jinja)), tok)
+    (warning,) = [
+        str(w.message) for w in caught if "conversations the chat template" in str(w.message)
+    ]
+    assert warning.startswith(
+        f"{path}: in 1 of 1 conversations the chat template renders an assistant turn behind "
+        "another prompt than its generation prompt"
+    )
+    assert f"first: {path}, line 1, assistant turn 1)" in warning
+    ids, labels = prepared.train[0]
+    pairs = zip(ids.tolist(), labels.tolist(), strict=True)
+    trained = tok.decode([i for i, lab in pairs if lab != M])
+    assert trained == "b ac"  # both answers, nothing else
+    assert prepared.sources[0].inexact_template == 1
+
+
+def test_a_turn_the_template_does_not_render_is_an_error_naming_it(tmp_path):
+    tok = plain_tokenizer()
+    jinja = tmp_path / "t.jinja"
+    jinja.write_text(
+        "{% for m in messages %}{% if m.role != 'assistant' %}{{ m.content }}{% endif %}"
+        "{% endfor %}"
+    )
+    path = str(write_jsonl(tmp_path / "c.jsonl", [CHAT]))
+    with pytest.raises(ValueError) as err:
         prepare_data(data_section(tmp_path, [path], chat_template=str(jinja)), tok)
+    assert str(err.value) == (
+        f"{path}, line 1: assistant turn 1 (message 2): the chat template renders it "
+        "differently within the conversation than after its generation prompt, so its tokens "
+        "cannot be masked exactly; choose another data.chat_template"
+    )
 
 
 def test_local_sources_json_csv_parquet_folder(tmp_path):
@@ -283,8 +318,8 @@ def test_preview_marks_masked_spans(tmp_path):
     prepared = prepare_data(data, tok)
     assert show_sample(*prepared.train[0], tok) == (
         "⟦<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nReverse: a b<|im_end|>\n"
-        "<|im_start|>assistant\n⟧b a<|im_end|>\n⟦<|im_start|>user\nFirst: c d<|im_end|>\n"
-        "<|im_start|>assistant\n⟧c<|im_end|>\n"
+        "<|im_start|>assistant\n⟧b a<|im_end|>⟦\n<|im_start|>user\nFirst: c d<|im_end|>\n"
+        "<|im_start|>assistant\n⟧c<|im_end|>⟦\n⟧"
     )
 
 

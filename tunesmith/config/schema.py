@@ -132,6 +132,9 @@ class DataSection(Section):
     """How chat and alpaca records become text. "auto": the tokenizer's chat template, else the
     built-in "alpaca" template for alpaca data; "tokenizer": the tokenizer's (an error if it has
     none); a built-in name (alpaca, chatml, llama-3); or a path to a .jinja file."""
+    chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)
+    """More arguments for the chat template, as `apply_chat_template(..., **kwargs)` takes
+    them, e.g. `{enable_thinking: false}` for Qwen3."""
     system_prompt: str | None = None
     """System message added to records that have none."""
     add_eos: bool = True

@@ -15,7 +15,7 @@ import numpy as np
 
 from tunesmith.data.formats import Completion, Conversation, Example, turns_out_of_order
 from tunesmith.data.sources import DataError
-from tunesmith.data.templates import render_segments
+from tunesmith.data.templates import Rendered, render_conversation
 
 IGNORE_INDEX = -100
 
@@ -30,6 +30,9 @@ class EncodeSettings:
     add_bos: bool = False
     """Prepend the tokenizer's BOS to rendered conversations (built-in templates; a
     tokenizer's own template writes its BOS itself)."""
+    template_kwargs: dict | None = None
+    """More arguments for the chat template (`data.chat_template_kwargs`, e.g.
+    `enable_thinking: false` for Qwen3)."""
 
 
 class SampleSet:
@@ -138,7 +141,17 @@ def encode_examples(
                     _count(stats, record, "dropped_empty_response")
                     continue
             batch.append((example, where, record))
-        plans = [_plan(ex, where, tokenizer, settings, bos) for ex, where, _ in batch]
+        plans = []
+        for example, where, record in batch:
+            plan, rendered = _plan(example, where, tokenizer, settings, bos)
+            if rendered is not None and rendered.inexact:
+                turn = rendered.inexact[0]
+                _note(stats, record, "inexact_template", f"{where}, assistant turn {turn}")
+            if rendered is not None and rendered.dropped:
+                at = rendered.dropped[0]
+                role = example.messages[at]["role"]
+                _note(stats, record, "dropped_message", f"{where}, message {at} ({role})")
+            plans.append(plan)
         texts = [part for plan in plans for part, _ in plan if isinstance(part, str)]
         encoded = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
         for plan, (_, _, record) in zip(plans, batch, strict=True):
@@ -177,39 +190,75 @@ def _count(stats: Counter, record: Trace | None, key: str) -> None:
         record.events[key] += 1
 
 
+FIRST = "first "
+"""`stats` keys `first <key>:<where>` name the first example counted under <key> (for the
+warning that counts them)."""
+
+
+def _note(stats: Counter, record: Trace | None, key: str, example: str) -> None:
+    if not stats[key]:
+        stats[f"{FIRST}{key}:{example}"] = 1
+    _count(stats, record, key)
+
+
+def first_example(counts: Counter, key: str) -> str:
+    """The example `_note` kept for `key` (the first in sorted order after chunks merged)."""
+    prefix = f"{FIRST}{key}:"
+    return next((k[len(prefix) :] for k in sorted(counts) if k.startswith(prefix)), "")
+
+
 Part = tuple[Union[str, list[int]], Union[bool, list[int]]]  # noqa: UP007
 
 
 def conversation_parts(
-    messages: list[dict], template: str, tokenizer, add_bos: bool, bos: list[int], where: str
-) -> list[Part]:
+    messages: list[dict],
+    template: str,
+    tokenizer,
+    add_bos: bool,
+    bos: list[int],
+    where: str,
+    template_kwargs: dict | None = None,
+) -> tuple[list[Part], Rendered]:
     """A conversation as the template renders it, segment by segment, (text, is_response),
-    preceded by the BOS ids (masked) when `add_bos` and the template did not write BOS."""
-    segments = render_segments(messages, template, tokenizer, where)
-    wrote_bos = bool(segments) and segments[0][0].startswith(tokenizer.bos_token or "\0")
+    preceded by the BOS ids (masked) when `add_bos` and the template did not write BOS; and
+    the rendering (`templates.render_conversation`: inexact turns, dropped messages).
+
+    Each segment is tokenized on its own, as generation tokenizes the prompt it sends: the
+    tokens before a response are those of its prompt alone, whatever the tokenizer would
+    merge across the boundary (a byte-level BPE makes "\n\n" one token at the end of a
+    prompt and two before a word)."""
+    rendered = render_conversation(messages, template, tokenizer, where, template_kwargs)
+    segments = rendered.segments()
+    wrote_bos = rendered.text.startswith(tokenizer.bos_token or "\0")
     prefix: list[Part] = (
         [(bos, [IGNORE_INDEX] * len(bos))] if add_bos and bos and not wrote_bos else []
     )
-    return prefix + list(segments)
+    return prefix + list(segments), rendered
 
 
 def _plan(
     example: Example, where: str, tokenizer, settings: EncodeSettings, bos: list[int]
-) -> list[Part]:
+) -> tuple[list[Part], Rendered | None]:
     """What a sample is made of: texts still to tokenize with whether they train, or ids with
-    their labels."""
+    their labels; and a conversation's rendering."""
     if isinstance(example, Conversation):
         return conversation_parts(
-            example.messages, settings.template, tokenizer, settings.add_bos, bos, where
+            example.messages,
+            settings.template,
+            tokenizer,
+            settings.add_bos,
+            bos,
+            where,
+            settings.template_kwargs,
         )
     if isinstance(example, Completion):
         eos = tokenizer.eos_token_id
         suffix = [eos] if settings.add_eos and eos is not None else []
-        return [(bos, list(bos)), (example.text, True), (suffix, list(suffix))]
+        return [(bos, list(bos)), (example.text, True), (suffix, list(suffix))], None
     ids = list(example.input_ids)
     labels = ids if example.labels is None or settings.train_on_inputs else list(example.labels)
     _check_ids(ids, labels, len(tokenizer), where)
-    return [(ids, list(labels))]
+    return [(ids, list(labels))], None
 
 
 def _check_ids(ids: list[int], labels: list[int], vocab: int, where: str) -> None:

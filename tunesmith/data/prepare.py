@@ -21,14 +21,14 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from tunesmith.config import DataSection, DatasetSource
-from tunesmith.data.encode import EncodeSettings, SampleSet, encode_all
+from tunesmith.data.encode import EncodeSettings, SampleSet, encode_all, first_example
 from tunesmith.data.formats import FormatSpec, detect_format, parse_record
 from tunesmith.data.pack import pack_groups, packing_efficiency
 from tunesmith.data.sources import DataError, read_records, source_fingerprint
 from tunesmith.data.templates import resolve_chat_template
 from tunesmith.io import atomic_write
 
-CACHE_VERSION = 2  # 2: chat turn-order rule and empty-response drop (issue 18)
+CACHE_VERSION = 3  # 3: whole-conversation rendering, nothing trained after the end of a turn
 """Bump when the encoding changes, so old cache entries are not reused."""
 PARALLEL_MIN_RECORDS = 5000
 
@@ -50,6 +50,15 @@ class SourceStats:
     """Conversations whose every assistant turn is empty (only end-of-turn text would train)."""
     out_of_order: int = 0
     """Conversations whose roles are out of order (see `formats.turns_out_of_order`)."""
+    inexact_template: int = 0
+    """Conversations with an assistant turn trained behind a prompt that is not the chat
+    template's generation prompt (`templates.render_conversation`)."""
+    inexact_example: str = ""
+    """The first of them: its location and turn."""
+    dropped_message: int = 0
+    """Conversations of which the chat template leaves out a system or user message."""
+    dropped_example: str = ""
+    """The first of them: its location and the message."""
     split_long: int = 0
     from_cache: bool = False
 
@@ -164,6 +173,7 @@ def encode_settings(data: DataSection, tokenizer, formats: set[str]) -> tuple[En
         add_eos=data.add_eos,
         template=template,
         add_bos=template_name != "tokenizer",
+        template_kwargs=dict(data.chat_template_kwargs) or None,
     )
     return settings, template_name
 
@@ -241,6 +251,23 @@ def _warn_degenerate(stats: SourceStats) -> None:
             "the responses or remove those records",
             stacklevel=3,
         )
+    if stats.inexact_template:
+        warnings.warn(
+            f"{path}: in {stats.inexact_template} of {records} conversations the chat template "
+            "renders an assistant turn behind another prompt than its generation prompt (it "
+            "rewrites earlier turns once later ones follow, or renders the turn otherwise than "
+            f"its generation prompt begins it; first: {stats.inexact_example}); each such turn "
+            "trains as the whole conversation renders it",
+            stacklevel=3,
+        )
+    if stats.dropped_message:
+        warnings.warn(
+            f"{path}: in {stats.dropped_message} of {records} conversations the chat template "
+            f"leaves out a system or user message (first: {stats.dropped_example}), so the "
+            "model trains without it (Mistral v0.3 writes the system prompt only into a last "
+            "user turn); check the template, or fold the message into a user turn",
+            stacklevel=3,
+        )
     if stats.out_of_order:
         warnings.warn(
             f"{path}: {stats.out_of_order} of {records} conversations have roles out of "
@@ -259,6 +286,10 @@ def _stats(path: str, fmt: str, records: int, samples: SampleSet, counts: Counte
         dropped_untrained=counts["dropped_untrained"],
         dropped_empty_response=counts["dropped_empty_response"],
         out_of_order=counts["out_of_order"], split_long=counts["split"],
+        inexact_template=counts["inexact_template"],
+        inexact_example=first_example(counts, "inexact_template"),
+        dropped_message=counts["dropped_message"],
+        dropped_example=first_example(counts, "dropped_message"),
     )  # fmt: skip
 
 

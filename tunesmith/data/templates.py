@@ -1,18 +1,33 @@
 """Chat templates: the built-in ones, choosing one for a run, and rendering a conversation
-into text segments that are either prompt (masked) or response (trained).
+whole with the character spans of the assistant turns that train (`render_conversation`).
 
-Rendering is incremental: for each assistant turn i, the text of `messages[:i]` with the
-generation prompt is the prompt, and what `messages[:i+1]` adds after it is the response —
-the assistant's words and its end-of-turn token, exactly what the model must produce at
-inference. A template for which these renderings are not prefixes of each other (one that
-rewrites earlier turns) is refused with a clear error rather than masked wrongly."""
+A response is what the model must produce at inference: what the template adds after the
+generation prompt (the rendering of `messages[:i]` with `add_generation_prompt`) for turn i,
+the assistant's words and the end-of-turn marker that stops generation, nothing after it.
+Templates that render the whole conversation with each such prompt and response in place are
+masked exactly; where a template rewrites earlier turns, each response is found in the whole
+rendering and the turn is reported as inexact; a turn found nowhere is an error naming it.
+`tests/data/chat_templates/` holds the published templates of 14 model families this is
+tested on."""
 
 from __future__ import annotations
 
+import os
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tunesmith.data.sources import DataError
+
+END_OF_TURN_MARKERS = (
+    "<|im_end|>",
+    "<|eot_id|>",
+    "<|eom_id|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "<|endoftext|>",
+)
+"""Tokens that end a chat model's turn (besides its EOS), where its vocabulary has them."""
 
 BUILTIN_TEMPLATES = {
     "chatml": (
@@ -87,7 +102,18 @@ def _warn_missing_markers(name: str, tokenizer) -> None:
         )
 
 
-def render(tokenizer, template: str, messages: list[dict], add_generation_prompt: bool) -> str:
+def end_of_turn_markers(tokenizer) -> tuple[str, ...]:
+    """The texts that end an assistant turn for this tokenizer: its EOS and the known
+    end-of-turn tokens it has (what generation stops at, `generation.stop_token_ids`)."""
+    vocab = tokenizer.get_vocab()
+    markers = [m for m in END_OF_TURN_MARKERS if m in vocab]
+    eos = tokenizer.eos_token
+    return tuple(dict.fromkeys([eos, *markers] if eos else markers))
+
+
+def render(
+    tokenizer, template: str, messages: list[dict], add_generation_prompt: bool, **kwargs
+) -> str:
     if not messages:
         return ""
     return tokenizer.apply_chat_template(
@@ -95,43 +121,158 @@ def render(tokenizer, template: str, messages: list[dict], add_generation_prompt
         chat_template=template,
         tokenize=False,
         add_generation_prompt=add_generation_prompt,
+        **kwargs,
     )
+
+
+@dataclass
+class Rendered:
+    """A conversation as its chat template renders it whole (`text`), with the character
+    spans of the assistant turns that train: each turn's words and its end-of-turn marker."""
+
+    text: str
+    spans: list[tuple[int, int]]
+    inexact: list[int] = field(default_factory=list)
+    """Assistant turns (counted from 1) trained behind a prompt that is not the one the
+    template renders for generation (it rewrites earlier turns, or its generation prompt is
+    not how it renders the turn)."""
+    dropped: list[int] = field(default_factory=list)
+    """System and user messages (their index) whose text the template leaves out."""
+
+    def segments(self) -> list[tuple[str, bool]]:
+        """(text, is_response) pieces whose concatenation is `text`."""
+        out, at = [], 0
+        for start, end in self.spans:
+            out += [(self.text[at:start], False), (self.text[start:end], True)]
+            at = end
+        out.append((self.text[at:], False))
+        return [(text, trained) for text, trained in out if text]
+
+
+def render_conversation(
+    messages: list[dict[str, str]],
+    template: str,
+    tokenizer,
+    where: str,
+    template_kwargs: dict | None = None,
+) -> Rendered:
+    """The conversation rendered whole, and where each assistant turn that answers something
+    lies in it (an assistant turn before any user turn is context, masked).
+
+    A turn's response is what the template adds after its generation prompt: the rendering of
+    `messages[:i+1]` after that of `messages[:i]` with `add_generation_prompt`, up to and with
+    the first end-of-turn marker (a newline after it is the next prompt's). Most templates
+    render the whole conversation with that prompt and response in place: the mask is exact.
+    Where a template rewrites earlier turns once later ones follow (Mistral moves the system
+    prompt to the last user turn, Qwen3 drops the thinking of earlier turns) or renders a turn
+    otherwise than its generation prompt says (DeepSeek-R1's `<think>`), the response is found
+    in the whole rendering, and the turn is listed in `inexact`. A turn found nowhere is a
+    `DataError` naming it."""
+    kwargs = template_kwargs or {}
+    markers = end_of_turn_markers(tokenizer)
+
+    def draw(part: list[dict], generation: bool) -> str:
+        return render(tokenizer, template, part, generation, **kwargs)
+
+    try:
+        full = draw(messages, False)
+        spans: list[tuple[int, int]] = []
+        inexact: list[int] = []
+        asked, turn = False, 0
+        for i, message in enumerate(messages):
+            asked = asked or message["role"] in ("user", "tool")
+            if message["role"] != "assistant" or not asked:
+                continue
+            turn += 1
+            done = spans[-1][1] if spans else 0
+            prompt = draw(messages[:i], True)
+            response = _response(draw, messages, i, prompt, markers)
+            span = None
+            if response is not None:
+                if full.startswith(prompt + response) and len(prompt) >= done:
+                    span = (len(prompt), len(prompt) + len(response))
+                elif (at := full.find(response, done)) >= 0:
+                    span = (at, at + len(response))
+            span = span or _by_sentinel(draw, messages, i, full, done, markers, prompt)
+            if span is None:
+                raise DataError(
+                    f"{where}: assistant turn {turn} (message {i}): the chat template renders "
+                    "it differently within the conversation than after its generation prompt, "
+                    "so its tokens cannot be masked exactly; choose another data.chat_template"
+                )
+            if full[: span[0]] != prompt:
+                inexact.append(turn)
+            spans.append(span)
+    except DataError:
+        raise
+    except Exception as err:  # noqa: BLE001 - Jinja raise_exception() and template bugs
+        raise DataError(f"{where}: chat template failed: {err}") from None
+    dropped = [
+        i
+        for i, m in enumerate(messages)
+        if m["role"] in ("system", "user") and m["content"].strip() not in full
+    ]
+    return Rendered(full, spans, inexact, dropped)
+
+
+def _cut(text: str, markers: tuple[str, ...]) -> str:
+    """`text` up to and with its first end-of-turn marker (all of it when it has none)."""
+    ends = [at + len(m) for m in markers if (at := text.find(m)) >= 0]
+    return text[: min(ends)] if ends else text
+
+
+def _response(draw, messages, i: int, prompt: str, markers) -> str | None:
+    """What rendering message i (an assistant turn) adds after its generation prompt."""
+    text = draw(messages[: i + 1], False)
+    if text.startswith(prompt):
+        response = text[len(prompt) :]
+    else:  # the generation prompt is not how the template renders the turn: keep what differs
+        before = draw(messages[:i], False)
+        if not (text.startswith(before) and prompt.startswith(before)):
+            return None
+        turn, generation = text[len(before) :], prompt[len(before) :]
+        response = turn[len(os.path.commonprefix([turn, generation])) :]
+    response = _cut(response, markers)
+    return response or None
+
+
+SENTINEL = "\ue000\ue001{}\ue002"
+"""A stand-in for a turn's content: private-use characters and digits, which no template
+filter (trim, upper, split on </think>) changes."""
+
+
+def _by_sentinel(
+    draw, messages, i: int, full: str, done: int, markers, prompt: str
+) -> tuple[int, int] | None:
+    """Where turn i's content lies in `full`, found by rendering the conversation with a
+    stand-in for it: what the template writes before and after the stand-in must be what it
+    writes around the real content. The span runs on to the end-of-turn marker after it, and
+    back over whitespace before it that the generation prompt `prompt` does not end with
+    (Mistral's " " after [/INST]: the model writes it)."""
+    sentinel = SENTINEL.format(i)
+    probe = [*messages[:i], {**messages[i], "content": sentinel}, *messages[i + 1 :]]
+    text = draw(probe, False)
+    at = text.find(sentinel)
+    if at < 0:
+        return None
+    left, right = text[:at], text[at + len(sentinel) :]
+    if len(left) < done or len(left) + len(right) > len(full):
+        return None
+    if not (full.startswith(left) and full.endswith(right)):
+        return None
+    end = len(full) - len(right)
+    gap = len(right) - len(right.lstrip())
+    marker = next((m for m in markers if right[gap:].startswith(m)), None)
+    if marker is not None:
+        end += gap + len(marker)
+    start = len(left)
+    space = len(left) - len(left.rstrip())
+    owed = len(prompt) - len(prompt.rstrip())
+    return max(done, start - max(0, space - owed)), end
 
 
 def render_segments(
     messages: list[dict[str, str]], template: str, tokenizer, where: str
 ) -> list[tuple[str, bool]]:
-    """Split the rendered conversation into (text, is_response) segments whose concatenation
-    is the full rendering. Responses are assistant turns with their end-of-turn text; an
-    assistant turn before any user turn has nothing it answers, and is context (masked)."""
-    segments: list[tuple[str, bool]] = []
-    done = ""
-    asked = False
-    try:
-        for i, message in enumerate(messages):
-            asked = asked or message["role"] in ("user", "tool")
-            if message["role"] != "assistant" or not asked:
-                continue  # rendered as part of the next prompt
-            prompt = render(tokenizer, template, messages[:i], add_generation_prompt=True)
-            _check_prefix(done, prompt, where, i)
-            text = render(tokenizer, template, messages[: i + 1], add_generation_prompt=False)
-            _check_prefix(prompt, text, where, i)
-            segments += [(prompt[len(done) :], False), (text[len(prompt) :], True)]
-            done = text
-        if messages[-1]["role"] != "assistant" or not asked:
-            text = render(tokenizer, template, messages, add_generation_prompt=False)
-            _check_prefix(done, text, where, len(messages) - 1)
-            segments.append((text[len(done) :], False))
-    except DataError:
-        raise
-    except Exception as err:  # noqa: BLE001 - Jinja raise_exception() and template bugs
-        raise DataError(f"{where}: chat template failed: {err}") from None
-    return [(text, trained) for text, trained in segments if text]
-
-
-def _check_prefix(done: str, text: str, where: str, index: int) -> None:
-    if not text.startswith(done):
-        raise DataError(
-            f"{where}: the chat template rewrites earlier turns when message {index} is added, so "
-            "responses cannot be masked reliably; choose another data.chat_template"
-        )
+    """The rendered conversation as (text, is_response) segments (see `render_conversation`)."""
+    return render_conversation(messages, template, tokenizer, where).segments()

@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, Strict, StrictBool, StrictInt, ValidationError
 from starlette.requests import Request
@@ -108,6 +108,8 @@ class _Message(BaseModel):
 class ChatBody(_Body):
     messages: list[_Message] = Field(min_length=1)
     max_completion_tokens: StrictInt | None = Field(None, ge=1)
+    chat_template_kwargs: dict[str, Any] | None = None
+    """More arguments for the chat template (as vLLM takes them), e.g. enable_thinking."""
 
 
 class CompletionBody(_Body):
@@ -226,7 +228,8 @@ class Server:
             raise bad_request(
                 f"{err}; this model has no chat template, use /v1/completions"
             ) from None
-        return prompt_ids(messages, template, self.tokenizer, add_bos=False)
+        kwargs = body.chat_template_kwargs
+        return prompt_ids(messages, template, self.tokenizer, add_bos=False, template_kwargs=kwargs)
 
     def completion_prompts(self, body: CompletionBody) -> list[list[int]]:
         if body.echo or body.suffix:
