@@ -20,6 +20,11 @@ reference: `train.kernels: torch` runs it, and the tests compare the two.
 
 Each kernel is applied only where the module is what it expects; `apply_kernels` returns what
 it changed, which `tunesmith train` reports.
+
+Before liger's kernels first run in a process, `checked_kernels` runs each one and its torch
+reference on small tensors on the training device (forward and backward, milliseconds) and
+keeps only those that agree: a kernel that differs or fails falls back to torch with a one-line
+warning naming it (the `auto` path on CUDA has not yet been checked on a GPU by a test run).
 """
 
 from __future__ import annotations
@@ -27,11 +32,12 @@ from __future__ import annotations
 import importlib.util
 import sys
 import types
+import warnings
 
 import torch
 from torch import nn
 
-from tunesmith.errors import TunesmithError
+from tunesmith.errors import TunesmithError, first_line
 
 KERNELS = ("rms_norm", "rope", "swiglu", "cross_entropy")
 ROPE_TYPES = {"llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma"}
@@ -115,6 +121,92 @@ def torch_functions() -> dict:
         "rope": rope,
         "cross_entropy": linear_cross_entropy,
     }
+
+
+_CHECKED: dict[tuple[str, str], str | None] = {}
+"""(kernel, device) -> None when liger's agreed with torch's there, else why not."""
+
+
+def _check_inputs(kernel: str, device: str) -> tuple:
+    g = torch.Generator(device="cpu").manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g).to(device).requires_grad_()
+
+    if kernel == "rms_norm":
+        return rand(2, 8, 64), rand(64), 1e-6, 0.0, "llama"
+    if kernel == "swiglu":
+        return rand(2, 8, 128), rand(2, 8, 128)
+    if kernel == "rope":
+        angles = torch.rand(2, 8, 32, generator=g).to(device) * 6.0
+        cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+        return rand(2, 4, 8, 64), rand(2, 2, 8, 64), cos, sin
+    targets = torch.randint(0, 128, (16,), generator=g).to(device)
+    targets[3] = -100
+    return rand(16, 64), rand(128, 64), targets
+
+
+def _outputs_and_grads(function, args) -> list[torch.Tensor]:
+    args = [a.detach().clone().requires_grad_() if _leaf(a) else a for a in args]
+    out = function(*args)
+    outs = list(out) if isinstance(out, tuple) else [out]
+    total = sum((o.float() * (i + 1)).sum() for i, o in enumerate(outs))
+    leaves = [a for a in args if _leaf(a)]
+    grads = torch.autograd.grad(total, leaves)
+    return [o.detach().float() for o in outs] + [grad.float() for grad in grads]
+
+
+def _leaf(value) -> bool:
+    return isinstance(value, torch.Tensor) and value.is_floating_point() and value.requires_grad
+
+
+def kernel_problem(kernel: str, device: str, candidate: dict, reference: dict) -> str | None:
+    """Why `candidate[kernel]` cannot stand in for `reference[kernel]` on `device` (outputs
+    and input gradients on small fp32 tensors differ beyond 1e-3 relative, or it fails), or
+    None when it can."""
+    args = _check_inputs(kernel, device)
+    try:
+        got = _outputs_and_grads(candidate[kernel], args)
+    except Exception as err:  # noqa: BLE001 - a kernel that cannot run on this device
+        return f"it failed ({type(err).__name__}: {first_line(err)[:200]})"
+    want = _outputs_and_grads(reference[kernel], args)
+    for g, w in zip(got, want, strict=True):
+        if g.shape != w.shape or not torch.isfinite(g).all():
+            return "it gave outputs of another shape or non-finite values"
+        error = float((g - w).abs().max()) / max(float(w.abs().max()), 1e-6)
+        if error > 1e-3:
+            return f"it differs from torch's by {error:.1e} (relative, on small fp32 tensors)"
+    return None
+
+
+def checked_kernels(kernels, device: str, candidate: dict | None = None) -> tuple[str, ...]:
+    """The kernels of `kernels` whose liger implementation (or `candidate`'s) agrees with the
+    torch reference on `device`; checked once per process and device, each one that does not
+    is named in a warning and left to torch."""
+    kernels = tuple(kernels)
+    if not kernels:
+        return kernels
+    cached = candidate is None
+    candidate = candidate or liger_functions()
+    reference = torch_functions()
+    kept = []
+    for kernel in kernels:
+        key = (kernel, device)
+        if not cached or key not in _CHECKED:
+            problem = kernel_problem(kernel, device, candidate, reference)
+            if cached:
+                _CHECKED[key] = problem
+        else:
+            problem = _CHECKED[key]
+        if problem is None:
+            kept.append(kernel)
+        else:
+            warnings.warn(
+                f"train.kernels: liger's {kernel} kernel was checked against torch on {device} "
+                f"and {problem}; torch's {kernel} is used instead",
+                stacklevel=2,
+            )
+    return tuple(kept)
 
 
 def _rms_forward(module, functions):

@@ -175,6 +175,8 @@ assert abs(out["torch"][0] - out["liger"][0]) < 1e-4, out
 for k, g in out["torch"][1].items():
     torch.testing.assert_close(out["liger"][1][k], g, atol=1e-5, rtol=1e-4)
 print("same", out["torch"][0], out["liger"][0])
+from tunesmith.kernels import KERNELS, checked_kernels
+print("checked", checked_kernels(KERNELS, "cpu"))
 """
 
 
@@ -182,7 +184,8 @@ def test_liger_kernels_under_the_triton_interpreter_match_the_torch_path():
     """liger-kernel's rotary and fused linear cross-entropy kernels, run by Triton's CPU
     interpreter, give the torch path's loss and gradients. (Its RMSNorm and SwiGLU kernels
     call `.to()` on scalar arguments, which the interpreter of Triton 3.9 cannot run: those two
-    are compared on the GPU, by bench/gpu_step.py --check.)"""
+    are compared on the GPU, by bench/gpu_step.py --check, and the first-use check falls back
+    from them here.)"""
     pytest.importorskip("liger_kernel")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     result = subprocess.run(
@@ -192,6 +195,11 @@ def test_liger_kernels_under_the_triton_interpreter_match_the_torch_path():
     assert result.returncode == 0, result.stderr[-3000:]
     assert "['rope: on', 'cross_entropy: on']" in result.stdout
     assert "same" in result.stdout
+    # the first-use check passes the two that run here and leaves the other two to torch
+    assert "checked ('rope', 'cross_entropy')" in result.stdout
+    assert "liger's rms_norm kernel was checked against torch on cpu and it failed" in (
+        result.stderr
+    )
 
 
 # --- runs: compile, padding-free, random weights --------------------------------------------
@@ -286,3 +294,33 @@ def test_the_device_scripts_correctness_checks_run_on_cpu():
     assert checks["fused_lora"]["loss_diff"] < 1e-5
     assert checks["fused_lora"]["max_rel_grad_diff"] < 1e-5
     assert checks["offload"] == {"loss_diff": 0.0, "max_rel_grad_diff": 0.0, "tensors_moved": 7}
+
+
+def test_a_kernel_that_differs_from_torch_falls_back_with_a_warning():
+    """The first-use check: a stand-in for liger whose RMSNorm is off by 1% and whose SwiGLU
+    raises keeps only the kernels that agree with torch's, naming the others."""
+    from tunesmith.kernels import checked_kernels, kernel_problem, torch_functions
+
+    reference = torch_functions()
+    wrong = dict(reference)
+    wrong["rms_norm"] = lambda x, w, eps, offset, casting: (
+        reference["rms_norm"](x, w, eps, offset, casting) * 1.01
+    )
+
+    def broken(a, b):
+        raise RuntimeError("no kernel image is available for execution on the device")
+
+    wrong["swiglu"] = broken
+    with pytest.warns(UserWarning) as caught:
+        kept = checked_kernels(("rms_norm", "rope", "swiglu", "cross_entropy"), "cpu", wrong)
+    assert kept == ("rope", "cross_entropy")
+    assert [str(w.message) for w in caught] == [
+        "train.kernels: liger's rms_norm kernel was checked against torch on cpu and it differs "
+        "from torch's by 1.0e-02 (relative, on small fp32 tensors); torch's rms_norm is used "
+        "instead",
+        "train.kernels: liger's swiglu kernel was checked against torch on cpu and it failed "
+        "(RuntimeError: no kernel image is available for execution on the device); torch's "
+        "swiglu is used instead",
+    ]
+    for kernel in ("rms_norm", "rope", "swiglu", "cross_entropy"):  # torch agrees with itself
+        assert kernel_problem(kernel, "cpu", reference, reference) is None

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from tunesmith.kernels import apply_kernels, resolve_kernels
+from tunesmith.kernels import apply_kernels, checked_kernels, resolve_kernels
 
 VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3")
 """Attention implementations that take packed rows as variable-length sequences (cu_seqlens
@@ -60,7 +60,7 @@ def apply_speedups(model: nn.Module, train, device: str) -> list[str]:
     lines = []
     if any(getattr(m, "fused", False) for m in model.modules()):
         lines.append("fused LoRA step")
-    kernels = resolve_kernels(train.kernels, device)
+    kernels = checked_kernels(resolve_kernels(train.kernels, device), device)
     changed = apply_kernels(model, kernels)
     if changed:
         lines.append(f"liger kernels ({', '.join(changed)})")
