@@ -179,8 +179,9 @@ def test_a_run_on_an_output_dir_in_use_is_refused(held_output_dir):
     second = run_cli(*args)
     assert second.returncode == 2
     assert second.stderr.startswith(
-        f"error: output_dir {out} is in use by another run (pid {os.getpid()}, "
+        f"error: output_dir {out} is in use by another run (pid {os.getpid()} on "
     )
+    assert second.stderr.endswith("); wait for it to finish, or use another output_dir\n")
     assert sorted(p.name for p in out.iterdir()) == [".tunesmith.lock"]  # nothing written
 
 
