@@ -138,6 +138,11 @@ def review_cmd(
             "localhost and the --host address; repeat.",
         ),
     ] = None,
+    request_timeout: float = typer.Option(
+        30.0,
+        "--request-timeout",
+        help="Seconds a client may take to send a request's headers, and again its body.",
+    ),
 ) -> None:
     """A local page for blind A/B review of two models' answers to the run's held-out
     prompts: random left/right order, votes by click or key (1 left better, 2 right better,
@@ -162,6 +167,10 @@ def review_cmd(
             typer.echo(line)
         return
     check_bind(host, api_key, "the review page")
+    if not request_timeout > 0:
+        raise TunesmithError(
+            f"--request-timeout: must be more than 0 seconds, got {request_timeout:g}"
+        )
     sock = bind(host, port)
     typer.echo(
         f"{len(review.items)} prompts to review ({a} vs {b}; {review.identical} with identical "
@@ -171,7 +180,7 @@ def review_cmd(
     key = f"&key={api_key}" if api_key else ""
     typer.echo(f"open http://{shown}:{port}/?reviewer=YOUR_NAME{key}   (Ctrl-C stops)")
     hosts = allowed_hosts(host, allowed_host or [])
-    serve_forever(build_review_app(review, api_key, hosts), sock)
+    serve_forever(build_review_app(review, api_key, hosts, request_timeout), sock, request_timeout)
 
 
 @app.command(

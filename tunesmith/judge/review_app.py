@@ -55,7 +55,7 @@ async def queue(request: Request):
 
 async def vote(request: Request):
     state = request.app.state
-    body = await read_json_body(request, MAX_VOTE_BYTES, state.request_timeout_s)
+    body = await read_json_body(request, MAX_VOTE_BYTES, state.request_timeout_s, None)
     fields = {"reviewer": str, "item": int, "key": str, "side": str}
     wrong = [k for k, kind in fields.items() if type(body.get(k)) is not kind]
     if wrong:

@@ -137,19 +137,22 @@ def check_json_content_type(request: Request) -> None:
         )
 
 
-async def read_json_body(request: Request, limit: int, timeout_s: float) -> dict:
-    """The request's JSON object: at most `limit` bytes, received within `timeout_s`, every
-    string valid Unicode. Raises `Refused` (400, 408, 413)."""
+async def read_json_body(
+    request: Request, limit: int, timeout_s: float, limit_option: str | None = "--max-body-bytes"
+) -> dict:
+    """The request's JSON object: at most `limit` bytes (`limit_option` sets it, named in the
+    413's message), received within `timeout_s`, every string valid Unicode. Raises `Refused`
+    (400, 408, 413)."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
-        raise _too_large(limit)
+        raise _too_large(limit, limit_option)
 
     async def receive() -> bytes:
         body = bytearray()
         async for chunk in request.stream():
             body += chunk
             if len(body) > limit:
-                raise _too_large(limit)
+                raise _too_large(limit, limit_option)
         return bytes(body)
 
     try:
@@ -208,11 +211,10 @@ def _encodes(text: str) -> bool:
     return True
 
 
-def _too_large(limit: int) -> Refused:
+def _too_large(limit: int, option: str | None) -> Refused:
+    where = f"{limit} bytes; {option}" if option else f"{limit} bytes"
     return Refused(
-        413,
-        f"the request body is larger than this server accepts ({limit} bytes; --max-body-bytes)",
-        "request_too_large",
+        413, f"the request body is larger than this server accepts ({where})", "request_too_large"
     )
 
 
