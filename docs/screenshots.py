@@ -19,7 +19,7 @@ from tunesmith.io import atomic_write_text
 from tunesmith.judge.review import Review
 from tunesmith.judge.review_app import build_review_app
 from tunesmith.judge.run_report import render_report
-from tunesmith.serve.background import serve_in_thread
+from tunesmith.serve.runner import serve_in_thread
 
 DOCS = Path(__file__).resolve().parent
 
