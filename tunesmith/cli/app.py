@@ -108,6 +108,22 @@ OutOpt = Annotated[Path, typer.Option("--out", help="Output folder (must not exi
 OverwriteOpt = Annotated[
     bool, typer.Option("--overwrite", help="Replace --out if it exists (atomically, at the end).")
 ]
+AllowedHostOpt = Annotated[
+    Optional[list[str]],  # noqa: UP045
+    typer.Option(
+        "--allowed-host",
+        show_default=False,
+        help="A name clients use for this server in the Host header, besides 127.0.0.1, "
+        "localhost and the --host address (a DNS name, behind a proxy; '*': any); repeat.",
+    ),
+]
+RequestTimeoutOpt = Annotated[
+    float,
+    typer.Option(
+        "--request-timeout",
+        help="Seconds a client may take to send a request's headers, and again its body.",
+    ),
+]
 DtypeOpt = Annotated[
     str, typer.Option("--dtype", help="auto (the base's dtype), bf16, fp16 or fp32.")
 ]

@@ -9,7 +9,15 @@ from typing import Annotated, Optional
 
 import typer
 
-from tunesmith.cli.app import AdapterOpt, ConfigArg, OverridesArg, app, examples
+from tunesmith.cli.app import (
+    AdapterOpt,
+    AllowedHostOpt,
+    ConfigArg,
+    OverridesArg,
+    RequestTimeoutOpt,
+    app,
+    examples,
+)
 from tunesmith.errors import TunesmithError
 
 IncludeOpt = Annotated[
@@ -129,20 +137,8 @@ def review_cmd(
         help="Required to bind another address than 127.0.0.1; the page takes it as ?key=.",
     ),  # fmt: skip
     summary: bool = typer.Option(False, "--summary", help="Print the votes' summary and exit."),
-    allowed_host: Annotated[
-        Optional[list[str]],  # noqa: UP045
-        typer.Option(
-            "--allowed-host",
-            show_default=False,
-            help="A name reviewers use for this machine in the address, besides 127.0.0.1, "
-            "localhost and the --host address; repeat.",
-        ),
-    ] = None,
-    request_timeout: float = typer.Option(
-        30.0,
-        "--request-timeout",
-        help="Seconds a client may take to send a request's headers, and again its body.",
-    ),
+    allowed_host: AllowedHostOpt = None,
+    request_timeout: RequestTimeoutOpt = 30.0,
 ) -> None:
     """A local page for blind A/B review of two models' answers to the run's held-out
     prompts: random left/right order, votes by click or key (1 left better, 2 right better,

@@ -7,7 +7,16 @@ from typing import Annotated, Optional
 
 import typer
 
-from tunesmith.cli.app import DeviceOpt, DtypeOpt, ModelOpt, TrustOpt, app, examples
+from tunesmith.cli.app import (
+    AllowedHostOpt,
+    DeviceOpt,
+    DtypeOpt,
+    ModelOpt,
+    RequestTimeoutOpt,
+    TrustOpt,
+    app,
+    examples,
+)
 from tunesmith.errors import TunesmithError
 
 
@@ -66,20 +75,8 @@ def serve_cmd(
     max_n: int = typer.Option(8, "--max-n", help="Most choices (n) per request."),
     max_body_bytes: int = typer.Option(1 << 20, "--max-body-bytes", help="Largest request."),
     timeout: float = typer.Option(300.0, "--timeout", help="Seconds a request may take."),
-    request_timeout: float = typer.Option(
-        30.0,
-        "--request-timeout",
-        help="Seconds a client may take to send a request's headers, and again its body.",
-    ),
-    allowed_host: Annotated[
-        Optional[list[str]],  # noqa: UP045
-        typer.Option(
-            "--allowed-host",
-            show_default=False,
-            help="A name clients use for this server in the Host header, besides 127.0.0.1, "
-            "localhost and the --host address (a DNS name, behind a proxy; '*': any); repeat.",
-        ),
-    ] = None,
+    request_timeout: RequestTimeoutOpt = 30.0,
+    allowed_host: AllowedHostOpt = None,
     adapter_root: str = typer.Option(
         ".", "--adapter-root", help="POST /v1/adapters loads only folders under this one."
     ),

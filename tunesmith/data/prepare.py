@@ -117,38 +117,20 @@ def prepare_data(
     rng = np.random.default_rng(seed)
     stats: list[SourceStats] = []
 
+    def prepare(at: str, src: DatasetSource) -> tuple[SampleSet, SourceStats]:
+        common = (data, tokenizer, settings, fingerprint, cache_dir, use_cache, allow_empty)
+        return _prepare_source(src, at, formats[at], *common)
+
     train_parts, val_parts = [], []
     for at, src in train_specs:
-        samples, st = _prepare_source(
-            src,
-            at,
-            formats[at],
-            data,
-            tokenizer,
-            settings,
-            fingerprint,
-            cache_dir,
-            use_cache,
-            allow_empty,
-        )
+        samples, st = prepare(at, src)
         stats.append(st)
         if data.val_fraction:
             samples, held_out = _split(samples, data.val_fraction, rng)
             val_parts.append(held_out)
         train_parts.append(_weighted(samples, src.weight, rng))
     for at, src in val_specs:
-        samples, st = _prepare_source(
-            src,
-            at,
-            formats[at],
-            data,
-            tokenizer,
-            settings,
-            fingerprint,
-            cache_dir,
-            use_cache,
-            allow_empty,
-        )
+        samples, st = prepare(at, src)
         st.split = "validation"
         stats.append(st)
         val_parts.append(samples)
