@@ -52,7 +52,7 @@ def test_preprocess_shows_masked_samples_and_counts(tmp_path):
         "⟦<|im_start|>user\nAre these all from nature: quartz planet olive lemon valley ocean"
         "<|im_end|>\n" in out
     )
-    assert "<|im_start|>assistant\n⟧Yes, all of them.<|im_end|>\n" in out
+    assert "<|im_start|>assistant\n⟧Yes, all of them.<|im_end|>⟦\n⟧" in out
     assert (
         "train source examples/data/quickstart_train.jsonl (chat): 1,200 records -> 1,200 samples"
         in out

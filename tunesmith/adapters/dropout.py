@@ -84,6 +84,11 @@ def site_of(name: str) -> int:
     return zlib.crc32(name.encode())
 
 
+CHUNK_ELEMENTS = 1 << 22
+"""Mask elements hashed at once: the int64 temporaries of one chunk (about 32 bytes an element)
+are the transient memory keyed dropout adds, 128 MiB at most."""
+
+
 def keep_mask(shape: torch.Size, p: float, site: int | None, device) -> torch.Tensor | None:
     """The bool keep-mask (True: kept) of an input of `shape` (..., features) at dropout site
     `site`, drawn from the current token keys; None when there are none, the site has no
@@ -97,9 +102,28 @@ def keep_mask(shape: torch.Size, p: float, site: int | None, device) -> torch.Te
     features = shape[-1]
     column = torch.arange(features, device=device, dtype=torch.int64)
     column = hash32((column * 0x85EBCA77 + (site & MASK32)) & MASK32)
-    row = hash32(keys.to(device).reshape(*leading, 1) ^ (site & MASK32))
+    rows = hash32(keys.to(device).reshape(-1, 1) ^ (site & MASK32))
     threshold = min(int(round((1.0 - p) * 2**32)), 2**32)
-    return hash32(row ^ column) < threshold
+    mask = torch.empty((rows.shape[0], features), dtype=torch.bool, device=device)
+    step = max(1, CHUNK_ELEMENTS // max(features, 1))
+    for at in range(0, rows.shape[0], step):
+        mask[at : at + step] = hash32(rows[at : at + step] ^ column) < threshold
+    return mask.view(shape)
+
+
+class _Dropped(torch.autograd.Function):
+    """x · mask / (1 − p), saving only the 1-byte mask (as the GPU's fused dropout does)."""
+
+    @staticmethod
+    def forward(ctx, x, mask, scale: float):
+        ctx.save_for_backward(mask)
+        ctx.scale = scale
+        return x * mask * scale
+
+    @staticmethod
+    def backward(ctx, grad):
+        (mask,) = ctx.saved_tensors
+        return grad * mask * ctx.scale, None, None
 
 
 class KeyedDropout(nn.Dropout):
@@ -115,7 +139,7 @@ class KeyedDropout(nn.Dropout):
         mask = keep_mask(x.shape, self.p, self.site, x.device)
         if mask is None:
             return super().forward(x)
-        return x * mask.to(x.dtype) * (1.0 / (1.0 - self.p))
+        return _Dropped.apply(x, mask, 1.0 / (1.0 - self.p))
 
 
 def number_sites(model: nn.Module) -> int:
