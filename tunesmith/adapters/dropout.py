@@ -104,6 +104,8 @@ def keep_mask(shape: torch.Size, p: float, site: int | None, device) -> torch.Te
     column = hash32((column * 0x85EBCA77 + (site & MASK32)) & MASK32)
     rows = hash32(keys.to(device).reshape(-1, 1) ^ (site & MASK32))
     threshold = min(int(round((1.0 - p) * 2**32)), 2**32)
+    if torch.compiler.is_compiling():  # one fused kernel: no loop over a symbolic length
+        return (hash32(rows ^ column) < threshold).view(shape)
     mask = torch.empty((rows.shape[0], features), dtype=torch.bool, device=device)
     step = max(1, CHUNK_ELEMENTS // max(features, 1))
     for at in range(0, rows.shape[0], step):
