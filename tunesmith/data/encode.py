@@ -15,7 +15,7 @@ import numpy as np
 
 from tunesmith.data.formats import Completion, Conversation, Example, turns_out_of_order
 from tunesmith.data.sources import DataError
-from tunesmith.data.templates import Rendered, render_conversation
+from tunesmith.data.templates import Rendered, end_of_turn_markers, render_conversation
 
 IGNORE_INDEX = -100
 
@@ -126,6 +126,7 @@ def encode_examples(
     (samples, truncated, dropped_too_long, dropped_untrained, split). Texts are tokenized in
     batches, one tokenizer call per batch. With `trace`, appends one `Trace` per example."""
     bos = bos_prefix(tokenizer)
+    markers = end_of_turn_markers(tokenizer)
     out: list[tuple[list[int], list[int]]] = []
     for start in range(0, len(examples), 256):
         batch = []
@@ -143,7 +144,7 @@ def encode_examples(
             batch.append((example, where, record))
         plans = []
         for example, where, record in batch:
-            plan, rendered = _plan(example, where, tokenizer, settings, bos)
+            plan, rendered = _plan(example, where, tokenizer, settings, bos, markers)
             if rendered is not None and rendered.inexact:
                 turn = rendered.inexact[0]
                 _note(stats, record, "inexact_template", f"{where}, assistant turn {turn}")
@@ -218,6 +219,7 @@ def conversation_parts(
     bos: list[int],
     where: str,
     template_kwargs: dict | None = None,
+    markers: tuple[str, ...] | None = None,
 ) -> tuple[list[Part], Rendered]:
     """A conversation as the template renders it, segment by segment, (text, is_response),
     preceded by the BOS ids (masked) when `add_bos` and the template did not write BOS; and
@@ -227,7 +229,7 @@ def conversation_parts(
     tokens before a response are those of its prompt alone, whatever the tokenizer would
     merge across the boundary (a byte-level BPE makes "\n\n" one token at the end of a
     prompt and two before a word)."""
-    rendered = render_conversation(messages, template, tokenizer, where, template_kwargs)
+    rendered = render_conversation(messages, template, tokenizer, where, template_kwargs, markers)
     segments = rendered.segments()
     wrote_bos = rendered.text.startswith(tokenizer.bos_token or "\0")
     prefix: list[Part] = (
@@ -237,7 +239,12 @@ def conversation_parts(
 
 
 def _plan(
-    example: Example, where: str, tokenizer, settings: EncodeSettings, bos: list[int]
+    example: Example,
+    where: str,
+    tokenizer,
+    settings: EncodeSettings,
+    bos: list[int],
+    markers: tuple[str, ...],
 ) -> tuple[list[Part], Rendered | None]:
     """What a sample is made of: texts still to tokenize with whether they train, or ids with
     their labels; and a conversation's rendering."""
@@ -250,6 +257,7 @@ def _plan(
             bos,
             where,
             settings.template_kwargs,
+            markers,
         )
     if isinstance(example, Completion):
         eos = tokenizer.eos_token_id

@@ -155,6 +155,7 @@ def render_conversation(
     tokenizer,
     where: str,
     template_kwargs: dict | None = None,
+    markers: tuple[str, ...] | None = None,
 ) -> Rendered:
     """The conversation rendered whole, and where each assistant turn that answers something
     lies in it (an assistant turn before any user turn is context, masked).
@@ -167,9 +168,10 @@ def render_conversation(
     prompt to the last user turn, Qwen3 drops the thinking of earlier turns) or renders a turn
     otherwise than its generation prompt says (DeepSeek-R1's `<think>`), the response is found
     in the whole rendering, and the turn is listed in `inexact`. A turn found nowhere is a
-    `DataError` naming it."""
+    `DataError` naming it. `markers`: `end_of_turn_markers(tokenizer)`, when the caller has
+    them (reading a tokenizer's vocabulary is slow)."""
     kwargs = template_kwargs or {}
-    markers = end_of_turn_markers(tokenizer)
+    markers = markers if markers is not None else end_of_turn_markers(tokenizer)
 
     def draw(part: list[dict], generation: bool) -> str:
         return render(tokenizer, template, part, generation, **kwargs)
