@@ -14,3 +14,11 @@ def first_line(err: BaseException) -> str:
 
 class AdapterError(TunesmithError):
     """A problem with an adapter: its config, its files, or the model it is applied to."""
+
+
+class TrainingError(TunesmithError):
+    """The run cannot continue (non-finite loss, inconsistent resume)."""
+
+
+class TrainingInterrupted(TunesmithError):
+    """The user stopped the run (Ctrl-C); the message names the checkpoint to resume from."""

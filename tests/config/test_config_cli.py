@@ -82,3 +82,18 @@ def test_preprocess_with_a_missing_model_directory():
     assert result.stderr == (
         f"error: model.path: ./no-such-model: no such folder (relative to {Path.cwd()})\n"
     )
+
+
+def test_config_check_on_a_bad_file_needs_no_torch(tmp_path):
+    """The CLI's error path imports nothing heavy: with torch unimportable, `config check` of a
+    missing file still prints its one line (TrainingInterrupted lives in errors.py)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['torch'] = None; from tunesmith.cli import main; "
+        f"sys.argv = ['tunesmith', 'config', 'check', {str(tmp_path / 'none.yaml')!r}]; main()"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr == f"error: {tmp_path / 'none.yaml'}: no such config file\n"

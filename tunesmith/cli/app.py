@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 import typer
 
 from tunesmith import __version__
-from tunesmith.errors import TunesmithError
+from tunesmith.errors import TrainingInterrupted, TunesmithError
 
 
 def examples(*commands: str) -> str:
@@ -195,8 +195,6 @@ def main() -> None:
     try:
         app(args=_resume_default(sys.argv[1:]))
     except TunesmithError as err:
-        from tunesmith.train.loop import TrainingInterrupted
-
         interrupted = isinstance(err, TrainingInterrupted)
         where = _rank_prefix()
         for line in str(err).splitlines():

@@ -150,8 +150,9 @@ def train_cmd(
         raise typer.Exit(subprocess.run(argv).returncode)
 
     from tunesmith.config import load_config
+    from tunesmith.errors import TrainingInterrupted
     from tunesmith.plan.planner import planned_peak
-    from tunesmith.train.loop import Run, TrainingInterrupted
+    from tunesmith.train.loop import Run
 
     cfg = load_config(config, overrides or [])
     run = Run(cfg, resume=resume, overwrite=overwrite, use_cache=not no_cache,

@@ -38,7 +38,7 @@ from tunesmith.adapters.dropout import dropout_keys, number_sites
 from tunesmith.builder import build_model, load_trained, output_name, run_dtypes, save_trained
 from tunesmith.config import RunConfig, config_yaml
 from tunesmith.data import prepare_data
-from tunesmith.errors import AdapterError, TunesmithError
+from tunesmith.errors import AdapterError, TrainingError, TrainingInterrupted, TunesmithError
 from tunesmith.io import atomic_write, atomic_write_json, reporting_full_disk
 from tunesmith.lock import FolderLock, stale_message
 from tunesmith.models import load_tokenizer, resolve_device
@@ -67,15 +67,6 @@ from tunesmith.train.plot import plot_metrics, read_metrics
 from tunesmith.train.progress import Progress
 from tunesmith.train.speedups import apply_speedups, padding_free_for
 from tunesmith.train.trackers import Trackers, check_trackers
-
-
-class TrainingError(TunesmithError):
-    """The run cannot continue (non-finite loss, inconsistent resume)."""
-
-
-class TrainingInterrupted(TunesmithError):
-    """The user stopped the run (Ctrl-C); the message names the checkpoint to resume from."""
-
 
 RUN_FILES = (
     "checkpoints", "adapter", "model", "metrics.jsonl", "config.yaml", "summary.json", "loss.png",
