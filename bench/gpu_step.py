@@ -237,8 +237,8 @@ def correctness_checks(device: str) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import tunesmith
-    from tunesmith.kernels import KERNELS, apply_kernels, liger_functions, liger_installed
     from tunesmith.methods.lora.impl import fuse_lora_layers
+    from tunesmith.train.kernels import KERNELS, apply_kernels, liger_functions, liger_installed
     from tunesmith.train.loss import model_loss_sum
     from tunesmith.train.offload import ActivationOffload
 

@@ -178,7 +178,7 @@ def main() -> None:
             ), 2, "no space left on the disk")  # fmt: skip
             left = sorted(p.name for p in full.rglob("*") if p.is_file())
             rows.append(("12 what the full disk holds afterwards", ", ".join(left), 0,
-                         left == [".tunesmith.lock", "config.yaml"]))  # fmt: skip
+                         left == [".tunesmith.train.lock", "config.yaml"]))  # fmt: skip
         finally:
             subprocess.run(["umount", str(full)], check=False)
     # 13

@@ -609,7 +609,7 @@ def dropout_case(audit: Audit, work: Path) -> None:
 
 def kernel_case(audit: Audit) -> None:
     code = (
-        "import warnings; from tunesmith.kernels import KERNELS, checked_kernels; "
+        "import warnings; from tunesmith.train.kernels import KERNELS, checked_kernels; "
         "print(checked_kernels(KERNELS, 'cpu'))"
     )
     result = subprocess.run(

@@ -25,11 +25,11 @@ from transformers import AutoModelForCausalLM
 import tunesmith
 from tunesmith.data import prepare_data
 from tunesmith.errors import AdapterError, TunesmithError
-from tunesmith.lock import LOCK_NAME, FolderLock
 from tunesmith.paths import NAME_RULE, check_name, inside, model_source
 from tunesmith.provenance import RECORD_NAME
 from tunesmith.shards import check_output
 from tunesmith.train.checkpoint import list_checkpoints
+from tunesmith.train.lock import LOCK_NAME, FolderLock
 from tunesmith.train.loop import Run, TrainingInterrupted, train
 from tunesmith.train.plot import plot_metrics
 
@@ -182,7 +182,7 @@ def test_a_run_on_an_output_dir_in_use_is_refused(held_output_dir):
         f"error: output_dir {out} is in use by another run (pid {os.getpid()} on "
     )
     assert second.stderr.endswith("); wait for it to finish, or use another output_dir\n")
-    assert sorted(p.name for p in out.iterdir()) == [".tunesmith.lock"]  # nothing written
+    assert sorted(p.name for p in out.iterdir()) == [".tunesmith.train.lock"]  # nothing written
 
 
 def test_a_folder_with_a_dead_runs_files_is_refused(tmp_path, tiny_dir):

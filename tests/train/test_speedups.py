@@ -21,10 +21,10 @@ from transformers import LlamaConfig
 import tunesmith
 from tunesmith.config import TrainSection, config_from_dict
 from tunesmith.errors import TunesmithError
-from tunesmith.kernels import KERNELS, apply_kernels, resolve_kernels, torch_functions
 from tunesmith.methods.lora import LoRAConfig
 from tunesmith.plan.planner import planned_peak
 from tunesmith.plan.trace import trace_step
+from tunesmith.train.kernels import KERNELS, apply_kernels, resolve_kernels, torch_functions
 from tunesmith.train.loop import Run
 from tunesmith.train.loss import model_loss_sum
 from tunesmith.train.offload import ActivationOffload
@@ -136,7 +136,7 @@ def test_kernel_wiring_with_the_torch_references_changes_nothing(arch):
 
 
 def test_kernels_resolve_by_device_and_installation(monkeypatch):
-    import tunesmith.kernels as kernels
+    import tunesmith.train.kernels as kernels
 
     assert resolve_kernels("auto", "cpu") == ()
     assert resolve_kernels("torch", "cuda") == ()
@@ -155,7 +155,7 @@ import sys, torch
 sys.path.insert(0, "tests")
 from helpers.models import make_model, lora_config, randomize_adapter, input_ids
 import tunesmith
-from tunesmith.kernels import apply_kernels, liger_functions
+from tunesmith.train.kernels import apply_kernels, liger_functions
 from tunesmith.train.loss import model_loss_sum
 import copy
 torch.manual_seed(0)
@@ -175,7 +175,7 @@ assert abs(out["torch"][0] - out["liger"][0]) < 1e-4, out
 for k, g in out["torch"][1].items():
     torch.testing.assert_close(out["liger"][1][k], g, atol=1e-5, rtol=1e-4)
 print("same", out["torch"][0], out["liger"][0])
-from tunesmith.kernels import KERNELS, checked_kernels
+from tunesmith.train.kernels import KERNELS, checked_kernels
 print("checked", checked_kernels(KERNELS, "cpu"))
 """
 
@@ -299,7 +299,7 @@ def test_the_device_scripts_correctness_checks_run_on_cpu():
 def test_a_kernel_that_differs_from_torch_falls_back_with_a_warning():
     """The first-use check: a stand-in for liger whose RMSNorm is off by 1% and whose SwiGLU
     raises keeps only the kernels that agree with torch's, naming the others."""
-    from tunesmith.kernels import checked_kernels, kernel_problem, torch_functions
+    from tunesmith.train.kernels import checked_kernels, kernel_problem, torch_functions
 
     reference = torch_functions()
     wrong = dict(reference)

@@ -40,7 +40,6 @@ from tunesmith.config import RunConfig, config_yaml
 from tunesmith.data import prepare_data
 from tunesmith.errors import AdapterError, TrainingError, TrainingInterrupted, TunesmithError
 from tunesmith.io import atomic_write, atomic_write_json, reporting_full_disk
-from tunesmith.lock import FolderLock, stale_message
 from tunesmith.models import load_tokenizer, resolve_device
 from tunesmith.registry import method_of
 from tunesmith.train.batches import (
@@ -60,6 +59,7 @@ from tunesmith.train.checkpoint import (
     save_checkpoint,
     step_of,
 )
+from tunesmith.train.lock import FolderLock, stale_message
 from tunesmith.train.loss import model_loss_sum
 from tunesmith.train.offload import ActivationOffload
 from tunesmith.train.optim import build_optimizer, build_scheduler

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from tunesmith.data.encode import IGNORE_INDEX
-from tunesmith.kernels import linear_cross_entropy_of
+from tunesmith.train.kernels import linear_cross_entropy_of
 
 PLAIN_HEAD_TYPES = {"llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "phi3", "gpt2"}
 """Architectures whose logits are exactly `lm_head(last_hidden_state)`."""

@@ -2,7 +2,7 @@
 
 - `train.fused_lora` (LoRA's own autograd) is the method's `prepare_training`, in the builder;
 - `train.kernels`: liger-kernel's RMSNorm, rotary, SwiGLU and fused head cross-entropy
-  (`tunesmith.kernels`);
+  (`tunesmith.train.kernels`);
 - `train.compile`: regional `torch.compile` of each decoder layer, with a dynamic sequence
   length so that packed rows of any length reuse one compiled graph;
 - `train.offload_activations`: `ActivationOffload` around each forward (`tunesmith.train.offload`);
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from tunesmith.kernels import apply_kernels, checked_kernels, resolve_kernels
+from tunesmith.train.kernels import apply_kernels, checked_kernels, resolve_kernels
 
 VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3")
 """Attention implementations that take packed rows as variable-length sequences (cu_seqlens

@@ -1,6 +1,6 @@
 """One run per output folder: an advisory lock held for the whole run.
 
-The lock is `fcntl.flock` on `<folder>/.tunesmith.lock`, so the kernel releases it when the
+The lock is `fcntl.flock` on `<folder>/.tunesmith.train.lock`, so the kernel releases it when the
 process ends in any way (kill -9 included): a lock left by a dead run is never in the way. The
 file records the holder (pid, host, start time) for the message another run gets, and says
 whether the previous holder ended without releasing it (a stale lock, taken over)."""
@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tunesmith.errors import TunesmithError
 
-LOCK_NAME = ".tunesmith.lock"
+LOCK_NAME = ".tunesmith.train.lock"
 
 
 class FolderLock:
