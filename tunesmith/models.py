@@ -148,3 +148,30 @@ def enable_checkpointing(model) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+LAYER_PATHS = ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers")
+"""Where decoder-only models of transformers keep their stack of decoder layers."""
+
+
+def decoder_stack(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList] | None:
+    """(path, layers) of the model's stack of decoder layers: the first of `LAYER_PATHS` that
+    holds a ModuleList, else the first ModuleList of modules of one type; None without one."""
+    for path in LAYER_PATHS:
+        try:
+            layers = model.get_submodule(path)
+        except AttributeError:
+            continue
+        if isinstance(layers, torch.nn.ModuleList):
+            return path, layers
+    for path, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module):
+            if all(type(m) is type(module[0]) for m in module):
+                return path, module
+    return None
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's decoder layers (see `decoder_stack`); [] when it has none."""
+    stack = decoder_stack(model)
+    return list(stack[1]) if stack else []

@@ -133,13 +133,6 @@ def write_gptq_checkpoint(
     config.save_pretrained(folder)
 
 
-def is_gptq_checkpoint(config) -> bool:
-    qconfig = getattr(config, "quantization_config", None) or {}
-    if not isinstance(qconfig, dict):
-        qconfig = qconfig.to_dict()
-    return qconfig.get("quant_method") == "gptq"
-
-
 def _compressed_settings(path: str, qconfig: dict) -> tuple[int, int | None]:
     """(bits, group size) of a pack-quantized checkpoint with one integer weight scheme."""
     groups = list((qconfig.get("config_groups") or {}).values())

@@ -37,7 +37,8 @@ import torch
 
 from tunesmith.adapters.holders import AdapterHolder, LinearWrapper
 from tunesmith.config import TrainSection
-from tunesmith.plan.trace import TracedStep, build_model
+from tunesmith.models import decoder_layers
+from tunesmith.plan.trace import TracedStep, build_traced_model
 from tunesmith.registry import method_named, method_of
 from tunesmith.train.loss import CHUNK_ELEMENTS
 
@@ -95,7 +96,7 @@ def skeleton(
         fp32_master_weights=master, gradient_checkpointing=False, fused_lora=fused_lora
     )
     with torch.device("meta"):
-        model = build_model(model_config, method, train, compute_dtype)
+        model = build_traced_model(model_config, method, train, compute_dtype)
     config = model.config
     e = torch.empty((), dtype=compute_dtype).element_size()
     heads = config.num_attention_heads
@@ -104,7 +105,7 @@ def skeleton(
     trainable = [p for p in model.parameters() if p.requires_grad]
     trainable_ids = {id(p) for p in trainable}
     frozen = [p for p in model.parameters() if id(p) not in trainable_ids]
-    layers = _decoder_layers(model)
+    layers = decoder_layers(model)
     first = layers[0] if layers else model
     per_token, linear_params = _layer_saves(first, e)
     embed = model.get_input_embeddings().weight
@@ -218,17 +219,6 @@ def _parents(root, name: str):
 
 def _nbytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
-
-
-def _decoder_layers(model) -> list:
-    for module in model.modules():
-        if (
-            isinstance(module, torch.nn.ModuleList)
-            and len(module)
-            and all(type(m) is type(module[0]) for m in module)
-        ):
-            return list(module)
-    return []
 
 
 @dataclass

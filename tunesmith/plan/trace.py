@@ -174,7 +174,7 @@ def _register_attention() -> None:
     AttentionInterface.register(PLAN_ATTENTION, _plan_attention)
 
 
-def build_model(model_config, method, train, compute_dtype, attention: str = "flash"):
+def build_traced_model(model_config, method, train, compute_dtype, attention: str = "flash"):
     """The model the run trains (see `tunesmith.builder.build_model`), built from
     `model_config` under whatever tensor mode or device is current (fake tensors to trace, the
     meta device to count), in training mode with `train`'s checkpointing. "flash" attention is
@@ -246,7 +246,7 @@ def trace_step(
     token = ALL_TRAINED.set(True)
     try:
         with FakeTensorMode(allow_non_fake_inputs=True):
-            model = build_model(model_config, method, train, compute_dtype, attention)
+            model = build_traced_model(model_config, method, train, compute_dtype, attention)
             if attention == "flash":  # the GPU's kernels (eager: the CPU's, for tests)
                 for module in model.modules():  # adapters' keyed dropout saves 1 byte too
                     if type(module) in (torch.nn.Dropout, KeyedDropout):

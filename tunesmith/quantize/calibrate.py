@@ -27,11 +27,11 @@ from torch import nn
 
 from tunesmith.errors import TunesmithError
 from tunesmith.gptq_format.weights import QuantizedWeight
+from tunesmith.models import LAYER_PATHS, decoder_stack
 from tunesmith.quantize.awq import awq_clip, awq_search
 from tunesmith.quantize.gptq import HessianAccumulator, gptq_quantize
 from tunesmith.quantize.rtn import QuantGrid, rtn_quantize
 
-LAYER_PATHS = ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers")
 AWQ_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 AWQ_GROUPS = (  # (the operation before, the linears that read its output), in forward order
     ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
@@ -60,18 +60,14 @@ class _Captured(Exception):
 
 
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """(path, layers) of the model's stack of decoder layers."""
-    for path in LAYER_PATHS:
-        try:
-            layers = model.get_submodule(path)
-        except AttributeError:
-            continue
-        if isinstance(layers, nn.ModuleList):
-            return path, layers
-    raise TunesmithError(
-        f"quantize: cannot find the decoder layers of {type(model).__name__} (looked for "
-        f"{', '.join(LAYER_PATHS)}); GPTQ, AWQ and RTN support Llama-style decoders"
-    )
+    """(path, layers) of the model's stack of decoder layers (`models.decoder_stack`)."""
+    stack = decoder_stack(model)
+    if stack is None:
+        raise TunesmithError(
+            f"quantize: cannot find the decoder layers of {type(model).__name__} (looked for "
+            f"{', '.join(LAYER_PATHS)}); GPTQ, AWQ and RTN support Llama-style decoders"
+        )
+    return stack
 
 
 def layer_linears(

@@ -33,7 +33,7 @@ from transformers import AutoModelForCausalLM
 
 from tunesmith.errors import TunesmithError
 from tunesmith.model_config import read_model_config
-from tunesmith.train.speedups import decoder_layers
+from tunesmith.models import decoder_layers
 
 
 @dataclass(frozen=True)

@@ -17,20 +17,12 @@ from __future__ import annotations
 
 from torch import nn
 
+from tunesmith.models import decoder_layers
 from tunesmith.train.kernels import apply_kernels, checked_kernels, resolve_kernels
 
 VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3")
 """Attention implementations that take packed rows as variable-length sequences (cu_seqlens
 from the position restarts), so a flattened batch costs no masking work."""
-
-
-def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The model's stack of decoder layers: the first ModuleList of modules of one type."""
-    for module in model.modules():
-        if isinstance(module, nn.ModuleList) and len(module):
-            if all(type(m) is type(module[0]) for m in module):
-                return list(module)
-    return []
 
 
 def compile_layers(model: nn.Module) -> int:
