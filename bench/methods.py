@@ -91,8 +91,12 @@ def worker(method: str, steps: int) -> dict:
 
     from tunesmith.adapters import disabled, load_adapter, merge_and_unload
     from tunesmith.builder import load_base
-    from tunesmith.evaluate import _template_and_bos, compare_after_training, prompt_answer_pairs
     from tunesmith.generation import prompt_ids
+    from tunesmith.judge.evaluate import (
+        _template_and_bos,
+        compare_after_training,
+        prompt_answer_pairs,
+    )
     from tunesmith.models import load_model, load_tokenizer
     from tunesmith.train.loop import Run
     from tunesmith.train.progress import Progress

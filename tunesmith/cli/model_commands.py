@@ -347,7 +347,7 @@ def quantize_cmd(
         typer.echo(line)
     if eval_config is not None:
         from tunesmith.config import load_config
-        from tunesmith.evaluate import evaluate_models, format_table
+        from tunesmith.judge.evaluate import evaluate_models, format_table
 
         original = adapters[0] if adapters else model
         cfg = load_config(eval_config, [])

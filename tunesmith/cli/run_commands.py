@@ -199,7 +199,7 @@ def _after_training(summary: dict, run, cfg, config) -> None:
             f"tunesmith eval {config} for the comparison"
         )
     elif cfg.eval.generate_samples:
-        from tunesmith.evaluate import compare_after_training
+        from tunesmith.judge.evaluate import compare_after_training
 
         compare_after_training(run, echo=typer.echo)
 
@@ -279,7 +279,7 @@ def eval_cmd(
     ROUGE-1/2/L) on the validation data, for the base model and each adapter side by side.
     Without --adapter, the run's own output_dir/adapter (or output_dir/model) is evaluated."""
     from tunesmith.config import load_config
-    from tunesmith.evaluate import evaluate_models, format_table
+    from tunesmith.judge.evaluate import evaluate_models, format_table
 
     cfg = load_config(config, overrides or [])
     adapters = list(adapter or [])

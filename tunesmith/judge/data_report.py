@@ -27,8 +27,8 @@ from tunesmith.data.formats import (
 )
 from tunesmith.data.prepare import encode_settings, peek_format
 from tunesmith.data.sources import read_records
-from tunesmith.evaluate import MAX_LABEL_WORDS, normalize
 from tunesmith.io import atomic_write
+from tunesmith.judge.evaluate import MAX_LABEL_WORDS, normalize
 from tunesmith.judge.html import esc, page, svg_histogram, table
 
 NUM_PERM = 128

@@ -23,8 +23,8 @@ from tunesmith.builder import build_model, run_dtypes
 from tunesmith.config import RunConfig
 from tunesmith.data.templates import resolve_chat_template
 from tunesmith.errors import TunesmithError
-from tunesmith.evaluate import adapter_label, measure_folder
 from tunesmith.io import atomic_write_json, atomic_write_text
+from tunesmith.judge.evaluate import adapter_label, measure_folder
 from tunesmith.models import load_tokenizer, resolve_device
 
 BUNDLED_TASKS = Path(__file__).resolve().parent / "tasks"

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tunesmith.errors import TunesmithError
-from tunesmith.evaluate import SAMPLES_FILE
+from tunesmith.judge.evaluate import SAMPLES_FILE
 from tunesmith.judge.files import Warn, needs, once, read_json_lines
 
 REVIEW_FILE = "review.jsonl"

@@ -9,8 +9,8 @@ import warnings
 from pathlib import Path
 
 from tunesmith.errors import TunesmithError
-from tunesmith.evaluate import METRICS, SAMPLES_FILE
 from tunesmith.judge.data_report import DataReport, report_body
+from tunesmith.judge.evaluate import METRICS, SAMPLES_FILE
 from tunesmith.judge.files import (
     Warn,
     all_finite,

@@ -45,7 +45,6 @@ from tunesmith.registry import method_of
 from tunesmith.train.batches import (
     DROPOUT_KEYS,
     BatchPlan,
-    eval_batches,
     micro_batch_seed,
     trained_tokens,
 )
@@ -60,7 +59,7 @@ from tunesmith.train.checkpoint import (
     step_of,
 )
 from tunesmith.train.lock import FolderLock, stale_message
-from tunesmith.train.loss import model_loss_sum
+from tunesmith.train.loss import autocast_for, evaluate_loss, model_loss_sum, to_device
 from tunesmith.train.offload import ActivationOffload
 from tunesmith.train.optim import build_optimizer, build_scheduler
 from tunesmith.train.plot import plot_metrics, read_metrics
@@ -88,50 +87,11 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = False
 
 
-def autocast_for(device: str, dtype: torch.dtype):
-    """bf16/fp16 autocast where the device runs it; nothing for fp32."""
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device, dtype=dtype)
-
-
 def peak_memory_bytes(device: str) -> dict:
     out = {"host_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
     if device == "cuda":
         out["gpu_peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
     return out
-
-
-def to_device(batch: dict, device: str) -> dict:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
-@torch.no_grad()
-def evaluate_loss(
-    model,
-    samples,
-    batch_size: int,
-    pad_id: int,
-    device: str,
-    dtype,
-    device_type: str = "",
-    loss_module=None,
-) -> dict:
-    """Mean token loss and perplexity of `model` on a SampleSet (trained tokens only)."""
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for batch in eval_batches(samples, batch_size, pad_id):
-        with autocast_for(device_type or device, dtype):
-            if loss_module is not None:  # FSDP: through the sharded root, on every rank
-                s, c = loss_module(to_device(batch, device))
-            else:
-                s, c = model_loss_sum(model, to_device(batch, device))
-        total += float(s)
-        count += c
-    model.train(was_training)
-    loss = total / max(count, 1)
-    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": count}
 
 
 def _entries(folder: Path) -> set[str] | None:

@@ -9,6 +9,8 @@ fp32 (a 128k-vocabulary model at 2×2048 tokens would need 2 GiB for those alone
 
 from __future__ import annotations
 
+import contextlib
+import math
 from contextvars import ContextVar
 
 import torch
@@ -16,6 +18,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from tunesmith.data.encode import IGNORE_INDEX
+from tunesmith.train.batches import eval_batches
 from tunesmith.train.kernels import linear_cross_entropy_of
 
 PLAIN_HEAD_TYPES = {"llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "phi3", "gpt2"}
@@ -82,3 +85,42 @@ def model_loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
             part = _head_loss(head, h, t)
         total = part if total is None else total + part
     return total, count
+
+
+def autocast_for(device: str, dtype: torch.dtype):
+    """bf16/fp16 autocast where the device runs it; nothing for fp32."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device, dtype=dtype)
+
+
+def to_device(batch: dict, device: str) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def evaluate_loss(
+    model,
+    samples,
+    batch_size: int,
+    pad_id: int,
+    device: str,
+    dtype,
+    device_type: str = "",
+    loss_module=None,
+) -> dict:
+    """Mean token loss and perplexity of `model` on a SampleSet (trained tokens only)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for batch in eval_batches(samples, batch_size, pad_id):
+        with autocast_for(device_type or device, dtype):
+            if loss_module is not None:  # FSDP: through the sharded root, on every rank
+                s, c = loss_module(to_device(batch, device))
+            else:
+                s, c = model_loss_sum(model, to_device(batch, device))
+        total += float(s)
+        count += c
+    model.train(was_training)
+    loss = total / max(count, 1)
+    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": count}

@@ -9,7 +9,7 @@ import pytest
 from helpers.data import data_section, write_jsonl
 
 from tunesmith.cli.app import _resume_default
-from tunesmith.evaluate import (
+from tunesmith.judge.evaluate import (
     Column,
     format_table,
     generation_scores,

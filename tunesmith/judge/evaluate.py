@@ -29,7 +29,7 @@ from tunesmith.generation import Sampling, generate_batch, prompt_ids
 from tunesmith.io import atomic_write_json, atomic_write_text
 from tunesmith.models import load_model, load_tokenizer, resolve_device
 from tunesmith.provenance import resolve_base
-from tunesmith.train.loop import evaluate_loss
+from tunesmith.train.loss import evaluate_loss
 
 # --- metrics ---------------------------------------------------------------------------------
 
