@@ -3,7 +3,7 @@
 Endpoints: `POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models`,
 `POST /v1/adapters`, `DELETE /v1/adapters/{name}`, `GET /health`, `GET /metrics`. Errors have
 OpenAI's body, `{"error": {"message", "type", "param", "code"}}`. Each route is a function of
-the request; the server's state (`api.Server`) is `request.app.state.server`.
+the request; the server's state (`server.Server`) is `request.app.state.server`.
 """
 
 from __future__ import annotations
@@ -26,7 +26,10 @@ from starlette.routing import Route
 
 from tunesmith.errors import TunesmithError, first_line
 from tunesmith.paths import is_within
-from tunesmith.serve.api import (
+from tunesmith.serve.engine import AdapterBusy, NeverFits, QueueFull, Sequence, UnknownModel
+from tunesmith.serve.guard import Refused, check_json_content_type
+from tunesmith.serve.runner import serve_in_thread
+from tunesmith.serve.server import (
     AdapterBody,
     ApiError,
     ChatBody,
@@ -37,9 +40,6 @@ from tunesmith.serve.api import (
     error_body,
     validation_message,
 )
-from tunesmith.serve.engine import AdapterBusy, NeverFits, QueueFull, Sequence, UnknownModel
-from tunesmith.serve.guard import Refused, check_json_content_type
-from tunesmith.serve.runner import serve_in_thread
 
 __all__ = ["Limits", "Server", "build_app", "running"]
 
@@ -174,9 +174,18 @@ async def _complete(request: Request, chat: bool) -> Response:
         return await _whole(req, head, chat, prompt_tokens)
 
 
+FAILURE_STATUS = {
+    "timeout": (504, "timeout"),
+    "failed": (500, "server_error"),
+    "shutdown": (503, "server_error"),
+}
+"""The engine's failure kinds as (HTTP status, OpenAI error type)."""
+
+
 def _failure(value) -> ApiError:
-    status, message = value
-    return ApiError(status, message, "timeout" if status == 504 else "server_error")
+    kind, message = value
+    status, error_type = FAILURE_STATUS[kind]
+    return ApiError(status, message, error_type)
 
 
 async def _whole(req: _Request, head: dict, chat: bool, prompt_tokens: int):

@@ -22,7 +22,8 @@ attends to are cut. Padding is masked out, so a row's greedy tokens are the same
 alone or in a batch (the tests hold the engine to that).
 
 The engine knows nothing of HTTP: a sequence reports through `on_event(kind, value)`, called
-from the worker thread: ("text", piece), ("done", finish_reason) or ("error", (status, text)).
+from the worker thread: ("text", piece), ("done", finish_reason) or ("error", (kind, text)),
+kind one of `FAILURES` (the HTTP side maps them to statuses).
 """
 
 from __future__ import annotations
@@ -50,6 +51,11 @@ from tunesmith.registry import method_of
 from tunesmith.serve.metrics import TTFT_BUCKETS, Histogram
 
 log = logging.getLogger("tunesmith.serve")
+
+
+FAILURES = ("timeout", "failed", "shutdown")
+"""Why a sequence ended in an error: past its deadline, its model call raised, the engine
+stopped."""
 
 
 class QueueFull(TunesmithError):
@@ -315,7 +321,7 @@ class Engine:
             self._running = sum(len(b.rows) for b in self._batches.values())
         for batch in self._batches.values():
             for seq in batch.rows:
-                self._finish(seq, "error", (503, "the server is shutting down"))
+                self._finish(seq, "error", ("shutdown", "the server is shutting down"))
         self._batches.clear()
         self._running = 0
 
@@ -323,12 +329,12 @@ class Engine:
         if seq.cancelled:
             self._finish(seq, "cancelled")
         elif seq.deadline is not None and time.monotonic() > seq.deadline:
-            self._finish(seq, "error", (504, "the request timed out before it finished"))
+            self._finish(seq, "error", ("timeout", "the request timed out before it finished"))
         return seq.done
 
     def _fail(self, seq: Sequence, err: Exception) -> None:
         if not seq.done:
-            self._finish(seq, "error", (500, f"generation failed: {type(err).__name__}"))
+            self._finish(seq, "error", ("failed", f"generation failed: {type(err).__name__}"))
 
     def _group(self, adapter: str | None) -> tuple[str | None, int]:
         """(group key, lead): a prompt/prefix adapter's name and its virtual tokens, else
@@ -471,7 +477,7 @@ class Engine:
             seq.sent = upto
             seq.on_event("text", piece)
 
-    def _finish(self, seq: Sequence, reason: str, error: tuple[int, str] | None = None) -> None:
+    def _finish(self, seq: Sequence, reason: str, error: tuple[str, str] | None = None) -> None:
         if seq.done:
             return
         seq.finish_reason = reason
