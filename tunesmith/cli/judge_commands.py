@@ -149,7 +149,7 @@ def review_cmd(
     from tunesmith.judge.review import Review, summary_lines
     from tunesmith.judge.review_app import build_review_app
     from tunesmith.judge.run_report import read_samples
-    from tunesmith.serve.guard import LOOPBACK, allowed_hosts, check_bind
+    from tunesmith.serve.guard import LOOPBACK, allowed_hosts, check_bind, check_settings
     from tunesmith.serve.runner import bind, serve_forever
 
     warn = once(_warn_line)
@@ -163,10 +163,7 @@ def review_cmd(
             typer.echo(line)
         return
     check_bind(host, api_key, "the review page")
-    if not request_timeout > 0:
-        raise TunesmithError(
-            f"--request-timeout: must be more than 0 seconds, got {request_timeout:g}"
-        )
+    check_settings({}, {"--request-timeout": request_timeout})
     sock = bind(host, port)
     typer.echo(
         f"{len(review.items)} prompts to review ({a} vs {b}; {review.identical} with identical "

@@ -89,7 +89,7 @@ def serve_cmd(
     different adapters together in one batch."""
     try:
         from tunesmith.serve.app import Limits, Server, build_app
-        from tunesmith.serve.guard import allowed_hosts, check_bind
+        from tunesmith.serve.guard import allowed_hosts, check_bind, check_settings
         from tunesmith.serve.runner import bind, serve_forever
     except ImportError as err:
         raise TunesmithError(
@@ -100,18 +100,9 @@ def serve_cmd(
     from tunesmith.serve.engine import Engine
 
     check_bind(host, api_key, "the model")
-    for option, value in (
-        ("--max-running", max_running),
-        ("--max-queue", max_queue),
-        ("--max-tokens", max_tokens),
-        ("--max-n", max_n),
-        ("--max-body-bytes", max_body_bytes),
-    ):
-        if value < 1:
-            raise TunesmithError(f"{option}: must be at least 1, got {value}")
-    for option, seconds in (("--timeout", timeout), ("--request-timeout", request_timeout)):
-        if not seconds > 0:
-            raise TunesmithError(f"{option}: must be more than 0 seconds, got {seconds:g}")
+    counts = {"--max-running": max_running, "--max-queue": max_queue}
+    counts |= {"--max-tokens": max_tokens, "--max-n": max_n, "--max-body-bytes": max_body_bytes}
+    check_settings(counts, {"--timeout": timeout, "--request-timeout": request_timeout})
     sock = bind(host, port)  # before the model loads: a port in use is said at once
     names, folders = parse_adapters(list(adapter or []))
     lm, tokenizer, loaded = load_for_inference(

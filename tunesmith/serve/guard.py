@@ -50,6 +50,17 @@ def check_bind(host: str, api_key: str | None, what: str) -> None:
         )
 
 
+def check_settings(counts: dict[str, int], seconds: dict[str, float]) -> None:
+    """A server's settings by option name: each count at least 1, each duration more than 0
+    seconds; a one-line error naming the first that is not."""
+    for option, value in counts.items():
+        if value < 1:
+            raise TunesmithError(f"{option}: must be at least 1, got {value}")
+    for option, value in seconds.items():
+        if not value > 0:
+            raise TunesmithError(f"{option}: must be more than 0 seconds, got {value:g}")
+
+
 def host_name(value: str) -> str:
     """A Host header (or an Origin's netloc) as a bare lower-case name: no port, no IPv6
     brackets, no trailing dot."""
@@ -224,6 +235,7 @@ __all__ = [
     "Refused",
     "allowed_hosts",
     "check_bind",
+    "check_settings",
     "check_json_content_type",
     "host_name",
     "read_json_body",
