@@ -91,7 +91,11 @@ def main() -> None:
     from tunesmith.config import ModelSection
     from tunesmith.models import load_model, load_tokenizer
     from tunesmith.quantize.calibrate import perplexity
-    from tunesmith.quantize.pipeline import calibration_and_eval, quantize_checkpoint
+    from tunesmith.quantize.pipeline import (
+        QuantizeSettings,
+        calibration_and_eval,
+        quantize_checkpoint,
+    )
 
     tokenizer = load_tokenizer(ModelSection(path=str(MODEL)))
     calib, held = calibration_and_eval(tokenizer, str(TEXT), None, 32, 32, 256, True)
@@ -109,10 +113,20 @@ def main() -> None:
             started = time.perf_counter()
             ours = Path(tmp) / f"tunesmith-{method}"
             quantize_checkpoint(
-                str(MODEL), ours, method, bits=4, group_size=GROUP, calib=str(TEXT),
-                calib_samples=32, eval_samples=32, seq_len=256, device="cpu",
-                layout="compressed-tensors",
-            )  # fmt: skip
+                str(MODEL),
+                ours,
+                QuantizeSettings(
+                    method,
+                    bits=4,
+                    group_size=GROUP,
+                    calib=str(TEXT),
+                    calib_samples=32,
+                    eval_samples=32,
+                    seq_len=256,
+                    layout="compressed-tensors",
+                ),
+                device="cpu",
+            )
             ours_s = time.perf_counter() - started
             started = time.perf_counter()
             theirs = Path(tmp) / f"llmcompressor-{method}"

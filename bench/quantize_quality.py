@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tunesmith.quantize.pipeline import quantize_checkpoint  # noqa: E402
+from tunesmith.quantize.pipeline import QuantizeSettings, quantize_checkpoint  # noqa: E402
 
 MODEL = ROOT / "examples" / "tiny-llama"
 TEXT = ROOT / "examples" / "data" / "pydoc_heldout.jsonl"
@@ -48,10 +48,20 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="tunesmith-quantize-") as folder:
         for i, (method, bits, group, act_order) in enumerate(runs):
             report = quantize_checkpoint(
-                str(MODEL), Path(folder) / str(i), method, bits=bits, group_size=group,
-                calib=str(TEXT), calib_samples=32, eval_samples=32, seq_len=256,
-                act_order=act_order, device=args.device,
-            )  # fmt: skip
+                str(MODEL),
+                Path(folder) / str(i),
+                QuantizeSettings(
+                    method,
+                    bits=bits,
+                    group_size=group,
+                    calib=str(TEXT),
+                    calib_samples=32,
+                    eval_samples=32,
+                    seq_len=256,
+                    act_order=act_order,
+                ),
+                device=args.device,
+            )
             rows.append(dict(
                 method=method + (" act-order" if act_order else ""), bits=report.bits,
                 group_size=report.group_size, ppl_original=round(report.perplexity_original, 3),

@@ -18,7 +18,7 @@ from tunesmith.errors import TunesmithError
 from tunesmith.gptq_format.compressed import _pack, pack_compressed, unpack_compressed
 from tunesmith.gptq_format.weights import QuantizedWeight
 from tunesmith.models import load_model
-from tunesmith.quantize.pipeline import quantize_checkpoint
+from tunesmith.quantize.pipeline import QuantizeSettings, quantize_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 BUNDLED = ROOT / "examples" / "tiny-llama"
@@ -51,9 +51,19 @@ def outputs(tmp_path_factory):
         for layout in ("gptq", "compressed-tensors"):
             made[(method, layout)] = root / f"{method}-{layout}"
             quantize_checkpoint(
-                str(BUNDLED), made[(method, layout)], method, group_size=16, calib=HELD_OUT,
-                calib_samples=8, eval_samples=4, seq_len=128, device="cpu", layout=layout,
-            )  # fmt: skip
+                str(BUNDLED),
+                made[(method, layout)],
+                QuantizeSettings(
+                    method,
+                    group_size=16,
+                    calib=HELD_OUT,
+                    calib_samples=8,
+                    eval_samples=4,
+                    seq_len=128,
+                    layout=layout,
+                ),
+                device="cpu",
+            )
     return made
 
 
@@ -88,28 +98,51 @@ def test_transformers_loads_it_with_the_same_outputs_as_tunesmith(outputs, metho
 def test_format_errors(tmp_path):
     with pytest.raises(TunesmithError) as err:
         quantize_checkpoint(
-            str(BUNDLED), tmp_path / "x", "gptq", group_size=64, calib=HELD_OUT,
-            calib_samples=4, eval_samples=2, seq_len=64, device="cpu", layout="compressed-tensors",
-        )  # fmt: skip
+            str(BUNDLED),
+            tmp_path / "x",
+            QuantizeSettings(
+                "gptq",
+                group_size=64,
+                calib=HELD_OUT,
+                calib_samples=4,
+                eval_samples=2,
+                seq_len=64,
+                layout="compressed-tensors",
+            ),
+            device="cpu",
+        )
     assert str(err.value) == (
         "--format compressed-tensors: --group-size 64 does not divide "
         "model.layers.0.mlp.down_proj's 688 input columns, and that format stores whole groups "
         "only; choose a group size that divides every width (or -1), or keep --format gptq"
     )
     with pytest.raises(TunesmithError) as err:
-        quantize_checkpoint(str(BUNDLED), tmp_path / "y", "int8", layout="compressed-tensors")
+        quantize_checkpoint(
+            str(BUNDLED), tmp_path / "y", QuantizeSettings("int8", layout="compressed-tensors")
+        )
     assert str(err.value).startswith("--format compressed-tensors: only rtn, gptq and awq")
     with pytest.raises(TunesmithError) as err:
-        quantize_checkpoint(str(BUNDLED), tmp_path / "z", "gptq", layout="awq")
+        quantize_checkpoint(str(BUNDLED), tmp_path / "z", QuantizeSettings("gptq", layout="awq"))
     assert str(err.value) == "--format: 'awq' is not one of gptq, compressed-tensors"
 
 
 def test_skip_keeps_the_matching_linears_in_floating_point(tmp_path):
     out = tmp_path / "attn"
     quantize_checkpoint(
-        str(BUNDLED), out, "gptq", group_size=64, calib=HELD_OUT, calib_samples=4,
-        eval_samples=2, seq_len=64, device="cpu", layout="compressed-tensors", skip=r"mlp\.",
-    )  # fmt: skip
+        str(BUNDLED),
+        out,
+        QuantizeSettings(
+            "gptq",
+            group_size=64,
+            calib=HELD_OUT,
+            calib_samples=4,
+            eval_samples=2,
+            seq_len=64,
+            layout="compressed-tensors",
+            skip=r"mlp\.",
+        ),
+        device="cpu",
+    )
     ignore = json.loads((out / "config.json").read_text())["quantization_config"]["ignore"]
     assert ignore == ["lm_head"] + [
         f"model.layers.{i}.mlp.{p}" for i in range(4) for p in ("down_proj", "gate_proj", "up_proj")
@@ -124,24 +157,39 @@ def test_skip_keeps_the_matching_linears_in_floating_point(tmp_path):
     torch.testing.assert_close(_logits(theirs), _logits(ours), rtol=0, atol=1e-5)
     awq = tmp_path / "awq"
     quantize_checkpoint(
-        str(BUNDLED), awq, "awq", group_size=64, calib=HELD_OUT, calib_samples=4,
-        eval_samples=2, seq_len=64, device="cpu", layout="compressed-tensors", skip=r"mlp\.",
-    )  # fmt: skip
+        str(BUNDLED),
+        awq,
+        QuantizeSettings(
+            "awq",
+            group_size=64,
+            calib=HELD_OUT,
+            calib_samples=4,
+            eval_samples=2,
+            seq_len=64,
+            layout="compressed-tensors",
+            skip=r"mlp\.",
+        ),
+        device="cpu",
+    )
     awq_model = load_model(ModelSection(path=str(awq)), "cpu", torch.float32)
     assert type(awq_model.model.layers[1].mlp.gate_proj) is torch.nn.Linear
     assert type(awq_model.model.layers[1].self_attn.o_proj).__name__ == "GPTQLinear"
     with pytest.raises(TunesmithError) as err:
         quantize_checkpoint(
-            str(BUNDLED), tmp_path / "a", "awq", calib=HELD_OUT, calib_samples=4,
-            eval_samples=2, seq_len=64, device="cpu", skip="up_proj",
-        )  # fmt: skip
+            str(BUNDLED),
+            tmp_path / "a",
+            QuantizeSettings(
+                "awq", calib=HELD_OUT, calib_samples=4, eval_samples=2, seq_len=64, skip="up_proj"
+            ),
+            device="cpu",
+        )
     assert str(err.value) == (
         "--skip: AWQ scales mlp.gate_proj, mlp.up_proj together (they read the same input); "
         "skip all of them or none"
     )
     with pytest.raises(TunesmithError) as err:
-        quantize_checkpoint(str(BUNDLED), tmp_path / "c", "nf4", skip="mlp")
+        quantize_checkpoint(str(BUNDLED), tmp_path / "c", QuantizeSettings("nf4", skip="mlp"))
     assert str(err.value) == "--skip: only rtn, gptq and awq leave linears out, not nf4"
     with pytest.raises(TunesmithError) as err:
-        quantize_checkpoint(str(BUNDLED), tmp_path / "b", "gptq", skip="(")
+        quantize_checkpoint(str(BUNDLED), tmp_path / "b", QuantizeSettings("gptq", skip="("))
     assert str(err.value).startswith("--skip: '(' is not a regular expression")

@@ -27,7 +27,7 @@ from tunesmith.quantize import (
     rtn_quantize,
 )
 from tunesmith.quantize.calibrate import awq_groups, fold_scales
-from tunesmith.quantize.pipeline import quantize_checkpoint
+from tunesmith.quantize.pipeline import QuantizeSettings, quantize_checkpoint
 from tunesmith.shards import CheckpointReader
 
 
@@ -221,9 +221,11 @@ def quantized_bundled(tmp_path_factory):
     reports = {}
     for method in ("rtn", "gptq", "awq"):
         reports[method] = quantize_checkpoint(
-            str(BUNDLED), root / method, method, calib=HELD_OUT, calib_samples=32, seq_len=256,
+            str(BUNDLED),
+            root / method,
+            QuantizeSettings(method, calib=HELD_OUT, calib_samples=32, seq_len=256),
             device="cpu",
-        )  # fmt: skip
+        )
     return root, reports
 
 
@@ -288,9 +290,11 @@ def test_bitsandbytes_outputs_load_natively(tmp_path):
         ("int8", BitsAndBytesConfig(load_in_8bit=True)),
     ):  # fmt: skip
         report = quantize_checkpoint(
-            str(BUNDLED), tmp_path / method, method, eval_data=HELD_OUT, eval_samples=4,
-            seq_len=128, device="cpu",
-        )  # fmt: skip
+            str(BUNDLED),
+            tmp_path / method,
+            QuantizeSettings(method, eval_data=HELD_OUT, eval_samples=4, seq_len=128),
+            device="cpu",
+        )
         assert report.bits == (4 if method == "nf4" else 8) and report.group_size is None
         loaded = AutoModelForCausalLM.from_pretrained(tmp_path / method, device_map="cpu")
         layer = loaded.model.layers[0].self_attn.q_proj
@@ -308,11 +312,10 @@ def test_bitsandbytes_outputs_load_natively(tmp_path):
 
 
 def test_quantize_errors(tmp_path):
-    def fails(message, **kwargs):
-        args = dict(model=str(BUNDLED), out=tmp_path / "q", calib=HELD_OUT, device="cpu")
-        args.update(kwargs)
+    def fails(message, model=str(BUNDLED), out=tmp_path / "q", **kwargs):
+        settings = QuantizeSettings(**{"calib": HELD_OUT, **kwargs})
         with pytest.raises(TunesmithError) as err:
-            quantize_checkpoint(**args)
+            quantize_checkpoint(model, out, settings, device="cpu")
         assert str(err.value) == message
 
     fails("--bits: nf4 is 4-bit; drop --bits, or use --method gptq, awq or rtn for 3 bits",
@@ -359,9 +362,11 @@ def test_interrupted_quantize_leaves_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(checkpoint, "write_checkpoint", broken)
     with pytest.raises(TunesmithError, match=rf"^{tmp_path / 'q'}: no space left on the disk"):
         quantize_checkpoint(
-            str(BUNDLED), tmp_path / "q", "rtn", calib=HELD_OUT, calib_samples=1,
-            eval_samples=1, seq_len=64, device="cpu",
-        )  # fmt: skip
+            str(BUNDLED),
+            tmp_path / "q",
+            QuantizeSettings("rtn", calib=HELD_OUT, calib_samples=1, eval_samples=1, seq_len=64),
+            device="cpu",
+        )
     assert list(tmp_path.iterdir()) == []
 
 

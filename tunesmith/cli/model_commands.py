@@ -333,16 +333,33 @@ def quantize_cmd(
     against the original. rtn/gptq/awq write GPTQ's format or compressed-tensors'; int8/nf4
     write bitsandbytes' (transformers loads all three); `tunesmith generate`, `serve` and `eval`
     load any of them."""
-    from tunesmith.quantize.pipeline import quantize_checkpoint
+    from tunesmith.quantize.pipeline import QuantizeSettings, quantize_checkpoint
 
     adapters = list(adapter or [])
+    settings = QuantizeSettings(
+        method,
+        bits,
+        group_size,
+        calib,
+        calib_samples,
+        eval_data,
+        eval_samples,
+        seq_len,
+        act_order,
+        damp,
+        layout,
+        skip,
+    )
     report = quantize_checkpoint(
-        model, out, method=method, adapters=adapters, bits=bits, group_size=group_size,
-        calib=calib, calib_samples=calib_samples, eval_data=eval_data, eval_samples=eval_samples,
-        seq_len=seq_len, act_order=act_order, damp=damp, device=device, overwrite=overwrite,
-        max_shard_size=max_shard_size, progress=progress_bar("quantizing", "layers"),
-        layout=layout, skip=skip,
-    )  # fmt: skip
+        model,
+        out,
+        settings,
+        adapters=adapters,
+        device=device,
+        overwrite=overwrite,
+        max_shard_size=max_shard_size,
+        progress=progress_bar("quantizing", "layers"),
+    )
     for line in report.lines():
         typer.echo(line)
     if eval_config is not None:

@@ -21,7 +21,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -199,67 +199,93 @@ def calibration_and_eval(
     return calib_windows, held
 
 
+@dataclass(frozen=True)
+class QuantizeSettings:
+    """How `quantize_checkpoint` quantizes: every `tunesmith quantize` option but the paths and
+    the device. `checked()` validates them and resolves the defaults."""
+
+    method: str = "gptq"
+    """rtn, gptq, awq (group-wise integers), int8 or nf4 (bitsandbytes)."""
+    bits: int | None = None
+    """2, 3, 4 or 8 for the grid methods (default 4); int8 and nf4 have their own."""
+    group_size: int | None = None
+    """Weights per scale: a multiple of 8, or -1 for one per row (default 128)."""
+    calib: str | None = None
+    """Calibration data (GPTQ and AWQ need it; held-out text comes after it)."""
+    calib_samples: int = 128
+    """Windows of `seq_len` tokens that calibrate."""
+    eval_data: str | None = None
+    """Held-out text for the perplexity report (default: `calib` after the calibration)."""
+    eval_samples: int = 32
+    seq_len: int = 512
+    act_order: bool = False
+    """GPTQ: quantize columns in order of activation size."""
+    damp: float = 0.01
+    """GPTQ: added to the Hessian's diagonal, a fraction of its mean."""
+    layout: str = "gptq"
+    """How grid results are written: GPTQ's format or compressed-tensors'."""
+    skip: str | None = None
+    """A regular expression of linears kept in floating point."""
+
+    def checked(self) -> tuple[QuantizeSettings, QuantGrid | None]:
+        """These settings with `bits` and `group_size` resolved, and the integer grid (None
+        for int8 and nf4); a one-line error naming the option that is wrong."""
+        bits, group_size, grid = check_settings(self.method, self.bits, self.group_size)
+        if not 0 <= self.damp < 1:
+            raise TunesmithError(
+                f"--damp: {self.damp} must be in [0, 1) (a fraction of the mean diagonal)"
+            )
+        if self.act_order and self.method != "gptq":
+            raise TunesmithError("--act-order: only GPTQ quantizes in activation order; drop it")
+        if self.skip is not None:
+            if grid is None:
+                raise TunesmithError(
+                    f"--skip: only rtn, gptq and awq leave linears out, not {self.method}"
+                )
+            try:
+                re.compile(self.skip)
+            except re.error as err:
+                raise TunesmithError(
+                    f"--skip: {self.skip!r} is not a regular expression: {err}"
+                ) from None
+        if self.layout not in LAYOUTS:
+            raise TunesmithError(f"--format: {self.layout!r} is not one of {', '.join(LAYOUTS)}")
+        if self.layout != "gptq" and grid is None:
+            raise TunesmithError(
+                f"--format {self.layout}: only rtn, gptq and awq results are written in it; "
+                f"{self.method} is saved in bitsandbytes' format (drop --format)"
+            )
+        return replace(self, bits=bits, group_size=group_size), grid
+
+
 def quantize_checkpoint(
     model: str | None,
     out: str | Path,
-    method: str = "gptq",
+    settings: QuantizeSettings = QuantizeSettings(),
     *,
     adapters: list[str] | None = None,
-    bits: int | None = None,
-    group_size: int | None = None,
-    calib: str | None = None,
-    calib_samples: int = 128,
-    eval_data: str | None = None,
-    eval_samples: int = 32,
-    seq_len: int = 512,
-    act_order: bool = False,
-    damp: float = 0.01,
     device: str = "auto",
     overwrite: bool = False,
     max_shard_size: str | int = "5GB",
     trust_remote_code: bool = False,
     progress: Callable[[int, int], None] | None = None,
-    layout: str = "gptq",
-    skip: str | None = None,
 ) -> QuantizeReport:
     """Quantize `model` (a checkpoint folder or hub id; with `adapters`, base + adapters are
-    merged first) into `out`. See the module docstring."""
-
+    merged first) into `out` as `settings` say. See the module docstring."""
     started = time.perf_counter()
-    bits, group_size, grid = check_settings(method, bits, group_size)
-    if not 0 <= damp < 1:
-        raise TunesmithError(f"--damp: {damp} must be in [0, 1) (a fraction of the mean diagonal)")
-    if act_order and method != "gptq":
-        raise TunesmithError("--act-order: only GPTQ quantizes in activation order; drop it")
-    if skip is not None:
-        if grid is None:
-            raise TunesmithError(f"--skip: only rtn, gptq and awq leave linears out, not {method}")
-        try:
-            re.compile(skip)
-        except re.error as err:
-            raise TunesmithError(f"--skip: {skip!r} is not a regular expression: {err}") from None
-    if layout not in LAYOUTS:
-        raise TunesmithError(f"--format: {layout!r} is not one of {', '.join(LAYOUTS)}")
-    if layout != "gptq" and grid is None:
-        raise TunesmithError(
-            f"--format {layout}: only rtn, gptq and awq results are written in it; {method} is "
-            "saved in bitsandbytes' format (drop --format)"
-        )
+    settings, grid = settings.checked()
     out = Path(out)
     shard_bytes = parse_size(max_shard_size)
     adapters = list(adapters or [])
     model = resolve_base(model, adapters, "--model: give the checkpoint to quantize")
-    check_output(out, overwrite, inputs=[model, *adapters, calib, eval_data])
+    check_output(out, overwrite, inputs=[model, *adapters, settings.calib, settings.eval_data])
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=_parent(out)) as scratch:
         source = model
         if adapters:
             source = str(Path(scratch) / "merged")
             merge_checkpoint(model, adapters, source, trust_remote_code=trust_remote_code)
-        report = _quantize(
-            source, out, method, bits, group_size, grid, calib, calib_samples, eval_data,
-            eval_samples, seq_len, act_order, damp, device, overwrite, shard_bytes,
-            trust_remote_code, progress, layout, skip,
-        )  # fmt: skip
+        run = _Run(settings, grid, device, overwrite, shard_bytes, trust_remote_code, progress)
+        report = _quantize(source, out, run)
     report.source = model + (f" + {', '.join(adapters)}" if adapters else "")
     report.seconds = time.perf_counter() - started
     (out / REPORT_NAME).write_text(json.dumps(asdict(report), indent=2) + "\n")
@@ -271,18 +297,29 @@ def _parent(out: Path) -> Path:
     return out.parent
 
 
-def _quantize(
-    source, out, method, bits, group_size, grid, calib, calib_samples, eval_data, eval_samples,
-    seq_len, act_order, damp, device, overwrite, shard_bytes, trust_remote_code, progress,
-    layout="gptq", skip=None,
-) -> QuantizeReport:  # fmt: skip
+@dataclass(frozen=True)
+class _Run:
+    """A quantization's checked settings and how it runs."""
 
-    section = ModelSection(path=source, trust_remote_code=trust_remote_code, device=device)
+    settings: QuantizeSettings
+    grid: QuantGrid | None
+    device: str
+    overwrite: bool
+    shard_bytes: int
+    trust_remote_code: bool
+    progress: Callable[[int, int], None] | None
+
+
+def _quantize(source: str, out: Path, run: _Run) -> QuantizeReport:
+    q, grid, trust_remote_code = run.settings, run.grid, run.trust_remote_code
+    method, bits, group_size, layout, skip = q.method, q.bits, q.group_size, q.layout, q.skip
+    section = ModelSection(path=source, trust_remote_code=trust_remote_code, device=run.device)
     device = resolve_device(section.device)
     tokenizer = load_tokenizer(section)
     calib_windows, held = calibration_and_eval(
-        tokenizer, calib, eval_data, calib_samples, eval_samples, seq_len, method in ("gptq", "awq")
-    )
+        tokenizer, q.calib, q.eval_data, q.calib_samples, q.eval_samples, q.seq_len,
+        method in ("gptq", "awq"),
+    )  # fmt: skip
     reader = CheckpointReader(source)
     compute = torch.float32 if device == "cpu" else torch.float16
     fp_model = load_model(section, "cpu", compute).eval()
@@ -292,18 +329,20 @@ def _quantize(
     store_dtype = output_dtype("auto", _source_config(source, trust_remote_code))
     ppl_original = perplexity(fp_model.to(device), held, device)
     notes: list[str] = []
-    with large_allocations_via_mmap(), staging_dir(out, overwrite) as tmp:
+    with large_allocations_via_mmap(), staging_dir(out, run.overwrite) as tmp:
         if grid is not None:
             fp_model.to("cpu")
 
-            settings = Settings(method, grid, damp, act_order, skip=skip)
-            quantized = quantize_layers(fp_model, calib_windows, settings, device, progress)
+            settings = Settings(method, grid, q.damp, q.act_order, skip=skip)
+            quantized = quantize_layers(fp_model, calib_windows, settings, device, run.progress)
             ignore = [
                 name for name, module in fp_model.named_modules()
                 if isinstance(module, torch.nn.Linear) and name not in quantized
             ]  # fmt: skip
-            qconfig = quantization_config(method, bits, group_size, act_order, damp, layout, ignore)
-            write_gptq_checkpoint(fp_model, quantized, tmp, store_dtype, qconfig, shard_bytes)
+            qconfig = quantization_config(
+                method, bits, group_size, q.act_order, q.damp, layout, ignore
+            )
+            write_gptq_checkpoint(fp_model, quantized, tmp, store_dtype, qconfig, run.shard_bytes)
             del fp_model, quantized
         else:
             del fp_model
@@ -314,7 +353,7 @@ def _quantize(
         del quantized_model
         report = QuantizeReport(
             out=str(out), method=method, bits=bits, group_size=group_size, source=source,
-            calib_windows=len(calib_windows), eval_windows=len(held), seq_len=seq_len,
+            calib_windows=len(calib_windows), eval_windows=len(held), seq_len=q.seq_len,
             perplexity_original=ppl_original, perplexity_quantized=ppl_quantized,
             bytes_original=reader.nbytes(), bytes_quantized=_checkpoint_bytes(tmp),
             seconds=0.0, notes=notes,
