@@ -56,14 +56,22 @@ def main() -> None:
         for procs in args.procs:
             data = DataSection(
                 datasets=[{"path": str(data_file), "format": "chat"}],
-                max_seq_len=512, packing=True, num_proc=procs,
-            )  # fmt: skip
+                max_seq_len=512,
+                packing=True,
+                num_proc=procs,
+            )
             start = time.perf_counter()
             prepared = prepare_data(data, tokenizer, use_cache=False)
             seconds = time.perf_counter() - start
             tokens = prepared.train.num_tokens
-            results.append({"procs": procs, "seconds": round(seconds, 2), "tokens": tokens,
-                            "tokens_per_s": round(tokens / seconds)})  # fmt: skip
+            results.append(
+                {
+                    "procs": procs,
+                    "seconds": round(seconds, 2),
+                    "tokens": tokens,
+                    "tokens_per_s": round(tokens / seconds),
+                }
+            )
             print(f"{procs} process(es): {seconds:.1f} s, {tokens / seconds:,.0f} tokens/s")
     out = ROOT / "bench/results" / f"data_prep_{platform.node() or 'host'}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

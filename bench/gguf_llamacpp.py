@@ -29,10 +29,15 @@ from tunesmith.quantize.pipeline import token_stream, windows_of  # noqa: E402
 MODEL = ROOT / "examples" / "tiny-llama"
 TEXT = ROOT / "examples" / "data" / "pydoc_heldout.jsonl"
 PROMPTS = [
-    "The list type", "def open(file, mode='r'):", "Return a new dictionary",
-    "Exceptions are raised when", "class Counter(dict):", "The for statement is used",
-    "import os\nimport sys\n", "Raise ValueError if",
-]  # fmt: skip
+    "The list type",
+    "def open(file, mode='r'):",
+    "Return a new dictionary",
+    "Exceptions are raised when",
+    "class Counter(dict):",
+    "The for statement is used",
+    "import os\nimport sys\n",
+    "Raise ValueError if",
+]
 STOPS = (0, 3)
 
 
@@ -49,9 +54,12 @@ def llama_greedy(llm, ids, n):
 def ours_greedy(model, ids, n):
     with torch.no_grad():
         out = model.generate(
-            torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=list(STOPS),
+            torch.tensor([ids]),
+            max_new_tokens=n,
+            do_sample=False,
+            eos_token_id=list(STOPS),
             pad_token_id=1,
-        )[0, len(ids) :].tolist()  # fmt: skip
+        )[0, len(ids) :].tolist()
     return [t for t in out if t not in STOPS][:n]
 
 
@@ -87,19 +95,25 @@ def main() -> None:
             pairs = zip(prompts, reference, strict=True)
             same = sum(llama_greedy(llm, ids, 32) == ref for ids, ref in pairs)
             llm.close()
-            rows.append(dict(
-                outtype=outtype, mb=round(path.stat().st_size / 1e6, 2),
-                perplexity=round(float(np.exp(total / count)), 3),
-                greedy_same=f"{same}/{len(prompts)}",
-            ))  # fmt: skip
+            rows.append(
+                dict(
+                    outtype=outtype,
+                    mb=round(path.stat().st_size / 1e6, 2),
+                    perplexity=round(float(np.exp(total / count)), 3),
+                    greedy_same=f"{same}/{len(prompts)}",
+                )
+            )
             print(json.dumps(rows[-1]), flush=True)
     import llama_cpp
 
     result = dict(
-        bench="gguf_llamacpp", date=str(date.today()), llama_cpp_python=llama_cpp.__version__,
+        bench="gguf_llamacpp",
+        date=str(date.today()),
+        llama_cpp_python=llama_cpp.__version__,
         windows=f"last {len(windows)} windows of 256 tokens of pydoc_heldout.jsonl",
-        results=rows, command="python bench/gguf_llamacpp.py",
-    )  # fmt: skip
+        results=rows,
+        command="python bench/gguf_llamacpp.py",
+    )
     out = ROOT / "bench" / "results" / f"gguf_llamacpp_cpu_{date.today()}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

@@ -43,17 +43,26 @@ ANCHORS = ROOT.parent / "shared" / "anchors"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lora_step import SHAPES, TARGETS  # noqa: E402
 
-GPU_CASES = [("8b", "lora", 2048, 2), ("8b", "qlora", 2048, 2), ("1b", "lora", 2048, 1),
-             ("1b", "qlora", 2048, 1), ("1b", "full", 2048, 1)]  # fmt: skip
+GPU_CASES = [
+    ("8b", "lora", 2048, 2),
+    ("8b", "qlora", 2048, 2),
+    ("1b", "lora", 2048, 1),
+    ("1b", "qlora", 2048, 1),
+    ("1b", "full", 2048, 1),
+]
 CPU_CASES = [("tiny", "lora", 128, 2), ("tiny", "qlora", 128, 2), ("tiny", "full", 128, 1)]
 VARIANTS = {
     "plain": {"fused_lora": False, "kernels": "torch"},
     "fused": {"fused_lora": True, "kernels": "torch"},
     "kernels": {"fused_lora": True, "kernels": "auto"},
     "compile": {"fused_lora": True, "kernels": "auto", "compile": True},
-    "offload": {"fused_lora": True, "kernels": "auto", "compile": True,
-                "offload_activations": True},
-}  # fmt: skip
+    "offload": {
+        "fused_lora": True,
+        "kernels": "auto",
+        "compile": True,
+        "offload_activations": True,
+    },
+}
 
 
 def write_model_folder(shape: str, seq: int, folder: Path) -> int:
@@ -66,14 +75,18 @@ def write_model_folder(shape: str, seq: int, folder: Path) -> int:
     vocab = {f"t{i}": i for i in range(config.vocab_size)}
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")),
-        unk_token="t0", pad_token="t0", eos_token="t1", bos_token="t2",
-    )  # fmt: skip
+        unk_token="t0",
+        pad_token="t0",
+        eos_token="t1",
+        bos_token="t2",
+    )
     tokenizer.save_pretrained(folder)
     return config.vocab_size
 
 
-def write_run(work: Path, shape: str, method: str, seq: int, batch: int, steps: int,
-              variant: str, device: str) -> Path:  # fmt: skip
+def write_run(
+    work: Path, shape: str, method: str, seq: int, batch: int, steps: int, variant: str, device: str
+) -> Path:
     """The run config of one tunesmith side (YAML), its model folder and data."""
     import random
 
@@ -87,28 +100,46 @@ def write_run(work: Path, shape: str, method: str, seq: int, batch: int, steps: 
     data = work / f"data-{seq}.jsonl"
     if not data.is_file():
         rng = random.Random(1)
-        rows = [{"input_ids": [rng.randrange(3, vocab) for _ in range(seq)]}
-                for _ in range(batch * steps)]  # fmt: skip
+        rows = [
+            {"input_ids": [rng.randrange(3, vocab) for _ in range(seq)]}
+            for _ in range(batch * steps)
+        ]
         data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     method_section = {"name": method}
     if method != "full":
         method_section.update(r=16, alpha=32, dropout=0.0, targets=TARGETS)
     train = {
-        "max_steps": steps, "micro_batch_size": batch, "grad_accum_steps": 1, "lr": 1e-4,
-        "warmup_steps": 0, "gradient_checkpointing": True, "log_every_steps": 1,
-        "optimizer": "adamw", **VARIANTS[variant],
-    }  # fmt: skip
+        "max_steps": steps,
+        "micro_batch_size": batch,
+        "grad_accum_steps": 1,
+        "lr": 1e-4,
+        "warmup_steps": 0,
+        "gradient_checkpointing": True,
+        "log_every_steps": 1,
+        "optimizer": "adamw",
+        **VARIANTS[variant],
+    }
     if method == "full":
         train["fused_lora"] = False
     run = {
-        "model": {"path": str(model), "init": "random", "device": device,
-                  "dtype": "bf16" if device == "cuda" else "fp32", "attn_implementation": "sdpa"},
+        "model": {
+            "path": str(model),
+            "init": "random",
+            "device": device,
+            "dtype": "bf16" if device == "cuda" else "fp32",
+            "attn_implementation": "sdpa",
+        },
         "method": method_section,
-        "data": {"datasets": [{"path": str(data), "format": "tokenized"}], "max_seq_len": seq,
-                 "val_fraction": 0.0, "packing": False, "cache_dir": str(work / "cache")},
+        "data": {
+            "datasets": [{"path": str(data), "format": "tokenized"}],
+            "max_seq_len": seq,
+            "val_fraction": 0.0,
+            "packing": False,
+            "cache_dir": str(work / "cache"),
+        },
         "train": train,
         "output_dir": str(work / f"out-{shape}-{method}-{variant}"),
-    }  # fmt: skip
+    }
     path = work / f"{shape}-{method}-{variant}.yaml"
     path.write_text(yaml.safe_dump(run, sort_keys=False))
     return path
@@ -120,8 +151,10 @@ def run_tunesmith(work: Path, case, variant: str, steps: int, warmup: int, devic
     started = time.time()
     done = subprocess.run(
         [sys.executable, "-m", "tunesmith.cli", "train", str(config), "--overwrite"],
-        capture_output=True, text=True, cwd=ROOT,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     if done.returncode != 0:
         return {"side": f"tunesmith-{variant}", "error": done.stderr.strip()[-2000:]}
     out = Path(yaml_output(config))
@@ -156,28 +189,49 @@ def run_example(work: Path, example: str, shape: str, steps: int, device: str) -
     data = work / "alpaca.jsonl"
     rng = random.Random(2)
     words = [f"t{i}" for i in range(3, 2000)]
-    rows = [{"instruction": " ".join(rng.choices(words, k=rng.randrange(20, 200))),
-             "output": " ".join(rng.choices(words, k=rng.randrange(20, 600)))}
-            for _ in range(400)]  # fmt: skip
+    rows = [
+        {
+            "instruction": " ".join(rng.choices(words, k=rng.randrange(20, 200))),
+            "output": " ".join(rng.choices(words, k=rng.randrange(20, 600))),
+        }
+        for _ in range(400)
+    ]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = work / f"example-{Path(example).stem}"
     overrides = [
-        f"model.path={model}", "model.init=random", f"model.device={device}",
-        f"data.datasets=[{{path: {data}, format: alpaca}}]", f"data.cache_dir={work / 'cache'}",
-        f"train.max_steps={steps}", "train.log_every_steps=1", "train.save_every_steps=null",
-        "eval.every_steps=null", "eval.generate_samples=0", f"output_dir={out}",
-    ]  # fmt: skip
+        f"model.path={model}",
+        "model.init=random",
+        f"model.device={device}",
+        f"data.datasets=[{{path: {data}, format: alpaca}}]",
+        f"data.cache_dir={work / 'cache'}",
+        f"train.max_steps={steps}",
+        "train.log_every_steps=1",
+        "train.save_every_steps=null",
+        "eval.every_steps=null",
+        "eval.generate_samples=0",
+        f"output_dir={out}",
+    ]
     if device != "cuda":
         overrides += ["model.dtype=fp32", "data.max_seq_len=256", "train.grad_accum_steps=1"]
     done = subprocess.run(
         [sys.executable, "-m", "tunesmith.cli", "train", example, *overrides, "--overwrite"],
-        capture_output=True, text=True, cwd=ROOT,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     if done.returncode != 0:
         return {"example": example, "error": done.stderr.strip()[-2000:]}
     summary = json.loads((out / "summary.json").read_text())
-    keep = ("steps", "tokens_per_s", "gpu_peak_allocated_bytes", "planned_peak_bytes",
-            "host_peak_rss_bytes", "speedups", "padding_free", "final_train_loss")  # fmt: skip
+    keep = (
+        "steps",
+        "tokens_per_s",
+        "gpu_peak_allocated_bytes",
+        "planned_peak_bytes",
+        "host_peak_rss_bytes",
+        "speedups",
+        "padding_free",
+        "final_train_loss",
+    )
     return {"example": example, **{k: summary.get(k) for k in keep}}
 
 
@@ -191,17 +245,36 @@ def run_anchor(script: str, case, steps: int, warmup: int, side: str, extra=()) 
     shape, method, seq, batch = case
     if shape not in ("tiny", "1b", "8b"):
         return {"side": side, "error": f"the anchors have no shape {shape}"}
-    cmd = [sys.executable, str(ANCHORS / script), "--shape", shape, "--method", method,
-           "--seq", str(seq), "--batch", str(batch), "--steps", str(steps),
-           "--warmup", str(warmup), *extra]  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(ANCHORS / script),
+        "--shape",
+        shape,
+        "--method",
+        method,
+        "--seq",
+        str(seq),
+        "--batch",
+        str(batch),
+        "--steps",
+        str(steps),
+        "--warmup",
+        str(warmup),
+        *extra,
+    ]
     started = time.time()
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ANCHORS)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
         return {"side": side, "error": (done.stderr or done.stdout).strip()[-2000:]}
     result = json.loads(lines[-1])
-    return {"side": side, "tokens_per_s": result["tokens_per_s"], "peak_gib": result["peak_gib"],
-            "loss": result["loss"], "wall_s": round(time.time() - started, 1)}  # fmt: skip
+    return {
+        "side": side,
+        "tokens_per_s": result["tokens_per_s"],
+        "peak_gib": result["peak_gib"],
+        "loss": result["loss"],
+        "wall_s": round(time.time() - started, 1),
+    }
 
 
 def unsloth_installed() -> bool:
@@ -324,15 +397,22 @@ def main() -> None:
     steps = args.steps or (8 if args.gpu else 3)
     default_variants = list(VARIANTS) if device == "cuda" else ["plain", "fused"]
     variants = args.variants.split(",") if args.variants else default_variants
-    report = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-              "date": date.today().isoformat(), "steps": steps, "warmup": args.warmup,
-              "cases": []}  # fmt: skip
+    report = {
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "date": date.today().isoformat(),
+        "steps": steps,
+        "warmup": args.warmup,
+        "cases": [],
+    }
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for case in cases:
             shape, method, seq, batch = case
-            sides = [("tunesmith", v) for v in variants if method != "full" or v
-                     in ("plain", "kernels", "compile")]  # fmt: skip
+            sides = [
+                ("tunesmith", v)
+                for v in variants
+                if method != "full" or v in ("plain", "kernels", "compile")
+            ]
             sides.append(("peft", None))
             if device == "cuda" and method != "full" and unsloth_installed():
                 sides.append(("unsloth", None))
@@ -343,26 +423,45 @@ def main() -> None:
                         result = run_tunesmith(work, case, variant, steps, args.warmup, device)
                     elif side == "peft":
                         extra = ("--no-prepare",) if method == "qlora" else ()
-                        result = run_anchor("peft_baseline.py", case, steps, args.warmup,
-                                            "peft", extra)  # fmt: skip
+                        result = run_anchor(
+                            "peft_baseline.py", case, steps, args.warmup, "peft", extra
+                        )
                     else:
-                        result = run_anchor("unsloth_anchor.py", case, steps, args.warmup,
-                                            "unsloth")  # fmt: skip
-                    print(json.dumps({"case": f"{shape}-{method}-{batch}x{seq}", **result}),
-                          flush=True)  # fmt: skip
+                        result = run_anchor(
+                            "unsloth_anchor.py", case, steps, args.warmup, "unsloth"
+                        )
+                    print(
+                        json.dumps({"case": f"{shape}-{method}-{batch}x{seq}", **result}),
+                        flush=True,
+                    )
                     results.append(result)
-            report["cases"].append({"case": f"{shape}-{method}-{batch}x{seq}",
-                                    "results": results, "ratios": ratios(results)})  # fmt: skip
-    best = {c["case"]: max((r["tokens_per_s"] for r in c["results"]
-                            if r["side"].startswith("tunesmith") and "tokens_per_s" in r),
-                           default=None) for c in report["cases"]}  # fmt: skip
+            report["cases"].append(
+                {
+                    "case": f"{shape}-{method}-{batch}x{seq}",
+                    "results": results,
+                    "ratios": ratios(results),
+                }
+            )
+    best = {
+        c["case"]: max(
+            (
+                r["tokens_per_s"]
+                for r in c["results"]
+                if r["side"].startswith("tunesmith") and "tokens_per_s" in r
+            ),
+            default=None,
+        )
+        for c in report["cases"]
+    }
     for lora in [c for c in best if "-lora-" in c]:
         full = lora.replace("-lora-", "-full-")
         if best.get(full) and best[lora]:  # the issue's rule: LoRA never slower than full
             report[f"{lora}_vs_{full}"] = round(best[lora] / best[full], 3)
-    out = Path(args.out) if args.out else (
-        ROOT / "bench" / "results" / f"gpu_step_{device}_{report['date']}.json"
-    )  # fmt: skip
+    out = (
+        Path(args.out)
+        if args.out
+        else (ROOT / "bench" / "results" / f"gpu_step_{device}_{report['date']}.json")
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")
     for case in report["cases"]:

@@ -58,7 +58,7 @@ def worker(method: str, windows_file: str, out: str) -> None:
                 "symmetric": False,
                 "strategy": "group",
                 "group_size": GROUP,
-            },  # fmt: skip
+            },
         }
     }
     if method == "gptq":
@@ -66,8 +66,13 @@ def worker(method: str, windows_file: str, out: str) -> None:
     else:
         recipe = AWQModifier(config_groups=scheme, ignore=["lm_head"])
     data = Dataset.from_dict({"input_ids": windows.tolist()})
-    oneshot(model=model, dataset=data, recipe=recipe, num_calibration_samples=len(windows),
-            max_seq_length=windows.shape[1])  # fmt: skip
+    oneshot(
+        model=model,
+        dataset=data,
+        recipe=recipe,
+        num_calibration_samples=len(windows),
+        max_seq_length=windows.shape[1],
+    )
     model.save_pretrained(out, save_compressed=True)
     tokenizer.save_pretrained(out)
 
@@ -101,8 +106,9 @@ def main() -> None:
     calib, held = calibration_and_eval(tokenizer, str(TEXT), None, 32, 32, 256, True)
     version = subprocess.run(
         [args.llmc_python, "-c", "import llmcompressor; print(llmcompressor.__version__)"],
-        capture_output=True, text=True,
-    ).stdout.strip()  # fmt: skip
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     rows = []
     with tempfile.TemporaryDirectory(prefix="llmc-") as tmp:
         windows = Path(tmp) / "windows.safetensors"
@@ -132,25 +138,37 @@ def main() -> None:
             theirs = Path(tmp) / f"llmcompressor-{method}"
             run = subprocess.run(
                 [args.llmc_python, __file__, "--worker", method, str(windows), str(theirs)],
-                capture_output=True, text=True,
-            )  # fmt: skip
+                capture_output=True,
+                text=True,
+            )
             theirs_s = time.perf_counter() - started
             if run.returncode:
                 print(f"llm-compressor {method} failed:\n{run.stderr[-3000:]}")
                 rows.append({"method": method, "llmcompressor_error": run.stderr[-3000:]})
                 continue
-            row = {"method": method, "bits": 4, "group_size": GROUP,
-                   "ppl_original": round(ppl_original, 3)}  # fmt: skip
-            for side, folder, seconds in (("tunesmith", ours, ours_s),
-                                          ("llmcompressor", theirs, theirs_s)):  # fmt: skip
+            row = {
+                "method": method,
+                "bits": 4,
+                "group_size": GROUP,
+                "ppl_original": round(ppl_original, 3),
+            }
+            for side, folder, seconds in (
+                ("tunesmith", ours, ours_s),
+                ("llmcompressor", theirs, theirs_s),
+            ):
                 model = load_model(ModelSection(path=str(folder)), "cpu", torch.float32)
                 row[f"ppl_{side}"] = round(perplexity(model, held, "cpu"), 3)
                 row[f"seconds_{side}"] = round(seconds, 1)
             rows.append(row)
             print(json.dumps(row), flush=True)
-    report = {"command": "python " + " ".join(sys.argv), "date": str(date.today()),
-              "llmcompressor": version, "calibration": "32 x 256 tokens",
-              "held_out": "next 32 x 256 tokens", "rows": rows}  # fmt: skip
+    report = {
+        "command": "python " + " ".join(sys.argv),
+        "date": str(date.today()),
+        "llmcompressor": version,
+        "calibration": "32 x 256 tokens",
+        "held_out": "next 32 x 256 tokens",
+        "rows": rows,
+    }
     out = Path(
         args.out or ROOT / "bench" / "results" / f"llmcompressor_quality_{date.today()}.json"
     )

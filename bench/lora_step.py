@@ -27,15 +27,40 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {
-    "tiny": dict(vocab_size=1000, hidden_size=128, intermediate_size=344, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2),
-    "small": dict(vocab_size=8000, hidden_size=512, intermediate_size=1376, num_hidden_layers=4,
-                  num_attention_heads=8, num_key_value_heads=4),
-    "1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-               num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True),
-    "8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-               num_attention_heads=32, num_key_value_heads=8),
-}  # fmt: skip
+    "tiny": dict(
+        vocab_size=1000,
+        hidden_size=128,
+        intermediate_size=344,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    ),
+    "small": dict(
+        vocab_size=8000,
+        hidden_size=512,
+        intermediate_size=1376,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+    ),
+    "1b": dict(
+        vocab_size=128256,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        tie_word_embeddings=True,
+    ),
+    "8b": dict(
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+    ),
+}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 IMPLS = ("tunesmith", "peft")
 
@@ -60,8 +85,13 @@ def worker(args: argparse.Namespace) -> dict:
     else:
         from peft import LoraConfig, get_peft_model
 
-        lora = LoraConfig(r=args.r, lora_alpha=2 * args.r, lora_dropout=0.0,
-                          task_type="CAUSAL_LM", target_modules=TARGETS)  # fmt: skip
+        lora = LoraConfig(
+            r=args.r,
+            lora_alpha=2 * args.r,
+            lora_dropout=0.0,
+            task_type="CAUSAL_LM",
+            target_modules=TARGETS,
+        )
         model = get_peft_model(model, lora)
     if not args.no_gc:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -106,9 +136,24 @@ def _peak_rss_bytes() -> int:
 
 
 def run_worker(impl: str, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, __file__, "--worker", impl, "--shape", args.shape, "--seq",
-           str(args.seq), "--batch", str(args.batch), "--steps", str(args.steps), "--warmup",
-           str(args.warmup), "--r", str(args.r)] + (["--no-gc"] if args.no_gc else [])  # fmt: skip
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        impl,
+        "--shape",
+        args.shape,
+        "--seq",
+        str(args.seq),
+        "--batch",
+        str(args.batch),
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--r",
+        str(args.r),
+    ] + (["--no-gc"] if args.no_gc else [])
     return run_json(cmd, impl)
 
 
@@ -165,14 +210,20 @@ def main() -> None:
         date=str(date.today()),
         device=runs["tunesmith"][0]["device"],
         memory="torch.cuda.max_memory_allocated" if cuda else "peak process RSS",
-        shape=args.shape, batch=args.batch, seq=args.seq, r=args.r, gc=not args.no_gc,
-        steps=args.steps, warmup=args.warmup, repeats=args.repeats,
+        shape=args.shape,
+        batch=args.batch,
+        seq=args.seq,
+        r=args.r,
+        gc=not args.no_gc,
+        steps=args.steps,
+        warmup=args.warmup,
+        repeats=args.repeats,
         torch=runs["tunesmith"][0]["torch"],
         results=summary,
         ratio_step_time=round(summary["tunesmith"]["step_s"] / summary["peft"]["step_s"], 3),
         ratio_peak_memory=round(summary["tunesmith"]["peak_gib"] / summary["peft"]["peak_gib"], 3),
         command=" ".join([Path(sys.executable).name, "bench/lora_step.py", *sys.argv[1:]]),
-    )  # fmt: skip
+    )
     text = json.dumps(report, indent=2)
     print(text)
     out = args.out or ROOT / "bench" / "results" / (

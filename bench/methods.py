@@ -74,12 +74,18 @@ def tokens_per_second(model, prompts, new_tokens: int = 32) -> float:
     for p, row in zip(prompts, mask, strict=True):
         row[-len(p) :] = 1
     kwargs = dict(
-        attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-        do_sample=False, pad_token_id=0, use_cache=True,
-    )  # fmt: skip
+        attention_mask=mask,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=0,
+        use_cache=True,
+    )
     with torch.no_grad():
-        model.generate(ids[:2], **{**kwargs, "attention_mask": mask[:2], "max_new_tokens": 4,
-                                   "min_new_tokens": 4})  # fmt: skip
+        model.generate(
+            ids[:2],
+            **{**kwargs, "attention_mask": mask[:2], "max_new_tokens": 4, "min_new_tokens": 4},
+        )
         start = time.perf_counter()
         model.generate(ids, **kwargs)
         seconds = time.perf_counter() - start
@@ -123,8 +129,9 @@ def worker(method: str, steps: int) -> dict:
         if method == "full":
             base = load_model(config.model, "cpu", torch.float32).eval()
             base_tps = tokens_per_second(base, prompts)
-            tuned = load_model(config.model.model_copy(update={"path": str(folder)}), "cpu",
-                               torch.float32).eval()  # fmt: skip
+            tuned = load_model(
+                config.model.model_copy(update={"path": str(folder)}), "cpu", torch.float32
+            ).eval()
             unmerged_tps, merged_tps = tokens_per_second(tuned, prompts), None
         else:
             model = load_base(config.method, config.model, "cpu", torch.float32).eval()

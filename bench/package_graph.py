@@ -21,9 +21,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "tunesmith"
 METHOD_CONFIGS = (
-    "LoRAConfig", "QLoRAConfig", "IA3Config", "PromptTuningConfig", "PrefixTuningConfig",
-    "BottleneckConfig", "FullConfig", "LoRALayer", "IA3Layer", "VirtualTokens", "Bottlenecks",
-)  # fmt: skip
+    "LoRAConfig",
+    "QLoRAConfig",
+    "IA3Config",
+    "PromptTuningConfig",
+    "PrefixTuningConfig",
+    "BottleneckConfig",
+    "FullConfig",
+    "LoRALayer",
+    "IA3Layer",
+    "VirtualTokens",
+    "Bottlenecks",
+)
 METHOD_NAMES = ("full", "lora", "qlora", "prompt", "prefix", "bottleneck", "ia3")
 
 
@@ -192,9 +201,13 @@ def main() -> None:
         print(f"  {unit} -> {', '.join(targets)}")
     print(f"package cycles: {found['package_cycles'] or 'none'}")
     print(f"module cycles: {found['module_cycles'] or 'none'}")
-    for key in ("function_level_imports", "private_imports_across_modules",
-                "method_dispatch_outside_methods", "modules_over_500_lines",
-                "functions_over_60_lines"):  # fmt: skip
+    for key in (
+        "function_level_imports",
+        "private_imports_across_modules",
+        "method_dispatch_outside_methods",
+        "modules_over_500_lines",
+        "functions_over_60_lines",
+    ):
         print(f"{key}: {len(found[key])}")
         for line in found[key]:
             print(f"  {line}")

@@ -36,11 +36,23 @@ from tunesmith.plan.estimate import estimate_step, skeleton  # noqa: E402
 from tunesmith.plan.trace import trace_step  # noqa: E402
 
 SHAPES = {
-    "1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192,
-               num_attention_heads=32, num_key_value_heads=8, num_hidden_layers=4),
-    "q05": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864,
-                num_attention_heads=14, num_key_value_heads=2, num_hidden_layers=4),
-}  # fmt: skip
+    "1b": dict(
+        vocab_size=128256,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        num_hidden_layers=4,
+    ),
+    "q05": dict(
+        vocab_size=151936,
+        hidden_size=896,
+        intermediate_size=4864,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        num_hidden_layers=4,
+    ),
+}
 METHODS = {  # name: (method, fp32 master weights, optimizer)
     "lora": (LoRAConfig(), True, "adamw"),
     "lora-no-dropout": (LoRAConfig(dropout=0.0), True, "adamw"),
@@ -65,25 +77,35 @@ def main() -> None:
             sk = skeleton(config, method, torch.bfloat16, full_master)
             for checkpointing in (True, False):
                 train = TrainSection(
-                    gradient_checkpointing=checkpointing, fp32_master_weights=master,
+                    gradient_checkpointing=checkpointing,
+                    fp32_master_weights=master,
                     optimizer=optimizer,
-                )  # fmt: skip
+                )
                 for seq, batch in SIZES:
                     traced = trace_step(config, method, train, seq, batch, torch.bfloat16)
                     est = estimate_step(sk, seq, batch, checkpointing, optimizer)
                     ratio = est.peak_bytes / traced.peak_bytes
-                    rows.append({
-                        "method": name, "shape": shape, "checkpointing": checkpointing,
-                        "batch": batch, "seq": seq, "traced_bytes": traced.peak_bytes,
-                        "estimated_bytes": est.peak_bytes, "ratio": round(ratio, 4),
-                        "phase": est.phase,
-                    })  # fmt: skip
+                    rows.append(
+                        {
+                            "method": name,
+                            "shape": shape,
+                            "checkpointing": checkpointing,
+                            "batch": batch,
+                            "seq": seq,
+                            "traced_bytes": traced.peak_bytes,
+                            "estimated_bytes": est.peak_bytes,
+                            "ratio": round(ratio, 4),
+                            "phase": est.phase,
+                        }
+                    )
                     line = f"{name:15} {shape:4} ckpt={int(checkpointing)} {batch}x{seq:<5} "
                     line += f"traced {traced.peak_bytes / 2**30:7.3f} GiB  estimated "
                     print(line + f"{est.peak_bytes / 2**30:7.3f} GiB  ratio {ratio:.3f}")
     worst = max(rows, key=lambda r: abs(r["ratio"] - 1))
-    print(f"worst: {worst['method']} {worst['shape']} ckpt={worst['checkpointing']} "
-          f"{worst['batch']}x{worst['seq']} ratio {worst['ratio']}")  # fmt: skip
+    print(
+        f"worst: {worst['method']} {worst['shape']} ckpt={worst['checkpointing']} "
+        f"{worst['batch']}x{worst['seq']} ratio {worst['ratio']}"
+    )
     out = ROOT / "bench" / "results" / f"plan_estimate_vs_trace_{date.today()}.json"
     record = {"command": "python bench/plan_estimate_vs_trace.py", "worst_ratio": worst["ratio"]}
     out.write_text(json.dumps({**record, "rows": rows}, indent=1) + "\n")

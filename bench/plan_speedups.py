@@ -31,8 +31,12 @@ VARIANTS = {
     "fused LoRA": {"fused_lora": True},
     "fused LoRA + offload": {"fused_lora": True, "offload_activations": True},
 }
-CASES = [("8b", "lora", 2048, 2), ("8b", "qlora", 2048, 2), ("1b", "lora", 2048, 1),
-         ("1b", "qlora", 2048, 1)]  # fmt: skip
+CASES = [
+    ("8b", "lora", 2048, 2),
+    ("8b", "qlora", 2048, 2),
+    ("1b", "lora", 2048, 1),
+    ("1b", "qlora", 2048, 1),
+]
 
 
 def main() -> None:
@@ -59,13 +63,16 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
     out = ROOT / "bench" / "results" / f"plan_speedups_{date.today().isoformat()}.json"
-    out.write_text(json.dumps({"command": "python bench/plan_speedups.py", "rows": rows},
-                              indent=1) + "\n")  # fmt: skip
+    out.write_text(
+        json.dumps({"command": "python bench/plan_speedups.py", "rows": rows}, indent=1) + "\n"
+    )
     print("\n| case | variant | peak GiB | weights | activations and temporaries |")
     print("|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['case']} | {r['variant']} | {r['peak_gib']} | {r['weights_gib']} | "
-              f"{r['activations_gib']} |")  # fmt: skip
+        print(
+            f"| {r['case']} | {r['variant']} | {r['peak_gib']} | {r['weights_gib']} | "
+            f"{r['activations_gib']} |"
+        )
     print(f"wrote {out}")
 
 

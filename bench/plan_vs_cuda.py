@@ -112,24 +112,31 @@ def main() -> None:
         planned = trace_step(model_config(shape, seq), m, train, seq, batch, torch.bfloat16)
         run = subprocess.run(
             [sys.executable, __file__, "--real", shape, method, str(batch), str(seq)],
-            capture_output=True, text=True,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+        )
         measured = json.loads(run.stdout.strip().splitlines()[-1]) if run.returncode == 0 else {}
         row = dict(
-            shape=shape, method=method, batch=batch, seq=seq,
+            shape=shape,
+            method=method,
+            batch=batch,
+            seq=seq,
             planned_gib=round(planned.peak_bytes / 2**30, 3),
             measured_gib=round(measured["peak_bytes"] / 2**30, 3) if measured else None,
             error=run.stderr.strip().splitlines()[-1] if run.returncode else None,
-        )  # fmt: skip
+        )
         if measured:
             row["planned_over_measured"] = round(planned.peak_bytes / measured["peak_bytes"], 3)
             row["device"] = measured["device"]
         rows.append(row)
         print(json.dumps(row), flush=True)
     result = dict(
-        bench="plan_vs_cuda", date=str(date.today()), torch=torch.__version__, results=rows,
+        bench="plan_vs_cuda",
+        date=str(date.today()),
+        torch=torch.__version__,
+        results=rows,
         command="python bench/plan_vs_cuda.py",
-    )  # fmt: skip
+    )
     suffix = "_" + "_".join(only) if only else ""
     out = ROOT / "bench" / "results" / f"plan_vs_cuda_{date.today()}{suffix}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")

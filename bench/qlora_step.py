@@ -57,9 +57,11 @@ def worker(args: argparse.Namespace) -> dict:
             from tunesmith.qlora_base import QuantConfig, load_quantized
 
             model = load_quantized(
-                args.checkpoint, QuantConfig("nf4", compute_dtype=dtype), device,
+                args.checkpoint,
+                QuantConfig("nf4", compute_dtype=dtype),
+                device,
                 attn_implementation="sdpa",
-            )  # fmt: skip
+            )
         else:
             from transformers import AutoModelForCausalLM
 
@@ -78,17 +80,23 @@ def worker(args: argparse.Namespace) -> dict:
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
         quant = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype,
-        )  # fmt: skip
+        )
         model = AutoModelForCausalLM.from_pretrained(
-            args.checkpoint, quantization_config=quant, dtype=dtype, device_map=device,
+            args.checkpoint,
+            quantization_config=quant,
+            dtype=dtype,
+            device_map=device,
             attn_implementation="sdpa",
-        )  # fmt: skip
+        )
         if impl == "peft_qlora_prepare":
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
-        lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, task_type="CAUSAL_LM",
-                          target_modules=TARGETS)  # fmt: skip
+        lora = LoraConfig(
+            r=16, lora_alpha=32, lora_dropout=0.0, task_type="CAUSAL_LM", target_modules=TARGETS
+        )
         model = get_peft_model(model, lora)
 
         def loss_of(ids):
@@ -121,15 +129,33 @@ def worker(args: argparse.Namespace) -> dict:
             times.append(time.perf_counter() - start)
         losses.append(loss.item())
     peak = torch.cuda.max_memory_allocated() if cuda else _peak_rss_bytes()
-    return dict(impl=impl, step_s=statistics.median(times), peak_bytes=peak,
-                losses=[round(x, 4) for x in losses], torch=torch.__version__,
-                device=torch.cuda.get_device_name() if cuda else "cpu")  # fmt: skip
+    return dict(
+        impl=impl,
+        step_s=statistics.median(times),
+        peak_bytes=peak,
+        losses=[round(x, 4) for x in losses],
+        torch=torch.__version__,
+        device=torch.cuda.get_device_name() if cuda else "cpu",
+    )
 
 
 def run_worker(impl: str, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, __file__, "--worker", impl, "--checkpoint", args.checkpoint,
-           "--seq", str(args.seq), "--batch", str(args.batch), "--steps", str(args.steps),
-           "--warmup", str(args.warmup)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        impl,
+        "--checkpoint",
+        args.checkpoint,
+        "--seq",
+        str(args.seq),
+        "--batch",
+        str(args.batch),
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+    ]
     return run_json(cmd, impl)
 
 
@@ -168,10 +194,19 @@ def main() -> None:
         # In a child process: a worker's peak RSS starts at this process's RSS when it forks,
         # which must not include a model.
         subprocess.run(
-            [sys.executable, __file__, "--write-checkpoint", folder, "--shape", args.shape,
-             "--seq", str(args.seq)],
-            check=True, capture_output=True,
-        )  # fmt: skip
+            [
+                sys.executable,
+                __file__,
+                "--write-checkpoint",
+                folder,
+                "--shape",
+                args.shape,
+                "--seq",
+                str(args.seq),
+            ],
+            check=True,
+            capture_output=True,
+        )
         args.checkpoint = folder
         runs: dict[str, list[dict]] = {impl: [] for impl in IMPLS}
         for _ in range(args.repeats):
@@ -182,10 +217,11 @@ def main() -> None:
     for impl, results in runs.items():
         step = statistics.median(r["step_s"] for r in results)
         summary[impl] = dict(
-            step_s=round(step, 4), tokens_per_s=round(tokens / step, 1),
+            step_s=round(step, 4),
+            tokens_per_s=round(tokens / step, 1),
             peak_gib=round(statistics.median(r["peak_bytes"] for r in results) / 2**30, 3),
             first_losses=results[0]["losses"][:3],
-        )  # fmt: skip
+        )
     ours = summary["tunesmith_qlora"]
     ratios = {
         f"tunesmith_qlora_vs_{other}": dict(
@@ -195,12 +231,20 @@ def main() -> None:
         for other in ("tunesmith_lora", "peft_qlora_prepare", "peft_qlora")
     }
     report = dict(
-        bench="qlora_step", date=str(date.today()), device=runs["tunesmith_qlora"][0]["device"],
+        bench="qlora_step",
+        date=str(date.today()),
+        device=runs["tunesmith_qlora"][0]["device"],
         memory="torch.cuda.max_memory_allocated" if cuda else "peak process RSS",
-        shape=args.shape, batch=args.batch, seq=args.seq, steps=args.steps,
-        repeats=args.repeats, torch=runs["tunesmith_qlora"][0]["torch"], results=summary,
-        ratios=ratios, command=" ".join(["python", "bench/qlora_step.py", *sys.argv[1:]]),
-    )  # fmt: skip
+        shape=args.shape,
+        batch=args.batch,
+        seq=args.seq,
+        steps=args.steps,
+        repeats=args.repeats,
+        torch=runs["tunesmith_qlora"][0]["torch"],
+        results=summary,
+        ratios=ratios,
+        command=" ".join(["python", "bench/qlora_step.py", *sys.argv[1:]]),
+    )
     text = json.dumps(report, indent=2)
     print(text)
     out = args.out or ROOT / "bench" / "results" / (

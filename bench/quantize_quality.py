@@ -37,13 +37,22 @@ def main() -> None:
     parser.add_argument("--all", action="store_true")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    runs = [("rtn", 4, 128, False), ("gptq", 4, 128, False), ("gptq", 4, 128, True),
-            ("awq", 4, 128, False), ("int8", None, None, False),
-            ("nf4", None, None, False)]  # fmt: skip
+    runs = [
+        ("rtn", 4, 128, False),
+        ("gptq", 4, 128, False),
+        ("gptq", 4, 128, True),
+        ("awq", 4, 128, False),
+        ("int8", None, None, False),
+        ("nf4", None, None, False),
+    ]
     if args.all:
         for bits, group in ((3, 128), (4, -1)):
-            runs += [("rtn", bits, group, False), ("gptq", bits, group, False),
-                     ("gptq", bits, group, True), ("awq", bits, group, False)]  # fmt: skip
+            runs += [
+                ("rtn", bits, group, False),
+                ("gptq", bits, group, False),
+                ("gptq", bits, group, True),
+                ("awq", bits, group, False),
+            ]
     rows = []
     with tempfile.TemporaryDirectory(prefix="tunesmith-quantize-") as folder:
         for i, (method, bits, group, act_order) in enumerate(runs):
@@ -62,24 +71,33 @@ def main() -> None:
                 ),
                 device=args.device,
             )
-            rows.append(dict(
-                method=method + (" act-order" if act_order else ""), bits=report.bits,
-                group_size=report.group_size, ppl_original=round(report.perplexity_original, 3),
-                ppl_quantized=round(report.perplexity_quantized, 3),
-                mb_original=round(report.bytes_original / 1e6, 2),
-                mb_quantized=round(report.bytes_quantized / 1e6, 2),
-                seconds=round(report.seconds, 1),
-            ))  # fmt: skip
+            rows.append(
+                dict(
+                    method=method + (" act-order" if act_order else ""),
+                    bits=report.bits,
+                    group_size=report.group_size,
+                    ppl_original=round(report.perplexity_original, 3),
+                    ppl_quantized=round(report.perplexity_quantized, 3),
+                    mb_original=round(report.bytes_original / 1e6, 2),
+                    mb_quantized=round(report.bytes_quantized / 1e6, 2),
+                    seconds=round(report.seconds, 1),
+                )
+            )
             print(json.dumps(rows[-1]), flush=True)
     import torch
 
     device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     result = dict(
-        bench="quantize_quality", date=str(date.today()), device=device, model=str(MODEL.name),
+        bench="quantize_quality",
+        date=str(date.today()),
+        device=device,
+        model=str(MODEL.name),
         calibration="first 32 windows of 256 tokens of pydoc_heldout.jsonl",
-        evaluation="next 32 windows", torch=torch.__version__, results=rows,
+        evaluation="next 32 windows",
+        torch=torch.__version__,
+        results=rows,
         command=" ".join(["python", "bench/quantize_quality.py", *sys.argv[1:]]),
-    )  # fmt: skip
+    )
     out = args.out or ROOT / "bench" / "results" / (
         f"quantize_quality_{'cuda' if args.device == 'cuda' else 'cpu'}_{date.today()}.json"
     )
@@ -89,8 +107,10 @@ def main() -> None:
     for r in rows:
         change = r["ppl_quantized"] / r["ppl_original"] - 1
         group = "—" if r["group_size"] is None else r["group_size"]
-        print(f"| {r['method']} | {r['bits']} | {group} | {r['ppl_quantized']:.3f} | "
-              f"{change:+.2%} | {r['mb_quantized']} MB | {r['seconds']} s |")  # fmt: skip
+        print(
+            f"| {r['method']} | {r['bits']} | {group} | {r['ppl_quantized']:.3f} | "
+            f"{change:+.2%} | {r['mb_quantized']} MB | {r['seconds']} s |"
+        )
 
 
 if __name__ == "__main__":

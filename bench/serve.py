@@ -68,9 +68,13 @@ def load(url: str, key: str, jobs: list[tuple[str, str]], concurrency: int, max_
         first = None
         tokens = 0
         stream = client.completions.create(
-            model=model, prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True,
+            model=model,
+            prompt=prompt,
+            max_tokens=max_tokens,
+            temperature=0,
+            stream=True,
             stream_options={"include_usage": True},
-        )  # fmt: skip
+        )
         for chunk in stream:
             if first is None and chunk.choices and chunk.choices[0].text:
                 first = time.perf_counter() - start
@@ -114,9 +118,13 @@ def main() -> None:
     from tunesmith.serve.engine import Engine
 
     prompts = [
-        "def fibonacci(n):", "The capital of France is", "Once upon a time",
-        "import numpy as np\n", "A list of fruits: apple,", "Q: What is 2+2?\nA:",
-    ]  # fmt: skip
+        "def fibonacci(n):",
+        "The capital of France is",
+        "Once upon a time",
+        "import numpy as np\n",
+        "A list of fruits: apple,",
+        "Q: What is 2+2?\nA:",
+    ]
     with tempfile.TemporaryDirectory() as tmp:
         folders = make_adapters(args.model, Path(tmp), args.adapters)
         names = [f.name for f in folders]

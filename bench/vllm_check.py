@@ -74,8 +74,9 @@ def prompts_of(tokenizer) -> list[list[int]]:
     from tunesmith.generation import chat_template_of, prompt_ids
 
     template = chat_template_of(tokenizer)
-    chats = [prompt_ids([{"role": "user", "content": q}], template, tokenizer, False)
-             for q in QUESTIONS]  # fmt: skip
+    chats = [
+        prompt_ids([{"role": "user", "content": q}], template, tokenizer, False) for q in QUESTIONS
+    ]
     raw = [bos_prefix(tokenizer) + tokenizer(t, add_special_tokens=False)["input_ids"] for t in RAW]
     return chats + raw
 
@@ -99,8 +100,12 @@ def chat(url: str, model: str, key: str | None = None) -> list[str]:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     out = []
     for q in QUESTIONS:
-        body = {"model": model, "messages": [{"role": "user", "content": q}],
-                "max_tokens": TOKENS, "temperature": 0}  # fmt: skip
+        body = {
+            "model": model,
+            "messages": [{"role": "user", "content": q}],
+            "max_tokens": TOKENS,
+            "temperature": 0,
+        }
         r = httpx.post(url + "/v1/chat/completions", json=body, headers=headers, timeout=300)
         r.raise_for_status()
         out.append(r.json()["choices"][0]["message"]["content"])
@@ -119,12 +124,28 @@ class Vllm:
         self.url = f"http://127.0.0.1:{self.port}"
         self.model = str(model)
         env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
-        cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
-               "--host", "127.0.0.1", "--port", str(self.port), "--max-model-len", "512",
-               "--dtype", dtype, "--gpu-memory-utilization", "0.15", *extra]  # fmt: skip
+        cmd = [
+            python,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            str(model),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--max-model-len",
+            "512",
+            "--dtype",
+            dtype,
+            "--gpu-memory-utilization",
+            "0.15",
+            *extra,
+        ]
         self.log = log
-        self.proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env,
-                                     cwd=tempfile.gettempdir())  # fmt: skip
+        self.proc = subprocess.Popen(
+            cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=tempfile.gettempdir()
+        )
 
     def __enter__(self) -> Vllm:
         import httpx
@@ -172,9 +193,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--vllm-python", required=True, help="python of a virtualenv with vLLM")
     parser.add_argument(
-        "--adapter", default=str(QUICKSTART) if QUICKSTART.is_dir() else None,
+        "--adapter",
+        default=str(QUICKSTART) if QUICKSTART.is_dir() else None,
         help="a LoRA adapter of the bundled model (default: the quickstart's)",
-    )  # fmt: skip
+    )
     parser.add_argument("--work", default=None, help="folder for the outputs (default: a temp)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -193,20 +215,41 @@ def main() -> None:
     # vLLM's CPU kernels need widths that are multiples of 32 and symmetric GPTQ-format
     # weights: the bundled model's MLP (688 wide) runs only where it stays unquantized (--skip)
     variants = (
-        ("gptq", "gptq", 16, None), ("gptq", "compressed-tensors", 16, None),
-        ("awq", "compressed-tensors", 16, None), ("gptq", "compressed-tensors", 64, r"mlp\."),
+        ("gptq", "gptq", 16, None),
+        ("gptq", "compressed-tensors", 16, None),
+        ("awq", "compressed-tensors", 16, None),
+        ("gptq", "compressed-tensors", 64, r"mlp\."),
         ("awq", "compressed-tensors", 64, r"mlp\."),
-    )  # fmt: skip
+    )
     for method, layout, group, skip in variants:
         label = f"{method} 4-bit/{group}, {layout} format" + (f", --skip {skip}" if skip else "")
         folder = quantized[label] = work / f"{method}-{layout}-{group}{'-attn' if skip else ''}"
         if not folder.is_dir():
-            tunesmith("quantize", "--model", str(merged), "--method", method, "--bits", "4",
-                      "--group-size", str(group), "--format", layout, "--calib", calib,
-                      "--calib-samples", "16", "--seq-len", "256", "--out", str(folder),
-                      *(["--skip", skip] if skip else []))  # fmt: skip
-    tokenizer = AutoTokenizer.from_pretrained(adapter if (adapter / "tokenizer.json").is_file()
-                                              else BUNDLED)  # fmt: skip
+            tunesmith(
+                "quantize",
+                "--model",
+                str(merged),
+                "--method",
+                method,
+                "--bits",
+                "4",
+                "--group-size",
+                str(group),
+                "--format",
+                layout,
+                "--calib",
+                calib,
+                "--calib-samples",
+                "16",
+                "--seq-len",
+                "256",
+                "--out",
+                str(folder),
+                *(["--skip", skip] if skip else []),
+            )
+    tokenizer = AutoTokenizer.from_pretrained(
+        adapter if (adapter / "tokenizer.json").is_file() else BUNDLED
+    )
     prompts = prompts_of(tokenizer)
     rows: list[dict] = []
     logs = work / "logs"
@@ -215,27 +258,47 @@ def main() -> None:
     with tunesmith_server(merged, {}) as url:
         ours = complete(url, str(merged), prompts, "check")
     with Vllm(args.vllm_python, merged, log=logs / "merged.log") as v:
-        compare("merged checkpoint (completions, same prompt ids)", ours,
-                complete(v.url, v.model, prompts), rows)  # fmt: skip
+        compare(
+            "merged checkpoint (completions, same prompt ids)",
+            ours,
+            complete(v.url, v.model, prompts),
+            rows,
+        )
 
     with tunesmith_server(BUNDLED, {"quick": adapter, "extra": extra}) as url:
         ours_lora = complete(url, "quick", prompts, "check")
         ours_extra = complete(url, "extra", prompts, "check")
         ours_chat = chat(url, "quick", "check")
-    lora_args = ("--enable-lora", "--max-lora-rank", "64", "--max-loras", "2",
-                 "--lora-modules", f"quick={adapter}")  # fmt: skip
+    lora_args = (
+        "--enable-lora",
+        "--max-lora-rank",
+        "64",
+        "--max-loras",
+        "2",
+        "--lora-modules",
+        f"quick={adapter}",
+    )
     with Vllm(args.vllm_python, BUNDLED, *lora_args, log=logs / "lora.log") as v:
-        compare("base + adapter (--lora-modules)", ours_lora,
-                complete(v.url, "quick", prompts), rows)  # fmt: skip
+        compare(
+            "base + adapter (--lora-modules)", ours_lora, complete(v.url, "quick", prompts), rows
+        )
         import httpx
 
         body = {"lora_name": "extra", "lora_path": str(extra)}
         r = httpx.post(v.url + "/v1/load_lora_adapter", json=body, timeout=300)
         r.raise_for_status()
-        compare("second adapter loaded at run time (/v1/load_lora_adapter)", ours_extra,
-                complete(v.url, "extra", prompts), rows)  # fmt: skip
-        compare("base + adapter, chat completions (vLLM's own template)", ours_chat,
-                chat(v.url, "quick"), rows)  # fmt: skip
+        compare(
+            "second adapter loaded at run time (/v1/load_lora_adapter)",
+            ours_extra,
+            complete(v.url, "extra", prompts),
+            rows,
+        )
+        compare(
+            "base + adapter, chat completions (vLLM's own template)",
+            ours_chat,
+            chat(v.url, "quick"),
+            rows,
+        )
 
     for label, folder in quantized.items():
         # vLLM's CPU kernel for 4-bit weights computes in bf16 only: both sides run in bf16
@@ -251,8 +314,11 @@ def main() -> None:
             print(f"{label}: vLLM could not load it: {' '.join(reason)[-300:]}")
             rows.append({"check": label, "error": str(err)[-3000:]})
 
-    version = subprocess.run([args.vllm_python, "-c", "import vllm; print(vllm.__version__)"],
-                             capture_output=True, text=True).stdout.strip()  # fmt: skip
+    version = subprocess.run(
+        [args.vllm_python, "-c", "import vllm; print(vllm.__version__)"],
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     report = {
         "command": "python " + " ".join(sys.argv),
         "date": str(date.today()),

@@ -50,16 +50,23 @@ def shapes(model) -> dict:
 def test_the_planner_builds_the_model_train_runs(tiny_dir, section):
     cfg = run_config(tiny_dir, section)
     method, train = cfg.method, cfg.train
-    assert type(method) is {"lora": LoRAConfig, "ia3": IA3Config, "prefix": PrefixTuningConfig,
-                            "full": FullConfig}[section["name"]]  # fmt: skip
+    assert (
+        type(method)
+        is {"lora": LoRAConfig, "ia3": IA3Config, "prefix": PrefixTuningConfig, "full": FullConfig}[
+            section["name"]
+        ]
+    )
     real = build_model(method, model=cfg.model, train=train, compute_dtype=torch.float32)
     assert real.training and real.config.use_cache is False
     assert real.is_gradient_checkpointing is (method.name != "full")
     with torch.device("meta"):
         planned = build_model(
-            method, model_config=AutoConfig.from_pretrained(tiny_dir), train=train,
-            compute_dtype=torch.float32, attention="eager",
-        )  # fmt: skip
+            method,
+            model_config=AutoConfig.from_pretrained(tiny_dir),
+            train=train,
+            compute_dtype=torch.float32,
+            attention="eager",
+        )
     assert shapes(planned) == shapes(real)
 
 
@@ -99,9 +106,11 @@ def test_save_trained_and_load_trained_round_trip(tiny_dir, tmp_path, method):
 
 def test_load_for_inference_names_adapters_by_folder(tiny_dir, tmp_path):
     model = build_model(
-        LoRAConfig(r=2), model=ModelSection(path=str(tiny_dir)), train=TrainSection(),
+        LoRAConfig(r=2),
+        model=ModelSection(path=str(tiny_dir)),
+        train=TrainSection(),
         compute_dtype=torch.float32,
-    )  # fmt: skip
+    )
     tunesmith.save_adapter(model, tmp_path / "chat")
     chat_tokenizer().save_pretrained(tmp_path / "chat")
     loaded, tokenizer, names = load_for_inference(None, [str(tmp_path / "chat")], device="cpu")

@@ -23,8 +23,10 @@ from tunesmith.models import load_tokenizer
 def test_sampling_settings():
     assert Sampling().generate_kwargs() == {"do_sample": False}
     assert Sampling(temperature=0.7, top_p=0.9).generate_kwargs() == {
-        "do_sample": True, "temperature": 0.7, "top_p": 0.9,
-    }  # fmt: skip
+        "do_sample": True,
+        "temperature": 0.7,
+        "top_p": 0.9,
+    }
 
 
 def test_prompt_ids_end_with_the_generation_prompt(tiny_dir):

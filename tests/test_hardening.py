@@ -77,8 +77,9 @@ def test_relative_base_is_stored_absolute_and_checked(tmp_path, tiny_dir):
     assert recorded["base_model_name_or_path"] == str(Path(tiny_dir).resolve())
     record = json.loads((adapter / RECORD_NAME).read_text())
     assert record["path"] == str(Path(tiny_dir).resolve()) and record["weights"]
-    result = run_cli("generate", "--adapter", str(adapter), "--max-new-tokens", "2", "hi",
-                     cwd=tmp_path)  # fmt: skip
+    result = run_cli(
+        "generate", "--adapter", str(adapter), "--max-new-tokens", "2", "hi", cwd=tmp_path
+    )
     assert result.returncode == 0, result.stderr
     assert "warning" not in result.stderr
     # the same adapter on a base with other weights: a one-line warning naming both
@@ -88,8 +89,9 @@ def test_relative_base_is_stored_absolute_and_checked(tmp_path, tiny_dir):
         m.model.embed_tokens.weight.add_(1.0)
     m.save_pretrained(other)
     chat_tokenizer().save_pretrained(other)
-    result = run_cli("generate", "--adapter", str(adapter), "--model", str(other),
-                     "--max-new-tokens", "1", "hi")  # fmt: skip
+    result = run_cli(
+        "generate", "--adapter", str(adapter), "--model", str(other), "--max-new-tokens", "1", "hi"
+    )
     assert result.returncode == 0, result.stderr
     assert result.stderr.splitlines()[0] == (
         f"warning: adapter {adapter} was trained on the base {Path(tiny_dir).resolve()}, and "
@@ -100,15 +102,20 @@ def test_relative_base_is_stored_absolute_and_checked(tmp_path, tiny_dir):
 
 def test_a_missing_local_path_is_never_sent_to_the_hub(tmp_path, monkeypatch):
     started = time.perf_counter()
-    result = run_cli("config", "check", "examples/quickstart.yaml",
-                     "model.path=examples/nothing-here")  # fmt: skip
+    result = run_cli(
+        "config", "check", "examples/quickstart.yaml", "model.path=examples/nothing-here"
+    )
     assert result.returncode == 2
     assert result.stderr == (
         "error: examples/quickstart.yaml: model.path: examples/nothing-here: no such folder "
         f"(relative to {ROOT})\n"
     )
-    result = run_cli("train", "examples/quickstart.yaml", "model.path=examples/nothing-here",
-                     f"output_dir={tmp_path / 'o'}")  # fmt: skip
+    result = run_cli(
+        "train",
+        "examples/quickstart.yaml",
+        "model.path=examples/nothing-here",
+        f"output_dir={tmp_path / 'o'}",
+    )
     assert result.returncode == 2 and result.stderr == (
         f"error: model.path: examples/nothing-here: no such folder (relative to {ROOT})\n"
     )
@@ -174,8 +181,13 @@ def test_a_run_on_an_output_dir_in_use_is_refused(held_output_dir):
     """The lock is held for as long as the test needs, however slow the machine: no race
     against a run that trains in the background."""
     out = held_output_dir
-    args = ["train", "examples/quickstart.yaml", f"output_dir={out}", "train.max_steps=2",
-            "eval.generate_samples=0"]  # fmt: skip
+    args = [
+        "train",
+        "examples/quickstart.yaml",
+        f"output_dir={out}",
+        "train.max_steps=2",
+        "eval.generate_samples=0",
+    ]
     second = run_cli(*args)
     assert second.returncode == 2
     assert second.stderr.startswith(
@@ -216,8 +228,16 @@ def test_an_input_inside_the_output_is_refused(tmp_path):
         "Write to another path"
     )
     check_output(out, True, inputs=[str(tmp_path / "elsewhere"), None])  # others are fine
-    result = run_cli("merge", "--adapter", str(out / "adapter"), "--base", str(BUNDLED),
-                     "--out", str(out), "--overwrite")  # fmt: skip
+    result = run_cli(
+        "merge",
+        "--adapter",
+        str(out / "adapter"),
+        "--base",
+        str(BUNDLED),
+        "--out",
+        str(out),
+        "--overwrite",
+    )
     assert result.returncode == 2 and result.stderr == (
         f"error: --out: {out} holds the input {out / 'adapter'}; replacing it would delete the "
         "input. Write to another path\n"
@@ -225,13 +245,37 @@ def test_an_input_inside_the_output_is_refused(tmp_path):
     assert (out / "notes.txt").read_text() == "keep me"
     for args in (
         ["export", "--model", str(out / "adapter"), "--out", str(out), "--overwrite"],
-        ["quantize", "--model", str(out / "adapter"), "--method", "rtn", "--out", str(out),
-         "--overwrite"],
-        ["combine", "--adapter", str(out / "adapter"), "--base", str(BUNDLED), "--out", str(out),
-         "--overwrite"],
-        ["merge-models", "--base", str(BUNDLED), "--model", str(out / "adapter"), "--out",
-         str(out), "--overwrite"],
-    ):  # fmt: skip
+        [
+            "quantize",
+            "--model",
+            str(out / "adapter"),
+            "--method",
+            "rtn",
+            "--out",
+            str(out),
+            "--overwrite",
+        ],
+        [
+            "combine",
+            "--adapter",
+            str(out / "adapter"),
+            "--base",
+            str(BUNDLED),
+            "--out",
+            str(out),
+            "--overwrite",
+        ],
+        [
+            "merge-models",
+            "--base",
+            str(BUNDLED),
+            "--model",
+            str(out / "adapter"),
+            "--out",
+            str(out),
+            "--overwrite",
+        ],
+    ):
         result = run_cli(*args)
         assert result.returncode == 2, args
         assert f"holds the input {out / 'adapter'}; replacing it would delete" in result.stderr
@@ -240,8 +284,9 @@ def test_an_input_inside_the_output_is_refused(tmp_path):
 
 # --- 6 and 7. resume survives damage to its own files -------------------------------------
 def _run_with_checkpoints(tmp_path, tiny_dir):
-    config = make_config(tmp_path, tiny_dir, train={"max_steps": 4, "save_every_steps": 2,
-                                                    "log_every_steps": 1})  # fmt: skip
+    config = make_config(
+        tmp_path, tiny_dir, train={"max_steps": 4, "save_every_steps": 2, "log_every_steps": 1}
+    )
     train(config, progress=quiet())
     return config, Path(config.output_dir)
 
@@ -349,14 +394,23 @@ def test_token_ids_outside_the_vocabulary_are_refused(tmp_path, record, what):
 # --- 15, 16. chat turn order and empty responses -------------------------------------------
 def test_out_of_order_and_empty_conversations_are_counted_and_masked_right(tmp_path):
     rows = [
-        {"messages": [{"role": "assistant", "content": "Hello, I help."},
-                      {"role": "user", "content": "hi"},
-                      {"role": "assistant", "content": "yes"}]},
-        {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"},
-                      {"role": "assistant", "content": "c"}]},
+        {
+            "messages": [
+                {"role": "assistant", "content": "Hello, I help."},
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "yes"},
+            ]
+        },
+        {
+            "messages": [
+                {"role": "user", "content": "a"},
+                {"role": "user", "content": "b"},
+                {"role": "assistant", "content": "c"},
+            ]
+        },
         {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": " "}]},
         {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "r"}]},
-    ]  # fmt: skip
+    ]
     path = write_jsonl(tmp_path / "chat.jsonl", rows)
     tokenizer = chat_tokenizer()
     data = data_section(tmp_path, [{"path": str(path), "format": "chat"}])
@@ -455,9 +509,14 @@ def test_a_checkpoint_with_remote_code_says_what_trusting_it_means(tmp_path):
     for f in BUNDLED.iterdir():
         (folder / f.name).write_bytes(f.read_bytes())
     config = json.loads((folder / "config.json").read_text())
-    config.update(model_type="xyz", architectures=["XModel"],
-                  auto_map={"AutoConfig": "configuration_x.XConfig",
-                            "AutoModelForCausalLM": "modeling_x.XModel"})  # fmt: skip
+    config.update(
+        model_type="xyz",
+        architectures=["XModel"],
+        auto_map={
+            "AutoConfig": "configuration_x.XConfig",
+            "AutoModelForCausalLM": "modeling_x.XModel",
+        },
+    )
     (folder / "config.json").write_text(json.dumps(config))
     expected = (
         f"error: model.path: {folder} ships its own Python code, which transformers must run to "
@@ -496,10 +555,19 @@ def test_ctrl_c_checkpoints_the_step_and_says_how_to_resume(tmp_path, tiny_dir):
 
 def test_ctrl_c_from_the_command_line(tmp_path):
     out = tmp_path / "o"
-    args = [sys.executable, "-m", "tunesmith.cli", "train", "examples/quickstart.yaml",
-            f"output_dir={out}", "train.log_every_steps=1", "eval.generate_samples=0"]  # fmt: skip
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)  # fmt: skip
+    args = [
+        sys.executable,
+        "-m",
+        "tunesmith.cli",
+        "train",
+        "examples/quickstart.yaml",
+        f"output_dir={out}",
+        "train.log_every_steps=1",
+        "eval.generate_samples=0",
+    ]
+    proc = subprocess.Popen(
+        args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.time() + 120
     while time.time() < deadline:
         metrics = out / "metrics.jsonl"
@@ -562,8 +630,20 @@ def test_keys_from_other_tools_get_the_tunesmith_key(tmp_path):
     ]
 
 
-COMMANDS = ["preprocess", "train", "plot", "eval", "generate", "chat", "merge", "combine",
-            "merge-models", "quantize", "plan", "export"]  # fmt: skip
+COMMANDS = [
+    "preprocess",
+    "train",
+    "plot",
+    "eval",
+    "generate",
+    "chat",
+    "merge",
+    "combine",
+    "merge-models",
+    "quantize",
+    "plan",
+    "export",
+]
 
 
 @pytest.mark.parametrize("command", [*COMMANDS, "config check", "config schema"])
@@ -571,8 +651,12 @@ def test_help_ends_with_examples_and_shows_flags_as_flags(command):
     env = {**os.environ, "COLUMNS": "100", "NO_COLOR": "1"}
     result = subprocess.run(
         [sys.executable, "-m", "tunesmith.cli", *command.split(), "--help"],
-        capture_output=True, text=True, timeout=60, env=env, cwd=ROOT,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        cwd=ROOT,
+    )
     assert result.returncode == 0
     lines = [line.strip() for line in result.stdout.splitlines() if line.strip()]
     last_panel = max(i for i, line in enumerate(lines) if line.startswith("╰"))
@@ -626,8 +710,9 @@ def test_an_output_dir_that_is_a_file(tmp_path, tiny_dir):
 
 
 def test_a_missing_local_dataset_folder_is_not_a_hub_dataset(tmp_path):
-    result = run_cli("preprocess", "examples/quickstart.yaml",
-                     "data.datasets.0.path=examples/data/missing")  # fmt: skip
+    result = run_cli(
+        "preprocess", "examples/quickstart.yaml", "data.datasets.0.path=examples/data/missing"
+    )
     assert result.returncode == 2
     assert result.stderr == "error: examples/data/missing: no such file or folder\n"
 

@@ -27,8 +27,13 @@ def test_a_model_folder_needs_a_config_and_safetensors(tmp_path):
     with pytest.raises(TunesmithError) as err:
         read_model_config(str(tmp_path))
     assert str(err.value) == f"model.path: {tmp_path}: no config.json there (no such model folder)"
-    LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                num_attention_heads=2, vocab_size=32).save_pretrained(tmp_path)  # fmt: skip
+    LlamaConfig(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        vocab_size=32,
+    ).save_pretrained(tmp_path)
     assert read_model_config(str(tmp_path)).hidden_size == 16
     with pytest.raises(TunesmithError, match="no file named model.safetensors"):
         load_model(ModelSection(path=str(tmp_path)), "cpu", torch.float32)

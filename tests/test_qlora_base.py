@@ -39,10 +39,15 @@ def small_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("small")
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
         initializer_range=0.2,
-    )  # fmt: skip
+    )
     LlamaForCausalLM(config).save_pretrained(folder)
     return folder
 
@@ -208,9 +213,13 @@ def test_loading_a_400_mb_checkpoint_quantized_stays_well_under_its_size(tmp_pat
     one-time setup)."""
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=4096, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
-        num_attention_heads=16, num_key_value_heads=16,
-    )  # fmt: skip
+        vocab_size=4096,
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_hidden_layers=8,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+    )
     big = tmp_path / "big"
     LlamaForCausalLM(config).save_pretrained(big)
     size = sum(f.stat().st_size for f in big.glob("*.safetensors"))
@@ -245,7 +254,7 @@ def test_qlora_training_lowers_the_loss(tmp_path, quant):
             "data": {
                 "datasets": [
                     {"path": str(ROOT / "examples/data/quickstart_train.jsonl"), "max_samples": 64}
-                ],  # fmt: skip
+                ],
                 "max_seq_len": 128,
                 "packing": True,
                 "cache_dir": str(tmp_path / "cache"),
@@ -255,7 +264,7 @@ def test_qlora_training_lowers_the_loss(tmp_path, quant):
                 "micro_batch_size": 4,
                 "grad_accum_steps": 1,
                 "lr": 4e-3,
-            },  # fmt: skip
+            },
             "output_dir": str(tmp_path / "out"),
         }
     )
@@ -276,9 +285,11 @@ def _transformers_quantized(model_dir: Path, quant: str):
         config = BitsAndBytesConfig(load_in_8bit=True)
     else:
         config = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type=quant, bnb_4bit_use_double_quant=True,
+            load_in_4bit=True,
+            bnb_4bit_quant_type=quant,
+            bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.float32,
-        )  # fmt: skip
+        )
     model = AutoModelForCausalLM.from_pretrained(
         model_dir, quantization_config=config, dtype=torch.float32, device_map="cpu"
     ).eval()
@@ -318,7 +329,7 @@ def test_qlora_adapters_move_between_tunesmith_and_peft_with_the_same_logits(
             lora_dropout=0.0,
             target_modules="all-linear",
             init_lora_weights="gaussian",
-        ),  # fmt: skip
+        ),
     )
     with torch.no_grad():
         for name, p in theirs.named_parameters():

@@ -14,8 +14,15 @@ __version__ = "0.1.0"
 
 _API = {
     **dict.fromkeys(
-        ("BottleneckConfig", "FullConfig", "IA3Config", "LoRAConfig", "PrefixTuningConfig",
-         "PromptTuningConfig", "QLoRAConfig"),
+        (
+            "BottleneckConfig",
+            "FullConfig",
+            "IA3Config",
+            "LoRAConfig",
+            "PrefixTuningConfig",
+            "PromptTuningConfig",
+            "QLoRAConfig",
+        ),
         "tunesmith.methods",
     ),
     "add_lora": "tunesmith.methods.lora.impl",
@@ -24,9 +31,21 @@ _API = {
     "add_prefix_tuning": "tunesmith.methods.prompt.impl",
     "add_bottleneck": "tunesmith.methods.bottleneck.impl",
     **dict.fromkeys(
-        ("active_adapters", "adapter_names", "add_adapter", "delete_adapter", "disabled",
-         "load_adapter", "merge", "merge_and_unload", "route", "save_adapter", "set_active",
-         "trainable_parameters", "unmerge"),
+        (
+            "active_adapters",
+            "adapter_names",
+            "add_adapter",
+            "delete_adapter",
+            "disabled",
+            "load_adapter",
+            "merge",
+            "merge_and_unload",
+            "route",
+            "save_adapter",
+            "set_active",
+            "trainable_parameters",
+            "unmerge",
+        ),
         "tunesmith.adapters",
     ),
     **dict.fromkeys(("Method", "register_method", "method_named"), "tunesmith.registry"),
@@ -34,7 +53,7 @@ _API = {
     "quantize_checkpoint": "tunesmith.quantize.pipeline",
     "export_gguf": "tunesmith.export.gguf",
     "export_lora_gguf": "tunesmith.export.gguf",
-}  # fmt: skip
+}
 """Each public name and the module it comes from, imported on first use."""
 __all__ = ["AdapterError", "TunesmithError", "__version__", *_API]
 

@@ -32,9 +32,11 @@ def load_failure(key: str, source: str, what: str, err: BaseException, hint: str
 
 
 def read_model_config(
-    source: str, key: str = "model.path", revision: str | None = None,
+    source: str,
+    key: str = "model.path",
+    revision: str | None = None,
     trust_remote_code: bool = False,
-):  # fmt: skip
+):
     """The transformers config of a checkpoint folder or hub id, with one-line errors."""
     path = model_source(source, key)
     if Path(path).is_dir() and not (Path(path) / "config.json").is_file():
@@ -45,6 +47,9 @@ def read_model_config(
         )
     except (OSError, ValueError, KeyError) as err:
         raise load_failure(
-            key, source, "a model config", err,
+            key,
+            source,
+            "a model config",
+            err,
             "Give a local folder with config.json, or a hub id (needs network)",
-        ) from None  # fmt: skip
+        ) from None

@@ -23,9 +23,14 @@ if TYPE_CHECKING:
     from tunesmith.config import ModelSection
 
 __all__ = [
-    "enable_checkpointing", "load_failure", "load_model", "load_tokenizer", "read_model_config",
-    "resolve_device", "resolve_dtype",
-]  # fmt: skip
+    "enable_checkpointing",
+    "load_failure",
+    "load_model",
+    "load_tokenizer",
+    "read_model_config",
+    "resolve_device",
+    "resolve_dtype",
+]
 
 
 def load_tokenizer(model: ModelSection):
@@ -39,9 +44,12 @@ def load_tokenizer(model: ModelSection):
         )
     except (OSError, ValueError) as err:
         raise load_failure(
-            key, source, "a tokenizer", err,
+            key,
+            source,
+            "a tokenizer",
+            err,
             "Give a local checkpoint folder with tokenizer files, or a hub id (needs network)",
-        ) from None  # fmt: skip
+        ) from None
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -87,9 +95,13 @@ def load_model(model: ModelSection, device: str, dtype):
     quant_method = _quant_method(source, model.revision)
     if quant_method in ("gptq", "pack-quantized"):  # tunesmith quantize rtn|gptq|awq, others
         return load_gptq_checkpoint(
-            source, device, dtype, model.revision, model.trust_remote_code,
+            source,
+            device,
+            dtype,
+            model.revision,
+            model.trust_remote_code,
             kwargs.get("attn_implementation"),
-        )  # fmt: skip
+        )
     if quant_method == "bitsandbytes":  # int8 / nf4: bitsandbytes places it (no .to())
         kwargs["device_map"] = device
     try:
@@ -103,9 +115,12 @@ def load_model(model: ModelSection, device: str, dtype):
         )
     except (OSError, ValueError) as err:
         raise load_failure(
-            "model.path", source, "a model", err,
+            "model.path",
+            source,
+            "a model",
+            err,
             "Give a local checkpoint folder with safetensors weights, or a hub id (needs network)",
-        ) from None  # fmt: skip
+        ) from None
     if quant_method == "bitsandbytes":
         guard_cpu_packing(loaded)
         return loaded

@@ -20,9 +20,14 @@ from tunesmith.paths import looks_local
 
 RECORD_NAME = "tunesmith_base.json"
 SHAPE_KEYS = (
-    "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-    "num_attention_heads", "num_key_value_heads",
-)  # fmt: skip
+    "model_type",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+)
 _EDGE_BYTES = 1 << 20
 
 

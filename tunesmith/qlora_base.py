@@ -146,14 +146,23 @@ def new_quantized_linear(
     if config.quant == "int8":
         # threshold 6.0: LLM.int8's outlier features run in 16-bit, as in transformers' default
         layer = bnb.nn.Linear8bitLt(
-            in_features, out_features, bias=bias, has_fp16_weights=False, threshold=6.0,
+            in_features,
+            out_features,
+            bias=bias,
+            has_fp16_weights=False,
+            threshold=6.0,
             device=device,
-        )  # fmt: skip
+        )
     else:
         layer = bnb.nn.Linear4bit(
-            in_features, out_features, bias=bias, compute_dtype=config.compute_dtype,
-            compress_statistics=config.double_quant, quant_type=config.quant, device=device,
-        )  # fmt: skip
+            in_features,
+            out_features,
+            bias=bias,
+            compute_dtype=config.compute_dtype,
+            compress_statistics=config.double_quant,
+            quant_type=config.quant,
+            device=device,
+        )
         cpu_packing_guard(layer)
     return layer
 
@@ -227,9 +236,14 @@ def load_quantized(
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
     if getattr(model_config, "quantization_config", None):
         model = AutoModelForCausalLM.from_pretrained(
-            path, revision=revision, trust_remote_code=trust_remote_code,
-            dtype=config.compute_dtype, device_map=device, use_safetensors=True, **kwargs,
-        )  # fmt: skip
+            path,
+            revision=revision,
+            trust_remote_code=trust_remote_code,
+            dtype=config.compute_dtype,
+            device_map=device,
+            use_safetensors=True,
+            **kwargs,
+        )
         guard_cpu_packing(model)
         return model
     files = checkpoint_files(path, revision)
@@ -249,9 +263,11 @@ def _build_quantized(model_config, files, config, device, trust_remote_code, kwa
 
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(
-            model_config, dtype=config.compute_dtype, trust_remote_code=trust_remote_code,
+            model_config,
+            dtype=config.compute_dtype,
+            trust_remote_code=trust_remote_code,
             **kwargs,
-        )  # fmt: skip
+        )
     for name in quantizable_linears(model, config):
         linear = model.get_submodule(name)
         bias = linear.bias is not None

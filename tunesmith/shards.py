@@ -34,10 +34,17 @@ from tunesmith.paths import is_within
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
 INDEX_NAME = "model.safetensors.index.json"
 SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
-}  # fmt: skip
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 
 
@@ -162,9 +169,12 @@ class CheckpointReader:
             for name, info in ordered:
                 begin, end = info["data_offsets"]
                 self.tensors[name] = TensorInfo(
-                    file, _dtype(file, name, info), tuple(info["shape"]), start + begin,
+                    file,
+                    _dtype(file, name, info),
+                    tuple(info["shape"]),
+                    start + begin,
                     start + end,
-                )  # fmt: skip
+                )
 
     @property
     def names(self) -> list[str]:
@@ -190,8 +200,17 @@ class CheckpointReader:
 
 # --- writing ---------------------------------------------------------------------------------
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
-_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
+_UNITS = {
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
 
 
 def parse_size(text: str | int, what: str = "--max-shard-size") -> int:
@@ -261,9 +280,10 @@ def write_checkpoint(
         offset = 0
         for t in shard:
             header[t.name] = {
-                "dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape),
+                "dtype": DTYPE_NAMES[t.dtype],
+                "shape": list(t.shape),
                 "data_offsets": [offset, offset + t.nbytes],
-            }  # fmt: skip
+            }
             offset += t.nbytes
             weight_map[t.name] = file_name
         encoded = json.dumps(header, separators=(",", ":")).encode()
@@ -297,9 +317,12 @@ def write_checkpoint(
 
 
 def check_output(
-    out: Path, overwrite: bool, what: str = "--out", folder: bool = True,
+    out: Path,
+    overwrite: bool,
+    what: str = "--out",
+    folder: bool = True,
     inputs: Sequence[str | os.PathLike | None] = (),
-) -> None:  # fmt: skip
+) -> None:
     """Refuse an existing output path unless `overwrite`, one of the wrong kind (`folder`:
     the output is a folder, else a file), and one that holds any of `inputs` (replacing it
     would delete them)."""

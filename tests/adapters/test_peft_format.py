@@ -20,9 +20,14 @@ ATOL = 1e-5
 def peft_adapter(arch: str, variant: str, directory, **overrides) -> torch.Tensor:
     """Make a PEFT adapter with non-trivial weights, save it, return its logits."""
     fields = dict(
-        r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear",
-        init_lora_weights=False, task_type="CAUSAL_LM", **VARIANTS[variant],
-    )  # fmt: skip
+        r=4,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        target_modules="all-linear",
+        init_lora_weights=False,
+        task_type="CAUSAL_LM",
+        **VARIANTS[variant],
+    )
     fields.update(overrides)
     model = get_peft_model(make_model(arch), LoraConfig(**fields))
     with torch.no_grad():
@@ -52,8 +57,13 @@ def test_peft_loads_what_we_save(arch, variant, tmp_path):
 
 
 def test_saved_files_match_peft_byte_layout(tmp_path):
-    peft_adapter("llama", "dora", tmp_path / "peft", target_modules=["q_proj", "v_proj"],
-                 rank_pattern={"v_proj": 2})  # fmt: skip
+    peft_adapter(
+        "llama",
+        "dora",
+        tmp_path / "peft",
+        target_modules=["q_proj", "v_proj"],
+        rank_pattern={"v_proj": 2},
+    )
     model = make_model("llama")
     config = lora_config("dora", targets=["q_proj", "v_proj"], rank_pattern={"v_proj": 2})
     tunesmith.add_lora(model, config)
@@ -77,10 +87,14 @@ def test_saved_files_match_peft_byte_layout(tmp_path):
 def test_rank_pattern_and_modules_to_save(direction, tmp_path):
     if direction == "peft_to_ours":
         expected = peft_adapter(
-            "llama", "lora", tmp_path, target_modules=["q_proj", "v_proj", "down_proj"],
-            rank_pattern={"v_proj": 2}, alpha_pattern={"down_proj": 3},
+            "llama",
+            "lora",
+            tmp_path,
+            target_modules=["q_proj", "v_proj", "down_proj"],
+            rank_pattern={"v_proj": 2},
+            alpha_pattern={"down_proj": 3},
             modules_to_save=["lm_head"],
-        )  # fmt: skip
+        )
         model = make_model("llama")
         tunesmith.load_adapter(model, tmp_path)
         assert model.model.layers[0].self_attn.v_proj.adapters["default"].r == 2
@@ -88,9 +102,11 @@ def test_rank_pattern_and_modules_to_save(direction, tmp_path):
     else:
         model = make_model("llama")
         config = lora_config(
-            targets=["q_proj", "v_proj", "down_proj"], rank_pattern={"v_proj": 2},
-            alpha_pattern={"down_proj": 3}, modules_to_save=["lm_head"],
-        )  # fmt: skip
+            targets=["q_proj", "v_proj", "down_proj"],
+            rank_pattern={"v_proj": 2},
+            alpha_pattern={"down_proj": 3},
+            modules_to_save=["lm_head"],
+        )
         tunesmith.add_lora(model, config)
         randomize_adapter(model, "default")
         with torch.no_grad():

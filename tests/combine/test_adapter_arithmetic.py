@@ -39,8 +39,9 @@ def effective_delta(layer, name: str) -> torch.Tensor:
     return layer.merged_linear([name], torch.float32).weight - weight
 
 
-@pytest.mark.parametrize("method", ["linear", "cat", "svd", "ties", "dare_linear", "dare_ties",
-                                    "magnitude_prune"])  # fmt: skip
+@pytest.mark.parametrize(
+    "method", ["linear", "cat", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune"]
+)
 def test_every_method_matches_a_direct_computation_on_delta_w(method):
     kinds = ("lora", "lora") if method == "linear" else ("lora", "rslora")
     model = two_adapters(kinds)
@@ -183,8 +184,13 @@ def test_combine_adapter_folders_with_different_ranks_and_dora(tmp_path):
     a = adapter_folder(tmp_path, base, "dora", "a", seed=1)  # r=5
     b = adapter_folder(tmp_path, base, "rslora", "b", seed=2)  # r=6
     result = combine_adapter_folders(
-        [str(a), str(b)], [0.7, 0.3], tmp_path / "c", "svd", str(base), rank=11,
-    )  # fmt: skip
+        [str(a), str(b)],
+        [0.7, 0.3],
+        tmp_path / "c",
+        "svd",
+        str(base),
+        rank=11,
+    )
     assert result.config.r == 11
     model = AutoModelForCausalLM.from_pretrained(base)
     load_adapter(model, a, name="a")
@@ -200,8 +206,9 @@ def test_combine_adapter_folders_with_different_ranks_and_dora(tmp_path):
     diff = (logits(combined) - logits(reference)).abs().max()
     assert 0 < min(result.kept.values()) < 1
     assert diff < 0.5
-    full = combine_adapter_folders([str(a), str(b)], [0.7, 0.3], tmp_path / "d", "svd",
-                                   str(base), rank=64)  # fmt: skip
+    full = combine_adapter_folders(
+        [str(a), str(b)], [0.7, 0.3], tmp_path / "d", "svd", str(base), rank=64
+    )
     combined = AutoModelForCausalLM.from_pretrained(base)
     load_adapter(combined, tmp_path / "d")
     torch.testing.assert_close(logits(combined), logits(reference), rtol=0, atol=1e-5)

@@ -248,9 +248,13 @@ def test_merge_memory_stays_near_one_tensor(tmp_path):
     from transformers import LlamaConfig
 
     config = LlamaConfig(
-        vocab_size=4096, hidden_size=512, intermediate_size=2048, num_hidden_layers=20,
-        num_attention_heads=8, num_key_value_heads=8,
-    )  # fmt: skip
+        vocab_size=4096,
+        hidden_size=512,
+        intermediate_size=2048,
+        num_hidden_layers=20,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+    )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)
     model.save_pretrained(tmp_path / "base", max_shard_size="100MB")
@@ -265,16 +269,27 @@ def test_merge_memory_stays_near_one_tensor(tmp_path):
     results = {}
     for verb, other in (("merge", tmp_path / "adapter"), ("models", tmp_path / "base")):
         run = subprocess.run(
-            [sys.executable, "-c", MEMORY_SCRIPT, str(tmp_path / "base"), str(other),
-             str(tmp_path / f"out-{verb}"), verb],
-            capture_output=True, text=True, timeout=600,
+            [
+                sys.executable,
+                "-c",
+                MEMORY_SCRIPT,
+                str(tmp_path / "base"),
+                str(other),
+                str(tmp_path / f"out-{verb}"),
+                verb,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
             env={**os.environ, "PYTHONPATH": str(ROOT)},
-        )  # fmt: skip
+        )
         assert run.returncode == 0, run.stderr[-2000:]
         measured = json.loads(run.stdout.strip().splitlines()[-1])
         results[verb] = measured["peak"] - measured["before"]
-    print(f"model {size / 1e6:.0f} MB, largest tensor {largest / 1e6:.1f} MB, adapter "
-          f"{adapter_bytes / 1e6:.1f} MB, peak growth {results}")  # fmt: skip
+    print(
+        f"model {size / 1e6:.0f} MB, largest tensor {largest / 1e6:.1f} MB, adapter "
+        f"{adapter_bytes / 1e6:.1f} MB, peak growth {results}"
+    )
     # merge: the adapter (read and held in fp32) plus a few copies of one tensor
     assert results["merge"] < 2 * adapter_bytes + 8 * largest + 40e6, results
     # merge-models: base + two models' copies of one tensor, their task vectors and the result

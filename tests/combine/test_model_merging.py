@@ -32,13 +32,17 @@ def tensors_of(folder: Path) -> dict[str, torch.Tensor]:
     return {n: reader.read(n) for n in reader.names}
 
 
-@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_ties", "dare_linear",
-                                    "magnitude_prune"])  # fmt: skip
+@pytest.mark.parametrize(
+    "method", ["task_arithmetic", "ties", "dare_ties", "dare_linear", "magnitude_prune"]
+)
 def test_merging_identical_models_returns_the_input(tmp_path, method):
     base = save_base("llama", tmp_path / "base")
     x = tuned(base, tmp_path / "x", seed=1)
-    weights = [0.5, 0.5] if method in ("task_arithmetic", "dare_linear", "magnitude_prune") else [
-        1.0, 1.0]  # fmt: skip
+    weights = (
+        [0.5, 0.5]
+        if method in ("task_arithmetic", "dare_linear", "magnitude_prune")
+        else [1.0, 1.0]
+    )
     merge_models(str(base), [str(x), str(x)], tmp_path / "m", method, weights, density=1.0)
     expected, got = tensors_of(x), tensors_of(tmp_path / "m")
     assert expected.keys() == got.keys()

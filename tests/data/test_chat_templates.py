@@ -50,47 +50,124 @@ def _answers(eot: str, lead: str = "", last_lead: str = "") -> list[str]:
 # name: (template file, tokenizer, template arguments, thinking in the answers, trained text
 # per turn, turns trained behind another prompt than the generation prompt)
 CASES = {
-    "llama-3.1": ("meta-llama-Llama-3.1-8B-Instruct", LLAMA3, {}, False,
-                  _answers("<|eot_id|>"), []),
-    "llama-3.2": ("meta-llama-Llama-3.2-3B-Instruct", LLAMA3, {}, False,
-                  _answers("<|eot_id|>"), []),
-    "llama-3.3": ("meta-llama-Llama-3.3-70B-Instruct", LLAMA3, {}, False,
-                  _answers("<|eot_id|>"), []),
+    "llama-3.1": (
+        "meta-llama-Llama-3.1-8B-Instruct",
+        LLAMA3,
+        {},
+        False,
+        _answers("<|eot_id|>"),
+        [],
+    ),
+    "llama-3.2": (
+        "meta-llama-Llama-3.2-3B-Instruct",
+        LLAMA3,
+        {},
+        False,
+        _answers("<|eot_id|>"),
+        [],
+    ),
+    "llama-3.3": (
+        "meta-llama-Llama-3.3-70B-Instruct",
+        LLAMA3,
+        {},
+        False,
+        _answers("<|eot_id|>"),
+        [],
+    ),
     # the system prompt goes into the last user turn only, so a conversation that ends with
     # an answer has none: every prompt differs from generation's, and message 0 is left out
-    "mistral-v0.3": ("mistralai-Mistral-7B-Instruct-v0.3", MISTRAL, {}, False,
-                     _answers("</s>", lead=" "), [1, 2, 3]),
-    "mistral-small-3.2": ("mistralai-Mistral-Small-3.2-24B-Instruct-2506",
-                          {**MISTRAL, "specials": ["[INST]", "[/INST]", "[SYSTEM_PROMPT]",
-                                                   "[/SYSTEM_PROMPT]"]},
-                          {}, False, _answers("</s>"), []),
+    "mistral-v0.3": (
+        "mistralai-Mistral-7B-Instruct-v0.3",
+        MISTRAL,
+        {},
+        False,
+        _answers("</s>", lead=" "),
+        [1, 2, 3],
+    ),
+    "mistral-small-3.2": (
+        "mistralai-Mistral-Small-3.2-24B-Instruct-2506",
+        {**MISTRAL, "specials": ["[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]"]},
+        {},
+        False,
+        _answers("</s>"),
+        [],
+    ),
     "gemma-3": ("google-gemma-3-4b-it", GEMMA, {}, False, _answers("<end_of_turn>"), []),
     "qwen-2.5": ("Qwen-Qwen2.5-7B-Instruct", CHATML, {}, False, _answers("<|im_end|>"), []),
     # Qwen3 renders the last turn with an (empty) thinking block and earlier ones without
-    "qwen-3": ("Qwen-Qwen3-0.6B", CHATML, {}, False,
-               _answers("<|im_end|>", last_lead="<think>\n\n</think>\n\n"), []),
+    "qwen-3": (
+        "Qwen-Qwen3-0.6B",
+        CHATML,
+        {},
+        False,
+        _answers("<|im_end|>", last_lead="<think>\n\n</think>\n\n"),
+        [],
+    ),
     # without thinking, generation prompts end in an empty thinking block that earlier turns
     # lack once later turns follow
-    "qwen-3-no-thinking": ("Qwen-Qwen3-0.6B", CHATML, {"enable_thinking": False}, False,
-                           _answers("<|im_end|>"), [1, 2]),
+    "qwen-3-no-thinking": (
+        "Qwen-Qwen3-0.6B",
+        CHATML,
+        {"enable_thinking": False},
+        False,
+        _answers("<|im_end|>"),
+        [1, 2],
+    ),
     # with thinking in the answers: the template keeps only the last turn's
-    "qwen-3-thinking": ("Qwen-Qwen3-0.6B", CHATML, {}, True,
-                        [*_answers("<|im_end|>")[:2],
-                         f"<think>\n{THOUGHTS[2]}\n</think>\n\nGreen.<|im_end|>"], []),
-    "phi-3.5": ("microsoft-Phi-3.5-mini-instruct",
-                {"bos": None, "eos": "<|endoftext|>",
-                 "specials": ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]},
-                {}, False, _answers("<|end|>"), []),
-    "phi-4": ("microsoft-phi-4", {**CHATML, "specials": ["<|im_start|>", "<|im_sep|>"]}, {},
-              False, _answers("<|im_end|>"), []),
+    "qwen-3-thinking": (
+        "Qwen-Qwen3-0.6B",
+        CHATML,
+        {},
+        True,
+        [*_answers("<|im_end|>")[:2], f"<think>\n{THOUGHTS[2]}\n</think>\n\nGreen.<|im_end|>"],
+        [],
+    ),
+    "phi-3.5": (
+        "microsoft-Phi-3.5-mini-instruct",
+        {
+            "bos": None,
+            "eos": "<|endoftext|>",
+            "specials": ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"],
+        },
+        {},
+        False,
+        _answers("<|end|>"),
+        [],
+    ),
+    "phi-4": (
+        "microsoft-phi-4",
+        {**CHATML, "specials": ["<|im_start|>", "<|im_sep|>"]},
+        {},
+        False,
+        _answers("<|im_end|>"),
+        [],
+    ),
     # the generation prompt opens a <think> block the rendered turns do not have
-    "deepseek-r1-distill-llama": ("deepseek-ai-DeepSeek-R1-Distill-Llama-8B", DEEPSEEK, {},
-                                  False, _answers("<｜end▁of▁sentence｜>"), [1, 2, 3]),
-    "deepseek-r1-distill-qwen": ("deepseek-ai-DeepSeek-R1-Distill-Qwen-32B", DEEPSEEK, {},
-                                 False, _answers("<｜end▁of▁sentence｜>"), [1, 2, 3]),
-    "smollm2": ("HuggingFaceTB-SmolLM2-1.7B-Instruct", CHATML, {}, False,
-                _answers("<|im_end|>"), []),
-}  # fmt: skip
+    "deepseek-r1-distill-llama": (
+        "deepseek-ai-DeepSeek-R1-Distill-Llama-8B",
+        DEEPSEEK,
+        {},
+        False,
+        _answers("<｜end▁of▁sentence｜>"),
+        [1, 2, 3],
+    ),
+    "deepseek-r1-distill-qwen": (
+        "deepseek-ai-DeepSeek-R1-Distill-Qwen-32B",
+        DEEPSEEK,
+        {},
+        False,
+        _answers("<｜end▁of▁sentence｜>"),
+        [1, 2, 3],
+    ),
+    "smollm2": (
+        "HuggingFaceTB-SmolLM2-1.7B-Instruct",
+        CHATML,
+        {},
+        False,
+        _answers("<|im_end|>"),
+        [],
+    ),
+}
 
 
 def tokenizer_for(spec: dict, template: str) -> PreTrainedTokenizerFast:
@@ -124,8 +201,9 @@ def encode(messages, tokenizer, kwargs) -> tuple[list[int], list[int], list[str]
     from collections import Counter
 
     stats: Counter = Counter()
-    [(ids, labels)] = encode_examples([(Conversation(messages), "chat.jsonl, line 1")],
-                                      tokenizer, settings, stats)  # fmt: skip
+    [(ids, labels)] = encode_examples(
+        [(Conversation(messages), "chat.jsonl, line 1")], tokenizer, settings, stats
+    )
     notes = sorted(k for k in stats if k.startswith("first "))
     return list(ids), list(labels), notes
 

@@ -47,14 +47,17 @@ def test_chat_masks_every_assistant_turn_with_its_end_of_turn(tmp_path):
     assert got == expected(
         tok,
         [
-            ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nReverse: a b<|im_end|>\n"
-             "<|im_start|>assistant\n", False),
+            (
+                "<|im_start|>system\nBe brief.<|im_end|>\n"
+                "<|im_start|>user\nReverse: a b<|im_end|>\n<|im_start|>assistant\n",
+                False,
+            ),
             ("b a<|im_end|>", True),
             ("\n<|im_start|>user\nFirst: c d<|im_end|>\n<|im_start|>assistant\n", False),
             ("c<|im_end|>", True),
             ("\n", False),  # after the end of the turn: nothing the model must produce
         ],
-    )  # fmt: skip
+    )
     # The end-of-turn token is a single special token, and it is trained.
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
     trained = [i for i, label in zip(got[0], got[1], strict=True) if label != M]
@@ -84,12 +87,15 @@ def test_sharegpt_with_role_mapping(tmp_path):
     assert only(prepare_data(data, tok)) == expected(
         tok,
         [
-            ("<|im_start|>user\nhi<|im_end|>\n<|im_start|>user\nok<|im_end|>\n"
-             "<|im_start|>assistant\n", False),
+            (
+                "<|im_start|>user\nhi<|im_end|>\n<|im_start|>user\nok<|im_end|>\n"
+                "<|im_start|>assistant\n",
+                False,
+            ),
             ("yo<|im_end|>", True),
             ("\n", False),
         ],
-    )  # fmt: skip
+    )
 
 
 def test_chat_field_mapping_and_content_parts(tmp_path):

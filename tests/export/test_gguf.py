@@ -78,14 +78,21 @@ def test_f16_export_metadata_and_tokenizer(tmp_path):
     assert meta["general.architecture"] == "llama" and meta["general.file_type"] == 1
     assert meta["general.name"] == "tiny-llama"
     expected = {
-        "llama.context_length": 512, "llama.embedding_length": 256, "llama.block_count": 4,
-        "llama.feed_forward_length": 688, "llama.attention.head_count": 8,
-        "llama.attention.head_count_kv": 4, "llama.rope.dimension_count": 32,
-        "llama.rope.freq_base": 10000.0, "llama.vocab_size": 4096,
-        "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt-2",
-        "tokenizer.ggml.eos_token_id": 0, "tokenizer.ggml.padding_token_id": 1,
+        "llama.context_length": 512,
+        "llama.embedding_length": 256,
+        "llama.block_count": 4,
+        "llama.feed_forward_length": 688,
+        "llama.attention.head_count": 8,
+        "llama.attention.head_count_kv": 4,
+        "llama.rope.dimension_count": 32,
+        "llama.rope.freq_base": 10000.0,
+        "llama.vocab_size": 4096,
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": "gpt-2",
+        "tokenizer.ggml.eos_token_id": 0,
+        "tokenizer.ggml.padding_token_id": 1,
         "tokenizer.ggml.add_bos_token": False,
-    }  # fmt: skip
+    }
     assert {k: meta[k] for k in expected} == expected
     assert meta["llama.attention.layer_norm_rms_epsilon"] == pytest.approx(1e-6)
     assert meta["tokenizer.ggml.tokens"] == TOKENIZER.convert_ids_to_tokens(list(range(4096)))
@@ -119,10 +126,15 @@ def test_llama_weights_round_trip_to_the_same_logits(tmp_path, outtype):
 def test_qwen2_keeps_rotate_half_layout_and_biases(tmp_path):
     torch.manual_seed(0)
     config = Qwen2Config(
-        vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        vocab_size=4096,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
         tie_word_embeddings=False,
-    )  # fmt: skip
+    )
     model = AutoModelForCausalLM.from_config(config).eval()
     folder = tmp_path / "qwen"
     model.save_pretrained(folder)
@@ -283,17 +295,42 @@ def test_cli_export(tmp_path):
     folder = adapter(tmp_path)
     out = tmp_path / "m.gguf"
     run = subprocess.run(
-        [sys.executable, "-m", "tunesmith.cli", "export", "--format", "gguf", "--adapter",
-         str(folder), "--outtype", "q8_0", "--out", str(out)],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "tunesmith.cli",
+            "export",
+            "--format",
+            "gguf",
+            "--adapter",
+            str(folder),
+            "--outtype",
+            "q8_0",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr
     assert run.stdout.startswith(f"wrote {out}: llama, q8_0, 38 tensors, ")
     run = subprocess.run(
-        [sys.executable, "-m", "tunesmith.cli", "export", "--adapter", str(folder),
-         "--lora-only", "--out", str(out)],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "tunesmith.cli",
+            "export",
+            "--adapter",
+            str(folder),
+            "--lora-only",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 2
     assert (
         run.stderr == f"error: --out: {out} already exists; choose a new path or pass --overwrite\n"
@@ -319,9 +356,12 @@ def greedy_llama(llm, ids: list[int], n: int) -> list[int]:
 def greedy_tunesmith(model, ids: list[int], n: int) -> list[int]:
     with torch.no_grad():
         out = model.generate(
-            torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=[0, 3],
+            torch.tensor([ids]),
+            max_new_tokens=n,
+            do_sample=False,
+            eos_token_id=[0, 3],
             pad_token_id=1,
-        )[0, len(ids) :].tolist()  # fmt: skip
+        )[0, len(ids) :].tolist()
     return [t for t in out if t not in (0, 3)][:n]
 
 
@@ -389,9 +429,14 @@ def test_mistral_exports_as_llama_with_permuted_rope(tmp_path):
 
     torch.manual_seed(0)
     config = MistralConfig(
-        vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-    )  # fmt: skip
+        vocab_size=4096,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
     model = AutoModelForCausalLM.from_config(config).eval()
     folder = tmp_path / "mistral"
     model.save_pretrained(folder)

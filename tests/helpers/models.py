@@ -37,10 +37,16 @@ CONFIGS = {
     "gemma": lambda: GemmaConfig(**_COMMON, head_dim=8),
     "phi3": lambda: Phi3Config(**_COMMON),
     "gpt2": lambda: GPT2Config(
-        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        vocab_size=VOCAB,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        n_positions=64,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
     ),
-}  # fmt: skip
+}
 ARCHS = list(CONFIGS)
 VARIANTS = {
     "lora": dict(),

@@ -10,8 +10,14 @@ from pathlib import Path
 
 import pytest
 
-PROMPTS = ["How many words: a b c", "Are these all from nature: leaf stone", "Say hi",
-           "Name a colour", "2+2?", "Capital of France?"]  # fmt: skip
+PROMPTS = [
+    "How many words: a b c",
+    "Are these all from nature: leaf stone",
+    "Say hi",
+    "Name a colour",
+    "2+2?",
+    "Capital of France?",
+]
 REFERENCES = ["There are 3 words.", "Yes, all of them.", "hi", "red", "4", "Paris"]
 BASE = ["The following:", "Yes, all of them.", "hello there", "docs docs", "5", "Paris"]
 TUNED = ["There are 3 words.", "Yes, all of them.", "hi", "red", "4", "Lyon"]
@@ -23,20 +29,53 @@ def write_run(out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     lines = []
     for i, (p, r, b, t) in enumerate(zip(PROMPTS, REFERENCES, BASE, TUNED, strict=True)):
-        lines.append(json.dumps({
-            "index": i, "where": f"val.jsonl, line {i + 1}",
-            "messages": [{"role": "user", "content": p}], "reference": r,
-            "answers": {"base": b, "tuned": t},
-            "exact": {"base": b.lower().strip(".") == r.lower().strip("."),
-                      "tuned": t.lower().strip(".") == r.lower().strip(".")},
-        }))  # fmt: skip
+        lines.append(
+            json.dumps(
+                {
+                    "index": i,
+                    "where": f"val.jsonl, line {i + 1}",
+                    "messages": [{"role": "user", "content": p}],
+                    "reference": r,
+                    "answers": {"base": b, "tuned": t},
+                    "exact": {
+                        "base": b.lower().strip(".") == r.lower().strip("."),
+                        "tuned": t.lower().strip(".") == r.lower().strip("."),
+                    },
+                }
+            )
+        )
     (out / "samples.jsonl").write_text("\n".join(lines) + "\n")
-    (out / "eval.json").write_text(json.dumps({"samples": 6, "columns": {
-        "base": {"perplexity": 4255.9, "exact_match": 2 / 6, "contains": 0.5, "accuracy": None,
-                 "bleu": 0.1, "chrf": 0.2, "rouge1": 0.3, "rouge2": 0.1, "rouge_l": 0.3},
-        "tuned": {"perplexity": 1.22, "exact_match": 5 / 6, "contains": 5 / 6, "accuracy": None,
-                  "bleu": 0.8, "chrf": 0.9, "rouge1": 0.85, "rouge2": 0.7, "rouge_l": 0.85},
-    }}))  # fmt: skip
+    (out / "eval.json").write_text(
+        json.dumps(
+            {
+                "samples": 6,
+                "columns": {
+                    "base": {
+                        "perplexity": 4255.9,
+                        "exact_match": 2 / 6,
+                        "contains": 0.5,
+                        "accuracy": None,
+                        "bleu": 0.1,
+                        "chrf": 0.2,
+                        "rouge1": 0.3,
+                        "rouge2": 0.1,
+                        "rouge_l": 0.3,
+                    },
+                    "tuned": {
+                        "perplexity": 1.22,
+                        "exact_match": 5 / 6,
+                        "contains": 5 / 6,
+                        "accuracy": None,
+                        "bleu": 0.8,
+                        "chrf": 0.9,
+                        "rouge1": 0.85,
+                        "rouge2": 0.7,
+                        "rouge_l": 0.85,
+                    },
+                },
+            }
+        )
+    )
     metrics = [{"step": s, "loss": 2 / s, "lr": 1e-3 * (1 - s / 40)} for s in range(1, 40)]
     metrics += [{"step": 20, "val_loss": 0.3, "val_ppl": 1.35}]
     (out / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))

@@ -20,8 +20,11 @@ def run_cli(*args: str, cwd: Path = ROOT, timeout: int = 300) -> subprocess.Comp
     """`tunesmith ARGS...` in a new process, from the repository root."""
     return subprocess.run(
         [sys.executable, "-m", "tunesmith.cli", *args],
-        capture_output=True, text=True, timeout=timeout, cwd=cwd,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+    )
 
 
 WORDS = "red green blue cyan pink gold gray teal".split()

@@ -25,9 +25,10 @@ def reference_accuracy(model, tokenizer, docs) -> float:
     right = 0
     for doc in docs:
         context = tokenizer.apply_chat_template(
-            [{"role": "user", "content": doc["question"]}], tokenize=False,
+            [{"role": "user", "content": doc["question"]}],
+            tokenize=False,
             add_generation_prompt=True,
-        )  # fmt: skip
+        )
         scores = []
         for choice in doc["choices"]:
             whole = tokenizer(context + choice, add_special_tokens=False)["input_ids"]
@@ -47,9 +48,15 @@ def test_bench_runs_the_bundled_task_for_base_and_adapter(tmp_path, tiny_dir):
         f"data: {{datasets: [{{path: unused.jsonl}}]}}\noutput_dir: {tmp_path / 'out'}\n"
     )
     result = run_cli(
-        "bench", str(config), "--tasks", "tunesmith_words", "--limit", str(LIMIT),
-        "--adapter", str(adapter),
-    )  # fmt: skip
+        "bench",
+        str(config),
+        "--tasks",
+        "tunesmith_words",
+        "--limit",
+        str(LIMIT),
+        "--adapter",
+        str(adapter),
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[0].split() == ["task", "metric", "base", "words"]
     out = tmp_path / "out" / "bench"
@@ -70,8 +77,10 @@ def test_bench_runs_the_bundled_task_for_base_and_adapter(tmp_path, tiny_dir):
     assert tuned["results"]["tunesmith_words"]["acc,none"] == pytest.approx(expected_tuned)
     table = json.loads((out / "table.json").read_text())
     assert table["header"] == ["task", "metric", "base", "words"]
-    assert [r[:2] for r in table["rows"]] == [["tunesmith_words", "acc"],
-                                              ["tunesmith_words", "acc_norm"]]  # fmt: skip
+    assert [r[:2] for r in table["rows"]] == [
+        ["tunesmith_words", "acc"],
+        ["tunesmith_words", "acc_norm"],
+    ]
     assert table["rows"][0][2].startswith(f"{expected_base:.4f} ± ")
     unknown = run_cli("bench", str(config), "--tasks", "no_such_task", "--no-base")
     assert unknown.returncode == 2

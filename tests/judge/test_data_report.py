@@ -48,7 +48,7 @@ def crafted(tmp_path):
                 {"role": "user", "content": "x"},
                 {"role": "assistant", "content": words(6)},
             ]
-        }  # fmt: skip
+        }
     )
     train.append(chat(words(12), ""))
     near_val = json.loads(json.dumps(base[11]))
@@ -67,10 +67,14 @@ def findings(report):
 def test_counts_duplicates_leakage_and_truncation_on_crafted_data(tmp_path, tiny_dir):
     train_file, val_file = crafted(tmp_path)
     cfg = make_config(
-        tmp_path, tiny_dir,
-        data={"datasets": [{"path": str(train_file)}], "validation": [{"path": str(val_file)}],
-              "max_seq_len": 256},
-    )  # fmt: skip
+        tmp_path,
+        tiny_dir,
+        data={
+            "datasets": [{"path": str(train_file)}],
+            "validation": [{"path": str(val_file)}],
+            "max_seq_len": 256,
+        },
+    )
     report = data_report(cfg, chat_tokenizer(), threshold=0.8)
     train, val = report.sources
     assert (train.split, train.records, val.split, val.records) == ("train", 28, "validation", 5)
@@ -92,9 +96,16 @@ def test_counts_duplicates_leakage_and_truncation_on_crafted_data(tmp_path, tiny
     assert f["out_of_order"].where == [f"{t} 27"]
     assert f["empty_answer"].where == [f"{t} 28"]
     assert set(f) == {
-        "duplicates_exact", "duplicates_near", "leakage_exact", "leakage_near", "leakage_prompt",
-        "truncated_away", "truncated", "out_of_order", "empty_answer",
-    }  # fmt: skip
+        "duplicates_exact",
+        "duplicates_near",
+        "leakage_exact",
+        "leakage_near",
+        "leakage_prompt",
+        "truncated_away",
+        "truncated",
+        "out_of_order",
+        "empty_answer",
+    }
     severities = [x.severity for x in report.findings]
     assert severities == sorted(severities) and report.findings[0].severity == 0
     lines = summary_lines(report, top=3)
@@ -107,12 +118,14 @@ def test_the_threshold_decides_what_is_near(tmp_path, tiny_dir):
     b = " ".join(VOCAB[:9] + ["other"])  # shares 7 of 9 in the union: Jaccard 7/9
     assert jaccard(shingles(a), shingles(b)) == pytest.approx(7 / 9)
     others = [" ".join(VOCAB[20 + 10 * i : 30 + 10 * i]) for i in range(6)]
-    rows = [chat(a, "x y z"), chat(b, "x y z")] + [chat(o, f"answer {i} here") for i, o in
-                                                   enumerate(others)]  # fmt: skip
+    rows = [chat(a, "x y z"), chat(b, "x y z")] + [
+        chat(o, f"answer {i} here") for i, o in enumerate(others)
+    ]
     # the records add roles and answers to the texts: the threshold brackets their similarity
     train_file = write_jsonl(tmp_path / "t.jsonl", rows)
-    cfg = make_config(tmp_path, tiny_dir, data={"datasets": [{"path": str(train_file)}],
-                                                "validation": []})  # fmt: skip
+    cfg = make_config(
+        tmp_path, tiny_dir, data={"datasets": [{"path": str(train_file)}], "validation": []}
+    )
     texts = [" ".join(f"{m['role']}: {m['content']}" for m in r["messages"]).lower() for r in rows]
     similarity = jaccard(shingles(texts[0]), shingles(texts[1]))
     below = data_report(cfg, chat_tokenizer(), threshold=min(1.0, similarity + 0.05))
@@ -125,8 +138,9 @@ def test_label_shares_and_imbalance(tmp_path, tiny_dir):
     labels = ["positive"] * 9 + ["negative"] * 3
     rows = [chat(" ".join(VOCAB[5 * i : 5 * i + 5]), label) for i, label in enumerate(labels)]
     train_file = write_jsonl(tmp_path / "t.jsonl", rows)
-    cfg = make_config(tmp_path, tiny_dir, data={"datasets": [{"path": str(train_file)}],
-                                                "validation": []})  # fmt: skip
+    cfg = make_config(
+        tmp_path, tiny_dir, data={"datasets": [{"path": str(train_file)}], "validation": []}
+    )
     report = data_report(cfg, chat_tokenizer())
     assert report.sources[0].answers == {"positive": 0.75, "negative": 0.25}
     imbalance = findings(report)["imbalance"]
@@ -135,8 +149,9 @@ def test_label_shares_and_imbalance(tmp_path, tiny_dir):
     )
     assert "same_answer" not in findings(report)  # labels repeat by design
     balanced = write_jsonl(tmp_path / "b.jsonl", rows[:3] + rows[9:])  # 3 and 3
-    cfg = make_config(tmp_path, tiny_dir, data={"datasets": [{"path": str(balanced)}],
-                                                "validation": []})  # fmt: skip
+    cfg = make_config(
+        tmp_path, tiny_dir, data={"datasets": [{"path": str(balanced)}], "validation": []}
+    )
     assert "imbalance" not in findings(data_report(cfg, chat_tokenizer()))
 
 
@@ -167,18 +182,27 @@ def test_repeated_answers_one_character_answers_and_drops(tmp_path, tiny_dir):
     """Free-form data: an answer given to 6 of 12 prompts (at least 5) is flagged, with its
     count; one-character answers are listed; truncation: drop drops the long record."""
     rng = random.Random(1)
-    rows = [chat(" ".join(rng.choice(VOCAB) for _ in range(6)), "I cannot say which one it is")
-            for _ in range(6)]  # fmt: skip
-    rows += [chat(" ".join(rng.choice(VOCAB) for _ in range(6)), f"answer {w} is a long one")
-             for w in VOCAB[:3]]  # fmt: skip
+    rows = [
+        chat(" ".join(rng.choice(VOCAB) for _ in range(6)), "I cannot say which one it is")
+        for _ in range(6)
+    ]
+    rows += [
+        chat(" ".join(rng.choice(VOCAB) for _ in range(6)), f"answer {w} is a long one")
+        for w in VOCAB[:3]
+    ]
     rows += [chat("pick one", "x"), chat("pick two", "y")]  # lines 10, 11
     rows.append(chat(" ".join(rng.choice(VOCAB) for _ in range(300)), "too long to keep"))
     train_file = write_jsonl(tmp_path / "t.jsonl", rows)
     cfg = make_config(
-        tmp_path, tiny_dir,
-        data={"datasets": [{"path": str(train_file)}], "validation": [], "max_seq_len": 128,
-              "truncation": "drop"},
-    )  # fmt: skip
+        tmp_path,
+        tiny_dir,
+        data={
+            "datasets": [{"path": str(train_file)}],
+            "validation": [],
+            "max_seq_len": 128,
+            "truncation": "drop",
+        },
+    )
     report = data_report(cfg, chat_tokenizer())
     f = findings(report)
     assert report.sources[0].answers is None  # free-form: most answers are long

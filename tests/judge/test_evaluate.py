@@ -36,14 +36,25 @@ def test_generation_scores_exact_and_contains():
 
 # Free-form answers and references with punctuation, case, repeats and a miss.
 PREDICTIONS = [
-    "The cat sat on the mat.", "there are 4 words", "No, not all of them.", "2 of them",
-    "A quick brown fox jumps over the lazy dog", "", "Yes", "the the the",
-]  # fmt: skip
+    "The cat sat on the mat.",
+    "there are 4 words",
+    "No, not all of them.",
+    "2 of them",
+    "A quick brown fox jumps over the lazy dog",
+    "",
+    "Yes",
+    "the the the",
+]
 REFERENCES = [
-    "The cat is on the mat.", "There are 4 words.", "Yes, all of them.", "2 of them.",
-    "The quick brown fox jumped over the lazy dog.", "Nothing here", "Yes, all of them.",
+    "The cat is on the mat.",
+    "There are 4 words.",
+    "Yes, all of them.",
+    "2 of them.",
+    "The quick brown fox jumped over the lazy dog.",
+    "Nothing here",
+    "Yes, all of them.",
     "the cat",
-]  # fmt: skip
+]
 
 
 def test_bleu_chrf_and_rouge_are_the_libraries_own_figures():
@@ -71,9 +82,13 @@ def test_bleu_chrf_and_rouge_are_the_libraries_own_figures():
 def test_accuracy_scores_classification_like_answers_only():
     references = ["positive", "negative", "Positive", "neutral", "negative", "positive"]
     predictions = [
-        "Positive. The reviewer loved it", "negative", "neutral", "Neutral!", "I think negative",
+        "Positive. The reviewer loved it",
+        "negative",
+        "neutral",
+        "Neutral!",
+        "I think negative",
         "positively",
-    ]  # fmt: skip
+    ]
     assert label_set(references) == ["negative", "positive", "neutral"]
     assert predicted_label("Positive. The reviewer loved it", label_set(references)) == "positive"
     assert predicted_label("positively", label_set(references)) is None
@@ -87,12 +102,16 @@ def test_accuracy_scores_classification_like_answers_only():
 
 def test_prompt_answer_pairs_take_the_last_assistant_turn(tmp_path):
     rows = [
-        {"messages": [
-            {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
-            {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"},
-        ]},
+        {
+            "messages": [
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "hello"},
+                {"role": "user", "content": "2+2?"},
+                {"role": "assistant", "content": "4"},
+            ]
+        },
         {"instruction": "ignored: another format in another file"},
-    ]  # fmt: skip
+    ]
     chat = write_jsonl(tmp_path / "chat.jsonl", rows[:1])
     alpaca = write_jsonl(
         tmp_path / "alpaca.jsonl", [{"instruction": "Add", "input": "1 1", "output": "2"}]
@@ -130,14 +149,20 @@ def test_the_table_puts_models_side_by_side():
     "argv, expected",
     [
         (["train", "r.yaml", "--resume"], ["train", "r.yaml", "--resume", "latest"]),
-        (["train", "r.yaml", "--resume", "--overwrite"],
-         ["train", "r.yaml", "--resume", "latest", "--overwrite"]),
-        (["train", "r.yaml", "--resume", "train.lr=1"],
-         ["train", "r.yaml", "--resume", "latest", "train.lr=1"]),
-        (["train", "r.yaml", "--resume", "out/checkpoints/step-000010"],
-         ["train", "r.yaml", "--resume", "out/checkpoints/step-000010"]),
+        (
+            ["train", "r.yaml", "--resume", "--overwrite"],
+            ["train", "r.yaml", "--resume", "latest", "--overwrite"],
+        ),
+        (
+            ["train", "r.yaml", "--resume", "train.lr=1"],
+            ["train", "r.yaml", "--resume", "latest", "train.lr=1"],
+        ),
+        (
+            ["train", "r.yaml", "--resume", "out/checkpoints/step-000010"],
+            ["train", "r.yaml", "--resume", "out/checkpoints/step-000010"],
+        ),
     ],
-)  # fmt: skip
+)
 def test_resume_alone_means_latest(argv, expected):
     assert _resume_default(argv) == expected
 

@@ -17,13 +17,29 @@ from tunesmith.judge.run_report import render_report
 
 def _data_report() -> dict:
     source = SourceReport(
-        path="train.jsonl", split="train", format="chat", records=3, samples=3, tokens=30,
-        trained_tokens=9, truncated=0, split_long=0, dropped_too_long=0, dropped_untrained=0,
-        dropped_empty_response=0, out_of_order=0, prompt_lengths=[5, 6, 7],
+        path="train.jsonl",
+        split="train",
+        format="chat",
+        records=3,
+        samples=3,
+        tokens=30,
+        trained_tokens=9,
+        truncated=0,
+        split_long=0,
+        dropped_too_long=0,
+        dropped_untrained=0,
+        dropped_empty_response=0,
+        out_of_order=0,
+        prompt_lengths=[5, 6, 7],
         answer_lengths=[3, 3, 3],
-    )  # fmt: skip
-    finding = Finding("duplicates_exact", 1, 1, "groups of identical training records",
-                      ["train.jsonl, line 1 = train.jsonl, line 3"])  # fmt: skip
+    )
+    finding = Finding(
+        "duplicates_exact",
+        1,
+        1,
+        "groups of identical training records",
+        ["train.jsonl, line 1 = train.jsonl, line 3"],
+    )
     return DataReport("run.yaml", 64, "truncate", 0.8, [source], [finding], 3, 9, 0).to_json()
 
 

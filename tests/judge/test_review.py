@@ -49,8 +49,14 @@ def test_votes_map_from_sides_to_models_and_stale_ones_are_left_out(tmp_path):
     review.vote("ann", items[0].index, items[0].key, "tie")  # a second vote replaces the first
     result = review.summary()
     assert result["all"] | {"ci95": None} == {
-        "a": 0, "b": 3, "tie": 1, "both_bad": 1, "votes": 5, "win_rate_b": 1.0, "ci95": None,
-    }  # fmt: skip
+        "a": 0,
+        "b": 3,
+        "tie": 1,
+        "both_bad": 1,
+        "votes": 5,
+        "win_rate_b": 1.0,
+        "ci95": None,
+    }
     assert result["all"]["ci95"] == pytest.approx(list(wilson(3, 3)))
     # retraining changes an answer: the votes on that item are stale
     lines = (out / "samples.jsonl").read_text().splitlines()
@@ -83,8 +89,9 @@ def test_the_server_checks_host_and_key(tmp_path):
         assert refused.status_code == 421
         bad = httpx.get(f"{url}/api/queue?reviewer=../x")
         assert bad.status_code == 400 and "reviewer name '../x'" in bad.json()["error"]
-        wrong = httpx.post(f"{url}/api/vote", json={"reviewer": "ann", "item": 0, "key": "x",
-                                                    "side": "left"})  # fmt: skip
+        wrong = httpx.post(
+            f"{url}/api/vote", json={"reviewer": "ann", "item": 0, "key": "x", "side": "left"}
+        )
         assert wrong.status_code == 400 and "item 0: not in this review" in wrong.json()["error"]
     with serve_in_thread(build_review_app(review, api_key="s3cret")) as url:
         assert httpx.get(f"{url}/api/summary").status_code == 401

@@ -36,9 +36,11 @@ def test_bottleneck_placement_and_width():
     tunesmith.add_bottleneck(model, tunesmith.BottleneckConfig(style="pfeiffer"), name="p")
     houlsby = [n for n, _ in model.named_parameters() if ".default.down.weight" in n]
     assert [n.split(".tunesmith")[0] for n in houlsby] == [
-        "model.layers.0.self_attn", "model.layers.0.mlp",
-        "model.layers.1.self_attn", "model.layers.1.mlp",
-    ]  # fmt: skip
+        "model.layers.0.self_attn",
+        "model.layers.0.mlp",
+        "model.layers.1.self_attn",
+        "model.layers.1.mlp",
+    ]
     assert model.get_parameter(houlsby[0]).shape == (8, 32)  # hidden 32 / 4
     pfeiffer = [n for n, _ in model.named_parameters() if ".p.down.weight" in n]
     assert [n.split(".tunesmith")[0] for n in pfeiffer] == [

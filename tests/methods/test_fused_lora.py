@@ -212,8 +212,7 @@ def test_a_quantized_base_keeps_no_dequantized_weight_for_the_backward():
     torch.manual_seed(0)
     parent = nn.ModuleDict({"q_proj": nn.Linear(256, 128, bias=False)})
     quantize_model(parent, QuantConfig("nf4", blocksize=64))
-    tunesmith.add_lora(parent, tunesmith.LoRAConfig(r=4, alpha=8, dropout=0.0,
-                                                    targets=["q_proj"]))  # fmt: skip
+    tunesmith.add_lora(parent, tunesmith.LoRAConfig(r=4, alpha=8, dropout=0.0, targets=["q_proj"]))
     fuse_lora_layers(parent)
     parent.train()
     saved = []

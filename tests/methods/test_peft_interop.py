@@ -56,8 +56,15 @@ def test_saved_configs_have_peft_keys(tmp_path):
         theirs = json.loads((tmp_path / kind / "adapter_config.json").read_text())
         mine = json.loads((tmp_path / f"ours_{kind}" / "adapter_config.json").read_text())
         assert set(mine) == set(theirs) - {"peft_version"}, kind
-        for key in ("peft_type", "num_virtual_tokens", "token_dim", "num_layers",
-                    "num_attention_heads", "target_modules", "feedforward_modules"):  # fmt: skip
+        for key in (
+            "peft_type",
+            "num_virtual_tokens",
+            "token_dim",
+            "num_layers",
+            "num_attention_heads",
+            "target_modules",
+            "feedforward_modules",
+        ):
             a, b = mine.get(key), theirs.get(key)
             if isinstance(a, list):
                 a, b = sorted(a), sorted(b)

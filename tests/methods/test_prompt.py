@@ -91,8 +91,9 @@ def test_generation_with_the_kv_cache(kind):
     short = ids[1, 2:]
     padded = torch.stack([ids[0], torch.cat([torch.zeros(2, dtype=torch.long), short])])
     mask = (torch.arange(5) >= torch.tensor([[0], [2]])).long()
-    batch = model.generate(padded, attention_mask=mask, max_new_tokens=6, do_sample=False,
-                           pad_token_id=0)  # fmt: skip
+    batch = model.generate(
+        padded, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0
+    )
     alone = model.generate(short[None], max_new_tokens=6, do_sample=False)
     assert torch.equal(batch[1, 5:], alone[0, 3:])
 

@@ -34,11 +34,11 @@ METHOD_SETTINGS = {
             "init": "random",
         },
         2e-2,
-    ),  # fmt: skip
+    ),
     "bottleneck": (
         {"name": "bottleneck", "style": "houlsby", "reduction_factor": 4, "dropout": 0.1},
         2e-2,
-    ),  # fmt: skip
+    ),
     "ia3": ({"name": "ia3"}, 1.5e-1),
 }
 
@@ -46,8 +46,13 @@ METHOD_SETTINGS = {
 @pytest.mark.parametrize("method", list(METHOD_SETTINGS))
 def test_training_resumes_exactly(tmp_path, tiny_dir, method):  # noqa: F811
     settings, lr = METHOD_SETTINGS[method]
-    steps = {"max_steps": 8, "save_every_steps": 4, "micro_batch_size": 2, "lr": lr,
-             "gradient_checkpointing": True}  # fmt: skip
+    steps = {
+        "max_steps": 8,
+        "save_every_steps": 4,
+        "micro_batch_size": 2,
+        "lr": lr,
+        "gradient_checkpointing": True,
+    }
     straight_cfg = make_config(tmp_path / "a", tiny_dir, method=settings, train=steps)
     straight: list[float] = []
     summary = train(straight_cfg, on_step=lambda s, e: straight.append(e["loss"]), progress=quiet())
@@ -77,8 +82,9 @@ def test_training_resumes_exactly(tmp_path, tiny_dir, method):  # noqa: F811
 
 def test_longer_training_of_each_method_learns_the_task(tmp_path, tiny_dir):  # noqa: F811
     for method, (settings, lr) in METHOD_SETTINGS.items():
-        cfg = make_config(tmp_path / method, tiny_dir, method=settings,
-                          train={"max_steps": 30, "lr": lr})  # fmt: skip
+        cfg = make_config(
+            tmp_path / method, tiny_dir, method=settings, train={"max_steps": 30, "lr": lr}
+        )
         losses: list[float] = []
         train(cfg, on_step=lambda s, e, out=losses: out.append(e["loss"]), progress=quiet())
         # virtual tokens only steer a random model's attention: a smaller, still clear drop
@@ -122,8 +128,9 @@ class NoCacheBackbone(nn.Module):
 class NoCacheModel(nn.Module):
     def __init__(self):
         super().__init__()
-        self.config = type("Config", (), {"num_hidden_layers": 1, "num_attention_heads": 1,
-                                          "hidden_size": 8})()  # fmt: skip
+        self.config = type(
+            "Config", (), {"num_hidden_layers": 1, "num_attention_heads": 1, "hidden_size": 8}
+        )()
         self.backbone = NoCacheBackbone()
 
     @property
@@ -177,8 +184,10 @@ def test_a_prefix_for_another_model_is_refused(tmp_path):
     model = make_model("llama")
     tunesmith.add_prefix_tuning(model, ours("prefix"))
     tunesmith.save_adapter(model, tmp_path)
-    with pytest.raises(AdapterError, match="the prefix is for 2 layers × 16 key/value dims but "
-                       "GPT2LMHeadModel has 2 × 32"):  # fmt: skip
+    with pytest.raises(
+        AdapterError,
+        match="the prefix is for 2 layers × 16 key/value dims but GPT2LMHeadModel has 2 × 32",
+    ):
         tunesmith.load_adapter(make_model("gpt2"), tmp_path)
 
 

@@ -29,9 +29,14 @@ from tunesmith.plan.trace import MemoryTracker, trace_step
 from tunesmith.train.loss import model_loss_sum
 
 CONFIG = dict(
-    vocab_size=1000, hidden_size=128, intermediate_size=352, num_hidden_layers=3,
-    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-)  # fmt: skip
+    vocab_size=1000,
+    hidden_size=128,
+    intermediate_size=352,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+)
 METHODS = {
     "lora": LoRAConfig(r=8, alpha=16, dropout=0.0, targets="all-linear"),
     "full": FullConfig(),
@@ -84,8 +89,13 @@ def test_traced_peak_matches_a_real_step(method, checkpointing):
     )
     real = measured_peak(METHODS[method], train, 128, 2)
     assert abs(planned.peak_bytes / real - 1) < 0.10, (planned.peak_bytes, real)
-    parts = (planned.weights_bytes + planned.trainable_bytes + planned.grads_bytes
-             + planned.optimizer_bytes + planned.activations_bytes)  # fmt: skip
+    parts = (
+        planned.weights_bytes
+        + planned.trainable_bytes
+        + planned.grads_bytes
+        + planned.optimizer_bytes
+        + planned.activations_bytes
+    )
     assert parts == planned.peak_bytes
     if method == "full":
         # AdamW: m and v in fp32, and a 4-byte step counter per parameter tensor
@@ -97,16 +107,32 @@ def test_checkpointing_and_fused_attention_lower_the_peak():
     config = LlamaConfig(**CONFIG)
     lora = METHODS["lora"]
     on = trace_step(config, lora, TrainSection(gradient_checkpointing=True), 256, 4, torch.bfloat16)
-    off = trace_step(config, lora, TrainSection(gradient_checkpointing=False), 256, 4,
-                     torch.bfloat16)  # fmt: skip
-    eager = trace_step(config, lora, TrainSection(gradient_checkpointing=False), 256, 4,
-                       torch.bfloat16, attention="eager")  # fmt: skip
+    off = trace_step(
+        config, lora, TrainSection(gradient_checkpointing=False), 256, 4, torch.bfloat16
+    )
+    eager = trace_step(
+        config,
+        lora,
+        TrainSection(gradient_checkpointing=False),
+        256,
+        4,
+        torch.bfloat16,
+        attention="eager",
+    )
     assert on.activations_bytes < off.activations_bytes < eager.activations_bytes
     assert on.weights_bytes == off.weights_bytes
-    assert on.trainable_params == off.trainable_params == 3 * (
-        8 * (128 + 128) + 8 * (128 + 64) * 2 + 8 * (128 + 128) + 2 * 8 * (128 + 352)
-        + 8 * (352 + 128)
-    )  # fmt: skip
+    assert (
+        on.trainable_params
+        == off.trainable_params
+        == 3
+        * (
+            8 * (128 + 128)
+            + 8 * (128 + 64) * 2
+            + 8 * (128 + 128)
+            + 2 * 8 * (128 + 352)
+            + 8 * (352 + 128)
+        )
+    )
 
 
 def test_flops_per_token():
@@ -167,9 +193,14 @@ def test_known_gpus():
 
 
 WIDE = dict(
-    vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=3,
-    num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=4096,
-)  # fmt: skip
+    vocab_size=32000,
+    hidden_size=1024,
+    intermediate_size=2816,
+    num_hidden_layers=3,
+    num_attention_heads=16,
+    num_key_value_heads=4,
+    max_position_embeddings=4096,
+)
 ESTIMATED = {
     "lora": (LoRAConfig(), True),
     "lora-no-dropout": (LoRAConfig(dropout=0.0, targets=["q_proj", "v_proj"]), True),
@@ -208,12 +239,18 @@ def test_analytic_estimate_matches_the_trace(name, checkpointing):
 def test_analytic_estimate_of_an_8b_model():
     """The README's example at full depth: Llama 3.1 8B, LoRA, 2 × 2048, checkpointing."""
     config = LlamaConfig(
-        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
-    )  # fmt: skip
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=131072,
+    )
     method = LoRAConfig(r=16, alpha=32, dropout=0.05)
-    traced = trace_step(config, method, TrainSection(gradient_checkpointing=True), 2048, 2,
-                        torch.bfloat16)  # fmt: skip
+    traced = trace_step(
+        config, method, TrainSection(gradient_checkpointing=True), 2048, 2, torch.bfloat16
+    )
     estimated = estimate_step(skeleton(config, method, torch.bfloat16, False), 2048, 2, True)
     assert abs(estimated.peak_bytes / traced.peak_bytes - 1) < 0.05
     assert estimated.weights_bytes == traced.weights_bytes
@@ -278,8 +315,14 @@ def test_workload_counts_what_the_trainer_batches():
 
 
 def test_cli_plan_recommends_and_says_what_to_change():
-    run = run_cli("plan", "examples/quickstart.yaml", "train.micro_batch_size=64",
-                  "--gpu-mem", "300MiB", "--json")  # fmt: skip
+    run = run_cli(
+        "plan",
+        "examples/quickstart.yaml",
+        "train.micro_batch_size=64",
+        "--gpu-mem",
+        "300MiB",
+        "--json",
+    )
     assert run.returncode == 0, run.stderr
     plan = json.loads(run.stdout)
     assert plan["fits"] is False
@@ -317,10 +360,17 @@ def test_dropout_is_traced_with_the_gpus_one_byte_mask():
     for fused, attention, masks in cases:
         train = TrainSection(gradient_checkpointing=False, fused_lora=fused)
         peaks = [
-            trace_step(config, LoRAConfig(dropout=p, targets=["q_proj"]), train, 512, 2,
-                       torch.bfloat16, attention=attention).peak_bytes
+            trace_step(
+                config,
+                LoRAConfig(dropout=p, targets=["q_proj"]),
+                train,
+                512,
+                2,
+                torch.bfloat16,
+                attention=attention,
+            ).peak_bytes
             for p in (0.0, 0.1)
-        ]  # fmt: skip
+        ]
         assert peaks[1] - peaks[0] == masks * (2 * 512) * 1024, (fused, attention)
 
 
@@ -335,8 +385,14 @@ def test_method_table_leaves_out_a_method_the_model_cannot_take(monkeypatch):
     notes: list[str] = []
     options = compare_methods(model_config, cfg, torch.float32, 200 * 2**20, None, None, notes)
     assert [o.method for o in options] == [
-        "full", "lora", "dora", "qlora", "prompt", "bottleneck", "ia3"
-    ]  # fmt: skip
+        "full",
+        "lora",
+        "dora",
+        "qlora",
+        "prompt",
+        "bottleneck",
+        "ia3",
+    ]
     assert notes == [
         "prefix left out of the method table: prefix tuning cannot be used with LlamaModel: its "
         "attention takes no past key/values (forward has neither a cache nor a past_key_values "
@@ -360,8 +416,9 @@ def test_analytic_estimate_of_offloading_matches_the_trace():
     method = LoRAConfig()
     train = TrainSection(gradient_checkpointing=True, offload_activations=True)
     traced = trace_step(config, method, train, 2048, 2, torch.bfloat16)
-    estimated = estimate_step(skeleton(config, method, torch.bfloat16, False), 2048, 2, True,
-                              offload=True)  # fmt: skip
+    estimated = estimate_step(
+        skeleton(config, method, torch.bfloat16, False), 2048, 2, True, offload=True
+    )
     plain = estimate_step(skeleton(config, method, torch.bfloat16, False), 2048, 2, True)
     assert abs(estimated.peak_bytes / traced.peak_bytes - 1) < 0.10
     assert plain.peak_bytes - estimated.peak_bytes == 6 * (2 * 2048 * 1024 * 2)
@@ -372,9 +429,16 @@ def test_planning_several_gpus_per_gpu_for_ddp_and_fsdp():
     from tunesmith.plan.trace import TracedStep
 
     gib = 2**30
-    traced = TracedStep(peak_bytes=20 * gib, weights_bytes=15 * gib, trainable_bytes=gib // 4,
-                        grads_bytes=gib // 4, optimizer_bytes=gib // 2, activations_bytes=4 * gib,
-                        trainable_params=0, total_params=0)  # fmt: skip
+    traced = TracedStep(
+        peak_bytes=20 * gib,
+        weights_bytes=15 * gib,
+        trainable_bytes=gib // 4,
+        grads_bytes=gib // 4,
+        optimizer_bytes=gib // 2,
+        activations_bytes=4 * gib,
+        trainable_params=0,
+        total_params=0,
+    )
     scale = plan_scale(traced, gib // 2, 4, 1, 18 * gib, 10_000.0, 4096, True, True, 15 * gib)
     assert scale.ddp_peak_bytes == 20 * gib + gib // 4  # replicated, plus gradient buckets
     assert scale.fsdp_peak_bytes == 16 * gib // 4 + 4 * gib + gib  # 1/4 + activations + 2 layers

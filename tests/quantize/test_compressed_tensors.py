@@ -34,10 +34,12 @@ def test_packing_matches_compressed_tensors(bits):
     assert torch.equal(_pack(codes.T, bits).T, pack_to_int32(signed, bits, packed_dim=0))
     groups = 5
     qw = QuantizedWeight(
-        codes.to(torch.uint8), torch.rand(48, groups, generator=gen) + 0.1,
+        codes.to(torch.uint8),
+        torch.rand(48, groups, generator=gen) + 0.1,
         torch.randint(1, 2**bits, (48, groups), generator=gen).float(),
-        torch.arange(70) // 14, bits,
-    )  # fmt: skip
+        torch.arange(70) // 14,
+        bits,
+    )
     back = unpack_compressed(pack_compressed(qw, torch.float32, act_order=True), bits, 14)
     assert torch.equal(back.q, qw.q) and torch.equal(back.zeros, qw.zeros)
     assert torch.equal(back.dequantize(), qw.dequantize())

@@ -187,9 +187,14 @@ BUNDLED_TOKENIZER = AutoTokenizer.from_pretrained(BUNDLED)
 def mha_llama(seed=0):
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
-    )  # fmt: skip
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+    )
     return AutoModelForCausalLM.from_config(config).eval()
 
 
@@ -246,10 +251,17 @@ def test_gptq_checkpoint_format_and_reload(quantized_bundled):
     folder = root / "gptq"
     config = json.loads((folder / "config.json").read_text())
     assert config["quantization_config"] == {
-        "quant_method": "gptq", "checkpoint_format": "gptq", "bits": 4, "group_size": 128,
-        "desc_act": False, "sym": False, "true_sequential": False, "static_groups": False,
-        "damp_percent": 0.01, "meta": {"quantizer": ["tunesmith"], "method": "gptq"},
-    }  # fmt: skip
+        "quant_method": "gptq",
+        "checkpoint_format": "gptq",
+        "bits": 4,
+        "group_size": 128,
+        "desc_act": False,
+        "sym": False,
+        "true_sequential": False,
+        "static_groups": False,
+        "damp_percent": 0.01,
+        "meta": {"quantizer": ["tunesmith"], "method": "gptq"},
+    }
     reader = CheckpointReader(folder)
     name = "model.layers.1.mlp.down_proj"
     assert reader.tensors[f"{name}.qweight"].shape == (688 * 4 // 32, 256)
@@ -284,11 +296,17 @@ def test_bitsandbytes_outputs_load_natively(tmp_path):
 
     ids = torch.randint(0, 4096, (1, 16), generator=torch.Generator().manual_seed(0))
     for method, config in (
-        ("nf4", BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                   bnb_4bit_use_double_quant=True,
-                                   bnb_4bit_compute_dtype=torch.float32)),
+        (
+            "nf4",
+            BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=torch.float32,
+            ),
+        ),
         ("int8", BitsAndBytesConfig(load_in_8bit=True)),
-    ):  # fmt: skip
+    ):
         report = quantize_checkpoint(
             str(BUNDLED),
             tmp_path / method,
@@ -318,38 +336,65 @@ def test_quantize_errors(tmp_path):
             quantize_checkpoint(model, out, settings, device="cpu")
         assert str(err.value) == message
 
-    fails("--bits: nf4 is 4-bit; drop --bits, or use --method gptq, awq or rtn for 3 bits",
-          method="nf4", bits=3)  # fmt: skip
-    fails("--group-size: int8 uses bitsandbytes' own blocks (one scale per row); drop "
-          "--group-size, or use --method gptq, awq or rtn",
-          method="int8", group_size=64)  # fmt: skip
+    fails(
+        "--bits: nf4 is 4-bit; drop --bits, or use --method gptq, awq or rtn for 3 bits",
+        method="nf4",
+        bits=3,
+    )
+    fails(
+        "--group-size: int8 uses bitsandbytes' own blocks (one scale per row); drop "
+        "--group-size, or use --method gptq, awq or rtn",
+        method="int8",
+        group_size=64,
+    )
     fails("--bits: 5 is not supported; use one of 2, 3, 4, 8", method="gptq", bits=5)
     fails("--group-size: 100 must be -1 (per row) or a multiple of 8 (>= 8)", group_size=100)
     fails("--method: 'fp8' is not one of rtn, gptq, awq, int8, nf4", method="fp8")
-    fails("--act-order: only GPTQ quantizes in activation order; drop it", method="awq",
-          act_order=True)  # fmt: skip
-    fails("--calib: GPTQ and AWQ need calibration data; give a data file", calib=None,
-          eval_data=HELD_OUT)  # fmt: skip
+    fails(
+        "--act-order: only GPTQ quantizes in activation order; drop it",
+        method="awq",
+        act_order=True,
+    )
+    fails(
+        "--calib: GPTQ and AWQ need calibration data; give a data file",
+        calib=None,
+        eval_data=HELD_OUT,
+    )
     small = tmp_path / "small.jsonl"
     small.write_text(json.dumps({"text": "def f(x):\n    return x + 1\n" * 40}) + "\n")
-    fails(f"--calib: {small} has 441 tokens, 0 windows of 512; 128 calibration windows plus at "
-          "least 1 held-out window need 66,048 tokens. Give more text, or lower --calib-samples "
-          "or --seq-len", calib=str(small))  # fmt: skip
-    fails(f"--calib: {tmp_path / 'none.jsonl'}: no such file or folder",
-          calib=str(tmp_path / "none.jsonl"))  # fmt: skip
+    fails(
+        f"--calib: {small} has 441 tokens, 0 windows of 512; 128 calibration windows plus at "
+        "least 1 held-out window need 66,048 tokens. Give more text, or lower --calib-samples "
+        "or --seq-len",
+        calib=str(small),
+    )
+    fails(
+        f"--calib: {tmp_path / 'none.jsonl'}: no such file or folder",
+        calib=str(tmp_path / "none.jsonl"),
+    )
     (tmp_path / "q").mkdir()
     fails(f"--out: {tmp_path / 'q'} already exists; choose a new path or pass --overwrite")
     gpt2 = tmp_path / "gpt2"
     make_model("gpt2").save_pretrained(gpt2)
     BUNDLED_TOKENIZER.save_pretrained(gpt2)
-    fails("--method awq: gpt2 models are not supported (AWQ folds its scales into known "
-          "operations); supported: llama, mistral, qwen2, qwen3. Use --method gptq",
-          model=str(gpt2), out=tmp_path / "g", method="awq", calib_samples=2,
-          seq_len=32)  # fmt: skip
-    fails("quantize: GPT2LMHeadModel has no nn.Linear layers in its decoder layers to "
-          "quantize; GPTQ, AWQ and RTN support Llama-style decoders",
-          model=str(gpt2), out=tmp_path / "g", method="gptq", calib_samples=2,
-          seq_len=32)  # fmt: skip
+    fails(
+        "--method awq: gpt2 models are not supported (AWQ folds its scales into known "
+        "operations); supported: llama, mistral, qwen2, qwen3. Use --method gptq",
+        model=str(gpt2),
+        out=tmp_path / "g",
+        method="awq",
+        calib_samples=2,
+        seq_len=32,
+    )
+    fails(
+        "quantize: GPT2LMHeadModel has no nn.Linear layers in its decoder layers to "
+        "quantize; GPTQ, AWQ and RTN support Llama-style decoders",
+        model=str(gpt2),
+        out=tmp_path / "g",
+        method="gptq",
+        calib_samples=2,
+        seq_len=32,
+    )
     assert not (tmp_path / "g").exists()
 
 
@@ -372,10 +417,29 @@ def test_interrupted_quantize_leaves_nothing(tmp_path, monkeypatch):
 
 def test_cli_quantize_then_generate(tmp_path):
     out = tmp_path / "q"
-    run = run_cli("quantize", "--model", str(BUNDLED), "--method", "rtn", "--bits", "8",
-                  "--group-size", "64", "--calib", HELD_OUT, "--calib-samples", "2",
-                  "--eval-samples", "4", "--seq-len", "128", "--out", str(out),
-                  "--device", "cpu")  # fmt: skip
+    run = run_cli(
+        "quantize",
+        "--model",
+        str(BUNDLED),
+        "--method",
+        "rtn",
+        "--bits",
+        "8",
+        "--group-size",
+        "64",
+        "--calib",
+        HELD_OUT,
+        "--calib-samples",
+        "2",
+        "--eval-samples",
+        "4",
+        "--seq-len",
+        "128",
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+    )
     assert run.returncode == 0, run.stderr
     lines = run.stdout.splitlines()
     assert lines[0].startswith(f"wrote {out}: rtn 8-bit, group size 64 (")
@@ -387,8 +451,19 @@ def test_cli_quantize_then_generate(tmp_path):
     base = run_cli("generate", "--model", str(BUNDLED), *args)
     assert ours.returncode == 0, ours.stderr
     assert ours.stdout == base.stdout  # 8-bit greedy decoding keeps the same words here
-    run = run_cli("quantize", "--model", str(BUNDLED), "--method", "nf4", "--bits", "3",
-                  "--calib", HELD_OUT, "--out", str(tmp_path / "x"))  # fmt: skip
+    run = run_cli(
+        "quantize",
+        "--model",
+        str(BUNDLED),
+        "--method",
+        "nf4",
+        "--bits",
+        "3",
+        "--calib",
+        HELD_OUT,
+        "--out",
+        str(tmp_path / "x"),
+    )
     assert run.returncode == 2 and run.stderr == (
         "error: --bits: nf4 is 4-bit; drop --bits, or use --method gptq, awq or rtn for 3 bits\n"
     )

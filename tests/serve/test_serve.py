@@ -72,8 +72,12 @@ def _server(folders, names=("alpha", "beta", "prompt", "prefix"), **limits) -> S
     model, tokenizer, _ = load_for_inference(
         str(BUNDLED), [str(folders[n]) for n in names], names=list(names)
     )
-    engine = Engine(model, tokenizer, max_running=limits.pop("max_running", 16),
-                    max_queue=limits.pop("max_queue", 64))  # fmt: skip
+    engine = Engine(
+        model,
+        tokenizer,
+        max_running=limits.pop("max_running", 16),
+        max_queue=limits.pop("max_queue", 64),
+    )
     return Server(engine, "tiny-llama", api_key=KEY, limits=Limits(**limits), adapter_root=root)
 
 
@@ -111,9 +115,12 @@ def generated(folders) -> dict[tuple[str, str], str]:
 
 def _chat(client, model, prompt, **kw):
     return client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": prompt}], temperature=0,
-        max_tokens=TOKENS, **kw,
-    )  # fmt: skip
+        model=model,
+        messages=[{"role": "user", "content": prompt}],
+        temperature=0,
+        max_tokens=TOKENS,
+        **kw,
+    )
 
 
 # --- outputs -----------------------------------------------------------------------------------
@@ -149,8 +156,9 @@ def test_adapters_change_the_output(generated):
 
 def test_streaming_gives_the_same_text_in_pieces(client):
     whole = _chat(client, "alpha", PROMPTS[0]).choices[0].message.content
-    chunks = list(_chat(client, "alpha", PROMPTS[0], stream=True,
-                        stream_options={"include_usage": True}))  # fmt: skip
+    chunks = list(
+        _chat(client, "alpha", PROMPTS[0], stream=True, stream_options={"include_usage": True})
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     pieces = [c.choices[0].delta.content or "" for c in chunks if c.choices]
     assert "".join(pieces) == whole and len([p for p in pieces if p]) > 1
@@ -194,9 +202,13 @@ def test_stop_strings_n_and_seeded_sampling(client):
     ).choices[0]
     assert cut.text == whole[: whole.index(stop)] and cut.finish_reason == "stop"
     streamed = client.completions.create(
-        model="alpha", prompt="def fibonacci(n):", temperature=0, max_tokens=TOKENS,
-        stop=[stop], stream=True,
-    )  # fmt: skip
+        model="alpha",
+        prompt="def fibonacci(n):",
+        temperature=0,
+        max_tokens=TOKENS,
+        stop=[stop],
+        stream=True,
+    )
     assert "".join(c.choices[0].text for c in streamed) == cut.text
     sampled = [
         client.chat.completions.create(
@@ -206,7 +218,7 @@ def test_stop_strings_n_and_seeded_sampling(client):
             max_tokens=12,
             n=3,
             seed=7,
-        )  # fmt: skip
+        )
         for _ in range(2)
     ]
     texts = [[c.message.content for c in s.choices] for s in sampled]
@@ -325,9 +337,15 @@ def test_load_and_unload_adapters_at_run_time(served, client, folders, root):
 
 def test_an_adapter_for_another_base_is_refused_with_its_message(served, root):
     other = root / "other"
-    config = LlamaConfig(vocab_size=4096, hidden_size=128, intermediate_size=256,
-                         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                         head_dim=32)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=4096,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+    )
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(other / "base")
     folder = adapter_folder(other, other / "base", "lora", name="wrong", seed=1)
@@ -424,10 +442,21 @@ def test_the_serve_command_answers_curl_style_requests(folders):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tunesmith", "serve", "--adapter", f"a={folders['alpha']}",
-         "--model", str(BUNDLED), "--port", str(port)],
-        stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "tunesmith",
+            "serve",
+            "--adapter",
+            f"a={folders['alpha']}",
+            "--model",
+            str(BUNDLED),
+            "--port",
+            str(port),
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 120
@@ -439,8 +468,12 @@ def test_the_serve_command_answers_curl_style_requests(folders):
                 pass
             assert proc.poll() is None and time.monotonic() < deadline
             time.sleep(0.2)
-        body = {"model": "a", "messages": [{"role": "user", "content": PROMPTS[0]}],
-                "max_tokens": TOKENS, "temperature": 0}  # fmt: skip
+        body = {
+            "model": "a",
+            "messages": [{"role": "user", "content": PROMPTS[0]}],
+            "max_tokens": TOKENS,
+            "temperature": 0,
+        }
         plain = httpx.post(url + "/v1/chat/completions", content=json.dumps(body), timeout=60)
         assert plain.status_code == 415 and plain.json()["error"]["message"] == (
             "no Content-Type header: send the body as JSON with the header "
@@ -451,8 +484,9 @@ def test_the_serve_command_answers_curl_style_requests(folders):
             url + "/v1/chat/completions", content=json.dumps(body), headers=json_type, timeout=60
         )
         assert reply.status_code == 200
-        expected = _generate("--model", str(BUNDLED), "--adapter", str(folders["alpha"]),
-                             PROMPTS[0])  # fmt: skip
+        expected = _generate(
+            "--model", str(BUNDLED), "--adapter", str(folders["alpha"]), PROMPTS[0]
+        )
         assert reply.json()["choices"][0]["message"]["content"].strip() == expected
         models = [m["id"] for m in httpx.get(url + "/v1/models", timeout=30).json()["data"]]
         assert models == ["tiny-llama", "a"]

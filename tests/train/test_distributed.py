@@ -35,23 +35,38 @@ def _config(tmp_path: Path, tiny_dir: Path, name: str, **train) -> Path:
     raw = {
         "model": {"path": str(tiny_dir), "dtype": "fp32", "device": "cpu"},
         "method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.1},  # keyed: same masks
-        "data": {"datasets": [{"path": str(data)}],
-                 "validation": [{"path": str(tmp_path / "val.jsonl")}],
-                 "max_seq_len": 64, "cache_dir": str(tmp_path / "cache")},
-        "train": {"max_steps": 4, "micro_batch_size": 2, "grad_accum_steps": 2, "lr": 5e-3,
-                  "log_every_steps": 1, **train},
+        "data": {
+            "datasets": [{"path": str(data)}],
+            "validation": [{"path": str(tmp_path / "val.jsonl")}],
+            "max_seq_len": 64,
+            "cache_dir": str(tmp_path / "cache"),
+        },
+        "train": {
+            "max_steps": 4,
+            "micro_batch_size": 2,
+            "grad_accum_steps": 2,
+            "lr": 5e-3,
+            "log_every_steps": 1,
+            **train,
+        },
         "output_dir": str(tmp_path / name),
-    }  # fmt: skip
+    }
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
 
 
 def _torchrun(*args: str, nproc: int = 2, script: list[str] | None = None, **kwargs):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={nproc}", *(script or ["-m", "tunesmith"]), *args]  # fmt: skip
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT,
-                          **kwargs)  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        *(script or ["-m", "tunesmith"]),
+        *args,
+    ]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT, **kwargs)
 
 
 def _losses(out: Path) -> list[float]:
@@ -119,10 +134,14 @@ def test_fsdp_checkpoints_resume_exactly_and_on_another_number_of_processes(tmp_
     assert again.returncode == 0, again.stderr[-3000:]
     assert _losses(tmp_path / "run") == straight  # bit-identical on CPU
     _resume_elsewhere(
-        run_cli, config, keep, tmp_path / "run",
+        run_cli,
+        config,
+        keep,
+        tmp_path / "run",
         "the checkpoint was written by 2 process(es) and this run has 1: its shards are "
-        "resharded to this run's processes", straight,
-    )  # fmt: skip
+        "resharded to this run's processes",
+        straight,
+    )
 
 
 def test_a_failing_rank_stops_the_job_with_its_message(tmp_path, tiny_dir):
@@ -164,7 +183,7 @@ def test_two_machines_over_loopback(tmp_path, tiny_dir):
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-        )  # fmt: skip
+        )
         for rank in (0, 1)
     ]
     outputs = [node.communicate(timeout=TIMEOUT) for node in nodes]
@@ -200,15 +219,31 @@ def test_fsdp_shards_every_decoder_layer_and_the_loss_module_with_the_policies(m
     calls = []
     monkeypatch.setattr(fsdp, "fully_shard", lambda module, **kw: calls.append((module, kw)))
     model = make_model("llama")
-    root = distributed.wrap(model, "fsdp", World(0, 2, 0), "cuda:0", torch.bfloat16, True,
-                            lambda m, b: None, cpu_offload=True)  # fmt: skip
+    root = distributed.wrap(
+        model,
+        "fsdp",
+        World(0, 2, 0),
+        "cuda:0",
+        torch.bfloat16,
+        True,
+        lambda m, b: None,
+        cpu_offload=True,
+    )
     assert [m for m, _ in calls] == [*model.model.layers, root] and root.model is model
     policy = calls[0][1]["mp_policy"]
     assert (policy.param_dtype, policy.reduce_dtype) == (torch.bfloat16, torch.float32)
     assert type(calls[0][1]["offload_policy"]).__name__ == "CPUOffloadPolicy"
     calls.clear()
-    distributed.wrap(model, "fsdp", World(0, 2, 0), "cpu", torch.float32, True,
-                     lambda m, b: None, cpu_offload=True)  # fmt: skip
+    distributed.wrap(
+        model,
+        "fsdp",
+        World(0, 2, 0),
+        "cpu",
+        torch.float32,
+        True,
+        lambda m, b: None,
+        cpu_offload=True,
+    )
     assert "offload_policy" not in calls[0][1]  # CPU processes have nothing to offload to
 
 
@@ -222,8 +257,12 @@ def test_ddp_resumes_a_one_process_checkpoint_on_two_processes(tmp_path, tiny_di
     keep = tmp_path / "step2"
     shutil.copytree(tmp_path / "run" / "checkpoints" / "step-000002", keep)
     _resume_elsewhere(
-        _torchrun, config, keep, tmp_path / "run",
+        _torchrun,
+        config,
+        keep,
+        tmp_path / "run",
         "the checkpoint was written by 1 process(es) and this run has 2: the checkpoint holds "
-        "the whole state and every process loads it", straight,
-    )  # fmt: skip
+        "the whole state and every process loads it",
+        straight,
+    )
     _assert_same_adapter(_adapter(tmp_path / "run"), straight_adapter, 1e-5)

@@ -230,10 +230,19 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
     [
         ("constant", [1 / 3, 2 / 3, 1.0, 1.0, 1.0, 1.0]),
         ("linear", [1 / 3, 2 / 3, 1.0, 0.75, 0.5, 0.25]),
-        ("cosine", [1 / 3, 2 / 3, 1.0, (1 + math.cos(math.pi / 4)) / 2, 0.5,
-                    (1 + math.cos(3 * math.pi / 4)) / 2]),
+        (
+            "cosine",
+            [
+                1 / 3,
+                2 / 3,
+                1.0,
+                (1 + math.cos(math.pi / 4)) / 2,
+                0.5,
+                (1 + math.cos(3 * math.pi / 4)) / 2,
+            ],
+        ),
     ],
-)  # fmt: skip
+)
 def test_schedules_warm_up_then_decay(schedule, expected):
     got = [lr_factor(schedule, step, warmup=2, total=6) for step in range(6)]
     assert got == pytest.approx(expected)
@@ -241,9 +250,11 @@ def test_schedules_warm_up_then_decay(schedule, expected):
 
 def test_weight_decay_skips_vectors_and_lr_follows_the_schedule(tmp_path, tiny_dir):
     config = make_config(
-        tmp_path, tiny_dir, method="full",
+        tmp_path,
+        tiny_dir,
+        method="full",
         train={"max_steps": 4, "weight_decay": 0.1, "warmup_steps": 1, "schedule": "linear"},
-    )  # fmt: skip
+    )
     run = Run(config, progress=quiet())
     run.setup()
     decays = {g["weight_decay"]: {p.ndim for p in g["params"]} for g in run.optimizer.param_groups}
@@ -307,15 +318,21 @@ def test_prompt_ids_match_the_training_encoding():
     tokenizer = chat_tokenizer()
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
     settings = EncodeSettings(
-        max_seq_len=128, truncation="truncate", train_on_inputs=False, add_eos=True,
-        template=tokenizer.chat_template, add_bos=False,
-    )  # fmt: skip
+        max_seq_len=128,
+        truncation="truncate",
+        train_on_inputs=False,
+        add_eos=True,
+        template=tokenizer.chat_template,
+        add_bos=False,
+    )
     from collections import Counter
 
     [(ids, labels)] = encode_examples(
         [(Conversation([*messages, {"role": "assistant", "content": "yo"}]), "x")],
-        tokenizer, settings, Counter(),
-    )  # fmt: skip
+        tokenizer,
+        settings,
+        Counter(),
+    )
     prompt = prompt_ids(messages, tokenizer.chat_template, tokenizer, add_bos=False)
     first_trained = next(i for i, v in enumerate(labels) if v != -100)
     assert list(ids[:first_trained]) == prompt

@@ -93,16 +93,26 @@ def test_offloading_leaves_small_tensors_and_parameters_alone():
 
 def test_the_planner_traces_offloading_as_inputs_off_the_device():
     config = LlamaConfig(
-        vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
-        num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=4096,
-    )  # fmt: skip
+        vocab_size=32000,
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_hidden_layers=8,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        max_position_embeddings=4096,
+    )
     method = LoRAConfig()
-    plain = trace_step(config, method, TrainSection(gradient_checkpointing=True), 2048, 2,
-                       torch.bfloat16)  # fmt: skip
+    plain = trace_step(
+        config, method, TrainSection(gradient_checkpointing=True), 2048, 2, torch.bfloat16
+    )
     offloaded = trace_step(
-        config, method, TrainSection(gradient_checkpointing=True, offload_activations=True),
-        2048, 2, torch.bfloat16,
-    )  # fmt: skip
+        config,
+        method,
+        TrainSection(gradient_checkpointing=True, offload_activations=True),
+        2048,
+        2,
+        torch.bfloat16,
+    )
     layer_input = 2 * 2048 * 1024 * 2  # bf16
     # of 8 checkpointed inputs at most two are on the device at once in the backward
     saved = plain.peak_bytes - offloaded.peak_bytes
@@ -111,8 +121,9 @@ def test_the_planner_traces_offloading_as_inputs_off_the_device():
 
 def test_offloading_without_checkpointing_is_refused(tmp_path, tiny_dir):
     with pytest.raises(ValueError) as err:
-        make_config(tmp_path, tiny_dir, train={"offload_activations": True,
-                                               "gradient_checkpointing": False})  # fmt: skip
+        make_config(
+            tmp_path, tiny_dir, train={"offload_activations": True, "gradient_checkpointing": False}
+        )
     assert (
         "train.offload_activations moves the checkpointed layer inputs, so it needs "
         "train.gradient_checkpointing: true" in str(err.value)
@@ -189,9 +200,13 @@ def test_liger_kernels_under_the_triton_interpreter_match_the_torch_path():
     pytest.importorskip("liger_kernel")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     result = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(LIGER_ON_CPU)], cwd=ROOT, env=env,
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [sys.executable, "-c", textwrap.dedent(LIGER_ON_CPU)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "['rope: on', 'cross_entropy: on']" in result.stdout
     assert "same" in result.stdout
@@ -209,9 +224,11 @@ def _losses(out_dir) -> list[float]:
 
 
 def test_padding_free_packing_trains_with_the_same_losses(tmp_path, tiny_dir):
-    common = {"data": {"packing": True, "max_seq_len": 64},  # no dropout: same masks
-              "method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
-              "train": {"log_every_steps": 1, "max_steps": 3}}  # fmt: skip
+    common = {
+        "data": {"packing": True, "max_seq_len": 64},  # no dropout: same masks
+        "method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
+        "train": {"log_every_steps": 1, "max_steps": 3},
+    }
     summaries = {}
     for setting in ("off", "on"):
         config = make_config(tmp_path / setting, tiny_dir, **common)
@@ -235,10 +252,17 @@ def test_compiled_layers_train_with_the_same_losses_and_no_recompiles(tmp_path, 
     losses = {}
     for compiled in (False, True):
         config = make_config(
-            tmp_path / str(compiled), tiny_dir, data={"packing": True, "max_seq_len": 64},
-            train={"compile": compiled, "max_steps": 4, "log_every_steps": 1,
-                   "gradient_checkpointing": True, "micro_batch_size": 2},
-        )  # fmt: skip
+            tmp_path / str(compiled),
+            tiny_dir,
+            data={"packing": True, "max_seq_len": 64},
+            train={
+                "compile": compiled,
+                "max_steps": 4,
+                "log_every_steps": 1,
+                "gradient_checkpointing": True,
+                "micro_batch_size": 2,
+            },
+        )
         torch._dynamo.reset()
         recompiles: list[int] = []
 
@@ -286,9 +310,12 @@ def test_a_random_weight_benchmark_run_needs_only_config_and_tokenizer(tmp_path,
 def test_the_device_scripts_correctness_checks_run_on_cpu():
     """bench/gpu_step.py --check, as the lent GPU runs it (there also liger's kernels)."""
     done = subprocess.run(
-        [sys.executable, "bench/gpu_step.py", "--check"], cwd=ROOT, capture_output=True,
-        text=True, timeout=300,
-    )  # fmt: skip
+        [sys.executable, "bench/gpu_step.py", "--check"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     checks = json.loads(done.stdout)
     assert checks["fused_lora"]["loss_diff"] < 1e-5

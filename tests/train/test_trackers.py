@@ -110,11 +110,15 @@ def test_trackers_get_the_metrics_config_and_evaluation(tmp_path, tiny_dir, monk
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     cfg = make_config(
-        tmp_path, tiny_dir,
-        train={"max_steps": 4, "log_every_steps": 1,
-               "report_to": ["tensorboard", "wandb", "mlflow"]},
+        tmp_path,
+        tiny_dir,
+        train={
+            "max_steps": 4,
+            "log_every_steps": 1,
+            "report_to": ["tensorboard", "wandb", "mlflow"],
+        },
         eval={"every_steps": 2, "generate_samples": 3, "max_new_tokens": 4},
-    )  # fmt: skip
+    )
     config = tmp_path / "run.yaml"
     config.write_text(config_yaml(cfg))
     result = run_cli("train", str(config), timeout=600)
@@ -206,8 +210,13 @@ def test_a_resumed_run_continues_the_same_tracker_runs(tmp_path, tiny_dir, monke
     from tunesmith.train.loop import train
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    settings = {"max_steps": 8, "save_every_steps": 4, "micro_batch_size": 2,
-                "log_every_steps": 1, "report_to": ["tensorboard", "mlflow"]}  # fmt: skip
+    settings = {
+        "max_steps": 8,
+        "save_every_steps": 4,
+        "micro_batch_size": 2,
+        "log_every_steps": 1,
+        "report_to": ["tensorboard", "mlflow"],
+    }
     cfg = make_config(tmp_path, tiny_dir, train=settings)
     out = tmp_path / "out"
 

@@ -119,9 +119,12 @@ class LinearWrapper(AdapterHolder):
 
     def _plain_linear(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype) -> nn.Linear:
         linear = nn.Linear(
-            self.in_features, self.out_features, bias=bias is not None, device=weight.device,
+            self.in_features,
+            self.out_features,
+            bias=bias is not None,
+            device=weight.device,
             dtype=dtype,
-        )  # fmt: skip
+        )
         with torch.no_grad():
             linear.weight.copy_(weight.to(dtype))
             if bias is not None:

@@ -42,9 +42,12 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
 COMMON_PEFT_KEYS = {
-    "auto_mapping": None, "base_model_name_or_path": None, "inference_mode": True,
-    "revision": None, "task_type": "CAUSAL_LM",
-}  # fmt: skip
+    "auto_mapping": None,
+    "base_model_name_or_path": None,
+    "inference_mode": True,
+    "revision": None,
+    "task_type": "CAUSAL_LM",
+}
 """Keys every PEFT adapter config has, with what tunesmith writes."""
 
 
@@ -225,9 +228,14 @@ def load_adapter(
     try:
         load = method.hook("load_tensors") or copy_tensors
         load(
-            model, name, tensors, source=folder / WEIGHTS_NAME, config=config, hot_swap=hot_swap,
+            model,
+            name,
+            tensors,
+            source=folder / WEIGHTS_NAME,
+            config=config,
+            hot_swap=hot_swap,
             folder=folder,
-        )  # fmt: skip
+        )
     except AdapterError:
         if not hot_swap:
             delete_adapter(model, name)

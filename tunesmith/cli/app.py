@@ -86,10 +86,11 @@ AdapterOpt = Annotated[
 ModelOpt = Annotated[
     Optional[str],  # noqa: UP045
     typer.Option(
-        "--model", help="Base model folder or hub id (default: the adapter's base).",
+        "--model",
+        help="Base model folder or hub id (default: the adapter's base).",
         show_default=False,
     ),
-]  # fmt: skip
+]
 MaxTokensOpt = Annotated[int, typer.Option("--max-new-tokens", help="Longest reply.")]
 TemperatureOpt = Annotated[float, typer.Option("--temperature", help="0 is greedy.")]
 TopPOpt = Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass.")]

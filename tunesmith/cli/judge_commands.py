@@ -51,7 +51,7 @@ def data_report_cmd(
         "--json",
         help="Where the JSON report goes (default: output_dir/data_report.json).",
         show_default=False,
-    ),  # fmt: skip
+    ),
     threshold: float = typer.Option(
         0.8, "--threshold", help="Near duplicates: word 3-gram Jaccard similarity at least this."
     ),
@@ -135,7 +135,7 @@ def review_cmd(
         envvar="TUNESMITH_API_KEY",
         show_default=False,
         help="Required to bind another address than 127.0.0.1; the page takes it as ?key=.",
-    ),  # fmt: skip
+    ),
     summary: bool = typer.Option(False, "--summary", help="Print the votes' summary and exit."),
     allowed_host: AllowedHostOpt = None,
     request_timeout: RequestTimeoutOpt = 30.0,
@@ -199,7 +199,7 @@ def bench_cmd(
         min=0,
         help="Few-shot examples (default: the task's).",
         show_default=False,
-    ),  # fmt: skip
+    ),
     include: IncludeOpt = None,
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Harness batch size."),
     chat_template: Optional[bool] = typer.Option(  # noqa: UP045
@@ -207,7 +207,7 @@ def bench_cmd(
         "--chat-template/--no-chat-template",
         show_default=False,
         help="Wrap prompts in the run's chat template (default: when it has one).",
-    ),  # fmt: skip
+    ),
     no_base: bool = typer.Option(False, "--no-base", help="Leave out the base model column."),
     out: Optional[str] = typer.Option(  # noqa: UP045
         None, "--out", help="Results folder (default: output_dir/bench).", show_default=False
@@ -232,9 +232,16 @@ def bench_cmd(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         columns = run_bench(
-            cfg, names, adapters, include=include, limit=limit, num_fewshot=num_fewshot,
-            batch_size=batch_size, chat_template=chat_template, include_base=not no_base,
-        )  # fmt: skip
+            cfg,
+            names,
+            adapters,
+            include=include,
+            limit=limit,
+            num_fewshot=num_fewshot,
+            batch_size=batch_size,
+            chat_template=chat_template,
+            include_base=not no_base,
+        )
     typer.echo(format_bench_table(bench_table(columns)))
     target = Path(out) if out else Path(cfg.output_dir) / "bench"
     for path in write_bench(columns, target):

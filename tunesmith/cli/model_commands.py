@@ -158,14 +158,14 @@ def merge_cmd(
         "--quantized-base",
         help="QLoRA adapters: merge onto the dequantized 4-bit base they were trained on. "
         "auto (read the QLoRA run's config.yaml next to the adapter), none, nf4, fp4, int8.",
-    ),  # fmt: skip
+    ),
     dry_run: DryRunOpt = False,
     verify: bool = typer.Option(
         False,
         "--verify",
         help="Load base + adapter and the merged model afterwards and print the largest "
         "logit difference (needs memory for both models).",
-    ),  # fmt: skip
+    ),
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Merge adapter(s) into the base model and write a Hugging Face checkpoint (sharded
@@ -175,10 +175,17 @@ def merge_cmd(
     from tunesmith.combine import merge_checkpoint
 
     report = merge_checkpoint(
-        base, list(adapter or []), out, dtype=dtype, max_shard_size=max_shard_size,
-        quantized_base=quantized_base, dry_run=dry_run, overwrite=overwrite, verify=verify,
+        base,
+        list(adapter or []),
+        out,
+        dtype=dtype,
+        max_shard_size=max_shard_size,
+        quantized_base=quantized_base,
+        dry_run=dry_run,
+        overwrite=overwrite,
+        verify=verify,
         progress=None if dry_run else progress_bar("merging"),
-    )  # fmt: skip
+    )
     for line in report.lines():
         typer.echo(line)
 
@@ -199,7 +206,7 @@ def combine_cmd(
         "svd",
         "--method",
         help="linear, cat (exact), svd, ties, dare_linear, dare_ties or magnitude_prune.",
-    ),  # fmt: skip
+    ),
     rank: Optional[int] = typer.Option(  # noqa: UP045
         None, "--rank", help="svd and pruning methods: the result's rank (default: largest input)."
     ),
@@ -217,9 +224,17 @@ def combine_cmd(
 
     adapters = list(adapter or [])
     result = combine_adapter_folders(
-        adapters, parse_weights(weights, len(adapters), 1.0), out, method=method, base=base,
-        rank=rank, density=density, seed=seed, majority_sign=majority_sign, overwrite=overwrite,
-    )  # fmt: skip
+        adapters,
+        parse_weights(weights, len(adapters), 1.0),
+        out,
+        method=method,
+        base=base,
+        rank=rank,
+        density=density,
+        seed=seed,
+        majority_sign=majority_sign,
+        overwrite=overwrite,
+    )
     config = result.config
     ranks = sorted({config.r, *config.rank_pattern.values()})
     typer.echo(
@@ -245,7 +260,7 @@ def merge_models_cmd(
         "task_arithmetic",
         "--method",
         help="task_arithmetic, ties, dare_ties, dare_linear or magnitude_prune.",
-    ),  # fmt: skip
+    ),
     weights: Optional[str] = typer.Option(  # noqa: UP045
         None, "--weights", help="Comma-separated, one per model (default: 1 each)."
     ),
@@ -263,11 +278,20 @@ def merge_models_cmd(
 
     models = list(model or [])
     report = merge_models(
-        base, models, out, method=method, weights=parse_weights(weights, len(models), 1.0),
-        density=density, seed=seed, majority_sign=majority_sign, dtype=dtype,
-        max_shard_size=max_shard_size, dry_run=dry_run, overwrite=overwrite,
+        base,
+        models,
+        out,
+        method=method,
+        weights=parse_weights(weights, len(models), 1.0),
+        density=density,
+        seed=seed,
+        majority_sign=majority_sign,
+        dtype=dtype,
+        max_shard_size=max_shard_size,
+        dry_run=dry_run,
+        overwrite=overwrite,
         progress=None if dry_run else progress_bar("merging"),
-    )  # fmt: skip
+    )
     for line in report.lines():
         typer.echo(line)
 
@@ -320,14 +344,14 @@ def quantize_cmd(
         "--format",
         help="rtn/gptq/awq: gptq (GPTQ's format) or compressed-tensors (llm-compressor's "
         "pack-quantized: transformers with compressed-tensors, vLLM on CPU and GPU).",
-    ),  # fmt: skip
+    ),
     skip: Optional[str] = typer.Option(  # noqa: UP045
         None,
         "--skip",
         show_default=False,
         help="rtn/gptq/awq: a regular expression; linears whose name it matches stay unquantized "
         "(e.g. 'mlp\\.').",
-    ),  # fmt: skip
+    ),
 ) -> None:
     """Quantize a checkpoint (or base + adapter, merged first) and report perplexity and size
     against the original. rtn/gptq/awq write GPTQ's format or compressed-tensors'; int8/nf4

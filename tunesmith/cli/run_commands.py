@@ -129,7 +129,7 @@ def train_cmd(
         min=1,
         help="Processes on this machine (GPUs, or CPU processes with gloo): runs torchrun "
         "--standalone --nproc_per_node N -m tunesmith train ... for you.",
-    ),  # fmt: skip
+    ),
 ) -> None:
     """Train: load the model and data, attach the method (lora, qlora, full, prompt, prefix,
     bottleneck or ia3; the LoRA family includes rsLoRA, DoRA and PiSSA init), run the loop with
@@ -141,9 +141,18 @@ def train_cmd(
 
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise TunesmithError("--nproc: already running under torchrun; leave --nproc out")
-        argv = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                f"--nproc_per_node={nproc}", "-m", "tunesmith", "train", str(config),
-                *(overrides or [])]  # fmt: skip
+        argv = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            "-m",
+            "tunesmith",
+            "train",
+            str(config),
+            *(overrides or []),
+        ]
         if resume is not None:
             argv += ["--resume", resume]
         argv += ["--overwrite"] * overwrite + ["--no-cache"] * no_cache
@@ -155,8 +164,9 @@ def train_cmd(
     from tunesmith.train.loop import Run
 
     cfg = load_config(config, overrides or [])
-    run = Run(cfg, resume=resume, overwrite=overwrite, use_cache=not no_cache,
-              planned_peak=planned_peak)  # fmt: skip
+    run = Run(
+        cfg, resume=resume, overwrite=overwrite, use_cache=not no_cache, planned_peak=planned_peak
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         run.setup()
@@ -273,7 +283,7 @@ def eval_cmd(
         show_default=False,
         help="Write eval.json and samples.jsonl (every answer) to this folder, for "
         "`tunesmith report` and `tunesmith review`.",
-    ),  # fmt: skip
+    ),
 ) -> None:
     """Perplexity and generation metrics (exact match, contains, accuracy, BLEU, chrF,
     ROUGE-1/2/L) on the validation data, for the base model and each adapter side by side.
@@ -288,9 +298,14 @@ def eval_cmd(
             if (Path(cfg.output_dir) / name).is_dir():
                 adapters.append(str(Path(cfg.output_dir) / name))
     columns, n = evaluate_models(
-        cfg, adapters, data_path=data, samples=samples, max_new_tokens=max_new_tokens,
-        include_base=not no_base, save_dir=save,
-    )  # fmt: skip
+        cfg,
+        adapters,
+        data_path=data,
+        samples=samples,
+        max_new_tokens=max_new_tokens,
+        include_base=not no_base,
+        save_dir=save,
+    )
     typer.echo(format_table(columns, n))
     if save:
         typer.echo(f"wrote {Path(save) / 'eval.json'} and {Path(save) / 'samples.jsonl'}")

@@ -246,9 +246,13 @@ def _add_combined(
     common = Counter(ranks.values()).most_common(1)[0][0]
     other = {re.escape(m): r for m, r in ranks.items() if r != common}
     config = LoRAConfig(
-        r=common, alpha=common, dropout=0.0, targets=sorted(factors), rank_pattern=other,
+        r=common,
+        alpha=common,
+        dropout=0.0,
+        targets=sorted(factors),
+        rank_pattern=other,
         alpha_pattern=dict(other),
-    )  # fmt: skip
+    )
     add_lora(model, config, name, trainable=False)
     layers = dict(lora_layers(model))
     with torch.no_grad():

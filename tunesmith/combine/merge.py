@@ -117,16 +117,28 @@ def planned_report(
 ) -> MergeReport:
     """The report of writing `plan` to `out` (files and size as they will be)."""
     return MergeReport(
-        out=str(out), dtype=str(out_dtype).removeprefix("torch."),
+        out=str(out),
+        dtype=str(out_dtype).removeprefix("torch."),
         files=shard_names(len(shard_plan(plan, shard_bytes))),
-        total_bytes=sum(t.nbytes for t in plan), tensors=len(plan), **fields,
-    )  # fmt: skip
+        total_bytes=sum(t.nbytes for t in plan),
+        tensors=len(plan),
+        **fields,
+    )
 
 
 def write_output(
-    out: Path, overwrite: bool, plan, produce, shard_bytes: int, progress, config,
-    out_dtype: torch.dtype, reader: CheckpointReader, tokenizer: str, report: MergeReport,
-) -> None:  # fmt: skip
+    out: Path,
+    overwrite: bool,
+    plan,
+    produce,
+    shard_bytes: int,
+    progress,
+    config,
+    out_dtype: torch.dtype,
+    reader: CheckpointReader,
+    tokenizer: str,
+    report: MergeReport,
+) -> None:
     """Write the whole checkpoint (tensors, config, generation config, tokenizer) into a
     staging folder that becomes `out` in one rename."""
     needed = sum(t.nbytes for t in plan)
@@ -240,19 +252,33 @@ def merge_checkpoint(
     plan = output_plan(reader, out_dtype)
     resolver.check_complete()
     report = planned_report(
-        out, out_dtype, plan, shard_bytes, merged_modules=len(resolver.wrapped),
+        out,
+        out_dtype,
+        plan,
+        shard_bytes,
+        merged_modules=len(resolver.wrapped),
         adapters=[str(a) for a in adapters],
-        quantized_base=quant.quant if quant is not None else None, dry_run=dry_run,
-    )  # fmt: skip
+        quantized_base=quant.quant if quant is not None else None,
+        dry_run=dry_run,
+    )
     methods = sorted({method_of(state.configs[n]).name for n in names})
     report.notes.append(f"adapters: {', '.join(map(str, adapters))} ({', '.join(methods)})")
     if dry_run:
         return report
     tokenizer = adapters[0] if (Path(adapters[0]) / "tokenizer_config.json").is_file() else base
     write_output(
-        out, overwrite, plan, resolver.produce_as(out_dtype), shard_bytes, progress, config,
-        out_dtype, reader, tokenizer, report,
-    )  # fmt: skip
+        out,
+        overwrite,
+        plan,
+        resolver.produce_as(out_dtype),
+        shard_bytes,
+        progress,
+        config,
+        out_dtype,
+        reader,
+        tokenizer,
+        report,
+    )
     if verify:
         report.max_logit_diff = compare_logits(base, adapters, out, quant, revision)
     return report

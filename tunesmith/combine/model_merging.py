@@ -142,7 +142,16 @@ def merge_models(
     if dry_run:
         return report
     write_output(
-        out, overwrite, plan, produce, shard_bytes, progress, configs[0], out_dtype,
-        base_reader, base, report,
-    )  # fmt: skip
+        out,
+        overwrite,
+        plan,
+        produce,
+        shard_bytes,
+        progress,
+        configs[0],
+        out_dtype,
+        base_reader,
+        base,
+        report,
+    )
     return report

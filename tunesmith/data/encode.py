@@ -118,9 +118,12 @@ class Trace:
 
 
 def encode_examples(
-    examples: list[tuple[Example, str]], tokenizer, settings: EncodeSettings, stats: Counter,
+    examples: list[tuple[Example, str]],
+    tokenizer,
+    settings: EncodeSettings,
+    stats: Counter,
     trace: list[Trace] | None = None,
-) -> list[tuple[list[int], list[int]]]:  # fmt: skip
+) -> list[tuple[list[int], list[int]]]:
     """Examples (with their locations) to samples, in order; an example gives zero samples
     (dropped), one, or several (`truncation: split`). Counts what happened in `stats`
     (samples, truncated, dropped_too_long, dropped_untrained, split). Texts are tokenized in

@@ -171,10 +171,17 @@ def peek_format(src: DatasetSource, at: str) -> str:
 
 
 def _prepare_source(
-    src: DatasetSource, at: str, fmt: str, data: DataSection, tokenizer,
-    settings: EncodeSettings, fingerprint: str, cache_dir: Path, use_cache: bool,
+    src: DatasetSource,
+    at: str,
+    fmt: str,
+    data: DataSection,
+    tokenizer,
+    settings: EncodeSettings,
+    fingerprint: str,
+    cache_dir: Path,
+    use_cache: bool,
     allow_empty: bool = False,
-) -> tuple[SampleSet, SourceStats]:  # fmt: skip
+) -> tuple[SampleSet, SourceStats]:
     key_parts = {
         "version": CACHE_VERSION,
         "source": source_fingerprint(src.path, src.split, src.subset, src.revision),
@@ -262,17 +269,24 @@ def _warn_degenerate(stats: SourceStats) -> None:
 
 def _stats(path: str, fmt: str, records: int, samples: SampleSet, counts: Counter) -> SourceStats:
     return SourceStats(
-        path=path, split="train", format=fmt, records=records, samples=len(samples),
-        tokens=samples.num_tokens, trained_tokens=samples.num_trained_tokens,
-        truncated=counts["truncated"], dropped_too_long=counts["dropped_too_long"],
+        path=path,
+        split="train",
+        format=fmt,
+        records=records,
+        samples=len(samples),
+        tokens=samples.num_tokens,
+        trained_tokens=samples.num_trained_tokens,
+        truncated=counts["truncated"],
+        dropped_too_long=counts["dropped_too_long"],
         dropped_untrained=counts["dropped_untrained"],
         dropped_empty_response=counts["dropped_empty_response"],
-        out_of_order=counts["out_of_order"], split_long=counts["split"],
+        out_of_order=counts["out_of_order"],
+        split_long=counts["split"],
         inexact_template=counts["inexact_template"],
         inexact_example=first_example(counts, "inexact_template"),
         dropped_message=counts["dropped_message"],
         dropped_example=first_example(counts, "dropped_message"),
-    )  # fmt: skip
+    )
 
 
 def _drop_summary(stats: SourceStats) -> str:

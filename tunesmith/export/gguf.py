@@ -88,9 +88,12 @@ def _file_type(name: str) -> int:
     F = gguf.LlamaFileType
 
     return {
-        "f32": F.ALL_F32, "f16": F.MOSTLY_F16, "bf16": F.MOSTLY_BF16, "q8_0": F.MOSTLY_Q8_0,
+        "f32": F.ALL_F32,
+        "f16": F.MOSTLY_F16,
+        "bf16": F.MOSTLY_BF16,
+        "q8_0": F.MOSTLY_Q8_0,
         "q4_0": F.MOSTLY_Q4_0,
-    }[name]  # fmt: skip
+    }[name]
 
 
 def check_outtype(outtype: str, allowed=GGUF_TYPES) -> None:

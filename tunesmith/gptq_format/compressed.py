@@ -30,12 +30,17 @@ def compressed_config(method: str, bits: int, group_size: int, act_order: bool, 
     """config.json's `quantization_config` for a model whose linears (except `ignore`) are
     group-quantized asymmetric integers."""
     weights = {
-        "num_bits": bits, "type": "int", "symmetric": False,
+        "num_bits": bits,
+        "type": "int",
+        "symmetric": False,
         "strategy": "channel" if group_size == -1 else "group",
         "group_size": None if group_size == -1 else group_size,
-        "actorder": "group" if act_order else None, "dynamic": False, "observer": "minmax",
-        "block_structure": None, "observer_kwargs": {},
-    }  # fmt: skip
+        "actorder": "group" if act_order else None,
+        "dynamic": False,
+        "observer": "minmax",
+        "block_structure": None,
+        "observer_kwargs": {},
+    }
     return {
         "quant_method": "compressed-tensors",
         "format": FORMAT,
@@ -47,7 +52,7 @@ def compressed_config(method: str, bits: int, group_size: int, act_order: bool, 
                 "input_activations": None,
                 "output_activations": None,
                 "format": FORMAT,
-            }  # fmt: skip
+            }
         },
         "ignore": sorted(ignore),
         "kv_cache_scheme": None,

@@ -44,9 +44,14 @@ LAYOUTS = ("gptq", "compressed-tensors")
 
 
 def quantization_config(
-    method: str, bits: int, group_size: int, act_order: bool, damp: float,
-    layout: str = "gptq", ignore=(),
-) -> dict:  # fmt: skip
+    method: str,
+    bits: int,
+    group_size: int,
+    act_order: bool,
+    damp: float,
+    layout: str = "gptq",
+    ignore=(),
+) -> dict:
     """config.json's `quantization_config` for `layout`; `ignore`: the linears left in floating
     point (compressed-tensors lists them)."""
     if layout == "compressed-tensors":
@@ -139,9 +144,11 @@ def _compressed_settings(path: str, qconfig: dict) -> tuple[int, int | None]:
     weights = [g.get("weights") or {} for g in groups]
     fmt = qconfig.get("format")
     if (
-        fmt != "pack-quantized" or len(weights) != 1 or weights[0].get("type") != "int"
+        fmt != "pack-quantized"
+        or len(weights) != 1
+        or weights[0].get("type") != "int"
         or any(g.get("input_activations") for g in groups)
-    ):  # fmt: skip
+    ):
         raise TunesmithError(
             f"{path}: compressed-tensors checkpoints are read in the 'pack-quantized' format "
             f"with one integer weight-only scheme (this one: format {fmt!r}); load it with "
@@ -199,10 +206,15 @@ def load_gptq_checkpoint(
         model.set_submodule(
             module_name,
             GPTQLinear(
-                linear.in_features, linear.out_features, bits, groups,
-                linear.bias is not None, dtype, device="meta",
+                linear.in_features,
+                linear.out_features,
+                bits,
+                groups,
+                linear.bias is not None,
+                dtype,
+                device="meta",
             ),
-        )  # fmt: skip
+        )
     expected = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
     parts: dict[str, dict[str, torch.Tensor]] = {}
     if compressed:

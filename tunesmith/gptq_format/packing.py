@@ -93,6 +93,9 @@ def unpack_gptq(
     q = unpack_rows(qweight, bits, in_features).T.to(torch.uint8)
     zeros = unpack_rows(qzeros.T, bits, out_features).T + 1
     return QuantizedWeight(
-        q.contiguous(), scales.float().T.contiguous(), zeros.float().T.contiguous(),
-        g_idx.long(), bits,
-    )  # fmt: skip
+        q.contiguous(),
+        scales.float().T.contiguous(),
+        zeros.float().T.contiguous(),
+        g_idx.long(),
+        bits,
+    )

@@ -204,11 +204,16 @@ def data_report(
         items += source_items
         sources.append(_source_report(stats, split, source_items))
     report = DataReport(
-        config=config_path, max_seq_len=data.max_seq_len, truncation=data.truncation,
-        threshold=threshold, sources=sources, findings=[],
-        train_samples=len(prepared.train), train_trained_tokens=prepared.train.num_trained_tokens,
+        config=config_path,
+        max_seq_len=data.max_seq_len,
+        truncation=data.truncation,
+        threshold=threshold,
+        sources=sources,
+        findings=[],
+        train_samples=len(prepared.train),
+        train_trained_tokens=prepared.train.num_trained_tokens,
         validation_samples=len(prepared.validation) if prepared.validation is not None else 0,
-    )  # fmt: skip
+    )
     report.findings = _findings(report, items)
     return report
 
@@ -234,14 +239,23 @@ def _source_report(stats, split: str, items: list[Item]) -> SourceReport:
         counts = Counter(short)
         shares = {a: c / len(short) for a, c in counts.most_common()}
     return SourceReport(
-        path=stats.path, split=split, format=stats.format, records=stats.records,
-        samples=stats.samples, tokens=stats.tokens, trained_tokens=stats.trained_tokens,
-        truncated=stats.truncated, split_long=stats.split_long,
-        dropped_too_long=stats.dropped_too_long, dropped_untrained=stats.dropped_untrained,
-        dropped_empty_response=stats.dropped_empty_response, out_of_order=stats.out_of_order,
+        path=stats.path,
+        split=split,
+        format=stats.format,
+        records=stats.records,
+        samples=stats.samples,
+        tokens=stats.tokens,
+        trained_tokens=stats.trained_tokens,
+        truncated=stats.truncated,
+        split_long=stats.split_long,
+        dropped_too_long=stats.dropped_too_long,
+        dropped_untrained=stats.dropped_untrained,
+        dropped_empty_response=stats.dropped_empty_response,
+        out_of_order=stats.out_of_order,
         prompt_lengths=[it.trace.prompt_tokens for it in items],
-        answer_lengths=[it.trace.answer_tokens for it in items], answers=shares,
-    )  # fmt: skip
+        answer_lengths=[it.trace.answer_tokens for it in items],
+        answers=shares,
+    )
 
 
 class _Found(list):
@@ -281,9 +295,13 @@ def _leakage(found: _Found, items: list[Item], by_text: dict, val: list[int]) ->
         for i in val
         if _digest(items[i].text) in by_text
     ]
-    found.add("leakage_exact", 0, exact,
-              "validation records identical to a training record (the validation score is "
-              "inflated); remove them from one side")  # fmt: skip
+    found.add(
+        "leakage_exact",
+        0,
+        exact,
+        "validation records identical to a training record (the validation score is "
+        "inflated); remove them from one side",
+    )
     same_prompt = [
         f"{items[i].where} = {items[prompts[_digest(items[i].prompt)]].where}"
         for i in val
@@ -291,17 +309,26 @@ def _leakage(found: _Found, items: list[Item], by_text: dict, val: list[int]) ->
         and _digest(items[i].prompt) in prompts
         and _digest(items[i].text) not in by_text
     ]
-    found.add("leakage_prompt", 1, same_prompt,
-              "validation prompts also asked in training (with another answer)")  # fmt: skip
+    found.add(
+        "leakage_prompt",
+        1,
+        same_prompt,
+        "validation prompts also asked in training (with another answer)",
+    )
 
 
 def _duplicates(found: _Found, items, by_text: dict, val: list[int], threshold: float) -> None:
     """Exact duplicates within training; near duplicates within training and from validation
     into training: one representative per distinct text, LSH candidates checked exactly."""
     exact = [g for g in by_text.values() if len(g) > 1]
-    found.add("duplicates_exact", 1, [" = ".join(items[i].where for i in g) for g in exact],
-              "groups of identical training records (each repeat trains the same text again); "
-              "keep one of each", count=sum(len(g) - 1 for g in exact))  # fmt: skip
+    found.add(
+        "duplicates_exact",
+        1,
+        [" = ".join(items[i].where for i in g) for g in exact],
+        "groups of identical training records (each repeat trains the same text again); "
+        "keep one of each",
+        count=sum(len(g) - 1 for g in exact),
+    )
     representatives = [g[0] for g in by_text.values()]
     sets = {i: shingles(items[i].text) for i in representatives}
     lsh = MinHashLSH(threshold=threshold, num_perm=NUM_PERM)
@@ -320,10 +347,14 @@ def _duplicates(found: _Found, items, by_text: dict, val: list[int], threshold: 
             if j != i:
                 groups.union(i, j)
     clusters = groups.groups()
-    found.add("duplicates_near", 2, [" ~ ".join(items[i].where for i in g) for g in clusters],
-              f"groups of near-duplicate training records (word 3-gram Jaccard >= {threshold:g}, "
-              "MinHash/LSH); check that they differ on purpose",
-              count=sum(len(g) - 1 for g in clusters))  # fmt: skip
+    found.add(
+        "duplicates_near",
+        2,
+        [" ~ ".join(items[i].where for i in g) for g in clusters],
+        f"groups of near-duplicate training records (word 3-gram Jaccard >= {threshold:g}, "
+        "MinHash/LSH); check that they differ on purpose",
+        count=sum(len(g) - 1 for g in clusters),
+    )
     leaks = []
     for i in val:
         if _digest(items[i].text) in by_text:
@@ -332,9 +363,12 @@ def _duplicates(found: _Found, items, by_text: dict, val: list[int], threshold: 
         matches = near(tokens, _minhash(tokens))
         if matches:
             leaks.append(f"{items[i].where} ~ {items[matches[0]].where}")
-    found.add("leakage_near", 1, leaks,
-              f"validation records nearly identical to a training record (Jaccard >= "
-              f"{threshold:g})")  # fmt: skip
+    found.add(
+        "leakage_near",
+        1,
+        leaks,
+        f"validation records nearly identical to a training record (Jaccard >= {threshold:g})",
+    )
 
 
 def _preparation(found: _Found, items: list[Item], max_seq_len: int) -> None:
@@ -343,21 +377,32 @@ def _preparation(found: _Found, items: list[Item], max_seq_len: int) -> None:
     def fate(key: str) -> list[str]:
         return [it.where for it in items if it.trace.events[key]]
 
-    found.add("truncated_away", 0, fate("dropped_untrained"),
-              f"records whose answer lies past max_seq_len={max_seq_len} (dropped: nothing left "
-              "to train); raise data.max_seq_len or shorten the prompts")  # fmt: skip
+    found.add(
+        "truncated_away",
+        0,
+        fate("dropped_untrained"),
+        f"records whose answer lies past max_seq_len={max_seq_len} (dropped: nothing left "
+        "to train); raise data.max_seq_len or shorten the prompts",
+    )
     found.add(
         "too_long",
         1,
         fate("dropped_too_long"),
         f"records longer than max_seq_len={max_seq_len}, dropped (truncation: drop)",
     )
-    found.add("truncated", 2, fate("truncated"),
-              f"records cut at max_seq_len={max_seq_len} (the end of their answer is not "
-              "trained)")  # fmt: skip
-    found.add("out_of_order", 1, fate("out_of_order"),
-              "conversations with roles out of order (system after the start, an assistant "
-              "turn first, or two turns of one role in a row)")  # fmt: skip
+    found.add(
+        "truncated",
+        2,
+        fate("truncated"),
+        f"records cut at max_seq_len={max_seq_len} (the end of their answer is not trained)",
+    )
+    found.add(
+        "out_of_order",
+        1,
+        fate("out_of_order"),
+        "conversations with roles out of order (system after the start, an assistant "
+        "turn first, or two turns of one role in a row)",
+    )
     found.add(
         "empty_answer",
         0,
@@ -365,9 +410,10 @@ def _preparation(found: _Found, items: list[Item], max_seq_len: int) -> None:
         "conversations whose answers are all empty (dropped)",
     )
     short = [
-        it.where for it in items
+        it.where
+        for it in items
         if it.answer is not None and it.answer.strip() and len(normalize(it.answer)) <= 1
-    ]  # fmt: skip
+    ]
     found.add("short_answer", 2, short, "answers of one character or less")
 
 
@@ -379,10 +425,14 @@ def _nothing_left(found: _Found, report: DataReport) -> None:
         for s in report.sources
         if s.samples == 0
     ]
-    found.add("nothing_left", 0, empty,
-              f"sources of which no sample survives preparation (max_seq_len="
-              f"{report.max_seq_len}, truncation: {report.truncation}); `tunesmith train` "
-              "refuses them: raise data.max_seq_len or fix the records")  # fmt: skip
+    found.add(
+        "nothing_left",
+        0,
+        empty,
+        f"sources of which no sample survives preparation (max_seq_len="
+        f"{report.max_seq_len}, truncation: {report.truncation}); `tunesmith train` "
+        "refuses them: raise data.max_seq_len or fix the records",
+    )
 
 
 def _answers(found: _Found, items: list[Item], sources: list[SourceReport]) -> None:
@@ -393,23 +443,32 @@ def _answers(found: _Found, items: list[Item], sources: list[SourceReport]) -> N
         if shares is not None:
             top, low = max(shares.values(), default=0), min(shares.values(), default=0)
             if len(shares) > 1 and top >= 3 * low:
-                found.add("imbalance", 2, [source.path],
-                          f"{source.path}: labels are imbalanced: {next(iter(shares))!r} "
-                          f"{100 * top:.0f}% vs {100 * low:.0f}% for the rarest; a model can "
-                          f"score {100 * top:.0f}% by always answering it")  # fmt: skip
+                found.add(
+                    "imbalance",
+                    2,
+                    [source.path],
+                    f"{source.path}: labels are imbalanced: {next(iter(shares))!r} "
+                    f"{100 * top:.0f}% vs {100 * low:.0f}% for the rarest; a model can "
+                    f"score {100 * top:.0f}% by always answering it",
+                )
             continue
-        answers = [normalize(it.answer) for it in items
-                   if it.source == s_index and it.answer is not None]  # fmt: skip
+        answers = [
+            normalize(it.answer) for it in items if it.source == s_index and it.answer is not None
+        ]
         first = {}
         for it in items:
             if it.source == s_index and it.answer is not None:
                 first.setdefault(normalize(it.answer), it.where)
         many = max(5, source.records // 20)
         common = [(a, c) for a, c in Counter(answers).most_common() if c >= many and a]
-        found.add("same_answer", 3, [f"{a!r} x{c} (first: {first[a]})" for a, c in common],
-                  f"records of {source.path} share {len(common)} answers, each given to {many} "
-                  f"or more of its {source.records} prompts; check that they fit each prompt",
-                  count=sum(c for _, c in common))  # fmt: skip
+        found.add(
+            "same_answer",
+            3,
+            [f"{a!r} x{c} (first: {first[a]})" for a, c in common],
+            f"records of {source.path} share {len(common)} answers, each given to {many} "
+            f"or more of its {source.records} prompts; check that they fit each prompt",
+            count=sum(c for _, c in common),
+        )
 
 
 # --- text output -----------------------------------------------------------------------------
@@ -427,8 +486,10 @@ def summary_lines(report: DataReport, top: int = 5) -> list[str]:
     """The terminal view: one block per source, then the findings worth fixing first."""
     lines = []
     for s in report.sources:
-        lines.append(f"{s.split} {s.path} ({s.format}): {s.records:,} records -> {s.samples:,} "
-                     f"samples, {s.trained_tokens:,} trained of {s.tokens:,} tokens")  # fmt: skip
+        lines.append(
+            f"{s.split} {s.path} ({s.format}): {s.records:,} records -> {s.samples:,} "
+            f"samples, {s.trained_tokens:,} trained of {s.tokens:,} tokens"
+        )
         lines.append(
             f"  dropped {s.dropped_too_long} too long, {s.dropped_untrained} with the answer "
             f"truncated away, {s.dropped_empty_response} with empty answers; truncated "
@@ -473,8 +534,10 @@ def report_body(report: DataReport) -> str:
         "<h3>Worth fixing first</h3>",
     ]
     if not report.findings:
-        parts.append('<p class="ok">nothing to fix: no duplicates, leakage, truncation or '
-                     "degenerate answers</p>")  # fmt: skip
+        parts.append(
+            '<p class="ok">nothing to fix: no duplicates, leakage, truncation or '
+            "degenerate answers</p>"
+        )
     else:
         items = []
         for f in report.findings:
@@ -490,14 +553,18 @@ def report_body(report: DataReport) -> str:
             )
         parts.append(f"<ol>{''.join(items)}</ol>")
     counts = [
-        ("format", "format"), ("records", "records"), ("samples", "samples"),
-        ("tokens", "tokens"), ("trained tokens", "trained_tokens"),
-        ("truncated at max_seq_len", "truncated"), ("split (truncation: split)", "split_long"),
+        ("format", "format"),
+        ("records", "records"),
+        ("samples", "samples"),
+        ("tokens", "tokens"),
+        ("trained tokens", "trained_tokens"),
+        ("truncated at max_seq_len", "truncated"),
+        ("split (truncation: split)", "split_long"),
         ("dropped: too long", "dropped_too_long"),
         ("dropped: answer truncated away", "dropped_untrained"),
         ("dropped: empty answers", "dropped_empty_response"),
         ("roles out of order", "out_of_order"),
-    ]  # fmt: skip
+    ]
     header = [""] + [f"{s.split}: {s.path}" for s in report.sources]
     rows = [[label] + [getattr(s, key) for s in report.sources] for label, key in counts]
     parts += ["<h3>Counts</h3>", table(header, rows, attrs='id="data-counts"')]
@@ -513,7 +580,7 @@ def report_body(report: DataReport) -> str:
                     ],
                 },
                 limit=report.max_seq_len,
-            )  # fmt: skip
+            )
         )
         if s.answers:
             rows = [[a, f"{100 * v:.1f}%"] for a, v in s.answers.items()]
@@ -553,5 +620,15 @@ def write_png(report: DataReport, path) -> None:
     plt.close(fig)
 
 
-__all__ = ["DataReport", "Finding", "SourceReport", "data_report", "jaccard", "render_html",
-           "report_body", "shingles", "summary_lines", "write_png"]  # fmt: skip
+__all__ = [
+    "DataReport",
+    "Finding",
+    "SourceReport",
+    "data_report",
+    "jaccard",
+    "render_html",
+    "report_body",
+    "shingles",
+    "summary_lines",
+    "write_png",
+]

@@ -221,9 +221,13 @@ def measure(name: str, model, samples, pairs, data, tokenizer, settings: dict) -
     `settings`: batch_size, pad_id, device, dtype, max_new_tokens."""
 
     ppl = evaluate_loss(
-        model, samples, settings["batch_size"], settings["pad_id"], settings["device"],
+        model,
+        samples,
+        settings["batch_size"],
+        settings["pad_id"],
+        settings["device"],
         settings["dtype"],
-    )["val_ppl"]  # fmt: skip
+    )["val_ppl"]
     scores = predictions = None
     if pairs:
         scores, predictions = score_model(model, tokenizer, pairs, data, settings["max_new_tokens"])
@@ -338,9 +342,14 @@ def evaluate_models(
     device = resolve_device(config.model.device)
     dtype = run_dtypes(config, device).compute
     model = build_model(
-        config.method, model=config.model, train=config.train, device=device,
-        compute_dtype=dtype, attach=False, training=False,
-    )  # fmt: skip
+        config.method,
+        model=config.model,
+        train=config.train,
+        device=device,
+        compute_dtype=dtype,
+        attach=False,
+        training=False,
+    )
     settings = {
         "batch_size": config.eval.batch_size or config.train.micro_batch_size,
         "pad_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,

@@ -102,9 +102,14 @@ def run_bench(
     device = resolve_device(config.model.device)
     dtype = run_dtypes(config, device).compute
     model = build_model(
-        config.method, model=config.model, train=config.train, device=device,
-        compute_dtype=dtype, attach=False, training=False,
-    ).eval()  # fmt: skip
+        config.method,
+        model=config.model,
+        train=config.train,
+        device=device,
+        compute_dtype=dtype,
+        attach=False,
+        training=False,
+    ).eval()
 
     with tempfile.TemporaryDirectory(prefix="tunesmith-tasks-") as work:
         folders = [BUNDLED_TASKS] + [Path(p) for p in include or []]
@@ -119,11 +124,18 @@ def run_bench(
         def evaluate(m) -> dict:
             lm = hflm(pretrained=m, tokenizer=tokenizer, batch_size=batch_size, device=str(device))
             results = lm_eval.simple_evaluate(
-                model=lm, tasks=tasks, task_manager=manager, limit=limit,
-                num_fewshot=num_fewshot, apply_chat_template=chat_template, log_samples=False,
-                random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
+                model=lm,
+                tasks=tasks,
+                task_manager=manager,
+                limit=limit,
+                num_fewshot=num_fewshot,
+                apply_chat_template=chat_template,
+                log_samples=False,
+                random_seed=seed,
+                numpy_random_seed=seed,
+                torch_random_seed=seed,
                 fewshot_random_seed=seed,
-            )  # fmt: skip
+            )
             return json.loads(json.dumps(results, default=serializable))
 
         columns = [BenchColumn("base", evaluate(model))] if include_base else []

@@ -80,8 +80,14 @@ def _nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
     return ticks
 
 
-def svg_histogram(series: dict[str, list[int]], limit: int | None = None, bins: int = 30,
-                  width: int = 640, height: int = 220, label: str = "tokens") -> str:  # fmt: skip
+def svg_histogram(
+    series: dict[str, list[int]],
+    limit: int | None = None,
+    bins: int = 30,
+    width: int = 640,
+    height: int = 220,
+    label: str = "tokens",
+) -> str:
     """Overlaid histograms of each series, with a dashed line at `limit` (max_seq_len)."""
     values = [v for vs in series.values() for v in vs]
     if not values:
@@ -152,8 +158,14 @@ def _axes(left, bottom, plot_w, plot_h, width, height, x0, x1, y0, y1, xlabel, y
     return parts
 
 
-def svg_lines(series: dict[str, list[tuple[float, float]]], xlabel: str, ylabel: str,
-              width: int = 640, height: int = 240, log_y: bool = False) -> str:  # fmt: skip
+def svg_lines(
+    series: dict[str, list[tuple[float, float]]],
+    xlabel: str,
+    ylabel: str,
+    width: int = 640,
+    height: int = 240,
+    log_y: bool = False,
+) -> str:
     """Line plots of (x, y) points, one color per series."""
     points = [p for ps in series.values() for p in ps]
     if not points:

@@ -92,7 +92,7 @@ def load_items(
                 record["reference"],
                 answers[a],
                 answers[b],
-            )  # fmt: skip
+            )
         )
     return items, same
 
@@ -257,13 +257,17 @@ class Review:
                 side = {"tie": "tie", "both_bad": "both_bad"}.get(vote["vote"]) or (
                     "left" if (vote["vote"] == "a") == left_is_a else "right"
                 )
-            shown.append({
-                "item": item.index, "key": item.key, "prompt": item.prompt,
-                "reference": item.reference,
-                "left": item.a if left_is_a else item.b,
-                "right": item.b if left_is_a else item.a,
-                "voted": side,
-            })  # fmt: skip
+            shown.append(
+                {
+                    "item": item.index,
+                    "key": item.key,
+                    "prompt": item.prompt,
+                    "reference": item.reference,
+                    "left": item.a if left_is_a else item.b,
+                    "right": item.b if left_is_a else item.a,
+                    "voted": side,
+                }
+            )
         return {"reviewer": reviewer, "items": shown, "identical": self.identical}
 
     def vote(self, reviewer: str, index: int, key: str, side: str) -> dict:
@@ -274,10 +278,14 @@ class Review:
                 f"item {index}: not in this review (or its answers changed); reload the page"
             )
         entry = {
-            "reviewer": reviewer, "item": index, "key": key,
+            "reviewer": reviewer,
+            "item": index,
+            "key": key,
             "vote": to_vote(side, a_on_left(reviewer, item)),
-            "a": self.a, "b": self.b, "time": round(time.time(), 3),
-        }  # fmt: skip
+            "a": self.a,
+            "b": self.b,
+            "time": round(time.time(), 3),
+        }
         self.log.append(entry)
         return entry
 

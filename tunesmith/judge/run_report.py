@@ -188,9 +188,21 @@ def render_report(output_dir: str | Path, warn: Warn = _warn) -> str:
     parts = [f"<h1>{esc(title)}</h1>"]
     summary = read_json_file(out / "summary.json", warn)
     if summary:
-        keys = ["method", "steps", "epochs", "tokens", "tokens_per_s", "seconds",
-                "final_train_loss", "final_val_loss", "final_val_ppl", "trainable_parameters",
-                "total_parameters", "device", "dtype"]  # fmt: skip
+        keys = [
+            "method",
+            "steps",
+            "epochs",
+            "tokens",
+            "tokens_per_s",
+            "seconds",
+            "final_train_loss",
+            "final_val_loss",
+            "final_val_ppl",
+            "trainable_parameters",
+            "total_parameters",
+            "device",
+            "dtype",
+        ]
         rows = [[k, _plain(summary[k])] for k in keys if k in summary]
         parts += ['<h2 id="summary">Summary</h2>', table(["", "value"], rows)]
     metrics = out / "metrics.jsonl"

@@ -111,8 +111,11 @@ class Plan:
             out.append(line)
         if self.options:
             where = f"{self.gpu or 'the GPU'} ({self.gpu_memory_gib:g} GiB)"
-            out += ["", f"Methods for {where} at micro-batch {self.micro_batch} × "
-                    f"{self.seq_len} (analytic estimates):"]  # fmt: skip
+            out += [
+                "",
+                f"Methods for {where} at micro-batch {self.micro_batch} × "
+                f"{self.seq_len} (analytic estimates):",
+            ]
             header = f"  {'method':10} {'peak':>9}  {'fits':4}  {'max batch':>9}  "
             header += f"{'max seq':>7}  {'tokens/s':>8}  {'time':>7}  settings"
             out.append(header)
@@ -189,11 +192,23 @@ def plan_run(
     work = _workload(config, notes)
     hours = work.processed_tokens / speed / 3600 if work is not None and speed else None
     plan = Plan(
-        model=config.model.path, method=method_of(method).name, micro_batch=batch, seq_len=seq,
-        dtype=dtype_name, gradient_checkpointing=checkpointing, optimizer=train.optimizer,
-        traced=traced, gpu=target.name if target else None, gpu_memory_gib=memory, fits=fits,
-        flops_per_token=flops, tokens_per_s=speed, workload=work, hours=hours, notes=notes,
-    )  # fmt: skip
+        model=config.model.path,
+        method=method_of(method).name,
+        micro_batch=batch,
+        seq_len=seq,
+        dtype=dtype_name,
+        gradient_checkpointing=checkpointing,
+        optimizer=train.optimizer,
+        traced=traced,
+        gpu=target.name if target else None,
+        gpu_memory_gib=memory,
+        fits=fits,
+        flops_per_token=flops,
+        tokens_per_s=speed,
+        workload=work,
+        hours=hours,
+        notes=notes,
+    )
     _advise(plan, model_config, config, dtype, memory, target, work)
     if gpus * nodes > 1:
         e = torch.empty((), dtype=dtype).element_size()
@@ -204,10 +219,18 @@ def plan_run(
         d, inter = model_config.hidden_size, model_config.intermediate_size
         layer = d * (d + 2 * kv * head_dim) + d * d + 3 * d * inter
         plan.scale = plan_scale(
-            traced, layer * e, gpus, nodes, memory * GIB if memory is not None else None, speed,
-            batch * seq, method_of(method).trains_adapter, checkpointing,
-            traced.total_params * e, config.train.distributed,
-        )  # fmt: skip
+            traced,
+            layer * e,
+            gpus,
+            nodes,
+            memory * GIB if memory is not None else None,
+            speed,
+            batch * seq,
+            method_of(method).trains_adapter,
+            checkpointing,
+            traced.total_params * e,
+            config.train.distributed,
+        )
     return plan
 
 
@@ -265,9 +288,14 @@ def _advise(plan: Plan, model_config, config, dtype, memory, target, work) -> No
     master = master_weights(method, train.fp32_master_weights)
     sk = skeleton(model_config, method, dtype, master)
     plan.switches = switch_notes(
-        sk, plan.seq_len, plan.micro_batch, plan.gradient_checkpointing, train.optimizer,
-        config, work,
-    )  # fmt: skip
+        sk,
+        plan.seq_len,
+        plan.micro_batch,
+        plan.gradient_checkpointing,
+        train.optimizer,
+        config,
+        work,
+    )
     if memory_bytes is None:
         return
     plan.options = compare_methods(

@@ -143,9 +143,15 @@ def largest(fits, low: int, high: int) -> int:
 
 
 def option_for(
-    model_config, method, setting: Setting, sk: Skeleton, config,
-    memory_bytes: float | None, tflops: float | None, work: Workload | None,
-) -> Option:  # fmt: skip
+    model_config,
+    method,
+    setting: Setting,
+    sk: Skeleton,
+    config,
+    memory_bytes: float | None,
+    tflops: float | None,
+    work: Workload | None,
+) -> Option:
     """`method` at `setting`: its estimated peak at the run's shape, whether that fits, the
     largest micro-batch and sequences that fit, its speed and the dataset's hours."""
     seq, batch = config.data.max_seq_len, config.train.micro_batch_size
@@ -171,15 +177,28 @@ def option_for(
         if work is not None:
             hours = work.processed_tokens / speed / 3600
     return Option(
-        method_of(method).name, setting, int(peak), memory_bytes is None or peak <= memory_bytes,
-        max_batch, max_seq, max_seq_batch, sk.trainable_params, speed, hours,
-    )  # fmt: skip
+        method_of(method).name,
+        setting,
+        int(peak),
+        memory_bytes is None or peak <= memory_bytes,
+        max_batch,
+        max_seq,
+        max_seq_batch,
+        sk.trainable_params,
+        speed,
+        hours,
+    )
 
 
 def compare_methods(
-    model_config, config, compute_dtype: torch.dtype, memory_bytes: float | None,
-    tflops: float | None, work: Workload | None, notes: list[str] | None = None,
-) -> list[Option]:  # fmt: skip
+    model_config,
+    config,
+    compute_dtype: torch.dtype,
+    memory_bytes: float | None,
+    tflops: float | None,
+    work: Workload | None,
+    notes: list[str] | None = None,
+) -> list[Option]:
     """One `Option` per method of `methods_to_compare`, at the first of its `settings_for`
     that fits (or the last); see the module docstring. A method other than the run's own that
     cannot be attached to this model is left out, with the reason appended to `notes`."""
@@ -228,18 +247,26 @@ def workload(config, tokenizer) -> Workload:
     prepared = prepare_data(config.data, tokenizer, config.train.seed)
     lengths = np.asarray(prepared.train.lengths, dtype=np.int64)
     plan = BatchPlan(
-        prepared.train, prepared.train_rows, config.train.micro_batch_size,
-        config.train.grad_accum_steps, config.train.seed, 0,
-    )  # fmt: skip
+        prepared.train,
+        prepared.train_rows,
+        config.train.micro_batch_size,
+        config.train.grad_accum_steps,
+        config.train.seed,
+        0,
+    )
     steps = plan.total_steps(config.train.epochs, config.train.max_steps)
     processed, real = _processed_tokens(plan, lengths, prepared.train_rows, steps)
     packed_padding = None
     if prepared.train_rows is None and len(lengths):
         rows = pack_groups(lengths, config.data.max_seq_len)
         packed = BatchPlan(
-            prepared.train, rows, config.train.micro_batch_size, config.train.grad_accum_steps,
-            config.train.seed, 0,
-        )  # fmt: skip
+            prepared.train,
+            rows,
+            config.train.micro_batch_size,
+            config.train.grad_accum_steps,
+            config.train.seed,
+            0,
+        )
         packed_steps = packed.total_steps(config.train.epochs, config.train.max_steps)
         p_all, p_real = _processed_tokens(packed, lengths, rows, packed_steps)
         packed_padding = 1 - p_real / p_all if p_all else 0.0
@@ -279,9 +306,14 @@ def _processed_tokens(plan, lengths, rows, steps: int) -> tuple[int, int]:
 
 
 def switch_notes(
-    sk: Skeleton, seq: int, batch: int, checkpointing: bool, optimizer: str, config,
+    sk: Skeleton,
+    seq: int,
+    batch: int,
+    checkpointing: bool,
+    optimizer: str,
+    config,
     work: Workload | None,
-) -> list[str]:  # fmt: skip
+) -> list[str]:
     """What each switch does at the run's shape, in GiB (estimates)."""
     notes = []
     on = estimate_step(sk, seq, batch, True, optimizer).peak_bytes

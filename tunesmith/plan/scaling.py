@@ -65,10 +65,19 @@ class Scale:
         return out
 
 
-def plan_scale(traced, layer_params_bytes: int, gpus_per_node: int, nodes: int,
-               memory_bytes: float | None, tokens_per_s_one: float | None, tokens_per_step: int,
-               trains_adapter: bool, checkpointing: bool, weights_compute_bytes: int,
-               setting: str = "auto") -> Scale:  # fmt: skip
+def plan_scale(
+    traced,
+    layer_params_bytes: int,
+    gpus_per_node: int,
+    nodes: int,
+    memory_bytes: float | None,
+    tokens_per_s_one: float | None,
+    tokens_per_step: int,
+    trains_adapter: bool,
+    checkpointing: bool,
+    weights_compute_bytes: int,
+    setting: str = "auto",
+) -> Scale:
     """See the module docstring. `traced`: the one-GPU TracedStep; `layer_params_bytes`: one
     decoder layer's parameters in the compute dtype; `weights_compute_bytes`: the model's
     parameters in the compute dtype (what FSDP gathers); `tokens_per_step`: one GPU's
@@ -86,8 +95,10 @@ def plan_scale(traced, layer_params_bytes: int, gpus_per_node: int, nodes: int,
     ddp_comm = ring * grads_bytes / bandwidth
     gathers = 3 if checkpointing else 2
     fsdp_comm = ((world - 1) / world) * (gathers * weights_compute_bytes + grads_bytes) / bandwidth
-    fits = {"ddp": memory_bytes is None or ddp <= memory_bytes,
-            "fsdp": memory_bytes is None or fsdp <= memory_bytes}  # fmt: skip
+    fits = {
+        "ddp": memory_bytes is None or ddp <= memory_bytes,
+        "fsdp": memory_bytes is None or fsdp <= memory_bytes,
+    }
     if setting in ("ddp", "fsdp"):
         pick, why = setting, "train.distributed says so"
     elif not trains_adapter:
@@ -104,5 +115,6 @@ def plan_scale(traced, layer_params_bytes: int, gpus_per_node: int, nodes: int,
         compute_s = tokens_per_step / tokens_per_s_one
         comm = ddp_comm if pick == "ddp" else fsdp_comm
         tokens = world * tokens_per_step / max(compute_s, comm)
-    return Scale(gpus_per_node, nodes, int(ddp), int(fsdp), pick, why, bandwidth, ddp_comm,
-                 fsdp_comm, tokens)  # fmt: skip
+    return Scale(
+        gpus_per_node, nodes, int(ddp), int(fsdp), pick, why, bandwidth, ddp_comm, fsdp_comm, tokens
+    )

@@ -182,9 +182,12 @@ def build_traced_model(model_config, method, train, compute_dtype, attention: st
     if attention == "flash":
         _register_attention()
     return builder.build_model(
-        method, train=train, compute_dtype=compute_dtype, model_config=model_config,
+        method,
+        train=train,
+        compute_dtype=compute_dtype,
+        model_config=model_config,
         attention=PLAN_ATTENTION if attention == "flash" else attention,
-    )  # fmt: skip
+    )
 
 
 @dataclass

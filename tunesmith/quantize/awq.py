@@ -57,9 +57,12 @@ def awq_search(
 
 @torch.no_grad()
 def awq_clip(
-    weight: torch.Tensor, x: torch.Tensor, grid: QuantGrid, n_grid: int = 20,
+    weight: torch.Tensor,
+    x: torch.Tensor,
+    grid: QuantGrid,
+    n_grid: int = 20,
     max_shrink: float = 0.5,
-) -> torch.Tensor:  # fmt: skip
+) -> torch.Tensor:
     """AWQ's clipping search: for each output row and group, the clipping range (a fraction
     of the largest |w|, from 1 down to 1 − max_shrink) whose rounded weights give the smallest
     error on that group's share of the output for inputs `x` (n × in). Returns the clipped

@@ -76,9 +76,10 @@ def layer_linears(
     """The layer's linears by name, without those whose full name (`prefix.name`) `skip`
     matches."""
     return {
-        name: m for name, m in layer.named_modules()
+        name: m
+        for name, m in layer.named_modules()
         if type(m) is nn.Linear and not (skip and re.search(skip, f"{prefix}.{name}"))
-    }  # fmt: skip
+    }
 
 
 def _move_outside(model: nn.Module, layers: nn.ModuleList, device) -> None:

@@ -156,9 +156,14 @@ def windows_of(stream: list[int], seq_len: int) -> torch.Tensor:
 
 
 def calibration_and_eval(
-    tokenizer, calib: str | None, eval_data: str | None, calib_samples: int, eval_samples: int,
-    seq_len: int, needs_calibration: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    tokenizer,
+    calib: str | None,
+    eval_data: str | None,
+    calib_samples: int,
+    eval_samples: int,
+    seq_len: int,
+    needs_calibration: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(calibration windows, held-out windows)."""
     if seq_len < 2:
         raise TunesmithError(f"--seq-len: {seq_len} is too short; use at least 2 (e.g. 512)")
@@ -317,9 +322,14 @@ def _quantize(source: str, out: Path, run: _Run) -> QuantizeReport:
     device = resolve_device(section.device)
     tokenizer = load_tokenizer(section)
     calib_windows, held = calibration_and_eval(
-        tokenizer, q.calib, q.eval_data, q.calib_samples, q.eval_samples, q.seq_len,
+        tokenizer,
+        q.calib,
+        q.eval_data,
+        q.calib_samples,
+        q.eval_samples,
+        q.seq_len,
         method in ("gptq", "awq"),
-    )  # fmt: skip
+    )
     reader = CheckpointReader(source)
     compute = torch.float32 if device == "cpu" else torch.float16
     fp_model = load_model(section, "cpu", compute).eval()
@@ -336,9 +346,10 @@ def _quantize(source: str, out: Path, run: _Run) -> QuantizeReport:
             settings = Settings(method, grid, q.damp, q.act_order, skip=skip)
             quantized = quantize_layers(fp_model, calib_windows, settings, device, run.progress)
             ignore = [
-                name for name, module in fp_model.named_modules()
+                name
+                for name, module in fp_model.named_modules()
                 if isinstance(module, torch.nn.Linear) and name not in quantized
-            ]  # fmt: skip
+            ]
             qconfig = quantization_config(
                 method, bits, group_size, q.act_order, q.damp, layout, ignore
             )
@@ -352,12 +363,21 @@ def _quantize(source: str, out: Path, run: _Run) -> QuantizeReport:
         ppl_quantized = perplexity(quantized_model, held, device)
         del quantized_model
         report = QuantizeReport(
-            out=str(out), method=method, bits=bits, group_size=group_size, source=source,
-            calib_windows=len(calib_windows), eval_windows=len(held), seq_len=q.seq_len,
-            perplexity_original=ppl_original, perplexity_quantized=ppl_quantized,
-            bytes_original=reader.nbytes(), bytes_quantized=_checkpoint_bytes(tmp),
-            seconds=0.0, notes=notes,
-        )  # fmt: skip
+            out=str(out),
+            method=method,
+            bits=bits,
+            group_size=group_size,
+            source=source,
+            calib_windows=len(calib_windows),
+            eval_windows=len(held),
+            seq_len=q.seq_len,
+            perplexity_original=ppl_original,
+            perplexity_quantized=ppl_quantized,
+            bytes_original=reader.nbytes(),
+            bytes_quantized=_checkpoint_bytes(tmp),
+            seconds=0.0,
+            notes=notes,
+        )
     return report
 
 
@@ -402,12 +422,18 @@ def _write_bitsandbytes(source, method, folder: Path, compute, device, trust_rem
         config = BitsAndBytesConfig(load_in_8bit=True)
     else:
         config = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=compute,
-        )  # fmt: skip
+        )
     model = AutoModelForCausalLM.from_pretrained(
-        source, quantization_config=config, device_map=device, dtype=compute,
-        use_safetensors=True, trust_remote_code=trust_remote_code,
-    )  # fmt: skip
+        source,
+        quantization_config=config,
+        device_map=device,
+        dtype=compute,
+        use_safetensors=True,
+        trust_remote_code=trust_remote_code,
+    )
     model.save_pretrained(folder)
     shutil.rmtree(folder / "__pycache__", ignore_errors=True)

@@ -95,9 +95,13 @@ class Sequence:
     parameters and what it has produced so far."""
 
     def __init__(
-        self, prompt: list[int], adapter: str | None, params: Params, on_event: Event,
+        self,
+        prompt: list[int],
+        adapter: str | None,
+        params: Params,
+        on_event: Event,
         timeout_s: float | None = None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.prompt = list(prompt)
         self.adapter = adapter
         self.params = params
@@ -185,9 +189,14 @@ class Engine:
     slot (`submit` raises `QueueFull` beyond it)."""
 
     def __init__(
-        self, model, tokenizer, *, max_running: int = 16, max_queue: int = 64,
+        self,
+        model,
+        tokenizer,
+        *,
+        max_running: int = 16,
+        max_queue: int = 64,
         max_prefills_per_step: int = 4,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
@@ -351,9 +360,13 @@ class Engine:
         routing = route(self.model, adapters) if key is None and any(adapters) else nullcontext()
         with routing:
             out = self.model(
-                input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                logits_to_keep=1, **{self._cache_arg: cache},
-            )  # fmt: skip
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions,
+                use_cache=True,
+                logits_to_keep=1,
+                **{self._cache_arg: cache},
+            )
         return out.logits[:, -1].float()
 
     def _prefill(self, seq: Sequence) -> None:

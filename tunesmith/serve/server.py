@@ -40,8 +40,15 @@ class Limits:
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, kind: str, code: str | None = None,
-                 param: str | None = None, headers: dict | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        kind: str,
+        code: str | None = None,
+        param: str | None = None,
+        headers: dict | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.kind, self.code = status, message, kind, code
         self.param, self.headers = param, headers or {}
@@ -57,8 +64,9 @@ class ApiError(Exception):
     def response(self) -> JSONResponse:
         return JSONResponse(
             error_body(self.message, self.kind, self.code, self.param),
-            status_code=self.status, headers=self.headers,
-        )  # fmt: skip
+            status_code=self.status,
+            headers=self.headers,
+        )
 
 
 def error_body(message: str, kind: str, code: str | None = None, param: str | None = None):
@@ -172,8 +180,10 @@ class Server:
             404,
             f"the model {model!r} does not exist; GET /v1/models lists the base "
             f"({self.base_name!r}) and the adapters this server has",
-            "invalid_request_error", "model_not_found", "model",
-        )  # fmt: skip
+            "invalid_request_error",
+            "model_not_found",
+            "model",
+        )
 
     def params(self, body: _Body, prompt_tokens: int, max_tokens: int | None) -> Params:
         if body.logprobs:
@@ -181,16 +191,17 @@ class Server:
         if body.presence_penalty or body.frequency_penalty:
             raise bad_request(
                 "presence_penalty and frequency_penalty are not supported by tunesmith serve; "
-                "leave them at 0", "presence_penalty",
-            )  # fmt: skip
+                "leave them at 0",
+                "presence_penalty",
+            )
         if body.n > self.limits.max_n:
             raise bad_request(f"n: at most {self.limits.max_n} on this server (--max-n)", "n")
         cap = self.limits.max_tokens
         if max_tokens is not None and max_tokens > cap:
             raise bad_request(
-                f"max_tokens: {max_tokens} is more than this server allows ({cap}; "
-                "--max-tokens)", "max_tokens",
-            )  # fmt: skip
+                f"max_tokens: {max_tokens} is more than this server allows ({cap}; --max-tokens)",
+                "max_tokens",
+            )
         context = self.engine.context
         room = context - prompt_tokens
         wanted = max_tokens if max_tokens is not None else min(cap, room)
@@ -199,8 +210,10 @@ class Server:
                 f"This model's maximum context length is {context} tokens. However, you "
                 f"requested {prompt_tokens + wanted} tokens ({prompt_tokens} in the prompt, "
                 f"{wanted} in the completion). Please reduce the length of the prompt or "
-                "completion.", "messages", "context_length_exceeded",
-            )  # fmt: skip
+                "completion.",
+                "messages",
+                "context_length_exceeded",
+            )
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         if len(stop) > 4 or any(not s for s in stop):
             raise bad_request("stop: up to 4 non-empty strings", "stop")

@@ -132,8 +132,9 @@ def save_checkpoint(
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:06d}"
     with reporting_full_disk(final):
-        _write_checkpoint(tmp_dir(root, final), final, step, save_weights, optimizer, scheduler,
-                          state)  # fmt: skip
+        _write_checkpoint(
+            tmp_dir(root, final), final, step, save_weights, optimizer, scheduler, state
+        )
     for old in list_checkpoints(output_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -120,8 +120,9 @@ def fits_one_device(config, device: str, world: World) -> bool:
     if not world.distributed or not device.startswith("cuda"):
         return True
     model = config.model
-    model_config = read_model_config(model.path, "model.path", model.revision,
-                                     model.trust_remote_code)  # fmt: skip
+    model_config = read_model_config(
+        model.path, "model.path", model.revision, model.trust_remote_code
+    )
     with init_empty_weights():
         skeleton = AutoModelForCausalLM.from_config(model_config)
     element = 2 if model.dtype != "fp32" else 4
@@ -141,8 +142,16 @@ class LossModule(nn.Module):
         return self.loss_fn(self.model, batch)
 
 
-def wrap(model: nn.Module, strategy: str, world: World, device: str, compute_dtype, master: bool,
-         loss_fn, cpu_offload: bool = False) -> nn.Module:  # fmt: skip
+def wrap(
+    model: nn.Module,
+    strategy: str,
+    world: World,
+    device: str,
+    compute_dtype,
+    master: bool,
+    loss_fn,
+    cpu_offload: bool = False,
+) -> nn.Module:
     """The module a step calls, `batch -> (loss sum, trained tokens)`: `LossModule(model)`,
     under DDP wrapped by DistributedDataParallel, under FSDP2 sharded (in place: `model`'s
     parameters are shards afterwards)."""

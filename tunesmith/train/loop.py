@@ -68,10 +68,23 @@ from tunesmith.train.speedups import apply_speedups, padding_free_for
 from tunesmith.train.trackers import Trackers, check_trackers
 
 RUN_FILES = (
-    "checkpoints", "adapter", "model", "metrics.jsonl", "config.yaml", "summary.json", "loss.png",
-    "eval.json", "samples.jsonl", "tensorboard", "trackers.json", "wandb", "mlflow.db",
-    "mlartifacts", "bench", "report.html",
-)  # fmt: skip
+    "checkpoints",
+    "adapter",
+    "model",
+    "metrics.jsonl",
+    "config.yaml",
+    "summary.json",
+    "loss.png",
+    "eval.json",
+    "samples.jsonl",
+    "tensorboard",
+    "trackers.json",
+    "wandb",
+    "mlflow.db",
+    "mlartifacts",
+    "bench",
+    "report.html",
+)
 """What a run writes into output_dir (or a command writes about the trained model): a new run
 refuses a folder holding any of them. data_report.json (about the data) and review.jsonl (a
 person's votes; stale ones are left out) are kept."""
@@ -208,16 +221,23 @@ class Run:
         # compute dtype; adapters train in fp32 on a frozen base stored in the compute dtype.
         self.dtype = run_dtypes(cfg, self.device_type).compute
         self.strategy = dist_run.strategy_for(
-            cfg.train.distributed, self.method, self.world,
+            cfg.train.distributed,
+            self.method,
+            self.world,
             dist_run.fits_one_device(cfg, self.device, self.world),
-        )  # fmt: skip
+        )
         # FSDP builds on the CPU and fully_shard moves each process's shards to its GPU: a
         # base that does not fit one GPU is never whole on one
         build_on = "cpu" if self.strategy == "fsdp" else self.device
         self.model = build_model(
-            cfg.method, model=cfg.model, train=cfg.train, device=build_on,
-            compute_dtype=self.dtype, tokenizer=self.tokenizer, seed=cfg.train.seed,
-        )  # fmt: skip
+            cfg.method,
+            model=cfg.model,
+            train=cfg.train,
+            device=build_on,
+            compute_dtype=self.dtype,
+            tokenizer=self.tokenizer,
+            seed=cfg.train.seed,
+        )
 
         number_sites(self.model)  # before wrapping: the names every process shares
         self.speedups = apply_speedups(self.model, cfg.train, self.device_type)
@@ -226,9 +246,15 @@ class Run:
         )
         master = run_dtypes(cfg, self.device_type).weights == torch.float32
         self.step_module = dist_run.wrap(
-            self.model, self.strategy, self.world, self.device, self.dtype, master,
-            model_loss_sum, cpu_offload=cfg.train.fsdp_cpu_offload,
-        )  # fmt: skip
+            self.model,
+            self.strategy,
+            self.world,
+            self.device,
+            self.dtype,
+            master,
+            model_loss_sum,
+            cpu_offload=cfg.train.fsdp_cpu_offload,
+        )
 
         self.pad_id = self.tokenizer.pad_token_id
         if self.pad_id is None:
@@ -382,10 +408,16 @@ class Run:
         rank under DDP), the others wait for it; under FSDP every rank writes its shards."""
         if self.strategy == "fsdp":
             self.last_checkpoint = sharded.save_sharded(
-                self.out, step, self.step_module, self.optimizer, self.scheduler,
+                self.out,
+                step,
+                self.step_module,
+                self.optimizer,
+                self.scheduler,
                 self._trainer_state(),
-                self.config.train.keep_last, self.method.trains_adapter, self.world.main,
-            )  # fmt: skip
+                self.config.train.keep_last,
+                self.method.trains_adapter,
+                self.world.main,
+            )
             return self.last_checkpoint
         if not self.world.main:
             dist_run.barrier(self.world)
@@ -438,9 +470,15 @@ class Run:
     def _validation_main(self, step: int, val) -> dict | None:
         size = self.config.eval.batch_size or self.config.train.micro_batch_size
         result = evaluate_loss(
-            self.model, val, size, self.pad_id, self.device, self.dtype, self.device_type,
+            self.model,
+            val,
+            size,
+            self.pad_id,
+            self.device,
+            self.dtype,
+            self.device_type,
             loss_module=self.step_module if self.strategy == "fsdp" else None,
-        )  # fmt: skip
+        )
         self._log_metrics({"step": step, **result})
         self.progress.log(
             f"step {step}: validation loss {result['val_loss']:.4f}, "
@@ -604,9 +642,14 @@ class Run:
         """After FSDP: the model rebuilt whole on the CPU with the gathered state (rank 0)."""
         cfg = self.config
         model = build_model(
-            cfg.method, model=cfg.model, train=cfg.train, device="cpu",
-            compute_dtype=self.dtype, tokenizer=self.tokenizer, seed=cfg.train.seed,
-        )  # fmt: skip
+            cfg.method,
+            model=cfg.model,
+            train=cfg.train,
+            device="cpu",
+            compute_dtype=self.dtype,
+            tokenizer=self.tokenizer,
+            seed=cfg.train.seed,
+        )
         model.load_state_dict(full, strict=False)
         return model
 

@@ -88,8 +88,13 @@ class ActivationOffload(torch.autograd.graph.saved_tensors_hooks):
             return tensor
         storage = tensor.untyped_storage()
         where = id(storage) if self.simulate else storage.data_ptr()  # fake tensors: no pointer
-        key = (where, tensor.storage_offset(), tuple(tensor.shape), tensor.stride(),
-               tensor._version)  # fmt: skip
+        key = (
+            where,
+            tensor.storage_offset(),
+            tuple(tensor.shape),
+            tensor.stride(),
+            tensor._version,
+        )
         handle = self.by_storage.get(key)
         if handle is not None and handle in self.moved:
             self.moved[handle].refs += 1
@@ -114,8 +119,9 @@ class ActivationOffload(torch.autograd.graph.saved_tensors_hooks):
         if self.simulate:
             return _Moved(host=None, source=tensor, device=tensor.device)
         if not self.cuda:
-            return _Moved(host=tensor.detach().to("cpu", copy=True), source=None,
-                          device=tensor.device)  # fmt: skip
+            return _Moved(
+                host=tensor.detach().to("cpu", copy=True), source=None, device=tensor.device
+            )
         host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
         self.stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.stream):

@@ -47,8 +47,17 @@ def is_sharded(folder: Path) -> bool:
     return (folder / ".metadata").is_file()
 
 
-def save_sharded(output_dir: Path, step: int, step_module, optimizer, scheduler, state: dict,
-                 keep_last: int, trains_adapter: bool, main: bool) -> Path:  # fmt: skip
+def save_sharded(
+    output_dir: Path,
+    step: int,
+    step_module,
+    optimizer,
+    scheduler,
+    state: dict,
+    keep_last: int,
+    trains_adapter: bool,
+    main: bool,
+) -> Path:
     """Checkpoint `step` of an FSDP run (a collective: every process calls it)."""
     root = checkpoint_root(output_dir)
     final = root / f"{PREFIX}{step:06d}"
@@ -65,8 +74,13 @@ def save_sharded(output_dir: Path, step: int, step_module, optimizer, scheduler,
     dist.barrier()
     if main:
         atomic_write_safetensors(rng_tensors(), tmp / "rng.safetensors")
-        full = {**state, "step": step, "optimizer": {}, "scheduler": scheduler.state_dict(),
-                "format": FORMAT}  # fmt: skip
+        full = {
+            **state,
+            "step": step,
+            "optimizer": {},
+            "scheduler": scheduler.state_dict(),
+            "format": FORMAT,
+        }
         atomic_write_json(full, tmp / STATE_NAME)  # last: marks the folder complete
         if final.exists():
             shutil.rmtree(final)
@@ -88,9 +102,12 @@ def load_sharded(folder: Path, step_module, optimizer, trains_adapter: bool) -> 
     # not strict: an adapter run's checkpoint holds the trained parameters only
     options = StateDictOptions(ignore_frozen_params=trains_adapter, strict=False)
     set_state_dict(
-        step_module, optimizer, model_state_dict=loaded["model"],
-        optim_state_dict=loaded["optimizer"], options=options,
-    )  # fmt: skip
+        step_module,
+        optimizer,
+        model_state_dict=loaded["model"],
+        optim_state_dict=loaded["optimizer"],
+        options=options,
+    )
     return json.loads((folder / STATE_NAME).read_text())
 
 

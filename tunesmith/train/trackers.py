@@ -125,9 +125,13 @@ class _Wandb:
         except ImportError as err:
             raise _missing("wandb", err) from None
         self.run = wandb.init(
-            project=os.environ.get("WANDB_PROJECT", "tunesmith"), name=out.name, dir=str(out),
-            config=config["data"], id=state.get("wandb_id"), resume="allow",
-        )  # fmt: skip
+            project=os.environ.get("WANDB_PROJECT", "tunesmith"),
+            name=out.name,
+            dir=str(out),
+            config=config["data"],
+            id=state.get("wandb_id"),
+            resume="allow",
+        )
         state["wandb_id"] = self.run.id
 
     def log(self, scalars: dict[str, float], step: int) -> None:

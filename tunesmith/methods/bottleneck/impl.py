@@ -26,11 +26,24 @@ from tunesmith.methods.bottleneck.layer import add_bottleneck_adapter, bottlenec
 FORMAT = "tunesmith-bottleneck"
 FORMAT_VERSION = 1
 KNOWN_KEYS = {
-    "auto_mapping", "base_model_name_or_path", "inference_mode", "revision", "task_type",
-    "peft_type", "peft_version", "modules_to_save", "format", "format_version", "style",
-    "reduction_factor", "bottleneck_size", "hidden_size", "nonlinearity", "dropout",
+    "auto_mapping",
+    "base_model_name_or_path",
+    "inference_mode",
+    "revision",
+    "task_type",
+    "peft_type",
+    "peft_version",
+    "modules_to_save",
+    "format",
+    "format_version",
+    "style",
+    "reduction_factor",
+    "bottleneck_size",
+    "hidden_size",
+    "nonlinearity",
+    "dropout",
     "target_modules",
-}  # fmt: skip
+}
 
 
 def add_bottleneck(
@@ -63,12 +76,18 @@ def peft_config(model: nn.Module, name: str, config: Any, *, base_path: str | No
     holders = [(n, h) for n, h in bottleneck_holders(model) if name in h.adapters]
     hidden = hidden_size(model)
     return {
-        **common_peft_keys(base_path), "peft_type": "BOTTLENECK", "format": FORMAT,
-        "format_version": FORMAT_VERSION, "style": config.style,
-        "reduction_factor": config.reduction_factor, "bottleneck_size": config.width(hidden),
-        "hidden_size": hidden, "nonlinearity": config.nonlinearity, "dropout": config.dropout,
+        **common_peft_keys(base_path),
+        "peft_type": "BOTTLENECK",
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "style": config.style,
+        "reduction_factor": config.reduction_factor,
+        "bottleneck_size": config.width(hidden),
+        "hidden_size": hidden,
+        "nonlinearity": config.nonlinearity,
+        "dropout": config.dropout,
         "target_modules": [n for n, _ in holders],
-    }  # fmt: skip
+    }
 
 
 def config_from_peft(raw: dict, *, source: str, model: nn.Module, folder: Path | None = None):
@@ -85,14 +104,17 @@ def config_from_peft(raw: dict, *, source: str, model: nn.Module, folder: Path |
             f"{FORMAT_VERSION}); upgrade tunesmith"
         )
     config = BottleneckConfig(
-        style=raw["style"], reduction_factor=raw["reduction_factor"],
-        nonlinearity=raw["nonlinearity"], dropout=raw.get("dropout", 0.0),
+        style=raw["style"],
+        reduction_factor=raw["reduction_factor"],
+        nonlinearity=raw["nonlinearity"],
+        dropout=raw.get("dropout", 0.0),
         targets=raw["target_modules"],
-    )  # fmt: skip
+    )
     hidden = hidden_size(model)
     if raw.get("hidden_size", hidden) != hidden or raw.get("bottleneck_size") not in (
-        None, config.width(hidden),
-    ):  # fmt: skip
+        None,
+        config.width(hidden),
+    ):
         raise AdapterError(
             f"the adapter is for hidden size {raw.get('hidden_size')} (bottleneck "
             f"{raw.get('bottleneck_size')}) but {type(model).__name__} has hidden size {hidden}; "

@@ -30,10 +30,20 @@ from tunesmith.methods.ia3 import IA3Config
 from tunesmith.methods.ia3.layer import IA3Layer
 
 KNOWN_KEYS = {
-    "auto_mapping", "base_model_name_or_path", "inference_mode", "revision", "task_type",
-    "peft_type", "peft_version", "modules_to_save", "exclude_modules", "fan_in_fan_out",
-    "feedforward_modules", "init_ia3_weights", "target_modules",
-}  # fmt: skip
+    "auto_mapping",
+    "base_model_name_or_path",
+    "inference_mode",
+    "revision",
+    "task_type",
+    "peft_type",
+    "peft_version",
+    "modules_to_save",
+    "exclude_modules",
+    "fan_in_fan_out",
+    "feedforward_modules",
+    "init_ia3_weights",
+    "target_modules",
+}
 
 
 def add_ia3(
@@ -98,13 +108,15 @@ def peft_config(model: nn.Module, name: str, config: IA3Config, *, base_path: st
     ff_leaves = sorted({t.rsplit(".", 1)[-1] for t in ff})
     ff_exact = exact and [t for t in targets if any(t.endswith(f) for f in ff_leaves)] == ff
     return {
-        **common_peft_keys(base_path), "peft_type": "IA3",
+        **common_peft_keys(base_path),
+        "peft_type": "IA3",
         "exclude_modules": config.exclude if exact else None,
         "fan_in_fan_out": any(layer.fan_in_fan_out for _, layer in layers),
-        "feedforward_modules": ff_leaves if ff_exact else ff, "init_ia3_weights": True,
+        "feedforward_modules": ff_leaves if ff_exact else ff,
+        "init_ia3_weights": True,
         "modules_to_save": list(config.modules_to_save) if config.modules_to_save else None,
         "target_modules": leaves if exact else targets,
-    }  # fmt: skip
+    }
 
 
 def config_from_peft(raw: dict, *, source: str, model: Any = None, folder: Any = None):
@@ -113,6 +125,8 @@ def config_from_peft(raw: dict, *, source: str, model: Any = None, folder: Any =
     if raw.get("target_modules") is None:
         raise AdapterError("target_modules is missing; cannot tell which modules")
     return IA3Config(
-        targets=raw["target_modules"], feedforward=raw.get("feedforward_modules") or [],
-        exclude=raw.get("exclude_modules"), modules_to_save=raw.get("modules_to_save"),
-    )  # fmt: skip
+        targets=raw["target_modules"],
+        feedforward=raw.get("feedforward_modules") or [],
+        exclude=raw.get("exclude_modules"),
+        modules_to_save=raw.get("modules_to_save"),
+    )

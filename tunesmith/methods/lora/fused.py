@@ -77,9 +77,13 @@ class FusedLoRA(torch.autograd.Function):
         ctx.biases = [per_output[3 * i + 1] is not None for i in range(len(slots))]
         ctx.has_weight = [w is not None for w in weights]
         ctx.save_for_backward(
-            x2, mask if mask is not None else x2.new_empty(0), xa, a,
-            *[w for w in weights if w is not None], *bs,
-        )  # fmt: skip
+            x2,
+            mask if mask is not None else x2.new_empty(0),
+            xa,
+            a,
+            *[w for w in weights if w is not None],
+            *bs,
+        )
         return tuple(outputs)
 
     @staticmethod

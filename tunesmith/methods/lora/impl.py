@@ -110,32 +110,80 @@ def tensor_homes(model: nn.Module, name: str) -> dict[str, tuple[nn.Module, str]
 # --- PEFT's adapter_config.json ---------------------------------------------------------------
 # Every key PEFT 0.21 writes for a LoRA adapter, with PEFT's default. What we write is this set.
 PEFT_LORA_DEFAULTS: dict[str, object] = {
-    "alora_invocation_tokens": None, "alpha_pattern": {}, "arrow_config": None,
-    "auto_mapping": None, "base_model_name_or_path": None, "bias": "none", "corda_config": None,
-    "ensure_weight_tying": False, "eva_config": None, "exclude_modules": None,
-    "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
-    "kasa_config": None, "layer_replication": None, "layers_pattern": None,
-    "layers_to_transform": None, "loftq_config": {}, "lora_alpha": 8, "lora_bias": False,
-    "lora_dropout": 0.0, "lora_ga_config": None, "megatron_config": None,
-    "megatron_core": "megatron.core", "modules_to_save": None, "monteclora_config": None,
-    "peft_type": "LORA", "qalora_group_size": 16, "r": 8, "rank_pattern": {}, "revision": None,
-    "target_modules": None, "target_parameters": None, "task_type": "CAUSAL_LM",
-    "trainable_token_indices": None, "use_bdlora": None, "use_dora": False, "use_qalora": False,
-    "use_rslora": False, "velora_config": None,
-}  # fmt: skip
+    "alora_invocation_tokens": None,
+    "alpha_pattern": {},
+    "arrow_config": None,
+    "auto_mapping": None,
+    "base_model_name_or_path": None,
+    "bias": "none",
+    "corda_config": None,
+    "ensure_weight_tying": False,
+    "eva_config": None,
+    "exclude_modules": None,
+    "fan_in_fan_out": False,
+    "inference_mode": True,
+    "init_lora_weights": True,
+    "kasa_config": None,
+    "layer_replication": None,
+    "layers_pattern": None,
+    "layers_to_transform": None,
+    "loftq_config": {},
+    "lora_alpha": 8,
+    "lora_bias": False,
+    "lora_dropout": 0.0,
+    "lora_ga_config": None,
+    "megatron_config": None,
+    "megatron_core": "megatron.core",
+    "modules_to_save": None,
+    "monteclora_config": None,
+    "peft_type": "LORA",
+    "qalora_group_size": 16,
+    "r": 8,
+    "rank_pattern": {},
+    "revision": None,
+    "target_modules": None,
+    "target_parameters": None,
+    "task_type": "CAUSAL_LM",
+    "trainable_token_indices": None,
+    "use_bdlora": None,
+    "use_dora": False,
+    "use_qalora": False,
+    "use_rslora": False,
+    "velora_config": None,
+}
 # PEFT features tunesmith does not implement: loading refuses them unless they are at default.
 UNSUPPORTED_UNLESS_DEFAULT = (
-    "alora_invocation_tokens", "arrow_config", "layer_replication", "lora_bias",
-    "megatron_config", "target_parameters", "trainable_token_indices", "use_bdlora", "use_qalora",
-)  # fmt: skip
+    "alora_invocation_tokens",
+    "arrow_config",
+    "layer_replication",
+    "lora_bias",
+    "megatron_config",
+    "target_parameters",
+    "trainable_token_indices",
+    "use_bdlora",
+    "use_qalora",
+)
 # Keys PEFT writes that carry nothing tunesmith needs (bookkeeping, or settings whose effect
 # is already in the saved weights).
 IGNORED_KEYS = {
-    "auto_mapping", "base_model_name_or_path", "corda_config", "ensure_weight_tying",
-    "eva_config", "fan_in_fan_out", "inference_mode", "kasa_config", "loftq_config",
-    "lora_ga_config", "megatron_core", "monteclora_config", "peft_version", "qalora_group_size",
-    "revision", "task_type", "velora_config",
-}  # fmt: skip
+    "auto_mapping",
+    "base_model_name_or_path",
+    "corda_config",
+    "ensure_weight_tying",
+    "eva_config",
+    "fan_in_fan_out",
+    "inference_mode",
+    "kasa_config",
+    "loftq_config",
+    "lora_ga_config",
+    "megatron_core",
+    "monteclora_config",
+    "peft_version",
+    "qalora_group_size",
+    "revision",
+    "task_type",
+    "velora_config",
+}
 
 
 def peft_config(model: nn.Module, name: str, config: LoRAConfig, *, base_path: str | None) -> dict:
@@ -239,9 +287,14 @@ def load_tensors(
         return key.endswith(".lora_B.weight") and new[0] == old[0]
 
     missing = copy_tensors(
-        model, name, tensors, source=source, config=config,
-        may_miss=lambda key: hot_swap or ".lora_" not in key, may_resize=may_resize,
-    )  # fmt: skip
+        model,
+        name,
+        tensors,
+        source=source,
+        config=config,
+        may_miss=lambda key: hot_swap or ".lora_" not in key,
+        may_resize=may_resize,
+    )
     homes = tensor_homes(model, name)
     for key in missing:
         owner, attr = homes[key]

@@ -45,9 +45,13 @@ def load_base(config: QLoRAConfig, model_section: Any, device: str, dtype: torch
         model = random_model(model_section, device, dtype, None if attn == "auto" else attn)
         return quantize_model(model, quant_config(config, dtype))
     return load_quantized(
-        model_section.path, quant_config(config, dtype), device, model_section.revision,
-        model_section.trust_remote_code, None if attn == "auto" else attn,
-    )  # fmt: skip
+        model_section.path,
+        quant_config(config, dtype),
+        device,
+        model_section.revision,
+        model_section.trust_remote_code,
+        None if attn == "auto" else attn,
+    )
 
 
 def trace_base(model: nn.Module, config: QLoRAConfig, compute_dtype: torch.dtype) -> None:

@@ -33,19 +33,35 @@ PROMPT_KEY = "prompt_embeddings"
 PROJECTION_NAME = "prefix_projection.safetensors"
 PROMPT_INIT_TO_PEFT = {"random": "RANDOM", "vocab": "SAMPLE_VOCAB", "text": "TEXT"}
 _PROMPT_LEARNING_KEYS = {
-    "auto_mapping", "base_model_name_or_path", "inference_mode", "revision", "task_type",
-    "peft_type", "peft_version", "modules_to_save", "num_attention_heads", "num_layers",
-    "num_transformer_submodules", "num_virtual_tokens", "token_dim",
-}  # fmt: skip
+    "auto_mapping",
+    "base_model_name_or_path",
+    "inference_mode",
+    "revision",
+    "task_type",
+    "peft_type",
+    "peft_version",
+    "modules_to_save",
+    "num_attention_heads",
+    "num_layers",
+    "num_transformer_submodules",
+    "num_virtual_tokens",
+    "token_dim",
+}
 KNOWN_KEYS = {
-    "PROMPT_TUNING": _PROMPT_LEARNING_KEYS | {
-        "prompt_tuning_init", "prompt_tuning_init_text", "tokenizer_kwargs",
+    "PROMPT_TUNING": _PROMPT_LEARNING_KEYS
+    | {
+        "prompt_tuning_init",
+        "prompt_tuning_init_text",
+        "tokenizer_kwargs",
         "tokenizer_name_or_path",
     },
-    "PREFIX_TUNING": _PROMPT_LEARNING_KEYS | {
-        "encoder_hidden_size", "init_weights", "prefix_projection",
+    "PREFIX_TUNING": _PROMPT_LEARNING_KEYS
+    | {
+        "encoder_hidden_size",
+        "init_weights",
+        "prefix_projection",
     },
-}  # fmt: skip
+}
 
 
 def add_prompt_tuning(
@@ -157,27 +173,37 @@ def peft_config(model: nn.Module, name: str, config: Any, *, base_path: str | No
     if isinstance(config, PrefixTuningConfig):
         shape = kv_shape(model)
         return {
-            **common, "peft_type": "PREFIX_TUNING",
+            **common,
+            "peft_type": "PREFIX_TUNING",
             "encoder_hidden_size": config.encoder_hidden_size or hidden_size(model),
-            "init_weights": None, "modules_to_save": None, "num_attention_heads": shape.heads,
-            "num_layers": shape.layers, "num_transformer_submodules": 1,
+            "init_weights": None,
+            "modules_to_save": None,
+            "num_attention_heads": shape.heads,
+            "num_layers": shape.layers,
+            "num_transformer_submodules": 1,
             "num_virtual_tokens": config.num_virtual_tokens,
-            "prefix_projection": config.projection, "token_dim": shape.heads * shape.head_dim,
-        }  # fmt: skip
+            "prefix_projection": config.projection,
+            "token_dim": shape.heads * shape.head_dim,
+        }
     text = model.config.get_text_config(decoder=True)
     init = PROMPT_INIT_TO_PEFT[config.init]
     tokenizer_path = base_path if init == "TEXT" else None
     if init == "TEXT" and not base_path:
         init = "RANDOM"  # PEFT insists on a tokenizer path for TEXT; the weights are saved
     return {
-        **common, "peft_type": "PROMPT_TUNING", "modules_to_save": None,
-        "num_attention_heads": text.num_attention_heads, "num_layers": text.num_hidden_layers,
-        "num_transformer_submodules": 1, "num_virtual_tokens": config.num_virtual_tokens,
+        **common,
+        "peft_type": "PROMPT_TUNING",
+        "modules_to_save": None,
+        "num_attention_heads": text.num_attention_heads,
+        "num_layers": text.num_hidden_layers,
+        "num_transformer_submodules": 1,
+        "num_virtual_tokens": config.num_virtual_tokens,
         "prompt_tuning_init": init,
         "prompt_tuning_init_text": config.init_text if init == "TEXT" else None,
-        "token_dim": hidden_size(model), "tokenizer_kwargs": None,
+        "token_dim": hidden_size(model),
+        "tokenizer_kwargs": None,
         "tokenizer_name_or_path": tokenizer_path,
-    }  # fmt: skip
+    }
 
 
 def config_from_peft(raw: dict, *, source: str, model: nn.Module, folder: Path | None = None):
@@ -210,7 +236,8 @@ def config_from_peft(raw: dict, *, source: str, model: nn.Module, folder: Path |
     has_projection = folder is not None and (Path(folder) / PROJECTION_NAME).is_file()
     projection = bool(raw.get("prefix_projection")) and has_projection
     return PrefixTuningConfig(
-        raw["num_virtual_tokens"], projection=projection,
+        raw["num_virtual_tokens"],
+        projection=projection,
         encoder_hidden_size=raw.get("encoder_hidden_size") if projection else None,
         init="random",
-    )  # fmt: skip
+    )

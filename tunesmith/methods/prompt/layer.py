@@ -389,9 +389,12 @@ def add_prompt_adapter(
         generator = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
     if init not in ("random", "none"):
         ids = _token_ids(
-            tokenizer, config.init_text if config.init == "text" else None, n, weights.shape[0],
+            tokenizer,
+            config.init_text if config.init == "text" else None,
+            n,
+            weights.shape[0],
             generator,
-        )  # fmt: skip
+        )
     if prefix:
         shape = kv_shape(model)
         adapter = PrefixEncoder(
