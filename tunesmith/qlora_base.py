@@ -8,7 +8,7 @@ Loading builds the model on the meta device and reads the checkpoint one tensor 
 each linear weight is quantized as soon as it is read, so host memory never holds the whole
 model in full precision. Everything that is not a quantized linear (embeddings, norms, the
 output head) stays in the compute dtype: no fp32 upcast of norms and embeddings (the usual
-`prepare_model_for_kbit_training` recipe runs at about half the speed; see the README).
+`prepare_model_for_kbit_training` recipe runs at about half the speed; see docs/methods.md).
 
 The adapter library works on these layers unchanged: `LoRALayer.base_weight()` dequantizes,
 and writes (merge, unmerge, PiSSA's residual) re-quantize."""

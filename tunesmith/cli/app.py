@@ -62,7 +62,7 @@ def root(
     """Fine-tune large language models on the hardware you have: plan, prepare data, train
     (LoRA, rsLoRA, DoRA, QLoRA, prompt, prefix, bottleneck, IA3 or full), evaluate, merge and
     combine, quantize and export; adapters in PEFT's format. The Python API (tunesmith.add_lora,
-    save_adapter, load_adapter, merge…) is documented in the README."""
+    save_adapter, load_adapter, merge…) is documented in docs/api.md."""
 
 
 config_app = typer.Typer(

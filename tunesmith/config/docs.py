@@ -74,3 +74,49 @@ def _yaml_value(value: Any) -> str:
 def config_yaml(config: RunConfig) -> str:
     """The resolved config (defaults filled in) as YAML, as written next to a run's outputs."""
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def schema_markdown() -> str:
+    """The documented schema as Markdown (the documentation site's config reference): a table
+    per section, and per method for `method`, of each field's type, default and meaning."""
+    out: list[str] = []
+    for name, field in fields_of(RunConfig).items():
+        doc = " ".join((field.description or "").split())
+        if name == "method":
+            out += ["## method", "", doc, ""]
+            for method in registered_methods():
+                out += [f"### method: {method.name}", "", method.summary, ""]
+                out += _markdown_table(method.config, "method.")
+            continue
+        sub = model_in(field.annotation)
+        if sub is None:
+            out += [f"## {name}", "", doc, ""] + _markdown_rows([(name, field)], "")
+            continue
+        listed = get_origin(field.annotation) is not None
+        out += [f"## {name}", "", doc + (" A list; each entry:" if listed else ""), ""]
+        out += _markdown_table(sub, f"{name}[]." if listed else f"{name}.")
+    return "\n".join(out) + "\n"
+
+
+def _markdown_table(cls: type, prefix: str) -> list[str]:
+    fields = list(fields_of(cls).items())
+    nested = [(n, f) for n, f in fields if model_in(f.annotation) is not None]
+    rows = _markdown_rows([(n, f) for n, f in fields if (n, f) not in nested], prefix)
+    for name, field in nested:
+        rows += ["", f"`{prefix}{name}`: {' '.join((field.description or '').split())}", ""]
+        rows += _markdown_table(model_in(field.annotation), f"{prefix}{name}.")
+    return rows
+
+
+def _markdown_rows(fields: list, prefix: str) -> list[str]:
+    rows = ["| field | type | default | meaning |", "|---|---|---|---|"]
+    for name, field in fields:
+        default = (
+            "(required)"
+            if field.is_required()
+            else f"`{_yaml_value(field.get_default(call_default_factory=True))}`"
+        )
+        doc = " ".join((field.description or "").split())
+        cells = [f"`{prefix}{name}`", _type_name(field.annotation), default, doc]
+        rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return rows + [""]
