@@ -249,3 +249,16 @@ def test_config_check_lists_registered_methods():
         run.stderr
     )
     assert input_ids().shape == (3, 10)
+
+
+def test_a_misspelt_hook_is_an_error_not_a_missing_hook():
+    from tunesmith.registry import HOOKS, method_named
+
+    lora = method_named("lora")
+    assert lora.hook("prepare_training") is not None and lora.hook("load_base") is None
+    with pytest.raises(AdapterError) as err:
+        lora.hook("prepare_trainig")
+    assert str(err.value) == (
+        f"'prepare_trainig' is not a method hook; hooks: {', '.join(sorted(HOOKS))}"
+    )
+    assert method_named("qlora").hook("compute_dtype") is not None

@@ -48,9 +48,10 @@ class RunDtypes(NamedTuple):
 
 
 def compute_dtype(method_config: Any, model: ModelSection, device: str) -> torch.dtype:
-    """A run's compute dtype: the method's `compute_dtype` (QLoRA) when set, else
-    `model.dtype`."""
-    setting = getattr(method_config, "compute_dtype", "auto")
+    """A run's compute dtype: the one the method fixes (its `compute_dtype` hook: QLoRA's
+    setting) when it does, else `model.dtype`."""
+    fixed = method_of(method_config).hook("compute_dtype")
+    setting = fixed(method_config) if fixed is not None else "auto"
     return resolve_dtype(model.dtype if setting == "auto" else setting, device)
 
 

@@ -46,10 +46,39 @@ class MethodImplementation(Protocol):
     buffers on a meta skeleton); for runs: `load_base(config, model_section, device, dtype)`,
     `trace_base(model, config, compute_dtype)`, `prepare_training(model, config, train)` (the
     built model's training-only switches, such as LoRA's fused step), `save(model, folder)`,
-    `load_weights(model, folder, device)`.
+    `load_weights(model, folder, device)`; for a quantized base: `compute_dtype(config)` (the
+    dtype setting the method fixes, "auto" to keep `model.dtype`) and
+    `quant_config(config, compute_dtype)` (how the base is quantized).
+
+    Every hook's name is in `HOOKS`; `Method.hook` refuses any other, so a misspelt hook at a
+    call site is an error rather than a hook silently never found.
     """
 
     def attach(self, model: Any, config: Any, *, name: str, trainable: bool, tokenizer: Any): ...
+
+
+REQUIRED_HOOKS = ("attach", "tensor_homes", "peft_config", "config_from_peft")
+HOOKS = frozenset(
+    (
+        *REQUIRED_HOOKS,
+        "saved_tensors",
+        "write_extra",
+        "load_tensors",
+        "creation_config",
+        "hot_swap_structure",
+        "check_hot_swap",
+        "materialize",
+        "load_base",
+        "trace_base",
+        "prepare_training",
+        "save",
+        "load_weights",
+        "compute_dtype",
+        "quant_config",
+    )
+)
+"""The implementation's hooks (see `MethodImplementation`): the only names `Method.hook`
+answers for."""
 
 
 @dataclass(frozen=True)
@@ -82,6 +111,9 @@ class Method:
     arithmetic (`tunesmith combine`) can combine."""
     sequence_tokens: Callable[[Any], int] = field(default=lambda config: 0, compare=False)
     """Extra positions it adds to each sequence (prompt tuning: its virtual tokens)."""
+    cache_tokens: Callable[[Any], int] = field(default=lambda config: 0, compare=False)
+    """Key/value positions it puts in front of each row's attention cache (prompt and prefix
+    tuning: their virtual tokens), which a batch of rows shares."""
     plan_rows: Callable[[Any], list[tuple[str, Any]]] | None = field(default=None, compare=False)
     """The planner's comparison rows for this method, given the run's method config:
     [(label, config)]. None: one row with the default config."""
@@ -98,7 +130,9 @@ class Method:
         return self.implementation
 
     def hook(self, name: str) -> Callable | None:
-        """The implementation's optional hook `name`, or None."""
+        """The implementation's hook `name` (one of `HOOKS`), or None when it has none."""
+        if name not in HOOKS:
+            raise AdapterError(f"{name!r} is not a method hook; hooks: {', '.join(sorted(HOOKS))}")
         return getattr(self.impl, name, None)
 
     def label_of(self, config: Any) -> str:

@@ -181,10 +181,11 @@ def qlora_settings(adapter: str | Path):
         method = spec.config(**{k: v for k, v in section.items() if k != "name"})
     except TunesmithError:
         return None
-    compute = method.compute_dtype
+    fixed = spec.hook("compute_dtype")
+    compute = fixed(method) if fixed is not None else "auto"
     if compute == "auto":
         compute = (raw.get("model") or {}).get("dtype", "auto")
-    quant = spec.impl.quant_config(method, OUTPUT_DTYPES.get(compute, torch.float32))
+    quant = spec.hook("quant_config")(method, OUTPUT_DTYPES.get(compute, torch.float32))
     return quant, compute == "auto"
 
 

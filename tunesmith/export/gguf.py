@@ -39,7 +39,6 @@ from tunesmith.config import ModelSection
 from tunesmith.errors import TunesmithError
 from tunesmith.export.gguf_tokenizer import add_tokenizer
 from tunesmith.io import human_bytes, reporting_full_disk, share_like_umask
-from tunesmith.methods.lora.impl import config_from_peft
 from tunesmith.models import load_tokenizer, read_model_config
 from tunesmith.provenance import resolve_base
 from tunesmith.registry import method_for_peft_type
@@ -444,7 +443,7 @@ def _lora_for_llamacpp(adapter: str, folder: Path):
             f"--adapter: {adapter} trains full copies of {', '.join(raw['modules_to_save'])}, "
             "which a GGUF LoRA file cannot carry; export the merged model instead"
         )
-    return config_from_peft(raw, source=str(folder / CONFIG_NAME))
+    return method.impl.config_from_peft(raw, source=str(folder / CONFIG_NAME), folder=folder)
 
 
 def _lora_pairs(adapter: str, weights: dict[str, torch.Tensor]) -> dict[str, dict]:

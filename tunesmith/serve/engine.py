@@ -351,8 +351,9 @@ class Engine:
         if adapter is None:
             return None, 0
         config = adapter_state(self.model).configs[adapter]
-        if method_of(config).virtual_tokens:
-            return adapter, int(config.num_virtual_tokens)
+        method = method_of(config)
+        if method.virtual_tokens:
+            return adapter, method.cache_tokens(config)
         return None, 0
 
     def _forward(self, key, adapters, ids, mask, positions, cache) -> torch.Tensor:

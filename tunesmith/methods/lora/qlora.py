@@ -36,6 +36,11 @@ def quant_config(config: QLoRAConfig, compute_dtype: torch.dtype) -> QuantConfig
     return QuantConfig(config.quant, config.double_quant, config.blocksize, compute_dtype)
 
 
+def compute_dtype(config: QLoRAConfig) -> str:
+    """The run's compute dtype setting ("auto": the model's `dtype`)."""
+    return config.compute_dtype
+
+
 def load_base(config: QLoRAConfig, model_section: Any, device: str, dtype: torch.dtype):
     """The base quantized while loading (one tensor at a time; see `load_quantized`); with
     `model.init: random`, random weights of the real shape, quantized in place layer by

@@ -81,6 +81,7 @@ PROMPT = register_method(
         merge_refusal="it adds virtual input tokens, not weights",
         virtual_tokens=True,
         sequence_tokens=lambda config: config.num_virtual_tokens,
+        cache_tokens=lambda config: config.num_virtual_tokens,
     )
 )
 PREFIX = register_method(
@@ -93,5 +94,6 @@ PREFIX = register_method(
         peft_types=("PREFIX_TUNING",),
         merge_refusal="it adds key/value prefixes, not weights",
         virtual_tokens=True,
+        cache_tokens=lambda config: config.num_virtual_tokens,
     )
 )
