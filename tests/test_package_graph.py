@@ -58,3 +58,41 @@ def test_help_does_not_load_torch():
     code = "import sys, tunesmith.cli; print('torch' in sys.modules, 'transformers' in sys.modules)"
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert run.stdout.split() == ["False", "False"]
+
+
+def documented_layers() -> list[tuple[str, list[str]]]:
+    """The layers table of docs/architecture.md: (layer, its units as the graph names them:
+    `plan/` is "plan", `builder.py` is "builder.py", `errors` is "errors.py")."""
+    import re
+
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    table = text.split("## Layers", 1)[1].split("\n| layer |", 1)[1].split("\n\n", 1)[0]
+    layers = []
+    for line in table.splitlines()[2:]:
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        units = re.findall(r"`([^`]+)`", cells[1])
+        names = [
+            u.rstrip("/") if u.endswith("/") else u if u.endswith(".py") else u + ".py"
+            for u in units
+        ]
+        layers.append((cells[0], names))
+    return layers
+
+
+def test_imports_point_down_the_documented_layers():
+    """Every unit of the package is in the documented table, and every import between units
+    points to the same layer or one below it (the package root and __main__ sit on top)."""
+    layers = documented_layers()
+    rank = {unit: i for i, (_, units) in enumerate(layers) for unit in units}
+    edges = graph.measure()["package_edges"]
+    top = {"tunesmith", "__main__.py"}
+    units = {u for u, targets in edges.items() for u in (u, *targets)} - top
+    assert sorted(units - set(rank)) == []  # every unit documented
+    upward = [
+        f"{unit} ({layers[rank[unit]][0]}) -> {target} ({layers[rank[target]][0]})"
+        for unit, targets in edges.items()
+        if unit not in top
+        for target in targets
+        if target not in top and rank[target] > rank[unit]
+    ]
+    assert upward == []

@@ -31,6 +31,7 @@ from tunesmith.models import (
     enable_checkpointing,
     load_model,
     load_tokenizer,
+    random_model,
     resolve_device,
     resolve_dtype,
 )
@@ -75,9 +76,13 @@ def load_base(method_config: Any, model: ModelSection, device: str, dtype: torch
     """The base model the method trains on, from `model.path` (QLoRA: quantized while
     loading)."""
     load = method_of(method_config).hook("load_base")
-    if load is not None:
-        return load(method_config, model, device, dtype)
-    return load_model(model, device, dtype)
+    if load is None:
+        return load_model(model, device, dtype)
+    base = None
+    if model.init == "random":  # random weights of the real shape, for the method to prepare
+        attention = None if model.attn_implementation == "auto" else model.attn_implementation
+        base = random_model(model, device, dtype, attention)
+    return load(method_config, model, device, dtype, base=base)
 
 
 def build_model(

@@ -43,7 +43,8 @@ class MethodImplementation(Protocol):
     `load_tensors(model, name, tensors, *, source, config, hot_swap, folder)`,
     `creation_config(config)`, `hot_swap_structure(config)` (settings a hot swap must keep),
     `check_hot_swap(model, name, old, new, folder)`, `materialize(model, name, config)` (real
-    buffers on a meta skeleton); for runs: `load_base(config, model_section, device, dtype)`,
+    buffers on a meta skeleton); for runs: `load_base(config, model_section, device, dtype,
+    base)` (`base`: a random-weight model to prepare instead of loading, `model.init: random`),
     `trace_base(model, config, compute_dtype)`, `prepare_training(model, config, train)` (the
     built model's training-only switches, such as LoRA's fused step), `save(model, folder)`,
     `load_weights(model, folder, device)`; for a quantized base: `compute_dtype(config)` (the

@@ -21,7 +21,6 @@ from tunesmith.methods.lora.impl import (  # noqa: F401  (the rest of LoRA's imp
     prepare_training,
     tensor_homes,
 )
-from tunesmith.models import random_model
 from tunesmith.qlora_base import QuantConfig, load_quantized, quantizable_linears, quantize_model
 
 
@@ -41,14 +40,13 @@ def compute_dtype(config: QLoRAConfig) -> str:
     return config.compute_dtype
 
 
-def load_base(config: QLoRAConfig, model_section: Any, device: str, dtype: torch.dtype):
-    """The base quantized while loading (one tensor at a time; see `load_quantized`); with
-    `model.init: random`, random weights of the real shape, quantized in place layer by
-    layer."""
+def load_base(config: QLoRAConfig, model_section: Any, device: str, dtype: torch.dtype, base=None):
+    """The base quantized while loading (one tensor at a time; see `load_quantized`); or
+    `base` (random weights of the real shape, `model.init: random`) quantized in place layer
+    by layer."""
     attn = model_section.attn_implementation
-    if getattr(model_section, "init", "pretrained") == "random":
-        model = random_model(model_section, device, dtype, None if attn == "auto" else attn)
-        return quantize_model(model, quant_config(config, dtype))
+    if base is not None:
+        return quantize_model(base, quant_config(config, dtype))
     return load_quantized(
         model_section.path,
         quant_config(config, dtype),
