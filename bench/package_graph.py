@@ -20,20 +20,26 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "tunesmith"
-METHOD_CONFIGS = (
-    "LoRAConfig",
-    "QLoRAConfig",
-    "IA3Config",
-    "PromptTuningConfig",
-    "PrefixTuningConfig",
-    "BottleneckConfig",
-    "FullConfig",
-    "LoRALayer",
-    "IA3Layer",
-    "VirtualTokens",
-    "Bottlenecks",
-)
-METHOD_NAMES = ("full", "lora", "qlora", "prompt", "prefix", "bottleneck", "ia3")
+
+
+def method_terms() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The registered methods' names, and the class names dispatch on a method would test:
+    their config classes and the adapter holders their implementations define (read from the
+    registry, so a new built-in method is covered without listing it here)."""
+    from tunesmith.adapters.holders import AdapterHolder
+    from tunesmith.registry import registered_methods
+
+    methods = registered_methods()
+    for method in methods:
+        _ = method.impl  # imports the implementation, which defines the holders
+    holders, todo = [], [AdapterHolder]
+    while todo:
+        for sub in todo.pop().__subclasses__():
+            if sub.__module__.startswith("tunesmith.methods."):
+                holders.append(sub.__name__)
+            todo.append(sub)
+    configs = {m.config.__name__ for m in methods}
+    return tuple(m.name for m in methods), tuple(sorted(configs | set(holders)))
 
 
 def unit_of(module: str) -> str:
@@ -102,9 +108,10 @@ def dispatch_sites(path: Path, text: str) -> list[str]:
     if "tunesmith/methods/" in str(path) or path.name == "registry.py":
         return []
     out = []
-    names = "|".join(METHOD_NAMES)
+    method_names, classes = method_terms()
+    names = "|".join(method_names)
     pattern = re.compile(
-        rf"isinstance\([^)]*\b({'|'.join(METHOD_CONFIGS)})\b"
+        rf"isinstance\([^)]*\b({'|'.join(classes)})\b"
         rf"|\.name\s*(==|!=|in)\s*[\"'(]({names})\b"
         rf"|method\s*(==|!=)\s*[\"']({names})[\"']"
     )

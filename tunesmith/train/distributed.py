@@ -29,6 +29,8 @@ import torch
 import torch.distributed as dist
 from accelerate import init_empty_weights
 from torch import nn
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+from torch.nn.parallel import DistributedDataParallel
 from transformers import AutoModelForCausalLM
 
 from tunesmith.errors import TunesmithError
@@ -156,13 +158,9 @@ def wrap(
     under DDP wrapped by DistributedDataParallel, under FSDP2 sharded (in place: `model`'s
     parameters are shards afterwards)."""
     if strategy == "ddp":
-        from torch.nn.parallel import DistributedDataParallel
-
         ids = [world.local_rank] if device.startswith("cuda") else None
         return DistributedDataParallel(LossModule(model, loss_fn), device_ids=ids)
     if strategy == "fsdp":
-        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
-
         policy = MixedPrecisionPolicy()
         if master and compute_dtype != torch.float32:
             policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
