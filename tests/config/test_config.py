@@ -191,7 +191,7 @@ def test_every_field_is_documented_in_the_schema():
     for cls in [method.config for method in registered_methods()]:
         for name, field in fields_of(cls).items():
             assert field.description, f"{cls.__name__}.{name} has no docstring"
-    assert "  lr: null  # float | null. Peak learning rate. Default by method: full 2e-5" in text
+    assert "  lr: null  # float | null. Peak learning rate. Default: the method's own" in text
     assert "  path: (required)  # str. Base model" in text
 
 

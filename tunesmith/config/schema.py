@@ -174,8 +174,8 @@ class DataSection(Section):
 
 class TrainSection(Section):
     lr: float | None = Field(None, gt=0)
-    """Peak learning rate. Default by method: full 2e-5, lora/qlora 2e-4, prompt 3e-2,
-    prefix 1e-2, bottleneck 1e-3, ia3 3e-3."""
+    """Peak learning rate. Default: the method's own (each method's `default_lr`; `tunesmith
+    config check run.yaml --show` prints the value a run resolves to)."""
     epochs: float = Field(1.0, gt=0)
     """Passes over the training data (ignored when max_steps is set)."""
     max_steps: int | None = Field(None, gt=0)
@@ -268,8 +268,8 @@ class RunConfig(Section):
     model: ModelSection
     """The base model and how to load it."""
     method: Any = Field(default_factory=LoRAConfig)
-    """How to train: a method name (lora, qlora, full, prompt, prefix, bottleneck, ia3, or a
-    registered one) or a mapping with `name` and the method's settings."""
+    """How to train: a registered method's name (each is listed below) or a mapping with
+    `name` and the method's settings."""
     data: DataSection
     """Training and validation data."""
     train: TrainSection = TrainSection()
