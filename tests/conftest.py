@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 from helpers.data import chat_tokenizer
-from helpers.models import ARCHS, VARIANTS
-from transformers import LlamaConfig, LlamaForCausalLM
+from helpers.models import ARCHS, VARIANTS, llama_config
+from transformers import LlamaForCausalLM
 
 
 @pytest.fixture(params=ARCHS)
@@ -28,7 +28,7 @@ def tiny_dir(tmp_path_factory) -> Path:
     tokenizer = chat_tokenizer()
     tokenizer.save_pretrained(folder)
     torch.manual_seed(0)
-    config = LlamaConfig(
+    config = llama_config(
         vocab_size=len(tokenizer),
         hidden_size=32,
         intermediate_size=64,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig
+from helpers.models import llama_config
 
 from tunesmith.config import ModelSection
 from tunesmith.errors import TunesmithError
@@ -27,7 +27,7 @@ def test_a_model_folder_needs_a_config_and_safetensors(tmp_path):
     with pytest.raises(TunesmithError) as err:
         read_model_config(str(tmp_path))
     assert str(err.value) == f"model.path: {tmp_path}: no config.json there (no such model folder)"
-    LlamaConfig(
+    llama_config(
         hidden_size=16,
         intermediate_size=32,
         num_hidden_layers=1,

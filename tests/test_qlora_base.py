@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.models import make_model
-from transformers import LlamaConfig, LlamaForCausalLM
+from helpers.models import llama_config, make_model
+from transformers import LlamaForCausalLM
 
 import tunesmith
 from tunesmith.errors import TunesmithError
@@ -38,7 +38,7 @@ def small_dir(tmp_path_factory) -> Path:
     """A random Llama with 64-wide layers, saved as fp32 safetensors."""
     folder = tmp_path_factory.mktemp("small")
     torch.manual_seed(0)
-    config = LlamaConfig(
+    config = llama_config(
         vocab_size=128,
         hidden_size=64,
         intermediate_size=128,
@@ -212,7 +212,7 @@ def test_loading_a_400_mb_checkpoint_quantized_stays_well_under_its_size(tmp_pat
     process after a warm-up load of a small model of the same class (imports, bitsandbytes'
     one-time setup)."""
     torch.manual_seed(0)
-    config = LlamaConfig(
+    config = llama_config(
         vocab_size=4096,
         hidden_size=1024,
         intermediate_size=2816,

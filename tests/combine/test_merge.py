@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers.adapters import BUNDLED, ROOT, adapter_folder, randomize_ia3, save_base
-from helpers.models import lora_config, make_model, randomize_adapter
+from helpers.models import llama_config, lora_config, make_model, randomize_adapter
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
@@ -245,9 +245,8 @@ MEMORY_SCRIPT = textwrap.dedent(
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="Linux only")
 def test_merge_memory_stays_near_one_tensor(tmp_path):
     """A 340 MB model merges (and model-merges) with peak host memory far below its size."""
-    from transformers import LlamaConfig
 
-    config = LlamaConfig(
+    config = llama_config(
         vocab_size=4096,
         hidden_size=512,
         intermediate_size=2048,

@@ -48,6 +48,22 @@ CONFIGS = {
     ),
 }
 ARCHS = list(CONFIGS)
+SHAPE = dict(
+    vocab_size=96,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
+"""The shape a test's own Llama starts from (each test states what it changes)."""
+
+
+def llama_config(**fields) -> LlamaConfig:
+    """A Llama config of `SHAPE` with `fields` changed: the one place tests spell a Llama."""
+    return LlamaConfig(**{**SHAPE, **fields})
+
+
 VARIANTS = {
     "lora": dict(),
     "rslora": dict(use_rslora=True),

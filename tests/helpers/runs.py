@@ -3,6 +3,7 @@ model, quiet progress, and the `tunesmith` command as a user runs it."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -72,3 +73,9 @@ def make_config(tmp_path: Path, tiny_dir: Path, **sections):
 
 def quiet() -> Progress:
     return Progress(log_every=1000, live=False)
+
+
+def losses(output_dir: Path) -> list[float]:
+    """The training losses a run logged to output_dir/metrics.jsonl, in step order."""
+    lines = (Path(output_dir) / "metrics.jsonl").read_text().splitlines()
+    return [entry["loss"] for entry in map(json.loads, lines) if "loss" in entry]

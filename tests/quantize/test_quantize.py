@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.models import make_model
+from helpers.models import llama_config, make_model
 from helpers.runs import run_cli
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tunesmith.config import ModelSection
 from tunesmith.errors import TunesmithError
@@ -186,7 +186,7 @@ BUNDLED_TOKENIZER = AutoTokenizer.from_pretrained(BUNDLED)
 
 def mha_llama(seed=0):
     torch.manual_seed(seed)
-    config = LlamaConfig(
+    config = llama_config(
         vocab_size=96,
         hidden_size=32,
         intermediate_size=64,

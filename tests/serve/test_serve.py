@@ -16,9 +16,10 @@ import openai
 import pytest
 import torch
 from helpers.adapters import BUNDLED, adapter_folder
+from helpers.models import llama_config
 from helpers.runs import run_cli
 from helpers.serving import gated_steps, wait_for
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
 from typer.testing import CliRunner
 
 from tunesmith.adapters import load_adapter, save_adapter
@@ -337,7 +338,7 @@ def test_load_and_unload_adapters_at_run_time(served, client, folders, root):
 
 def test_an_adapter_for_another_base_is_refused_with_its_message(served, root):
     other = root / "other"
-    config = LlamaConfig(
+    config = llama_config(
         vocab_size=4096,
         hidden_size=128,
         intermediate_size=256,

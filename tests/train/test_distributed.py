@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 from helpers.data import write_jsonl
-from helpers.runs import ROOT, run_cli, toy_rows
+from helpers.runs import ROOT, losses, run_cli, toy_rows
 from safetensors.torch import load_file
 
 from tunesmith.errors import TunesmithError
@@ -69,11 +69,6 @@ def _torchrun(*args: str, nproc: int = 2, script: list[str] | None = None, **kwa
     return subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT, **kwargs)
 
 
-def _losses(out: Path) -> list[float]:
-    entries = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [e["loss"] for e in entries if "loss" in e]
-
-
 def _adapter(out: Path) -> dict:
     return load_file(out / "adapter" / "adapter_model.safetensors")
 
@@ -84,7 +79,7 @@ def _resume_elsewhere(run, config: Path, keep: Path, out: Path, said: str, strai
     resumed = run("train", str(config), "--resume", str(keep))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert said in resumed.stderr
-    assert _losses(out) == pytest.approx(straight, abs=1e-5)
+    assert losses(out) == pytest.approx(straight, abs=1e-5)
 
 
 def _assert_same_adapter(a: dict, b: dict, atol: float) -> None:
@@ -106,13 +101,13 @@ def test_two_processes_train_like_one(tmp_path, tiny_dir, strategy, atol, accum)
     else:
         double = _torchrun("train", str(two))
     assert double.returncode == 0, double.stderr[-3000:]
-    assert _losses(tmp_path / "two") == pytest.approx(_losses(tmp_path / "one"), abs=atol)
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), abs=atol)
     _assert_same_adapter(_adapter(tmp_path / "two"), _adapter(tmp_path / "one"), atol)
     # only rank 0 speaks and writes: one header, one summary, one line per step
     out = double.stdout + double.stderr
     assert out.count(f"processes: 2 ({strategy}), rank 0 reporting") == 1
     assert out.count("done: 4 steps") == 1
-    assert len(_losses(tmp_path / "two")) == 4
+    assert len(losses(tmp_path / "two")) == 4
     summary = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert (summary["processes"], summary["distributed"]) == (2, strategy)
     assert (
@@ -127,12 +122,12 @@ def test_fsdp_checkpoints_resume_exactly_and_on_another_number_of_processes(tmp_
     step2 = tmp_path / "run" / "checkpoints" / "step-000002"
     assert (step2 / ".metadata").is_file() and len(list(step2.glob("*.distcp"))) == 2
     assert json.loads((step2 / "trainer_state.json").read_text())["format"] == "dcp"
-    straight = _losses(tmp_path / "run")
+    straight = losses(tmp_path / "run")
     keep = tmp_path / "step2"
     shutil.copytree(step2, keep)
     again = _torchrun("train", str(config), "--resume", str(keep))
     assert again.returncode == 0, again.stderr[-3000:]
-    assert _losses(tmp_path / "run") == straight  # bit-identical on CPU
+    assert losses(tmp_path / "run") == straight  # bit-identical on CPU
     _resume_elsewhere(
         run_cli,
         config,
@@ -188,7 +183,7 @@ def test_two_machines_over_loopback(tmp_path, tiny_dir):
     ]
     outputs = [node.communicate(timeout=TIMEOUT) for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], outputs[0][1][-2000:]
-    assert _losses(tmp_path / "two") == pytest.approx(_losses(tmp_path / "one"), abs=1e-5)
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), abs=1e-5)
 
 
 def test_a_sharded_qlora_base_is_refused_with_what_to_use():
@@ -253,7 +248,7 @@ def test_ddp_resumes_a_one_process_checkpoint_on_two_processes(tmp_path, tiny_di
     config = _config(tmp_path, tiny_dir, "run", distributed="ddp", save_every_steps=2)
     single = run_cli("train", str(config))
     assert single.returncode == 0, single.stderr[-3000:]
-    straight, straight_adapter = _losses(tmp_path / "run"), _adapter(tmp_path / "run")
+    straight, straight_adapter = losses(tmp_path / "run"), _adapter(tmp_path / "run")
     keep = tmp_path / "step2"
     shutil.copytree(tmp_path / "run" / "checkpoints" / "step-000002", keep)
     _resume_elsewhere(

@@ -14,9 +14,15 @@ import textwrap
 
 import pytest
 import torch
-from helpers.models import ARCHS, input_ids, lora_config, make_model, randomize_adapter
-from helpers.runs import ROOT, make_config, quiet
-from transformers import LlamaConfig
+from helpers.models import (
+    ARCHS,
+    input_ids,
+    llama_config,
+    lora_config,
+    make_model,
+    randomize_adapter,
+)
+from helpers.runs import ROOT, losses, make_config, quiet
 
 import tunesmith
 from tunesmith.config import TrainSection, config_from_dict
@@ -92,7 +98,7 @@ def test_offloading_leaves_small_tensors_and_parameters_alone():
 
 
 def test_the_planner_traces_offloading_as_inputs_off_the_device():
-    config = LlamaConfig(
+    config = llama_config(
         vocab_size=32000,
         hidden_size=1024,
         intermediate_size=2816,
@@ -218,9 +224,6 @@ def test_liger_kernels_under_the_triton_interpreter_match_the_torch_path():
 
 
 # --- runs: compile, padding-free, random weights --------------------------------------------
-def _losses(out_dir) -> list[float]:
-    lines = (out_dir / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line)["loss"] for line in lines if "loss" in json.loads(line)]
 
 
 def test_padding_free_packing_trains_with_the_same_losses(tmp_path, tiny_dir):
@@ -241,7 +244,7 @@ def test_padding_free_packing_trains_with_the_same_losses(tmp_path, tiny_dir):
     assert summaries["on"]["padding_free"] is True
     assert summaries["on"]["tokens"] < summaries["off"]["tokens"]  # no padding tokens
     assert summaries["on"]["trained_tokens"] == summaries["off"]["trained_tokens"]
-    off, on = _losses(tmp_path / "off" / "out"), _losses(tmp_path / "on" / "out")
+    off, on = losses(tmp_path / "off" / "out"), losses(tmp_path / "on" / "out")
     assert on == pytest.approx(off, abs=1e-5)
 
 
@@ -249,7 +252,7 @@ def test_padding_free_packing_trains_with_the_same_losses(tmp_path, tiny_dir):
 def test_compiled_layers_train_with_the_same_losses_and_no_recompiles(tmp_path, tiny_dir):
     import torch._dynamo
 
-    losses = {}
+    by_setting = {}
     for compiled in (False, True):
         config = make_config(
             tmp_path / str(compiled),
@@ -279,12 +282,12 @@ def test_compiled_layers_train_with_the_same_losses_and_no_recompiles(tmp_path, 
             summary = run.run()
         finally:
             torch._dynamo.config.error_on_recompile = False
-        losses[compiled] = _losses(tmp_path / str(compiled) / "out")
+        by_setting[compiled] = losses(tmp_path / str(compiled) / "out")
         if compiled:
             assert "torch.compile: 2 decoder layers" in summary["speedups"]
             assert len(widths) > 1  # packed rows of several lengths, one graph
             assert recompiles == [1, 2, 3, 4]
-    assert losses[True] == pytest.approx(losses[False], abs=1e-5)
+    assert by_setting[True] == pytest.approx(by_setting[False], abs=1e-5)
 
 
 def test_a_random_weight_benchmark_run_needs_only_config_and_tokenizer(tmp_path, tiny_dir):
