@@ -1,7 +1,7 @@
-"""Issue 18, tried as a hostile user would: names that would escape their folder, bases that
-would be fetched from the hub, two runs in one folder, damaged files, broken inputs, Ctrl-C,
-file modes, other tools' config keys and the help texts. Each case asserts the exact message
-(one line, exit 2, no traceback, from the CLI) or the invariant that was broken."""
+"""Safety and failure handling, tried as a hostile user would: names that would escape their
+folder, bases that would be fetched from the hub, two runs in one folder, damaged files, broken
+inputs, Ctrl-C, file modes, other tools' config keys and the help texts. Each case asserts the
+exact message (one line, exit 2, no traceback, from the CLI) or the invariant that was broken."""
 
 from __future__ import annotations
 
