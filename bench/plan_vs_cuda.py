@@ -69,7 +69,7 @@ def real(shape: str, method: str, batch: int, seq: int) -> dict:
             config, dtype=torch.float32 if full else torch.bfloat16
         )
     if method == "qlora":  # NF4, double quantization, blocks of 64, bf16 compute
-        from tunesmith.qlora_base import QuantConfig, quantize_model
+        from tunesmith.quantized.bnb import QuantConfig, quantize_model
 
         quantize_model(model, QuantConfig("nf4", compute_dtype=torch.bfloat16))
         torch.cuda.empty_cache()

@@ -54,7 +54,7 @@ def worker(args: argparse.Namespace) -> dict:
         from tunesmith.train.loss import model_loss_sum
 
         if impl == "tunesmith_qlora":
-            from tunesmith.qlora_base import QuantConfig, load_quantized
+            from tunesmith.quantized.bnb import QuantConfig, load_quantized
 
             model = load_quantized(
                 args.checkpoint,

@@ -1,7 +1,7 @@
 """A checkpoint's transformers config, read with one-line errors, and the one-line error for
 anything transformers could not load (a checkpoint that ships its own code says what
 `trust_remote_code` would do). The bottom of the model-loading layer: `models` (loading) and
-`qlora_base` (quantize-on-load) both read configs through it."""
+`quantized/bnb.py` (quantize-on-load) both read configs through it."""
 
 from __future__ import annotations
 

@@ -13,10 +13,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from tunesmith.errors import TunesmithError
-from tunesmith.gptq_format.files import load_gptq_checkpoint
 from tunesmith.model_config import load_failure, read_model_config
 from tunesmith.paths import model_source
-from tunesmith.qlora_base import guard_cpu_packing
+from tunesmith.quantized.bnb import guard_cpu_packing
+from tunesmith.quantized.gptq.files import load_gptq_checkpoint
 from tunesmith.shards import check_safetensors_folder
 
 if TYPE_CHECKING:

@@ -84,7 +84,7 @@ def test_merge_refuses_a_copy_of_a_tied_head(tmp_path):
 
 def test_merge_qlora_adapter_onto_its_dequantized_base(tmp_path):
     pytest.importorskip("bitsandbytes")
-    from tunesmith.qlora_base import QuantConfig, load_quantized
+    from tunesmith.quantized.bnb import QuantConfig, load_quantized
 
     base = save_base("llama", tmp_path / "base")
     model = load_quantized(str(base), QuantConfig("nf4"))

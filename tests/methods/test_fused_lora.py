@@ -16,7 +16,7 @@ from tunesmith.adapters import set_active
 from tunesmith.methods.lora.fused import FusedLoRA
 from tunesmith.methods.lora.impl import fuse_lora_layers, lora_layers
 from tunesmith.methods.lora.layer import LoRALayer
-from tunesmith.qlora_base import QuantConfig, quantize_model
+from tunesmith.quantized.bnb import QuantConfig, quantize_model
 from tunesmith.train.loss import model_loss_sum
 
 

@@ -55,7 +55,7 @@ def measured_peak(method, train, seq, batch) -> int:
     full = method.name == "full"
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     if method.name == "qlora":
-        from tunesmith.qlora_base import QuantConfig, quantize_model
+        from tunesmith.quantized.bnb import QuantConfig, quantize_model
 
         quantize_model(model, QuantConfig(method.quant, compute_dtype=torch.float32))
     if not full:

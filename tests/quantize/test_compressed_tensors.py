@@ -15,10 +15,10 @@ from transformers import AutoModelForCausalLM
 
 from tunesmith.config import ModelSection
 from tunesmith.errors import TunesmithError
-from tunesmith.gptq_format.compressed import _pack, pack_compressed, unpack_compressed
-from tunesmith.gptq_format.weights import QuantizedWeight
 from tunesmith.models import load_model
 from tunesmith.quantize.pipeline import QuantizeSettings, quantize_checkpoint
+from tunesmith.quantized.gptq.compressed import _pack, pack_compressed, unpack_compressed
+from tunesmith.quantized.gptq.weights import QuantizedWeight
 
 ROOT = Path(__file__).resolve().parents[2]
 BUNDLED = ROOT / "examples" / "tiny-llama"

@@ -15,10 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tunesmith.config import ModelSection
 from tunesmith.errors import TunesmithError
-from tunesmith.gptq_format.layer import GPTQLinear
-from tunesmith.gptq_format.packing import pack_gptq, pack_rows, unpack_gptq, unpack_rows
 from tunesmith.models import load_model
-from tunesmith.qlora_base import guard_cpu_packing
 from tunesmith.quantize import (
     HessianAccumulator,
     QuantGrid,
@@ -28,6 +25,9 @@ from tunesmith.quantize import (
 )
 from tunesmith.quantize.calibrate import awq_groups, fold_scales
 from tunesmith.quantize.pipeline import QuantizeSettings, quantize_checkpoint
+from tunesmith.quantized.bnb import guard_cpu_packing
+from tunesmith.quantized.gptq.layer import GPTQLinear
+from tunesmith.quantized.gptq.packing import pack_gptq, pack_rows, unpack_gptq, unpack_rows
 from tunesmith.shards import CheckpointReader
 
 
@@ -399,7 +399,7 @@ def test_quantize_errors(tmp_path):
 
 
 def test_interrupted_quantize_leaves_nothing(tmp_path, monkeypatch):
-    import tunesmith.gptq_format.files as checkpoint
+    import tunesmith.quantized.gptq.files as checkpoint
 
     def broken(*args, **kwargs):
         raise OSError(28, "No space left on device")

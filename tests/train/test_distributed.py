@@ -206,13 +206,12 @@ def test_fsdp_shards_every_decoder_layer_and_the_loss_module_with_the_policies(m
     fp32 master weights through a bf16 mixed-precision policy, and the CPU offload policy only
     for GPU processes that ask for it."""
     import torch
-    import torch.distributed.fsdp as fsdp
     from helpers.models import make_model
 
     from tunesmith.train import distributed
 
     calls = []
-    monkeypatch.setattr(fsdp, "fully_shard", lambda module, **kw: calls.append((module, kw)))
+    monkeypatch.setattr(distributed, "fully_shard", lambda module, **kw: calls.append((module, kw)))
     model = make_model("llama")
     root = distributed.wrap(
         model,

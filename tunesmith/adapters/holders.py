@@ -16,7 +16,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from tunesmith.errors import AdapterError
-from tunesmith.qlora_base import dequantized_weight, is_quantized, set_quantized_weight
+from tunesmith.quantized.bnb import dequantized_weight, is_quantized, set_quantized_weight
 
 
 @dataclass

@@ -84,7 +84,7 @@ def merge_and_unload(
     Quantized base layers (QLoRA) become plain nn.Linear layers in `dtype` (default: the dtype
     of the input embeddings): W' = dequantized W + s·BA computed in fp32, so the merged model
     uses exactly the weights the adapter was trained against. Re-quantize it with
-    `tunesmith.qlora_base.quantize_model` if wanted."""
+    `tunesmith.quantized.bnb.quantize_model` if wanted."""
     state = adapter_state(model)
     names = list(state.active if names is None else names)
     check_known(model, names)

@@ -50,7 +50,7 @@ from tunesmith.combine.skeleton import (
 from tunesmith.errors import TunesmithError
 from tunesmith.io import human_bytes
 from tunesmith.provenance import resolve_base
-from tunesmith.qlora_base import (
+from tunesmith.quantized.bnb import (
     QuantConfig,
     dequantized_weight,
     load_quantized,

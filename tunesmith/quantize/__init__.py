@@ -4,10 +4,10 @@ model (`calibrate.py`), written in GPTQ's checkpoint format (`pack.py`, `checkpo
 loaded back by `GPTQLinear` (`layers.py`); `run.py` is `tunesmith quantize`, bitsandbytes
 int8/NF4 included."""
 
-from tunesmith.gptq_format.weights import QuantizedWeight
 from tunesmith.quantize.awq import AWQScales, awq_search
 from tunesmith.quantize.gptq import HessianAccumulator, gptq_quantize
 from tunesmith.quantize.rtn import QuantGrid, rtn_quantize
+from tunesmith.quantized.gptq.weights import QuantizedWeight
 
 __all__ = [
     "AWQScales",

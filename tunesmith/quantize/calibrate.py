@@ -26,11 +26,11 @@ import torch
 from torch import nn
 
 from tunesmith.errors import TunesmithError
-from tunesmith.gptq_format.weights import QuantizedWeight
 from tunesmith.models import LAYER_PATHS, decoder_stack
 from tunesmith.quantize.awq import awq_clip, awq_search
 from tunesmith.quantize.gptq import HessianAccumulator, gptq_quantize
 from tunesmith.quantize.rtn import QuantGrid, rtn_quantize
+from tunesmith.quantized.gptq.weights import QuantizedWeight
 
 AWQ_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 AWQ_GROUPS = (  # (the operation before, the linears that read its output), in forward order

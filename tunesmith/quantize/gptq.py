@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from tunesmith.gptq_format.weights import QuantizedWeight
 from tunesmith.quantize.rtn import QuantGrid
+from tunesmith.quantized.gptq.weights import QuantizedWeight
 
 
 class HessianAccumulator:

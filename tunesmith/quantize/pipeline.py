@@ -33,11 +33,9 @@ from tunesmith.config import ModelSection
 from tunesmith.data.formats import Completion, Conversation, FormatSpec, detect_format, parse_record
 from tunesmith.data.sources import read_records
 from tunesmith.errors import TunesmithError
-from tunesmith.gptq_format.files import LAYOUTS, quantization_config, write_gptq_checkpoint
 from tunesmith.io import human_bytes
 from tunesmith.models import load_model, load_tokenizer, read_model_config, resolve_device
 from tunesmith.provenance import resolve_base
-from tunesmith.qlora_base import bitsandbytes
 from tunesmith.quantize.calibrate import (
     Settings,
     check_model,
@@ -47,6 +45,8 @@ from tunesmith.quantize.calibrate import (
     quantize_layers,
 )
 from tunesmith.quantize.rtn import QuantGrid
+from tunesmith.quantized.bnb import bitsandbytes
+from tunesmith.quantized.gptq.files import LAYOUTS, quantization_config, write_gptq_checkpoint
 from tunesmith.shards import (
     CheckpointReader,
     check_output,

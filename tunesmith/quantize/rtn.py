@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from tunesmith.errors import TunesmithError
-from tunesmith.gptq_format.weights import QuantizedWeight
+from tunesmith.quantized.gptq.weights import QuantizedWeight
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 

@@ -1,5 +1,5 @@
 """QLoRA (method `qlora`): LoRA adapters on a frozen base that bitsandbytes quantizes while it
-loads (`tunesmith.qlora_base`). The adapter itself is a plain LoRA adapter (saved as PEFT's
+loads (`tunesmith.quantized.bnb`). The adapter itself is a plain LoRA adapter (saved as PEFT's
 LORA); what this method adds is how the base is loaded, and, for the planner, a stand-in for
 bitsandbytes' layers, which cannot run on fake tensors."""
 
@@ -21,7 +21,7 @@ from tunesmith.methods.lora.impl import (  # noqa: F401  (the rest of LoRA's imp
     prepare_training,
     tensor_homes,
 )
-from tunesmith.qlora_base import QuantConfig, load_quantized, quantizable_linears, quantize_model
+from tunesmith.quantized.bnb import QuantConfig, load_quantized, quantizable_linears, quantize_model
 
 
 def attach(

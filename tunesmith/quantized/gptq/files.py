@@ -22,16 +22,16 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from tunesmith.errors import TunesmithError
-from tunesmith.gptq_format.compressed import (
+from tunesmith.quantized.gptq.compressed import (
     PARTS,
     compressed_config,
     compressed_shapes,
     pack_compressed,
     unpack_compressed,
 )
-from tunesmith.gptq_format.layer import GPTQLinear
-from tunesmith.gptq_format.packing import pack_gptq, packed_shapes
-from tunesmith.gptq_format.weights import QuantizedWeight
+from tunesmith.quantized.gptq.layer import GPTQLinear
+from tunesmith.quantized.gptq.packing import pack_gptq, packed_shapes
+from tunesmith.quantized.gptq.weights import QuantizedWeight
 from tunesmith.shards import (
     PlannedTensor,
     checkpoint_files,

@@ -19,7 +19,7 @@ from tunesmith.methods.lora.impl import lora_layers
 
 bnb = pytest.importorskip("bitsandbytes")  # a dev dependency: CI installs it
 
-from tunesmith.qlora_base import (  # noqa: E402
+from tunesmith.quantized.bnb import (  # noqa: E402
     QuantConfig,
     dequantized_weight,
     guard_cpu_packing,
@@ -29,7 +29,7 @@ from tunesmith.qlora_base import (  # noqa: E402
     quantized_size_bytes,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 QUANTS = ["nf4", "fp4", "int8"]
 
 
@@ -226,7 +226,7 @@ def test_loading_a_400_mb_checkpoint_quantized_stays_well_under_its_size(tmp_pat
     assert size > 400e6
     script = f"""
 import json, resource
-from tunesmith.qlora_base import QuantConfig, load_quantized
+from tunesmith.quantized.bnb import QuantConfig, load_quantized
 load_quantized({str(ROOT / "examples/tiny-llama")!r}, QuantConfig("nf4"))
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 model = load_quantized({str(big)!r}, QuantConfig("nf4"))

@@ -7,8 +7,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tunesmith.gptq_format.packing import packed_shapes, unpack_gptq
-from tunesmith.gptq_format.weights import QuantizedWeight
+from tunesmith.quantized.gptq.packing import packed_shapes, unpack_gptq
+from tunesmith.quantized.gptq.weights import QuantizedWeight
 
 
 class GPTQLinear(nn.Module):

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from tunesmith.gptq_format.weights import QuantizedWeight
+from tunesmith.quantized.gptq.weights import QuantizedWeight
 
 FORMAT = "pack-quantized"
 PARTS = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx")

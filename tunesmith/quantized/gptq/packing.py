@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from tunesmith.gptq_format.weights import QuantizedWeight
+from tunesmith.quantized.gptq.weights import QuantizedWeight
 
 
 def _to_int32(words: torch.Tensor) -> torch.Tensor:
