@@ -49,7 +49,9 @@ class MethodImplementation(Protocol):
     built model's training-only switches, such as LoRA's fused step), `save(model, folder)`,
     `load_weights(model, folder, device)`; for a quantized base: `compute_dtype(config)` (the
     dtype setting the method fixes, "auto" to keep `model.dtype`) and
-    `quant_config(config, compute_dtype)` (how the base is quantized).
+    `quant_config(config, compute_dtype)` (how the base is quantized); for adapter arithmetic:
+    `combine(model, names, weights, method, name, **settings)` (several of its adapters become
+    one new one; `tunesmith.combine.combine_adapters` checks the names and calls it).
 
     Every hook's name is in `HOOKS`; `Method.hook` refuses any other, so a misspelt hook at a
     call site is an error rather than a hook silently never found.
@@ -76,6 +78,7 @@ HOOKS = frozenset(
         "load_weights",
         "compute_dtype",
         "quant_config",
+        "combine",
     )
 )
 """The implementation's hooks (see `MethodImplementation`): the only names `Method.hook`

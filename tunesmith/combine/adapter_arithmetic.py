@@ -1,57 +1,35 @@
-"""Adapter arithmetic: several LoRA adapters on one model become one new LoRA adapter.
+"""Adapter arithmetic: several adapters on one model become one new adapter of their method.
 
     combine_adapters(model, ["math", "code"], [0.7, 0.3], method="ties", density=0.5, rank=16)
 
-Every method works per adapted module on each adapter's real contribution ΔWᵢ = sᵢ·BᵢAᵢ with
-that adapter's own scaling (alpha/r, or alpha/√r for rsLoRA, per-module rank and alpha
-patterns included), so adapters with different ranks, alphas and scalings combine correctly.
-A DoRA adapter contributes its effective ΔWᵢ = k(W + sBA) − W (k the magnitude over the row
-norm), which needs the base weight and is not low-rank; `svd` and the pruning methods take it.
-
-- `linear`: A' = Σ sgn(wᵢ)·√(|wᵢ|sᵢ)·Aᵢ, B' = Σ √(|wᵢ|sᵢ)·Bᵢ (PEFT's definition; equal ranks;
-  B'A' has cross terms, so it equals Σ wᵢΔWᵢ only for a single adapter: use `cat` for that)
-- `cat`: A', B' stack the adapters' factors, rank Σ rᵢ: B'A' = Σ wᵢΔWᵢ exactly
-- `svd`: Σ wᵢΔWᵢ truncated to `rank` by SVD
-- `ties`, `dare_linear`, `dare_ties`, `magnitude_prune`: the task-vector methods of
-  `tunesmith.combine.tasks` on the full ΔWᵢ, then truncated to `rank` by SVD
-
-The result is an ordinary LoRA adapter with scaling 1 (alpha = r): save it, load it, merge it.
+What is generic lives here: the names and weights are checked, full module copies
+(`modules_to_save`) are refused, and the adapters' method does the arithmetic through its
+`combine` hook. LoRA's (LoRA, rsLoRA and DoRA alike; the methods `linear`, `cat`, `svd`, TIES
+and DARE) is `tunesmith.methods.lora.arithmetic`. `combine_adapter_folders` is `tunesmith
+combine`: adapter folders on a base built without weights, to one adapter folder.
 """
 
 from __future__ import annotations
 
-import re
-from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 from transformers import AutoTokenizer
 
-from tunesmith.adapters.activation import set_active
 from tunesmith.adapters.peft_format import save_adapter
 from tunesmith.adapters.saved import ModulesToSave
 from tunesmith.adapters.state import adapter_state, modules_of
 from tunesmith.combine.skeleton import attach_adapters, base_config, model_skeleton
-from tunesmith.combine.tasks import (
-    MAJORITY_SIGN,
-    PRUNING_METHODS,
-    check_density,
-    combine_tasks,
-    factored_low_rank,
-    low_rank_factors,
-)
 from tunesmith.errors import AdapterError
-from tunesmith.methods.lora import LoRAConfig
-from tunesmith.methods.lora.impl import add_lora, lora_layers
-from tunesmith.methods.lora.layer import LoRAAdapter, LoRALayer
+from tunesmith.methods.lora.arithmetic import COMBINE_METHODS, CombineResult
 from tunesmith.provenance import resolve_base
-from tunesmith.registry import method_of
+from tunesmith.registry import Method, method_of
 from tunesmith.shards import CheckpointReader, check_output, staging_dir
 
-COMBINE_METHODS = ("linear", "cat", "svd", *PRUNING_METHODS)
+__all__ = ["COMBINE_METHODS", "CombineResult", "combine_adapter_folders", "combine_adapters"]
 
 
 def combine_adapters(
@@ -66,69 +44,25 @@ def combine_adapters(
     seed: int = 0,
     majority_sign: str = "total",
     device: str | torch.device | None = None,
+    **options: Any,
 ) -> CombineResult:
-    """Add adapter `name`, the combination of LoRA adapters `names` with `weights` (see the
-    module for the methods). `rank` (svd and the pruning methods) defaults to the largest rank
-    among the inputs; `density` is the kept fraction for the pruning methods; `seed` makes DARE
-    reproducible; `device` is where ΔW and its SVD are computed (default: where the adapters
-    are). The active adapters are unchanged (`set_active(model, name)` to use the new one).
-    Returns the new adapter's config and, per module, the fraction of the combined ΔW's
-    squared norm that the rank kept (1.0 where exact)."""
+    """Add adapter `name`, the combination of adapters `names` with `weights` (LoRA's methods:
+    `tunesmith.methods.lora.arithmetic`). `rank` (svd and the pruning methods) defaults to
+    the largest rank among the inputs; `density` is the kept fraction for the pruning methods;
+    `seed` makes DARE reproducible; `device` is where ΔW and its SVD are computed (default:
+    where the adapters are). The active adapters are unchanged (`set_active(model, name)` to use
+    the new one). Returns the new adapter's config and, per module, the fraction of the
+    combined ΔW's squared norm that the rank kept (1.0 where exact)."""
     names = list(names)
     weights = [float(w) for w in weights]
-    _check_inputs(model, names, weights, method, name, rank, density, majority_sign)
-    layers = {
-        n: layer for n, layer in lora_layers(model) if any(a in layer.adapters for a in names)
-    }
-    if method == "linear":
-        ranks = {
-            layer.adapters[a].r for layer in layers.values() for a in names if a in layer.adapters
-        }
-        if len(ranks) > 1:
-            raise AdapterError(
-                f"method 'linear' needs adapters of one rank; {', '.join(names)} have ranks "
-                f"{', '.join(map(str, sorted(ranks)))}; use 'cat' (exact) or 'svd'"
-            )
-    if rank is None:
-        rank = max(
-            layer.adapters[a].r for layer in layers.values() for a in names if a in layer.adapters
-        )
-    generator = torch.Generator().manual_seed(seed)
-    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    kept: dict[str, float] = {}
-    for module_name, layer in layers.items():
-        pairs = zip(names, weights, strict=True)
-        parts = [(layer.adapters[a], w) for a, w in pairs if a in layer.adapters]
-        b, a, kept[module_name] = _combine_layer(
-            layer, module_name, parts, method, rank, density, generator, majority_sign, device
-        )
-        factors[module_name] = (b, a)
-    return CombineResult(_add_combined(model, name, factors), kept)
+    combine = _check_inputs(model, names, weights, name).hook("combine")
+    settings = {"rank": rank, "density": density, "seed": seed, "majority_sign": majority_sign}
+    return combine(model, names, weights, method, name, device=device, **settings, **options)
 
 
-@dataclass
-class CombineResult:
-    config: LoRAConfig
-    kept: dict[str, float]
-    """Per module: the fraction of the combined ΔW's squared Frobenius norm the rank kept."""
-
-    def summary(self) -> str:
-        if not self.kept:
-            return "no modules"
-        worst = min(self.kept, key=self.kept.get)
-        mean = sum(self.kept.values()) / len(self.kept)
-        if self.kept[worst] >= 1 - 1e-6:
-            return f"{len(self.kept)} modules, exact (no rank truncation)"
-        return (
-            f"{len(self.kept)} modules; the rank kept {100 * mean:.1f}% of ΔW's energy on "
-            f"average, {100 * self.kept[worst]:.1f}% at worst ({worst})"
-        )
-
-
-def _check_inputs(model, names, weights, method, name, rank, density, majority_sign) -> None:
+def _check_inputs(model, names, weights, name) -> Method:
+    """The method that combines `names`, once what any method needs is checked."""
     state = adapter_state(model)
-    if method not in COMBINE_METHODS:
-        raise AdapterError(f"method {method!r} is not one of {', '.join(COMBINE_METHODS)}")
     if not names:
         raise AdapterError("combine_adapters needs at least one adapter name")
     if len(weights) != len(names):
@@ -141,16 +75,11 @@ def _check_inputs(model, names, weights, method, name, rank, density, majority_s
         if adapter not in state.configs:
             have = ", ".join(state.configs) or "none"
             raise AdapterError(f"unknown adapter {adapter!r}; adapters on this model: {have}")
-        config = state.configs[adapter]
-        if not method_of(config).low_rank:
+        method = method_of(state.configs[adapter])
+        if method.hook("combine") is None:
             raise AdapterError(
-                f"adapter {adapter!r} is {method_of(config).name}; combine_adapters combines "
+                f"adapter {adapter!r} is {method.name}; combine_adapters combines "
                 "LoRA adapters (rsLoRA and DoRA included)"
-            )
-        if method in ("linear", "cat") and config.use_dora:
-            raise AdapterError(
-                f"adapter {adapter!r} is DoRA, whose ΔW = k(W + sBA) − W is not a product of its "
-                f"factors; method {method!r} cannot combine it: use 'svd' or a pruning method"
             )
     for module_name, wrapper in modules_of(model, ModulesToSave):
         holders = [a for a in names if a in wrapper.modules_to_save]
@@ -159,115 +88,9 @@ def _check_inputs(model, names, weights, method, name, rank, density, majority_s
                 f"adapter {holders[0]!r} trains a full copy of {module_name} (modules_to_save); "
                 "full module copies cannot be combined: combine adapters without modules_to_save"
             )
-    for module_name, layer in lora_layers(model):
-        merged = [a for a in names if a in layer.merged]
-        if merged:
-            raise AdapterError(
-                f"adapter {merged[0]!r} is merged into {module_name}; unmerge(model) first"
-            )
-    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0):
-        raise AdapterError(f"rank must be a positive integer, got {rank!r}")
-    if method in PRUNING_METHODS:
-        try:
-            check_density(density)
-        except ValueError as err:
-            raise AdapterError(str(err)) from None
-    if majority_sign not in MAJORITY_SIGN:
-        raise AdapterError(f"majority_sign must be one of {', '.join(MAJORITY_SIGN)}")
     if name in state.configs:
         raise AdapterError(f"an adapter named {name!r} already exists; pick another name")
-
-
-def _delta(layer: LoRALayer, module_name: str, adapter: LoRAAdapter, device) -> torch.Tensor:
-    """The full (out × in) change the adapter makes to the layer's weight, in fp32."""
-    low_rank = (adapter.lora_B.float().to(device) @ adapter.lora_A.float().to(device)) * float(
-        adapter.scaling
-    )
-    if not adapter.use_dora:
-        return low_rank
-    weight = layer.base_weight()
-    if weight.device.type == "meta":
-        raise AdapterError(
-            f"{module_name}: combining a DoRA adapter needs the base weights (load the base "
-            "model, not only its structure)"
-        )
-    weight = weight.float().to(device)
-    adapted = weight + low_rank
-    k = adapter.lora_magnitude_vector.float().to(device) / torch.linalg.norm(adapted, dim=1)
-    return adapted * k[:, None] - weight
-
-
-def _combine_layer(
-    layer, module_name, parts, method, rank, density, generator, majority_sign, device
-) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """(B', A', kept) for one module, with B'A' the combined ΔW (scaling 1)."""
-    device = device or parts[0][0].lora_A.device
-    if method in ("linear", "cat"):
-        lefts, rights = [], []
-        for adapter, w in parts:
-            root = (abs(w) * float(adapter.scaling)) ** 0.5
-            sign = 1.0 if w >= 0 else -1.0
-            lefts.append(adapter.lora_B.float().to(device) * root)
-            rights.append(adapter.lora_A.float().to(device) * (sign * root))
-        if method == "cat":
-            left, right = torch.cat(lefts, dim=1), torch.cat(rights, dim=0)
-            full = min(left.shape[0], right.shape[1])
-            # More stacked ranks than the layer has dimensions: the same product, re-factored.
-            if left.shape[1] <= full:
-                return left, right, 1.0
-            return factored_low_rank(left, right, full)
-        return sum(lefts), sum(rights), 1.0
-    if method == "svd" and not any(adapter.use_dora for adapter, _ in parts):
-        # Σ wᵢsᵢBᵢAᵢ = [wᵢsᵢBᵢ …] @ [Aᵢ; …]: an exact SVD without forming the product.
-        left = torch.cat(
-            [
-                adapter.lora_B.float().to(device) * (w * float(adapter.scaling))
-                for adapter, w in parts
-            ],
-            dim=1,
-        )
-        right = torch.cat([adapter.lora_A.float().to(device) for adapter, _ in parts], dim=0)
-        return factored_low_rank(left, right, rank)
-    deltas = [_delta(layer, module_name, adapter, device) for adapter, _ in parts]
-    task_method = "linear" if method == "svd" else method
-    weights = [w for _, w in parts]
-    combined = combine_tasks(deltas, weights, task_method, density, generator, majority_sign)
-    return low_rank_factors(combined, rank)
-
-
-def _add_combined(
-    model: nn.Module, name: str, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
-) -> LoRAConfig:
-    """Add the combined adapter with scaling 1 everywhere: r = alpha = the commonest rank,
-    rank_pattern/alpha_pattern for modules of another rank."""
-    state = adapter_state(model)
-    previous = list(state.active)
-    ranks = {m: a.shape[0] for m, (_, a) in factors.items()}
-    common = Counter(ranks.values()).most_common(1)[0][0]
-    other = {re.escape(m): r for m, r in ranks.items() if r != common}
-    config = LoRAConfig(
-        r=common,
-        alpha=common,
-        dropout=0.0,
-        targets=sorted(factors),
-        rank_pattern=other,
-        alpha_pattern=dict(other),
-    )
-    add_lora(model, config, name, trainable=False)
-    layers = dict(lora_layers(model))
-    with torch.no_grad():
-        for module_name, (b, a) in factors.items():
-            adapter = layers[module_name].adapters[name]
-            home = adapter.lora_A.device
-            if home.type == "meta":  # a model skeleton: the adapter's tensors live on the CPU
-                home = torch.device("cpu")
-                adapter.scaling = torch.tensor(1.0)
-            dtype = adapter.lora_A.dtype
-            adapter.lora_A = nn.Parameter(a.to(home, dtype).contiguous(), requires_grad=False)
-            adapter.lora_B = nn.Parameter(b.to(home, dtype).contiguous(), requires_grad=False)
-            adapter.scaling.fill_(config.scaling_for(module_name))
-    set_active(model, previous)
-    return config
+    return method_of(state.configs[names[0]])
 
 
 def combine_adapter_folders(
@@ -298,17 +121,12 @@ def combine_adapter_folders(
     model = model_skeleton(base_config(base, trust_remote_code), trust_remote_code)
     model.config._name_or_path = base
     names = attach_adapters(model, adapters)
-    dora = [
-        (n, layer)
-        for n, layer in lora_layers(model)
-        if any(a.use_dora for a in layer.adapters.values())
-    ]
-    if dora:
-        reader = CheckpointReader(base)
-        for module_name, layer in dora:
-            layer.base_layer.weight = nn.Parameter(
-                reader.read(f"{module_name}.weight").float(), requires_grad=False
-            )
+    reader: list[CheckpointReader] = []  # opened when a method first reads a base weight
+
+    def read_base_weight(module_name: str) -> torch.Tensor:
+        reader[:] = reader or [CheckpointReader(base)]
+        return reader[0].read(f"{module_name}.weight")
+
     result = combine_adapters(
         model,
         names,
@@ -319,6 +137,7 @@ def combine_adapter_folders(
         density=density,
         seed=seed,
         majority_sign=majority_sign,
+        read_base_weight=read_base_weight,
     )
     with staging_dir(out, overwrite) as tmp:
         save_adapter(model, tmp, names=["default"])

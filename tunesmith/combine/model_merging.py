@@ -2,7 +2,7 @@
 
     merge_models("base/", ["math/", "code/"], "merged/", method="ties", weights=[1, 1])
 
-For each tensor, τᵢ = modelᵢ − base is combined with `tunesmith.combine.tasks.combine_tasks`
+For each tensor, τᵢ = modelᵢ − base is combined with `tunesmith.task_vectors.combine_tasks`
 (task_arithmetic, ties, dare_linear, dare_ties, magnitude_prune) and added back to the base.
 Every checkpoint is read one tensor at a time, so memory holds about one tensor per model. All
 headers are compared before anything is written: same architecture, same tensor names, same
@@ -23,9 +23,9 @@ from tunesmith.combine.merge import (
     write_output,
 )
 from tunesmith.combine.skeleton import base_config
-from tunesmith.combine.tasks import MAJORITY_SIGN, PRUNING_METHODS, check_density, combine_tasks
 from tunesmith.errors import TunesmithError
 from tunesmith.shards import CheckpointReader, PlannedTensor, check_output, parse_size
+from tunesmith.task_vectors import MAJORITY_SIGN, PRUNING_METHODS, check_density, combine_tasks
 
 MODEL_MERGE_METHODS = ("task_arithmetic", *PRUNING_METHODS)
 

@@ -25,6 +25,7 @@ from tunesmith.adapters.targets import (
 )
 from tunesmith.errors import AdapterError
 from tunesmith.methods.lora import LoRAConfig
+from tunesmith.methods.lora.arithmetic import combine  # noqa: F401  (the `combine` hook)
 from tunesmith.methods.lora.fused import SHARED_INPUT_GROUPS, SharedInputGroup
 from tunesmith.methods.lora.layer import LoRAAdapter, LoRALayer, init_adapter_weights
 

@@ -14,6 +14,7 @@ from tunesmith.methods.lora import QLoRAConfig
 from tunesmith.methods.lora.impl import attach as attach_lora
 from tunesmith.methods.lora.impl import (  # noqa: F401  (the rest of LoRA's implementation)
     check_hot_swap,
+    combine,
     config_from_peft,
     load_tensors,
     materialize,

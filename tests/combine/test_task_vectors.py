@@ -1,10 +1,10 @@
-"""Task-vector methods (`combine/tasks.py`): TIES, DARE and magnitude pruning on plain tensors."""
+"""Task-vector methods (`task_vectors.py`): TIES, DARE and magnitude pruning on plain tensors."""
 
 from __future__ import annotations
 
 import torch
 
-from tunesmith.combine.tasks import combine_tasks
+from tunesmith.task_vectors import combine_tasks
 
 
 def test_task_vector_methods():
