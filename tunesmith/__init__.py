@@ -53,6 +53,7 @@ _API = {
     "quantize_checkpoint": "tunesmith.quantize.pipeline",
     "export_gguf": "tunesmith.export.gguf",
     "export_lora_gguf": "tunesmith.export.gguf",
+    "train_job": "tunesmith.jobs",
 }
 """Each public name and the module it comes from, imported on first use."""
 __all__ = ["AdapterError", "TunesmithError", "__version__", *_API]
@@ -61,6 +62,7 @@ if TYPE_CHECKING:
     from tunesmith.adapters import *  # noqa: F403
     from tunesmith.combine import combine_adapters, merge_checkpoint, merge_models  # noqa: F401
     from tunesmith.export.gguf import export_gguf, export_lora_gguf  # noqa: F401
+    from tunesmith.jobs import train_job  # noqa: F401
     from tunesmith.methods import *  # noqa: F403
     from tunesmith.methods.bottleneck.impl import add_bottleneck  # noqa: F401
     from tunesmith.methods.ia3.impl import add_ia3  # noqa: F401

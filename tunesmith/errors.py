@@ -22,3 +22,11 @@ class TrainingError(TunesmithError):
 
 class TrainingInterrupted(TunesmithError):
     """The user stopped the run (Ctrl-C); the message names the checkpoint to resume from."""
+
+
+class ProcessesFailed(TunesmithError):
+    """A relaunch under torchrun ended with a non-zero exit; its processes said why."""
+
+    def __init__(self, message: str, returncode: int):
+        super().__init__(message)
+        self.returncode = returncode

@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 import typer
 
 from tunesmith import __version__
-from tunesmith.errors import TrainingInterrupted, TunesmithError
+from tunesmith.errors import ProcessesFailed, TrainingInterrupted, TunesmithError
 
 
 def examples(*commands: str) -> str:
@@ -195,6 +195,8 @@ def main() -> None:
     warnings.formatwarning = _format_warning
     try:
         app(args=_resume_default(sys.argv[1:]))
+    except ProcessesFailed as err:  # the processes printed their own errors
+        sys.exit(err.returncode)
     except TunesmithError as err:
         interrupted = isinstance(err, TrainingInterrupted)
         where = _rank_prefix()

@@ -134,116 +134,18 @@ def train_cmd(
     """Train: load the model and data, attach the method (lora, qlora, full, prompt, prefix,
     bottleneck or ia3; the LoRA family includes rsLoRA, DoRA and PiSSA init), run the loop with
     checkpoints, validation and metrics, and write the adapter (or model) to output_dir."""
-    if nproc > 1:
-        import os
-        import subprocess
-        import sys
-
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise TunesmithError("--nproc: already running under torchrun; leave --nproc out")
-        argv = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={nproc}",
-            "-m",
-            "tunesmith",
-            "train",
-            str(config),
-            *(overrides or []),
-        ]
-        if resume is not None:
-            argv += ["--resume", resume]
-        argv += ["--overwrite"] * overwrite + ["--no-cache"] * no_cache
-        raise typer.Exit(subprocess.run(argv).returncode)
-
     from tunesmith.config import load_config
-    from tunesmith.errors import TrainingInterrupted
-    from tunesmith.plan.planner import planned_peak
-    from tunesmith.train.loop import Run
+    from tunesmith.jobs import train_job
 
-    cfg = load_config(config, overrides or [])
-    run = Run(
-        cfg, resume=resume, overwrite=overwrite, use_cache=not no_cache, planned_peak=planned_peak
+    train_job(
+        load_config(config, overrides or []),
+        resume=resume,
+        overwrite=overwrite,
+        use_cache=not no_cache,
+        nproc=nproc,
+        echo=typer.echo,
+        command=["tunesmith", "train", str(config), *(overrides or [])],
     )
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        run.setup()
-    main_rank = run.world.main  # under torchrun only rank 0 speaks
-    for warning in caught:
-        if issubclass(warning.category, UserWarning) and main_rank:
-            typer.echo(f"warning: {warning.message}", err=True)
-    if main_rank:
-        _print_run_header(run)
-    try:
-        summary = run.run()
-    except RuntimeError as err:
-        if not run.world.distributed:
-            raise
-        from tunesmith.errors import first_line
-
-        raise TunesmithError(
-            f"a collective operation failed: {first_line(err)}; another process stopped or "
-            f"hangs (its own error names its rank; train.dist_timeout_s: "
-            f"{cfg.train.dist_timeout_s:g})"
-        ) from None
-    except TrainingInterrupted as err:
-        again = " ".join(["tunesmith train", str(config), *(overrides or []), "--resume"])
-        if run.last_checkpoint is None:
-            again = "nothing to resume from; start again with --overwrite"
-        raise TrainingInterrupted(f"{err}. Continue with: {again}") from None
-    if not main_rank:
-        return
-    try:
-        _after_training(summary, run, cfg, config)
-    finally:
-        run.trackers.close()
-
-
-def _after_training(summary: dict, run, cfg, config) -> None:
-    _print_summary(summary, run)
-    if cfg.eval.generate_samples and run.strategy == "fsdp":
-        typer.echo(
-            "eval.generate_samples: skipped after an FSDP run (the model is sharded); run "
-            f"tunesmith eval {config} for the comparison"
-        )
-    elif cfg.eval.generate_samples:
-        from tunesmith.judge.evaluate import compare_after_training
-
-        compare_after_training(run, echo=typer.echo)
-
-
-def _print_run_header(run) -> None:
-    from tunesmith.adapters import trainable_parameters
-    from tunesmith.data import summary_lines
-
-    for line in summary_lines(run.prepared):
-        typer.echo(line)
-    counts = trainable_parameters(run.model)
-    typer.echo(
-        f"model {run.config.model.path} on {run.device} ({str(run.dtype).removeprefix('torch.')}),"
-        f" method {run.config.method.name}: {counts.trainable:,} of {counts.total:,} parameters "
-        f"train ({counts.percent:.2f}%); {run.total_steps} steps of "
-        f"{run.config.train.micro_batch_size}x{run.config.train.grad_accum_steps} "
-        f"{'packed rows' if run.plan.rows is not None else 'samples'}"
-    )
-    switches = [*run.speedups, *(["padding-free packed batches"] if run.padding_free else [])]
-    if run.world.distributed:
-        typer.echo(f"processes: {run.world.size} ({run.strategy}), rank 0 reporting")
-    if switches:
-        typer.echo(f"speed: {'; '.join(switches)}")
-
-
-def _print_summary(summary: dict, run) -> None:
-    parts = [f"{summary['steps']} steps, {summary['tokens']:,} tokens in {summary['seconds']:.1f}s"]
-    if summary["final_train_loss"] is not None:
-        parts.append(f"train loss {summary['final_train_loss']:.4f}")
-    if summary["final_val_loss"] is not None:
-        val, ppl = summary["final_val_loss"], summary["final_val_ppl"]
-        parts.append(f"validation loss {val:.4f} (perplexity {ppl:.2f})")
-    typer.echo("done: " + "; ".join(parts))
-    typer.echo(f"saved {summary['output']} (metrics, loss.png, summary.json in {run.out})")
 
 
 @app.command("plot", epilog=examples("tunesmith plot outputs/quickstart"))

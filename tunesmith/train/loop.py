@@ -710,7 +710,9 @@ class Run:
 
 
 def train(config: RunConfig, resume: str | None = None, **kwargs) -> dict:
-    """Run a whole training job; returns the summary also written to output_dir/summary.json."""
+    """The training loop alone (setup, run, close); returns the summary also written to
+    output_dir/summary.json. `tunesmith.train_job` is the whole of `tunesmith train`: the same
+    loop plus the torchrun relaunch, what it prints and the end-of-training comparison."""
     run = Run(config, resume=resume, **kwargs)
     run.setup()
     try:
