@@ -9,10 +9,16 @@
         trainer_state.json                               step, scheduler, scalars, progress
 
 A checkpoint is written into a hidden temp folder beside its final name and renamed when
-complete, so a kill at any moment leaves either the whole checkpoint or none of it."""
+complete, so a kill at any moment leaves either the whole checkpoint or none of it.
+
+The rest of the output folder's bookkeeping lives here too: what a run writes there
+(`RUN_FILES`), claiming the folder for a run (`claim_output_dir`: the lock, an earlier run's
+files refused or removed), undoing a run that could not start (`remove_new_entries`), and on
+resume the checks and the metrics cut back to the checkpoint's step."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -22,17 +28,42 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from tunesmith.errors import TunesmithError, first_line
+from tunesmith.errors import TrainingError, TunesmithError, first_line
 from tunesmith.io import (
+    atomic_write,
     atomic_write_json,
     atomic_write_safetensors,
     reporting_full_disk,
     share_like_umask,
 )
 from tunesmith.shards import read_header
+from tunesmith.train.lock import FolderLock, stale_message
+from tunesmith.train.plot import read_metrics
 
 STATE_NAME = "trainer_state.json"
 PREFIX = "step-"
+
+RUN_FILES = (
+    "checkpoints",
+    "adapter",
+    "model",
+    "metrics.jsonl",
+    "config.yaml",
+    "summary.json",
+    "loss.png",
+    "eval.json",
+    "samples.jsonl",
+    "tensorboard",
+    "trackers.json",
+    "wandb",
+    "mlflow.db",
+    "mlartifacts",
+    "bench",
+    "report.html",
+)
+"""What a run writes into output_dir (or a command writes about the trained model): a new run
+refuses a folder holding any of them. data_report.json (about the data) and review.jsonl (a
+person's votes; stale ones are left out) are kept."""
 
 
 def checkpoint_root(output_dir: str | os.PathLike) -> Path:
@@ -235,3 +266,72 @@ def read_checkpoint(folder: Path) -> tuple[dict, dict, dict]:
         load_file(folder / "optimizer.safetensors"), state["optimizer"]
     )
     return state, optimizer, load_file(folder / "rng.safetensors")
+
+
+def prepare_output_dir(
+    out: Path, lock: FolderLock, resume: str | None, overwrite: bool, log
+) -> None:
+    """With `out` locked for this run: remove a killed run's partial checkpoint, then make
+    sure it holds no other run's files: refused, unless resuming or told to `overwrite`."""
+    if lock.took_over:
+        log(f"warning: {stale_message(lock.took_over, out)}")
+    remove_partial(out)  # only now: a running run's temp checkpoint is not partial
+    if resume is not None:
+        return
+    existing = [name for name in RUN_FILES if (out / name).exists()]
+    checkpoints = list_checkpoints(out)
+    if checkpoints:
+        existing[existing.index("checkpoints")] = f"checkpoints/{checkpoints[-1].name}"
+    if existing and not overwrite:
+        again = "continue it with --resume, " if checkpoints else ""
+        raise TunesmithError(
+            f"output_dir {out} already holds a run ({', '.join(existing)}); "
+            f"{again}start over with --overwrite, or set another output_dir"
+        )
+    if overwrite:
+        for name in RUN_FILES:
+            path = out / name
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+
+
+def folder_entries(folder: Path) -> set[str] | None:
+    """The names in `folder`, or None when it does not exist."""
+    return set(os.listdir(folder)) if folder.is_dir() else None
+
+
+def remove_new_entries(folder: Path, before: set[str] | None) -> None:
+    """Remove what was added to `folder` since `before` (`folder_entries`), and the folder itself
+    when it did not exist then and is empty now."""
+    for name in sorted((folder_entries(folder) or set()) - (before or set())):
+        path = folder / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    if before is None:
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+
+
+def check_same_plan(folder: Path, state: dict, plan: dict, out: Path) -> None:
+    """A checkpoint resumes only the run that wrote it: the same step count and epoch length."""
+    saved = {k: state.get(k) for k in plan}
+    if saved != plan:
+        raise TrainingError(
+            f"--resume: {folder} was written by a run with {saved}, but this config gives "
+            f"{plan}; resume with the run's own config ({out / 'config.yaml'})"
+        )
+
+
+def truncate_metrics(out: Path, step: int, log) -> None:
+    """Cut out/metrics.jsonl back to `step`. A torn last line (a kill mid-write) is dropped;
+    damage anywhere else is an error naming the line."""
+    path = out / "metrics.jsonl"
+    if not path.is_file():
+        return
+    kept = [e for e in read_metrics(out, log) if e.get("step", 0) <= step]
+    text = "".join(json.dumps(entry) + "\n" for entry in kept)  # as the loop writes them
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))

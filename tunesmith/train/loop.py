@@ -49,45 +49,26 @@ from tunesmith.train.batches import (
     trained_tokens,
 )
 from tunesmith.train.checkpoint import (
+    check_same_plan,
     checkpoint_root,
-    list_checkpoints,
+    folder_entries,
+    prepare_output_dir,
     read_checkpoint,
-    remove_partial,
+    remove_new_entries,
     resolve_resume,
     restore_rng,
     save_checkpoint,
     step_of,
+    truncate_metrics,
 )
-from tunesmith.train.lock import FolderLock, stale_message
+from tunesmith.train.lock import FolderLock
 from tunesmith.train.loss import autocast_for, evaluate_loss, model_loss_sum, to_device
 from tunesmith.train.offload import ActivationOffload
 from tunesmith.train.optim import build_optimizer, build_scheduler
-from tunesmith.train.plot import plot_metrics, read_metrics
+from tunesmith.train.plot import plot_metrics
 from tunesmith.train.progress import Progress
 from tunesmith.train.speedups import apply_speedups, padding_free_for
 from tunesmith.train.trackers import Trackers, check_trackers
-
-RUN_FILES = (
-    "checkpoints",
-    "adapter",
-    "model",
-    "metrics.jsonl",
-    "config.yaml",
-    "summary.json",
-    "loss.png",
-    "eval.json",
-    "samples.jsonl",
-    "tensorboard",
-    "trackers.json",
-    "wandb",
-    "mlflow.db",
-    "mlartifacts",
-    "bench",
-    "report.html",
-)
-"""What a run writes into output_dir (or a command writes about the trained model): a new run
-refuses a folder holding any of them. data_report.json (about the data) and review.jsonl (a
-person's votes; stale ones are left out) are kept."""
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -105,25 +86,6 @@ def peak_memory_bytes(device: str) -> dict:
     if device == "cuda":
         out["gpu_peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
     return out
-
-
-def _entries(folder: Path) -> set[str] | None:
-    """The names in `folder`, or None when it does not exist."""
-    return set(os.listdir(folder)) if folder.is_dir() else None
-
-
-def _remove_new(folder: Path, before: set[str] | None) -> None:
-    """Remove what was added to `folder` since `before` (`_entries`), and the folder itself
-    when it did not exist then and is empty now."""
-    for name in sorted((_entries(folder) or set()) - (before or set())):
-        path = folder / name
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
-    if before is None:
-        with contextlib.suppress(OSError):
-            folder.rmdir()
 
 
 class StopRequest:
@@ -181,13 +143,13 @@ class Run:
         method, and restore a checkpoint when resuming. On any failure the trackers are closed,
         what this run added to output_dir is removed (the folder too, if it made it) and
         output_dir is released."""
-        before = _entries(self.out)
+        before = folder_entries(self.out)
         try:
             self._setup()
         except BaseException:
             self.trackers.close()
             if getattr(self, "lock", None) is not None and self.lock.held:
-                _remove_new(self.out, before)
+                remove_new_entries(self.out, before)
             self.close()
             raise
 
@@ -293,34 +255,10 @@ class Run:
             dist_run.barrier(self.world)  # rank 0 prepares output_dir; a failure there stops it
             return
         try:
-            self._check_output_dir_main()
+            self.lock = FolderLock(self.out).acquire()
+            prepare_output_dir(self.out, self.lock, self.resume, self.overwrite, self.progress.log)
         finally:
             dist_run.barrier(self.world)
-
-    def _check_output_dir_main(self) -> None:
-        self.lock = FolderLock(self.out).acquire()
-        if self.lock.took_over:
-            self.progress.log(f"warning: {stale_message(self.lock.took_over, self.out)}")
-        remove_partial(self.out)  # only now: a running run's temp checkpoint is not partial
-        if self.resume is not None:
-            return
-        existing = [name for name in RUN_FILES if (self.out / name).exists()]
-        checkpoints = list_checkpoints(self.out)
-        if checkpoints:
-            existing[existing.index("checkpoints")] = f"checkpoints/{checkpoints[-1].name}"
-        if existing and not self.overwrite:
-            resume = "continue it with --resume, " if checkpoints else ""
-            raise TunesmithError(
-                f"output_dir {self.out} already holds a run ({', '.join(existing)}); "
-                f"{resume}start over with --overwrite, or set another output_dir"
-            )
-        if self.overwrite:
-            for name in RUN_FILES:
-                path = self.out / name
-                if path.is_dir():
-                    shutil.rmtree(path, ignore_errors=True)
-                else:
-                    path.unlink(missing_ok=True)
 
     def close(self) -> None:
         """Release output_dir (also done at the end of `run`, and by process exit)."""
@@ -347,12 +285,7 @@ class Run:
 
     def _restore_state(self, folder: Path, state: dict, optimizer_state, rng) -> None:
         plan = {"total_steps": self.total_steps, "steps_per_epoch": self.plan.steps_per_epoch}
-        saved = {k: state.get(k) for k in plan}
-        if saved != plan:
-            raise TrainingError(
-                f"--resume: {folder} was written by a run with {saved}, but this config gives "
-                f"{plan}; resume with the run's own config ({self.out / 'config.yaml'})"
-            )
+        check_same_plan(folder, state, plan, self.out)
         if optimizer_state is not None:  # (a sharded checkpoint is loaded whole above)
             self._load_weights(folder)
             self.optimizer.load_state_dict(optimizer_state)
@@ -362,7 +295,7 @@ class Run:
         self.counters = state["counters"]
         self.last_checkpoint = folder
         if self.world.main:
-            self._truncate_metrics(self.start_step)
+            truncate_metrics(self.out, self.start_step, self.progress.log)
         self.progress.log(f"resumed from {folder} at step {self.start_step}")
         written_by = state.get("world_size", 1)
         if written_by != self.world.size:
@@ -383,16 +316,6 @@ class Run:
             raise
         except TunesmithError as err:
             raise TrainingError(str(err)) from None
-
-    def _truncate_metrics(self, step: int) -> None:
-        """Cut metrics.jsonl back to `step`. A torn last line (a kill mid-write) is dropped;
-        damage anywhere else is an error naming the line."""
-        path = self.out / "metrics.jsonl"
-        if not path.is_file():
-            return
-        kept = [e for e in read_metrics(self.out, self.progress.log) if e.get("step", 0) <= step]
-        text = "".join(json.dumps(entry) + "\n" for entry in kept)  # as _log_metrics writes
-        atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
     # --- the loop -------------------------------------------------------------------------
 
