@@ -1,0 +1,164 @@
+"""Preference records, in the shapes TRL names (its "preference" and "unpaired preference"
+dataset types), read into messages that a chat template renders:
+
+    {"prompt": ..., "chosen": ..., "rejected": ...}    explicit prompt
+    {"chosen": ..., "rejected": ...}                    implicit prompt: the shared beginning
+    {"prompt": ..., "completion": ..., "label": true}   unpaired (KTO): a good or a bad answer
+
+Each value is text (standard) or a message list (conversational). A text prompt is one user
+turn and a text answer one assistant turn. With an implicit prompt, conversational records
+share their leading messages, and text records their leading characters up to the last
+whitespace before they differ (the whitespace starts the answers, as TRL splits them).
+Any problem is a `DataError` naming the record and the field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from tunesmith.data.formats import BUILTIN_ROLE_NAMES
+from tunesmith.data.sources import DataError, Record
+
+Messages = list[dict[str, str]]
+
+
+@dataclass
+class Pair:
+    prompt: Messages
+    chosen: Messages
+    """The better answer's messages (assistant turns, and any tool results between them)."""
+    rejected: Messages
+
+
+@dataclass
+class Unpaired:
+    prompt: Messages
+    completion: Messages
+    desirable: bool
+
+
+def parse_pair(record: Record) -> Pair:
+    """A preference record, explicit or implicit prompt, text or messages."""
+    data = record.data
+    for name in ("chosen", "rejected"):
+        if name not in data:
+            raise DataError(
+                f'{record.where}: missing field "{name}" (preference format: "prompt", '
+                '"chosen" and "rejected", or "chosen" and "rejected" sharing the prompt)'
+            )
+    if "prompt" in data:
+        prompt = _messages(record, "prompt", "user")
+        return Pair(prompt, _answer(record, "chosen"), _answer(record, "rejected"))
+    chosen, rejected = data["chosen"], data["rejected"]
+    if isinstance(chosen, str) and isinstance(rejected, str):
+        cut = _shared_text(chosen, rejected)
+        if not chosen[:cut].strip():
+            raise DataError(
+                f'{record.where}: "chosen" and "rejected" share no prompt; give it in a '
+                '"prompt" field'
+            )
+        prompt = [{"role": "user", "content": chosen[:cut]}]
+        return Pair(prompt, _assistant(chosen[cut:]), _assistant(rejected[cut:]))
+    chosen_messages = _messages(record, "chosen", "assistant")
+    rejected_messages = _messages(record, "rejected", "assistant")
+    shared = 0
+    while (
+        shared < min(len(chosen_messages), len(rejected_messages))
+        and chosen_messages[shared] == rejected_messages[shared]
+    ):
+        shared += 1
+    while shared and chosen_messages[shared - 1]["role"] == "assistant":
+        shared -= 1  # identical answers stay answers: the prompt ends before the last turn
+    if shared == 0:
+        raise DataError(
+            f'{record.where}: "chosen" and "rejected" share no prompt messages; give the prompt '
+            'in a "prompt" field'
+        )
+    prompt = chosen_messages[:shared]
+    return Pair(
+        prompt,
+        _checked_answer(record, "chosen", chosen_messages[shared:]),
+        _checked_answer(record, "rejected", rejected_messages[shared:]),
+    )
+
+
+def parse_unpaired(record: Record) -> Unpaired:
+    """An unpaired record: a prompt, one answer, and whether the answer is desirable."""
+    for name in ("prompt", "completion", "label"):
+        if name not in record.data:
+            raise DataError(
+                f'{record.where}: missing field "{name}" (unpaired format: "prompt", '
+                '"completion" and "label", true for a desirable answer)'
+            )
+    label = record.data["label"]
+    if not isinstance(label, bool):
+        raise DataError(
+            f'{record.where}: field "label" must be true or false, got {json_type(label)}'
+        )
+    prompt = _messages(record, "prompt", "user")
+    return Unpaired(prompt, _answer(record, "completion"), label)
+
+
+def json_type(value: Any) -> str:
+    names = {str: "text", int: "a number", float: "a number", list: "a list", dict: "an object"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+def _shared_text(a: str, b: str) -> int:
+    """Where the shared beginning of two texts ends: at the last whitespace before they
+    differ, which then starts both answers (so an answer is never empty, nor cut mid-word)."""
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    while n and not a[n - 1].isspace():
+        n -= 1
+    while n and a[n - 1].isspace():
+        n -= 1
+    return n
+
+
+def _assistant(text: str) -> Messages:
+    return [{"role": "assistant", "content": text}]
+
+
+def _answer(record: Record, name: str) -> Messages:
+    return _checked_answer(record, name, _messages(record, name, "assistant"))
+
+
+def _checked_answer(record: Record, name: str, messages: Messages) -> Messages:
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError(
+            f'{record.where}: field "{name}" holds no assistant message, so nothing would train'
+        )
+    if messages[0]["role"] == "user":
+        raise DataError(
+            f'{record.where}: field "{name}" starts with a user message; the answer starts '
+            'with the assistant (put the conversation so far in "prompt")'
+        )
+    return messages
+
+
+def _messages(record: Record, name: str, text_role: str) -> Messages:
+    value = record.data[name]
+    if isinstance(value, str):
+        return [{"role": text_role, "content": value}]
+    if not isinstance(value, list) or not value:
+        what = "an empty list" if value == [] else json_type(value)
+        raise DataError(
+            f'{record.where}: field "{name}" must be text or a list of messages, got {what}'
+        )
+    messages = []
+    for index, message in enumerate(value):
+        at = f"{record.where}: {name}[{index}]"
+        if not isinstance(message, dict) or not {"role", "content"} <= set(message):
+            raise DataError(f'{at}: expected a message with "role" and "content"')
+        role = BUILTIN_ROLE_NAMES.get(str(message["role"]))
+        if role is None:
+            raise DataError(
+                f'{at}: unknown role "{message["role"]}"; use system, user, assistant or tool'
+            )
+        if not isinstance(message["content"], str):
+            raise DataError(f'{at}: "content" must be text, got {json_type(message["content"])}')
+        messages.append({"role": role, "content": message["content"]})
+    return messages
