@@ -112,3 +112,53 @@ def test_bad_records_are_one_line_naming_record_and_field(record, parse, message
     with pytest.raises(DataError) as err:
         parse(record)
     assert str(err.value) == message
+
+
+# --- encoding -------------------------------------------------------------------------------
+
+
+def _encode(pair, max_seq_len=256, truncation="truncate"):
+    from collections import Counter
+
+    from helpers.data import chat_tokenizer
+
+    from tunesmith.data.encode import EncodeSettings
+    from tunesmith.data.preference import encode_pair
+
+    tokenizer = chat_tokenizer()
+    settings = EncodeSettings(max_seq_len=max_seq_len, template=tokenizer.chat_template)
+    stats = Counter()
+    sample = encode_pair(pair, tokenizer, settings, "prefs.jsonl, line 3", stats, truncation)
+    return tokenizer, sample, stats
+
+
+def _trained_text(tokenizer, ids, labels):
+    return tokenizer.decode([i for i, label in zip(ids, labels, strict=True) if label != -100])
+
+
+def test_a_pair_trains_only_its_answers_behind_one_prompt():
+    chat = [user("hi"), bot("hello"), user("2+2?")]  # the prompt's own answer is context
+    tokenizer, sample, stats = _encode(Pair(chat, [bot("four")], [bot("five, I think")]))
+    assert _trained_text(tokenizer, sample.chosen_ids, sample.chosen_labels) == "four<|im_end|>"
+    assert (
+        _trained_text(tokenizer, sample.rejected_ids, sample.rejected_labels)
+        == "five, I think<|im_end|>"
+    )
+    start = sample.chosen_labels.index(next(t for t in sample.chosen_labels if t != -100))
+    # the prompt is token for token what generation sends, the same in both sequences
+    prompt = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+    assert sample.chosen_ids[:start] == tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    assert sample.rejected_ids[:start] == sample.chosen_ids[:start]
+    assert stats == {"pairs": 1}
+
+
+def test_a_long_pair_is_cut_or_dropped_whole():
+    pair = Pair([user("2+2?")], [bot("four " * 40)], [bot("five")])
+    tokenizer, sample, stats = _encode(pair, max_seq_len=24)
+    assert len(sample.chosen_ids) == 24 and len(sample.rejected_ids) < 24
+    assert _trained_text(tokenizer, sample.rejected_ids, sample.rejected_labels) == "five<|im_end|>"
+    assert stats == {"pairs": 1, "truncated_pairs": 1}
+    _, dropped, stats = _encode(pair, max_seq_len=24, truncation="drop")
+    assert dropped is None and stats == {"dropped_too_long": 1}
+    _, dropped, stats = _encode(Pair([user("long " * 40)], [bot("a")], [bot("b")]), max_seq_len=24)
+    assert dropped is None and stats == {"dropped_too_long": 1}  # no room left for an answer

@@ -10,15 +10,26 @@ turn and a text answer one assistant turn. With an implicit prompt, conversation
 share their leading messages, and text records their leading characters up to the last
 whitespace before they differ (the whitespace starts the answers, as TRL splits them).
 Any problem is a `DataError` naming the record and the field.
+
+`encode_pair` tokenizes a pair as training sees it: prompt and answer through the chat
+template (`encode.conversation_parts`, so the prompt is token for token what generation
+sends), only the answer's tokens labelled, both sequences of a pair kept or dropped together.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
+from tunesmith.data.encode import IGNORE_INDEX, EncodeSettings, bos_prefix, conversation_parts
 from tunesmith.data.formats import BUILTIN_ROLE_NAMES
 from tunesmith.data.sources import DataError, Record
+from tunesmith.data.templates import end_of_turn_markers
+
+PAIR_TRUNCATION = ("truncate", "drop")
+"""How a pair longer than max_seq_len is kept: `truncate` cuts the answers' ends (both
+sequences then fit; at least one answer token each stays), `drop` leaves the pair out."""
 
 Messages = list[dict[str, str]]
 
@@ -162,3 +173,83 @@ def _messages(record: Record, name: str, text_role: str) -> Messages:
             raise DataError(f'{at}: "content" must be text, got {json_type(message["content"])}')
         messages.append({"role": role, "content": message["content"]})
     return messages
+
+
+@dataclass
+class PairSample:
+    """A tokenized pair: ids and labels (IGNORE_INDEX outside the answer) of prompt + chosen
+    and of prompt + rejected; the prompt's tokens are the same in both."""
+
+    chosen_ids: list[int]
+    chosen_labels: list[int]
+    rejected_ids: list[int]
+    rejected_labels: list[int]
+
+
+def encode_pair(
+    pair: Pair,
+    tokenizer,
+    settings: EncodeSettings,
+    where: str,
+    stats: Counter,
+    truncation: str = "truncate",
+) -> PairSample | None:
+    """The pair's samples, or None when it is dropped. Counts in `stats`: pairs,
+    truncated_pairs, dropped_too_long (its prompt alone fills max_seq_len, or `drop`)."""
+    if truncation not in PAIR_TRUNCATION:
+        raise ValueError(f"truncation {truncation!r} is not one of {', '.join(PAIR_TRUNCATION)}")
+    chosen = _encode_answer(pair.prompt, pair.chosen, tokenizer, settings, where)
+    rejected = _encode_answer(pair.prompt, pair.rejected, tokenizer, settings, where)
+    limit = settings.max_seq_len
+    longest = max(len(chosen[0]), len(rejected[0]))
+    if longest > limit:
+        first_answer = min(_first_trained(chosen[1]), _first_trained(rejected[1]))
+        if truncation == "drop" or first_answer >= limit:
+            stats["dropped_too_long"] += 1
+            return None
+        stats["truncated_pairs"] += 1
+        chosen, rejected = _cut(chosen, limit), _cut(rejected, limit)
+    stats["pairs"] += 1
+    return PairSample(chosen[0], chosen[1], rejected[0], rejected[1])
+
+
+def _first_trained(labels: list[int]) -> int:
+    return next((i for i, t in enumerate(labels) if t != IGNORE_INDEX), len(labels))
+
+
+def _cut(sample: tuple[list[int], list[int]], limit: int) -> tuple[list[int], list[int]]:
+    return sample[0][:limit], sample[1][:limit]
+
+
+def _encode_answer(
+    prompt: Messages, answer: Messages, tokenizer, settings: EncodeSettings, where: str
+) -> tuple[list[int], list[int]]:
+    """(ids, labels) of the prompt followed by the answer; the prompt's own assistant turns
+    are context, masked."""
+    parts, _ = conversation_parts(
+        [*prompt, *answer],
+        settings.template,
+        tokenizer,
+        settings.add_bos,
+        bos_prefix(tokenizer),
+        where,
+        settings.template_kwargs,
+        end_of_turn_markers(tokenizer),
+    )
+    answer_turns = sum(m["role"] == "assistant" for m in answer)
+    responses = sum(1 for _, trained in parts if trained is True)
+    ids: list[int] = []
+    labels: list[int] = []
+    seen = 0
+    for part, trained in parts:
+        part_ids = (
+            list(tokenizer(part, add_special_tokens=False)["input_ids"])
+            if isinstance(part, str)
+            else list(part)
+        )
+        if trained is True:
+            seen += 1
+            trained = seen > responses - answer_turns  # the answer's turns, not the prompt's
+        ids += part_ids
+        labels += part_ids if trained is True else [IGNORE_INDEX] * len(part_ids)
+    return ids, labels
