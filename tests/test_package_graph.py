@@ -39,6 +39,8 @@ LAZY = {
     "matplotlib.pyplot": "heavy; only for loss plots",
     "mlflow.entities": "an optional extra (pip install -e .[mlflow])",
     "torch._dynamo": "only with train.compile",
+    "rouge_score": "heavy (nltk, scipy: a second at every start); only for scores",
+    "sacrebleu": "heavy; only for generation scores",
     "huggingface_hub": "only when a model is a hub id",
     "torch": "data/pack.py: `tunesmith config check` and the data pipeline run without torch",
     "safetensors.torch": "io.py: the same (it imports torch)",

@@ -98,12 +98,14 @@ def build_model(
     seed: int | None = None,
     attach: bool = True,
     training: bool = True,
+    prepare_base: Any = None,
 ) -> nn.Module:
     """The model a run trains: its base loaded from `model` (a checkpoint), or built from
     `model_config` under whatever tensor mode or device is current (the planner's fake and meta
     tensors; `attention` names the attention implementation then), with weights in the run's
     dtype; the method attached (`seed` seeds its initialisation); and, when `training`, gradient
-    checkpointing as `train` says, no KV cache, and train mode."""
+    checkpointing as `train` says, no KV cache, and train mode. `prepare_base(model)` runs on
+    the base before the method attaches (a reward model's score head)."""
     method = method_of(method_config)
     weights = weights_dtype(method_config, train, compute_dtype)
     if model_config is None:
@@ -116,6 +118,8 @@ def build_model(
         trace_base = method.hook("trace_base")
         if trace_base is not None:
             trace_base(built, method_config, compute_dtype)
+    if prepare_base is not None:
+        prepare_base(built)
     if attach and method.trains_adapter:
         if seed is not None:
             torch.manual_seed(seed)

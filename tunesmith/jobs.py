@@ -165,10 +165,45 @@ def summary_text(summary: dict, run: Run) -> list[str]:
     parts = [f"{summary['steps']} steps, {summary['tokens']:,} tokens in {summary['seconds']:.1f}s"]
     if summary["final_train_loss"] is not None:
         parts.append(f"train loss {summary['final_train_loss']:.4f}")
-    if summary["final_val_loss"] is not None:
+    if summary["final_val_loss"] is not None and summary["final_val_ppl"] is not None:
         val, ppl = summary["final_val_loss"], summary["final_val_ppl"]
         parts.append(f"validation loss {val:.4f} (perplexity {ppl:.2f})")
+    elif summary["final_val_loss"] is not None:
+        parts.append(f"validation loss {summary['final_val_loss']:.4f}")
     return [
         "done: " + "; ".join(parts),
+        *objective_table(summary, getattr(run, "validation_start", None)),
         f"saved {summary['output']} (metrics, loss.png, summary.json in {run.out})",
     ]
+
+
+OBJECTIVE_ROWS = {
+    "reward_accuracy": "reward accuracy (implicit reward: chosen above rejected)",
+    "reward_margin": "reward margin (mean, chosen minus rejected)",
+    "logps_accuracy": "prefers chosen (log-probability: chosen above rejected)",
+    "logps_chosen": "log-probability of chosen (mean per pair)",
+    "logps_rejected": "log-probability of rejected (mean per pair)",
+    "nll": "chosen answer's loss per token (ORPO's SFT term)",
+    "kl": "KL estimate (KTO)",
+    "reward_desirable": "reward of desirable examples",
+    "reward_undesirable": "reward of undesirable examples",
+    "reward_chosen": "score of chosen",
+    "reward_rejected": "score of rejected",
+}
+
+
+def objective_table(summary: dict, start: dict | None) -> list[str]:
+    """The end-of-training table of a preference objective's validation metrics: at the start
+    of training (step 0: the base, or the run's first state) and at the end."""
+    rows = [
+        (label, (start or {}).get(f"val_{name}"), summary.get(f"final_val_{name}"))
+        for name, label in OBJECTIVE_ROWS.items()
+        if summary.get(f"final_val_{name}") is not None
+    ]
+    if not rows:
+        return []
+    width = max(len(label) for label, _, _ in rows)
+    shown = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+    lines = [f"validation ({summary['objective']}):", f"  {'':{width}}  {'start':>9}  {'end':>9}"]
+    lines += [f"  {label:{width}}  {shown(a):>9}  {shown(b):>9}" for label, a, b in rows]
+    return lines

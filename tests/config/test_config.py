@@ -22,6 +22,7 @@ from tunesmith.config import (
     schema_text,
 )
 from tunesmith.methods.schema import fields_of
+from tunesmith.objectives import registered_objectives
 from tunesmith.registry import registered_methods
 
 MINIMAL = {"model": {"path": "m"}, "data": {"datasets": ["train.jsonl"]}}
@@ -90,7 +91,7 @@ def test_every_problem_at_once_with_path_and_line(tmp_path):
         f"{p}:6: method.r: must be > 0, got 0",
         f'{p}:7: method.alpah: unknown key for method "lora"; did you mean "alpha"?',
         f"{p}:11: data.datasets.0.format: expected one of auto, alpaca, chat, completion, "
-        f'tokenized, got "chatt"; did you mean "chat"?',
+        f'tokenized, preference, unpaired, got "chatt"; did you mean "chat"?',
         f'{p}:12: data.chat_template: unknown template "chatm"; did you mean "chatml"? (choose '
         "auto, tokenizer, alpaca, chatml, llama-3, or a .jinja file)",
         f'{p}:14: train.lr: expected a number, got "fast"',
@@ -191,6 +192,10 @@ def test_every_field_is_documented_in_the_schema():
     for cls in [method.config for method in registered_methods()]:
         for name, field in fields_of(cls).items():
             assert field.description, f"{cls.__name__}.{name} has no docstring"
+    for objective in registered_objectives():
+        for name, field in objective.config.model_fields.items():
+            assert name == "name" or field.description, f"{objective.name}.{name}: no docstring"
+        assert f"objective:  # objective {objective.name}" in text
     assert "  lr: null  # float | null. Peak learning rate. Default: the method's own" in text
     assert "  path: (required)  # str. Base model" in text
 

@@ -66,8 +66,11 @@ def warn_unknown_keys(raw: dict, known: set[str], source: str) -> None:
 
 def check_causal_lm(raw: dict, source: str) -> None:
     task = raw.get("task_type", "CAUSAL_LM")
-    if task not in (None, "CAUSAL_LM"):
-        raise AdapterError(f"{source}: task_type {task!r}; tunesmith loads CAUSAL_LM adapters")
+    if task not in (None, "CAUSAL_LM", "SEQ_CLS"):
+        raise AdapterError(
+            f"{source}: task_type {task!r}; tunesmith loads CAUSAL_LM adapters and SEQ_CLS ones "
+            "(reward models, with their score head)"
+        )
 
 
 def saved_module_homes(model: nn.Module, name: str) -> dict[str, tuple[nn.Module, str]]:

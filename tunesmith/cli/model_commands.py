@@ -439,3 +439,58 @@ def export_cmd(
         )
     for line in report.lines():
         typer.echo(line)
+
+
+@app.command(
+    "score",
+    epilog=examples(
+        "tunesmith score outputs/reward/adapter examples/data/preference_val.jsonl",
+        "tunesmith score outputs/reward/adapter answers.jsonl --out scored.jsonl",
+    ),
+)
+def score_cmd(
+    reward_model: Annotated[
+        str, typer.Argument(help="The reward model: the adapter or model folder it was saved to.")
+    ],
+    data: Annotated[
+        str,
+        typer.Argument(
+            help='A .jsonl/.json/.csv/.parquet file of {"prompt", "completion"} records, or '
+            'of preference pairs {"prompt", "chosen", "rejected"}.'
+        ),
+    ],
+    model: ModelOpt = None,
+    out: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option("--out", help="Write the records with their scores here (.jsonl)."),
+    ] = None,
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Sequences per forward pass."),
+    max_seq_len: int = typer.Option(2048, "--max-seq-len", min=2, help="Longest sequence."),
+    device: DeviceOpt = "auto",
+    trust_remote_code: TrustOpt = False,
+) -> None:
+    """Score prompt/answer records with a reward model (trained with objective: reward)."""
+    import json
+
+    from tunesmith.data.sources import read_records
+    from tunesmith.io import atomic_write_text
+    from tunesmith.judge.score import RewardModel, pair_summary
+
+    reward = RewardModel.load(
+        reward_model, model, device, max_seq_len, trust_remote_code=trust_remote_code
+    )
+    records = list(read_records(data))
+    results = reward.score_records(records, batch_size)
+    lines = "".join(
+        json.dumps({**r.data, **s}, ensure_ascii=False) + "\n"
+        for r, s in zip(records, results, strict=True)
+    )
+    if out is None:
+        typer.echo(lines, nl=False)
+    else:
+        atomic_write_text(lines, out)
+    summary = pair_summary(results)
+    if summary:
+        typer.echo(summary, err=True)
+    if out is not None:
+        typer.echo(f"wrote {out} ({len(records)} records)", err=True)

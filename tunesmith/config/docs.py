@@ -9,6 +9,7 @@ import yaml
 from tunesmith.config.messages import model_in
 from tunesmith.config.schema import RunConfig
 from tunesmith.methods.schema import fields_of
+from tunesmith.objectives import registered_objectives
 from tunesmith.registry import registered_methods
 
 
@@ -34,6 +35,12 @@ def _schema_lines(cls: type, indent: int, out: list[str], summary: str = "") -> 
             for method in registered_methods():
                 out.append(f"{pad}method:  # method {method.name}")
                 _schema_lines(method.config, indent + 1, out, method.summary)
+            continue
+        if cls is RunConfig and name == "objective":
+            out.append(f"{pad}# {doc}")
+            for objective in registered_objectives():
+                out.append(f"{pad}objective:  # objective {objective.name}")
+                _schema_lines(objective.config, indent + 1, out, objective.summary)
             continue
         if sub is not None and get_origin(field.annotation) is None:
             out.append(f"{pad}{name}:  # {doc}")
@@ -87,6 +94,12 @@ def schema_markdown() -> str:
             for method in registered_methods():
                 out += [f"### method: {method.name}", "", method.summary, ""]
                 out += _markdown_table(method.config, "method.")
+            continue
+        if name == "objective":
+            out += ["## objective", "", doc, ""]
+            for objective in registered_objectives():
+                out += [f"### objective: {objective.name}", "", objective.summary, ""]
+                out += _markdown_table(objective.config, "objective.")
             continue
         sub = model_in(field.annotation)
         if sub is None:

@@ -14,6 +14,8 @@ from pydantic import TypeAdapter, ValidationError
 from tunesmith.config.messages import ConfigError, clean_loc, describe
 from tunesmith.config.schema import RunConfig, method_section
 from tunesmith.methods import LoRAConfig
+from tunesmith.objectives import find_objective, objective_names
+from tunesmith.objectives.sft import SFTConfig
 from tunesmith.registry import find_method
 
 
@@ -63,9 +65,13 @@ def config_from_dict(
     if problems:
         raise ConfigError(problems)
     errors, method = _validate_method(raw.get("method", "lora"))
+    objective_errors, objective = _validate_objective(raw.get("objective", "sft"))
+    errors += objective_errors
     run = None
     try:
-        run = RunConfig.model_validate({**raw, "method": method or LoRAConfig()})
+        run = RunConfig.model_validate(
+            {**raw, "method": method or LoRAConfig(), "objective": objective or SFTConfig()}
+        )
     except ValidationError as err:
         errors += [(clean_loc(tuple(e["loc"]), raw), e) for e in err.errors()]
     if not errors:
@@ -95,6 +101,26 @@ def _validate_method(value: Any) -> tuple[list[tuple[tuple, dict]], Any]:
     except ValidationError as err:
         raw = {"method": section}
         return [(clean_loc(("method", *e["loc"]), raw), e) for e in err.errors()], None
+
+
+def _validate_objective(value: Any) -> tuple[list[tuple[tuple, dict]], Any]:
+    """The `objective:` section validated by its objective's config class."""
+    section = {"name": value} if isinstance(value, str) else value
+    if not isinstance(section, dict):
+        return [(("objective",), {"type": "dict_type", "input": value})], None
+    objective = find_objective(section.get("name", "sft"))
+    if objective is None:
+        error = {
+            "type": "union_tag_invalid",
+            "input": section,
+            "ctx": {"tag": section.get("name"), "choices": objective_names()},
+        }
+        return [(("objective", "name"), error)], None
+    try:
+        return [], objective.config.model_validate({"name": objective.name, **section})
+    except ValidationError as err:
+        raw = {"objective": section}
+        return [(clean_loc(("objective", *e["loc"]), raw), e) for e in err.errors()], None
 
 
 def _line_order(problem: str) -> tuple[int, int]:

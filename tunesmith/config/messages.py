@@ -12,6 +12,7 @@ from pydantic import BaseModel
 
 from tunesmith.errors import TunesmithError
 from tunesmith.methods.schema import fields_of
+from tunesmith.objectives import find_objective
 from tunesmith.registry import find_method, method_names
 
 
@@ -224,7 +225,7 @@ def _what(root: type[BaseModel], loc: tuple, error: dict, raw: dict) -> str:
             value, choices
         )
     if kind == "union_tag_invalid":
-        choices, tag = method_names(), ctx.get("tag")
+        choices, tag = ctx.get("choices") or method_names(), ctx.get("tag")
         return f"expected one of {', '.join(choices)}, got {shown(tag)}" + did_you_mean(
             tag, choices
         )
@@ -249,10 +250,17 @@ def _unknown_key(root: type[BaseModel], loc: tuple, raw: dict) -> str:
         section = raw.get("method")
         method = find_method(section.get("name", "lora") if isinstance(section, dict) else None)
         parent = method.config if method else parent
+    scope = f' for method "{method.name}"' if method else ""
+    if loc[:1] == ("objective",):
+        section = raw.get("objective")
+        objective = find_objective(
+            section.get("name", "sft") if isinstance(section, dict) else None
+        )
+        parent = objective.config if objective else parent
+        scope = f' for objective "{objective.name}"' if objective else ""
     known = list(fields_of(parent)) if parent else []
     foreign = _foreign_hint(loc)
     hint = f"; {foreign}" if foreign else did_you_mean(loc[-1], known)
-    scope = f' for method "{method.name}"' if method else ""
     return f"unknown key{scope}{hint or ''}" + ("" if hint else _known(known))
 
 

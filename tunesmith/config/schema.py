@@ -21,6 +21,8 @@ from tunesmith.config.messages import did_you_mean, shown
 from tunesmith.errors import AdapterError
 from tunesmith.methods import LoRAConfig
 from tunesmith.methods.schema import library_message
+from tunesmith.objectives import find_objective, objective_names, objective_of
+from tunesmith.objectives.sft import SFTConfig
 from tunesmith.registry import find_method, method_names, method_of
 
 BUILTIN_TEMPLATE_NAMES = ("alpaca", "chatml", "llama-3")
@@ -29,6 +31,8 @@ FIELD_ROLES = {
     "chat": ("messages", "role", "content", "system"),
     "completion": ("text",),
     "tokenized": ("input_ids", "labels"),
+    "preference": ("prompt", "chosen", "rejected"),
+    "unpaired": ("prompt", "completion", "label"),
 }
 
 
@@ -66,10 +70,15 @@ class ModelSection(Section):
 class DatasetSource(Section):
     path: str
     """A .jsonl, .json, .csv or .parquet file, a folder of them, or a hub dataset id."""
-    format: Literal["auto", "alpaca", "chat", "completion", "tokenized"] = "auto"
+    format: Literal[
+        "auto", "alpaca", "chat", "completion", "tokenized", "preference", "unpaired"
+    ] = "auto"
     """Record format: alpaca (instruction/input/output), chat (a list of messages, OpenAI
-    role/content or ShareGPT from/value), completion (raw text; every token trains) or
-    tokenized (input_ids, optional labels). "auto" decides from the first record's fields."""
+    role/content or ShareGPT from/value), completion (raw text; every token trains),
+    tokenized (input_ids, optional labels); for preference objectives, preference (prompt,
+    chosen, rejected, as text or messages; or chosen and rejected sharing the prompt) and
+    unpaired (prompt, completion, label true/false; KTO). "auto" decides from the first
+    record's fields."""
     fields: dict[str, str] = {}
     """Field mapping {tunesmith's name: your field}. alpaca: instruction, input, output,
     system; chat: messages, role, content, system; completion: text; tokenized: input_ids,
@@ -121,7 +130,9 @@ class DataSection(Section):
     """Longest sample in tokens; longer ones follow `truncation`."""
     truncation: Literal["truncate", "drop", "split"] = "truncate"
     """Samples longer than max_seq_len: "truncate" keeps the first max_seq_len tokens, "drop"
-    skips them, "split" cuts them into consecutive pieces (for continued pre-training)."""
+    skips them, "split" cuts them into consecutive pieces (for continued pre-training). A
+    preference pair is kept or dropped whole: "truncate" cuts the ends of both answers (the
+    prompt stays whole), "drop" leaves the pair out; the counts are reported."""
     packing: bool = False
     """Pack several samples into each row of max_seq_len tokens, with positions restarting per
     sample and no attention across samples."""
@@ -270,6 +281,10 @@ class RunConfig(Section):
     method: Any = Field(default_factory=LoRAConfig)
     """How to train: a registered method's name (each is listed below) or a mapping with
     `name` and the method's settings."""
+    objective: Any = Field(default_factory=SFTConfig)
+    """What the loss is computed from: a registered objective's name (each is listed below) or
+    a mapping with `name` and its settings. sft (the default): the answers' next-token loss;
+    dpo, simpo, orpo and reward train on preference pairs, kto on unpaired examples."""
     data: DataSection
     """Training and validation data."""
     train: TrainSection = TrainSection()
@@ -294,6 +309,54 @@ class RunConfig(Section):
             return TypeAdapter(method.config).validate_python(value)
         except ValidationError as err:
             raise ValueError(library_message(method.config, err)) from None
+
+    @field_validator("objective", mode="before")
+    @classmethod
+    def _objective_config(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = {"name": value}
+        if not isinstance(value, dict):
+            objective_of(value)  # a config object: refused unless registered
+            return value
+        objective = find_objective(value.get("name"))
+        if objective is None:
+            raise ValueError(f"expected one of {', '.join(objective_names())}")
+        return objective.config.model_validate(value)
+
+    @model_validator(mode="after")
+    def _objective_data(self) -> RunConfig:
+        objective = objective_of(self.objective)
+        if objective.token_level:
+            for at, src in self._sources():
+                if src.format in ("preference", "unpaired"):
+                    raise ValueError(
+                        f"{at}.format is {src.format}, which the sft objective cannot train on; "
+                        "set objective.name to "
+                        + ("dpo, simpo, orpo or reward" if src.format == "preference" else "kto")
+                    )
+            return self
+        for at, src in self._sources():
+            if src.format not in ("auto", *objective.formats):
+                raise ValueError(
+                    f"{at}.format is {src.format}, but objective {objective.name} trains on "
+                    f"{' or '.join(objective.formats)} data"
+                )
+        if self.data.packing:
+            raise ValueError(
+                f"data.packing cannot be used with objective {objective.name}: each pair is "
+                "scored as two whole sequences; set data.packing: false"
+            )
+        if self.data.truncation == "split":
+            raise ValueError(
+                f"data.truncation: split cannot be used with objective {objective.name}: a pair "
+                "is never split; use truncate or drop"
+            )
+        return self
+
+    def _sources(self):
+        for name in ("datasets", "validation"):
+            for i, src in enumerate(getattr(self.data, name)):
+                yield f"data.{name}.{i}", src
 
     @model_validator(mode="after")
     def _method_defaults(self) -> RunConfig:

@@ -39,8 +39,17 @@ class SampleSet:
     """Samples stored flat: `input_ids` and `labels` (int32) concatenated, and `offsets` (n+1)
     so sample i is `[offsets[i]:offsets[i+1]]`."""
 
-    def __init__(self, input_ids: np.ndarray, labels: np.ndarray, offsets: np.ndarray):
+    def __init__(
+        self,
+        input_ids: np.ndarray,
+        labels: np.ndarray,
+        offsets: np.ndarray,
+        flags: np.ndarray | None = None,
+    ):
         self.input_ids, self.labels, self.offsets = input_ids, labels, offsets
+        self.flags = flags
+        """One int8 per sample, or None: what an objective marks per sample (KTO: 1 on a
+        desirable example)."""
 
     @classmethod
     def from_lists(cls, pairs: list[tuple[list[int], list[int]]]) -> SampleSet:
@@ -59,10 +68,16 @@ class SampleSet:
         offsets = np.concatenate(
             [parts[0].offsets[:1]] + [p.offsets[1:] + s for p, s in zip(parts, shifts, strict=True)]
         )
+        flags = None
+        if any(p.flags is not None for p in parts):
+            flags = np.concatenate(
+                [p.flags if p.flags is not None else np.zeros(len(p), np.int8) for p in parts]
+            )
         return cls(
             np.concatenate([p.input_ids for p in parts]),
             np.concatenate([p.labels for p in parts]),
             offsets,
+            flags,
         )
 
     def select(self, indices) -> SampleSet:
@@ -73,7 +88,8 @@ class SampleSet:
         np.cumsum(lengths, out=offsets[1:])
         # token j of the result comes from offsets_in_self[sample] + (j - offsets[sample])
         take = np.arange(offsets[-1]) + np.repeat(self.offsets[idx] - offsets[:-1], lengths)
-        return SampleSet(self.input_ids[take], self.labels[take], offsets)
+        flags = self.flags[idx] if self.flags is not None else None
+        return SampleSet(self.input_ids[take], self.labels[take], offsets, flags)
 
     def __len__(self) -> int:
         return len(self.offsets) - 1

@@ -75,9 +75,14 @@ def detect_format(record: Record, fields: dict[str, str], config_path: str) -> s
         return "alpaca"
     if "text" in named:
         return "completion"
+    if {"chosen", "rejected"} <= named:
+        return "preference"
+    if {"prompt", "completion", "label"} <= named:
+        return "unpaired"
     raise DataError(
         f"{record.where}: cannot tell the format from fields {sorted(keys)}; set "
-        f"{config_path}.format to alpaca, chat, completion or tokenized (and map fields with "
+        f"{config_path}.format to alpaca, chat, completion, tokenized, preference or "
+        f"unpaired (and map fields with "
         f"{config_path}.fields)"
     )
 

@@ -22,7 +22,15 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from tunesmith.data.encode import IGNORE_INDEX, EncodeSettings, bos_prefix, conversation_parts
+import numpy as np
+
+from tunesmith.data.encode import (
+    IGNORE_INDEX,
+    EncodeSettings,
+    SampleSet,
+    bos_prefix,
+    conversation_parts,
+)
 from tunesmith.data.formats import BUILTIN_ROLE_NAMES
 from tunesmith.data.sources import DataError, Record
 from tunesmith.data.templates import end_of_turn_markers
@@ -198,8 +206,8 @@ def encode_pair(
     truncated_pairs, dropped_too_long (its prompt alone fills max_seq_len, or `drop`)."""
     if truncation not in PAIR_TRUNCATION:
         raise ValueError(f"truncation {truncation!r} is not one of {', '.join(PAIR_TRUNCATION)}")
-    chosen = _encode_answer(pair.prompt, pair.chosen, tokenizer, settings, where)
-    rejected = _encode_answer(pair.prompt, pair.rejected, tokenizer, settings, where)
+    chosen = encode_answer(pair.prompt, pair.chosen, tokenizer, settings, where)
+    rejected = encode_answer(pair.prompt, pair.rejected, tokenizer, settings, where)
     limit = settings.max_seq_len
     longest = max(len(chosen[0]), len(rejected[0]))
     if longest > limit:
@@ -221,7 +229,7 @@ def _cut(sample: tuple[list[int], list[int]], limit: int) -> tuple[list[int], li
     return sample[0][:limit], sample[1][:limit]
 
 
-def _encode_answer(
+def encode_answer(
     prompt: Messages, answer: Messages, tokenizer, settings: EncodeSettings, where: str
 ) -> tuple[list[int], list[int]]:
     """(ids, labels) of the prompt followed by the answer; the prompt's own assistant turns
@@ -253,3 +261,68 @@ def _encode_answer(
         ids += part_ids
         labels += part_ids if trained is True else [IGNORE_INDEX] * len(part_ids)
     return ids, labels
+
+
+PREFERENCE_FORMATS = ("preference", "unpaired")
+
+
+def mapped_record(record: Record, fields: dict[str, str]) -> Record:
+    """The record with the user's field names (`fields`: {tunesmith's name: yours}) renamed
+    to tunesmith's."""
+    if not fields:
+        return record
+    renamed = {yours: ours for ours, yours in fields.items()}
+    return Record({renamed.get(k, k): v for k, v in record.data.items()}, record.where)
+
+
+def _with_system(prompt: Messages, system_prompt: str | None) -> Messages:
+    if system_prompt is None or any(m["role"] == "system" for m in prompt):
+        return prompt
+    return [{"role": "system", "content": system_prompt}, *prompt]
+
+
+def encode_preference(
+    records: list[Record],
+    fmt: str,
+    tokenizer,
+    settings: EncodeSettings,
+    system_prompt: str | None = None,
+    truncation: str = "truncate",
+):
+    """A source's records as a SampleSet of units of two consecutive samples, and counts.
+
+    preference: (prompt + chosen, prompt + rejected) per pair. unpaired (KTO): (the example,
+    its prompt with the next example's answer), the second a mismatched pair whose log-ratio
+    estimates KTO's KL term; flags are 1 on a desirable example. Over-long units are cut at
+    the answers' ends or dropped whole (`truncation`)."""
+    stats: Counter = Counter()
+    samples: list[tuple[list[int], list[int]]] = []
+    flags: list[int] = []
+    if fmt == "preference":
+        for record in records:
+            pair = parse_pair(record)
+            pair.prompt = _with_system(pair.prompt, system_prompt)
+            encoded = encode_pair(pair, tokenizer, settings, record.where, stats, truncation)
+            if encoded is not None:
+                samples += [
+                    (encoded.chosen_ids, encoded.chosen_labels),
+                    (encoded.rejected_ids, encoded.rejected_labels),
+                ]
+        return SampleSet.from_lists(samples), stats
+    examples = [parse_unpaired(r) for r in records]
+    for example in examples:
+        example.prompt = _with_system(example.prompt, system_prompt)
+    for i, (record, example) in enumerate(zip(records, examples, strict=True)):
+        other = examples[(i + 1) % len(examples)]
+        kl_pair = Pair(example.prompt, example.completion, other.completion)
+        encoded = encode_pair(kl_pair, tokenizer, settings, record.where, stats, truncation)
+        if encoded is not None:
+            samples += [
+                (encoded.chosen_ids, encoded.chosen_labels),
+                (encoded.rejected_ids, encoded.rejected_labels),
+            ]
+            flags += [int(example.desirable), 0]
+            stats["desirable" if example.desirable else "undesirable"] += 1
+    result = SampleSet.from_lists(samples)
+    result.flags = np.asarray(flags, dtype=np.int8)
+    return result, stats

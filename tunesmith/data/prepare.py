@@ -24,11 +24,16 @@ from tunesmith.config import DataSection, DatasetSource
 from tunesmith.data.encode import EncodeSettings, SampleSet, encode_all, first_example
 from tunesmith.data.formats import FormatSpec, detect_format, parse_record
 from tunesmith.data.pack import pack_groups, packing_efficiency
+from tunesmith.data.preference import (
+    PREFERENCE_FORMATS,
+    encode_preference,
+    mapped_record,
+)
 from tunesmith.data.sources import DataError, read_records, source_fingerprint
 from tunesmith.data.templates import resolve_chat_template
 from tunesmith.io import atomic_write
 
-CACHE_VERSION = 3  # 3: whole-conversation rendering, nothing trained after the end of a turn
+CACHE_VERSION = 4  # 4: preference pairs and unpaired examples (flags)
 """Bump when the encoding changes, so old cache entries are not reused."""
 PARALLEL_MIN_RECORDS = 5000
 
@@ -74,6 +79,9 @@ class PreparedData:
     train_rows: list[list[int]] | None = None
     """Packed rows (lists of indices into `train`), when packing is on."""
     max_seq_len: int = 0
+    group: int = 1
+    """Consecutive samples per training unit: 2 for preference pairs (chosen, rejected) and
+    for unpaired examples with their mismatched KL sample; see `tunesmith.objectives`."""
 
     @property
     def packing_efficiency(self) -> float | None:
@@ -110,6 +118,7 @@ def prepare_data(
     train_specs = [(f"data.datasets.{i}", s) for i, s in enumerate(data.datasets)]
     val_specs = [(f"data.validation.{i}", s) for i, s in enumerate(data.validation)]
     formats = {at: peek_format(src, at) for at, src in train_specs + val_specs}
+    group = _group_of(formats)
     settings, template_name = encode_settings(data, tokenizer, set(formats.values()))
     template = settings.template
     cache_dir = Path(data.cache_dir).expanduser() if data.cache_dir else default_cache_dir()
@@ -126,9 +135,9 @@ def prepare_data(
         samples, st = prepare(at, src)
         stats.append(st)
         if data.val_fraction:
-            samples, held_out = _split(samples, data.val_fraction, rng)
+            samples, held_out = _split(samples, data.val_fraction, rng, group)
             val_parts.append(held_out)
-        train_parts.append(_weighted(samples, src.weight, rng))
+        train_parts.append(_weighted(samples, src.weight, rng, group))
     for at, src in val_specs:
         samples, st = prepare(at, src)
         st.split = "validation"
@@ -138,11 +147,31 @@ def prepare_data(
     train = SampleSet.concat(train_parts)
     validation = SampleSet.concat(val_parts) if val_parts else None
     prepared = PreparedData(
-        train, validation, template, template_name, stats, max_seq_len=data.max_seq_len
+        train,
+        validation,
+        template,
+        template_name,
+        stats,
+        max_seq_len=data.max_seq_len,
+        group=group,
     )
     if data.packing:
         prepared.train_rows = pack_groups(train.lengths, data.max_seq_len)
     return prepared
+
+
+def _group_of(formats: dict[str, str]) -> int:
+    """Samples per unit of these sources' formats; mixing preference data with other
+    formats is refused, naming the first source of each kind."""
+    kinds = {at: fmt in PREFERENCE_FORMATS for at, fmt in formats.items()}
+    if len(set(kinds.values())) > 1:
+        pref = next(at for at, k in kinds.items() if k)
+        other = next(at for at, k in kinds.items() if not k)
+        raise DataError(
+            f"{pref} is {formats[pref]} data and {other} is {formats[other]} data; a run trains "
+            "on one kind: preference objectives on preference or unpaired data, sft on the rest"
+        )
+    return 2 if any(kinds.values()) else 1
 
 
 def encode_settings(data: DataSection, tokenizer, formats: set[str]) -> tuple[EncodeSettings, str]:
@@ -201,10 +230,25 @@ def _prepare_source(
         _warn_degenerate(stats)  # a cached source says what it dropped every time
         return samples, stats
 
-    spec = FormatSpec(fmt, src.fields, src.roles, data.system_prompt, at)
     records = list(read_records(src.path, src.split, src.subset, src.revision, src.max_samples))
     if not records:
         raise DataError(f"{src.path}: no records (empty dataset; {at}.path)")
+    if fmt in PREFERENCE_FORMATS:
+        records = [mapped_record(r, src.fields) for r in records]
+        samples, counts = encode_preference(
+            records, fmt, tokenizer, settings, data.system_prompt, data.truncation
+        )
+        stats = _stats(src.path, fmt, len(records), samples, counts)
+        stats.truncated = counts["truncated_pairs"]
+        if not len(samples) and not allow_empty:
+            raise DataError(
+                f"{src.path}: no samples left: {_drop_summary(stats)}; check {at} and "
+                "data.max_seq_len"
+            )
+        if use_cache:
+            _write_cache(cache_file, samples, stats)
+        return samples, stats
+    spec = FormatSpec(fmt, src.fields, src.roles, data.system_prompt, at)
     examples = [(parse_record(r, spec), r.where) for r in records]
     # Chat templates render in Python, one core per process (bench/data_prep.py: 2 processes
     # are about 15% faster than 1 on a 2-core machine; spawning costs about a second).
@@ -296,27 +340,37 @@ def _drop_summary(stats: SourceStats) -> str:
     )
 
 
-def _split(samples: SampleSet, fraction: float, rng) -> tuple[SampleSet, SampleSet]:
-    n = len(samples)
+def _samples_of(units: list[int], group: int) -> list[int]:
+    return [u * group + k for u in units for k in range(group)]
+
+
+def _split(samples: SampleSet, fraction: float, rng, group: int = 1) -> tuple[SampleSet, SampleSet]:
+    """Hold out `fraction` of the units (samples, or pairs: never half a pair)."""
+    n = len(samples) // group
     n_val = max(1, round(n * fraction)) if n > 1 else 0
     order = rng.permutation(n)
     held_out = set(order[:n_val].tolist())
     keep = [i for i in range(n) if i not in held_out]
-    return samples.select(keep), samples.select(sorted(held_out))
+    return (
+        samples.select(_samples_of(keep, group)),
+        samples.select(_samples_of(sorted(held_out), group)),
+    )
 
 
-def _weighted(samples: SampleSet, weight: float, rng) -> SampleSet:
+def _weighted(samples: SampleSet, weight: float, rng, group: int = 1) -> SampleSet:
     if weight == 1.0:
         return samples
-    n = len(samples)
+    n = len(samples) // group
     whole, part = int(weight), weight - int(weight)
     indices = list(range(n)) * whole
     indices += sorted(rng.choice(n, size=round(part * n), replace=False).tolist())
-    return samples.select(indices)
+    return samples.select(_samples_of(indices, group))
 
 
 def _write_cache(path: Path, samples: SampleSet, stats: SourceStats) -> None:
     arrays = {"input_ids": samples.input_ids, "labels": samples.labels, "offsets": samples.offsets}
+    if samples.flags is not None:
+        arrays["flags"] = samples.flags
     meta = {"stats": json.dumps(stats.__dict__)}
     atomic_write(path, lambda tmp: save_file(arrays, tmp, metadata=meta))
 
@@ -325,7 +379,10 @@ def _read_cache(path: Path) -> tuple[SampleSet, SourceStats]:
     with safe_open(str(path), framework="np") as f:
         arrays = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
         stats = SourceStats(**json.loads(f.metadata()["stats"]))
-    return SampleSet(arrays["input_ids"], arrays["labels"], arrays["offsets"]), stats
+    samples = SampleSet(
+        arrays["input_ids"], arrays["labels"], arrays["offsets"], arrays.get("flags")
+    )
+    return samples, stats
 
 
 __all__ = ["PreparedData", "SourceStats", "encode_settings", "peek_format", "prepare_data"]

@@ -8,14 +8,12 @@ ROUGE-1/2/L from rouge-score), for the base model and adapters side by side.
 
 from __future__ import annotations
 
+import functools
 import json
 import string
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-
-import sacrebleu
-from rouge_score import rouge_scorer
 
 from tunesmith.adapters import delete_adapter, disabled, load_adapter
 from tunesmith.builder import build_model, run_dtypes
@@ -80,7 +78,11 @@ def predicted_label(prediction: str, labels: list[str]) -> str | None:
     return None
 
 
-_ROUGE = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"])
+@functools.cache
+def _rouge():
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"])
 
 
 def generation_scores(predictions: list[str], references: list[str]) -> dict[str, float | None]:
@@ -101,7 +103,9 @@ def generation_scores(predictions: list[str], references: list[str]) -> dict[str
     accuracy = None
     if labels is not None:
         accuracy = sum(predicted_label(p, labels) == normalize(r) for p, r in pairs) / n
-    rouge = [_ROUGE.score(r, p) for p, r in pairs]  # score(target, prediction)
+    import sacrebleu
+
+    rouge = [_rouge().score(r, p) for p, r in pairs]  # score(target, prediction)
     return {
         "exact_match": exact / n,
         "contains": contains / n,

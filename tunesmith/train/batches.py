@@ -13,10 +13,12 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from tunesmith.adapters.dropout import hash_int, token_keys
 from tunesmith.data.encode import IGNORE_INDEX, SampleSet
 from tunesmith.data.pack import collate, collate_packed
+from tunesmith.objectives.rows import REFERENCE_LOGPS, UNIT_FLAGS
 
 DROPOUT_KEYS = "dropout_keys"
 """The batch entry holding its tokens' dropout keys (not a model input)."""
@@ -34,10 +36,17 @@ class BatchPlan:
     flatten: bool = False
     """Packed rows only: each micro-batch's rows as one row (padding-free; see
     `train.padding_free`)."""
+    group: int = 1
+    """Consecutive samples per unit (2: a preference pair); a micro-batch holds
+    `micro_batch_size` whole units."""
+    reference: np.ndarray | None = None
+    """Precomputed reference log-probabilities, one per sample, put in each batch."""
 
     @property
     def num_units(self) -> int:
-        return len(self.rows) if self.rows is not None else len(self.samples)
+        if self.rows is not None:
+            return len(self.rows)
+        return len(self.samples) // self.group
 
     @property
     def steps_per_epoch(self) -> int:
@@ -75,6 +84,10 @@ class BatchPlan:
                     rows = [[sample for row in rows for sample in row]]
                     segments = [[seg for row in segments for seg in row]]
                 batch = collate_packed(rows, self.pad_id)
+            elif self.group > 1:
+                members = [u * self.group + k for u in chunk for k in range(self.group)]
+                batch = collate_units(self.samples, members, self.pad_id, self.reference)
+                segments = [[(i, int(self.samples.lengths[i]))] for i in members]
             else:
                 batch = collate([self.samples[u] for u in chunk], self.pad_id)
                 segments = [[(u, int(self.samples.lengths[u]))] for u in chunk]
@@ -92,6 +105,17 @@ def micro_batch_seed(seed: int, step: int, index: int) -> int:
 def trained_tokens(batch: dict) -> int:
     """Positions whose next-token target trains (labels[:, 1:] != -100)."""
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def collate_units(
+    samples: SampleSet, rows: list[int], pad_id: int, reference: np.ndarray | None = None
+) -> dict:
+    batch = collate([samples[i] for i in rows], pad_id)
+    if samples.flags is not None:
+        batch[UNIT_FLAGS] = torch.as_tensor(samples.flags[rows].astype(np.int64))
+    if reference is not None:
+        batch[REFERENCE_LOGPS] = torch.as_tensor(reference[rows])
+    return batch
 
 
 def eval_batches(samples: SampleSet, batch_size: int, pad_id: int):

@@ -13,6 +13,7 @@ with the same losses it would have had uninterrupted."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import os
@@ -41,6 +42,7 @@ from tunesmith.data import prepare_data
 from tunesmith.errors import AdapterError, TrainingError, TrainingInterrupted, TunesmithError
 from tunesmith.io import atomic_write, atomic_write_json, reporting_full_disk
 from tunesmith.models import load_tokenizer, resolve_device
+from tunesmith.objectives import objective_of
 from tunesmith.registry import method_of
 from tunesmith.train.batches import (
     DROPOUT_KEYS,
@@ -63,6 +65,16 @@ from tunesmith.train.checkpoint import (
 )
 from tunesmith.train.lock import FolderLock
 from tunesmith.train.loss import autocast_for, evaluate_loss, model_loss_sum, to_device
+from tunesmith.train.objective import (
+    UnitLoss,
+    add_metrics,
+    add_score_head,
+    evaluate_units,
+    finish_reward_output,
+    means,
+    reference_logps_cached,
+    reward_method_config,
+)
 from tunesmith.train.offload import ActivationOffload
 from tunesmith.train.optim import build_optimizer, build_scheduler
 from tunesmith.train.plot import plot_metrics
@@ -156,6 +168,7 @@ class Run:
     def _setup(self) -> None:
         cfg = self.config
         self.method = method_of(cfg.method)
+        self.objective = objective_of(cfg.objective)
         self.world = dist_run.world_from_env()
         if not self.world.main:  # only rank 0 speaks
             self.progress = Progress(log_every=10**9, live=False, stream=open(os.devnull, "w"))
@@ -191,15 +204,29 @@ class Run:
         # FSDP builds on the CPU and fully_shard moves each process's shards to its GPU: a
         # base that does not fit one GPU is never whole on one
         build_on = "cpu" if self.strategy == "fsdp" else self.device
+        self.method_config, self.prepare_base = cfg.method, None
+        if self.objective.output == "score":  # a reward model: a score head on the base
+            self.method_config = reward_method_config(cfg.method, self.method)
+            self.prepare_base = lambda model: add_score_head(model, cfg.train.seed)
         self.model = build_model(
-            cfg.method,
+            self.method_config,
             model=cfg.model,
             train=cfg.train,
             device=build_on,
             compute_dtype=self.dtype,
             tokenizer=self.tokenizer,
             seed=cfg.train.seed,
+            prepare_base=self.prepare_base,
         )
+        self.reference_model = None
+        precompute = getattr(cfg.objective, "precompute_reference", False)
+        if self.objective.reference and not precompute and not self.method.trains_adapter:
+            # full fine-tuning: a frozen copy of the starting weights (adapter methods switch
+            # their adapters off instead, and precomputed log-probabilities need neither)
+            self.reference_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.reference = {"train": None, "validation": None}
+        if self.objective.reference and precompute:
+            self.reference = reference_logps_cached(self, build_on)
 
         number_sites(self.model)  # before wrapping: the names every process shares
         self.speedups = apply_speedups(self.model, cfg.train, self.device_type)
@@ -207,6 +234,11 @@ class Run:
             ActivationOffload(self.device_type) if cfg.train.offload_activations else None
         )
         master = run_dtypes(cfg, self.device_type).weights == torch.float32
+        self.unit_loss = None
+        if not self.objective.token_level:
+            self.unit_loss = UnitLoss(
+                self.objective, cfg.objective, self.reference_model, self.prepared.group
+            )
         self.step_module = dist_run.wrap(
             self.model,
             self.strategy,
@@ -214,7 +246,7 @@ class Run:
             self.device,
             self.dtype,
             master,
-            model_loss_sum,
+            self.unit_loss or model_loss_sum,
             cpu_offload=cfg.train.fsdp_cpu_offload,
         )
 
@@ -233,6 +265,8 @@ class Run:
             cfg.train.seed,
             self.pad_id,
             flatten=self.padding_free,
+            group=self.prepared.group,
+            reference=self.reference["train"],
         )
         self.total_steps = self.plan.total_steps(cfg.train.epochs, cfg.train.max_steps)
         self.optimizer = build_optimizer(self.model, cfg.train)
@@ -244,6 +278,7 @@ class Run:
         self.start_step = 0
         self.counters = {"tokens": 0, "trained_tokens": 0, "seconds": 0.0}
         self.last_checkpoint: Path | None = None
+        self.validation_start: dict | None = None
         if resume_from is not None:
             self._restore(resume_from)
 
@@ -392,6 +427,8 @@ class Run:
 
     def _validation_main(self, step: int, val) -> dict | None:
         size = self.config.eval.batch_size or self.config.train.micro_batch_size
+        if self.unit_loss is not None:
+            return self._validation_units(step, val, size)
         result = evaluate_loss(
             self.model,
             val,
@@ -409,6 +446,32 @@ class Run:
         )
         return result
 
+    def _validation_units(self, step: int, val, size: int) -> dict:
+        result = evaluate_units(
+            self.unit_loss,
+            self.model,
+            val,
+            size,
+            self.pad_id,
+            self.device,
+            lambda: autocast_for(self.device_type, self.dtype),
+            self.reference["validation"],
+            loss_module=self.step_module if self.strategy == "fsdp" else None,
+        )
+        self._log_metrics({"step": step, **result})
+        shown = [f"validation loss {result['val_loss']:.4f}"]
+        for name in ("reward_accuracy", "reward_margin", "kl"):
+            if f"val_{name}" in result:
+                shown.append(f"{name.replace('_', ' ')} {result[f'val_{name}']:.4f}")
+        self.progress.log(f"step {step}: " + ", ".join(shown))
+        return result
+
+    def _units(self, batch: dict) -> int:
+        """What a step's loss is normalised by: trained tokens (sft), or units (pairs)."""
+        if self.unit_loss is None:
+            return trained_tokens(batch)
+        return int(batch["input_ids"].shape[0]) // self.prepared.group
+
     def train_step(self, step: int) -> dict:
         micro = self.plan.micro_batches(step)
         size, rank = self.world.size, self.world.rank
@@ -416,10 +479,11 @@ class Run:
         # every rank runs the same number of passes (the DDP reduction needs all of them): a
         # rank short of micro-batches repeats one with its loss weighted 0
         passes = -(-len(micro) // size)
-        n_trained = sum(trained_tokens(b) for b in mine)
+        n_trained = sum(self._units(b) for b in mine)
         if self.world.distributed:
             n_trained = int(dist_run.all_sum(n_trained, self.device))
         total = torch.zeros((), device=self.device)
+        totals: dict = {}
         for i in range(passes):
             batch, weight = (mine[i], 1.0) if i < len(mine) else (micro[0], 0.0)
             batch = to_device(batch, self.device)
@@ -434,7 +498,10 @@ class Run:
                     autocast_for(self.device_type, self.dtype),
                     self.offload or contextlib.nullcontext(),
                 ):
-                    loss_sum, _ = self.step_module(batch)
+                    out = self.step_module(batch)
+                    loss_sum = out[0]
+                if len(out) > 2 and weight:
+                    add_metrics(totals, out[2])
                 if self.world.distributed:  # DDP and FSDP average what they reduce
                     scaled = loss_sum * (weight * size / max(n_trained, 1))
                 else:
@@ -443,6 +510,10 @@ class Run:
             total += loss_sum.detach().float() * weight
         if self.world.distributed:
             total = torch.tensor(dist_run.all_sum(float(total), self.device))
+            totals = {
+                k: (dist_run.all_sum(v, self.device), int(dist_run.all_sum(c, self.device)))
+                for k, (v, c) in sorted(totals.items())
+            }
         loss = float(total) / max(n_trained, 1)
         if not math.isfinite(loss):
             kept = self.last_checkpoint or "none written yet"
@@ -466,7 +537,8 @@ class Run:
             "lr": lr,
             "grad_norm": grad_norm,
             "tokens": tokens,
-            "trained_tokens": n_trained,
+            "trained_tokens": sum(trained_tokens(b) for b in micro),
+            "metrics": means(totals),
         }
 
     def run(self) -> dict:
@@ -482,6 +554,8 @@ class Run:
         if self.device_type == "cuda":  # the step's peak, not loading's
             torch.cuda.reset_peak_memory_stats()
         step = completed = self.start_step
+        if self.unit_loss is not None and self.start_step == 0:
+            self.validation_start = self._validation(0)  # the preference metrics' start
         try:
             for step in range(self.start_step, self.total_steps):
                 result = self.train_step(step)
@@ -499,6 +573,7 @@ class Run:
                     "grad_norm": result["grad_norm"],
                     "tokens": self.counters["tokens"],
                     "tokens_per_s": window_tokens / max(now - window_start, 1e-9),
+                    **result["metrics"],
                 }
                 last = entry
                 if done % cfg.train.log_every_steps == 0 or done == self.total_steps:
@@ -565,13 +640,14 @@ class Run:
         """After FSDP: the model rebuilt whole on the CPU with the gathered state (rank 0)."""
         cfg = self.config
         model = build_model(
-            cfg.method,
+            self.method_config,
             model=cfg.model,
             train=cfg.train,
             device="cpu",
             compute_dtype=self.dtype,
             tokenizer=self.tokenizer,
             seed=cfg.train.seed,
+            prepare_base=self.prepare_base,
         )
         model.load_state_dict(full, strict=False)
         return model
@@ -587,6 +663,8 @@ class Run:
             try:
                 save_trained(model or self.model, self.method, tmp)
                 self.tokenizer.save_pretrained(tmp)
+                if self.objective.output == "score":
+                    finish_reward_output(tmp, self.method.trains_adapter, self.pad_id)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
@@ -606,7 +684,13 @@ class Run:
             "seconds": round(self.counters["seconds"], 2),
             "final_train_loss": last.get("loss"),
             "final_val_loss": val and val["val_loss"],
-            "final_val_ppl": val and val["val_ppl"],
+            "final_val_ppl": val and val.get("val_ppl"),
+            "objective": self.objective.name,
+            **{
+                f"final_{k}": v
+                for k, v in (val or {}).items()
+                if self.unit_loss is not None and k not in ("val_loss", "val_units")
+            },
             "trainable_parameters": counts.trainable,
             "total_parameters": counts.total,
             "device": self.device_type,

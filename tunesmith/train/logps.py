@@ -1,0 +1,61 @@
+"""Each sequence's summed log-probability of its answer tokens (or a reward head's score),
+what a preference objective's loss is computed from.
+
+`sequence_logps` never builds the (batch, seq, vocab) logits for architectures with a plain
+output head: like the supervised loss (`loss.py`), it runs the decoder, keeps the hidden states
+of positions whose target trains, and applies the head in fp32 chunk by chunk, each recomputed
+in the backward pass."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from tunesmith.data.encode import IGNORE_INDEX
+from tunesmith.objectives.losses import answer_logps
+from tunesmith.objectives.rows import SCORE_HEAD, Rows
+from tunesmith.train.loss import CHUNK_ELEMENTS, PLAIN_HEAD_TYPES, model_inputs
+
+
+def _token_logps(head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = head(hidden).float()
+    return -F.cross_entropy(logits, targets, reduction="none")
+
+
+def sequence_logps(model, batch: dict) -> Rows:
+    """Each row's summed log-probability of its trained (answer) tokens, and their count."""
+    labels = batch["labels"]
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if model_type not in PLAIN_HEAD_TYPES or head is None:
+        logits = model(**model_inputs(batch), use_cache=False).logits
+        sums, counts = answer_logps(logits, labels)
+        return Rows(sums, counts)
+    hidden = model.base_model(**model_inputs(batch), use_cache=False).last_hidden_state
+    keep = labels[:, 1:] != IGNORE_INDEX
+    rows = keep.nonzero()[:, 0]
+    hidden, targets = hidden[:, :-1][keep], labels[:, 1:][keep]
+    counts = keep.sum(-1)
+    sums = hidden.new_zeros(labels.shape[0], dtype=torch.float32)
+    step = max(1, CHUNK_ELEMENTS // head.out_features if hasattr(head, "out_features") else 1024)
+    for at in range(0, len(targets), step):
+        h, t = hidden[at : at + step], targets[at : at + step]
+        if torch.is_grad_enabled() and h.requires_grad:
+            part = checkpoint(_token_logps, head, h, t, use_reentrant=False)
+        else:
+            part = _token_logps(head, h, t)
+        sums = sums.index_add(0, rows[at : at + step], part)
+    return Rows(sums, counts)
+
+
+def sequence_scores(model, batch: dict) -> Rows:
+    """Each row's reward: the score head on the hidden state of its last token (rows are
+    padded on the right), as transformers' sequence-classification models compute it."""
+    head = getattr(model, SCORE_HEAD)
+    hidden = model.base_model(**model_inputs(batch), use_cache=False).last_hidden_state
+    last = batch["attention_mask"].sum(-1) - 1
+    picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    scores = head(picked.float()).float().squeeze(-1)  # the head is fp32
+    counts = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(-1)
+    return Rows(scores, counts)
