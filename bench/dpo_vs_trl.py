@@ -3,7 +3,7 @@
 The bundled preference task (examples/build_preference.py: the quickstart's questions, the
 right answer chosen, a wrong one of the same kind rejected), the bundled 4M-parameter Llama,
 LoRA r16 alpha 32 on every linear layer, beta 0.1, sigmoid loss, one epoch, 8 pairs per step,
-lr 3e-3 with 10% warm-up then cosine, fp32 on the CPU; the reference is the base with the
+lr 2e-3 with 10% warm-up then cosine, fp32 on the CPU; the reference is the base with the
 adapter off in both. Each trainer runs in its own process (alternating, `--rounds` times);
 wall time is the whole process (imports, data, training, saving) measured from outside, peak
 memory the process's own peak RSS. Both adapters are then scored by one evaluator, through
@@ -39,7 +39,7 @@ RECIPE = {
     "beta": 0.1,
     "epochs": 1,
     "batch": 8,
-    "lr": 3e-3,
+    "lr": 2e-3,
     "warmup_ratio": 0.1,
     "max_len": 256,
     "seed": 42,

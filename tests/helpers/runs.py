@@ -79,3 +79,49 @@ def losses(output_dir: Path) -> list[float]:
     """The training losses a run logged to output_dir/metrics.jsonl, in step order."""
     lines = (Path(output_dir) / "metrics.jsonl").read_text().splitlines()
     return [entry["loss"] for entry in map(json.loads, lines) if "loss" in entry]
+
+
+def toy_pairs(n: int, seed: int = 0) -> list[dict]:
+    """Preference pairs on `toy_rows`' task: the right colour chosen, another rejected."""
+    g = torch.Generator().manual_seed(seed + 100)
+    pairs = []
+    for row in toy_rows(n, seed):
+        user, answer = row["messages"]
+        wrong = WORDS[int(torch.randint(0, len(WORDS), (1,), generator=g))]
+        if wrong in answer["content"]:
+            wrong = "purple"
+        pairs.append(
+            {
+                "prompt": [user],
+                "chosen": [answer],
+                "rejected": [{"role": "assistant", "content": wrong}],
+            }
+        )
+    return pairs
+
+
+def toy_unpaired(n: int, seed: int = 0) -> list[dict]:
+    """KTO's examples from `toy_pairs`: alternately the good answer (label true) and the bad."""
+    return [
+        {
+            "prompt": p["prompt"],
+            "completion": p["chosen"] if i % 2 == 0 else p["rejected"],
+            "label": i % 2 == 0,
+        }
+        for i, p in enumerate(toy_pairs(n, seed))
+    ]
+
+
+def preference_config(tmp_path: Path, tiny_dir: Path, objective="dpo", **sections):
+    """`make_config` on preference data (unpaired for kto) with `objective`."""
+    unpaired = (objective if isinstance(objective, str) else objective["name"]) == "kto"
+    rows = toy_unpaired if unpaired else toy_pairs
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    train_file = write_jsonl(tmp_path / "pairs.jsonl", rows(24))
+    val_file = write_jsonl(tmp_path / "pairs_val.jsonl", rows(6, seed=1))
+    data = {
+        "datasets": [{"path": str(train_file)}],
+        "validation": [{"path": str(val_file)}],
+        **sections.pop("data", {}),
+    }
+    return make_config(tmp_path, tiny_dir, objective=objective, data=data, **sections)

@@ -248,7 +248,7 @@ def reward_method_config(method_config, method):
     if not hasattr(method_config, "modules_to_save"):
         raise TrainingError(
             f"objective reward trains a score head beside the adapter, which method "
-            f"{method.name} cannot save; use method lora, qlora (the head goes in "
+            f"{method.name} cannot save; use method lora, qlora or ia3 (the head goes in "
             "modules_to_save) or full"
         )
     kept = list(method_config.modules_to_save or [])
