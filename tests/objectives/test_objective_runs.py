@@ -152,7 +152,7 @@ def test_reward_models_load_as_sequence_classifiers(tmp_path, tiny_dir):
     )
     train(full, progress=quiet())
     tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
-    ids = [tokenizer("after red green")["input_ids"], tokenizer("after blue cyan cyan")["input_ids"]]
+    ids = [tokenizer(text)["input_ids"] for text in ("after red green", "after blue cyan cyan")]
     pad = tokenizer.pad_token_id
     width = max(map(len, ids))
     batch = torch.tensor([i + [pad] * (width - len(i)) for i in ids])
