@@ -145,12 +145,15 @@ def header_lines(run: Run) -> list[str]:
     lines = summary_lines(run.prepared)
     counts = trainable_parameters(run.model)
     cfg = run.config
+    units = "packed rows" if run.plan.rows is not None else "samples"
+    if run.prepared.group > 1:
+        units = "examples" if "unpaired" in run.objective.formats else "pairs"
     lines.append(
         f"model {cfg.model.path} on {run.device} ({str(run.dtype).removeprefix('torch.')}),"
         f" method {cfg.method.name}: {counts.trainable:,} of {counts.total:,} parameters "
         f"train ({counts.percent:.2f}%); {run.total_steps} steps of "
-        f"{cfg.train.micro_batch_size}x{cfg.train.grad_accum_steps} "
-        f"{'packed rows' if run.plan.rows is not None else 'samples'}"
+        f"{cfg.train.micro_batch_size}x{cfg.train.grad_accum_steps} {units}"
+        + (f", objective {run.objective.name}" if not run.objective.token_level else "")
     )
     switches = [*run.speedups, *(["padding-free packed batches"] if run.padding_free else [])]
     if run.world.distributed:
@@ -178,7 +181,7 @@ def summary_text(summary: dict, run: Run) -> list[str]:
 
 
 OBJECTIVE_ROWS = {
-    "reward_accuracy": "reward accuracy (implicit reward: chosen above rejected)",
+    "reward_accuracy": "reward accuracy (chosen's reward above rejected's)",
     "reward_margin": "reward margin (mean, chosen minus rejected)",
     "logps_accuracy": "prefers chosen (log-probability: chosen above rejected)",
     "logps_chosen": "log-probability of chosen (mean per pair)",

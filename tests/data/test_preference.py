@@ -162,3 +162,93 @@ def test_a_long_pair_is_cut_or_dropped_whole():
     assert dropped is None and stats == {"dropped_too_long": 1}
     _, dropped, stats = _encode(Pair([user("long " * 40)], [bot("a")], [bot("b")]), max_seq_len=24)
     assert dropped is None and stats == {"dropped_too_long": 1}  # no room left for an answer
+
+
+def _prepare(tmp_path, rows, **data):
+    from helpers.data import chat_tokenizer, write_jsonl
+
+    from tunesmith.config import DataSection
+    from tunesmith.data import prepare_data
+
+    path = write_jsonl(tmp_path / "prefs.jsonl", rows)
+    section = DataSection(
+        datasets=[{"path": str(path), **data.pop("source", {})}],
+        cache_dir=str(tmp_path / "cache"),
+        max_seq_len=data.pop("max_seq_len", 128),
+        **data,
+    )
+    return prepare_data(section, chat_tokenizer(), seed=3)
+
+
+def test_the_pipeline_keeps_pairs_whole_through_split_weighting_and_cache(tmp_path):
+    from helpers.runs import toy_pairs
+
+    rows = toy_pairs(20)
+    first = _prepare(tmp_path, rows, val_fraction=0.2)
+    again = _prepare(tmp_path, rows, val_fraction=0.2)  # from the cache
+    assert again.sources[0].from_cache and not first.sources[0].from_cache
+    for prepared in (first, again):
+        assert prepared.group == 2
+        assert (len(prepared.train), len(prepared.validation)) == (32, 8)  # 16 + 4 pairs
+        for samples in (prepared.train, prepared.validation):
+            for i in range(0, len(samples), 2):
+                (c_ids, c_labels), (r_ids, r_labels) = samples[i], samples[i + 1]
+                start = min(j for j, t in enumerate(c_labels) if t != -100)
+                # one prompt in front of both answers, and only the answers train
+                assert list(c_ids[:start]) == list(r_ids[:start])
+                assert all(t == -100 for t in r_labels[:start])
+                assert list(c_ids[start:]) != list(r_ids[start:])
+    weighted = _prepare(tmp_path, rows, source={"weight": 1.5})
+    assert len(weighted.train) == 60  # 30 pairs: every pair once, half of them twice
+
+
+def test_kto_examples_carry_their_label_and_a_mismatched_kl_sequence(tmp_path):
+    from helpers.data import chat_tokenizer
+    from helpers.runs import toy_unpaired
+
+    rows = toy_unpaired(6)
+    prepared = _prepare(tmp_path, rows)
+    samples, tokenizer = prepared.train, chat_tokenizer()
+    assert samples.flags.tolist() == [1, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0]
+    text = lambda i: tokenizer.decode(samples[i][0])  # noqa: E731
+    answer = lambda i: tokenizer.decode([t for t in samples[i][1] if t != -100])  # noqa: E731
+    for unit in range(6):
+        example, kl = 2 * unit, 2 * unit + 1
+        assert rows[unit]["prompt"][0]["content"] in text(example)
+        assert rows[unit]["prompt"][0]["content"] in text(kl)  # its own prompt ...
+        nxt = rows[(unit + 1) % 6]["completion"][0]["content"]
+        assert answer(kl).startswith(nxt)  # ... with the next example's answer
+    assert prepared.sources[0].format == "unpaired"
+
+
+def test_field_names_map_and_a_system_prompt_is_added(tmp_path):
+    rows = [{"question": "2+2?", "good": "4", "bad": "5"}]
+    fields = {"prompt": "question", "chosen": "good", "rejected": "bad"}
+    prepared = _prepare(
+        tmp_path,
+        rows,
+        source={"format": "preference", "fields": fields},
+        system_prompt="Be brief.",
+    )
+    from helpers.data import chat_tokenizer
+
+    text = chat_tokenizer().decode(prepared.train[0][0])
+    assert "Be brief." in text and "2+2?" in text and text.rstrip().endswith("4<|im_end|>")
+
+
+def test_preference_data_cannot_mix_with_demonstrations(tmp_path):
+    from helpers.data import chat_tokenizer, write_jsonl
+    from helpers.runs import toy_pairs, toy_rows
+
+    from tunesmith.config import DataSection
+    from tunesmith.data import prepare_data
+
+    a = write_jsonl(tmp_path / "a.jsonl", toy_pairs(2))
+    b = write_jsonl(tmp_path / "b.jsonl", toy_rows(2))
+    section = DataSection(datasets=[str(a), str(b)], cache_dir=str(tmp_path / "c"))
+    with pytest.raises(DataError) as err:
+        prepare_data(section, chat_tokenizer())
+    assert str(err.value) == (
+        "data.datasets.0 is preference data and data.datasets.1 is chat data; a run trains on "
+        "one kind: preference objectives on preference or unpaired data, sft on the rest"
+    )

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 from helpers.data import write_jsonl
-from helpers.runs import ROOT, losses, run_cli, toy_rows
+from helpers.runs import ROOT, losses, run_cli, toy_pairs, toy_rows
 from safetensors.torch import load_file
 
 from tunesmith.errors import TunesmithError
@@ -52,6 +52,21 @@ def _config(tmp_path: Path, tiny_dir: Path, name: str, **train) -> Path:
         "output_dir": str(tmp_path / name),
     }
     path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _dpo_config(tmp_path: Path, tiny_dir: Path, name: str, **train) -> Path:
+    """`_config` with objective dpo on preference pairs."""
+    path = _config(tmp_path, tiny_dir, name, **train)
+    raw = yaml.safe_load(path.read_text())
+    pairs = tmp_path / "pairs.jsonl"
+    if not pairs.exists():
+        write_jsonl(pairs, toy_pairs(24))
+        write_jsonl(tmp_path / "pairs_val.jsonl", toy_pairs(6, seed=1))
+    raw["objective"] = {"name": "dpo", "beta": 0.5}
+    raw["data"]["datasets"] = [{"path": str(pairs)}]
+    raw["data"]["validation"] = [{"path": str(tmp_path / "pairs_val.jsonl")}]
     path.write_text(yaml.safe_dump(raw))
     return path
 
@@ -113,6 +128,28 @@ def test_two_processes_train_like_one(tmp_path, tiny_dir, strategy, atol, accum)
     assert (
         summary["tokens"] == json.loads((tmp_path / "one" / "summary.json").read_text())["tokens"]
     )
+
+
+@pytest.mark.parametrize(("strategy", "atol"), [("ddp", 1e-5), ("fsdp", 1e-4)])
+def test_two_processes_train_dpo_like_one(tmp_path, tiny_dir, strategy, atol):
+    """A preference objective under DDP and FSDP: each rank scores its pairs against the
+    reference (the adapter switched off, through the wrapped module), and the step's loss is
+    normalised by the pairs of all ranks: the same losses, metrics and adapter as one process."""
+    one = _dpo_config(tmp_path, tiny_dir, "one", grad_accum_steps=3)
+    two = _dpo_config(tmp_path, tiny_dir, "two", grad_accum_steps=3, distributed=strategy)
+    single = run_cli("train", str(one))
+    assert single.returncode == 0, single.stderr[-3000:]
+    double = _torchrun("train", str(two))
+    assert double.returncode == 0, double.stderr[-3000:]
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), abs=atol)
+    _assert_same_adapter(_adapter(tmp_path / "two"), _adapter(tmp_path / "one"), atol)
+    read = lambda name: [  # noqa: E731
+        json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+    ]
+    for a, b in zip(read("one"), read("two"), strict=True):
+        for key in ("reward_accuracy", "reward_margin", "val_reward_accuracy", "val_loss"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], abs=1e-4), key
 
 
 def test_fsdp_checkpoints_resume_exactly_and_on_another_number_of_processes(tmp_path, tiny_dir):

@@ -35,11 +35,14 @@ def summary_lines(prepared: PreparedData) -> list[str]:
     """Counts per source and overall: records, samples, tokens, trained tokens, truncated and
     dropped samples, and packing efficiency."""
     lines = [f"chat template: {prepared.template_name}"]
+    unit = {"preference": "pairs", "unpaired": "examples (each with its KL sequence)"}
     for s in prepared.sources:
         dropped = s.dropped_too_long + s.dropped_untrained + s.dropped_empty_response
+        made = f"{s.samples:,} samples"
+        if s.format in unit:  # units of two sequences, kept or dropped whole
+            made = f"{s.samples // 2:,} {unit[s.format]}, {s.samples:,} sequences"
         lines.append(
-            f"{s.split} source {s.path} ({s.format}): {s.records:,} records -> "
-            f"{s.samples:,} samples, "
+            f"{s.split} source {s.path} ({s.format}): {s.records:,} records -> {made}, "
             f"{s.tokens:,} tokens, {s.trained_tokens:,} trained; truncated {s.truncated:,}, "
             f"split {s.split_long:,}, dropped {dropped:,} "
             f"({s.dropped_too_long:,} too long, {s.dropped_untrained:,} with no trained token, "
@@ -48,8 +51,11 @@ def summary_lines(prepared: PreparedData) -> list[str]:
         )
     for name, samples in (("train", prepared.train), ("validation", prepared.validation)):
         if samples is not None:
+            count = f"{len(samples):,} samples"
+            if prepared.group > 1:
+                count = f"{len(samples) // prepared.group:,} units of {prepared.group} sequences"
             lines.append(
-                f"{name}: {len(samples):,} samples, {samples.num_tokens:,} tokens, "
+                f"{name}: {count}, {samples.num_tokens:,} tokens, "
                 f"{samples.num_trained_tokens:,} trained tokens"
             )
     if prepared.train_rows is not None:

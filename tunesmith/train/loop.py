@@ -83,6 +83,21 @@ from tunesmith.train.speedups import apply_speedups, padding_free_for
 from tunesmith.train.trackers import Trackers, check_trackers
 
 
+def first_validation(out: Path) -> dict | None:
+    """The step-0 validation a run logged (a preference objective's starting point)."""
+    path = out / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    for line in path.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if entry.get("step") == 0 and "val_loss" in entry:
+            return entry
+    return None
+
+
 def seed_everything(seed: int, deterministic: bool) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -331,6 +346,7 @@ class Run:
         self.last_checkpoint = folder
         if self.world.main:
             truncate_metrics(self.out, self.start_step, self.progress.log)
+            self.validation_start = first_validation(self.out)
         self.progress.log(f"resumed from {folder} at step {self.start_step}")
         written_by = state.get("world_size", 1)
         if written_by != self.world.size:
