@@ -232,3 +232,75 @@ def test_nothing_left_after_preparation_is_the_finding_not_an_error(tmp_path, ti
         "empty answers"
     ]
     assert report.findings[0].key in ("truncated_away", "nothing_left")
+
+
+def test_preference_data_identical_pairs_length_bias_duplicates_and_leakage(tmp_path, tiny_dir):
+    """Planted: two pairs whose answers are the same, chosen answers longer in 9 of 10 pairs
+    that differ in length, a repeated pair, and a validation pair copied from training."""
+    user = lambda text: [{"role": "user", "content": text}]  # noqa: E731
+    bot = lambda text: [{"role": "assistant", "content": text}]  # noqa: E731
+    train = [
+        {
+            "prompt": user(f"question number {i} about {w}"),
+            "chosen": bot(f"a long and careful answer about {w}" if i != 3 else "no"),
+            "rejected": bot("no" if i != 3 else f"a long and careful answer about {w}"),
+        }
+        for i, w in enumerate(
+            "apple river stone cloud tiger paper lemon candle forest silver".split()
+        )
+    ]
+    train.append({"prompt": user("same?"), "chosen": bot("Yes"), "rejected": bot("yes")})
+    train.append({"prompt": user("twice?"), "chosen": bot("sure"), "rejected": bot("sure ")})
+    train.append(train[0])
+    val = [train[1], {"prompt": user("new"), "chosen": bot("good"), "rejected": bot("bad")}]
+    config = make_config(
+        tmp_path,
+        tiny_dir,
+        objective="dpo",
+        data={
+            "datasets": [{"path": str(write_jsonl(tmp_path / "p.jsonl", train))}],
+            "validation": [{"path": str(write_jsonl(tmp_path / "v.jsonl", val))}],
+        },
+    )
+    report = data_report(config, chat_tokenizer())
+    found = {f.key: f for f in report.findings}
+    assert found["identical_pair"].count == 2
+    assert found["identical_pair"].where == [f"{tmp_path / 'p.jsonl'}, line {n}" for n in (11, 12)]
+    # of the 12 pairs whose answers differ in tokens ("sure" and "sure " do), 10 have the
+    # longer answer chosen: 9 planted, and the repeat of one of them
+    assert report.sources[0].chosen_longer == pytest.approx(10 / 12)
+    assert found["length_bias"].message.startswith(
+        f"{tmp_path / 'p.jsonl'}: in 83% of pairs the chosen answer is the longer one"
+    )
+    assert found["duplicates_exact"].count == 1
+    assert found["leakage_exact"].where == [
+        f"{tmp_path / 'v.jsonl'}, line 1 = {tmp_path / 'p.jsonl'}, line 2"
+    ]
+    assert "same_answer" not in found  # answers repeat across pairs by design
+    lines = summary_lines(report)
+    assert "  chosen answer the longer: 83.3% of the pairs whose answers differ in length" in lines
+
+
+def test_kto_data_label_balance(tmp_path, tiny_dir):
+    rows = [
+        {
+            "prompt": [{"role": "user", "content": f"q{i}"}],
+            "completion": [{"role": "assistant", "content": f"a{i}"}],
+            "label": i < 8,
+        }
+        for i in range(10)
+    ]
+    config = make_config(
+        tmp_path,
+        tiny_dir,
+        objective="kto",
+        data={
+            "datasets": [{"path": str(write_jsonl(tmp_path / "u.jsonl", rows))}],
+            "validation": [],
+        },
+    )
+    report = data_report(config, chat_tokenizer())
+    assert report.sources[0].desirable == 0.8
+    (balance,) = [f for f in report.findings if f.key == "label_balance"]
+    assert balance.message.startswith(f"{tmp_path / 'u.jsonl'}: 80% of examples are desirable;")
+    assert "  desirable examples: 80.0%" in summary_lines(report)

@@ -18,12 +18,21 @@ from datasketch import MinHash, MinHashLSH
 
 from tunesmith.config import DatasetSource, RunConfig
 from tunesmith.data import prepare_data
-from tunesmith.data.encode import Trace, encode_examples
+from tunesmith.data.encode import IGNORE_INDEX, Trace, encode_examples
 from tunesmith.data.formats import (
     Completion,
     Conversation,
     FormatSpec,
     parse_record,
+)
+from tunesmith.data.preference import (
+    PREFERENCE_FORMATS,
+    Pair,
+    encode_answer,
+    encode_pair,
+    mapped_record,
+    parse_pair,
+    parse_unpaired,
 )
 from tunesmith.data.prepare import encode_settings, peek_format
 from tunesmith.data.sources import read_records
@@ -56,6 +65,12 @@ class Item:
     prompt: str
     answer: str | None
     trace: Trace
+    rejected: str | None = None
+    """Preference data: the rejected answer (`answer` is the chosen one)."""
+    lengths: tuple[int, int] | None = None
+    """Preference data: the chosen and rejected answers' tokens."""
+    desirable: bool | None = None
+    """Unpaired (KTO) data: the label."""
 
 
 @dataclass
@@ -89,6 +104,13 @@ class SourceReport:
     answer_lengths: list[int]
     answers: dict[str, float] | None = None
     """Share of each distinct short answer when most answers are short, largest first."""
+    chosen_longer: float | None = None
+    """Preference data: the share of pairs (of those whose answers differ in length) whose
+    chosen answer is the longer: far from 0.5, a model can learn length instead of quality."""
+    desirable: float | None = None
+    """Unpaired (KTO) data: the share of desirable examples."""
+    length_pairs: int = 0
+    """Preference data: the pairs whose answers differ in length."""
 
 
 @dataclass
@@ -200,7 +222,9 @@ def data_report(
     for index, ((at, src, split), stats) in enumerate(
         zip(train_sources + val_sources, prepared.sources, strict=True)
     ):
-        source_items = _read_items(index, src, at, data.system_prompt, tokenizer, settings)
+        source_items = _read_items(
+            index, src, at, data.system_prompt, tokenizer, settings, data.truncation
+        )
         items += source_items
         sources.append(_source_report(stats, split, source_items))
     report = DataReport(
@@ -218,9 +242,15 @@ def data_report(
     return report
 
 
-def _read_items(index, src: DatasetSource, at, system_prompt, tokenizer, settings) -> list[Item]:
-    spec = FormatSpec(peek_format(src, at), src.fields, src.roles, system_prompt, at)
+def _read_items(
+    index, src: DatasetSource, at, system_prompt, tokenizer, settings, truncation
+) -> list[Item]:
+    fmt = peek_format(src, at)
     records = list(read_records(src.path, src.split, src.subset, src.revision, src.max_samples))
+    if fmt in PREFERENCE_FORMATS:
+        records = [mapped_record(r, src.fields) for r in records]
+        return _preference_items(index, fmt, records, tokenizer, settings, truncation)
+    spec = FormatSpec(fmt, src.fields, src.roles, system_prompt, at)
     examples = [(parse_record(r, spec), r.where) for r in records]
     traces: list[Trace] = []
     encode_examples(examples, tokenizer, settings, Counter(), trace=traces)
@@ -231,14 +261,82 @@ def _read_items(index, src: DatasetSource, at, system_prompt, tokenizer, setting
     return items
 
 
+def _text(messages) -> str:
+    return "\n".join(f"{m['role']}: {m['content']}" for m in messages)
+
+
+def _content(messages) -> str:
+    return "\n".join(m["content"] for m in messages)
+
+
+def _preference_items(index, fmt, records, tokenizer, settings, truncation) -> list[Item]:
+    """Items of preference pairs (answer: the chosen, rejected: the rejected) or of unpaired
+    examples, with what preparation does to each (cut or dropped whole)."""
+    items = []
+    for number, record in enumerate(records, 1):
+        if fmt == "preference":
+            pair = parse_pair(record)
+            prompt, chosen, rejected, desirable = pair.prompt, pair.chosen, pair.rejected, None
+        else:
+            one = parse_unpaired(record)
+            prompt, chosen, rejected, desirable = one.prompt, one.completion, None, one.desirable
+        events: Counter = Counter()
+        encoded = encode_pair(
+            Pair(prompt, chosen, rejected or chosen), tokenizer, settings, record.where, events,
+            truncation,
+        )  # fmt: skip
+        c_ids, c_labels = encode_answer(prompt, chosen, tokenizer, settings, record.where)
+        answer_tokens = sum(t != IGNORE_INDEX for t in c_labels)
+        lengths = None
+        if rejected is not None:
+            _, r_labels = encode_answer(prompt, rejected, tokenizer, settings, record.where)
+            lengths = (answer_tokens, sum(t != IGNORE_INDEX for t in r_labels))
+        if encoded is not None and events["truncated_pairs"]:
+            events["truncated"] += 1
+        trace = Trace(len(c_ids) - answer_tokens, answer_tokens, events)
+        whole = _text([*prompt, *chosen, *(rejected or [])])
+        items.append(
+            Item(
+                index,
+                number,
+                record.where,
+                normalize_text(whole),
+                normalize_text(_text(prompt)),
+                _content(chosen),
+                trace,
+                rejected=_content(rejected) if rejected is not None else None,
+                lengths=lengths,
+                desirable=desirable,
+            )
+        )
+    return items
+
+
 def _source_report(stats, split: str, items: list[Item]) -> SourceReport:
+    if stats.format in PREFERENCE_FORMATS:
+        longer = [
+            it.lengths[0] > it.lengths[1]
+            for it in items
+            if it.lengths and it.lengths[0] != it.lengths[1]
+        ]
+        labels = [it.desirable for it in items if it.desirable is not None]
+        return SourceReport(
+            **_counts(stats, split, items),
+            chosen_longer=sum(longer) / len(longer) if longer else None,
+            length_pairs=len(longer),
+            desirable=sum(labels) / len(labels) if labels else None,
+        )
     answers = [normalize(it.answer) for it in items if it.answer is not None]
     short = [a for a in answers if a and len(a.split()) <= SHORT_ANSWER_WORDS]
     shares = None
     if answers and 2 * len(short) >= len(answers):
         counts = Counter(short)
         shares = {a: c / len(short) for a, c in counts.most_common()}
-    return SourceReport(
+    return SourceReport(**_counts(stats, split, items), answers=shares)
+
+
+def _counts(stats, split: str, items: list[Item]) -> dict:
+    return dict(
         path=stats.path,
         split=split,
         format=stats.format,
@@ -254,7 +352,6 @@ def _source_report(stats, split: str, items: list[Item]) -> SourceReport:
         out_of_order=stats.out_of_order,
         prompt_lengths=[it.trace.prompt_tokens for it in items],
         answer_lengths=[it.trace.answer_tokens for it in items],
-        answers=shares,
     )
 
 
@@ -280,6 +377,7 @@ def _findings(report: DataReport, items: list[Item]) -> list[Finding]:
     _preparation(found, items, report.max_seq_len)
     _nothing_left(found, report)
     _answers(found, items, report.sources)
+    _preferences(found, items, report.sources)
     return sorted(found, key=lambda f: f.severity)
 
 
@@ -439,6 +537,8 @@ def _answers(found: _Found, items: list[Item], sources: list[SourceReport]) -> N
     """Answers given to many prompts (free-form data; labels repeat by design), and
     imbalanced labels (classification-like data)."""
     for s_index, source in enumerate(sources):
+        if source.format in PREFERENCE_FORMATS:  # answers repeat across pairs by design
+            continue
         shares = source.answers
         if shares is not None:
             top, low = max(shares.values(), default=0), min(shares.values(), default=0)
@@ -471,6 +571,50 @@ def _answers(found: _Found, items: list[Item], sources: list[SourceReport]) -> N
         )
 
 
+LENGTH_BIAS = 0.15
+"""A length-bias finding when the share of pairs whose chosen answer is longer lies this far
+or further from one half (in a source with at least `LENGTH_BIAS_PAIRS` such pairs)."""
+LENGTH_BIAS_PAIRS = 10
+
+
+def _preferences(found: _Found, items: list[Item], sources: list[SourceReport]) -> None:
+    """Preference data: pairs with nothing to learn, length bias, label balance (KTO)."""
+    same = [
+        it.where
+        for it in items
+        if it.rejected is not None and normalize_text(it.answer) == normalize_text(it.rejected)
+    ]
+    found.add(
+        "identical_pair",
+        0,
+        same,
+        "pairs whose chosen and rejected answers are the same (nothing to learn: their loss "
+        "is constant); fix or remove them",
+    )
+    for source in sources:
+        share = source.chosen_longer
+        pairs = source.length_pairs
+        if share is not None and pairs >= LENGTH_BIAS_PAIRS and abs(share - 0.5) >= LENGTH_BIAS:
+            which = "longer" if share > 0.5 else "shorter"
+            found.add(
+                "length_bias",
+                2,
+                [source.path],
+                f"{source.path}: in {100 * max(share, 1 - share):.0f}% of pairs the chosen "
+                f"answer is the {which} one; a model can learn length instead of quality "
+                "(balance the pairs, or compare with simpo, which normalises by length)",
+            )
+        if source.desirable is not None and not 0.3 <= source.desirable <= 0.7:
+            found.add(
+                "label_balance",
+                2,
+                [source.path],
+                f"{source.path}: {100 * source.desirable:.0f}% of examples are desirable; set "
+                "objective.desirable_weight and undesirable_weight so that weight x count is "
+                "about equal on both sides (the KTO paper keeps it within 1 to 4/3)",
+            )
+
+
 # --- text output -----------------------------------------------------------------------------
 
 
@@ -500,6 +644,15 @@ def summary_lines(report: DataReport, top: int = 5) -> list[str]:
         totals = [p + a for p, a in zip(s.prompt_lengths, s.answer_lengths, strict=True)]
         over = sum(t > report.max_seq_len for t in totals)
         lines.append(f"  records over max_seq_len={report.max_seq_len}: {over}")
+        if s.chosen_longer is not None:
+            lines.append(
+                f"  chosen answer the longer: {100 * s.chosen_longer:.1f}% of the pairs whose "
+                "answers differ in length"
+            )
+        elif s.format == "preference":
+            lines.append("  chosen answer the longer: - (every pair's answers are equally long)")
+        if s.desirable is not None:
+            lines.append(f"  desirable examples: {100 * s.desirable:.1f}%")
         if s.answers:
             shares = ", ".join(f"{a!r} {100 * v:.1f}%" for a, v in list(s.answers.items())[:8])
             more = f" (+{len(s.answers) - 8} more)" if len(s.answers) > 8 else ""
