@@ -466,3 +466,69 @@ def test_cli_plan_for_several_gpus():
         run.stdout
     )
     assert "assuming 20 GB/s per GPU" in run.stdout
+
+
+def measured_objective_peak(method, objective, train, seq, pairs) -> int:
+    """Two real steps of a preference objective (tunesmith's own loss module), counted by the
+    same tensor accounting as the trace."""
+    import copy
+
+    from tunesmith.adapters import add_adapter
+    from tunesmith.objectives import objective_of
+    from tunesmith.train.objective import UnitLoss
+
+    torch.manual_seed(0)
+    config = LlamaConfig(**CONFIG)
+    config._attn_implementation = "eager"
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    full = method.name == "full"
+    if not full:
+        add_adapter(model, method)
+    model.config.use_cache = False
+    model.train()
+    reference = copy.deepcopy(model).eval().requires_grad_(False) if full else None
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4, foreach=False)
+    tracker = MemoryTracker()
+    tensors = list(model.parameters()) + list(model.buffers())
+    if reference is not None:
+        tensors += list(reference.parameters()) + list(reference.buffers())
+    tracker.seed(tensors)
+    ids = torch.randint(0, 1000, (2 * pairs, seq), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)}
+    loss = UnitLoss(objective_of(objective), objective, reference, 2)
+    with tracker:
+        for step in range(2):
+            if step == 1:
+                tracker.reset_peak()
+            total, count, _ = loss(model, batch)
+            (total / count).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    return tracker.peak
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_traced_peak_of_a_preference_objective_matches_a_real_step(method):
+    """DPO's step: 2 × micro-batch sequences, the reference pass without gradients, and for
+    full fine-tuning the frozen copy's weights."""
+    from tunesmith.objectives.dpo import DPOConfig
+
+    train = TrainSection(lr=1e-4, gradient_checkpointing=False)
+    dpo = DPOConfig()
+    planned = trace_step(
+        LlamaConfig(**CONFIG), METHODS[method], train, 64, 2, torch.float32, "eager", dpo
+    )
+    real = measured_objective_peak(METHODS[method], dpo, train, 64, 2)
+    assert abs(planned.peak_bytes / real - 1) < 0.10, (planned.peak_bytes, real)
+    sft = trace_step(LlamaConfig(**CONFIG), METHODS[method], train, 64, 4, torch.float32, "eager")
+    if method == "full":  # the frozen copy: every weight once more
+        copy = sum(
+            p.numel() * 4
+            for p in AutoModelForCausalLM.from_config(LlamaConfig(**CONFIG)).parameters()
+        )
+        assert planned.weights_bytes >= copy
+        assert planned.peak_bytes > sft.peak_bytes + 0.9 * copy
+    else:  # the adapter switched off: no second copy, about the peak of 4 rows of sft
+        assert planned.weights_bytes == sft.weights_bytes
+        assert abs(planned.peak_bytes / sft.peak_bytes - 1) < 0.15

@@ -11,6 +11,7 @@ import torch
 from tunesmith.builder import master_weights
 from tunesmith.errors import TunesmithError
 from tunesmith.models import load_tokenizer, read_model_config
+from tunesmith.objectives import objective_of
 from tunesmith.plan.estimate import estimate_step, flops_per_token, skeleton
 from tunesmith.plan.gpus import GPU, UTILIZATION, gpu
 from tunesmith.plan.recommend import (
@@ -179,11 +180,12 @@ def plan_run(
     train = config.train.model_copy(update={"gradient_checkpointing": checkpointing})
     seq = config.data.max_seq_len
     batch = config.train.micro_batch_size
-    traced = trace_step(model_config, method, train, seq, batch, dtype)
+    traced = trace_step(model_config, method, train, seq, batch, dtype, objective=config.objective)
     fits = None if memory is None else traced.peak_bytes <= memory * GIB
     flops = flops_per_token(model_config, method_of(method).name, seq, checkpointing)
-    speed = target.tflops * 1e12 * UTILIZATION / flops if target else None
     notes: list[str] = []
+    flops *= _objective_passes(config, model_config, notes)
+    speed = target.tflops * 1e12 * UTILIZATION / flops if target else None
     if speed is not None and traced.total_params < SMALL_MODEL:
         notes.append(
             "time: models this small run below the assumed utilisation (an H100 ran a 1B LoRA "
@@ -232,6 +234,38 @@ def plan_run(
             config.train.distributed,
         )
     return plan
+
+
+def _objective_passes(config, model_config, notes: list[str]) -> float:
+    """A preference objective's cost beside the supervised step's, as a factor on its FLOPs
+    per token, with a note saying what the step holds: each micro-batch is
+    micro_batch_size units (a pair is two sequences), and objectives with a reference run
+    one more forward pass without gradients (2 of the step's 6 FLOPs per parameter and
+    token), unless it is precomputed (once, before training)."""
+    objective = objective_of(config.objective)
+    if objective.token_level:
+        return 1.0
+    unit = {"preference": "pair", "unpaired": "example"}[objective.formats[0]]
+    batch = config.train.micro_batch_size
+    text = (
+        f"objective {objective.name}: a micro-batch is {batch} {unit}s ({batch * objective.group} "
+        "sequences; the peak above is traced with them"
+    )
+    precompute = getattr(config.objective, "precompute_reference", False)
+    factor = 1.0
+    if objective.reference and precompute:
+        text += "); the reference log-probabilities are computed once before training"
+    elif objective.reference:
+        copy = "" if method_of(config.method).trains_adapter else ", a frozen copy of the model"
+        text += (
+            f"), plus a reference forward pass without gradients{copy or ' (the adapter off)'}"
+            f"{copy and ' counted in the weights'}: time × 4/3"
+        )
+        factor = 4 / 3
+    else:
+        text += "; no reference model)"
+    notes.append(text)
+    return factor
 
 
 def planned_peak(config) -> int:

@@ -253,11 +253,12 @@ def workload(config, tokenizer) -> Workload:
         config.train.grad_accum_steps,
         config.train.seed,
         0,
+        group=prepared.group,
     )
     steps = plan.total_steps(config.train.epochs, config.train.max_steps)
     processed, real = _processed_tokens(plan, lengths, prepared.train_rows, steps)
     packed_padding = None
-    if prepared.train_rows is None and len(lengths):
+    if prepared.train_rows is None and len(lengths) and prepared.group == 1:
         rows = pack_groups(lengths, config.data.max_seq_len)
         packed = BatchPlan(
             prepared.train,
@@ -284,7 +285,9 @@ def workload(config, tokenizer) -> Workload:
 def _processed_tokens(plan, lengths, rows, steps: int) -> tuple[int, int]:
     """(tokens with padding, tokens without) in the micro-batches of `steps` optimizer steps,
     in `BatchPlan.micro_batches`' order: each micro-batch is padded to its longest unit
-    (sample or packed row)."""
+    (sample or packed row; a pair's rows to the longest of the micro-batch's sequences)."""
+    if plan.group > 1:
+        return _processed_unit_tokens(plan, lengths, steps)
     unit_len = lengths if rows is None else np.array([lengths[r].sum() for r in rows])
     if len(unit_len) == 0:
         return 0, 0
@@ -299,6 +302,27 @@ def _processed_tokens(plan, lengths, rows, steps: int) -> tuple[int, int]:
         for at in range(0, len(units), plan.micro_batch_size):
             chunk = units[at : at + plan.micro_batch_size]
             padded += int(chunk.max()) * len(chunk)
+            real += int(chunk.sum())
+        done += take
+        epoch += 1
+    return padded, real
+
+
+def _processed_unit_tokens(plan, lengths, steps: int) -> tuple[int, int]:
+    """`_processed_tokens` for units of `plan.group` sequences (a preference pair): each
+    micro-batch is micro_batch_size × group rows padded to its longest sequence."""
+    units = lengths[: len(lengths) // plan.group * plan.group].reshape(-1, plan.group)
+    if len(units) == 0:
+        return 0, 0
+    per_step = plan.micro_batch_size * plan.grad_accum_steps
+    padded = real = done = epoch = 0
+    while done < steps:
+        order = plan._order(epoch)
+        take = min(steps - done, plan.steps_per_epoch)
+        chosen = units[order[: take * per_step]]
+        for at in range(0, len(chosen), plan.micro_batch_size):
+            chunk = chosen[at : at + plan.micro_batch_size]
+            padded += int(chunk.max()) * chunk.size
             real += int(chunk.sum())
         done += take
         epoch += 1

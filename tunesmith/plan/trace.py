@@ -35,7 +35,11 @@ from transformers import AttentionInterface
 
 from tunesmith import builder
 from tunesmith.adapters.dropout import KeyedDropout
+from tunesmith.objectives import objective_of
+from tunesmith.objectives.rows import REFERENCE_LOGPS, UNIT_FLAGS
+from tunesmith.registry import method_of
 from tunesmith.train.loss import ALL_TRAINED, model_loss_sum
+from tunesmith.train.objective import UnitLoss, add_score_head
 from tunesmith.train.offload import ActivationOffload
 
 PLAN_ATTENTION = "tunesmith_plan_fused"
@@ -242,9 +246,17 @@ def trace_step(
     batch: int,
     compute_dtype: torch.dtype,
     attention: str = "flash",
+    objective=None,
 ) -> TracedStep:
     """Trace two training steps of `method` (a run config's method section) with `train`'s
-    micro-batch settings on a model built from `model_config`; see the module docstring."""
+    micro-batch settings on a model built from `model_config`; see the module docstring.
+    With a preference `objective` (its config), a micro-batch is `batch` units of its group
+    (pairs: 2 × batch rows) scored by its loss, with the reference pass in the step (the
+    adapter switched off, or a frozen copy of a fully trained model) unless it is
+    precomputed."""
+    found = objective_of(objective) if objective is not None else None
+    unit = None if found is None or found.token_level else found
+    rows = batch * (unit.group if unit else 1)
     master = builder.master_weights(method, train.fp32_master_weights)
     token = ALL_TRAINED.set(True)
     try:
@@ -256,9 +268,33 @@ def trace_step(
                         module.__class__ = FusedDropout
             params = [p for p in model.parameters() if p.requires_grad]
             optimizer = torch.optim.AdamW(params, lr=1e-4, foreach=False)
-            ids = torch.zeros(batch, seq_len, dtype=torch.long)
+            ids = torch.zeros(rows, seq_len, dtype=torch.long)
             tracker = MemoryTracker()
-            static = tracker.seed(list(model.parameters()) + list(model.buffers()))
+            if unit is not None and unit.output == "score":
+                add_score_head(model, 0)
+                params.append(model.score.weight)
+                optimizer = torch.optim.AdamW(params, lr=1e-4, foreach=False)
+            reference = None
+            precompute = getattr(objective, "precompute_reference", False)
+            full = not method_of(method).trains_adapter
+            if unit and unit.reference and not precompute and full:  # a frozen copy
+                reference = build_traced_model(
+                    model_config, method, train, compute_dtype, attention
+                )
+                reference.eval().requires_grad_(False)
+            tensors = list(model.parameters()) + list(model.buffers())
+            if reference is not None:
+                tensors += list(reference.parameters()) + list(reference.buffers())
+            static = tracker.seed(tensors)
+            step_loss = None
+            batch_in = {"input_ids": ids, "labels": ids}
+            if unit is not None:
+                step_loss = UnitLoss(unit, objective, reference, unit.group)
+                batch_in["attention_mask"] = torch.ones(rows, seq_len, dtype=torch.long)
+                if precompute and unit.reference:
+                    batch_in[REFERENCE_LOGPS] = torch.zeros(rows)
+                if "unpaired" in unit.formats:
+                    batch_in[UNIT_FLAGS] = torch.zeros(rows, dtype=torch.long)
             autocast = torch.autocast(
                 "cpu", dtype=compute_dtype, enabled=master and compute_dtype != torch.float32
             )
@@ -272,7 +308,10 @@ def trace_step(
                     if step == 1:
                         tracker.reset_peak()
                     with autocast, offload:
-                        total, count = model_loss_sum(model, {"input_ids": ids, "labels": ids})
+                        if step_loss is None:
+                            total, count = model_loss_sum(model, batch_in)
+                        else:
+                            total, count, _ = step_loss(model, batch_in)
                     (total / count).backward()
                     grads = tracker.keys(p.grad for p in params)
                     optimizer.step()

@@ -15,7 +15,7 @@ from torch.utils.checkpoint import checkpoint
 from tunesmith.data.encode import IGNORE_INDEX
 from tunesmith.objectives.losses import answer_logps
 from tunesmith.objectives.rows import SCORE_HEAD, Rows
-from tunesmith.train.loss import CHUNK_ELEMENTS, PLAIN_HEAD_TYPES, model_inputs
+from tunesmith.train.loss import ALL_TRAINED, CHUNK_ELEMENTS, PLAIN_HEAD_TYPES, model_inputs
 
 
 def _token_logps(head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -33,10 +33,16 @@ def sequence_logps(model, batch: dict) -> Rows:
         sums, counts = answer_logps(logits, labels)
         return Rows(sums, counts)
     hidden = model.base_model(**model_inputs(batch), use_cache=False).last_hidden_state
-    keep = labels[:, 1:] != IGNORE_INDEX
-    rows = keep.nonzero()[:, 0]
-    hidden, targets = hidden[:, :-1][keep], labels[:, 1:][keep]
-    counts = keep.sum(-1)
+    if ALL_TRAINED.get():  # the planner's fake tensors: no data-dependent masking
+        b, t = labels.shape
+        rows = torch.arange(b, device=labels.device).repeat_interleave(t - 1)
+        hidden, targets = hidden[:, :-1].reshape(-1, hidden.shape[-1]), labels[:, 1:].reshape(-1)
+        counts = torch.full((b,), t - 1, device=labels.device)
+    else:
+        keep = labels[:, 1:] != IGNORE_INDEX
+        rows = keep.nonzero()[:, 0]
+        hidden, targets = hidden[:, :-1][keep], labels[:, 1:][keep]
+        counts = keep.sum(-1)
     sums = hidden.new_zeros(labels.shape[0], dtype=torch.float32)
     step = max(1, CHUNK_ELEMENTS // head.out_features if hasattr(head, "out_features") else 1024)
     for at in range(0, len(targets), step):

@@ -24,12 +24,12 @@ def loss(config, policy: Rows, reference: Rows | None, flags=None):
         undesirable_weight=config.undesirable_weight,
     )
     rewards = (config.beta * (logps - ref_logps)).detach()
-    good, bad = rewards[desirable], rewards[~desirable]
+    good = desirable.to(rewards.dtype)  # masks, not indexing: shapes stay static
     n = len(rewards)
     return per_example, {
         "kl": (kl * n, n),
-        "reward_desirable": (good.sum(), len(good)),
-        "reward_undesirable": (bad.sum(), len(bad)),
+        "reward_desirable": ((rewards * good).sum(), good.sum()),
+        "reward_undesirable": ((rewards * (1 - good)).sum(), (1 - good).sum()),
         # desirable minus undesirable, per example: a mean over the batch's signed rewards
         "reward_margin": (torch.where(desirable, rewards, -rewards).sum(), n),
     }
