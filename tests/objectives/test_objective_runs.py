@@ -244,3 +244,21 @@ def test_peft_loads_the_dpo_adapter_unchanged(bundled_dpo):
     peft_model = PeftModel.from_pretrained(base, out / "adapter").eval()
     with torch.no_grad():
         assert torch.allclose(ours(ids).logits, peft_model(ids).logits, atol=1e-5)
+
+
+def test_the_run_report_draws_reward_accuracy_and_margin(tmp_path, tiny_dir):
+    from tunesmith.judge.run_report import render_report
+
+    cfg = preference_config(
+        tmp_path, tiny_dir, train={"max_steps": 4, "log_every_steps": 1}, eval={"every_steps": 2}
+    )
+    train(cfg, progress=quiet())
+    page = render_report(tmp_path / "out")
+    for series in (
+        "train reward accuracy",
+        "validation reward accuracy",
+        "train reward margin",
+        "validation reward margin",
+    ):
+        assert series in page
+    assert "final_val_reward_accuracy" in page and ">dpo<" in page

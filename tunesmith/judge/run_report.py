@@ -67,9 +67,32 @@ def _curves(metrics: list[dict]) -> str:
     lr = [(m["step"], m["lr"]) for m in metrics if "lr" in m]
     if not train and not val:
         return '<p class="muted">metrics.jsonl holds no losses</p>'
-    return svg_lines({"train loss": train, "validation loss": val}, "step", "loss") + svg_lines(
-        {"learning rate": lr}, "step", "lr"
-    )
+    out = svg_lines({"train loss": train, "validation loss": val}, "step", "loss")
+    return out + _preference_curves(metrics) + svg_lines({"learning rate": lr}, "step", "lr")
+
+
+PREFERENCE_CURVES = (
+    ("reward_accuracy", "reward accuracy"),
+    ("reward_margin", "reward margin"),
+    ("kl", "KL estimate (KTO)"),
+)
+"""A preference objective's curves: (metrics.jsonl key, label); each drawn for training
+steps and for validation (the `val_` key) when the run logged it."""
+
+
+def _preference_curves(metrics: list[dict]) -> str:
+    parts = []
+    for key, label in PREFERENCE_CURVES:
+        lines = {
+            f"train {label}": [(m["step"], m[key]) for m in metrics if key in m],
+            f"validation {label}": [
+                (m["step"], m[f"val_{key}"]) for m in metrics if f"val_{key}" in m
+            ],
+        }
+        lines = {name: points for name, points in lines.items() if points}
+        if lines:
+            parts.append(svg_lines(lines, "step", label))
+    return "".join(parts)
 
 
 def _eval_table(evaluation: dict) -> str:
@@ -198,6 +221,11 @@ def render_report(output_dir: str | Path, warn: Warn = _warn) -> str:
             "final_train_loss",
             "final_val_loss",
             "final_val_ppl",
+            "objective",
+            "final_val_reward_accuracy",
+            "final_val_reward_margin",
+            "final_val_logps_accuracy",
+            "final_val_kl",
             "trainable_parameters",
             "total_parameters",
             "device",
