@@ -262,3 +262,20 @@ def test_the_run_report_draws_reward_accuracy_and_margin(tmp_path, tiny_dir):
     ):
         assert series in page
     assert "final_val_reward_accuracy" in page and ">dpo<" in page
+
+
+def test_eval_compares_base_and_tuned_on_preference_pairs(tmp_path, tiny_dir):
+    """`tunesmith eval` on preference data: how often each model prefers the chosen answer,
+    the same figure as training's validation at the start (base) and the end (tuned)."""
+    from tunesmith.judge.evaluate import evaluate_models, format_table
+
+    cfg = preference_config(tmp_path, tiny_dir, train={"max_steps": 4, "lr": 1e-2})
+    summary = train(cfg, progress=quiet())
+    columns, n = evaluate_models(cfg, [str(tmp_path / "out" / "adapter")], samples=3)
+    base, tuned = columns
+    start = validations(tmp_path / "out")[0]
+    assert base.preference["pairs"] == tuned.preference["pairs"] == 6
+    assert base.preference["prefers_chosen"] == pytest.approx(start["val_logps_accuracy"])
+    assert tuned.preference["prefers_chosen"] == pytest.approx(summary["final_val_logps_accuracy"])
+    assert n == 3 and len(tuned.predictions) == 3  # generation against the chosen answers
+    assert "prefers chosen (n=6 pairs)" in format_table(columns, n)

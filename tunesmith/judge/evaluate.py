@@ -15,11 +15,14 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from tunesmith.adapters import delete_adapter, disabled, load_adapter
 from tunesmith.builder import build_model, run_dtypes
 from tunesmith.config import DataSection, DatasetSource, RunConfig
 from tunesmith.data import prepare_data
 from tunesmith.data.formats import Conversation, FormatSpec, detect_format, parse_record
+from tunesmith.data.preference import mapped_record, parse_pair
 from tunesmith.data.sources import read_records
 from tunesmith.data.templates import resolve_chat_template
 from tunesmith.errors import TunesmithError
@@ -27,7 +30,9 @@ from tunesmith.generation import Sampling, generate_batch, prompt_ids
 from tunesmith.io import atomic_write_json, atomic_write_text
 from tunesmith.models import load_model, load_tokenizer, resolve_device
 from tunesmith.provenance import resolve_base
-from tunesmith.train.loss import evaluate_loss
+from tunesmith.train.logps import sequence_logps
+from tunesmith.train.loss import autocast_for, evaluate_loss
+from tunesmith.train.objective import unit_batches
 
 # --- metrics ---------------------------------------------------------------------------------
 
@@ -133,7 +138,8 @@ def prompt_answer_pairs(
     sources: list[DatasetSource], data: DataSection, limit: int | None = None, key: str = ""
 ) -> list[PromptAnswer]:
     """The last assistant turn of each chat/alpaca record as the answer, the turns before as
-    the prompt. Completion and tokenized sources have no answers and are skipped."""
+    the prompt; for preference pairs, the prompt and the chosen answer. Completion, tokenized
+    and unpaired sources have no reference answers and are skipped."""
     pairs: list[PromptAnswer] = []
     for i, src in enumerate(sources):
         at = f"{key}.{i}" if key else src.path
@@ -144,9 +150,16 @@ def prompt_answer_pairs(
             if spec is None:
                 if fmt == "auto":
                     fmt = detect_format(record, src.fields, at)
-                if fmt not in ("chat", "alpaca"):
+                if fmt not in ("chat", "alpaca", "preference"):
                     break
                 spec = FormatSpec(fmt, src.fields, src.roles, data.system_prompt, at)
+            if fmt == "preference":
+                pair = parse_pair(mapped_record(record, src.fields))
+                chosen = [m["content"] for m in pair.chosen if m["role"] == "assistant"]
+                pairs.append(PromptAnswer(pair.prompt, chosen[-1], record.where))
+                if limit is not None and len(pairs) >= limit:
+                    return pairs
+                continue
             example = parse_record(record, spec)
             if not isinstance(example, Conversation):
                 continue
@@ -175,6 +188,10 @@ class Column:
     perplexity: float | None = None
     scores: dict | None = None
     predictions: list[str] | None = None
+    preference: dict | None = None
+    """Preference data: `prefers_chosen` (the share of pairs whose chosen answer has the higher
+    log-probability) and `logps_margin` (the mean of chosen minus rejected), no reference
+    needed, so base and tuned models compare directly."""
 
 
 def format_table(columns: list[Column], samples: int) -> str:
@@ -184,6 +201,17 @@ def format_table(columns: list[Column], samples: int) -> str:
         value = (c.scores or {}).get(key)
         return "-" if value is None else f"{100 * value:.1f}%"
 
+    if any(c.preference for c in columns):
+        n = next(c.preference["pairs"] for c in columns if c.preference)
+
+        def pref(c: Column, key: str, percent: bool) -> str:
+            value = (c.preference or {}).get(key)
+            return "-" if value is None else f"{100 * value:.1f}%" if percent else f"{value:.3f}"
+
+        rows.append((f"prefers chosen (n={n} pairs)", lambda c: pref(c, "prefers_chosen", True)))
+        rows.append(
+            ("log-prob margin (chosen - rejected)", lambda c: pref(c, "logps_margin", False))
+        )
     for key, label in METRICS.items():
         if key == "accuracy" and all((c.scores or {}).get(key) is None for c in columns):
             continue  # the answers are not classification-like
@@ -224,6 +252,10 @@ def measure(name: str, model, samples, pairs, data, tokenizer, settings: dict) -
     """One table column: perplexity on `samples` and generation scores on `pairs` (if any).
     `settings`: batch_size, pad_id, device, dtype, max_new_tokens."""
 
+    preference = None
+    if settings.get("group", 1) > 1:  # preference pairs: perplexity of the chosen answers
+        preference = pair_preference(model, samples, settings)
+        samples = samples.select(range(0, len(samples), 2))
     ppl = evaluate_loss(
         model,
         samples,
@@ -235,7 +267,26 @@ def measure(name: str, model, samples, pairs, data, tokenizer, settings: dict) -
     scores = predictions = None
     if pairs:
         scores, predictions = score_model(model, tokenizer, pairs, data, settings["max_new_tokens"])
-    return Column(name, ppl, scores, predictions)
+    return Column(name, ppl, scores, predictions, preference)
+
+
+@torch.no_grad()
+def pair_preference(model, samples, settings: dict) -> dict:
+    """How often `model` gives the chosen answer of each pair the higher log-probability."""
+    chosen, rejected = [], []
+    for batch in unit_batches(samples, 2, settings["batch_size"], settings["pad_id"]):
+        batch = {k: v.to(settings["device"]) for k, v in batch.items()}
+        with autocast_for(str(settings["device"]).split(":")[0], settings["dtype"]):
+            rows = sequence_logps(model, batch)
+        c, r = rows.pairs()
+        chosen += c.tolist()
+        rejected += r.tolist()
+    n = len(chosen)
+    return {
+        "pairs": n,
+        "prefers_chosen": sum(a > b for a, b in zip(chosen, rejected, strict=True)) / max(n, 1),
+        "logps_margin": sum(a - b for a, b in zip(chosen, rejected, strict=True)) / max(n, 1),
+    }
 
 
 def compare_after_training(run, echo) -> list[Column]:
@@ -255,6 +306,7 @@ def compare_after_training(run, echo) -> list[Column]:
         "device": run.device,
         "dtype": run.dtype,
         "max_new_tokens": cfg.eval.max_new_tokens,
+        "group": run.prepared.group if run.prepared.train.flags is None else 1,
     }
     val = run.prepared.validation
     if run.method.trains_adapter:  # the same model with its adapter switched off
@@ -360,7 +412,13 @@ def evaluate_models(
         "device": device,
         "dtype": dtype,
         "max_new_tokens": max_new_tokens or config.eval.max_new_tokens,
+        "group": prepared.group,
     }
+    if prepared.group > 1 and prepared.train.flags is not None:
+        raise TunesmithError(
+            "tunesmith eval: unpaired (KTO) data has no pairs to compare; evaluate on preference "
+            "pairs (--data FILE) or chat data"
+        )
 
     def column(name: str, m) -> Column:
         return measure(name, m, prepared.train, pairs, data, tokenizer, settings)
