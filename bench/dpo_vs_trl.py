@@ -9,7 +9,8 @@ wall time is the whole process (imports, data, training, saving) measured from o
 memory the process's own peak RSS. Both adapters are then scored by one evaluator, through
 PEFT (`PeftModel.from_pretrained`, so it also shows PEFT loads tunesmith's adapter): on the
 100 held-out pairs, the implicit reward accuracy (β·(log π − log π_ref) of chosen above
-rejected) and the margin.
+rejected) and the margin. Neither side reuses tokenized data from an earlier run
+(tunesmith's --no-cache, datasets' caching off).
 
     python bench/dpo_vs_trl.py [--rounds 2] [--threads 2]
 
@@ -78,6 +79,7 @@ def trl_worker(out: Path) -> None:
     from trl import DPOConfig, DPOTrainer
 
     started = time.perf_counter()
+    datasets.disable_caching()  # tokenized anew every run, as tunesmith's side (--no-cache)
     tokenizer = AutoTokenizer.from_pretrained(MODEL)
     model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32)
     data = datasets.load_dataset("json", data_files=str(TRAIN), split="train")

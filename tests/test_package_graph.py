@@ -41,6 +41,7 @@ LAZY = {
     "torch._dynamo": "only with train.compile",
     "rouge_score": "heavy (nltk, scipy: a second at every start); only for scores",
     "sacrebleu": "heavy; only for generation scores",
+    "tunesmith.plan.planner": "jobs.py: 0.7 s at every start; asked on a GPU and in benchmarks",
     "huggingface_hub": "only when a model is a hub id",
     "torch": "data/pack.py: `tunesmith config check` and the data pipeline run without torch",
     "safetensors.torch": "io.py: the same (it imports torch)",

@@ -49,6 +49,20 @@ _API = {
         "tunesmith.adapters",
     ),
     **dict.fromkeys(("Method", "register_method", "method_named"), "tunesmith.registry"),
+    **dict.fromkeys(
+        (
+            "DPOConfig",
+            "KTOConfig",
+            "ORPOConfig",
+            "Objective",
+            "RewardConfig",
+            "SFTConfig",
+            "SimPOConfig",
+            "register_objective",
+        ),
+        "tunesmith.objectives",
+    ),
+    "RewardModel": "tunesmith.judge.score",
     **dict.fromkeys(("combine_adapters", "merge_checkpoint", "merge_models"), "tunesmith.combine"),
     "quantize_checkpoint": "tunesmith.quantize.pipeline",
     "export_gguf": "tunesmith.export.gguf",
@@ -63,11 +77,13 @@ if TYPE_CHECKING:
     from tunesmith.combine import combine_adapters, merge_checkpoint, merge_models  # noqa: F401
     from tunesmith.export.gguf import export_gguf, export_lora_gguf  # noqa: F401
     from tunesmith.jobs import train_job  # noqa: F401
+    from tunesmith.judge.score import RewardModel  # noqa: F401
     from tunesmith.methods import *  # noqa: F403
     from tunesmith.methods.bottleneck.impl import add_bottleneck  # noqa: F401
     from tunesmith.methods.ia3.impl import add_ia3  # noqa: F401
     from tunesmith.methods.lora.impl import add_lora  # noqa: F401
     from tunesmith.methods.prompt.impl import add_prefix_tuning, add_prompt_tuning  # noqa: F401
+    from tunesmith.objectives import *  # noqa: F403
     from tunesmith.quantize.pipeline import quantize_checkpoint  # noqa: F401
     from tunesmith.registry import Method, method_named, register_method  # noqa: F401
 

@@ -28,7 +28,6 @@ from tunesmith.config import RunConfig, config_yaml
 from tunesmith.data import summary_lines
 from tunesmith.errors import ProcessesFailed, TrainingInterrupted, TunesmithError, first_line
 from tunesmith.judge.evaluate import compare_after_training
-from tunesmith.plan.planner import planned_peak
 from tunesmith.train.loop import Run
 
 Echo = Callable[..., None]
@@ -61,7 +60,7 @@ def train_job(
         _relaunch(config, nproc, resume, overwrite, use_cache, command)
         return None
     run = Run(
-        config, resume=resume, overwrite=overwrite, use_cache=use_cache, planned_peak=planned_peak
+        config, resume=resume, overwrite=overwrite, use_cache=use_cache, planned_peak=_planned_peak
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -97,6 +96,14 @@ def train_job(
     finally:
         run.trackers.close()
     return summary
+
+
+def _planned_peak(config: RunConfig) -> int:
+    """The planner's traced peak (asked on a GPU and for benchmark runs only: importing the
+    planner costs most of a second at every start)."""
+    from tunesmith.plan.planner import planned_peak
+
+    return planned_peak(config)
 
 
 def _relaunch(config, nproc, resume, overwrite, use_cache, command) -> None:

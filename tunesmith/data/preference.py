@@ -201,13 +201,16 @@ def encode_pair(
     where: str,
     stats: Counter,
     truncation: str = "truncate",
+    markers: tuple[str, ...] | None = None,
 ) -> PairSample | None:
     """The pair's samples, or None when it is dropped. Counts in `stats`: pairs,
-    truncated_pairs, dropped_too_long (its prompt alone fills max_seq_len, or `drop`)."""
+    truncated_pairs, dropped_too_long (its prompt alone fills max_seq_len, or `drop`).
+    `markers`: `templates.end_of_turn_markers(tokenizer)`, when the caller has them."""
     if truncation not in PAIR_TRUNCATION:
         raise ValueError(f"truncation {truncation!r} is not one of {', '.join(PAIR_TRUNCATION)}")
-    chosen = encode_answer(pair.prompt, pair.chosen, tokenizer, settings, where)
-    rejected = encode_answer(pair.prompt, pair.rejected, tokenizer, settings, where)
+    markers = markers if markers is not None else end_of_turn_markers(tokenizer)
+    chosen = encode_answer(pair.prompt, pair.chosen, tokenizer, settings, where, markers)
+    rejected = encode_answer(pair.prompt, pair.rejected, tokenizer, settings, where, markers)
     limit = settings.max_seq_len
     longest = max(len(chosen[0]), len(rejected[0]))
     if longest > limit:
@@ -230,10 +233,16 @@ def _cut(sample: tuple[list[int], list[int]], limit: int) -> tuple[list[int], li
 
 
 def encode_answer(
-    prompt: Messages, answer: Messages, tokenizer, settings: EncodeSettings, where: str
+    prompt: Messages,
+    answer: Messages,
+    tokenizer,
+    settings: EncodeSettings,
+    where: str,
+    markers: tuple[str, ...] | None = None,
 ) -> tuple[list[int], list[int]]:
     """(ids, labels) of the prompt followed by the answer; the prompt's own assistant turns
-    are context, masked."""
+    are context, masked. `markers`: the tokenizer's end-of-turn texts (looked up when not
+    given; finding them reads the whole vocabulary)."""
     parts, _ = conversation_parts(
         [*prompt, *answer],
         settings.template,
@@ -242,7 +251,7 @@ def encode_answer(
         bos_prefix(tokenizer),
         where,
         settings.template_kwargs,
-        end_of_turn_markers(tokenizer),
+        markers if markers is not None else end_of_turn_markers(tokenizer),
     )
     answer_turns = sum(m["role"] == "assistant" for m in answer)
     responses = sum(1 for _, trained in parts if trained is True)
@@ -298,11 +307,14 @@ def encode_preference(
     stats: Counter = Counter()
     samples: list[tuple[list[int], list[int]]] = []
     flags: list[int] = []
+    markers = end_of_turn_markers(tokenizer)
     if fmt == "preference":
         for record in records:
             pair = parse_pair(record)
             pair.prompt = _with_system(pair.prompt, system_prompt)
-            encoded = encode_pair(pair, tokenizer, settings, record.where, stats, truncation)
+            encoded = encode_pair(
+                pair, tokenizer, settings, record.where, stats, truncation, markers
+            )
             if encoded is not None:
                 samples += [
                     (encoded.chosen_ids, encoded.chosen_labels),
@@ -315,7 +327,9 @@ def encode_preference(
     for i, (record, example) in enumerate(zip(records, examples, strict=True)):
         other = examples[(i + 1) % len(examples)]
         kl_pair = Pair(example.prompt, example.completion, other.completion)
-        encoded = encode_pair(kl_pair, tokenizer, settings, record.where, stats, truncation)
+        encoded = encode_pair(
+            kl_pair, tokenizer, settings, record.where, stats, truncation, markers
+        )
         if encoded is not None:
             samples += [
                 (encoded.chosen_ids, encoded.chosen_labels),

@@ -36,6 +36,7 @@ from tunesmith.data.preference import (
 )
 from tunesmith.data.prepare import encode_settings, peek_format
 from tunesmith.data.sources import read_records
+from tunesmith.data.templates import end_of_turn_markers
 from tunesmith.io import atomic_write
 from tunesmith.judge.evaluate import MAX_LABEL_WORDS, normalize
 from tunesmith.judge.html import esc, page, svg_histogram, table
@@ -273,6 +274,7 @@ def _preference_items(index, fmt, records, tokenizer, settings, truncation) -> l
     """Items of preference pairs (answer: the chosen, rejected: the rejected) or of unpaired
     examples, with what preparation does to each (cut or dropped whole)."""
     items = []
+    markers = end_of_turn_markers(tokenizer)
     for number, record in enumerate(records, 1):
         if fmt == "preference":
             pair = parse_pair(record)
@@ -283,13 +285,15 @@ def _preference_items(index, fmt, records, tokenizer, settings, truncation) -> l
         events: Counter = Counter()
         encoded = encode_pair(
             Pair(prompt, chosen, rejected or chosen), tokenizer, settings, record.where, events,
-            truncation,
+            truncation, markers,
         )  # fmt: skip
-        c_ids, c_labels = encode_answer(prompt, chosen, tokenizer, settings, record.where)
+        c_ids, c_labels = encode_answer(prompt, chosen, tokenizer, settings, record.where, markers)
         answer_tokens = sum(t != IGNORE_INDEX for t in c_labels)
         lengths = None
         if rejected is not None:
-            _, r_labels = encode_answer(prompt, rejected, tokenizer, settings, record.where)
+            _, r_labels = encode_answer(
+                prompt, rejected, tokenizer, settings, record.where, markers
+            )
             lengths = (answer_tokens, sum(t != IGNORE_INDEX for t in r_labels))
         if encoded is not None and events["truncated_pairs"]:
             events["truncated"] += 1

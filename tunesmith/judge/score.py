@@ -23,7 +23,7 @@ from tunesmith.data.encode import EncodeSettings
 from tunesmith.data.pack import collate
 from tunesmith.data.preference import Messages, encode_answer, parse_pair, parse_unpaired
 from tunesmith.data.sources import DataError, Record
-from tunesmith.data.templates import resolve_chat_template
+from tunesmith.data.templates import end_of_turn_markers, resolve_chat_template
 from tunesmith.errors import TunesmithError
 from tunesmith.models import load_model, load_tokenizer, resolve_device, resolve_dtype
 from tunesmith.objectives.rows import SCORE_HEAD
@@ -37,6 +37,7 @@ class RewardModel:
     tokenizer: object
     settings: EncodeSettings
     device: str
+    _markers: tuple[str, ...] | None = None
 
     @classmethod
     def load(
@@ -90,7 +91,9 @@ class RewardModel:
         return cls(model.eval(), tokenizer, settings, device_name)
 
     def _ids(self, prompt: Messages, answer: Messages, where: str) -> list[int]:
-        ids, _ = encode_answer(prompt, answer, self.tokenizer, self.settings, where)
+        if self._markers is None:
+            self._markers = end_of_turn_markers(self.tokenizer)
+        ids, _ = encode_answer(prompt, answer, self.tokenizer, self.settings, where, self._markers)
         return ids[: self.settings.max_seq_len]
 
     @torch.no_grad()
