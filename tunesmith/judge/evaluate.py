@@ -337,7 +337,10 @@ def save_evaluation(folder: Path, pairs: list[PromptAnswer], columns: list[Colum
     table (what trackers get)."""
     evaluation = {
         "samples": len(pairs),
-        "columns": {c.name: {"perplexity": c.perplexity, **(c.scores or {})} for c in columns},
+        "columns": {
+            c.name: {"perplexity": c.perplexity, **(c.scores or {}), **(c.preference or {})}
+            for c in columns
+        },
     }
     atomic_write_json(evaluation, folder / "eval.json")
     write_samples(folder / SAMPLES_FILE, pairs, columns)

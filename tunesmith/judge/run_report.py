@@ -100,6 +100,12 @@ def _eval_table(evaluation: dict) -> str:
     names = list(columns)
     n = evaluation.get("samples")
     rows = [["perplexity"] + [_fmt(columns[c].get("perplexity"), ppl=True) for c in names]]
+    pairs = next((columns[c]["pairs"] for c in names if "pairs" in columns[c]), None)
+    if pairs is not None:  # preference data: which answer each model finds more likely
+        rows.append(
+            [f"prefers chosen (n={pairs} pairs)"]
+            + [_fmt(columns[c].get("prefers_chosen")) for c in names]
+        )
     for key, label in METRICS.items():
         values = [columns[c].get(key) for c in names]
         if all(v is None for v in values):
