@@ -279,3 +279,17 @@ def test_eval_compares_base_and_tuned_on_preference_pairs(tmp_path, tiny_dir):
     assert tuned.preference["prefers_chosen"] == pytest.approx(summary["final_val_logps_accuracy"])
     assert n == 3 and len(tuned.predictions) == 3  # generation against the chosen answers
     assert "prefers chosen (n=6 pairs)" in format_table(columns, n)
+
+
+def test_detected_formats_must_match_the_objective(tmp_path, tiny_dir):
+    """format: auto passes the config check; the data's detected format is checked when it
+    is read, naming the file."""
+    from helpers.runs import make_config
+
+    cfg = make_config(tmp_path, tiny_dir, objective="dpo")  # chat data, format auto
+    with pytest.raises(TrainingError) as err:
+        train(cfg, progress=quiet())
+    assert str(err.value) == (
+        f"{tmp_path / 'train.jsonl'} (train) is chat data, but objective dpo trains on "
+        "preference data; set objective.name or give data of that format"
+    )

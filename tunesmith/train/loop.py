@@ -98,6 +98,20 @@ def first_validation(out: Path) -> dict | None:
     return None
 
 
+def check_objective_data(objective, prepared) -> None:
+    """Each source's format (as configured, or detected from its first record) is one the
+    objective trains on; a one-line error naming the source otherwise."""
+    for source in prepared.sources:
+        if source.format not in objective.formats:
+            wants = " or ".join(objective.formats)
+            raise TrainingError(
+                f"{source.path} ({source.split}) is {source.format} data, but objective "
+                f"{objective.name} trains on {wants} data; set objective.name"
+                + (" (dpo, simpo, orpo, reward or kto)" if objective.token_level else "")
+                + " or give data of that format"
+            )
+
+
 def seed_everything(seed: int, deterministic: bool) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -203,6 +217,7 @@ class Run:
         seed_everything(cfg.train.seed, cfg.train.deterministic)
         self.tokenizer = load_tokenizer(cfg.model)
         self.prepared = prepare_data(cfg.data, self.tokenizer, cfg.train.seed, self.use_cache)
+        check_objective_data(self.objective, self.prepared)
         self.device = dist_run.start(
             self.world, resolve_device(cfg.model.device), cfg.train.dist_timeout_s
         )
