@@ -15,6 +15,7 @@ layer above both, rather than in `train/`: the loop does not import its judge.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -24,10 +25,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from tunesmith.adapters import trainable_parameters
+from tunesmith.cards import write_card
 from tunesmith.config import RunConfig, config_yaml
 from tunesmith.data import summary_lines
 from tunesmith.errors import ProcessesFailed, TrainingInterrupted, TunesmithError, first_line
 from tunesmith.judge.evaluate import compare_after_training
+from tunesmith.train.card import run_card
 from tunesmith.train.loop import Run
 
 Echo = Callable[..., None]
@@ -144,6 +147,11 @@ def _compare(run: Run, echo: Echo, command: Sequence[str] | None) -> None:
         )
     elif cfg.eval.generate_samples:
         compare_after_training(run, echo=echo)
+        summary_file, evaluation = run.out / "summary.json", run.out / "eval.json"
+        if summary_file.is_file() and evaluation.is_file():  # the card gains the table
+            summary = json.loads(summary_file.read_text())
+            card = run_card(cfg, summary, json.loads(evaluation.read_text()))
+            write_card(Path(summary["output"]), card)
 
 
 def header_lines(run: Run) -> list[str]:

@@ -417,6 +417,9 @@ def export_cmd(
         False, "--lora-only", help="Write the LoRA adapter alone as a GGUF LoRA file."
     ),
     name: Optional[str] = typer.Option(None, "--name", help="general.name in the file."),  # noqa: UP045
+    ollama: bool = typer.Option(
+        False, "--ollama", help="Also write an Ollama Modelfile beside the file."
+    ),
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Export for local inference. A checkpoint (or base + adapter, merged first) becomes one
@@ -427,6 +430,8 @@ def export_cmd(
     if fmt != "gguf":
         raise TunesmithError(f"--format: {fmt!r} is not supported; use gguf")
     adapters = list(adapter or [])
+    if lora_only and ollama:
+        raise TunesmithError("--ollama: Ollama needs the whole model; leave out --lora-only")
     if lora_only:
         if len(adapters) != 1:
             raise TunesmithError("--lora-only: give exactly one --adapter")
@@ -435,7 +440,13 @@ def export_cmd(
         )
     else:
         report = export_gguf(
-            model, out, adapters=adapters, outtype=outtype, overwrite=overwrite, name=name
+            model,
+            out,
+            adapters=adapters,
+            outtype=outtype,
+            overwrite=overwrite,
+            name=name,
+            ollama=ollama,
         )
     for line in report.lines():
         typer.echo(line)

@@ -40,6 +40,7 @@ from tunesmith.adapters.merging import unmergeable_message
 from tunesmith.adapters.peft_format import CONFIG_NAME, load_adapter
 from tunesmith.adapters.saved import ModulesToSave
 from tunesmith.adapters.state import adapter_state
+from tunesmith.cards import Card, base_license, table, write_card
 from tunesmith.combine.skeleton import (
     adapter_name,
     attach_adapters,
@@ -282,7 +283,49 @@ def merge_checkpoint(
     )
     if verify:
         report.max_logit_diff = compare_logits(base, adapters, out, quant, revision)
+    write_card(out, merge_card(base, report, methods))
     return report
+
+
+def merge_card(base: str, report: MergeReport, methods: list[str]) -> Card:
+    """The merged checkpoint's model card: the base, what was merged into it, how checked."""
+    rows = [
+        ["adapters merged", ", ".join(f"`{a}`" for a in report.adapters)],
+        ["their methods", ", ".join(methods)],
+        ["dtype", report.dtype],
+        ["tensors", f"{report.tensors} ({report.merged_modules} modules changed)"],
+        ["size", f"{human_bytes(report.total_bytes)} in {len(report.files)} shard(s)"],
+    ]
+    if report.quantized_base:
+        rows.append(
+            ["from", f"the dequantized {report.quantized_base} base the adapters trained on"]
+        )
+    if report.max_logit_diff is not None:
+        rows.append(
+            [
+                "verified",
+                f"largest logit difference to base + adapters: {report.max_logit_diff:.3g}",
+            ]
+        )
+    return Card(
+        title=Path(report.out).name,
+        base_model=base,
+        library_name="transformers",
+        tags=["merge", *methods],
+        license=base_license(base),
+        summary=(
+            f"`{base}` with adapters merged into its weights by `tunesmith merge`: a plain "
+            "checkpoint, no adapter library needed."
+        ),
+        sections=[
+            ("Merge", table(["", ""], rows)),
+            (
+                "Use",
+                "```python\nfrom transformers import AutoModelForCausalLM\n\n"
+                'model = AutoModelForCausalLM.from_pretrained("path/to/this/folder")\n```',
+            ),
+        ],
+    )
 
 
 def _check_mergeable_folder(folder: str) -> None:

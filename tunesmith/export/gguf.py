@@ -34,12 +34,16 @@ import numpy as np
 import torch
 
 from tunesmith.adapters.peft_format import CONFIG_NAME, find_adapter_folder, read_adapter_weights
+from tunesmith.cards import base_license
 from tunesmith.combine import merge_checkpoint
 from tunesmith.config import ModelSection
+from tunesmith.data.templates import end_of_turn_markers
 from tunesmith.errors import TunesmithError
 from tunesmith.export.gguf_tokenizer import add_tokenizer
+from tunesmith.export.ollama import write_modelfile
 from tunesmith.io import human_bytes, reporting_full_disk, share_like_umask
 from tunesmith.models import load_tokenizer, read_model_config
+from tunesmith.paths import looks_local
 from tunesmith.provenance import resolve_base
 from tunesmith.registry import method_for_peft_type
 from tunesmith.shards import CheckpointReader, check_output
@@ -318,9 +322,10 @@ def export_gguf(
     overwrite: bool = False,
     name: str | None = None,
     trust_remote_code: bool = False,
+    ollama: bool = False,
 ) -> ExportReport:
     """Export a checkpoint (with `adapters`: merged first) to one GGUF file. See the module
-    docstring."""
+    docstring. With `ollama`, an Ollama Modelfile is written beside it (`export/ollama.py`)."""
 
     check_outtype(outtype)
     out = Path(out)
@@ -354,12 +359,40 @@ def export_gguf(
 
         def metadata(writer) -> None:
             writer.add_name(name or Path(model).name)
+            add_card_facts(writer, model, adapters)
             add_hyperparameters(writer, config, outtype)
             notes.extend(add_tokenizer(writer, tokenizer, config.vocab_size))
 
         size = write_gguf(out, arch, metadata, planned)
+        if ollama:
+            stops = list(end_of_turn_markers(tokenizer))
+            template = getattr(tokenizer, "chat_template", None)
+            if isinstance(template, dict):
+                template = template.get("default")
+            path, more = write_modelfile(out, template, stops, source)
+            notes += [*more, f"wrote {path}: ollama create NAME -f {path}"]
     kept = [t.name for t in planned if t.qtype == "f16" and outtype in ("q8_0", "q4_0")]
     return ExportReport(str(out), arch, outtype, len(planned), size, kept, notes)
+
+
+def add_card_facts(writer, model: str, adapters: list[str]) -> None:
+    """The model card's facts in GGUF's general.* keys: the base model, tags, the license (the
+    base's own, when its folder's README.md says one), and what was merged."""
+    writer.add_base_model_count(1)
+    writer.add_base_model_name(0, Path(model).name)
+    if not looks_local(model):
+        writer.add_base_model_repo_url(0, f"https://huggingface.co/{model}")
+    tags = ["tunesmith", *(["merge"] if adapters else [])]
+    writer.add_tags(tags)
+    license_ = base_license(model)
+    if license_:
+        writer.add_license(license_)
+    if adapters:
+        merged = ", ".join(
+            Path(a).name if Path(a).name not in ("adapter",) else Path(a).parent.name
+            for a in adapters
+        )
+        writer.add_description(f"{Path(model).name} with adapters merged by tunesmith: {merged}")
 
 
 # --- LoRA adapters --------------------------------------------------------------------------

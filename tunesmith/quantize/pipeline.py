@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+from tunesmith.cards import Card, base_license, table, write_card
 from tunesmith.combine import merge_checkpoint
 from tunesmith.combine.merge import copy_extras, output_dtype
 from tunesmith.config import ModelSection
@@ -294,7 +295,41 @@ def quantize_checkpoint(
     report.source = model + (f" + {', '.join(adapters)}" if adapters else "")
     report.seconds = time.perf_counter() - started
     (out / REPORT_NAME).write_text(json.dumps(asdict(report), indent=2) + "\n")
+    write_card(out, quantize_card(model, adapters, report))
     return report
+
+
+def quantize_card(model: str, adapters: list[str], report: QuantizeReport) -> Card:
+    """The quantized checkpoint's model card: the source, the method and its measured cost."""
+    grid = f", group size {report.group_size}" if report.group_size else ""
+    rows = [
+        ["source", f"`{report.source}`"],
+        ["method", f"{report.method}, {report.bits}-bit{grid}"],
+        ["calibration", f"{report.calib_windows} windows of {report.seq_len} tokens"],
+        [
+            "perplexity (held-out)",
+            f"{report.perplexity_original:.3f} -> {report.perplexity_quantized:.3f}",
+        ],
+        ["size", f"{report.bytes_original:,} -> {report.bytes_quantized:,} bytes"],
+    ]
+    return Card(
+        title=Path(report.out).name,
+        base_model=model,
+        library_name="transformers",
+        tags=["quantized", report.method, f"{report.bits}-bit", *(["merge"] if adapters else [])],
+        license=base_license(model),
+        summary=f"`{report.source}` quantized by `tunesmith quantize` ({report.method}).",
+        sections=[
+            ("Quantization", table(["", ""], rows)),
+            (
+                "Use",
+                "```python\nfrom transformers import AutoModelForCausalLM\n\n"
+                'model = AutoModelForCausalLM.from_pretrained("path/to/this/folder")\n```\n\n'
+                "(GPTQ's format needs a GPTQ kernel package; compressed-tensors' loads with "
+                "`compressed-tensors`; vLLM serves both.)",
+            ),
+        ],
+    )
 
 
 def _parent(out: Path) -> Path:

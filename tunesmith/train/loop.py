@@ -37,6 +37,7 @@ import tunesmith.train.sharded as sharded
 from tunesmith.adapters import trainable_parameters
 from tunesmith.adapters.dropout import dropout_keys, number_sites
 from tunesmith.builder import build_model, load_trained, output_name, run_dtypes, save_trained
+from tunesmith.cards import write_card
 from tunesmith.config import RunConfig, config_yaml
 from tunesmith.data import prepare_data
 from tunesmith.errors import AdapterError, TrainingError, TrainingInterrupted, TunesmithError
@@ -50,6 +51,7 @@ from tunesmith.train.batches import (
     micro_batch_seed,
     trained_tokens,
 )
+from tunesmith.train.card import run_card
 from tunesmith.train.checkpoint import (
     check_same_plan,
     checkpoint_root,
@@ -653,6 +655,7 @@ class Run:
             final = self._write_final(self._consolidated(full) if full is not None else None)
             summary = self._summary(last, val, final)
             atomic_write_json(summary, self.out / "summary.json")
+            write_card(final, run_card(self.config, summary))
             plot_metrics(self.out)
         finally:
             dist_run.barrier(self.world)
