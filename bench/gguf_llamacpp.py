@@ -83,7 +83,7 @@ def main() -> None:
     reference = [ours_greedy(model, ids, 32) for ids in prompts]
     rows = [dict(outtype="tunesmith fp32", perplexity=round(float(np.exp(ours / count)), 3))]
     with tempfile.TemporaryDirectory() as folder:
-        for outtype in ("f32", "f16", "bf16", "q8_0", "q4_0"):
+        for outtype in ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0"):
             path = Path(folder) / f"{outtype}.gguf"
             export_gguf(str(MODEL), path, outtype=outtype)
             llm = Llama(str(path), n_ctx=512, logits_all=True, verbose=False)

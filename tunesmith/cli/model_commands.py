@@ -411,7 +411,8 @@ def export_cmd(
     outtype: str = typer.Option(
         "f16",
         "--outtype",
-        help="Weights: f32, f16, bf16, q8_0 or q4_0 (--lora-only: f32/f16/bf16).",
+        help="Weights: f32, f16, bf16, q8_0, q4_0, or a K-quant preset q4_k_s, q4_k_m, q5_k_s, "
+        "q5_k_m, q6_k (--lora-only: f32/f16/bf16).",
     ),
     lora_only: bool = typer.Option(
         False, "--lora-only", help="Write the LoRA adapter alone as a GGUF LoRA file."

@@ -2,12 +2,14 @@
 
 `export_gguf` writes one .gguf file from a Hugging Face checkpoint (or base + adapters, merged
 first): the architecture's hyper-parameters, the tokenizer (vocabulary, token types, BPE merges,
-special-token ids, whether to add BOS, the pre-tokenizer name llama.cpp splits text with) and the
-chat template as metadata, and every weight under llama.cpp's tensor names in f32, f16, bf16,
-q8_0 or q4_0. As llama.cpp's own converter does: 1-D tensors (norms, biases) stay f32, a
-matrix whose rows are not a whole number of 32-value blocks falls back to f16, a tied output
-head is not written (llama.cpp reuses the embedding), and Llama's q/k projection rows are
-permuted from Hugging Face's rotate-half layout to the interleaved one llama.cpp's rope expects.
+special-token ids, whether to add BOS, the pre-tokenizer name llama.cpp splits text with) and
+the chat template as metadata, and every weight under llama.cpp's tensor names in f32, f16,
+bf16, q8_0 or q4_0, or in a K-quant preset's mix (`kquants.py`: q4_k_s, q4_k_m, q5_k_s, q5_k_m,
+q6_k, as llama-quantize mixes them). As llama.cpp's own converter does: 1-D tensors (norms,
+biases) stay f32, a matrix whose rows are not a whole number of 32-value blocks falls back to
+f16, a tied output head is not written (llama.cpp reuses the embedding), and Llama's q/k
+projection rows are permuted from Hugging Face's rotate-half layout to the interleaved one
+llama.cpp's rope expects.
 
 `export_lora_gguf` writes a LoRA adapter alone as a GGUF LoRA file (`llama-cli --lora`,
 `Llama(lora_path=...)`), applied at run time on the base model's GGUF.
@@ -24,6 +26,7 @@ import json
 import math
 import os
 import tempfile
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +43,7 @@ from tunesmith.config import ModelSection
 from tunesmith.data.templates import end_of_turn_markers
 from tunesmith.errors import TunesmithError
 from tunesmith.export.gguf_tokenizer import add_tokenizer
+from tunesmith.export.kquants import PRESETS, QUANTIZERS, preset_type
 from tunesmith.export.ollama import write_modelfile
 from tunesmith.io import human_bytes, reporting_full_disk, share_like_umask
 from tunesmith.models import load_tokenizer, read_model_config
@@ -48,7 +52,8 @@ from tunesmith.provenance import resolve_base
 from tunesmith.registry import method_for_peft_type
 from tunesmith.shards import CheckpointReader, check_output
 
-GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", *PRESETS)
+"""--outtype: a storage type, or a K-quant preset (`kquants.PRESETS`: a mix per tensor)."""
 ARCHITECTURES = {  # transformers class → llama.cpp architecture
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "llama",
@@ -84,7 +89,18 @@ class ExportReport:
 def _qtype(name: str):
     Q = gguf.GGMLQuantizationType
 
-    return {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0}[name]
+    return {
+        "f32": Q.F32,
+        "f16": Q.F16,
+        "bf16": Q.BF16,
+        "q8_0": Q.Q8_0,
+        "q4_0": Q.Q4_0,
+        "q5_0": Q.Q5_0,
+        "q5_1": Q.Q5_1,
+        "q4_k": Q.Q4_K,
+        "q5_k": Q.Q5_K,
+        "q6_k": Q.Q6_K,
+    }[name]
 
 
 def _file_type(name: str) -> int:
@@ -96,6 +112,11 @@ def _file_type(name: str) -> int:
         "bf16": F.MOSTLY_BF16,
         "q8_0": F.MOSTLY_Q8_0,
         "q4_0": F.MOSTLY_Q4_0,
+        "q4_k_s": F.MOSTLY_Q4_K_S,
+        "q4_k_m": F.MOSTLY_Q4_K_M,
+        "q5_k_s": F.MOSTLY_Q5_K_S,
+        "q5_k_m": F.MOSTLY_Q5_K_M,
+        "q6_k": F.MOSTLY_Q6_K,
     }[name]
 
 
@@ -186,7 +207,7 @@ def add_hyperparameters(writer, config, outtype: str) -> None:
     theta, scaling = _rope(config)
     writer.add_rope_freq_base(theta)
     writer.add_file_type(_file_type(outtype))
-    if outtype in ("q8_0", "q4_0"):
+    if outtype in ("q8_0", "q4_0", *PRESETS):
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     kind = scaling.get("rope_type")
     if kind is None or kind == "llama3":
@@ -216,6 +237,9 @@ def _encode(tensor: torch.Tensor, qtype: str) -> np.ndarray:
         return data.astype(np.float32)
     if qtype == "f16":
         return data.astype(np.float16)
+    if qtype in QUANTIZERS:  # K-quants: tunesmith's own (the gguf package has no quantizer)
+        rows = QUANTIZERS[qtype](data.reshape(-1, data.shape[-1]))
+        return rows.reshape(_byte_shape(tuple(data.shape), qtype)[0])
     return gguf.quants.quantize(data, _qtype(qtype))
 
 
@@ -228,10 +252,15 @@ def _byte_shape(shape: tuple[int, ...], qtype: str) -> tuple[tuple[int, ...], np
     return tuple(gguf.quants.quant_shape_to_byte_shape(shape, _qtype(qtype))), np.dtype(np.uint8)
 
 
-def tensor_type(shape: tuple[int, ...], outtype: str) -> str:
-    """What a tensor is stored as: 1-D in f32, rows that are not whole blocks in f16."""
+def tensor_type(
+    shape: tuple[int, ...], outtype: str, name: str = "", layers: int = 0, tied: bool = False
+) -> str:
+    """What a tensor is stored as: 1-D in f32, rows that are not whole blocks in f16; under a
+    K-quant preset, the type `llama-quantize` gives GGUF tensor `name` (`kquants.preset_type`)."""
     if len(shape) == 1:
         return "f32"
+    if outtype in PRESETS:
+        return preset_type(name, shape[-1], outtype, layers, tied)
     if outtype in ("q8_0", "q4_0") and shape[-1] % 32:
         return "f16"
     return outtype
@@ -310,7 +339,8 @@ def _plan_model(reader, config, arch: str, outtype: str) -> Iterator[_Planned]:
             return permute_rope_rows(tensor, permute) if permute else tensor
 
         shape = tuple(reader.tensors[key].shape)
-        yield _Planned(name, tensor_type(shape, outtype), shape, produce)
+        kind = tensor_type(shape, outtype, name, config.num_hidden_layers, tied)
+        yield _Planned(name, kind, shape, produce)
 
 
 def export_gguf(
@@ -372,6 +402,9 @@ def export_gguf(
             path, more = write_modelfile(out, template, stops, source)
             notes += [*more, f"wrote {path}: ollama create NAME -f {path}"]
     kept = [t.name for t in planned if t.qtype == "f16" and outtype in ("q8_0", "q4_0")]
+    if outtype in PRESETS:
+        mix = Counter(t.qtype for t in planned if len(t.shape) > 1)
+        notes.insert(0, "tensor types: " + ", ".join(f"{k} {n}" for k, n in sorted(mix.items())))
     return ExportReport(str(out), arch, outtype, len(planned), size, kept, notes)
 
 

@@ -1,0 +1,118 @@
+"""K-quant GGUF (Q4_K, Q5_K, Q6_K and llama-quantize's presets): bytes identical to ggml's own
+reference quantizers (compiled from llama.cpp's source when `.ci/run` provides it), every type
+dequantized by the gguf package with less error than q4_0, the presets' per-tensor type mix,
+and an exported model that decodes close to the original."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import ggml_ref
+from transformers import AutoModelForCausalLM
+
+from tunesmith.export.gguf import export_gguf
+from tunesmith.export.kquants import BLOCK_BYTES, QUANTIZERS, preset_type, use_more_bits
+
+gguf = pytest.importorskip("gguf")
+Q = gguf.GGMLQuantizationType
+QTYPE = {"q4_k": Q.Q4_K, "q5_k": Q.Q5_K, "q6_k": Q.Q6_K}
+ROOT = Path(__file__).resolve().parents[2]
+BUNDLED = ROOT / "examples" / "tiny-llama"
+
+
+def weights(rows: int = 64, cols: int = 1024, seed: int = 0) -> np.ndarray:
+    """Gaussian rows plus the edge cases: an all-zero super-block, a constant row, a block
+    with one large outlier, all-negative and all-positive blocks."""
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((rows, cols)) * 0.02).astype(np.float32)
+    x[1, :256] = 0
+    x[2, :] = 0.5
+    x[3, 7] = 4.0
+    x[4, 256:512] = -np.abs(x[4, 256:512])
+    x[5, 512:768] = np.abs(x[5, 512:768])
+    return x
+
+
+@pytest.fixture(scope="module")
+def reference():
+    lib, why = ggml_ref.build()
+    if lib is None:
+        pytest.skip(f"ggml's reference quantizer is not available: {why}")
+    return lib
+
+
+@pytest.mark.parametrize("kind", ["q4_k", "q5_k", "q6_k"])
+def test_bytes_identical_to_ggmls_reference_quantizer(reference, kind):
+    for seed, scale in ((0, 1.0), (1, 40.0)):
+        x = weights(seed=seed) * np.float32(scale)
+        ours = QUANTIZERS[kind](x)
+        theirs = ggml_ref.quantize(reference, kind.replace("_k", "_K"), x, BLOCK_BYTES[kind])
+        assert ours.shape == theirs.shape
+        differ = ours.reshape(-1, BLOCK_BYTES[kind]) != theirs.reshape(-1, BLOCK_BYTES[kind])
+        assert not differ.any(), f"{int(differ.any(1).sum())} super-blocks differ"
+
+
+@pytest.mark.parametrize("kind", ["q4_k", "q5_k", "q6_k"])
+def test_the_gguf_package_dequantizes_with_less_error_than_q4_0(kind):
+    x = weights()
+    blocks = QUANTIZERS[kind](x)
+    assert blocks.shape == (64, 4 * BLOCK_BYTES[kind])
+    back = gguf.quants.dequantize(blocks, QTYPE[kind])
+    assert back.shape == x.shape
+    rmse = float(np.sqrt(((back - x) ** 2).mean()))
+    q4_0 = gguf.quants.dequantize(gguf.quants.quantize(x, Q.Q4_0), Q.Q4_0)
+    assert rmse < float(np.sqrt(((q4_0 - x) ** 2).mean()))
+    assert np.array_equal(back[1, :256], np.zeros(256, np.float32))  # zeros stay zeros
+    bits = 8 * BLOCK_BYTES[kind] / 256
+    assert bits == {"q4_k": 4.5, "q5_k": 5.5, "q6_k": 6.5625}[kind]  # q4_0: 4.5
+
+
+def test_presets_give_llama_quantizes_type_mix():
+    layers = 16
+    more = [i for i in range(layers) if use_more_bits(i, layers)]
+    assert more == [0, 1, 4, 7, 10, 13, 14, 15]
+
+    def kinds(preset: str, part: str) -> list[str]:
+        return [
+            preset_type(f"blk.{i}.{part}.weight", 4096, preset, layers, False)
+            for i in range(layers)
+        ]
+
+    assert kinds("q4_k_m", "attn_v") == ["q6_k" if i in more else "q4_k" for i in range(layers)]
+    assert kinds("q5_k_m", "ffn_down") == ["q6_k" if i in more else "q5_k" for i in range(layers)]
+    assert kinds("q4_k_s", "attn_v") == ["q5_k"] * 4 + ["q4_k"] * 12
+    assert kinds("q4_k_s", "ffn_down") == ["q5_k"] * 2 + ["q4_k"] * 14
+    assert set(kinds("q4_k_m", "attn_q")) == {"q4_k"}
+    assert set(kinds("q6_k", "ffn_up")) == {"q6_k"}
+    assert preset_type("output.weight", 4096, "q4_k_m", layers, False) == "q6_k"
+    assert preset_type("token_embd.weight", 4096, "q4_k_m", layers, False) == "q4_k"
+    assert preset_type("token_embd.weight", 4096, "q4_k_m", layers, True) == "q6_k"  # tied
+    # rows that are not whole super-blocks: llama-quantize's fallbacks
+    assert preset_type("blk.5.ffn_up.weight", 11008 + 64, "q4_k_m", layers, False) == "q5_0"
+    assert preset_type("blk.5.ffn_up.weight", 11072, "q5_k_s", layers, False) == "q5_1"
+    assert preset_type("output.weight", 11072, "q5_k_s", layers, False) == "q8_0"
+    assert preset_type("blk.5.ffn_up.weight", 688 + 4, "q6_k", layers, False) == "f16"
+
+
+def test_a_q4_k_m_export_reads_back_and_decodes_close_to_the_model(tmp_path):
+    from test_gguf import hf_state_from_gguf
+
+    out = tmp_path / "m.gguf"
+    report = export_gguf(str(BUNDLED), out, outtype="q4_k_m")
+    assert report.notes[0] == "tensor types: f16 4, q4_k 22, q6_k 3"
+    reader = gguf.GGUFReader(out)
+    types = {t.name: t.tensor_type for t in reader.tensors}
+    assert types["token_embd.weight"] == Q.Q6_K  # tied: the output head's type
+    assert types["blk.3.attn_v.weight"] == Q.Q6_K and types["blk.1.attn_v.weight"] == Q.Q4_K
+    assert reader.fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_Q4_K_M
+    model = AutoModelForCausalLM.from_pretrained(BUNDLED, dtype=torch.float32).eval()
+    ids = torch.tensor([list(range(5, 69))])
+    with torch.no_grad():
+        before = model(ids).logits
+        model.load_state_dict(hf_state_from_gguf(out, model), strict=False)
+        after = model(ids).logits
+    assert (before.argmax(-1) == after.argmax(-1)).float().mean() > 0.9
+    assert torch.nn.functional.cosine_similarity(before.flatten(), after.flatten(), dim=0) > 0.99
