@@ -309,34 +309,26 @@ def encode_preference(
     flags: list[int] = []
     markers = end_of_turn_markers(tokenizer)
     if fmt == "preference":
-        for record in records:
-            pair = parse_pair(record)
-            pair.prompt = _with_system(pair.prompt, system_prompt)
-            encoded = encode_pair(
-                pair, tokenizer, settings, record.where, stats, truncation, markers
-            )
-            if encoded is not None:
-                samples += [
-                    (encoded.chosen_ids, encoded.chosen_labels),
-                    (encoded.rejected_ids, encoded.rejected_labels),
-                ]
-        return SampleSet.from_lists(samples), stats
-    examples = [parse_unpaired(r) for r in records]
-    for example in examples:
-        example.prompt = _with_system(example.prompt, system_prompt)
-    for i, (record, example) in enumerate(zip(records, examples, strict=True)):
-        other = examples[(i + 1) % len(examples)]
-        kl_pair = Pair(example.prompt, example.completion, other.completion)
-        encoded = encode_pair(
-            kl_pair, tokenizer, settings, record.where, stats, truncation, markers
-        )
-        if encoded is not None:
-            samples += [
-                (encoded.chosen_ids, encoded.chosen_labels),
-                (encoded.rejected_ids, encoded.rejected_labels),
-            ]
+        units = [(parse_pair(r), r, None) for r in records]
+    else:  # each example beside its prompt with the next example's answer
+        examples = [parse_unpaired(r) for r in records]
+        units = [
+            (Pair(e.prompt, e.completion, examples[(i + 1) % len(examples)].completion), r, e)
+            for i, (r, e) in enumerate(zip(records, examples, strict=True))
+        ]
+    for pair, record, example in units:
+        pair.prompt = _with_system(pair.prompt, system_prompt)
+        encoded = encode_pair(pair, tokenizer, settings, record.where, stats, truncation, markers)
+        if encoded is None:
+            continue
+        samples += [
+            (encoded.chosen_ids, encoded.chosen_labels),
+            (encoded.rejected_ids, encoded.rejected_labels),
+        ]
+        if example is not None:
             flags += [int(example.desirable), 0]
             stats["desirable" if example.desirable else "undesirable"] += 1
     result = SampleSet.from_lists(samples)
-    result.flags = np.asarray(flags, dtype=np.int8)
+    if fmt != "preference":
+        result.flags = np.asarray(flags, dtype=np.int8)
     return result, stats

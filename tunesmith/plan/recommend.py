@@ -284,34 +284,12 @@ def workload(config, tokenizer) -> Workload:
 
 def _processed_tokens(plan, lengths, rows, steps: int) -> tuple[int, int]:
     """(tokens with padding, tokens without) in the micro-batches of `steps` optimizer steps,
-    in `BatchPlan.micro_batches`' order: each micro-batch is padded to its longest unit
-    (sample or packed row; a pair's rows to the longest of the micro-batch's sequences)."""
-    if plan.group > 1:
-        return _processed_unit_tokens(plan, lengths, steps)
-    unit_len = lengths if rows is None else np.array([lengths[r].sum() for r in rows])
-    if len(unit_len) == 0:
-        return 0, 0
-    per_step = plan.micro_batch_size * plan.grad_accum_steps
-    padded = real = 0
-    epoch = 0
-    done = 0
-    while done < steps:
-        order = plan._order(epoch)
-        take = min(steps - done, plan.steps_per_epoch)
-        units = unit_len[order[: take * per_step]]
-        for at in range(0, len(units), plan.micro_batch_size):
-            chunk = units[at : at + plan.micro_batch_size]
-            padded += int(chunk.max()) * len(chunk)
-            real += int(chunk.sum())
-        done += take
-        epoch += 1
-    return padded, real
-
-
-def _processed_unit_tokens(plan, lengths, steps: int) -> tuple[int, int]:
-    """`_processed_tokens` for units of `plan.group` sequences (a preference pair): each
-    micro-batch is micro_batch_size × group rows padded to its longest sequence."""
-    units = lengths[: len(lengths) // plan.group * plan.group].reshape(-1, plan.group)
+    in `BatchPlan.micro_batches`' order: each micro-batch's rows are padded to its longest (a
+    unit is a sample, a packed row, or `plan.group` sequences: a pair is two rows)."""
+    if rows is not None:
+        units = np.array([lengths[r].sum() for r in rows]).reshape(-1, 1)
+    else:
+        units = lengths[: len(lengths) // plan.group * plan.group].reshape(-1, plan.group)
     if len(units) == 0:
         return 0, 0
     per_step = plan.micro_batch_size * plan.grad_accum_steps

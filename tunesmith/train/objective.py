@@ -20,7 +20,7 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 from tunesmith.adapters import disabled
-from tunesmith.data.encode import SampleSet
+from tunesmith.data.encode import IGNORE_INDEX, SampleSet
 from tunesmith.data.prepare import default_cache_dir
 from tunesmith.errors import TrainingError
 from tunesmith.io import atomic_write
@@ -55,6 +55,17 @@ def eval_mode(model: torch.nn.Module, needed: bool = True):
             model.train(was)
 
 
+@torch.no_grad()
+def reference_pass(model, batch: dict, reference_model=None, dropout: bool | None = True) -> Rows:
+    """The reference's log-probabilities of a batch, without gradient: `reference_model` (full
+    fine-tuning's frozen copy), or `model` with its adapters off, in eval mode where train mode
+    would change it (`dropout`: `has_dropout(model)`)."""
+    if reference_model is not None:
+        return sequence_logps(reference_model, batch)
+    with eval_mode(model, dropout is not False), disabled(model):
+        return sequence_logps(model, batch)
+
+
 class UnitLoss:
     """`(model, batch) -> (sum of the units' losses, units, {metric: (sum, count)})`."""
 
@@ -72,18 +83,13 @@ class UnitLoss:
         return sequence_logps(model, batch)
 
     def reference(self, model, batch: dict) -> Rows:
-        """The reference's log-probabilities: precomputed in the batch, or a pass without
-        gradient (adapters off, or the frozen copy), in eval mode."""
-        counts = (batch["labels"][:, 1:] != -100).sum(-1)
+        """The reference's log-probabilities: precomputed in the batch, or `reference_pass`."""
         if REFERENCE_LOGPS in batch:
+            counts = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(-1)
             return Rows(batch[REFERENCE_LOGPS].float(), counts)
-        with torch.no_grad():
-            if self.reference_model is not None:
-                return sequence_logps(self.reference_model, batch)
-            if id(model) not in self._dropout:
-                self._dropout[id(model)] = has_dropout(model)
-            with eval_mode(model, self._dropout[id(model)]), disabled(model):
-                return sequence_logps(model, batch)
+        if self.reference_model is None and id(model) not in self._dropout:
+            self._dropout[id(model)] = has_dropout(model)
+        return reference_pass(model, batch, self.reference_model, self._dropout.get(id(model)))
 
     def __call__(self, model, batch: dict):
         policy = self.policy(model, batch)
@@ -165,12 +171,13 @@ def reference_logps(
     """Every sample's reference log-probability (summed over its answer tokens), once: the
     model with its adapters off (or `reference_model`), in eval mode."""
     out = np.zeros(len(samples), dtype=np.float32)
-    scorer = UnitLoss(None, None, reference_model, group=1)  # its reference pass only
+    dropout = reference_model is None and has_dropout(model)
     for at in range(0, len(samples), batch_size):
         rows = list(range(at, min(len(samples), at + batch_size)))
         batch = {k: v.to(device) for k, v in collate_units(samples, rows, pad_id).items()}
         with autocast():
-            out[rows] = scorer.reference(model, batch).values.float().cpu().numpy()
+            rows_logps = reference_pass(model, batch, reference_model, dropout)
+            out[rows] = rows_logps.values.float().cpu().numpy()
     return out
 
 
