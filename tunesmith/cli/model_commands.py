@@ -401,18 +401,24 @@ def quantize_cmd(
     epilog=examples(
         "tunesmith export --model examples/tiny-llama --outtype q8_0 --out tiny.gguf",
         "tunesmith export --adapter outputs/quickstart/adapter --lora-only --out lora.gguf",
+        "tunesmith export --format onnx --adapter outputs/quickstart/adapter --out onnx --verify",
     ),
 )
 def export_cmd(
-    out: Annotated[Path, typer.Option("--out", help="Output file (.gguf; must not exist).")],
-    fmt: str = typer.Option("gguf", "--format", help="gguf (llama.cpp, Ollama, LM Studio)."),
+    out: Annotated[
+        Path, typer.Option("--out", help="Output: a .gguf file, or a folder for --format onnx.")
+    ],
+    fmt: str = typer.Option(
+        "gguf", "--format", help="gguf (llama.cpp, Ollama, LM Studio) or onnx (onnxruntime)."
+    ),
     model: ModelOpt = None,
     adapter: AdapterOpt = None,
-    outtype: str = typer.Option(
-        "f16",
+    outtype: Optional[str] = typer.Option(  # noqa: UP045
+        None,
         "--outtype",
-        help="Weights: f32, f16, bf16, q8_0, q4_0, or a K-quant preset q4_k_s, q4_k_m, q5_k_s, "
-        "q5_k_m, q6_k (--lora-only: f32/f16/bf16).",
+        help="gguf: f32, f16 (default), bf16, q8_0, q4_0, or a K-quant preset q4_k_s, q4_k_m, "
+        "q5_k_s, q5_k_m, q6_k (--lora-only: f32/f16/bf16). onnx: fp32 (default), fp16, int8, "
+        "int4.",
     ),
     lora_only: bool = typer.Option(
         False, "--lora-only", help="Write the LoRA adapter alone as a GGUF LoRA file."
@@ -421,16 +427,58 @@ def export_cmd(
     ollama: bool = typer.Option(
         False, "--ollama", help="Also write an Ollama Modelfile beside the file."
     ),
+    exporter: str = typer.Option(
+        "auto",
+        "--exporter",
+        help="onnx: genai (onnxruntime-genai's builder), torch (torch.onnx), or auto (genai "
+        "where it takes the architecture).",
+    ),
+    verify: bool = typer.Option(
+        False, "--verify", help="onnx: check logits and greedy tokens against torch."
+    ),
+    verify_data: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(
+            "--verify-data", help="onnx --verify: prompts, a .txt (one per line) or .jsonl."
+        ),
+    ] = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
-    """Export for local inference. A checkpoint (or base + adapter, merged first) becomes one
-    GGUF file with the tokenizer and chat template; --lora-only writes a GGUF LoRA adapter that
-    llama.cpp applies at run time (`--lora`)."""
+    """Export for local inference. gguf: a checkpoint (or base + adapter, merged first) becomes
+    one GGUF file with the tokenizer and chat template; --lora-only writes a GGUF LoRA adapter
+    that llama.cpp applies at run time (`--lora`). onnx: a folder with the graph (KV cache in
+    and out), the tokenizer and genai_config.json, for onnxruntime and onnxruntime-genai."""
+
+    if fmt not in ("gguf", "onnx"):
+        raise TunesmithError(f"--format: {fmt!r} is not supported; use gguf or onnx")
+    adapters = list(adapter or [])
+    if fmt == "onnx":
+        from tunesmith.export.onnx import export_onnx, read_prompts
+
+        for flag, given in (("--lora-only", lora_only), ("--ollama", ollama), ("--name", name)):
+            if given:
+                raise TunesmithError(f"{flag}: a gguf option; leave it out with --format onnx")
+        if verify_data is not None and not verify:
+            raise TunesmithError("--verify-data: give it with --verify")
+        report = export_onnx(
+            model,
+            out,
+            adapters,
+            outtype=outtype or "fp32",
+            exporter=exporter,
+            overwrite=overwrite,
+            verify=verify,
+            prompts=read_prompts(verify_data) if verify_data else None,
+        )
+        for line in report.lines():
+            typer.echo(line)
+        return
     from tunesmith.export.gguf import export_gguf, export_lora_gguf
 
-    if fmt != "gguf":
-        raise TunesmithError(f"--format: {fmt!r} is not supported; use gguf")
-    adapters = list(adapter or [])
+    for flag, given in (("--verify", verify), ("--exporter", exporter != "auto")):
+        if given:
+            raise TunesmithError(f"{flag}: an onnx option; use it with --format onnx")
+    outtype = outtype or "f16"
     if lora_only and ollama:
         raise TunesmithError("--ollama: Ollama needs the whole model; leave out --lora-only")
     if lora_only:
