@@ -193,8 +193,9 @@ def test_adapters_are_merged_first(tmp_path):
 
 def test_genai_config_and_card(checkpoints, tmp_path):
     out = tmp_path / "onnx"
-    export_onnx(str(checkpoints["gpt2"]), out, verify=True, prompts=PROMPTS, steps=2)
+    export_onnx(str(checkpoints["gpt2"]), out, verify=True, prompts=PROMPTS, steps=2, threads=2)
     genai = json.loads((out / "genai_config.json").read_text())["model"]
+    assert genai["decoder"]["session_options"]["intra_op_num_threads"] == 2
     assert genai["eos_token_id"] == 2 and genai["bos_token_id"] == 1 and genai["pad_token_id"] == 0
     assert genai["decoder"]["inputs"]["position_ids"] == "position_ids"
     card = ModelCard.load(out / "README.md")

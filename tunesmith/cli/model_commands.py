@@ -442,6 +442,14 @@ def export_cmd(
             "--verify-data", help="onnx --verify: prompts, a .txt (one per line) or .jsonl."
         ),
     ] = None,
+    threads: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(
+            "--threads",
+            help="onnx: onnxruntime threads, written to genai_config.json (onnxruntime-genai "
+            "otherwise uses one).",
+        ),
+    ] = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Export for local inference. gguf: a checkpoint (or base + adapter, merged first) becomes
@@ -469,13 +477,15 @@ def export_cmd(
             overwrite=overwrite,
             verify=verify,
             prompts=read_prompts(verify_data) if verify_data else None,
+            threads=threads,
         )
         for line in report.lines():
             typer.echo(line)
         return
     from tunesmith.export.gguf import export_gguf, export_lora_gguf
 
-    for flag, given in (("--verify", verify), ("--exporter", exporter != "auto")):
+    onnx_only = (("--verify", verify), ("--exporter", exporter != "auto"), ("--threads", threads))
+    for flag, given in onnx_only:
         if given:
             raise TunesmithError(f"{flag}: an onnx option; use it with --format onnx")
     outtype = outtype or "f16"

@@ -160,11 +160,14 @@ def export_onnx(
     verify: bool = False,
     prompts: list[str] | None = None,
     steps: int = 8,
+    threads: int | None = None,
     trust_remote_code: bool = False,
 ) -> OnnxReport:
     """Export a checkpoint (with `adapters`: merged first) to an ONNX folder; see the module
     docstring. With `verify`, the folder is checked against torch before it is kept, and an
-    fp32 export whose logits differ by more than `FP32_TOLERANCE` is an error."""
+    fp32 export whose logits differ by more than `FP32_TOLERANCE` is an error. `threads` goes
+    in genai_config.json as onnxruntime's intra-op threads (onnxruntime-genai 0.18 otherwise
+    runs the graph on one thread: measured 2x slower on 2 cores, bench/onnx_speed.py)."""
 
     if outtype not in ONNX_TYPES:
         raise TunesmithError(f"--outtype: {outtype!r} is not one of {', '.join(ONNX_TYPES)}")
@@ -204,7 +207,7 @@ def export_onnx(
             _build_torch(source, folder, outtype, config, Path(scratch))
             write_genai_config(folder, config)
             tokenizer.save_pretrained(folder)
-        _fix_genai_config(folder, config, source)
+        _fix_genai_config(folder, config, source, threads)
         checks = []
         if verify:
             checks = verify_onnx(folder, source, prompts or list(PROMPTS), steps)
@@ -403,9 +406,9 @@ def write_genai_config(folder: Path, config) -> None:
     (folder / "genai_config.json").write_text(json.dumps(genai, indent=4) + "\n")
 
 
-def _fix_genai_config(folder: Path, config, source: str) -> None:
+def _fix_genai_config(folder: Path, config, source: str, threads: int | None) -> None:
     """Token ids from the checkpoint's generation config (the builder assumes BOS 1 when the
-    model has none) and the greedy/sampling defaults it recommends."""
+    model has none), and the threads to run on when given."""
     from transformers import GenerationConfig
 
     path = folder / "genai_config.json"
@@ -428,6 +431,10 @@ def _fix_genai_config(folder: Path, config, source: str) -> None:
     if "pad_token_id" not in genai["model"] and "eos_token_id" in genai["model"]:
         eos = genai["model"]["eos_token_id"]
         genai["model"]["pad_token_id"] = eos[0] if isinstance(eos, list) else eos
+    if threads is not None:
+        if threads < 1:
+            raise TunesmithError(f"--threads: {threads} is not a positive number of threads")
+        genai["model"]["decoder"]["session_options"]["intra_op_num_threads"] = threads
     path.write_text(json.dumps(genai, indent=4) + "\n")
 
 
