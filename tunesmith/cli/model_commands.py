@@ -442,6 +442,9 @@ def export_cmd(
             "--verify-data", help="onnx --verify: prompts, a .txt (one per line) or .jsonl."
         ),
     ] = None,
+    verify_prompts: Annotated[
+        int, typer.Option("--verify-prompts", help="onnx --verify: how many prompts to check.")
+    ] = 8,
     threads: Annotated[
         Optional[int],  # noqa: UP045
         typer.Option(
@@ -463,6 +466,8 @@ def export_cmd(
     if fmt == "onnx":
         from tunesmith.export.onnx import export_onnx, read_prompts
 
+        if verify_prompts < 1:
+            raise TunesmithError(f"--verify-prompts: {verify_prompts} is not a positive count")
         for flag, given in (("--lora-only", lora_only), ("--ollama", ollama), ("--name", name)):
             if given:
                 raise TunesmithError(f"{flag}: a gguf option; leave it out with --format onnx")
@@ -476,7 +481,7 @@ def export_cmd(
             exporter=exporter,
             overwrite=overwrite,
             verify=verify,
-            prompts=read_prompts(verify_data) if verify_data else None,
+            prompts=read_prompts(verify_data)[:verify_prompts] if verify_data else None,
             threads=threads,
         )
         for line in report.lines():

@@ -42,6 +42,7 @@ from tunesmith.combine import merge_checkpoint
 from tunesmith.config import ModelSection
 from tunesmith.errors import TunesmithError
 from tunesmith.io import human_bytes
+from tunesmith.methods.prompt.layer import cache_argument
 from tunesmith.models import load_tokenizer, read_model_config
 from tunesmith.provenance import resolve_base
 from tunesmith.shards import staging_dir
@@ -256,11 +257,11 @@ class _FlatCache(torch.nn.Module):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=cache,
             use_cache=True,
+            **{cache_argument(self.model) or "past_key_values": cache},
         )
         flat = []
-        for layer in output.past_key_values.layers[: self.layers]:
+        for layer in output[cache_argument(self.model) or "past_key_values"].layers[: self.layers]:
             flat += [layer.keys, layer.values]
         return (output.logits, *flat)
 
@@ -510,6 +511,24 @@ def genai_greedy(folder: str | Path, prompt: list[int], steps: int) -> list[int]
     return [int(t) for t in generator.get_sequence(0)][len(prompt) :]
 
 
+def torch_greedy(model, ids: list[int], steps: int) -> tuple[list[int], np.ndarray]:
+    """Torch's `steps` greedy tokens after `ids` (argmax, no end-of-text stop and none of
+    generate()'s logits processors) and its logits for the prompt and each step."""
+    argument = cache_argument(model) or "past_key_values"  # `cache` from transformers 5.24
+    with torch.no_grad():
+        output = model(torch.tensor([ids]), use_cache=True)
+        logits, tokens = [output.logits[0]], []
+        for _ in range(steps):
+            tokens.append(int(logits[-1][-1].argmax()))
+            output = model(
+                torch.tensor([[tokens[-1]]]),
+                use_cache=True,
+                **{argument: output[argument]},
+            )
+            logits.append(output.logits[0])
+    return tokens, torch.cat(logits).float().numpy()
+
+
 def verify_onnx(
     folder: str | Path, source: str, prompts: list[str], steps: int = 8
 ) -> list[VerifyRow]:
@@ -529,22 +548,10 @@ def verify_onnx(
     eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
     rows = []
     for prompt in prompts:
-        ids = tokenizer(prompt)["input_ids"][:PROMPT_TOKENS]
+        ids = tokenizer(prompt, truncation=True, max_length=PROMPT_TOKENS)["input_ids"]
         if not ids:
             raise TunesmithError(f"--verify: the prompt {prompt[:40]!r} has no tokens")
-        with torch.no_grad():
-            expected = reference.generate(
-                torch.tensor([ids]),
-                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                do_sample=False,
-                max_new_tokens=steps,
-                min_new_tokens=steps,
-                output_logits=True,
-                return_dict_in_generate=True,
-                pad_token_id=reference.generation_config.pad_token_id or 0,
-            )
-            wanted = expected.sequences[0, len(ids) :].tolist()
-            full = reference(expected.sequences).logits[0].numpy()
+        wanted, full = torch_greedy(reference, ids, steps)
         # the graph teacher-forced on torch's tokens: prompt in one call, then one per step
         logits, cache = graph.step(np.array([ids]), graph.start(), 0)
         got = [logits[0]]
@@ -557,8 +564,11 @@ def verify_onnx(
         agree = int((picks == np.array(wanted)).sum())
         # genai runs the same graph: it must generate the graph's own greedy tokens
         own = graph.greedy(ids, steps)
-        cut = next((i + 1 for i, t in enumerate(own) if t in eos), len(own))
-        genai = genai_greedy(folder, ids, steps) == own[:cut]
+        cut = next((i for i, t in enumerate(own) if t in eos), len(own))
+        generated = genai_greedy(folder, ids, steps)
+        while generated and generated[-1] in eos:  # genai may or may not keep the end token
+            generated.pop()
+        genai = generated == own[:cut]
         rows.append(VerifyRow(prompt, len(ids), len(wanted), max_diff, agree, genai))
     return rows
 
