@@ -1,8 +1,8 @@
 """Greedy decoding speed on this CPU: torch (transformers' generate, fp32, KV cache) against the
 ONNX folders `tunesmith export --format onnx` writes, run by onnxruntime-genai (fp32 and int4,
-onnxruntime-genai's builder), side by side in one run, for the bundled model and a 140M-parameter
-random-init Llama (hidden 896, 12 layers, intermediate 3072, 14 heads of 64, the bundled
-tokenizer's 4096-token vocabulary).
+from each exporter: onnxruntime-genai's builder and torch.onnx), side by side in one run, for
+the bundled model and a 140M-parameter random-init Llama (hidden 896, 12 layers, intermediate
+3072, 14 heads of 64, the bundled tokenizer's 4096-token vocabulary).
 
 Each engine generates NEW tokens after the same 32-token prompt, batch 1, no end-of-text stop;
 the engines take turns for ROUNDS rounds and the median is kept. Both run on the same threads
@@ -95,13 +95,16 @@ def measure(name: str, source: Path, work: Path) -> list[dict]:
     ids = tokenizer(PROMPT)["input_ids"][:32]
     engines = {"torch fp32": None}
     built = {}
-    for outtype in ("fp32", "int4"):
-        started = time.perf_counter()
-        report = export_onnx(
-            str(source), work / f"{name}-{outtype}", outtype=outtype, threads=THREADS
-        )
-        built[outtype] = (time.perf_counter() - started, report.bytes)
-        engines[f"onnx {outtype}"] = og.Model(str(work / f"{name}-{outtype}"))
+    for exporter in ("genai", "torch"):
+        for outtype in ("fp32", "int4"):
+            engine = f"onnx {outtype} ({exporter} exporter)"
+            folder = work / f"{name}-{exporter}-{outtype}"
+            started = time.perf_counter()
+            report = export_onnx(
+                str(source), folder, outtype=outtype, exporter=exporter, threads=THREADS
+            )
+            built[engine] = (time.perf_counter() - started, report.bytes)
+            engines[engine] = og.Model(str(folder))
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
     params = sum(p.numel() for p in model.parameters())
     speeds = {engine: [] for engine in engines}
@@ -115,7 +118,6 @@ def measure(name: str, source: Path, work: Path) -> list[dict]:
     rows = []
     for engine in engines:
         median = statistics.median(speeds[engine])
-        outtype = engine.split()[-1]
         row = dict(
             model=name,
             params_m=round(params / 1e6, 1),
@@ -124,7 +126,7 @@ def measure(name: str, source: Path, work: Path) -> list[dict]:
             vs_torch=round(median / base, 2),
         )
         if engine.startswith("onnx"):
-            row.update(export_s=round(built[outtype][0], 1), mb=round(built[outtype][1] / 1e6, 1))
+            row.update(export_s=round(built[engine][0], 1), mb=round(built[engine][1] / 1e6, 1))
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows

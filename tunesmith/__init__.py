@@ -67,6 +67,7 @@ _API = {
     "quantize_checkpoint": "tunesmith.quantize.pipeline",
     "export_gguf": "tunesmith.export.gguf",
     "export_lora_gguf": "tunesmith.export.gguf",
+    "export_onnx": "tunesmith.export.onnx",
     "train_job": "tunesmith.jobs",
 }
 """Each public name and the module it comes from, imported on first use."""
@@ -76,6 +77,7 @@ if TYPE_CHECKING:
     from tunesmith.adapters import *  # noqa: F403
     from tunesmith.combine import combine_adapters, merge_checkpoint, merge_models  # noqa: F401
     from tunesmith.export.gguf import export_gguf, export_lora_gguf  # noqa: F401
+    from tunesmith.export.onnx import export_onnx  # noqa: F401
     from tunesmith.jobs import train_job  # noqa: F401
     from tunesmith.judge.score import RewardModel  # noqa: F401
     from tunesmith.methods import *  # noqa: F403
