@@ -18,7 +18,15 @@ from tunesmith.export.kquants import BLOCK_BYTES, QUANTIZERS, preset_type, use_m
 
 gguf = pytest.importorskip("gguf")
 Q = gguf.GGMLQuantizationType
-QTYPE = {"q4_k": Q.Q4_K, "q5_k": Q.Q5_K, "q6_k": Q.Q6_K}
+QTYPE = {
+    "q2_k": Q.Q2_K,
+    "q3_k": Q.Q3_K,
+    "q4_k": Q.Q4_K,
+    "q5_k": Q.Q5_K,
+    "q6_k": Q.Q6_K,
+    "iq4_nl": Q.IQ4_NL,
+}
+K_TYPES = ["q2_k", "q3_k", "q4_k", "q5_k", "q6_k"]
 ROOT = Path(__file__).resolve().parents[2]
 BUNDLED = ROOT / "examples" / "tiny-llama"
 
@@ -44,7 +52,7 @@ def reference():
     return lib
 
 
-@pytest.mark.parametrize("kind", ["q4_k", "q5_k", "q6_k"])
+@pytest.mark.parametrize("kind", K_TYPES)
 def test_bytes_identical_to_ggmls_reference_quantizer(reference, kind):
     for seed, scale in ((0, 1.0), (1, 40.0)):
         x = weights(seed=seed) * np.float32(scale)
@@ -55,19 +63,53 @@ def test_bytes_identical_to_ggmls_reference_quantizer(reference, kind):
         assert not differ.any(), f"{int(differ.any(1).sum())} super-blocks differ"
 
 
-@pytest.mark.parametrize("kind", ["q4_k", "q5_k", "q6_k"])
-def test_the_gguf_package_dequantizes_with_less_error_than_q4_0(kind):
-    x = weights()
+def test_iq4_nl_bytes_identical_to_what_llama_quantize_runs(reference):
+    """IQ4_NL (the fallback of Q2_K/Q3_K rows that are not whole super-blocks) as ggml's
+    quantize_iq4_nl, which llama-quantize calls (its _ref variant searches no scales)."""
+    for seed, scale in ((0, 1.0), (1, 40.0)):
+        x = weights(cols=96 * 8, seed=seed) * np.float32(scale)  # 768: not whole super-blocks
+        ours = QUANTIZERS["iq4_nl"](x)
+        theirs = ggml_ref.quantize_rows(reference, "iq4_nl", x, x.shape[1] // 32 * 18)
+        differ = ours.reshape(-1, 18) != theirs.reshape(-1, 18)
+        assert not differ.any(), f"{int(differ.any(1).sum())} blocks differ"
+
+
+def rmse_of(kind: str, x: np.ndarray) -> float:
     blocks = QUANTIZERS[kind](x)
-    assert blocks.shape == (64, 4 * BLOCK_BYTES[kind])
     back = gguf.quants.dequantize(blocks, QTYPE[kind])
     assert back.shape == x.shape
-    rmse = float(np.sqrt(((back - x) ** 2).mean()))
+    if kind != "iq4_nl":
+        assert np.array_equal(back[1, :256], np.zeros(256, np.float32))  # zeros stay zeros
+    return float(np.sqrt(((back - x) ** 2).mean()))
+
+
+@pytest.mark.parametrize("kind", [*K_TYPES, "iq4_nl"])
+def test_the_gguf_package_dequantizes_every_type(kind):
+    """Every type reads back through gguf's own dequantizer; Q4_K, at q4_0's 4.5 bits per
+    weight, with less error than q4_0; and error falls as bits rise."""
+    x = weights()
+    bits = 8 * QUANTIZERS[kind](x).size / x.size
+    assert (
+        bits
+        == {
+            "q2_k": 2.625,
+            "q3_k": 3.4375,
+            "q4_k": 4.5,
+            "iq4_nl": 4.5,
+            "q5_k": 5.5,
+            "q6_k": 6.5625,
+        }[kind]
+    )  # q4_0: 4.5
     q4_0 = gguf.quants.dequantize(gguf.quants.quantize(x, Q.Q4_0), Q.Q4_0)
-    assert rmse < float(np.sqrt(((q4_0 - x) ** 2).mean()))
-    assert np.array_equal(back[1, :256], np.zeros(256, np.float32))  # zeros stay zeros
-    bits = 8 * BLOCK_BYTES[kind] / 256
-    assert bits == {"q4_k": 4.5, "q5_k": 5.5, "q6_k": 6.5625}[kind]  # q4_0: 4.5
+    rmse = rmse_of(kind, x)
+    q4_0_rmse = float(np.sqrt(((q4_0 - x) ** 2).mean()))
+    if kind == "q4_k":
+        assert rmse < q4_0_rmse
+    if kind == "iq4_nl":  # a fallback on par with q4_0 (its x²-weighted search favours outliers)
+        assert rmse < 1.05 * q4_0_rmse
+    up = {"q2_k": "q3_k", "q3_k": "q4_k", "q4_k": "q5_k", "q5_k": "q6_k"}.get(kind)
+    if up:  # one bit less: more error than the next type up, by less than 2.5x
+        assert rmse_of(up, x) < rmse < 2.5 * rmse_of(up, x)
 
 
 def test_presets_give_llama_quantizes_type_mix():
@@ -95,6 +137,24 @@ def test_presets_give_llama_quantizes_type_mix():
     assert preset_type("blk.5.ffn_up.weight", 11072, "q5_k_s", layers, False) == "q5_1"
     assert preset_type("output.weight", 11072, "q5_k_s", layers, False) == "q8_0"
     assert preset_type("blk.5.ffn_up.weight", 688 + 4, "q6_k", layers, False) == "f16"
+    # the 2- and 3-bit presets
+    assert kinds("q2_k", "attn_q") == ["q2_k"] * layers
+    assert kinds("q2_k", "attn_v") == ["q3_k"] * layers  # gqa 1
+    assert [
+        preset_type(f"blk.{i}.attn_v.weight", 4096, "q2_k", layers, False, gqa=4) for i in range(2)
+    ] == ["q4_k"] * 2
+    assert kinds("q2_k", "ffn_down") == kinds("q2_k", "attn_output") == ["q3_k"] * layers
+    assert kinds("q3_k_m", "attn_v") == ["q5_k"] * 2 + ["q4_k"] * 14
+    assert kinds("q3_k_m", "ffn_down") == ["q5_k"] * 1 + ["q4_k"] * 15  # first sixteenth
+    assert kinds("q3_k_m", "attn_output") == ["q4_k"] * layers
+    assert set(kinds("q3_k_m", "ffn_up")) == {"q3_k"}
+    assert set(kinds("q3_k_s", "ffn_down")) == {"q3_k"}
+    assert set(kinds("q3_k_l", "attn_v") + kinds("q3_k_l", "ffn_down")) == {"q5_k"}
+    assert preset_type("output.weight", 4096, "q2_k", layers, False) == "q6_k"
+    assert preset_type("blk.5.ffn_up.weight", 11072, "q3_k_m", layers, False) == "iq4_nl"
+    # an 80-layer model (llama.cpp's 70B): attn_v at 3 or 4 bits is lifted to Q5_K
+    assert preset_type("blk.20.attn_v.weight", 8192, "q4_k_m", 80, False) == "q5_k"
+    assert preset_type("blk.9.attn_v.weight", 8192, "q3_k_m", 80, False) == "q5_k"
 
 
 def test_a_q4_k_m_export_reads_back_and_decodes_close_to_the_model(tmp_path):

@@ -48,3 +48,24 @@ def quantize(lib: ctypes.CDLL, kind: str, x: np.ndarray, block_bytes: int) -> np
     out = np.zeros((x.shape[0], x.shape[1] // 256 * block_bytes), dtype=np.uint8)
     fn(data.ctypes.data, out.ctypes.data, data.size)
     return out
+
+
+def quantize_rows(
+    lib: ctypes.CDLL, kind: str, x: np.ndarray, row_bytes: int, importance=None
+) -> np.ndarray:
+    """ggml's quantize_<kind>(src, dst, rows, row length, importance): what llama-quantize
+    calls per tensor (with an importance matrix when given, one weight per column)."""
+    fn = getattr(lib, f"quantize_{kind}")
+    fn.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2 + [ctypes.c_void_p]
+    fn.restype = ctypes.c_size_t
+    data = np.ascontiguousarray(x, dtype=np.float32)
+    out = np.zeros((x.shape[0], row_bytes), dtype=np.uint8)
+    weights = None if importance is None else np.ascontiguousarray(importance, dtype=np.float32)
+    fn(
+        data.ctypes.data,
+        out.ctypes.data,
+        x.shape[0],
+        x.shape[1],
+        None if weights is None else weights.ctypes.data,
+    )
+    return out

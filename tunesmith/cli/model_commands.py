@@ -416,9 +416,9 @@ def export_cmd(
     outtype: Optional[str] = typer.Option(  # noqa: UP045
         None,
         "--outtype",
-        help="gguf: f32, f16 (default), bf16, q8_0, q4_0, or a K-quant preset q4_k_s, q4_k_m, "
-        "q5_k_s, q5_k_m, q6_k (--lora-only: f32/f16/bf16). onnx: fp32 (default), fp16, int8, "
-        "int4.",
+        help="gguf: f32, f16 (default), bf16, q8_0, q4_0, or a K-quant preset q2_k, q3_k_s, "
+        "q3_k_m, q3_k_l, q4_k_s, q4_k_m, q5_k_s, q5_k_m, q6_k (--lora-only: f32/f16/bf16). "
+        "onnx: fp32 (default), fp16, int8, int4.",
     ),
     lora_only: bool = typer.Option(
         False, "--lora-only", help="Write the LoRA adapter alone as a GGUF LoRA file."

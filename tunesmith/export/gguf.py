@@ -4,10 +4,10 @@
 first): the architecture's hyper-parameters, the tokenizer (vocabulary, token types, BPE merges,
 special-token ids, whether to add BOS, the pre-tokenizer name llama.cpp splits text with) and
 the chat template as metadata, and every weight under llama.cpp's tensor names in f32, f16,
-bf16, q8_0 or q4_0, or in a K-quant preset's mix (`kquants.py`: q4_k_s, q4_k_m, q5_k_s, q5_k_m,
-q6_k, as llama-quantize mixes them). As llama.cpp's own converter does: 1-D tensors (norms,
-biases) stay f32, a matrix whose rows are not a whole number of 32-value blocks falls back to
-f16, a tied output head is not written (llama.cpp reuses the embedding), and Llama's q/k
+bf16, q8_0 or q4_0, or in a K-quant preset's mix (`kquants.py`: q2_k, q3_k_s/m/l, q4_k_s/m,
+q5_k_s/m, q6_k, as llama-quantize mixes them). As llama.cpp's own converter does: 1-D tensors
+(norms, biases) stay f32, a matrix whose rows are not a whole number of 32-value blocks falls
+back to f16, a tied output head is not written (llama.cpp reuses the embedding), and Llama's q/k
 projection rows are permuted from Hugging Face's rotate-half layout to the interleaved one
 llama.cpp's rope expects.
 
@@ -97,6 +97,9 @@ def _qtype(name: str):
         "q4_0": Q.Q4_0,
         "q5_0": Q.Q5_0,
         "q5_1": Q.Q5_1,
+        "iq4_nl": Q.IQ4_NL,
+        "q2_k": Q.Q2_K,
+        "q3_k": Q.Q3_K,
         "q4_k": Q.Q4_K,
         "q5_k": Q.Q5_K,
         "q6_k": Q.Q6_K,
@@ -112,6 +115,10 @@ def _file_type(name: str) -> int:
         "bf16": F.MOSTLY_BF16,
         "q8_0": F.MOSTLY_Q8_0,
         "q4_0": F.MOSTLY_Q4_0,
+        "q2_k": F.MOSTLY_Q2_K,
+        "q3_k_s": F.MOSTLY_Q3_K_S,
+        "q3_k_m": F.MOSTLY_Q3_K_M,
+        "q3_k_l": F.MOSTLY_Q3_K_L,
         "q4_k_s": F.MOSTLY_Q4_K_S,
         "q4_k_m": F.MOSTLY_Q4_K_M,
         "q5_k_s": F.MOSTLY_Q5_K_S,
@@ -253,14 +260,19 @@ def _byte_shape(shape: tuple[int, ...], qtype: str) -> tuple[tuple[int, ...], np
 
 
 def tensor_type(
-    shape: tuple[int, ...], outtype: str, name: str = "", layers: int = 0, tied: bool = False
+    shape: tuple[int, ...],
+    outtype: str,
+    name: str = "",
+    layers: int = 0,
+    tied: bool = False,
+    gqa: int = 1,
 ) -> str:
     """What a tensor is stored as: 1-D in f32, rows that are not whole blocks in f16; under a
     K-quant preset, the type `llama-quantize` gives GGUF tensor `name` (`kquants.preset_type`)."""
     if len(shape) == 1:
         return "f32"
     if outtype in PRESETS:
-        return preset_type(name, shape[-1], outtype, layers, tied)
+        return preset_type(name, shape[-1], outtype, layers, tied, gqa)
     if outtype in ("q8_0", "q4_0") and shape[-1] % 32:
         return "f16"
     return outtype
@@ -339,7 +351,8 @@ def _plan_model(reader, config, arch: str, outtype: str) -> Iterator[_Planned]:
             return permute_rope_rows(tensor, permute) if permute else tensor
 
         shape = tuple(reader.tensors[key].shape)
-        kind = tensor_type(shape, outtype, name, config.num_hidden_layers, tied)
+        gqa = heads // kv_heads
+        kind = tensor_type(shape, outtype, name, config.num_hidden_layers, tied, gqa)
         yield _Planned(name, kind, shape, produce)
 
 
