@@ -176,3 +176,120 @@ def test_a_q4_k_m_export_reads_back_and_decodes_close_to_the_model(tmp_path):
         after = model(ids).logits
     assert (before.argmax(-1) == after.argmax(-1)).float().mean() > 0.9
     assert torch.nn.functional.cosine_similarity(before.flatten(), after.flatten(), dim=0) > 0.99
+
+
+@pytest.mark.parametrize("kind", [*K_TYPES, "iq4_nl"])
+def test_importance_weighted_bytes_identical_to_llama_quantizes(reference, kind):
+    """With an importance matrix (one weight per column), as ggml's quantize_<type> computes
+    it when llama-quantize passes --imatrix: the make_qkx3/make_qp searches of the K types."""
+    from tunesmith.export.kquants import WEIGHTED
+
+    rng = np.random.default_rng(7)
+    row_bytes = {"iq4_nl": 4 * 144, **{k: 4 * BLOCK_BYTES[k] for k in K_TYPES}}[kind]
+    block = 18 if kind == "iq4_nl" else BLOCK_BYTES[kind]
+    for seed, scale in ((0, 1.0), (1, 40.0)):
+        x = weights(seed=seed) * np.float32(scale)
+        importance = rng.gamma(0.5, 1.0, x.shape[1]).astype(np.float32)
+        ours = WEIGHTED[kind](x, importance)
+        ggml_kind = kind.replace("_k", "_K")
+        theirs = ggml_ref.quantize_rows(reference, ggml_kind, x, row_bytes, importance)
+        differ = ours.reshape(-1, block) != theirs.reshape(-1, block)
+        assert not differ.any(), f"{int(differ.any(1).sum())} blocks differ"
+        assert (ours != QUANTIZERS[kind](x)).any()  # the importance changed something
+
+
+@pytest.fixture(scope="module")
+def imatrix_exports(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("imatrix")
+    held_out = str(ROOT / "examples" / "data" / "pydoc_heldout.jsonl")
+    plain = export_gguf(str(BUNDLED), folder / "plain.gguf", outtype="q3_k_m")
+    weighted = export_gguf(
+        str(BUNDLED), folder / "weighted.gguf", outtype="q3_k_m", imatrix_data=held_out
+    )
+    return folder, plain, weighted
+
+
+def test_imatrix_export_weights_the_error_where_activations_are_large(imatrix_exports):
+    from tunesmith.export.imatrix import compute_importance
+    from tunesmith.models import load_tokenizer
+
+    folder, plain, weighted = imatrix_exports
+    held_out = str(ROOT / "examples" / "data" / "pydoc_heldout.jsonl")
+    assert weighted.notes[1].startswith("importance matrix: 30 matrices from 32 windows of 256")
+    importance = compute_importance(
+        str(BUNDLED), held_out, load_tokenizer(tunesmith_model_section())
+    ).values
+    # the same input feeds q, k and v: the same statistics; the tied head's is the embedding's
+    layer = "model.layers.1.self_attn"
+    np.testing.assert_array_equal(
+        importance[f"{layer}.q_proj.weight"], importance[f"{layer}.v_proj.weight"]
+    )
+    np.testing.assert_array_equal(
+        importance["lm_head.weight"], importance["model.embed_tokens.weight"]
+    )
+    assert all((v >= 0).all() and v.std() > 0 for v in importance.values())
+    reader_plain, reader_weighted = (
+        gguf.GGUFReader(folder / "plain.gguf"),
+        gguf.GGUFReader(folder / "weighted.gguf"),
+    )
+    fields = {k: f.contents() for k, f in reader_weighted.fields.items()}
+    assert fields["quantize.imatrix.chunks_count"] == 32
+    assert fields["quantize.imatrix.entries_count"] == 25  # the K-typed matrices
+    state = AutoModelForCausalLM.from_pretrained(BUNDLED).state_dict()
+    better = 0
+    checked = 0
+    by_name = {t.name: t for t in reader_plain.tensors}
+    for tensor in reader_weighted.tensors:
+        if tensor.tensor_type not in (Q.Q3_K, Q.Q4_K, Q.Q5_K) or not tensor.name.startswith("blk."):
+            continue
+        key = hf_key(tensor.name)
+        original = state[key].numpy()
+        if tensor.name.endswith(("attn_q.weight", "attn_k.weight")):
+            continue  # rows permuted for llama.cpp's rope; compared through the others
+        cost = importance[key]
+        errors = []
+        for t in (by_name[tensor.name], tensor):
+            back = gguf.quants.dequantize(t.data, t.tensor_type).reshape(original.shape)
+            errors.append(float((((back - original) ** 2) * cost).sum()))
+        checked += 1
+        better += errors[1] < errors[0]
+    assert checked >= 10 and better == checked  # lower importance-weighted error everywhere
+
+
+def tunesmith_model_section():
+    from tunesmith.config import ModelSection
+
+    return ModelSection(path=str(BUNDLED))
+
+
+def hf_key(name: str) -> str:
+    layer, part = name.split(".")[1], ".".join(name.split(".")[2:4])
+    return {
+        "attn_v.weight": f"model.layers.{layer}.self_attn.v_proj.weight",
+        "attn_output.weight": f"model.layers.{layer}.self_attn.o_proj.weight",
+        "ffn_gate.weight": f"model.layers.{layer}.mlp.gate_proj.weight",
+        "ffn_up.weight": f"model.layers.{layer}.mlp.up_proj.weight",
+        "ffn_down.weight": f"model.layers.{layer}.mlp.down_proj.weight",
+        "attn_q.weight": f"model.layers.{layer}.self_attn.q_proj.weight",
+        "attn_k.weight": f"model.layers.{layer}.self_attn.k_proj.weight",
+    }[part]
+
+
+def test_imatrix_errors_and_run_config_data(tmp_path, monkeypatch):
+    from tunesmith.errors import TunesmithError
+    from tunesmith.export.imatrix import calibration_files
+
+    with pytest.raises(
+        TunesmithError, match=r"^--imatrix-data: only the K-quant presets .* --outtype is q8_0$"
+    ):
+        export_gguf(str(BUNDLED), tmp_path / "a.gguf", outtype="q8_0", imatrix_data="x.jsonl")
+    with pytest.raises(
+        TunesmithError, match=r"^--imatrix-data: nowhere.jsonl: no such file or folder$"
+    ):
+        export_gguf(
+            str(BUNDLED), tmp_path / "a.gguf", outtype="q4_k_m", imatrix_data="nowhere.jsonl"
+        )
+    assert not (tmp_path / "a.gguf").exists()
+    monkeypatch.chdir(ROOT)  # the run config's data paths are relative to where it runs
+    files = calibration_files("examples/quickstart.yaml")
+    assert [Path(f).resolve() for f in files] == [ROOT / "examples/data/quickstart_train.jsonl"]

@@ -433,6 +433,14 @@ def export_cmd(
         help="onnx: genai (onnxruntime-genai's builder), torch (torch.onnx), or auto (genai "
         "where it takes the architecture).",
     ),
+    imatrix_data: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(
+            "--imatrix-data",
+            help="gguf K-quants: weight the quantization by an importance matrix computed "
+            "from this text (a data file, or a run config's data), as llama-quantize --imatrix.",
+        ),
+    ] = None,
     verify: bool = typer.Option(
         False, "--verify", help="onnx: check logits and greedy tokens against torch."
     ),
@@ -468,7 +476,13 @@ def export_cmd(
 
         if verify_prompts < 1:
             raise TunesmithError(f"--verify-prompts: {verify_prompts} is not a positive count")
-        for flag, given in (("--lora-only", lora_only), ("--ollama", ollama), ("--name", name)):
+        gguf_only = (
+            ("--lora-only", lora_only),
+            ("--ollama", ollama),
+            ("--name", name),
+            ("--imatrix-data", imatrix_data),
+        )
+        for flag, given in gguf_only:
             if given:
                 raise TunesmithError(f"{flag}: a gguf option; leave it out with --format onnx")
         if verify_data is not None and not verify:
@@ -496,6 +510,8 @@ def export_cmd(
     outtype = outtype or "f16"
     if lora_only and ollama:
         raise TunesmithError("--ollama: Ollama needs the whole model; leave out --lora-only")
+    if lora_only and imatrix_data:
+        raise TunesmithError("--imatrix-data: a LoRA file is not quantized; leave out --lora-only")
     if lora_only:
         if len(adapters) != 1:
             raise TunesmithError("--lora-only: give exactly one --adapter")
@@ -511,6 +527,7 @@ def export_cmd(
             overwrite=overwrite,
             name=name,
             ollama=ollama,
+            imatrix_data=imatrix_data,
         )
     for line in report.lines():
         typer.echo(line)

@@ -43,7 +43,8 @@ from tunesmith.config import ModelSection
 from tunesmith.data.templates import end_of_turn_markers
 from tunesmith.errors import TunesmithError
 from tunesmith.export.gguf_tokenizer import add_tokenizer
-from tunesmith.export.kquants import PRESETS, QUANTIZERS, preset_type
+from tunesmith.export.imatrix import compute_importance
+from tunesmith.export.kquants import PRESETS, QUANTIZERS, WEIGHTED, preset_type
 from tunesmith.export.ollama import write_modelfile
 from tunesmith.io import human_bytes, reporting_full_disk, share_like_umask
 from tunesmith.models import load_tokenizer, read_model_config
@@ -235,9 +236,10 @@ class _Planned:
     qtype: str  # one of GGUF_TYPES
     shape: tuple[int, ...]
     produce: Callable[[], torch.Tensor]
+    importance: np.ndarray | None = None  # per column, from --imatrix-data (K types only)
 
 
-def _encode(tensor: torch.Tensor, qtype: str) -> np.ndarray:
+def _encode(tensor: torch.Tensor, qtype: str, importance: np.ndarray | None = None) -> np.ndarray:
 
     data = tensor.detach().float().cpu().numpy()
     if qtype == "f32":
@@ -245,7 +247,11 @@ def _encode(tensor: torch.Tensor, qtype: str) -> np.ndarray:
     if qtype == "f16":
         return data.astype(np.float16)
     if qtype in QUANTIZERS:  # K-quants: tunesmith's own (the gguf package has no quantizer)
-        rows = QUANTIZERS[qtype](data.reshape(-1, data.shape[-1]))
+        flat = data.reshape(-1, data.shape[-1])
+        if importance is not None and qtype in WEIGHTED:
+            rows = WEIGHTED[qtype](flat, importance)
+        else:
+            rows = QUANTIZERS[qtype](flat)
         return rows.reshape(_byte_shape(tuple(data.shape), qtype)[0])
     return gguf.quants.quantize(data, _qtype(qtype))
 
@@ -306,7 +312,7 @@ def _write_gguf_to(tmp: Path, out: Path, arch: str, add_metadata: Callable, plan
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         for t in planned:
-            writer.write_tensor_data(_encode(t.produce(), t.qtype))
+            writer.write_tensor_data(_encode(t.produce(), t.qtype, t.importance))
         for fout in writer.fout or []:
             fout.flush()
             os.fsync(fout.fileno())
@@ -327,7 +333,7 @@ def _tensor_names(arch: str, blocks: int):
     return gguf.get_tensor_name_map(enum, blocks)
 
 
-def _plan_model(reader, config, arch: str, outtype: str) -> Iterator[_Planned]:
+def _plan_model(reader, config, arch: str, outtype: str, importance=None) -> Iterator[_Planned]:
     names = _tensor_names(arch, config.num_hidden_layers)
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
@@ -353,7 +359,8 @@ def _plan_model(reader, config, arch: str, outtype: str) -> Iterator[_Planned]:
         shape = tuple(reader.tensors[key].shape)
         gqa = heads // kv_heads
         kind = tensor_type(shape, outtype, name, config.num_hidden_layers, tied, gqa)
-        yield _Planned(name, kind, shape, produce)
+        weights = (importance or {}).get(key)
+        yield _Planned(name, kind, shape, produce, weights if kind in WEIGHTED else None)
 
 
 def export_gguf(
@@ -366,11 +373,19 @@ def export_gguf(
     name: str | None = None,
     trust_remote_code: bool = False,
     ollama: bool = False,
+    imatrix_data: str | None = None,
 ) -> ExportReport:
     """Export a checkpoint (with `adapters`: merged first) to one GGUF file. See the module
-    docstring. With `ollama`, an Ollama Modelfile is written beside it (`export/ollama.py`)."""
+    docstring. With `ollama`, an Ollama Modelfile is written beside it (`export/ollama.py`).
+    With `imatrix_data` (a data file or run config), a K-quant preset's K-type tensors are
+    quantized weighted by an importance matrix computed from that text (`imatrix.py`)."""
 
     check_outtype(outtype)
+    if imatrix_data is not None and outtype not in PRESETS:
+        raise TunesmithError(
+            f"--imatrix-data: only the K-quant presets ({', '.join(PRESETS)}) use an "
+            f"importance matrix; --outtype is {outtype}"
+        )
     out = Path(out)
     adapters = list(adapters or [])
     model = resolve_base(model, adapters, "--model: give the checkpoint to export")
@@ -393,8 +408,15 @@ def export_gguf(
         # a merged folder holds the adapter's tokenizer when training saved one there
         tokenizer = load_tokenizer(ModelSection(path=source))
         reader = CheckpointReader(source)
-        planned = list(_plan_model(reader, config, arch, outtype))
         notes: list[str] = []
+        importance = None
+        if imatrix_data is not None:
+            importance = compute_importance(source, imatrix_data, tokenizer)
+            notes.append(
+                f"importance matrix: {len(importance.values)} matrices from "
+                f"{importance.windows} windows of {importance.seq_len} tokens of {imatrix_data}"
+            )
+        planned = list(_plan_model(reader, config, arch, outtype, importance and importance.values))
 
         factors = rope_factors(config)
         if factors is not None:
@@ -404,6 +426,11 @@ def export_gguf(
             writer.add_name(name or Path(model).name)
             add_card_facts(writer, model, adapters)
             add_hyperparameters(writer, config, outtype)
+            if importance is not None:  # the keys llama-quantize writes
+                writer.add_string("quantize.imatrix.dataset", str(imatrix_data))
+                used = sum(t.importance is not None for t in planned)
+                writer.add_int32("quantize.imatrix.entries_count", used)
+                writer.add_int32("quantize.imatrix.chunks_count", importance.windows)
             notes.extend(add_tokenizer(writer, tokenizer, config.vocab_size))
 
         size = write_gguf(out, arch, metadata, planned)
