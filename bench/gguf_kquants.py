@@ -6,7 +6,9 @@ package (which dequantizes every type), loaded into the Hugging Face model, and 
 last 16 windows of 256 tokens of examples/data/pydoc_heldout.jsonl (torch, fp32). This measures
 what quantization does to the weights; llama.cpp's own perplexity on the same files is
 bench/gguf_llamacpp.py's (it needs llama-cpp-python). Speed: seconds per GB of fp32 weights to
-export a random-init Llama of hidden 1024, intermediate 2816, 8 layers (~150 M parameters).
+export a random-init Llama of hidden 1024, intermediate 2816, 8 layers (~150 M parameters),
+and there, where perplexity means nothing (random weights), the mean KL divergence of each
+export's next-token distribution from the fp32 model's on 4 random sequences of 128 tokens.
 
     python bench/gguf_kquants.py
 """
@@ -36,7 +38,21 @@ from tunesmith.quantize.pipeline import token_stream, windows_of  # noqa: E402
 
 MODEL = ROOT / "examples" / "tiny-llama"
 TEXT = ROOT / "examples" / "data" / "pydoc_heldout.jsonl"
-OUTTYPES = ("f16", "q8_0", "q6_k", "q5_k_m", "q5_k_s", "q4_k_m", "q4_k_s", "q4_0")
+OUTTYPES = (
+    "f16",
+    "q8_0",
+    "q6_k",
+    "q5_k_m",
+    "q5_k_s",
+    "q4_k_m",
+    "q4_k_s",
+    "q4_0",
+    "q3_k_l",
+    "q3_k_m",
+    "q3_k_s",
+    "q2_k",
+)
+WIDE_TYPES = ("q8_0", "q4_0", "q6_k", "q5_k_m", "q4_k_m", "q3_k_m", "q2_k")
 
 
 def perplexity(model, windows) -> float:
@@ -92,12 +108,31 @@ def main() -> None:
         big.save_pretrained(big_dir)
         tokenizer.save_pretrained(big_dir)
         gb = sum(p.numel() for p in big.parameters()) * 4 / 1e9
+        big.eval()
+        kept = {k: v.clone() for k, v in big.state_dict().items()}
+        probe = torch.randint(0, 32000, (4, 128), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            reference = torch.log_softmax(big(probe).logits, -1)
         speed = []
-        for outtype in ("q8_0", "q4_0", "q6_k", "q5_k_m", "q4_k_m"):
+        for outtype in WIDE_TYPES:
+            path = Path(folder) / f"wide-{outtype}.gguf"
             started = time.perf_counter()
-            export_gguf(str(big_dir), Path(folder) / f"wide-{outtype}.gguf", outtype=outtype)
+            export_gguf(str(big_dir), path, outtype=outtype)
             seconds = time.perf_counter() - started
-            speed.append(dict(outtype=outtype, seconds_per_gb=round(seconds / gb, 1)))
+            big.load_state_dict(kept)
+            big.load_state_dict(hf_state_from_gguf(path, big), strict=False)
+            with torch.no_grad():
+                got = torch.log_softmax(big(probe).logits, -1)
+            kl = float((reference.exp() * (reference - got)).sum(-1).mean())
+            speed.append(
+                dict(
+                    outtype=outtype,
+                    seconds_per_gb=round(seconds / gb, 1),
+                    mb=round(path.stat().st_size / 1e6, 1),
+                    kl_to_fp32=float(f"{kl:.3g}"),
+                )
+            )
+            path.unlink()
             print(json.dumps(speed[-1]), flush=True)
     result = dict(
         bench="gguf_kquants",
