@@ -3,7 +3,10 @@
 For each --outtype the bundled model is exported with `tunesmith.export.gguf.export_gguf` and
 loaded by llama.cpp; reported: file size, perplexity on the last 16 windows of 256 tokens of
 examples/data/pydoc_heldout.jsonl (llama.cpp's logits; tunesmith's fp32 model for reference),
-and how many of 8 prompts llama.cpp decodes greedily to the same 32 tokens as tunesmith.
+and how many of 8 prompts llama.cpp decodes greedily to the same 32 tokens as tunesmith; and,
+for the same file, the perplexity of its weights dequantized by the gguf package into the
+Hugging Face model (torch): where the two agree, llama.cpp reads tunesmith's blocks as written.
+`q3_k_m+imatrix` is q3_k_m with `--imatrix-data` (the first 32 windows of the same file).
 Needs `pip install llama-cpp-python` (it builds llama.cpp; about 35 minutes on 2 cores).
 
     python bench/gguf_llamacpp.py
@@ -23,6 +26,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tests" / "export"))
+
+from test_gguf import hf_state_from_gguf  # noqa: E402
+
 from tunesmith.export.gguf import export_gguf  # noqa: E402
 from tunesmith.quantize.pipeline import token_stream, windows_of  # noqa: E402
 
@@ -39,6 +47,19 @@ PROMPTS = [
     "Raise ValueError if",
 ]
 STOPS = (0, 3)
+OUTTYPES = (
+    "f32",
+    "f16",
+    "bf16",
+    "q8_0",
+    "q6_k",
+    "q5_k_m",
+    "q4_k_m",
+    "q4_0",
+    "q3_k_m",
+    "q3_k_m+imatrix",
+    "q2_k",
+)
 
 
 def llama_greedy(llm, ids, n):
@@ -83,9 +104,16 @@ def main() -> None:
     reference = [ours_greedy(model, ids, 32) for ids in prompts]
     rows = [dict(outtype="tunesmith fp32", perplexity=round(float(np.exp(ours / count)), 3))]
     with tempfile.TemporaryDirectory() as folder:
-        for outtype in ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0"):
+        original = {k: v.clone() for k, v in model.state_dict().items()}
+        for outtype in OUTTYPES:
             path = Path(folder) / f"{outtype}.gguf"
-            export_gguf(str(MODEL), path, outtype=outtype)
+            kind, _, imatrix = outtype.partition("+")
+            export_gguf(str(MODEL), path, outtype=kind, imatrix_data=str(TEXT) if imatrix else None)
+            model.load_state_dict(original)
+            model.load_state_dict(hf_state_from_gguf(path, model), strict=False)
+            with torch.no_grad():
+                dequantized = sum(nll(model(torch.tensor([r])).logits[0], r) for r in windows)
+            model.load_state_dict(original)
             llm = Llama(str(path), n_ctx=512, logits_all=True, verbose=False)
             total = 0.0
             for r in windows:
@@ -100,6 +128,7 @@ def main() -> None:
                     outtype=outtype,
                     mb=round(path.stat().st_size / 1e6, 2),
                     perplexity=round(float(np.exp(total / count)), 3),
+                    torch_dequantized=round(float(np.exp(dequantized / count)), 3),
                     greedy_same=f"{same}/{len(prompts)}",
                 )
             )

@@ -452,3 +452,32 @@ def test_mistral_exports_as_llama_with_permuted_rope(tmp_path):
     ids = torch.randint(0, 4096, (1, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(fresh(ids).logits, model(ids).logits)
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("outtype", ["q6_k", "q4_k_m", "q3_k_m", "q2_k"])
+def test_llamacpp_reads_the_k_quant_blocks_as_written(tmp_path, outtype):
+    """llama.cpp's perplexity on a K-quant export equals (within its int8 activations' rounding)
+    the perplexity of the same file's weights dequantized by the gguf package into torch."""
+    from tunesmith.quantize.pipeline import token_stream, windows_of
+
+    windows = windows_of(token_stream(str(HELD_OUT), TOKENIZER), 256)[-8:]
+    path = tmp_path / f"{outtype}.gguf"
+    export_gguf(str(BUNDLED), path, outtype=outtype)
+    llm = llama(path, logits_all=True)
+    theirs = llama_perplexity(llm, windows)
+    llm.close()
+    model = AutoModelForCausalLM.from_pretrained(BUNDLED, dtype=torch.float32).eval()
+    model.load_state_dict(hf_state_from_gguf(path, model), strict=False)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for row in windows.tolist():
+            logits = model(torch.tensor([row])).logits[0]
+            total += float(
+                torch.nn.functional.cross_entropy(
+                    logits[:-1], torch.tensor(row[1:]), reduction="sum"
+                )
+            )
+            count += len(row) - 1
+    ours = float(np.exp(total / count))
+    assert abs(theirs / ours - 1) < 0.002, (theirs, ours)
