@@ -44,6 +44,7 @@ from tunesmith.errors import TunesmithError
 from tunesmith.io import human_bytes
 from tunesmith.methods.prompt.layer import cache_argument
 from tunesmith.models import load_tokenizer, read_model_config
+from tunesmith.paths import looks_local
 from tunesmith.provenance import resolve_base
 from tunesmith.shards import staging_dir
 
@@ -228,7 +229,9 @@ def _build_genai(source: str, folder: Path, outtype: str, cache: Path) -> None:
     """onnxruntime-genai's model builder, in a child process (it prints a progress bar per
     tensor). fp16 is its CUDA graph: the builder offers fp16 for GPUs only."""
     provider = "cuda" if outtype == "fp16" else "cpu"
-    command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", source]
+    # a folder is read in place; a hub id is fetched by the builder into `cache`
+    where = ["-i", source] if looks_local(source) else ["-m", source]
+    command = [sys.executable, "-m", "onnxruntime_genai.models.builder", *where]
     command += ["-o", str(folder), "-p", outtype, "-e", provider, "-c", str(cache)]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
