@@ -182,15 +182,13 @@ def test_a_q4_k_m_export_reads_back_and_decodes_close_to_the_model(tmp_path):
 def test_importance_weighted_bytes_identical_to_llama_quantizes(reference, kind):
     """With an importance matrix (one weight per column), as ggml's quantize_<type> computes
     it when llama-quantize passes --imatrix: the make_qkx3/make_qp searches of the K types."""
-    from tunesmith.export.kquants import WEIGHTED
-
     rng = np.random.default_rng(7)
     row_bytes = {"iq4_nl": 4 * 144, **{k: 4 * BLOCK_BYTES[k] for k in K_TYPES}}[kind]
     block = 18 if kind == "iq4_nl" else BLOCK_BYTES[kind]
     for seed, scale in ((0, 1.0), (1, 40.0)):
         x = weights(seed=seed) * np.float32(scale)
         importance = rng.gamma(0.5, 1.0, x.shape[1]).astype(np.float32)
-        ours = WEIGHTED[kind](x, importance)
+        ours = QUANTIZERS[kind](x, importance)
         ggml_kind = kind.replace("_k", "_K")
         theirs = ggml_ref.quantize_rows(reference, ggml_kind, x, row_bytes, importance)
         differ = ours.reshape(-1, block) != theirs.reshape(-1, block)

@@ -44,7 +44,7 @@ from tunesmith.data.templates import end_of_turn_markers
 from tunesmith.errors import TunesmithError
 from tunesmith.export.gguf_tokenizer import add_tokenizer
 from tunesmith.export.imatrix import compute_importance
-from tunesmith.export.kquants import PRESETS, QUANTIZERS, WEIGHTED, preset_type
+from tunesmith.export.kquants import PRESETS, QUANTIZERS, preset_type
 from tunesmith.export.ollama import write_modelfile
 from tunesmith.io import human_bytes, reporting_full_disk, share_like_umask
 from tunesmith.models import load_tokenizer, read_model_config
@@ -247,11 +247,7 @@ def _encode(tensor: torch.Tensor, qtype: str, importance: np.ndarray | None = No
     if qtype == "f16":
         return data.astype(np.float16)
     if qtype in QUANTIZERS:  # K-quants: tunesmith's own (the gguf package has no quantizer)
-        flat = data.reshape(-1, data.shape[-1])
-        if importance is not None and qtype in WEIGHTED:
-            rows = WEIGHTED[qtype](flat, importance)
-        else:
-            rows = QUANTIZERS[qtype](flat)
+        rows = QUANTIZERS[qtype](data.reshape(-1, data.shape[-1]), importance)
         return rows.reshape(_byte_shape(tuple(data.shape), qtype)[0])
     return gguf.quants.quantize(data, _qtype(qtype))
 
@@ -360,7 +356,7 @@ def _plan_model(reader, config, arch: str, outtype: str, importance=None) -> Ite
         gqa = heads // kv_heads
         kind = tensor_type(shape, outtype, name, config.num_hidden_layers, tied, gqa)
         weights = (importance or {}).get(key)
-        yield _Planned(name, kind, shape, produce, weights if kind in WEIGHTED else None)
+        yield _Planned(name, kind, shape, produce, weights if kind in QUANTIZERS else None)
 
 
 def export_gguf(

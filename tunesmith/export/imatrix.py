@@ -3,9 +3,9 @@
 For every linear layer the model runs, the mean over calibration tokens of each input column's
 square: how much each weight column's error costs on real activations. `llama-quantize
 --imatrix` hands these per-column values to ggml's quantizers as their weights, and
-`kquants.WEIGHTED` does the same. Calibration text comes from a data file (any format `tunesmith
-quantize --calib` reads) or from a run config's training data, tokenized into one stream by
-`quantize`'s calibration pipeline and cut into windows.
+`kquants.QUANTIZERS` take them the same way. Calibration text comes from a data file (any
+format `tunesmith quantize --calib` reads) or from a run config's training data, tokenized
+into one stream by `quantize`'s calibration pipeline and cut into windows.
 """
 
 from __future__ import annotations

@@ -162,252 +162,11 @@ def _signed_scale_search(x, nmax: int, w=None):
     return scale.astype(F32), levels
 
 
-# --- Q4_K and Q5_K ----------------------------------------------------------------------------
-
-
-def _pack_scales(ls: np.ndarray, lm: np.ndarray) -> np.ndarray:
-    """The 12 bytes holding 8 six-bit scales and 8 six-bit mins (ggml's K_SCALE layout)."""
-    out = np.zeros((ls.shape[0], 12), dtype=np.uint8)
-    out[:, 0:4] = ls[:, 0:4]
-    out[:, 4:8] = lm[:, 0:4]
-    out[:, 8:12] = (ls[:, 4:8] & 0xF) | ((lm[:, 4:8] & 0xF) << 4)
-    out[:, 0:4] |= (ls[:, 4:8] >> 4) << 6
-    out[:, 4:8] |= (lm[:, 4:8] >> 4) << 6
-    return out
-
-
-def _qk_scale_min(x: np.ndarray, nmax: int, rmin: float, nstep: int):
-    """Q4_K/Q5_K's common part on super-blocks x (nb, 256): the fp16 super-scales and the
-    scale/min bytes, and each weight's level after re-quantizing against them."""
-    nb = x.shape[0]
-    blocks = x.reshape(nb * 8, 32)
-    av_x = np.sqrt(_seq_sum(blocks * blocks) / F32(32))
-    weights = av_x[:, None] + np.abs(blocks)
-    scales, mins, levels = _scale_min_search(blocks, weights, nmax, rmin, 0.1, nstep)
-    scales, mins = scales.reshape(nb, 8), mins.reshape(nb, 8)
-    max_scale = np.maximum(scales.max(axis=1), F32(0))
-    max_min = np.maximum(mins.max(axis=1), F32(0))
-    with np.errstate(divide="ignore"):
-        inv_scale = np.where(max_scale > 0, F32(63) / max_scale, F32(0)).astype(F32)
-        inv_min = np.where(max_min > 0, F32(63) / max_min, F32(0)).astype(F32)
-    ls = np.minimum(63, _nearest(inv_scale[:, None] * scales).astype(np.uint8)).astype(np.uint8)
-    lm = np.minimum(63, _nearest(inv_min[:, None] * mins).astype(np.uint8)).astype(np.uint8)
-    d16, d = _fp16(max_scale / F32(63))
-    m16, dmin = _fp16(max_min / F32(63))
-    block_d = (d[:, None] * ls.astype(F32)).reshape(nb * 8, 1)
-    block_m = (dmin[:, None] * lm.astype(F32)).reshape(nb * 8, 1)
-    live = block_d[:, 0] != 0
-    with np.errstate(divide="ignore", invalid="ignore"):
-        again = np.clip(_nearest((blocks + block_m) / np.where(live[:, None], block_d, 1)), 0, nmax)
-    levels = np.where(live[:, None], again, levels).reshape(nb, 256).astype(np.uint8)
-    head = np.concatenate(
-        [
-            d16.view(np.uint8).reshape(nb, 2),
-            m16.view(np.uint8).reshape(nb, 2),
-            _pack_scales(ls, lm),
-        ],
-        axis=1,
-    )
-    return head, levels
-
-
-def quantize_q4_k(x: np.ndarray) -> np.ndarray:
-    """Rows of float32 weights (each a multiple of 256 long) as Q4_K bytes, 144 per 256."""
-    rows = x.shape[0]
-    sb = np.ascontiguousarray(x, dtype=F32).reshape(-1, QK_K)
-    head, levels = _qk_scale_min(sb, 15, -1.0, 20)
-    q = levels.reshape(-1, 4, 2, 32)  # per 64: low nibbles the first 32, high the next 32
-    qs = (q[:, :, 0, :] | (q[:, :, 1, :] << 4)).reshape(-1, 128)
-    return np.concatenate([head, qs], axis=1).reshape(rows, -1)
-
-
-def quantize_q5_k(x: np.ndarray) -> np.ndarray:
-    """Rows of float32 weights as Q5_K bytes, 176 per 256."""
-    rows = x.shape[0]
-    sb = np.ascontiguousarray(x, dtype=F32).reshape(-1, QK_K)
-    head, levels = _qk_scale_min(sb, 31, -0.5, 15)
-    q = levels.reshape(-1, 4, 2, 32)
-    low = q & 0xF
-    qs = (low[:, :, 0, :] | (low[:, :, 1, :] << 4)).reshape(-1, 128)
-    high = (q >> 4).astype(np.uint8)  # bit 2n: first half of chunk n, bit 2n+1: second half
-    shifts = (np.arange(4)[:, None] * 2 + np.arange(2)[None, :]).astype(np.uint8)
-    qh = np.zeros((q.shape[0], 32), dtype=np.uint8)
-    for n in range(4):
-        for half in range(2):
-            qh |= high[:, n, half, :] << shifts[n, half]
-    return np.concatenate([head, qh, qs], axis=1).reshape(rows, -1)
-
-
-# --- Q6_K -------------------------------------------------------------------------------------
-
-
-def quantize_q6_k(x: np.ndarray, w: np.ndarray | None = None) -> np.ndarray:
-    """Rows of float32 weights as Q6_K bytes, 210 per 256 (`w`: the block search's weights
-    per 16, x² when None)."""
-    rows = x.shape[0]
-    sb = np.ascontiguousarray(x, dtype=F32).reshape(-1, QK_K)
-    nb = sb.shape[0]
-    blocks = sb.reshape(nb * 16, 16)
-    scales, levels = _signed_scale_search(blocks, 32, w)
-    scales = scales.reshape(nb, 16)
-    levels = levels.reshape(nb, 256)
-    absolute = np.abs(scales)
-    at = absolute.argmax(axis=1)
-    max_scale = scales[np.arange(nb), at]
-    zero = absolute[np.arange(nb), at] < GROUP_MAX_EPS
-    max_scale = np.where(zero, F32(1), max_scale)
-    iscale = F32(-128) / max_scale
-    d16, d = _fp16(F32(1) / iscale)
-    sc = np.minimum(127, _nearest(iscale[:, None] * scales)).astype(np.int8)
-    block_d = (d[:, None] * sc.astype(F32)).reshape(nb * 16, 1)
-    live = block_d[:, 0] != 0
-    with np.errstate(divide="ignore", invalid="ignore"):
-        again = np.clip(_nearest(blocks / np.where(live[:, None], block_d, 1)), -32, 31) + 32
-    levels = np.where(live[:, None], again, levels.reshape(nb * 16, 16)).reshape(nb, 256)
-    levels = levels.astype(np.uint8)
-    q = levels.reshape(nb, 2, 4, 32)  # per 128: four runs of 32
-    ql = np.concatenate(
-        [
-            (q[:, :, 0] & 0xF) | ((q[:, :, 2] & 0xF) << 4),
-            (q[:, :, 1] & 0xF) | ((q[:, :, 3] & 0xF) << 4),
-        ],
-        axis=2,
-    ).reshape(nb, 128)
-    qh = ((q[:, :, 0] >> 4) | ((q[:, :, 1] >> 4) << 2) | ((q[:, :, 2] >> 4) << 4)
-          | ((q[:, :, 3] >> 4) << 6)).reshape(nb, 64)  # fmt: skip
-    out = np.concatenate([ql, qh, sc.view(np.uint8), d16.view(np.uint8).reshape(nb, 2)], axis=1)
-    out[zero] = 0
-    return out.reshape(rows, -1)
-
-
-# --- Q2_K and Q3_K ----------------------------------------------------------------------------
-
-
-def _pack_2bit(levels: np.ndarray) -> np.ndarray:
-    """(nb, 256) levels 0..3 as 64 bytes: per 128, byte l holds l, l+32, l+64, l+96."""
-    q = levels.reshape(-1, 2, 4, 32).astype(np.uint8)
-    return (q[:, :, 0] | (q[:, :, 1] << 2) | (q[:, :, 2] << 4) | (q[:, :, 3] << 6)).reshape(-1, 64)
-
-
-def quantize_q2_k(x: np.ndarray) -> np.ndarray:
-    """Rows of float32 weights as Q2_K bytes, 84 per 256: 16 blocks of 16 with a 4-bit scale
-    and a 4-bit min each (ggml's quantize_row_q2_K_ref: make_qkx2_quants on |error|)."""
-    rows = x.shape[0]
-    sb = np.ascontiguousarray(x, dtype=F32).reshape(-1, QK_K)
-    nb = sb.shape[0]
-    blocks = sb.reshape(nb * 16, 16)
-    scales, mins, levels = _scale_min_search(blocks, np.abs(blocks), 3, -0.5, 0.1, 15, mad=True)
-    scales, mins = scales.reshape(nb, 16), mins.reshape(nb, 16)
-    max_scale = np.maximum(scales.max(axis=1), F32(0))
-    max_min = np.maximum(mins.max(axis=1), F32(0))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ls = np.where(
-            (max_scale > 0)[:, None], _nearest((F32(15) / max_scale)[:, None] * scales), 0
-        )
-        lm = np.where((max_min > 0)[:, None], _nearest((F32(15) / max_min)[:, None] * mins), 0)
-    # as ggml's byte arithmetic: the scale's byte, the min's shifted into the high nibble
-    packed = ls.astype(np.uint8) | (lm.astype(np.int32) << 4).astype(np.uint8)
-    d16, d = _fp16(np.where(max_scale > 0, max_scale / F32(15), F32(0)))
-    m16, dmin = _fp16(np.where(max_min > 0, max_min / F32(15), F32(0)))
-    block_d = (d[:, None] * (packed & 0xF).astype(F32)).reshape(nb * 16, 1)
-    block_m = (dmin[:, None] * (packed >> 4).astype(F32)).reshape(nb * 16, 1)
-    live = block_d[:, 0] != 0
-    with np.errstate(divide="ignore", invalid="ignore"):
-        again = np.clip(_nearest((blocks + block_m) / np.where(live[:, None], block_d, 1)), 0, 3)
-    levels = np.where(live[:, None], again, levels).reshape(nb, 256)
-    head = [packed, _pack_2bit(levels)]
-    tail = [d16.view(np.uint8).reshape(nb, 2), m16.view(np.uint8).reshape(nb, 2)]
-    return np.concatenate(head + tail, axis=1).reshape(rows, -1)
-
-
-def _q3_levels(x: np.ndarray, nmax: int = 4):
-    """Per group of 16: (scale, levels 0..2·nmax−1) by ggml's make_q3_quants with its rmse
-    refinement: start at nmax/max|x|, then up to 5 passes that move one weight at a time to
-    the level that raises (Σ w·x·L)² / Σ w·L² (weights x²), in ggml's element order."""
-    absx = np.abs(x)
-    at = absx.argmax(axis=1)
-    peak = x[np.arange(len(x)), at]
-    zero = absx[np.arange(len(x)), at] < GROUP_MAX_EPS
-    peak = np.where(zero, F32(1), peak)
-    iscale = F32(-nmax) / peak
-    levels = np.clip(_nearest(iscale[:, None] * x), -nmax, nmax - 1)
-    w = x * x
-    lf = levels.astype(F32)
-    sumlx = _seq_sum(w * x * lf)
-    suml2 = _seq_sum(w * lf * lf)
-    for _ in range(5):  # a pass that changes nothing changes nothing on a repeat: no early stop
-        for i in range(x.shape[1]):
-            wi, xi, li = w[:, i], x[:, i], levels[:, i].astype(F32)
-            slx = sumlx - wi * xi * li
-            sl2 = suml2 - wi * li * li
-            move = slx > 0
-            with np.errstate(divide="ignore", invalid="ignore"):
-                new = np.clip(_nearest(np.where(move, xi * sl2 / slx, 0)), -nmax, nmax - 1)
-            move &= new != levels[:, i]
-            nf = new.astype(F32)
-            slx = slx + wi * xi * nf
-            sl2 = sl2 + wi * nf * nf
-            take = move & (sl2 > 0) & (slx * slx * suml2 > sumlx * sumlx * sl2)
-            levels[:, i] = np.where(take, new, levels[:, i])
-            sumlx = np.where(take, slx, sumlx)
-            suml2 = np.where(take, sl2, suml2)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        scale = np.where(zero, F32(0), sumlx / suml2).astype(F32)
-    levels = np.where(zero[:, None], 0, levels + nmax)
-    return scale, levels
-
-
-def quantize_q3_k(x: np.ndarray) -> np.ndarray:
-    """Rows of float32 weights as Q3_K bytes, 110 per 256: 16 blocks of 16 with a signed
-    6-bit scale each, 3-bit levels as 2 low bits and a high-bit mask (ggml's
-    quantize_row_q3_K_ref)."""
-    rows = x.shape[0]
-    sb = np.ascontiguousarray(x, dtype=F32).reshape(-1, QK_K)
-    nb = sb.shape[0]
-    blocks = sb.reshape(nb * 16, 16)
-    scales, levels = _q3_levels(blocks)
-    scales = scales.reshape(nb, 16)
-    absolute = np.abs(scales)
-    at = absolute.argmax(axis=1)
-    max_scale = scales[np.arange(nb), at]
-    live_sb = absolute[np.arange(nb), at] > 0
-    with np.errstate(divide="ignore", invalid="ignore"):
-        iscale = np.where(live_sb, F32(-32) / np.where(live_sb, max_scale, 1), F32(0))
-    ls = np.where(live_sb[:, None], np.clip(_nearest(iscale[:, None] * scales), -32, 31) + 32, 0)
-    ls = ls.astype(np.uint8)
-    with np.errstate(divide="ignore"):
-        d_block = np.where(live_sb, F32(1) / np.where(live_sb, iscale, 1), F32(0))
-    return _q3_pack(blocks, levels, ls, d_block, rows)
-
-
-def _q3_pack(blocks, levels, ls, d_block, rows: int) -> np.ndarray:
-    """Q3_K bytes from the 6-bit scale codes `ls` (0..63, 32 = zero) and super-scale: levels
-    re-quantized against the stored scales, split into a high-bit mask and 2 low bits."""
-    nb = ls.shape[0]
-    packed = np.zeros((nb, 12), dtype=np.uint8)
-    packed[:, :8] = (ls[:, :8] & 0xF) | ((ls[:, 8:] & 0xF) << 4)
-    high = ls >> 4
-    for j in range(16):
-        packed[:, 8 + j % 4] |= high[:, j] << (2 * (j // 4))
-    d16, d = _fp16(d_block.astype(F32))
-    sc = ls.astype(np.int32) - 32
-    block_d = (d[:, None] * sc.astype(F32)).reshape(nb * 16, 1)
-    live = block_d[:, 0] != 0
-    with np.errstate(divide="ignore", invalid="ignore"):
-        again = np.clip(_nearest(blocks / np.where(live[:, None], block_d, 1)), -4, 3) + 4
-    levels = np.where(live[:, None], again, levels).reshape(nb, 256)
-    hmask = np.zeros((nb, 32), dtype=np.uint8)
-    for bit in range(8):  # weight j's high bit: byte j % 32, bit j // 32
-        hmask |= ((levels[:, 32 * bit : 32 * bit + 32] > 3).astype(np.uint8)) << bit
-    low = np.where(levels > 3, levels - 4, levels)
-    out = [hmask, _pack_2bit(low), packed, d16.view(np.uint8).reshape(nb, 2)]
-    return np.concatenate(out, axis=1).reshape(rows, -1)
-
-
 # --- with an importance matrix (llama-quantize --imatrix) --------------------------------------
 #
 # ggml's quantize_<type>(..., quant_weights) paths: each weight's importance is its column's
-# mean squared activation (`imatrix.py`), times sqrt(σ² + x²) for the K types that scale by it.
+# mean squared activation (`imatrix.py`), times sqrt(σ² + x²) for the types that scale by it;
+# block scales and mins are then fitted to the blocks by `_qp_search` (make_qp_quants).
 
 
 def _qp_search(x: np.ndarray, nmax: int, w: np.ndarray):
@@ -470,45 +229,98 @@ def _tile(importance: np.ndarray, rows: int) -> np.ndarray:
     return np.tile(np.asarray(importance, dtype=F32).reshape(-1, QK_K), (rows, 1))
 
 
-def _qk_scale_min_weighted(sb, qw, nmax: int):
-    """Q4_K/Q5_K's scales and mins with an importance matrix (quantize_row_q{4,5}_K_impl)."""
-    nb = sb.shape[0]
-    weights = _importance_weights(sb, qw, 32, True)
-    blocks = sb.reshape(nb * 8, 32)
-    sw = _seq_sum(weights).reshape(nb, 8)
-    scales, mins, levels = _scale_min_search(blocks, weights, nmax, -0.9, 0.05, 36)
-    d_block, ls = _qp_search(scales.reshape(nb, 8), 63, sw)
-    m_block, lm = _qp_search(mins.reshape(nb, 8), 63, sw)
-    ls, lm = np.minimum(63, ls).astype(np.uint8), np.minimum(63, lm).astype(np.uint8)
-    d16, d = _fp16(d_block)
-    m16, dmin = _fp16(m_block)
-    block_d = (d[:, None] * ls.astype(F32)).reshape(nb * 8, 1)
-    block_m = (dmin[:, None] * lm.astype(F32)).reshape(nb * 8, 1)
+# --- the shared steps ---------------------------------------------------------------------------
+
+
+def _requantize(blocks, levels, scale_codes, min_codes, d, dmin, nmax: int) -> np.ndarray:
+    """Each weight's level against the stored block scale d·code and min dmin·code (ggml's
+    second pass); a block whose stored scale is 0 keeps the search's levels."""
+    n = blocks.shape[0]
+    block_d = (d[:, None] * scale_codes.astype(F32)).reshape(n, 1)
+    block_m = (dmin[:, None] * min_codes.astype(F32)).reshape(n, 1)
     live = block_d[:, 0] != 0
     with np.errstate(divide="ignore", invalid="ignore"):
         again = np.clip(_nearest((blocks + block_m) / np.where(live[:, None], block_d, 1)), 0, nmax)
-    levels = np.where(live[:, None], again, levels).reshape(nb, 256).astype(np.uint8)
+    return np.where(live[:, None], again, levels)
+
+
+def _super_scales(values: np.ndarray, top: int):
+    """(codes 0..top, the super-scale) of non-negative block scales or mins by their maximum
+    (the reference path); all-zero rows get code 0 and scale 0."""
+    peak = np.maximum(values.max(axis=1), F32(0))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        codes = np.where((peak > 0)[:, None], _nearest((F32(top) / peak)[:, None] * values), 0)
+    return codes, np.where(peak > 0, peak / F32(top), F32(0)).astype(F32)
+
+
+def _pack_2bit(levels: np.ndarray) -> np.ndarray:
+    """(nb, 256) levels 0..3 as 64 bytes: per 128, byte l holds l, l+32, l+64, l+96."""
+    q = levels.reshape(-1, 2, 4, 32).astype(np.uint8)
+    return (q[:, :, 0] | (q[:, :, 1] << 2) | (q[:, :, 2] << 4) | (q[:, :, 3] << 6)).reshape(-1, 64)
+
+
+# --- Q4_K and Q5_K ----------------------------------------------------------------------------
+
+
+def _pack_scales(ls: np.ndarray, lm: np.ndarray) -> np.ndarray:
+    """The 12 bytes holding 8 six-bit scales and 8 six-bit mins (ggml's K_SCALE layout)."""
+    out = np.zeros((ls.shape[0], 12), dtype=np.uint8)
+    out[:, 0:4] = ls[:, 0:4]
+    out[:, 4:8] = lm[:, 0:4]
+    out[:, 8:12] = (ls[:, 4:8] & 0xF) | ((lm[:, 4:8] & 0xF) << 4)
+    out[:, 0:4] |= (ls[:, 4:8] >> 4) << 6
+    out[:, 4:8] |= (lm[:, 4:8] >> 4) << 6
+    return out
+
+
+def _qk_scale_min(sb: np.ndarray, nmax: int, rmin: float, nstep: int, importance, rows: int):
+    """Q4_K/Q5_K's common part on super-blocks sb (nb, 256): the head (fp16 super-scales, the
+    scale/min bytes) and each weight's level re-quantized against them. Without importance:
+    quantize_row_q{4,5}_K_ref (weights av|x| + |x|, scales by their maximum); with it:
+    quantize_row_q{4,5}_K_impl (weights importance·sqrt(σ² + x²), 37 candidate scales,
+    scales and mins fitted by make_qp_quants)."""
+    nb = sb.shape[0]
+    blocks = sb.reshape(nb * 8, 32)
+    if importance is None:
+        av_x = np.sqrt(_seq_sum(blocks * blocks) / F32(32))
+        weights = av_x[:, None] + np.abs(blocks)
+        scales, mins, levels = _scale_min_search(blocks, weights, nmax, rmin, 0.1, nstep)
+        ls, d_value = _super_scales(scales.reshape(nb, 8), 63)
+        lm, m_value = _super_scales(mins.reshape(nb, 8), 63)
+    else:
+        weights = _importance_weights(sb, _tile(importance, rows), 32, True)
+        scales, mins, levels = _scale_min_search(blocks, weights, nmax, -0.9, 0.05, 36)
+        sw = _seq_sum(weights).reshape(nb, 8)
+        d_value, ls = _qp_search(scales.reshape(nb, 8), 63, sw)
+        m_value, lm = _qp_search(mins.reshape(nb, 8), 63, sw)
+    ls, lm = np.minimum(63, ls).astype(np.uint8), np.minimum(63, lm).astype(np.uint8)
+    d16, d = _fp16(d_value)
+    m16, dmin = _fp16(m_value)
+    levels = _requantize(blocks, levels, ls, lm, d, dmin, nmax).reshape(nb, 256).astype(np.uint8)
     head = [d16.view(np.uint8).reshape(nb, 2), m16.view(np.uint8).reshape(nb, 2)]
     return np.concatenate([*head, _pack_scales(ls, lm)], axis=1), levels
 
 
-def quantize_q4_k_weighted(x: np.ndarray, importance: np.ndarray) -> np.ndarray:
+def quantize_q4_k(x: np.ndarray, importance: np.ndarray | None = None) -> np.ndarray:
+    """Rows of float32 weights (each a multiple of 256 long) as Q4_K bytes, 144 per 256;
+    `importance`: one weight per column (llama-quantize --imatrix)."""
     rows = x.shape[0]
     sb = np.ascontiguousarray(x, dtype=F32).reshape(-1, QK_K)
-    head, levels = _qk_scale_min_weighted(sb, _tile(importance, rows), 15)
-    q = levels.reshape(-1, 4, 2, 32)
+    head, levels = _qk_scale_min(sb, 15, -1.0, 20, importance, rows)
+    q = levels.reshape(-1, 4, 2, 32)  # per 64: low nibbles the first 32, high the next 32
     qs = (q[:, :, 0, :] | (q[:, :, 1, :] << 4)).reshape(-1, 128)
     return np.concatenate([head, qs], axis=1).reshape(rows, -1)
 
 
-def quantize_q5_k_weighted(x: np.ndarray, importance: np.ndarray) -> np.ndarray:
+def quantize_q5_k(x: np.ndarray, importance: np.ndarray | None = None) -> np.ndarray:
+    """Rows of float32 weights as Q5_K bytes, 176 per 256."""
     rows = x.shape[0]
     sb = np.ascontiguousarray(x, dtype=F32).reshape(-1, QK_K)
-    head, levels = _qk_scale_min_weighted(sb, _tile(importance, rows), 31)
+    head, levels = _qk_scale_min(sb, 31, -0.5, 15, importance, rows)
     q = levels.reshape(-1, 4, 2, 32)
     low = q & 0xF
     qs = (low[:, :, 0, :] | (low[:, :, 1, :] << 4)).reshape(-1, 128)
-    high = (q >> 4).astype(np.uint8)
+    high = (q >> 4).astype(np.uint8)  # bit 2n: first half of chunk n, bit 2n+1: second half
     qh = np.zeros((q.shape[0], 32), dtype=np.uint8)
     for n in range(4):
         for half in range(2):
@@ -516,45 +328,170 @@ def quantize_q5_k_weighted(x: np.ndarray, importance: np.ndarray) -> np.ndarray:
     return np.concatenate([head, qh, qs], axis=1).reshape(rows, -1)
 
 
-def quantize_q6_k_weighted(x: np.ndarray, importance: np.ndarray) -> np.ndarray:
-    """Q6_K with an importance matrix: the block search weighted by the importance alone
-    (quantize_row_q6_K_impl), the rest as the reference."""
-    return quantize_q6_k(x, _tile(importance, x.shape[0]).reshape(-1, 16))
+# --- Q6_K -------------------------------------------------------------------------------------
 
 
-def quantize_q2_k_weighted(x: np.ndarray, importance: np.ndarray) -> np.ndarray:
+def quantize_q6_k(x: np.ndarray, importance: np.ndarray | None = None) -> np.ndarray:
+    """Rows of float32 weights as Q6_K bytes, 210 per 256: 16 blocks of 16 with a signed 8-bit
+    scale each, against one fp16 super-scale. With `importance`, the block search is weighted
+    by it alone (quantize_row_q6_K_impl), not by x²."""
     rows = x.shape[0]
     sb = np.ascontiguousarray(x, dtype=F32).reshape(-1, QK_K)
     nb = sb.shape[0]
-    weights = _importance_weights(sb, _tile(importance, rows), 16, False)
     blocks = sb.reshape(nb * 16, 16)
-    sw = _seq_sum(weights).reshape(nb, 16)
-    scales, mins, levels = _scale_min_search(blocks, weights, 3, -0.9, 0.05, 36)
-    dm, ls = _qp_search(scales.reshape(nb, 16), 15, sw)
-    mm, lm = _qp_search(mins.reshape(nb, 16), 15, sw)
-    packed = ls.astype(np.uint8) | (lm.astype(np.int32) << 4).astype(np.uint8)
-    d16, d = _fp16(dm)
-    m16, dmin = _fp16(mm)
-    block_d = (d[:, None] * (packed & 0xF).astype(F32)).reshape(nb * 16, 1)
-    block_m = (dmin[:, None] * (packed >> 4).astype(F32)).reshape(nb * 16, 1)
+    w = None if importance is None else _tile(importance, rows).reshape(-1, 16)
+    scales, levels = _signed_scale_search(blocks, 32, w)
+    scales = scales.reshape(nb, 16)
+    levels = levels.reshape(nb, 256)
+    absolute = np.abs(scales)
+    at = absolute.argmax(axis=1)
+    max_scale = scales[np.arange(nb), at]
+    zero = absolute[np.arange(nb), at] < GROUP_MAX_EPS
+    max_scale = np.where(zero, F32(1), max_scale)
+    iscale = F32(-128) / max_scale
+    d16, d = _fp16(F32(1) / iscale)
+    sc = np.minimum(127, _nearest(iscale[:, None] * scales)).astype(np.int8)
+    block_d = (d[:, None] * sc.astype(F32)).reshape(nb * 16, 1)
     live = block_d[:, 0] != 0
     with np.errstate(divide="ignore", invalid="ignore"):
-        again = np.clip(_nearest((blocks + block_m) / np.where(live[:, None], block_d, 1)), 0, 3)
-    levels = np.where(live[:, None], again, levels).reshape(nb, 256)
+        again = np.clip(_nearest(blocks / np.where(live[:, None], block_d, 1)), -32, 31) + 32
+    levels = np.where(live[:, None], again, levels.reshape(nb * 16, 16)).reshape(nb, 256)
+    levels = levels.astype(np.uint8)
+    q = levels.reshape(nb, 2, 4, 32)  # per 128: four runs of 32
+    ql = np.concatenate(
+        [
+            (q[:, :, 0] & 0xF) | ((q[:, :, 2] & 0xF) << 4),
+            (q[:, :, 1] & 0xF) | ((q[:, :, 3] & 0xF) << 4),
+        ],
+        axis=2,
+    ).reshape(nb, 128)
+    qh = ((q[:, :, 0] >> 4) | ((q[:, :, 1] >> 4) << 2) | ((q[:, :, 2] >> 4) << 4)
+          | ((q[:, :, 3] >> 4) << 6)).reshape(nb, 64)  # fmt: skip
+    out = np.concatenate([ql, qh, sc.view(np.uint8), d16.view(np.uint8).reshape(nb, 2)], axis=1)
+    out[zero] = 0
+    return out.reshape(rows, -1)
+
+
+# --- Q2_K and Q3_K ----------------------------------------------------------------------------
+
+
+def quantize_q2_k(x: np.ndarray, importance: np.ndarray | None = None) -> np.ndarray:
+    """Rows of float32 weights as Q2_K bytes, 84 per 256: 16 blocks of 16 with a 4-bit scale
+    and a 4-bit min each. Without importance: quantize_row_q2_K_ref (make_qkx2_quants on
+    |error|, scales by their maximum); with it: quantize_row_q2_K_impl (make_qkx3_quants with
+    importance·sqrt(σ² + x²), σ² = Σx²/256, scales and mins by make_qp_quants)."""
+    rows = x.shape[0]
+    sb = np.ascontiguousarray(x, dtype=F32).reshape(-1, QK_K)
+    nb = sb.shape[0]
+    blocks = sb.reshape(nb * 16, 16)
+    if importance is None:
+        scales, mins, levels = _scale_min_search(blocks, np.abs(blocks), 3, -0.5, 0.1, 15, True)
+        ls, d_value = _super_scales(scales.reshape(nb, 16), 15)
+        lm, m_value = _super_scales(mins.reshape(nb, 16), 15)
+    else:
+        weights = _importance_weights(sb, _tile(importance, rows), 16, False)
+        scales, mins, levels = _scale_min_search(blocks, weights, 3, -0.9, 0.05, 36)
+        sw = _seq_sum(weights).reshape(nb, 16)
+        d_value, ls = _qp_search(scales.reshape(nb, 16), 15, sw)
+        m_value, lm = _qp_search(mins.reshape(nb, 16), 15, sw)
+    # as ggml's byte arithmetic: the scale's byte, the min's shifted into the high nibble
+    packed = ls.astype(np.uint8) | (lm.astype(np.int32) << 4).astype(np.uint8)
+    d16, d = _fp16(d_value)
+    m16, dmin = _fp16(m_value)
+    levels = _requantize(blocks, levels, packed & 0xF, packed >> 4, d, dmin, 3).reshape(nb, 256)
     tail = [d16.view(np.uint8).reshape(nb, 2), m16.view(np.uint8).reshape(nb, 2)]
     return np.concatenate([packed, _pack_2bit(levels), *tail], axis=1).reshape(rows, -1)
 
 
-def quantize_q3_k_weighted(x: np.ndarray, importance: np.ndarray) -> np.ndarray:
+def _q3_levels(x: np.ndarray, nmax: int = 4):
+    """Per group of 16: (scale, levels 0..2·nmax−1) by ggml's make_q3_quants with its rmse
+    refinement: start at nmax/max|x|, then up to 5 passes that move one weight at a time to
+    the level that raises (Σ w·x·L)² / Σ w·L² (weights x²), in ggml's element order."""
+    absx = np.abs(x)
+    at = absx.argmax(axis=1)
+    peak = x[np.arange(len(x)), at]
+    zero = absx[np.arange(len(x)), at] < GROUP_MAX_EPS
+    peak = np.where(zero, F32(1), peak)
+    iscale = F32(-nmax) / peak
+    levels = np.clip(_nearest(iscale[:, None] * x), -nmax, nmax - 1)
+    w = x * x
+    lf = levels.astype(F32)
+    sumlx = _seq_sum(w * x * lf)
+    suml2 = _seq_sum(w * lf * lf)
+    for _ in range(5):  # a pass that changes nothing changes nothing on a repeat: no early stop
+        for i in range(x.shape[1]):
+            wi, xi, li = w[:, i], x[:, i], levels[:, i].astype(F32)
+            slx = sumlx - wi * xi * li
+            sl2 = suml2 - wi * li * li
+            move = slx > 0
+            with np.errstate(divide="ignore", invalid="ignore"):
+                new = np.clip(_nearest(np.where(move, xi * sl2 / slx, 0)), -nmax, nmax - 1)
+            move &= new != levels[:, i]
+            nf = new.astype(F32)
+            slx = slx + wi * xi * nf
+            sl2 = sl2 + wi * nf * nf
+            take = move & (sl2 > 0) & (slx * slx * suml2 > sumlx * sumlx * sl2)
+            levels[:, i] = np.where(take, new, levels[:, i])
+            sumlx = np.where(take, slx, sumlx)
+            suml2 = np.where(take, sl2, suml2)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scale = np.where(zero, F32(0), sumlx / suml2).astype(F32)
+    levels = np.where(zero[:, None], 0, levels + nmax)
+    return scale, levels
+
+
+def quantize_q3_k(x: np.ndarray, importance: np.ndarray | None = None) -> np.ndarray:
+    """Rows of float32 weights as Q3_K bytes, 110 per 256: 16 blocks of 16 with a signed
+    6-bit scale each, 3-bit levels as 2 low bits and a high-bit mask. Without importance:
+    quantize_row_q3_K_ref (make_q3_quants, scales by their largest magnitude); with it:
+    quantize_row_q3_K_impl (make_qx_quants with importance·sqrt(σ² + x²), the scales fitted
+    by make_qx_quants weighted by each block's total weight)."""
     rows = x.shape[0]
     sb = np.ascontiguousarray(x, dtype=F32).reshape(-1, QK_K)
     nb = sb.shape[0]
-    weights = _importance_weights(sb, _tile(importance, rows), 16, True)
     blocks = sb.reshape(nb * 16, 16)
-    sw = _seq_sum(weights).reshape(nb, 16)
-    scales, levels = _signed_scale_search(blocks, 4, weights)
-    d_block, ls = _signed_scale_search(scales.reshape(nb, 16), 32, sw)
+    if importance is not None:
+        weights = _importance_weights(sb, _tile(importance, rows), 16, True)
+        scales, levels = _signed_scale_search(blocks, 4, weights)
+        sw = _seq_sum(weights).reshape(nb, 16)
+        d_block, ls = _signed_scale_search(scales.reshape(nb, 16), 32, sw)
+        return _q3_pack(blocks, levels, ls.astype(np.uint8), d_block, rows)
+    scales, levels = _q3_levels(blocks)
+    scales = scales.reshape(nb, 16)
+    absolute = np.abs(scales)
+    at = absolute.argmax(axis=1)
+    max_scale = scales[np.arange(nb), at]
+    live_sb = absolute[np.arange(nb), at] > 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iscale = np.where(live_sb, F32(-32) / np.where(live_sb, max_scale, 1), F32(0))
+    ls = np.where(live_sb[:, None], np.clip(_nearest(iscale[:, None] * scales), -32, 31) + 32, 0)
+    with np.errstate(divide="ignore"):
+        d_block = np.where(live_sb, F32(1) / np.where(live_sb, iscale, 1), F32(0))
     return _q3_pack(blocks, levels, ls.astype(np.uint8), d_block, rows)
+
+
+def _q3_pack(blocks, levels, ls, d_block, rows: int) -> np.ndarray:
+    """Q3_K bytes from the 6-bit scale codes `ls` (0..63, 32 = zero) and super-scale: levels
+    re-quantized against the stored scales, split into a high-bit mask and 2 low bits."""
+    nb = ls.shape[0]
+    packed = np.zeros((nb, 12), dtype=np.uint8)
+    packed[:, :8] = (ls[:, :8] & 0xF) | ((ls[:, 8:] & 0xF) << 4)
+    high = ls >> 4
+    for j in range(16):
+        packed[:, 8 + j % 4] |= high[:, j] << (2 * (j // 4))
+    d16, d = _fp16(d_block.astype(F32))
+    sc = ls.astype(np.int32) - 32
+    block_d = (d[:, None] * sc.astype(F32)).reshape(nb * 16, 1)
+    live = block_d[:, 0] != 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        again = np.clip(_nearest(blocks / np.where(live[:, None], block_d, 1)), -4, 3) + 4
+    levels = np.where(live[:, None], again, levels).reshape(nb, 256)
+    hmask = np.zeros((nb, 32), dtype=np.uint8)
+    for bit in range(8):  # weight j's high bit: byte j % 32, bit j // 32
+        hmask |= ((levels[:, 32 * bit : 32 * bit + 32] > 3).astype(np.uint8)) << bit
+    low = np.where(levels > 3, levels - 4, levels)
+    out = [hmask, _pack_2bit(low), packed, d16.view(np.uint8).reshape(nb, 2)]
+    return np.concatenate(out, axis=1).reshape(rows, -1)
 
 
 # --- IQ4_NL (the fallback of Q2_K and Q3_K rows that are not whole super-blocks) ---------------
@@ -623,33 +560,14 @@ CHUNK_VALUES = 1 << 15
 
 
 def _chunked(quantize):
-    def run(x: np.ndarray) -> np.ndarray:
+    def run(x: np.ndarray, importance: np.ndarray | None = None) -> np.ndarray:
         rows = max(1, CHUNK_VALUES // max(x.shape[1], 1))
-        parts = [quantize(x[at : at + rows]) for at in range(0, x.shape[0], rows)]
+        parts = [quantize(x[at : at + rows], importance) for at in range(0, x.shape[0], rows)]
         return np.concatenate(parts, axis=0)
 
     run.__doc__ = quantize.__doc__
     return run
 
-
-def _chunked_weighted(quantize):
-    def run(x: np.ndarray, importance: np.ndarray) -> np.ndarray:
-        rows = max(1, CHUNK_VALUES // max(x.shape[1], 1))
-        parts = [quantize(x[at : at + rows], importance) for at in range(0, x.shape[0], rows)]
-        return np.concatenate(parts, axis=0)
-
-    return run
-
-
-WEIGHTED = {
-    "q2_k": _chunked_weighted(quantize_q2_k_weighted),
-    "q3_k": _chunked_weighted(quantize_q3_k_weighted),
-    "q4_k": _chunked_weighted(quantize_q4_k_weighted),
-    "q5_k": _chunked_weighted(quantize_q5_k_weighted),
-    "q6_k": _chunked_weighted(quantize_q6_k_weighted),
-    "iq4_nl": _chunked_weighted(lambda x, importance: quantize_iq4_nl(x, importance)),
-}
-"""Each type's quantizer with an importance matrix (one weight per column of the rows)."""
 
 QUANTIZERS = {
     "q2_k": _chunked(quantize_q2_k),
@@ -659,7 +577,8 @@ QUANTIZERS = {
     "q6_k": _chunked(quantize_q6_k),
     "iq4_nl": _chunked(quantize_iq4_nl),
 }
-"""Each K type's quantizer for a 2-D array (rows of whole super-blocks)."""
+"""Each type's quantizer for a 2-D array (rows of whole blocks), with an optional importance
+matrix (one weight per column) as llama-quantize --imatrix passes it."""
 
 
 # --- which tensor gets which type ---------------------------------------------------------------
