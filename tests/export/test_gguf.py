@@ -278,11 +278,11 @@ def test_interrupted_export_leaves_no_partial_file(tmp_path, monkeypatch):
     real = export._encode
     calls = []
 
-    def failing(tensor, qtype):
+    def failing(tensor, qtype, importance=None):
         calls.append(1)
         if len(calls) == 5:
             raise OSError(28, "No space left on device")
-        return real(tensor, qtype)
+        return real(tensor, qtype, importance)
 
     monkeypatch.setattr(export, "_encode", failing)
     with pytest.raises(TunesmithError, match=rf"^{out}: no space left on the disk"):
