@@ -43,7 +43,7 @@ from tunesmith.config import ModelSection
 from tunesmith.data.templates import end_of_turn_markers
 from tunesmith.errors import TunesmithError
 from tunesmith.export.gguf_tokenizer import add_tokenizer
-from tunesmith.export.imatrix import compute_importance
+from tunesmith.export.imatrix import calibration_files, compute_importance
 from tunesmith.export.kquants import PRESETS, QUANTIZERS, preset_type
 from tunesmith.export.ollama import write_modelfile
 from tunesmith.io import human_bytes, reporting_full_disk, share_like_umask
@@ -382,6 +382,8 @@ def export_gguf(
             f"--imatrix-data: only the K-quant presets ({', '.join(PRESETS)}) use an "
             f"importance matrix; --outtype is {outtype}"
         )
+    if imatrix_data is not None:
+        calibration_files(imatrix_data)  # a missing file fails before any merging
     out = Path(out)
     adapters = list(adapters or [])
     model = resolve_base(model, adapters, "--model: give the checkpoint to export")
