@@ -291,3 +291,83 @@ def test_imatrix_errors_and_run_config_data(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)  # the run config's data paths are relative to where it runs
     files = calibration_files("examples/quickstart.yaml")
     assert [Path(f).resolve() for f in files] == [ROOT / "examples/data/quickstart_train.jsonl"]
+
+
+LLAMA_FTYPES = {
+    "q2_k": 10,
+    "q3_k_s": 11,
+    "q3_k_m": 12,
+    "q3_k_l": 13,
+    "q4_k_s": 14,
+    "q4_k_m": 15,
+    "q5_k_s": 16,
+    "q5_k_m": 17,
+    "q6_k": 18,
+}
+"""llama.cpp's enum llama_ftype for each preset."""
+
+
+def llama_quantize(source: Path, out: Path, preset: str) -> None:
+    """llama.cpp's own llama-quantize (its C API through llama-cpp-python) on a GGUF file."""
+    import ctypes
+    import os
+
+    llama_cpp = pytest.importorskip("llama_cpp")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = LLAMA_FTYPES[preset]
+    params.nthread = 1
+    quiet, saved = os.open(os.devnull, os.O_WRONLY), os.dup(2)
+    os.dup2(quiet, 2)  # it logs every tensor to stderr
+    try:
+        rc = llama_cpp.llama_model_quantize(
+            str(source).encode(), str(out).encode(), ctypes.byref(params)
+        )
+    finally:
+        os.dup2(saved, 2)
+        os.close(quiet)
+        os.close(saved)
+    assert rc == 0
+
+
+@pytest.mark.llamacpp
+def test_presets_equal_llama_quantize_file_for_file(tmp_path):
+    """Every preset, on the bundled model (tied head, 688-wide ffn_down rows that fall back to
+    f16) and on a random Llama with 16 layers, four query heads per key/value head, an untied
+    head and 800-wide ffn_down rows (not whole super-blocks: the Q5_0/Q5_1/Q8_0/IQ4_NL
+    fallbacks): each tensor's type and bytes equal llama-quantize's on the f32 export."""
+    from helpers.data import chat_tokenizer
+    from helpers.models import llama_config
+    from transformers import LlamaForCausalLM
+
+    wide = tmp_path / "wide"
+    tokenizer = chat_tokenizer()
+    torch.manual_seed(0)
+    config = llama_config(
+        vocab_size=len(tokenizer),
+        hidden_size=256,
+        intermediate_size=800,
+        num_hidden_layers=16,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    )
+    LlamaForCausalLM(config).save_pretrained(wide)
+    tokenizer.save_pretrained(wide)
+    for name, source in (("bundled", BUNDLED), ("wide", wide)):
+        f32 = tmp_path / f"{name}-f32.gguf"
+        export_gguf(str(source), f32, outtype="f32")
+        for preset in LLAMA_FTYPES:
+            theirs_path = tmp_path / f"{name}-{preset}-llama.gguf"
+            llama_quantize(f32, theirs_path, preset)
+            export_gguf(str(source), tmp_path / f"{name}-{preset}.gguf", outtype=preset)
+            ours = {t.name: t for t in gguf.GGUFReader(tmp_path / f"{name}-{preset}.gguf").tensors}
+            theirs = {t.name: t for t in gguf.GGUFReader(theirs_path).tensors}
+            assert ours.keys() == theirs.keys()
+            for tensor in ours:
+                a, b = ours[tensor], theirs[tensor]
+                assert a.tensor_type == b.tensor_type, (name, preset, tensor)
+                assert np.array_equal(np.asarray(a.data), np.asarray(b.data)), (
+                    name,
+                    preset,
+                    tensor,
+                )
