@@ -43,6 +43,16 @@ LAZY = {
     "sacrebleu": "heavy; only for generation scores",
     "tunesmith.plan.planner": "jobs.py: 0.7 s at every start; asked on a GPU and in benchmarks",
     "huggingface_hub": "only when a model is a hub id",
+    **dict.fromkeys(
+        (
+            "onnx",
+            "onnxruntime",
+            "onnxruntime.quantization",
+            "onnxruntime.quantization.matmul_nbits_quantizer",
+            "onnxruntime_genai",
+        ),
+        "an optional extra (pip install -e .[onnx])",
+    ),
     "torch": "data/pack.py: `tunesmith config check` and the data pipeline run without torch",
     "safetensors.torch": "io.py: the same (it imports torch)",
 }

@@ -15,8 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from transformers import AutoModelForCausalLM
 
+from tunesmith.config import load_config
 from tunesmith.errors import TunesmithError
+from tunesmith.quantize.pipeline import token_stream, windows_of
 
 WINDOWS = 32
 SEQ_LEN = 256
@@ -38,8 +41,6 @@ def calibration_files(data: str) -> list[str]:
         raise TunesmithError(f"--imatrix-data: {data}: no such file or folder")
     if path.suffix not in (".yaml", ".yml"):
         return [str(path)]
-    from tunesmith.config import load_config
-
     config = load_config(path)
     files = []
     for source in config.data.datasets:
@@ -60,10 +61,6 @@ def compute_importance(
 ) -> Importance:
     """Run the checkpoint in `model_dir` (fp32, CPU) on `windows` windows of `seq_len` tokens of
     `data` and collect each linear layer's per-column mean squared input."""
-    from transformers import AutoModelForCausalLM
-
-    from tunesmith.quantize.pipeline import token_stream, windows_of
-
     stream = []
     for file in calibration_files(data):
         stream += token_stream(file, tokenizer, "--imatrix-data")

@@ -36,6 +36,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, GenerationConfig
+from transformers.utils import logging as hf_logging
 
 from tunesmith.cards import Card, base_license, table, write_card
 from tunesmith.combine import merge_checkpoint
@@ -251,8 +253,6 @@ class _FlatCache(torch.nn.Module):
         self.layers = model.config.num_hidden_layers
 
     def forward(self, input_ids, attention_mask, position_ids, past):
-        from transformers import DynamicCache
-
         cache = DynamicCache(config=self.model.config)
         for i in range(self.layers):
             cache.update(past[2 * i], past[2 * i + 1], i)
@@ -276,7 +276,6 @@ def cache_names(layers: int, kind: str) -> list[str]:
 
 def _build_torch(source: str, folder: Path, outtype: str, config, scratch: Path) -> None:
     import onnx
-    from transformers import AutoModelForCausalLM
 
     dtype = torch.float16 if outtype == "fp16" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(
@@ -413,8 +412,6 @@ def write_genai_config(folder: Path, config) -> None:
 def _fix_genai_config(folder: Path, config, source: str, threads: int | None) -> None:
     """Token ids from the checkpoint's generation config (the builder assumes BOS 1 when the
     model has none), and the threads to run on when given."""
-    from transformers import GenerationConfig
-
     path = folder / "genai_config.json"
     genai = json.loads(path.read_text())
     try:
@@ -536,9 +533,6 @@ def verify_onnx(
     folder: str | Path, source: str, prompts: list[str], steps: int = 8
 ) -> list[VerifyRow]:
     """Check an exported folder against torch (fp32) on `prompts`; see the module docstring."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
     hf_logging.disable_progress_bar()
     if not prompts:
         raise TunesmithError("--verify: no prompts to check with")
