@@ -20,6 +20,7 @@ import concurrent.futures
 import json
 import platform
 import random
+import subprocess
 import sys
 import tempfile
 import time
@@ -100,6 +101,22 @@ def load(url: str, key: str, jobs: list[tuple[str, str]], concurrency: int, max_
     }
 
 
+def run_all(args, model, tokenizer, jobs, results: dict, plan) -> None:
+    from tunesmith.serve.app import Limits, Server, running
+    from tunesmith.serve.engine import Engine
+
+    for label, slots in (("one_at_a_time", 1), ("batched", args.concurrency)):
+        engine = Engine(model, tokenizer, max_running=slots, max_queue=args.requests, threads=plan)
+        server = Server(engine, "base", api_key="bench", limits=Limits(max_tokens=4096))
+        with running(server) as url:
+            load(url, "bench", jobs[: min(8, len(jobs))], args.concurrency, 4)  # warm-up
+            results[label] = load(url, "bench", jobs, args.concurrency, args.max_tokens)
+            results[label]["mean_batch"] = round(
+                engine.stats.step_rows / max(1, engine.stats.steps), 2
+            )
+        print(label, json.dumps(results[label]), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(BUNDLED))
@@ -109,13 +126,25 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", default=None)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="the engine's threads (default: tunesmith serve's, see tunesmith.threads)",
+    )
+    parser.add_argument("--no-pin", action="store_true", help="leave the threads unpinned")
+    parser.add_argument(
+        "--busy", type=int, default=0, help="processes spinning on the CPU during the run"
+    )
     args = parser.parse_args()
 
     import torch
 
     from tunesmith.builder import load_for_inference
-    from tunesmith.serve.app import Limits, Server, running
-    from tunesmith.serve.engine import Engine
+    from tunesmith.threads import plan_threads
+
+    plan = plan_threads(args.threads, reserve=1, pin=not args.no_pin)
+    print(f"engine: {plan.describe()}; {args.busy} busy process(es)", flush=True)
 
     prompts = [
         "def fibonacci(n):",
@@ -134,16 +163,14 @@ def main() -> None:
         rng = random.Random(0)
         jobs = [(rng.choice(["base", *names]), rng.choice(prompts)) for _ in range(args.requests)]
         results = {}
-        for label, slots in (("one_at_a_time", 1), ("batched", args.concurrency)):
-            engine = Engine(model, tokenizer, max_running=slots, max_queue=args.requests)
-            server = Server(engine, "base", api_key="bench", limits=Limits(max_tokens=4096))
-            with running(server) as url:
-                load(url, "bench", jobs[: min(8, len(jobs))], args.concurrency, 4)  # warm-up
-                results[label] = load(url, "bench", jobs, args.concurrency, args.max_tokens)
-                results[label]["mean_batch"] = round(
-                    engine.stats.step_rows / max(1, engine.stats.steps), 2
-                )
-            print(label, json.dumps(results[label]), flush=True)
+        spin = [
+            subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.busy)
+        ]
+        try:
+            run_all(args, model, tokenizer, jobs, results, plan)
+        finally:
+            for proc in spin:
+                proc.kill()
     one, batched = results["one_at_a_time"], results["batched"]
     ratios = {
         "throughput": round(batched["tokens_per_s"] / one["tokens_per_s"], 3),
@@ -163,6 +190,8 @@ def main() -> None:
         "requests": args.requests,
         "concurrency": args.concurrency,
         "max_tokens": args.max_tokens,
+        "threads": plan.describe(),
+        "busy_processes": args.busy,
         "results": results,
         "ratios_batched_over_one_at_a_time": ratios,
     }

@@ -14,6 +14,7 @@ from helpers.runs import make_config
 from tunesmith import jobs
 from tunesmith.config import load_config
 from tunesmith.errors import ProcessesFailed, TunesmithError
+from tunesmith.threads import default_threads
 
 
 def test_train_job_trains_prints_and_compares_as_the_command_does(tmp_path, tiny_dir):
@@ -57,7 +58,9 @@ def test_a_relaunch_runs_torchrun_on_the_resolved_config_and_names_a_failure(
         "tunesmith",
         "train",
     ]
-    assert argv[9:] == ["--resume", "latest", "--overwrite"]
+    # each process gets its share of the cores (torchrun alone would set OMP_NUM_THREADS=1)
+    share = str(default_threads(share=2))
+    assert argv[9:] == ["--resume", "latest", "--overwrite", "--threads", share]
     assert seen["config"] == config  # the same run, from a temporary file now removed
     assert not Path(argv[8]).exists()
 
@@ -65,8 +68,9 @@ def test_a_relaunch_runs_torchrun_on_the_resolved_config_and_names_a_failure(
     monkeypatch.setattr(
         jobs.subprocess, "run", lambda argv: subprocess.CompletedProcess(seen.update(argv=argv), 0)
     )
-    assert jobs.train_job(config, nproc=2, use_cache=False, command=command) is None
-    assert seen["argv"][7:] == ["train", "run.yaml", "train.lr=1e-3", "--no-cache"]
+    assert jobs.train_job(config, nproc=2, use_cache=False, threads=3, command=command) is None
+    expected = ["train", "run.yaml", "train.lr=1e-3", "--no-cache", "--threads", "3"]
+    assert seen["argv"][7:] == expected
 
 
 def test_a_relaunch_inside_torchrun_is_refused(tmp_path, tiny_dir, monkeypatch):

@@ -53,6 +53,8 @@ LAZY = {
         ),
         "an optional extra (pip install -e .[onnx])",
     ),
+    "llguidance.torch": "serve/engine.py: imports torch._dynamo (most of a second at every "
+    "server start); only for response_format",
     "torch": "data/pack.py: `tunesmith config check` and the data pipeline run without torch",
     "safetensors.torch": "io.py: the same (it imports torch)",
 }

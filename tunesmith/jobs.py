@@ -30,6 +30,7 @@ from tunesmith.config import RunConfig, config_yaml
 from tunesmith.data import summary_lines
 from tunesmith.errors import ProcessesFailed, TrainingInterrupted, TunesmithError, first_line
 from tunesmith.judge.evaluate import compare_after_training
+from tunesmith.threads import apply_threads, default_threads, plan_threads
 from tunesmith.train.card import run_card
 from tunesmith.train.loop import Run
 
@@ -47,6 +48,7 @@ def train_job(
     overwrite: bool = False,
     use_cache: bool = True,
     nproc: int = 1,
+    threads: int | None = None,
     echo: Echo = _print,
     command: Sequence[str] | None = None,
 ) -> dict | None:
@@ -58,10 +60,14 @@ def train_job(
     `echo(text, err=False)` prints (warnings go with `err=True`); `command` is how the user
     started the job (`["tunesmith", "train", "run.yaml", ...overrides]`): the relaunch repeats
     it and an interrupted run names it with `--resume`. Without it the relaunch runs the
-    resolved config from a temporary file."""
+    resolved config from a temporary file. `threads`: CPU threads per process
+    (`tunesmith.threads`; None: the physical cores shared out between the processes)."""
     if nproc > 1:
-        _relaunch(config, nproc, resume, overwrite, use_cache, command)
+        _relaunch(config, nproc, resume, overwrite, use_cache, command, threads)
         return None
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    rank = int(os.environ.get("LOCAL_RANK", "0"))
+    apply_threads(plan_threads(threads, share=local, rank=rank))
     run = Run(
         config, resume=resume, overwrite=overwrite, use_cache=use_cache, planned_peak=_planned_peak
     )
@@ -109,7 +115,7 @@ def _planned_peak(config: RunConfig) -> int:
     return planned_peak(config)
 
 
-def _relaunch(config, nproc, resume, overwrite, use_cache, command) -> None:
+def _relaunch(config, nproc, resume, overwrite, use_cache, command, threads) -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise TunesmithError("--nproc: already running under torchrun; leave --nproc out")
     with tempfile.TemporaryDirectory(prefix="tunesmith-job-") as tmp:
@@ -132,6 +138,8 @@ def _relaunch(config, nproc, resume, overwrite, use_cache, command) -> None:
         if resume is not None:
             argv += ["--resume", resume]
         argv += ["--overwrite"] * overwrite + ["--no-cache"] * (not use_cache)
+        # torchrun would set OMP_NUM_THREADS=1; each process gets its share of the cores
+        argv += ["--threads", str(threads or default_threads(share=nproc))]
         code = subprocess.run(argv).returncode
     if code:
         raise ProcessesFailed(f"torchrun with {nproc} processes exited with {code}", code)

@@ -19,7 +19,7 @@ from helpers.adapters import BUNDLED, adapter_folder
 from helpers.models import llama_config
 from helpers.runs import run_cli
 from helpers.serving import gated_steps, wait_for
-from transformers import AutoModelForCausalLM, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 from typer.testing import CliRunner
 
 from tunesmith.adapters import load_adapter, save_adapter
@@ -30,6 +30,7 @@ from tunesmith.methods.prompt import PrefixTuningConfig, PromptTuningConfig
 from tunesmith.methods.prompt.impl import add_prefix_tuning, add_prompt_tuning
 from tunesmith.serve.app import Limits, Server, running
 from tunesmith.serve.engine import Engine, Params, Sequence
+from tunesmith.threads import physical_cpus
 
 KEY = "test-key"
 PROMPTS = ["Are these all from nature: leaf stone river", "hello there", "Sort: b a c"]
@@ -116,12 +117,11 @@ def generated(folders) -> dict[tuple[str, str], str]:
 
 def _chat(client, model, prompt, **kw):
     return client.chat.completions.create(
-        model=model,
-        messages=[{"role": "user", "content": prompt}],
-        temperature=0,
-        max_tokens=TOKENS,
-        **kw,
+        model=model, messages=[{"role": "user", "content": prompt}], **{**CHAT, **kw}
     )
+
+
+CHAT = {"temperature": 0, "max_tokens": TOKENS}
 
 
 # --- outputs -----------------------------------------------------------------------------------
@@ -186,6 +186,134 @@ def test_the_stream_ends_with_done(served):
     assert r.headers["content-type"].startswith("text/event-stream")
     events = [line for line in r.text.split("\n\n") if line]
     assert events[-1] == "data: [DONE]" and all(e.startswith("data: {") for e in events[:-1])
+
+
+def test_logprobs_are_the_models_own(client):
+    """Completions' logprobs equal log_softmax of the base model's logits at each greedy step,
+    the chosen token is the most likely one, and its alternatives come in order."""
+    model = AutoModelForCausalLM.from_pretrained(BUNDLED)
+    tokenizer = AutoTokenizer.from_pretrained(BUNDLED)
+    prompt = "def fibonacci(n):"
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    out = model.generate(
+        ids, max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True
+    )
+    new = out.sequences[0, ids.shape[1] :].tolist()
+    expected = [torch.log_softmax(step[0].float(), -1) for step in out.logits]
+    reply = client.completions.create(
+        model="tiny-llama", prompt=prompt, max_tokens=6, temperature=0, logprobs=3
+    )
+    lp = reply.choices[0].logprobs
+    assert lp.tokens == [tokenizer.decode([t]) for t in new]
+    for k, token in enumerate(new):
+        assert lp.token_logprobs[k] == pytest.approx(float(expected[k][token]), abs=1e-4)
+        top = expected[k].topk(3)
+        alternatives = {
+            tokenizer.decode([t]): v
+            for t, v in zip(top.indices.tolist(), top.values.tolist(), strict=True)
+        }
+        assert lp.top_logprobs[k] == pytest.approx(alternatives, abs=1e-4)
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:k]) for k in range(len(new))]
+    assert "".join(lp.tokens) == reply.choices[0].text
+
+
+def test_chat_logprobs_whole_and_streamed(client, generated):
+    reply = _chat(client, "alpha", PROMPTS[0], logprobs=True, top_logprobs=2)
+    content = reply.choices[0].logprobs.content
+    assert reply.choices[0].message.content.strip() == generated[("alpha", PROMPTS[0])]
+    assert "".join(item.token for item in content) == reply.choices[0].message.content
+    for item in content:
+        assert item.bytes == list(item.token.encode())
+        assert [t.logprob for t in item.top_logprobs] == sorted(
+            (t.logprob for t in item.top_logprobs), reverse=True
+        )
+        assert item.top_logprobs[0].logprob == pytest.approx(item.logprob)  # greedy: the top
+    streamed = []
+    for chunk in _chat(client, "alpha", PROMPTS[0], logprobs=True, top_logprobs=2, stream=True):
+        if chunk.choices and chunk.choices[0].logprobs:
+            streamed += chunk.choices[0].logprobs.content
+    assert [(i.token, i.logprob) for i in streamed] == [(i.token, i.logprob) for i in content]
+    assert _chat(client, "alpha", PROMPTS[0]).choices[0].logprobs is None  # only when asked
+
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "answer": {"type": "string", "enum": ["yes", "no"]},
+        "count": {"type": "integer", "minimum": 0, "maximum": 9},
+        "note": {"type": "string", "maxLength": 12},
+    },
+    "required": ["answer", "count", "note"],
+    "additionalProperties": False,
+}
+
+
+@pytest.mark.parametrize("model", ["tiny-llama", "beta", "prefix"])
+def test_json_schema_responses_are_valid_json_of_the_schema(client, model):
+    form = {"type": "json_schema", "json_schema": {"name": "reply", "schema": SCHEMA}}
+    for prompt in PROMPTS:
+        reply = _chat(client, model, prompt, response_format=form, max_tokens=64)
+        choice = reply.choices[0]
+        data = json.loads(choice.message.content)  # a 4M-parameter model, yet valid
+        assert choice.finish_reason == "stop"
+        assert set(data) == {"answer", "count", "note"} and data["answer"] in ("yes", "no")
+        assert isinstance(data["count"], int) and 0 <= data["count"] <= 9
+        assert isinstance(data["note"], str) and len(data["note"]) <= 12
+    streamed = "".join(
+        c.choices[0].delta.content or ""
+        for c in _chat(client, model, PROMPTS[0], response_format=form, max_tokens=64, stream=True)
+        if c.choices
+    )
+    assert json.loads(streamed) == json.loads(
+        _chat(client, model, PROMPTS[0], response_format=form, max_tokens=64)
+        .choices[0]
+        .message.content
+    )
+
+
+def test_json_object_responses_start_a_json_object(client):
+    free = _chat(client, "tiny-llama", "hello there", max_tokens=24).choices[0].message.content
+    assert not free.startswith("{")  # what the model writes unconstrained
+    # this 4M-parameter model opens a string it does not close within max_tokens (a schema
+    # with bounded fields, above, is what makes it finish): cut, as OpenAI does, with "length"
+    form = {"type": "json_object"}
+    reply = _chat(client, "tiny-llama", "hello there", response_format=form, max_tokens=16)
+    assert reply.choices[0].message.content.startswith('{"')
+    assert reply.choices[0].finish_reason == "length"
+
+
+def test_unknown_fields_and_bad_formats_are_refused_by_name(served):
+    chat = {"model": "alpha", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    for body, where in (
+        ({**chat, "logit_bias": {"1": 5}}, "logit_bias"),
+        ({**chat, "tools": []}, "tools"),
+        (
+            {**chat, "messages": [{"role": "user", "content": "hi", "tool_calls": []}]},
+            "messages.0.tool_calls",
+        ),
+    ):
+        status, err, _ = _error(served, "POST", "/v1/chat/completions", body)
+        assert (status, err["param"]) == (400, where)
+        assert err["message"] == f"{where}: tunesmith serve does not take this field; remove it"
+    completion = {"model": "alpha", "prompt": "hi", "max_tokens": 4, "best_of": 2}
+    status, err, _ = _error(served, "POST", "/v1/completions", completion)
+    assert (status, err["param"]) == (400, "best_of")
+    bad = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objekt"}}}
+    status, err, _ = _error(
+        served, "POST", "/v1/chat/completions", {**chat, "response_format": bad}
+    )
+    assert (status, err["param"]) == (400, "response_format")
+    assert err["message"] == "response_format.json_schema.schema: Invalid type: objekt"
+    status, err, _ = _error(served, "POST", "/v1/chat/completions", {**chat, "top_logprobs": 2})
+    assert err["message"] == "top_logprobs: set logprobs to true as well"
+    status, err, _ = _error(
+        served, "POST", "/v1/chat/completions", {**chat, "logprobs": True, "top_logprobs": 21}
+    )
+    assert status == 400 and err["param"] == "top_logprobs"
+    # what clients send and we accept: a user id, a message author's name
+    named = {**chat, "user": "u-1", "messages": [{"role": "user", "content": "hi", "name": "ann"}]}
+    status, body, _ = _error(served, "POST", "/v1/chat/completions", named)
+    assert status == 200
 
 
 def test_stop_strings_n_and_seeded_sampling(client):
@@ -454,6 +582,8 @@ def test_the_serve_command_answers_curl_style_requests(folders):
             str(BUNDLED),
             "--port",
             str(port),
+            "--threads",
+            "1",
         ],
         stderr=subprocess.PIPE,
         text=True,
@@ -493,4 +623,6 @@ def test_the_serve_command_answers_curl_style_requests(folders):
         assert models == ["tiny-llama", "a"]
     finally:
         proc.terminate()
-        proc.wait(timeout=30)
+        _, stderr = proc.communicate(timeout=30)
+    core = physical_cpus()[-1]
+    assert f"on http://127.0.0.1:{port}/v1; 1 thread pinned to CPUs {core}" in stderr

@@ -96,6 +96,15 @@ TemperatureOpt = Annotated[float, typer.Option("--temperature", help="0 is greed
 TopPOpt = Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass.")]
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Sampling seed.")]  # noqa: UP045
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or mps.")]
+ThreadsOpt = Annotated[
+    Optional[int],  # noqa: UP045
+    typer.Option(
+        "--threads",
+        show_default=False,
+        help="CPU threads for the model, pinned one per physical core (default: the physical "
+        "cores, less one for HTTP in serve; OMP_NUM_THREADS if set).",
+    ),
+]
 TrustOpt = Annotated[
     bool,
     typer.Option(

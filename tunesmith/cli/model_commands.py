@@ -24,6 +24,7 @@ from tunesmith.cli.app import (
     SeedOpt,
     ShardOpt,
     TemperatureOpt,
+    ThreadsOpt,
     TopPOpt,
     TrustOpt,
     app,
@@ -63,14 +64,17 @@ def generate_cmd(
     top_p: TopPOpt = 1.0,
     seed: SeedOpt = None,
     device: DeviceOpt = "auto",
+    threads: ThreadsOpt = None,
     trust_remote_code: TrustOpt = False,
 ) -> None:
     """Generate a reply to one prompt, streamed as it is produced."""
     from tunesmith.builder import load_for_inference
     from tunesmith.data.encode import bos_prefix
     from tunesmith.generation import chat_template_of, prompt_ids, stream_reply
+    from tunesmith.threads import apply_threads, plan_threads
 
     sampling = _sampling(max_new_tokens, temperature, top_p, seed)
+    apply_threads(plan_threads(threads))
     lm, tokenizer, _ = load_for_inference(
         model, list(adapter or []), device=device, trust_remote_code=trust_remote_code
     )
@@ -100,14 +104,17 @@ def chat_cmd(
     top_p: TopPOpt = 0.9,
     seed: SeedOpt = None,
     device: DeviceOpt = "auto",
+    threads: ThreadsOpt = None,
     trust_remote_code: TrustOpt = False,
 ) -> None:
     """Chat in the terminal with the model (and adapter), using its chat template and
     streaming replies. /reset clears the history, /exit (or end of input) quits."""
     from tunesmith.builder import load_for_inference
     from tunesmith.generation import chat_template_of, prompt_ids, stream_reply
+    from tunesmith.threads import apply_threads, plan_threads
 
     sampling = _sampling(max_new_tokens, temperature, top_p, seed)
+    apply_threads(plan_threads(threads))
     lm, tokenizer, _ = load_for_inference(
         model, list(adapter or []), device=device, trust_remote_code=trust_remote_code
     )

@@ -14,6 +14,7 @@ from tunesmith.cli.app import (
     AdapterOpt,
     ConfigArg,
     OverridesArg,
+    ThreadsOpt,
     app,
     config_app,
     examples,
@@ -130,6 +131,7 @@ def train_cmd(
         help="Processes on this machine (GPUs, or CPU processes with gloo): runs torchrun "
         "--standalone --nproc_per_node N -m tunesmith train ... for you.",
     ),
+    threads: ThreadsOpt = None,
 ) -> None:
     """Train: load the model and data, attach the method (lora, qlora, full, prompt, prefix,
     bottleneck or ia3; the LoRA family includes rsLoRA, DoRA and PiSSA init), run the loop with
@@ -143,6 +145,7 @@ def train_cmd(
         overwrite=overwrite,
         use_cache=not no_cache,
         nproc=nproc,
+        threads=threads,
         echo=typer.echo,
         command=["tunesmith", "train", str(config), *(overrides or [])],
     )

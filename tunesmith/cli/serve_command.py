@@ -13,6 +13,7 @@ from tunesmith.cli.app import (
     DtypeOpt,
     ModelOpt,
     RequestTimeoutOpt,
+    ThreadsOpt,
     TrustOpt,
     app,
     examples,
@@ -81,6 +82,7 @@ def serve_cmd(
         ".", "--adapter-root", help="POST /v1/adapters loads only folders under this one."
     ),
     device: DeviceOpt = "auto",
+    threads: ThreadsOpt = None,
     dtype: DtypeOpt = "auto",
     trust_remote_code: TrustOpt = False,
 ) -> None:
@@ -98,6 +100,7 @@ def serve_cmd(
         ) from None
     from tunesmith.builder import load_for_inference
     from tunesmith.serve.engine import Engine
+    from tunesmith.threads import plan_threads
 
     check_bind(host, api_key, "the model")
     counts = {"--max-running": max_running, "--max-queue": max_queue}
@@ -116,7 +119,8 @@ def serve_cmd(
     base = name or _base_name(model, lm)
     if base in loaded:
         raise TunesmithError(f"--name: {base!r} is also an adapter's name; choose another")
-    engine = Engine(lm, tokenizer, max_running=max_running, max_queue=max_queue)
+    plan = plan_threads(threads, reserve=1)
+    engine = Engine(lm, tokenizer, max_running=max_running, max_queue=max_queue, threads=plan)
     limits = Limits(max_body_bytes, max_tokens, max_n, timeout, request_timeout)
     server = Server(
         engine,
@@ -128,7 +132,9 @@ def serve_cmd(
     )
     typer.echo(
         f"serving {base!r} with adapters {', '.join(loaded) or '(none)'} on "
-        f"http://{host}:{port}/v1" + (" (API key required)" if api_key else ""),
+        f"http://{host}:{port}/v1"
+        + (" (API key required)" if api_key else "")
+        + f"; {plan.describe()}",
         err=True,
     )
     serve_forever(build_app(server), sock, request_timeout)

@@ -12,6 +12,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -57,6 +58,11 @@ class _Request:
     def __init__(self, server: Server, prompts: list[list[int]], adapter, params, n) -> None:
         self.loop = asyncio.get_running_loop()
         self.events: asyncio.Queue = asyncio.Queue()
+        self.tokenizer = server.tokenizer
+        self.wants_logprobs = params.logprobs is not None
+        self._arrived: list[tuple[int, str, object]] = []
+        self._lock = threading.Lock()
+        self._woken = False
         self.sequences: list[Sequence] = []
         timeout_s = server.limits.timeout_s
         for p_index, prompt in enumerate(prompts):
@@ -70,9 +76,28 @@ class _Request:
 
     def _callback(self, index: int):
         def on_event(kind: str, value) -> None:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, (index, kind, value))
+            # the engine sends a step's events together: wake the event loop once for them
+            with self._lock:
+                self._arrived.append((index, kind, value))
+                if self._woken:
+                    return
+                self._woken = True
+            self.loop.call_soon_threadsafe(self._take)
 
         return on_event
+
+    def _take(self) -> None:
+        with self._lock:
+            arrived, self._arrived, self._woken = self._arrived, [], False
+        for event in arrived:
+            self.events.put_nowait(event)
+
+    def pending(self) -> list[tuple[int, str, object]]:
+        """The events already queued (without waiting)."""
+        out = []
+        while not self.events.empty():
+            out.append(self.events.get_nowait())
+        return out
 
     def cancel(self) -> None:
         for seq in self.sequences:
@@ -94,6 +119,49 @@ class _Request:
         finally:
             task.cancel()
             self.cancel()  # a no-op for sequences that finished
+
+
+class LogProbs:
+    """One choice's log-probabilities in OpenAI's shape, handed out as they arrive: chat's
+    `{"content": [{token, logprob, bytes, top_logprobs}]}`, completions' `{tokens,
+    token_logprobs, top_logprobs, text_offset}` (text_offset counted over the tokens' texts)."""
+
+    def __init__(self, tokenizer, chat: bool) -> None:
+        self.tokenizer, self.chat = tokenizer, chat
+        self.entries: list = []
+        self.offset = 0
+
+    def add(self, entries) -> None:
+        self.entries.extend(entries)
+
+    def _text(self, token: int) -> str:
+        return self.tokenizer.decode([token])
+
+    def take(self) -> dict:
+        entries, self.entries = self.entries, []
+        if self.chat:
+            return {
+                "content": [
+                    {
+                        **self._item(token, logprob),
+                        "top_logprobs": [self._item(t, lp) for t, lp in top],
+                    }
+                    for token, logprob, top in entries
+                ]
+            }
+        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for token, logprob, top in entries:
+            text = self._text(token)
+            out["tokens"].append(text)
+            out["token_logprobs"].append(logprob)
+            out["top_logprobs"].append({self._text(t): lp for t, lp in top} | {text: logprob})
+            out["text_offset"].append(self.offset)
+            self.offset += len(text)
+        return out
+
+    def _item(self, token: int, logprob: float) -> dict:
+        text = self._text(token)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
 
 
 def _server(request: Request) -> Server:
@@ -191,11 +259,14 @@ def _failure(value) -> ApiError:
 async def _whole(req: _Request, head: dict, chat: bool, prompt_tokens: int):
     """Wait for every sequence of `req`, then answer in one body."""
     texts = {i: "" for i in range(len(req.sequences))}
+    logprobs = {i: LogProbs(req.tokenizer, chat) for i in range(len(req.sequences))}
     reasons: dict[int, str] = {}
     while len(reasons) < len(req.sequences):
         index, what, value = await req.events.get()
         if what == "text":
             texts[index] += value
+        elif what == "logprobs":
+            logprobs[index].add(value)
         elif what == "done":
             reasons[index] = value
         elif what == "disconnected":
@@ -208,7 +279,8 @@ async def _whole(req: _Request, head: dict, chat: bool, prompt_tokens: int):
             choice = {"index": i, "message": {"role": "assistant", "content": texts[i]}}
         else:
             choice = {"index": i, "text": texts[i]}
-        choices.append({**choice, "logprobs": None, "finish_reason": reasons[i]})
+        lp = logprobs[i].take() if req.wants_logprobs else None
+        choices.append({**choice, "logprobs": lp, "finish_reason": reasons[i]})
     generated = sum(s.generated for s in req.sequences)
     kind = "chat.completion" if chat else "text_completion"
     return JSONResponse(
@@ -222,6 +294,8 @@ async def _stream(
     """Server-sent events as the sequences of `req` produce text, then `data: [DONE]`."""
     kind = "chat.completion.chunk" if chat else "text_completion"
 
+    logprobs = {i: LogProbs(req.tokenizer, chat) for i in range(len(req.sequences))}
+
     def chunk(index: int, text: str | None, reason: str | None, first: bool = False) -> bytes:
         if chat:
             delta = {} if text is None else {"content": text}
@@ -230,27 +304,31 @@ async def _stream(
             choice = {"index": index, "delta": delta}
         else:
             choice = {"index": index, "text": text or ""}
-        choice.update({"logprobs": None, "finish_reason": reason})
+        lp = logprobs[index].take() if req.wants_logprobs and not first else None
+        choice.update({"logprobs": lp, "finish_reason": reason})
         return _sse({**head, "object": kind, "choices": [choice]})
 
     finished = 0
     async with req.watching(request):
         if chat:
-            for i in range(len(req.sequences)):
-                yield chunk(i, None, None, first=True)
+            yield b"".join(chunk(i, None, None, first=True) for i in range(len(req.sequences)))
         while finished < len(req.sequences):
-            index, what, value = await req.events.get()
-            if what == "text":
-                yield chunk(index, value, None)
-            elif what == "done":
-                finished += 1
-                yield chunk(index, None, value)
-            elif what == "disconnected":
-                return
-            else:
-                failure = _failure(value)
-                yield _sse(error_body(failure.message, failure.kind))
-                return
+            out = []  # one write for every event that has arrived (a step's, usually)
+            for index, what, value in [await req.events.get(), *req.pending()]:
+                if what == "text":
+                    out.append(chunk(index, value, None))
+                elif what == "logprobs":
+                    logprobs[index].add(value)
+                elif what == "done":
+                    finished += 1
+                    out.append(chunk(index, None, value))
+                elif what == "disconnected":
+                    return
+                else:
+                    failure = _failure(value)
+                    yield b"".join(out) + _sse(error_body(failure.message, failure.kind))
+                    return
+            yield b"".join(out)
         if include_usage:
             usage = _usage(prompt_tokens, sum(s.generated for s in req.sequences))
             yield _sse({**head, "object": kind, "choices": [], "usage": usage})

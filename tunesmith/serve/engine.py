@@ -22,13 +22,16 @@ attends to are cut. Padding is masked out, so a row's greedy tokens are the same
 alone or in a batch (the tests hold the engine to that).
 
 The engine knows nothing of HTTP: a sequence reports through `on_event(kind, value)`, called
-from the worker thread: ("text", piece), ("done", finish_reason) or ("error", (kind, text)),
+from the worker thread, a step's events together when the step ends: ("text", piece),
+("logprobs", [(token, logprob, [(alternative, logprob), ...]), ...]) before the text of those
+tokens when the request asked for them, ("done", finish_reason) or ("error", (kind, text)),
 kind one of `FAILURES` (the HTTP side maps them to statuses).
 """
 
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 import random
 import threading
@@ -38,7 +41,9 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
+import llguidance.hf
 import torch
+from llguidance import LLMatcher
 from transformers.cache_utils import DynamicCache
 
 from tunesmith.adapters.activation import route, set_active
@@ -48,7 +53,9 @@ from tunesmith.errors import TunesmithError
 from tunesmith.generation import stop_token_ids
 from tunesmith.paths import check_name
 from tunesmith.registry import method_of
+from tunesmith.serve.detok import Detokenizer
 from tunesmith.serve.metrics import TTFT_BUCKETS, Histogram
+from tunesmith.threads import ThreadPlan, apply_threads
 
 log = logging.getLogger("tunesmith.serve")
 
@@ -75,6 +82,10 @@ class UnknownModel(TunesmithError):
     """A request names a model the server does not serve (HTTP 404)."""
 
 
+class GrammarError(TunesmithError):
+    """A response format's schema that the grammar engine refuses (HTTP 400)."""
+
+
 @dataclass
 class Params:
     """How one sequence is decoded."""
@@ -85,6 +96,10 @@ class Params:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    logprobs: int | None = None
+    """None: no log-probabilities; k: each token's and its k most likely alternatives'."""
+    grammar: str | None = None
+    """An llguidance grammar the text must follow (`Engine.json_grammar`), or None."""
 
 
 Event = Callable[[str, object], None]
@@ -113,6 +128,14 @@ class Sequence:
         self.generated = 0
         """Generated ids, a final stop token included (what `usage` counts)."""
         self.text = ""
+        self.detok: Detokenizer | None = None
+        """Set when the sequence is prefilled."""
+        self.matcher = None
+        """llguidance's matcher of `params.grammar` (set when prefilled)."""
+        self.bitmask: torch.Tensor | None = None
+        self.logprobs: list[tuple[int, float, list[tuple[int, float]]]] = []
+        """With `params.logprobs`: (token, log-prob, [(alternative, log-prob)...]) per token."""
+        self.logprobs_sent = 0
         self.sent = 0
         """Characters of `text` already reported."""
         self.finish_reason: str | None = None
@@ -186,7 +209,8 @@ def context_length(model) -> int:
 class Engine:
     """Continuous batching for `model` (a transformers causal LM with tunesmith adapters
     loaded). `max_running`: sequences decoded at once; `max_queue`: sequences waiting for a
-    slot (`submit` raises `QueueFull` beyond it)."""
+    slot (`submit` raises `QueueFull` beyond it). `threads`: set in the worker thread when it
+    starts (`tunesmith.threads`)."""
 
     def __init__(
         self,
@@ -196,6 +220,7 @@ class Engine:
         max_running: int = 16,
         max_queue: int = 64,
         max_prefills_per_step: int = 4,
+        threads: ThreadPlan | None = None,
     ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -214,6 +239,11 @@ class Engine:
         self._model_lock = threading.RLock()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._ll_tokenizer = None
+        self._outbox: list[tuple[Sequence, str, object]] = []
+        """Events of the step under way, sent by `_deliver` when it ends."""
+        self.threads = threads
+        """Threads and cores the worker computes with (None: torch's settings as they are)."""
 
     # --- what the server calls ---------------------------------------------------------------
     def adapters(self) -> dict[str, str]:
@@ -258,6 +288,26 @@ class Engine:
             self._waiting.extend(sequences)
             self._cv.notify_all()
 
+    def json_grammar(self, schema: dict) -> str:
+        """The llguidance grammar of a JSON schema, checked against this model's tokenizer
+        (GrammarError with llguidance's reason when it is refused)."""
+        # compact separators: a weak model given free whitespace can spend every token on it
+        grammar = LLMatcher.grammar_from_json_schema(
+            json.dumps(schema), defaults={"whitespace_flexible": False}
+        )
+        problem = LLMatcher.validate_grammar(grammar, self._grammar_tokenizer())
+        if problem:
+            raise GrammarError(problem.splitlines()[0])
+        return grammar
+
+    def _grammar_tokenizer(self):
+        if self._ll_tokenizer is None:
+            vocab = self.model.get_output_embeddings().weight.shape[0]
+            self._ll_tokenizer = llguidance.hf.from_tokenizer(
+                self.tokenizer, n_vocab=vocab, eos_token=sorted(self.stops)
+            )
+        return self._ll_tokenizer
+
     def queue_length(self) -> int:
         return len(self._waiting)
 
@@ -298,6 +348,8 @@ class Engine:
 
     # --- the worker --------------------------------------------------------------------------
     def _loop(self) -> None:
+        if self.threads is not None:
+            apply_threads(self.threads)  # this thread runs the model; the HTTP side is not pinned
         while True:
             with self._cv:
                 while not self._stopping and not self._waiting and not self._batches:
@@ -318,6 +370,7 @@ class Engine:
                     except Exception as err:  # one bad request must not stop the others
                         log.exception("prefill failed")
                         self._fail(seq, err)
+                self._deliver()  # first tokens go out before the decode step
                 for key, batch in list(self._batches.items()):
                     try:
                         self._decode(batch)
@@ -326,11 +379,13 @@ class Engine:
                         for seq in batch.rows:
                             self._fail(seq, err)
                     self._compact(key, batch)
+                self._deliver()
             self.stats.busy_s += time.perf_counter() - started
             self._running = sum(len(b.rows) for b in self._batches.values())
         for batch in self._batches.values():
             for seq in batch.rows:
                 self._finish(seq, "error", ("shutdown", "the server is shutting down"))
+        self._deliver()
         self._batches.clear()
         self._running = 0
 
@@ -371,6 +426,13 @@ class Engine:
         return out.logits[:, -1].float()
 
     def _prefill(self, seq: Sequence) -> None:
+        seq.detok = Detokenizer(self.tokenizer)
+        if seq.params.grammar is not None:
+            from llguidance.torch import allocate_token_bitmask
+
+            tokenizer = self._grammar_tokenizer()
+            seq.matcher = LLMatcher(tokenizer, seq.params.grammar)
+            seq.bitmask = allocate_token_bitmask(1, tokenizer.vocab_size)
         key, lead = self._group(seq.adapter)
         n = len(seq.prompt)
         ids = torch.tensor([seq.prompt], device=self.device)
@@ -451,45 +513,91 @@ class Engine:
     # --- tokens ------------------------------------------------------------------------------
     def _sample(self, seq: Sequence, logits: torch.Tensor) -> int:
         p = seq.params
+        raw = logits
+        if seq.matcher is not None:  # tokens the grammar does not allow get -inf
+            from llguidance.torch import apply_token_bitmask_inplace, fill_next_token_bitmask
+
+            fill_next_token_bitmask(seq.matcher, seq.bitmask, 0)
+            logits = logits.clone()
+            apply_token_bitmask_inplace(logits[None], seq.bitmask.to(logits.device))
         if p.temperature <= 0:
-            return int(logits.argmax())
-        probs = torch.softmax(logits / p.temperature, dim=-1).cpu()
-        if p.top_p < 1:
-            ordered, order = probs.sort(descending=True)
-            outside = ordered.cumsum(0) - ordered > p.top_p
-            ordered[outside] = 0
-            probs = torch.zeros_like(probs).scatter_(0, order, ordered)
-        return int(torch.multinomial(probs, 1, generator=seq.generator))
+            token = int(logits.argmax())
+        else:
+            probs = torch.softmax(logits / p.temperature, dim=-1).cpu()
+            if p.top_p < 1:
+                ordered, order = probs.sort(descending=True)
+                outside = ordered.cumsum(0) - ordered > p.top_p
+                ordered[outside] = 0
+                probs = torch.zeros_like(probs).scatter_(0, order, ordered)
+            token = int(torch.multinomial(probs, 1, generator=seq.generator))
+        if seq.matcher is not None and not seq.matcher.consume_token(token):
+            log.error("the grammar refused token %d: %s", token, seq.matcher.get_error())
+            self._finish(seq, "error", ("failed", "generation failed: the grammar broke"))
+        if p.logprobs is not None and token not in self.stops:
+            # the model's own distribution (before temperature and the grammar), as vLLM's
+            logprobs = torch.log_softmax(raw, dim=-1)
+            top = logprobs.topk(p.logprobs)
+            others = list(zip(top.indices.tolist(), top.values.tolist(), strict=True))
+            seq.logprobs.append((token, float(logprobs[token]), others))
+        return token
 
     def _accept(self, seq: Sequence, token: int) -> None:
+        if seq.done:  # failed while sampling
+            return
         seq.generated += 1
         self.stats.generated_tokens += 1
         if seq.first_token_at is None:
             seq.first_token_at = time.monotonic()
             self.stats.ttft.observe(seq.first_token_at - seq.submitted)
         if token in self.stops:
-            self._finish(seq, "stop")
+            if not self._add_text(seq, seq.detok.flush()):
+                self._finish(seq, "stop")
             return
         seq.tokens.append(token)
         seq.last = token
         seq.position += 1
-        text = self.tokenizer.decode(seq.tokens, skip_special_tokens=True)
-        cut = _first_stop(text, seq.params.stop, max(0, seq.sent - _longest(seq.params.stop)))
-        if cut is not None:
-            seq.text = text[:cut]
-            self._finish(seq, "stop")
+        if self._add_text(seq, seq.detok.add(token)):
             return
-        seq.text = text
+        if seq.matcher is not None and seq.matcher.is_stopped():  # the grammar is complete
+            if not self._add_text(seq, seq.detok.flush()):
+                self._finish(seq, "stop")
+            return
         if seq.generated >= seq.params.max_tokens or seq.position + 1 >= self.context:
-            self._finish(seq, "length")
+            if not self._add_text(seq, seq.detok.flush()):
+                self._finish(seq, "length")
             return
-        self._emit(seq, _held_back(text, seq.params.stop))
+        self._emit(seq, _held_back(seq.text, seq.params.stop))
+
+    def _add_text(self, seq: Sequence, piece: str) -> bool:
+        """Append `piece` to the sequence's text and look for a stop string in what it adds
+        (one that ends in it): True when one was found (the text cut before it, finished)."""
+        if not piece:
+            return False
+        stops = seq.params.stop
+        start = max(0, len(seq.text) - _longest(stops) + 1)
+        seq.text += piece
+        cut = _first_stop(seq.text, stops, start)
+        if cut is None:
+            return False
+        seq.text = seq.text[:cut]
+        self._finish(seq, "stop")
+        return True
 
     def _emit(self, seq: Sequence, upto: int) -> None:
+        if len(seq.logprobs) > seq.logprobs_sent:  # before the text they belong to
+            self._outbox.append((seq, "logprobs", seq.logprobs[seq.logprobs_sent :]))
+            seq.logprobs_sent = len(seq.logprobs)
         if upto > seq.sent:
             piece = seq.text[seq.sent : upto]
             seq.sent = upto
-            seq.on_event("text", piece)
+            self._outbox.append((seq, "text", piece))
+
+    def _deliver(self) -> None:
+        """Send the events of the step just computed (all of them at once: the HTTP side
+        wakes once per request per step, not once per token)."""
+        outbox, self._outbox = self._outbox, []
+        for seq, kind, value in outbox:
+            seq.on_event(kind, value)
 
     def _finish(self, seq: Sequence, reason: str, error: tuple[str, str] | None = None) -> None:
         if seq.done:
@@ -497,10 +605,10 @@ class Engine:
         seq.finish_reason = reason
         self.stats.finished[reason] = self.stats.finished.get(reason, 0) + 1
         if error is not None:
-            seq.on_event("error", error)
+            self._outbox.append((seq, "error", error))
         elif reason != "cancelled":
             self._emit(seq, len(seq.text))
-            seq.on_event("done", reason)
+            self._outbox.append((seq, "done", reason))
 
 
 def _layers(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:

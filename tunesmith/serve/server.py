@@ -16,7 +16,7 @@ from starlette.responses import JSONResponse
 from tunesmith.data.encode import bos_prefix
 from tunesmith.errors import TunesmithError
 from tunesmith.generation import chat_template_of, prompt_ids
-from tunesmith.serve.engine import Engine, Params
+from tunesmith.serve.engine import Engine, GrammarError, Params
 from tunesmith.serve.guard import Access, Refused, read_json_body
 from tunesmith.serve.metrics import Metrics
 from tunesmith.serve.runner import REQUEST_TIMEOUT_S
@@ -85,7 +85,7 @@ INT64 = 2**63
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")  # a field we do not act on is refused, not ignored
 
     model: str
     max_tokens: StrictInt | None = Field(None, ge=1)
@@ -96,9 +96,10 @@ class _Body(BaseModel):
     stop: Union[str, list[str], None] = None  # noqa: UP007
     stream: StrictBool = False
     stream_options: dict | None = None
-    logprobs: Union[StrictBool, StrictInt, None] = None  # noqa: UP007
     presence_penalty: Number = 0.0
     frequency_penalty: Number = 0.0
+    user: str | None = None
+    """An end-user id (OpenAI's abuse monitoring): accepted and not used."""
 
 
 class _Part(BaseModel):
@@ -107,14 +108,35 @@ class _Part(BaseModel):
 
 
 class _Message(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[str, list[_Part], None] = None  # noqa: UP007
+    name: str | None = None
+    """A participant's name: accepted and not shown to the model (as OpenAI's own models)."""
+
+
+class _JsonSchema(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(max_length=64)
+    schema_: dict[str, Any] = Field(alias="schema")
+    description: str | None = None
+    strict: StrictBool | None = None
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: _JsonSchema | None = None
 
 
 class ChatBody(_Body):
     messages: list[_Message] = Field(min_length=1)
+    logprobs: StrictBool = False
+    top_logprobs: StrictInt | None = Field(None, ge=0, le=20)
+    response_format: ResponseFormat | None = None
     max_completion_tokens: StrictInt | None = Field(None, ge=1)
     chat_template_kwargs: dict[str, Any] | None = None
     """More arguments for the chat template (as vLLM takes them), e.g. enable_thinking."""
@@ -122,6 +144,9 @@ class ChatBody(_Body):
 
 class CompletionBody(_Body):
     prompt: Union[str, list[str], list[StrictInt], list[list[StrictInt]]]  # noqa: UP007
+    logprobs: StrictInt | None = Field(None, ge=0, le=5)
+    response_format: ResponseFormat | None = None
+    """Not in OpenAI's completions API; vLLM takes it there too."""
     echo: StrictBool = False
     suffix: str | None = None
 
@@ -136,6 +161,8 @@ class AdapterBody(BaseModel):
 def validation_message(err: ValidationError) -> tuple[str, str]:
     first = err.errors()[0]
     where = ".".join(str(p) for p in first["loc"]) or "body"
+    if first["type"] == "extra_forbidden":
+        return f"{where}: tunesmith serve does not take this field; remove it", where
     return f"{where}: {first['msg']}", where
 
 
@@ -186,8 +213,6 @@ class Server:
         )
 
     def params(self, body: _Body, prompt_tokens: int, max_tokens: int | None) -> Params:
-        if body.logprobs:
-            raise bad_request("logprobs are not supported by tunesmith serve", "logprobs")
         if body.presence_penalty or body.frequency_penalty:
             raise bad_request(
                 "presence_penalty and frequency_penalty are not supported by tunesmith serve; "
@@ -217,7 +242,34 @@ class Server:
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         if len(stop) > 4 or any(not s for s in stop):
             raise bad_request("stop: up to 4 non-empty strings", "stop")
-        return Params(wanted, body.temperature, body.top_p, body.seed, tuple(stop))
+        if isinstance(body, ChatBody):
+            if body.top_logprobs is not None and not body.logprobs:
+                raise bad_request("top_logprobs: set logprobs to true as well", "top_logprobs")
+            logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        else:
+            logprobs = body.logprobs
+        grammar = self.grammar(body.response_format)
+        return Params(
+            wanted, body.temperature, body.top_p, body.seed, tuple(stop), logprobs, grammar
+        )
+
+    def grammar(self, form: ResponseFormat | None) -> str | None:
+        """The llguidance grammar that `response_format` asks for (None: free text), or a 400
+        naming what is wrong with it."""
+        if form is None or form.type == "text":
+            return None
+        if form.type == "json_schema" and form.json_schema is None:
+            raise bad_request(
+                "response_format.json_schema: give {name, schema} with type json_schema",
+                "response_format",
+            )
+        schema = {"type": "object"} if form.type == "json_object" else form.json_schema.schema_
+        try:
+            return self.engine.json_grammar(schema)
+        except GrammarError as err:
+            raise bad_request(
+                f"response_format.json_schema.schema: {err}", "response_format"
+            ) from None
 
     # --- prompts ---
     def chat_prompt(self, body: ChatBody) -> list[int]:
