@@ -55,6 +55,7 @@ from tunesmith.paths import check_name
 from tunesmith.registry import method_of
 from tunesmith.serve.detok import Detokenizer
 from tunesmith.serve.metrics import TTFT_BUCKETS, Histogram
+from tunesmith.serve.slots import SlotCache, mask_decode, mask_prefill, supports_slots
 from tunesmith.threads import ThreadPlan, apply_threads
 
 log = logging.getLogger("tunesmith.serve")
@@ -145,6 +146,10 @@ class Sequence:
         self.first_token_at: float | None = None
         self.position = len(self.prompt) - 1
         """The position of the next token fed to the model (`last`)."""
+        self.slot: int | None = None
+        """Its slot in the engine's slot cache (None: not there)."""
+        self.filled = 0
+        """Prompt tokens already in the cache (prefill goes in chunks)."""
         self.last = -1
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         self.generator = torch.Generator().manual_seed(seed % 2**64)
@@ -188,6 +193,10 @@ class Stats:
     """Seconds the worker spent computing (prefill and decode)."""
 
 
+SLOTS = object()
+"""`_decode`'s argument for the sequences in the slot cache (the others are `_Batch`es)."""
+
+
 def _cache_argument(model) -> str:
     """The KV cache argument of the model's forward: `past_key_values` up to transformers 5.23,
     `cache` from 5.24."""
@@ -221,6 +230,7 @@ class Engine:
         max_queue: int = 64,
         max_prefills_per_step: int = 4,
         threads: ThreadPlan | None = None,
+        prefill_tokens: int = 512,
     ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -240,6 +250,15 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._ll_tokenizer = None
+        self.prefill_tokens = prefill_tokens
+        """Prompt tokens prefilled per step at most, across sequences (a long prompt goes in
+        chunks between decode steps, so it does not stall the running streams)."""
+        self.slotted = supports_slots(model)
+        """Whether the base and LoRA-family adapters run on the slot cache (else: the
+        left-padded DynamicCache batches that prompt/prefix adapters use)."""
+        self._cache = SlotCache(max_running, self.device)
+        self._slots: list[Sequence | None] = [None] * max_running
+        self._prefilling: deque[Sequence] = deque()
         self._outbox: list[tuple[Sequence, str, object]] = []
         """Events of the step under way, sent by `_deliver` when it ends."""
         self.threads = threads
@@ -315,8 +334,13 @@ class Engine:
         return self._running
 
     def cached_tokens(self) -> int:
-        """KV-cache columns held across all groups (0 when idle: nothing is kept)."""
-        return sum(b.mask.numel() for b in self._batches.values() if b.mask is not None)
+        """KV-cache columns in use across all groups (0 when idle: nothing is kept)."""
+        slotted = sum(s.filled + len(s.tokens) for s in self._slots if s is not None)
+        return slotted + sum(b.mask.numel() for b in self._batches.values() if b.mask is not None)
+
+    def _in_flight(self) -> list[Sequence]:
+        batched = (r for b in self._batches.values() for r in b.rows)
+        return [*self._waiting, *batched, *(s for s in self._slots if s is not None)]
 
     def load(self, name: str, path: str) -> str:
         """Load the adapter at `path` as `name` between decode steps; returns its method."""
@@ -335,11 +359,7 @@ class Engine:
         with self._model_lock, self._cv:
             if name not in adapter_state(self.model).configs:
                 raise UnknownModel(f"no adapter named {name!r} is loaded")
-            busy = sum(
-                1
-                for seq in [*self._waiting, *(r for b in self._batches.values() for r in b.rows)]
-                if seq.adapter == name and not seq.done
-            )
+            busy = sum(1 for seq in self._in_flight() if seq.adapter == name and not seq.done)
             if busy:
                 raise AdapterBusy(
                     f"adapter {name!r} has {busy} request(s) in flight; unload it when they finish"
@@ -352,42 +372,189 @@ class Engine:
             apply_threads(self.threads)  # this thread runs the model; the HTTP side is not pinned
         while True:
             with self._cv:
-                while not self._stopping and not self._waiting and not self._batches:
+                while not self._stopping and not self._waiting and not self._busy():
                     self._cv.wait()
                 if self._stopping:
                     break
                 joining: list[Sequence] = []
                 free = self.max_running - self._running
-                while self._waiting and len(joining) < min(free, self.max_prefills_per_step):
+                while self._waiting and len(joining) < free:
                     joining.append(self._waiting.popleft())
             started = time.perf_counter()
             with self._model_lock, torch.inference_mode():
-                for seq in joining:
-                    if self._drop_if_over(seq):
-                        continue
-                    try:
-                        self._prefill(seq)
-                    except Exception as err:  # one bad request must not stop the others
-                        log.exception("prefill failed")
-                        self._fail(seq, err)
+                self._admit(joining)
+                self._prefill_step()
                 self._deliver()  # first tokens go out before the decode step
+                if any(s is not None and s.filled == len(s.prompt) for s in self._slots):
+                    self._step(SLOTS)
                 for key, batch in list(self._batches.items()):
-                    try:
-                        self._decode(batch)
-                    except Exception as err:
-                        log.exception("decode step failed")
-                        for seq in batch.rows:
-                            self._fail(seq, err)
-                    self._compact(key, batch)
+                    self._step(batch, key)
                 self._deliver()
             self.stats.busy_s += time.perf_counter() - started
-            self._running = sum(len(b.rows) for b in self._batches.values())
-        for batch in self._batches.values():
-            for seq in batch.rows:
+            self._running = sum(len(b.rows) for b in self._batches.values()) + sum(
+                s is not None for s in self._slots
+            )
+        for seq in [r for b in self._batches.values() for r in b.rows] + self._slots:
+            if seq is not None:
                 self._finish(seq, "error", ("shutdown", "the server is shutting down"))
         self._deliver()
         self._batches.clear()
+        self._slots = [None] * self.max_running
+        self._prefilling.clear()
+        self._cache.clear()
         self._running = 0
+
+    def _busy(self) -> bool:
+        return bool(self._batches) or any(s is not None for s in self._slots)
+
+    def _step(self, batch, key=None) -> None:
+        try:
+            self._decode(batch)
+        except Exception as err:
+            log.exception("decode step failed")
+            rows = [s for s in self._slots if s is not None] if batch is SLOTS else batch.rows
+            for seq in rows:
+                self._fail(seq, err)
+        if batch is SLOTS:
+            self._free_slots()
+        else:
+            self._compact(key, batch)
+
+    def _admit(self, joining: list[Sequence]) -> None:
+        """Start the joining sequences: a slot (prefilled in chunks by `_prefill_step`), or,
+        for a prompt/prefix adapter, a prefill now into its group's batch."""
+        deferred, prefills = [], 0
+        for seq in joining:
+            if self._drop_if_over(seq):
+                continue
+            try:
+                self._start(seq)
+                key, _ = self._group(seq.adapter)
+                if self.slotted and key is None:
+                    seq.slot = self._slots.index(None)
+                    self._slots[seq.slot] = seq
+                    room = min(len(seq.prompt) + seq.params.max_tokens, self.context) + 1
+                    self._cache.reserve(room)
+                    self._prefilling.append(seq)
+                elif prefills < self.max_prefills_per_step:
+                    prefills += 1
+                    self._prefill(seq)
+                else:  # the rest of this turn's prompt/prefix prefills wait for the next turn
+                    deferred.append(seq)
+            except Exception as err:  # one bad request must not stop the others
+                log.exception("prefill failed")
+                self._fail(seq, err)
+        with self._cv:
+            self._waiting.extendleft(reversed(deferred))
+
+    def _start(self, seq: Sequence) -> None:
+        seq.detok = Detokenizer(self.tokenizer)
+        if seq.params.grammar is not None:
+            from llguidance.torch import allocate_token_bitmask
+
+            tokenizer = self._grammar_tokenizer()
+            seq.matcher = LLMatcher(tokenizer, seq.params.grammar)
+            seq.bitmask = allocate_token_bitmask(1, tokenizer.vocab_size)
+
+    def _prefill_step(self) -> None:
+        """Prefill the waiting prompts' next chunks, at most `prefill_tokens` tokens in all, in
+        one forward pass; a prompt whose last chunk this is samples its first token."""
+        budget, rows = self.prefill_tokens, []
+        for seq in list(self._prefilling):
+            if self._drop_if_over(seq):
+                self._prefilling.remove(seq)
+                continue
+            n = min(len(seq.prompt) - seq.filled, budget)
+            if n <= 0:
+                break
+            rows.append((seq, seq.filled, n))
+            budget -= n
+        if not rows:
+            return
+        try:
+            self._prefill_rows(rows)
+        except Exception as err:
+            if len(rows) == 1:
+                log.exception("prefill failed")
+                self._fail(rows[0][0], err)
+            else:  # find the request that fails: the others go on
+                for row in rows:
+                    try:
+                        self._prefill_rows([row])
+                    except Exception as one:
+                        log.exception("prefill failed")
+                        self._fail(row[0], one)
+        for seq, _, _ in rows:
+            if seq.done and seq in self._prefilling:
+                self._prefilling.remove(seq)
+        self._free_slots()
+
+    def _prefill_rows(self, rows: list[tuple[Sequence, int, int]]) -> None:
+        chunk = max(n for _, _, n in rows)
+        ids = torch.zeros((len(rows), chunk), dtype=torch.long)
+        for i, (seq, start, n) in enumerate(rows):
+            ids[i, :n] = torch.tensor(seq.prompt[start : start + n])
+        starts = [start for _, start, _ in rows]
+        counts = [n for _, _, n in rows]
+        positions = torch.tensor(starts)[:, None] + torch.arange(chunk)[None, :]
+        ends = sorted({n - 1 for seq, start, n in rows if start + n == len(seq.prompt)})
+        self._cache.plan_prefill([seq.slot for seq, _, _ in rows], starts, counts)
+        mask = mask_prefill(starts, counts, self._dtype(), self.device)
+        keep = torch.tensor(ends or [chunk - 1], device=self.device)
+        logits = self._forward(
+            None,
+            [seq.adapter for seq, _, _ in rows],
+            ids.to(self.device),
+            mask,
+            positions.to(self.device),
+            self._cache,
+            keep,
+        )
+        for i, (seq, _, n) in enumerate(rows):
+            seq.filled += n
+            self.stats.prompt_tokens += n
+            if seq.filled == len(seq.prompt):
+                self._prefilling.remove(seq)
+                self._accept(seq, self._sample(seq, logits[i, ends.index(n - 1)]))
+
+    def _decode_slots(self) -> None:
+        """One decode step for every sequence in a slot whose prompt is in: rows are the slots
+        0..high-1, the others (free, prefilling) masked and not read."""
+        high = max(i for i, s in enumerate(self._slots) if s is not None) + 1
+        rows = self._slots[:high]
+        live = [s is not None and s.filled == len(s.prompt) and not s.done for s in rows]
+        ids = [s.last if ok else 0 for s, ok in zip(rows, live, strict=True)]
+        seen = [s.position if ok else 0 for s, ok in zip(rows, live, strict=True)]
+        columns = [
+            s.position if ok else (s.filled if s is not None else 0)
+            for s, ok in zip(rows, live, strict=True)
+        ]
+        self._cache.plan_decode(columns, max(seen) + 1)
+        logits = self._forward(
+            None,
+            [s.adapter if ok else None for s, ok in zip(rows, live, strict=True)],
+            torch.tensor(ids, device=self.device)[:, None],
+            mask_decode(seen, self._dtype(), self.device),
+            torch.tensor(seen, device=self.device)[:, None],
+            self._cache,
+        )
+        self.stats.steps += 1
+        self.stats.step_rows += sum(live)
+        for seq, ok, row in zip(rows, live, logits, strict=True):
+            if ok:
+                self._accept(seq, self._sample(seq, row))
+
+    def _free_slots(self) -> None:
+        for i, seq in enumerate(self._slots):
+            if seq is not None and (seq.done or self._drop_if_over(seq)):
+                self._slots[i] = None
+                if seq in self._prefilling:
+                    self._prefilling.remove(seq)
+        if all(s is None for s in self._slots):
+            self._cache.clear()
+
+    def _dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
 
     def _drop_if_over(self, seq: Sequence) -> bool:
         if seq.cancelled:
@@ -411,7 +578,9 @@ class Engine:
             return adapter, method.cache_tokens(config)
         return None, 0
 
-    def _forward(self, key, adapters, ids, mask, positions, cache) -> torch.Tensor:
+    def _forward(self, key, adapters, ids, mask, positions, cache, keep=1) -> torch.Tensor:
+        """The logits of the last position ((rows, vocab)), or with `keep` a tensor of
+        positions, of those ((rows, len(keep), vocab))."""
         set_active(self.model, [key] if key is not None else [])
         routing = route(self.model, adapters) if key is None and any(adapters) else nullcontext()
         with routing:
@@ -420,19 +589,16 @@ class Engine:
                 attention_mask=mask,
                 position_ids=positions,
                 use_cache=True,
-                logits_to_keep=1,
+                logits_to_keep=keep,
                 **{self._cache_arg: cache},
             )
+        if isinstance(keep, torch.Tensor):
+            return out.logits.float()
         return out.logits[:, -1].float()
 
     def _prefill(self, seq: Sequence) -> None:
-        seq.detok = Detokenizer(self.tokenizer)
-        if seq.params.grammar is not None:
-            from llguidance.torch import allocate_token_bitmask
-
-            tokenizer = self._grammar_tokenizer()
-            seq.matcher = LLMatcher(tokenizer, seq.params.grammar)
-            seq.bitmask = allocate_token_bitmask(1, tokenizer.vocab_size)
+        """A prompt/prefix adapter's sequence (or any, without the slot cache): prefilled
+        alone, its DynamicCache joins its group's left-padded batch."""
         key, lead = self._group(seq.adapter)
         n = len(seq.prompt)
         ids = torch.tensor([seq.prompt], device=self.device)
@@ -449,7 +615,10 @@ class Engine:
             batch = self._batches[key] = _Batch(key, lead)
         self._join(batch, seq, cache, mask)
 
-    def _decode(self, batch: _Batch) -> None:
+    def _decode(self, batch) -> None:
+        if batch is SLOTS:
+            self._decode_slots()
+            return
         rows = batch.rows  # never empty, none done: _compact runs after every step
         ids = torch.tensor([[s.last] for s in rows], device=self.device)
         positions = torch.tensor([[s.position] for s in rows], device=self.device)

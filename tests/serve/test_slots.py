@@ -1,0 +1,118 @@
+"""The serving engine's slot cache: chunked, batched prefill and decoding in place give the
+tokens that the left-padded DynamicCache path and transformers' own generate give."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from helpers.adapters import BUNDLED, adapter_folder
+from transformers import MistralConfig
+
+from tunesmith.builder import load_for_inference
+from tunesmith.serve.engine import Engine, Params, Sequence
+from tunesmith.serve.slots import mask_decode, mask_prefill, supports_slots
+
+PROMPTS = [
+    list(range(5, 45)),  # 40 tokens: several chunks at a small budget
+    [7, 450, 3483],
+    list(range(100, 123)),
+    [9] * 11,
+    list(range(300, 302)),
+]
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer(tmp_path_factory):
+    root = tmp_path_factory.mktemp("slots")
+    folders = [
+        adapter_folder(root, BUNDLED, "lora", name=name, seed=seed, b_scale=3)
+        for name, seed in (("a", 1), ("b", 2))
+    ]
+    model, tokenizer, _ = load_for_inference(
+        str(BUNDLED), [str(f) for f in folders], names=["a", "b"]
+    )
+    return model, tokenizer
+
+
+def _run(engine: Engine, jobs: list[tuple[list[int], str | None]], tokens: int = 12):
+    done = threading.Semaphore(0)
+    sequences = [
+        Sequence(
+            prompt, adapter, Params(max_tokens=tokens), lambda k, v: k != "text" and done.release()
+        )
+        for prompt, adapter in jobs
+    ]
+    engine.start()
+    try:
+        for seq in sequences:  # one request each: more than --max-running may queue
+            engine.submit([seq])
+        for _ in sequences:
+            assert done.acquire(timeout=120)
+    finally:
+        engine.stop()
+    assert all(s.finish_reason in ("stop", "length") for s in sequences)
+    return [s.tokens for s in sequences]
+
+
+def test_chunked_batched_prefill_and_slots_equal_the_padded_path(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    jobs = [(p, [None, "a", "b"][i % 3]) for i, p in enumerate(PROMPTS)]
+    jobs += [(PROMPTS[0], "b"), (PROMPTS[1], None)]
+    legacy = Engine(model, tokenizer)
+    legacy.slotted = False  # every group on the left-padded DynamicCache
+    expected = _run(legacy, jobs)
+    whole = Engine(model, tokenizer)  # every prompt in one prefill pass
+    assert whole.slotted
+    assert _run(whole, jobs) == expected
+    chunked = Engine(model, tokenizer, prefill_tokens=7)  # 40 tokens: 6 chunks, between steps
+    assert _run(chunked, jobs) == expected
+    assert chunked.stats.prompt_tokens == sum(len(p) for p, _ in jobs)
+    # two slots for seven sequences: they queue, and a finished one's slot is reused
+    assert _run(Engine(model, tokenizer, max_running=2, prefill_tokens=16), jobs) == expected
+    assert chunked.cached_tokens() == 0 and chunked._cache.held_bytes() == 0  # idle: freed
+
+
+def test_the_base_rows_equal_transformers_generate(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    jobs = [(p, None) for p in PROMPTS]
+    got = _run(Engine(model, tokenizer, prefill_tokens=16), jobs, tokens=10)
+    from tunesmith.adapters.activation import set_active
+
+    set_active(model, [])
+    for (prompt, _), tokens in zip(jobs, got, strict=True):
+        out = model.generate(
+            torch.tensor([prompt]), max_new_tokens=10, do_sample=False, min_new_tokens=10
+        )
+        assert tokens == out[0, len(prompt) :].tolist()[: len(tokens)]
+
+
+def test_masks_show_each_row_its_own_columns():
+    m = mask_decode([2, 0, 3], torch.float32, "cpu")
+    assert m.shape == (3, 1, 1, 4)
+    assert (m[:, 0, 0] == 0).tolist() == [
+        [True, True, True, False],
+        [True, False, False, False],
+        [True, True, True, True],
+    ]
+    m = mask_prefill([0, 4], [3, 2], torch.float32, "cpu")
+    assert m.shape == (2, 1, 3, 6)
+    assert (m[1, 0] == 0).tolist() == [  # row 1: positions 4, 5 (and a padded query, 6)
+        [True, True, True, True, True, False],
+        [True, True, True, True, True, True],
+        [True, True, True, True, True, True],
+    ]
+    assert m.min() == torch.finfo(torch.float32).min
+
+
+def test_a_sliding_window_keeps_the_padded_path(model_and_tokenizer):
+    model, _ = model_and_tokenizer
+    assert supports_slots(model)
+
+    class Windowed:
+        config = MistralConfig(sliding_window=64)
+
+    assert not supports_slots(Windowed())
+    Windowed.config = MistralConfig(sliding_window=None)
+    assert supports_slots(Windowed())
