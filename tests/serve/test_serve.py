@@ -236,6 +236,18 @@ def test_chat_logprobs_whole_and_streamed(client, generated):
     assert _chat(client, "alpha", PROMPTS[0]).choices[0].logprobs is None  # only when asked
 
 
+def test_usage_says_how_many_prompt_tokens_came_from_the_prefix_cache(client):
+    prompt = "You are a helpful assistant. Answer in one short line. " * 3 + "def fibonacci(n):"
+    first, second = (
+        client.completions.create(model="beta", prompt=prompt, max_tokens=8, temperature=0)
+        for _ in range(2)
+    )
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert cached > 0 and cached % 16 == 0 and cached < second.usage.prompt_tokens
+    assert second.choices[0].text == first.choices[0].text
+
+
 SCHEMA = {
     "type": "object",
     "properties": {

@@ -116,3 +116,37 @@ def test_a_sliding_window_keeps_the_padded_path(model_and_tokenizer):
     assert not supports_slots(Windowed())
     Windowed.config = MistralConfig(sliding_window=None)
     assert supports_slots(Windowed())
+
+
+SYSTEM = list(range(500, 548))  # 48 tokens: three blocks
+
+
+def test_a_shared_prefix_is_computed_once_per_adapter(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    first, second = SYSTEM + [60, 61, 62], SYSTEM + [70, 71]
+    plain = Engine(model, tokenizer, prefix_cache_bytes=0)
+    expected = [_run(plain, [(p, a)]) for p in (first, second) for a in (None, "a")]
+    engine = Engine(model, tokenizer)
+    got = [_run(engine, [(first, None)]), _run(engine, [(second, None)])]
+    assert engine.stats.cached_prompt_tokens == 48  # the second reused all three blocks
+    assert engine.stats.prompt_tokens == len(first) + len(second) - 48
+    got += [_run(engine, [(first, "a")]), _run(engine, [(second, "a")])]
+    # adapter a's keys differ: its first request computes the prefix, its second reuses it
+    assert engine.stats.cached_prompt_tokens == 96
+    assert got == [expected[0], expected[2], expected[1], expected[3]]
+    # the same prompt again: all but the last token's block (its logits are needed)
+    _run(engine, [(SYSTEM, None)])
+    assert engine.stats.cached_prompt_tokens == 96 + 32
+    engine.prefix.drop("a")
+    assert all(key[0] is None for key in engine.prefix._blocks)
+
+
+def test_the_prefix_cache_keeps_to_its_bytes(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    engine = Engine(model, tokenizer)
+    _run(engine, [(SYSTEM, None)], tokens=1)
+    block = engine.prefix.bytes // len(engine.prefix)
+    assert len(engine.prefix) == 3 and engine.prefix.bytes == 3 * block
+    engine.prefix.max_bytes = 2 * block
+    _run(engine, [(list(range(600, 616)) + [1], None)], tokens=1)  # one new block
+    assert len(engine.prefix) == 2 and engine.prefix.bytes == 2 * block

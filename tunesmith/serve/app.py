@@ -281,10 +281,9 @@ async def _whole(req: _Request, head: dict, chat: bool, prompt_tokens: int):
             choice = {"index": i, "text": texts[i]}
         lp = logprobs[i].take() if req.wants_logprobs else None
         choices.append({**choice, "logprobs": lp, "finish_reason": reasons[i]})
-    generated = sum(s.generated for s in req.sequences)
     kind = "chat.completion" if chat else "text_completion"
     return JSONResponse(
-        {**head, "object": kind, "choices": choices, "usage": _usage(prompt_tokens, generated)}
+        {**head, "object": kind, "choices": choices, "usage": _usage(prompt_tokens, req.sequences)}
     )
 
 
@@ -330,7 +329,7 @@ async def _stream(
                     return
             yield b"".join(out)
         if include_usage:
-            usage = _usage(prompt_tokens, sum(s.generated for s in req.sequences))
+            usage = _usage(prompt_tokens, req.sequences)
             yield _sse({**head, "object": kind, "choices": [], "usage": usage})
         yield _sse("[DONE]")
 
@@ -448,11 +447,13 @@ def build_app(server: Server) -> Starlette:
     return app
 
 
-def _usage(prompt_tokens: int, generated: int) -> dict:
+def _usage(prompt_tokens: int, sequences: list[Sequence]) -> dict:
+    generated = sum(s.generated for s in sequences)
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": generated,
         "total_tokens": prompt_tokens + generated,
+        "prompt_tokens_details": {"cached_tokens": sum(s.cached for s in sequences)},
     }
 
 

@@ -55,6 +55,7 @@ from tunesmith.paths import check_name
 from tunesmith.registry import method_of
 from tunesmith.serve.detok import Detokenizer
 from tunesmith.serve.metrics import TTFT_BUCKETS, Histogram
+from tunesmith.serve.prefix import BLOCK, PrefixCache
 from tunesmith.serve.slots import SlotCache, mask_decode, mask_prefill, supports_slots
 from tunesmith.threads import ThreadPlan, apply_threads
 
@@ -150,6 +151,8 @@ class Sequence:
         """Its slot in the engine's slot cache (None: not there)."""
         self.filled = 0
         """Prompt tokens already in the cache (prefill goes in chunks)."""
+        self.cached = 0
+        """Prompt tokens whose keys and values came from the prefix cache."""
         self.last = -1
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         self.generator = torch.Generator().manual_seed(seed % 2**64)
@@ -182,6 +185,9 @@ class Stats:
     """Counters the worker keeps, read by `/metrics`."""
 
     prompt_tokens: int = 0
+    """Prompt tokens computed (prefilled)."""
+    cached_prompt_tokens: int = 0
+    """Prompt tokens taken from the prefix cache instead."""
     generated_tokens: int = 0
     finished: dict[str, int] = field(default_factory=dict)
     steps: int = 0
@@ -231,6 +237,7 @@ class Engine:
         max_prefills_per_step: int = 4,
         threads: ThreadPlan | None = None,
         prefill_tokens: int = 512,
+        prefix_cache_bytes: int = 256 << 20,
     ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -259,6 +266,8 @@ class Engine:
         self._cache = SlotCache(max_running, self.device)
         self._slots: list[Sequence | None] = [None] * max_running
         self._prefilling: deque[Sequence] = deque()
+        self.prefix = PrefixCache(prefix_cache_bytes) if self.slotted else None
+        """Shared prompt blocks, per adapter (`tunesmith.serve.prefix`; 0 bytes: off)."""
         self._outbox: list[tuple[Sequence, str, object]] = []
         """Events of the step under way, sent by `_deliver` when it ends."""
         self.threads = threads
@@ -365,6 +374,8 @@ class Engine:
                     f"adapter {name!r} has {busy} request(s) in flight; unload it when they finish"
                 )
             delete_adapter(self.model, name)
+            if self.prefix is not None:
+                self.prefix.drop(name)
 
     # --- the worker --------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -435,6 +446,7 @@ class Engine:
                     self._slots[seq.slot] = seq
                     room = min(len(seq.prompt) + seq.params.max_tokens, self.context) + 1
                     self._cache.reserve(room)
+                    self._reuse_prefix(seq)
                     self._prefilling.append(seq)
                 elif prefills < self.max_prefills_per_step:
                     prefills += 1
@@ -446,6 +458,14 @@ class Engine:
                 self._fail(seq, err)
         with self._cv:
             self._waiting.extendleft(reversed(deferred))
+
+    def _reuse_prefix(self, seq: Sequence) -> None:
+        if self.prefix is None or not self._cache.ready():
+            return
+        for b, block in enumerate(self.prefix.match(seq.adapter, seq.prompt)):
+            self._cache.write(seq.slot, b * BLOCK, block)
+            seq.filled = seq.cached = (b + 1) * BLOCK
+        self.stats.cached_prompt_tokens += seq.cached
 
     def _start(self, seq: Sequence) -> None:
         seq.detok = Detokenizer(self.tokenizer)
@@ -515,6 +535,8 @@ class Engine:
             self.stats.prompt_tokens += n
             if seq.filled == len(seq.prompt):
                 self._prefilling.remove(seq)
+                if self.prefix is not None:
+                    self.prefix.store(seq.adapter, seq.prompt, self._cache.slot_layers(seq.slot))
                 self._accept(seq, self._sample(seq, logits[i, ends.index(n - 1)]))
 
     def _decode_slots(self) -> None:

@@ -103,6 +103,12 @@ class Metrics:
             [({}, stats.prompt_tokens)],
         )
         metric(
+            "tunesmith_prefix_cache_tokens_total",
+            "counter",
+            "Prompt tokens whose keys and values came from the prefix cache.",
+            [({}, stats.cached_prompt_tokens)],
+        )
+        metric(
             "tunesmith_generated_tokens_total",
             "counter",
             "Tokens generated.",

@@ -53,11 +53,15 @@ class SlotCache:
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         self.plan: _Plan | None = None
+        self._shapes: list[tuple] = []
+        """Per layer (kv_heads, head_dim, dtype), known after the first forward pass."""
 
     # --- size ---
     def reserve(self, columns: int) -> None:
         """Room for `columns` columns in every slot (grown, content kept)."""
         if columns <= self.columns:
+            if not self.keys and self._shapes:
+                self._allocate()
             return
         wanted = max(columns, 2 * self.columns)
         wanted = -(-wanted // _ROUND) * _ROUND
@@ -67,6 +71,29 @@ class SlotCache:
                 new[:, :, : old.shape[2]] = old
                 store[i] = new
         self.columns = wanted
+        if not self.keys and self._shapes:
+            self._allocate()
+
+    def _allocate(self) -> None:
+        for heads, dim, dtype in self._shapes:
+            shape = (self.slots, heads, self.columns, dim)
+            self.keys.append(torch.zeros(shape, dtype=dtype, device=self.device))
+            self.values.append(torch.zeros(shape, dtype=dtype, device=self.device))
+
+    def ready(self) -> bool:
+        """Whether the buffers exist (after the first forward pass)."""
+        return bool(self.keys)
+
+    def slot_layers(self, slot: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer the slot's (keys, values), (kv_heads, columns, head_dim): views."""
+        return [(k[slot], v[slot]) for k, v in zip(self.keys, self.values, strict=True)]
+
+    def write(self, slot: int, start: int, layers) -> None:
+        """Copy per-layer (keys, values) blocks into the slot from column `start`."""
+        for (k, v), buf_k, buf_v in zip(layers, self.keys, self.values, strict=True):
+            n = k.shape[1]
+            buf_k[slot, :, start : start + n] = k
+            buf_v[slot, :, start : start + n] = v
 
     def clear(self) -> None:
         """Drop the buffers (no sequence is left)."""
@@ -92,10 +119,12 @@ class SlotCache:
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         if layer_idx == len(self.keys):  # the first pass allocates (shapes from the model)
-            b, heads, _, dim = key_states.shape
+            _, heads, _, dim = key_states.shape
             shape = (self.slots, heads, self.columns, dim)
             self.keys.append(key_states.new_zeros(shape))
             self.values.append(value_states.new_zeros(shape))
+            if len(self._shapes) == layer_idx:
+                self._shapes.append((heads, dim, key_states.dtype))
         keys, values = self.keys[layer_idx], self.values[layer_idx]
         plan = self.plan
         if plan.decode:
