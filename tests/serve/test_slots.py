@@ -71,7 +71,8 @@ def test_chunked_batched_prefill_and_slots_equal_the_padded_path(model_and_token
     assert chunked.stats.prompt_tokens == sum(len(p) for p, _ in jobs)
     # two slots for seven sequences: they queue, and a finished one's slot is reused
     assert _run(Engine(model, tokenizer, max_running=2, prefill_tokens=16), jobs) == expected
-    assert chunked.cached_tokens() == 0 and chunked._cache.held_bytes() == 0  # idle: freed
+    assert chunked.cached_tokens() == 0  # idle: no column in use
+    assert chunked._cache.held_bytes() == 0  # stopped: the buffers are dropped
 
 
 def test_the_base_rows_equal_transformers_generate(model_and_tokenizer):

@@ -72,6 +72,15 @@ def serve_cmd(
     ),
     max_running: int = typer.Option(16, "--max-running", help="Sequences decoded at once."),
     max_queue: int = typer.Option(64, "--max-queue", help="Sequences waiting (then HTTP 429)."),
+    prefill_tokens: int = typer.Option(
+        512,
+        "--prefill-tokens",
+        help="Prompt tokens prefilled per step, across requests (longer prompts go in chunks "
+        "between decode steps).",
+    ),
+    prefix_cache_mb: int = typer.Option(
+        256, "--prefix-cache-mb", help="Memory for shared prompt prefixes (0: off)."
+    ),
     max_tokens: int = typer.Option(512, "--max-tokens", help="Most tokens per completion."),
     max_n: int = typer.Option(8, "--max-n", help="Most choices (n) per request."),
     max_body_bytes: int = typer.Option(1 << 20, "--max-body-bytes", help="Largest request."),
@@ -104,8 +113,11 @@ def serve_cmd(
 
     check_bind(host, api_key, "the model")
     counts = {"--max-running": max_running, "--max-queue": max_queue}
+    counts |= {"--prefill-tokens": prefill_tokens}
     counts |= {"--max-tokens": max_tokens, "--max-n": max_n, "--max-body-bytes": max_body_bytes}
     check_settings(counts, {"--timeout": timeout, "--request-timeout": request_timeout})
+    if prefix_cache_mb < 0:
+        raise TunesmithError(f"--prefix-cache-mb: must be 0 (off) or more, got {prefix_cache_mb}")
     sock = bind(host, port)  # before the model loads: a port in use is said at once
     names, folders = parse_adapters(list(adapter or []))
     lm, tokenizer, loaded = load_for_inference(

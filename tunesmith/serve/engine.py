@@ -2,24 +2,25 @@
 
 One worker thread owns the model. Each turn of its loop it
 
-1. admits waiting sequences into free slots: each is prefilled alone (a batch of one, so its
-   prompt is computed exactly as `tunesmith generate` computes it) and its KV cache joins the
-   running batch of its group;
-2. runs one decode step for every group: all rows of a group in one forward pass, each row
-   through its own adapter (`tunesmith.adapters.route`), each with its own position and
-   attention-mask row;
-3. drops finished, cancelled and timed-out rows, so a request leaves the batch at the step it
-   ends and its slot is free at the next.
+1. admits waiting sequences: the base's and LoRA-family adapters' (LoRA, DoRA, IA3, bottleneck,
+   ...) into a free slot of the slot cache (`tunesmith.serve.slots`), taking the keys and
+   values of any prompt blocks already cached for that adapter (`tunesmith.serve.prefix`);
+2. prefills: the admitted prompts' next chunks, at most `prefill_tokens` tokens in all, in one
+   forward pass (right-padded, each row through its own adapter); a long prompt goes in chunks
+   over several turns, so it does not stall the streams already running; a prompt whose last
+   chunk this is samples its first token;
+3. decodes one token for every running sequence in one forward pass, each row through its own
+   adapter (`tunesmith.adapters.route`), at its own position, writing into its own slot;
+4. frees the slots of finished, cancelled and timed-out sequences (nothing is copied; the
+   buffers stay, at their high-water size, so an idle server does not allocate them again).
 
-Groups: every LoRA-family adapter (LoRA, DoRA, IA3, bottleneck, ...) and the base share one
-group. A prompt- or prefix-tuning adapter puts virtual tokens in front of every row, so its
-requests form a group of their own (one forward pass per such group per step).
-
-The batch's KV cache is left-padded: when a sequence joins, the shorter of (batch, newcomer)
-gets zero keys/values on the left with mask 0, after the group's `lead` (the virtual tokens of a
-prompt/prefix adapter, which sit at the front of every row). When rows leave, columns no row
-attends to are cut. Padding is masked out, so a row's greedy tokens are the same whether it runs
-alone or in a batch (the tests hold the engine to that).
+A prompt- or prefix-tuning adapter puts virtual tokens in front of every row, so its requests
+form a group of their own, on the older path: each prompt prefilled alone into a DynamicCache
+that joins the group's left-padded batch (the shorter of batch and newcomer gets zero
+keys/values on the left with mask 0, after the group's `lead` of virtual tokens; columns no row
+attends to are cut when rows leave). Models with a sliding window take that path for every
+group. Padding is masked out on both paths, so a row's greedy tokens are the same alone or in
+a batch, on either path (the tests hold the engine to that).
 
 The engine knows nothing of HTTP: a sequence reports through `on_event(kind, value)`, called
 from the worker thread, a step's events together when the step ends: ("text", piece),
@@ -572,8 +573,6 @@ class Engine:
                 self._slots[i] = None
                 if seq in self._prefilling:
                     self._prefilling.remove(seq)
-        if all(s is None for s in self._slots):
-            self._cache.clear()
 
     def _dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype

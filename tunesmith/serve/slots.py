@@ -17,7 +17,8 @@ each row see its own columns up to its own position and nothing else.
 It speaks transformers' cache protocol where the models use it: `update(keys, values,
 layer_idx, ...)` from each attention layer. Positions and the 4-D mask come from the engine,
 so the model never asks the cache for its length. The buffers grow (doubling columns, rounded
-to 64) when a sequence needs more, and are dropped when no sequence is left.
+to 64) when a sequence needs more and stay at that size (zeroing them again for every request
+of an idle-then-busy server would cost more than holding them); `clear` drops them.
 """
 
 from __future__ import annotations
