@@ -137,13 +137,13 @@ class Server:
             self.proc.kill()
 
 
-def tunesmith(model: Path, adapters: dict[str, Path], log: Path) -> tuple[Server, str]:
+def tunesmith(model: Path, adapters: dict[str, Path], log: Path, extra=()) -> tuple[Server, str]:
     port = free_port()
     cmd = [sys.executable, "-m", "tunesmith", "serve", "--model", str(model), "--port", str(port)]
     cmd += ["--api-key", KEY, "--name", "base", "--max-tokens", "4096", "--max-queue", "512"]
     for name, path in adapters.items():
         cmd += ["--adapter", f"{name}={path}"]
-    return Server(cmd, port, log), "base"
+    return Server([*cmd, *extra], port, log), "base"
 
 
 def vllm(python: str, model: Path, adapters: dict[str, Path], log: Path) -> tuple[Server, str]:
@@ -192,6 +192,10 @@ def main() -> None:
     parser.add_argument("--busy", type=int, default=0)
     parser.add_argument("--models", default="bundled,140m")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--sides", default="tunesmith,vllm")
+    parser.add_argument(
+        "--tunesmith-args", default="", help="more options for tunesmith serve, e.g. '--threads 2'"
+    )
     args = parser.parse_args()
 
     report = {"command": "python " + " ".join(sys.argv), "date": str(date.today())}
@@ -207,11 +211,12 @@ def main() -> None:
             folders = make_adapters(str(model), work / f"adapters-{label}", 2)
             adapters = {f.name: f for f in folders}
             for rnd in range(args.rounds):
-                for side in ("tunesmith", "vllm"):
+                for side in args.sides.split(","):
                     print(f"{label} round {rnd + 1}: {side}", flush=True)
                     log = work / f"{label}-{side}-{rnd}.log"
                     if side == "tunesmith":
-                        server, base = tunesmith(model, adapters, log)
+                        extra = args.tunesmith_args.split()
+                        server, base = tunesmith(model, adapters, log, extra)
                     else:
                         server, base = vllm(args.vllm_python, model, adapters, log)
                     try:
@@ -220,8 +225,9 @@ def main() -> None:
                         server.stop()
                     results.setdefault(label, {}).setdefault(side, []).append(got)
     report["results"] = results
-    report["ratios_tunesmith_over_vllm"] = ratios(results)
-    print(json.dumps(report["ratios_tunesmith_over_vllm"], indent=2))
+    if all(len(sides) == 2 for sides in results.values()):
+        report["ratios_tunesmith_over_vllm"] = ratios(results)
+    print(json.dumps(report.get("ratios_tunesmith_over_vllm"), indent=2))
     out = Path(args.out or ROOT / "bench" / "results" / f"serve_vs_vllm_{date.today()}.json")
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}")
