@@ -36,7 +36,7 @@ def model_and_tokenizer(tmp_path_factory):
     return model, tokenizer
 
 
-def _run(engine: Engine, jobs: list[tuple[list[int], str | None]], tokens: int = 12):
+def _run(engine: Engine, jobs: list[tuple[list[int], str | None]], tokens: int = 12, one=False):
     done = threading.Semaphore(0)
     sequences = [
         Sequence(
@@ -46,8 +46,11 @@ def _run(engine: Engine, jobs: list[tuple[list[int], str | None]], tokens: int =
     ]
     engine.start()
     try:
-        for seq in sequences:  # one request each: more than --max-running may queue
-            engine.submit([seq])
+        if one:  # one request each: more than --max-running may queue
+            for seq in sequences:
+                engine.submit([seq])
+        else:  # together: the first turn admits them all (a schedule that does not vary)
+            engine.submit(sequences)
         for _ in sequences:
             assert done.acquire(timeout=120)
     finally:
@@ -67,10 +70,29 @@ def test_chunked_batched_prefill_and_slots_equal_the_padded_path(model_and_token
     assert whole.slotted
     assert _run(whole, jobs) == expected
     chunked = Engine(model, tokenizer, prefill_tokens=7)  # 40 tokens: 6 chunks, between steps
+    assert chunked.packed  # chunks ride in the decode pass, one token per row
     assert _run(chunked, jobs) == expected
+    apart = Engine(model, tokenizer, prefill_tokens=7)
+    apart.packed = False  # a prefill pass, then a decode pass
+    assert _run(apart, jobs) == expected
+    passes = {}
+    for name in ("packed", "apart"):
+        engine = Engine(model, tokenizer, prefill_tokens=7)  # fresh: nothing in its prefix cache
+        engine.packed = name == "packed"
+        hook = model.base_model.register_forward_hook(
+            lambda *a, name=name: passes.__setitem__(name, passes.get(name, 0) + 1)
+        )
+        try:
+            _run(engine, jobs)
+        finally:
+            hook.remove()
+        generated = engine.stats.generated_tokens
+    # the same tokens in fewer passes over the weights (prefill chunks ride in decode passes)
+    assert passes["packed"] < passes["apart"] and generated == 84
     assert chunked.stats.prompt_tokens == sum(len(p) for p, _ in jobs)
     # two slots for seven sequences: they queue, and a finished one's slot is reused
-    assert _run(Engine(model, tokenizer, max_running=2, prefill_tokens=16), jobs) == expected
+    two = Engine(model, tokenizer, max_running=2, prefill_tokens=16)
+    assert _run(two, jobs, one=True) == expected
     assert chunked.cached_tokens() == 0  # idle: no column in use
     assert chunked._cache.held_bytes() == 0  # stopped: the buffers are dropped
 

@@ -57,7 +57,17 @@ from tunesmith.registry import method_of
 from tunesmith.serve.detok import Detokenizer
 from tunesmith.serve.metrics import TTFT_BUCKETS, Histogram
 from tunesmith.serve.prefix import BLOCK, PrefixCache
-from tunesmith.serve.slots import SlotCache, mask_decode, mask_prefill, supports_slots
+from tunesmith.serve.slots import (
+    ATTENTION,
+    PACKABLE,
+    Packed,
+    SlotCache,
+    mask_decode,
+    mask_prefill,
+    packed_pass,
+    register_attention,
+    supports_slots,
+)
 from tunesmith.threads import ThreadPlan, apply_threads
 
 log = logging.getLogger("tunesmith.serve")
@@ -268,6 +278,13 @@ class Engine:
         self._slots: list[Sequence | None] = [None] * max_running
         self._prefilling: deque[Sequence] = deque()
         self.prefix = PrefixCache(prefix_cache_bytes) if self.slotted else None
+        self.packed = self.slotted and type(model).__name__ in PACKABLE
+        """Whether decode rows and prefill chunks share one forward pass (`slots.Packed`)."""
+        if self.packed:
+            register_attention()
+        self._base_cache_arg = _cache_argument(model.base_model)
+        self._prefilled = False
+        """Whether this turn already ran a prefill pass of its own."""
         """Shared prompt blocks, per adapter (`tunesmith.serve.prefix`; 0 bytes: off)."""
         self._outbox: list[tuple[Sequence, str, object]] = []
         """Events of the step under way, sent by `_deliver` when it ends."""
@@ -395,9 +412,12 @@ class Engine:
             started = time.perf_counter()
             with self._model_lock, torch.inference_mode():
                 self._admit(joining)
-                self._prefill_step()
+                self._prefilled = False
+                if not (self.packed and self._live()):  # else the decode pass takes the chunks
+                    self._prefilled = True
+                    self._prefill_step()
                 self._deliver()  # first tokens go out before the decode step
-                if any(s is not None and s.filled == len(s.prompt) for s in self._slots):
+                if self._live():
                     self._step(SLOTS)
                 for key, batch in list(self._batches.items()):
                     self._step(batch, key)
@@ -415,6 +435,9 @@ class Engine:
         self._prefilling.clear()
         self._cache.clear()
         self._running = 0
+
+    def _live(self) -> bool:
+        return any(s is not None and s.filled == len(s.prompt) and not s.done for s in self._slots)
 
     def _busy(self) -> bool:
         return bool(self._batches) or any(s is not None for s in self._slots)
@@ -567,6 +590,92 @@ class Engine:
             if ok:
                 self._accept(seq, self._sample(seq, row))
 
+    def _packed_step(self) -> None:
+        """One forward pass for every running sequence's next token and, within
+        `prefill_tokens`, the waiting prompts' next chunks (unless this turn prefilled
+        already): one pass over the weights for both (`tunesmith.serve.slots.Packed`)."""
+        live = [s is not None and s.filled == len(s.prompt) and not s.done for s in self._slots]
+        high = max((i for i, ok in enumerate(live) if ok), default=-1) + 1
+        scratch = self._cache.columns - 1  # a column no sequence uses (see SlotCache.reserve)
+        ids, positions, slots, columns, adapters, seen = [], [], [], [], [], []
+        for i in range(high):
+            seq = self._slots[i]
+            ok = live[i]
+            ids.append(seq.last if ok else 0)
+            positions.append(seq.position if ok else 0)
+            slots.append(i)
+            columns.append(seq.position if ok else scratch)
+            adapters.append(seq.adapter if ok else None)
+            seen.append(seq.position if ok else 0)
+        chunks, finishing = [], []
+        budget = 0 if self._prefilled else self.prefill_tokens
+        for seq in list(self._prefilling):
+            if self._drop_if_over(seq):
+                self._prefilling.remove(seq)
+                continue
+            n = min(len(seq.prompt) - seq.filled, budget)
+            if n <= 0:
+                break
+            budget -= n
+            start = seq.filled
+            chunks.append((len(ids), n, seq.slot, start))
+            ids += seq.prompt[start : start + n]
+            positions += range(start, start + n)
+            slots += [seq.slot] * n
+            columns += range(start, start + n)
+            adapters += [seq.adapter] * n
+            if start + n == len(seq.prompt):
+                finishing.append((seq, len(ids) - 1))
+        rows = [i for i in range(high) if live[i]] + [row for _, row in finishing]
+        plan = Packed(
+            high,
+            seen,
+            [(first, n, slot, start) for first, n, slot, start in chunks],
+            torch.tensor(slots, device=self.device),
+            torch.tensor(columns, device=self.device),
+        )
+        logits = self._packed_forward(plan, ids, positions, adapters, rows)
+        self.stats.steps += 1
+        self.stats.step_rows += sum(live)
+        for _, n, slot, _ in chunks:
+            seq = self._slots[slot]
+            seq.filled += n
+            self.stats.prompt_tokens += n
+        by_row = dict(zip(rows, logits, strict=True))
+        for i in range(high):
+            if live[i]:
+                self._accept(self._slots[i], self._sample(self._slots[i], by_row[i]))
+        for seq, row in finishing:
+            self._prefilling.remove(seq)
+            if self.prefix is not None:
+                self.prefix.store(seq.adapter, seq.prompt, self._cache.slot_layers(seq.slot))
+            self._accept(seq, self._sample(seq, by_row[row]))
+
+    def _packed_forward(self, plan, ids, positions, adapters, rows) -> torch.Tensor:
+        """The decoder on single-token rows, then the output head on `rows` only."""
+        model = self.model
+        set_active(model, [])
+        config = model.config
+        before = config._attn_implementation
+        routing = route(model, adapters) if any(adapters) else nullcontext()
+        placeholder = torch.zeros((1, 1, 1, 1), device=self.device)  # a 4-D mask: used as is
+        try:
+            config._attn_implementation = ATTENTION
+            with packed_pass(self._cache, plan), routing:
+                out = model.base_model(
+                    input_ids=torch.tensor(ids, device=self.device)[:, None],
+                    attention_mask=placeholder,
+                    position_ids=torch.tensor(positions, device=self.device)[:, None],
+                    use_cache=True,
+                    **{self._base_cache_arg: self._cache},
+                )
+        finally:
+            config._attn_implementation = before
+        hidden = out.last_hidden_state[rows]
+        picked = [adapters[r] for r in rows]
+        with route(model, picked) if any(picked) else nullcontext():
+            return model.get_output_embeddings()(hidden)[:, -1].float()
+
     def _free_slots(self) -> None:
         for i, seq in enumerate(self._slots):
             if seq is not None and (seq.done or self._drop_if_over(seq)):
@@ -638,7 +747,7 @@ class Engine:
 
     def _decode(self, batch) -> None:
         if batch is SLOTS:
-            self._decode_slots()
+            self._packed_step() if self.packed else self._decode_slots()
             return
         rows = batch.rows  # never empty, none done: _compact runs after every step
         ids = torch.tensor([[s.last] for s in rows], device=self.device)

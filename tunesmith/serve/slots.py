@@ -127,6 +127,8 @@ class SlotCache:
             if len(self._shapes) == layer_idx:
                 self._shapes.append((heads, dim, key_states.dtype))
         keys, values = self.keys[layer_idx], self.values[layer_idx]
+        if _packed is not None:
+            return _update_packed(keys, values, key_states, value_states)
         plan = self.plan
         if plan.decode:
             rows = torch.arange(plan.high, device=self.device)
@@ -184,3 +186,112 @@ def supports_slots(model) -> bool:
         return False
     kinds = getattr(text, "layer_types", None) or []
     return all(kind == "full_attention" for kind in kinds)
+
+
+# --- one forward pass for decode rows and prefill chunks together ------------------------------
+@dataclass
+class Packed:
+    """A forward pass whose batch rows are single tokens (input (T, 1)): first `high` decode
+    rows (slot i for row i; rows of free or prefilling slots are dummies), then the prefill
+    chunks, each `(first row, tokens, slot, start column)`. Every row writes its token's keys
+    and values at (slot, column); `slot_attention` reads them back per decode batch and per
+    chunk, so one pass over the weights serves both."""
+
+    high: int
+    decode_seen: list[int]
+    """Per decode row, the last column it attends to (0 for a dummy)."""
+    chunks: list[tuple[int, int, int, int]]
+    slots: torch.Tensor
+    columns: torch.Tensor
+    masks: list[torch.Tensor] | None = None
+    """The decode rows' mask, then each chunk's (made once per pass by `packed_pass`)."""
+
+
+_packed: Packed | None = None
+"""The packed pass under way (set around the forward by `packed_pass`)."""
+
+
+class packed_pass:
+    def __init__(self, cache: SlotCache, plan: Packed) -> None:
+        self.cache, self.plan = cache, plan
+
+    def __enter__(self):
+        global _packed
+        _packed = self.plan
+        plan, device = self.plan, self.cache.device
+        dtype = self.cache.keys[0].dtype if self.cache.keys else torch.float32
+        if self.cache._shapes:
+            dtype = self.cache._shapes[0][2]
+        plan.masks = [mask_decode(plan.decode_seen, dtype, device) if plan.high else None]
+        for _, n, _, start in plan.chunks:
+            seen = torch.arange(start + n, device=device)[None, :] <= (
+                start + torch.arange(n, device=device)[:, None]
+            )
+            plan.masks.append(_additive(seen, dtype))
+        self.cache.plan = _Plan(False)  # update() sees a packed pass through _packed
+        return self
+
+    def __exit__(self, *exc) -> None:
+        global _packed
+        _packed = None
+
+
+def _update_packed(keys, values, key_states, value_states):
+    plan = _packed
+    keys[plan.slots, :, plan.columns] = key_states[:, :, 0]
+    values[plan.slots, :, plan.columns] = value_states[:, :, 0]
+    return keys, values
+
+
+def slot_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kw):
+    """transformers' attention interface for a packed pass: `query` (T, heads, 1, dim), `key`
+    and `value` the layer's whole slot buffers. Returns (T, 1, heads, dim)."""
+    plan = _packed
+    gqa = query.shape[1] != key.shape[1]
+    out = torch.empty_like(query)
+    if plan.high:
+        width = max(plan.decode_seen) + 1
+        mask = plan.masks[0].to(query.dtype)
+        out[: plan.high] = torch.nn.functional.scaled_dot_product_attention(
+            query[: plan.high],
+            key[: plan.high, :, :width],
+            value[: plan.high, :, :width],
+            attn_mask=mask,
+            scale=scaling,
+            enable_gqa=gqa,
+        )
+    for (first, n, slot, start), mask in zip(plan.chunks, plan.masks[1:], strict=True):
+        q = query[first : first + n].transpose(0, 2)  # (1, heads, n, dim)
+        got = torch.nn.functional.scaled_dot_product_attention(
+            q,
+            key[slot : slot + 1, :, : start + n],
+            value[slot : slot + 1, :, : start + n],
+            attn_mask=mask.to(query.dtype),
+            scale=scaling,
+            enable_gqa=gqa,
+        )
+        out[first : first + n] = got.transpose(0, 2)
+    return out.transpose(1, 2).contiguous(), None
+
+
+ATTENTION = "tunesmith_slots"
+
+
+def register_attention() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTENTION, slot_attention)
+
+
+PACKABLE = {
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+    "GemmaForCausalLM",
+    "Phi3ForCausalLM",
+    "GPT2LMHeadModel",
+}
+"""Causal LMs whose logits are their output embedding applied to the decoder's last hidden
+state (no soft-capping or scaling after it), so a packed pass can apply the head to the rows
+that need logits only."""
