@@ -8,8 +8,11 @@ import threading
 import pytest
 import torch
 from helpers.adapters import BUNDLED, adapter_folder
+from helpers.data import chat_tokenizer
+from helpers.models import ARCHS, lora_config, make_model, randomize_adapter
 from transformers import MistralConfig
 
+import tunesmith
 from tunesmith.builder import load_for_inference
 from tunesmith.serve.engine import Engine, Params, Sequence
 from tunesmith.serve.slots import mask_decode, mask_prefill, supports_slots
@@ -173,3 +176,25 @@ def test_the_prefix_cache_keeps_to_its_bytes(model_and_tokenizer):
     engine.prefix.max_bytes = 2 * block
     _run(engine, [(list(range(600, 616)) + [1], None)], tokens=1)  # one new block
     assert len(engine.prefix) == 2 and engine.prefix.bytes == 2 * block
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_test_architecture_gives_the_padded_paths_tokens(arch):
+    """Packed passes (or, with a sliding window, the left-padded path) on the six test
+    architectures, base and a LoRA adapter mixed: the tokens of each sequence run alone."""
+    model = make_model(arch)
+    tunesmith.add_lora(model, lora_config(), "a")
+    randomize_adapter(model, "a")
+    tokenizer = chat_tokenizer()  # ids below the models' 96 decode as they would anywhere
+    prompts = [list(range(3, 30)), [5, 6, 7], list(range(40, 52)), [9] * 5]
+    jobs = [(p, [None, "a"][i % 2]) for i, p in enumerate(prompts)]
+    alone = [_run(_legacy(model, tokenizer), [job], tokens=10)[0] for job in jobs]
+    engine = Engine(model, tokenizer, prefill_tokens=8)
+    assert engine.packed == (arch != "mistral")  # Mistral's config has a 4096-token window
+    assert _run(engine, jobs, tokens=10) == alone
+
+
+def _legacy(model, tokenizer) -> Engine:
+    engine = Engine(model, tokenizer)
+    engine.slotted = engine.packed = False
+    return engine
