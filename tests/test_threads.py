@@ -126,3 +126,37 @@ def test_a_bad_threads_option_is_one_line():
     )
     assert isinstance(result.exception, TunesmithError)  # the CLI prints it as "error: ..."
     assert str(result.exception) == "--threads: must be at least 1 (got 0)"
+
+
+def test_a_torchrun_process_takes_its_share(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(threads, "physical_cpus", lambda: [0, 1, 2, 3])
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert threads.process_threads(None) == ThreadPlan(2, (0, 1))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    monkeypatch.delenv("LOCAL_RANK")
+    assert threads.process_threads(None) == ThreadPlan(4, (0, 1, 2, 3))
+
+
+def test_a_library_training_call_leaves_the_callers_threads_alone(monkeypatch):
+    from tunesmith import jobs
+
+    called = []
+    monkeypatch.setattr(jobs, "apply_threads", called.append)
+    monkeypatch.setattr(jobs, "Run", _Stop)
+    with pytest.raises(_Stopped):
+        jobs.train_job(object())
+    assert called == []
+    with pytest.raises(_Stopped):
+        jobs.train_job(object(), threads=1)
+    assert [plan.threads for plan in called] == [1]
+
+
+class _Stopped(Exception):
+    pass
+
+
+class _Stop:
+    def __init__(self, *args, **kwargs):
+        raise _Stopped

@@ -30,7 +30,7 @@ from tunesmith.config import RunConfig, config_yaml
 from tunesmith.data import summary_lines
 from tunesmith.errors import ProcessesFailed, TrainingInterrupted, TunesmithError, first_line
 from tunesmith.judge.evaluate import compare_after_training
-from tunesmith.threads import apply_threads, default_threads, plan_threads
+from tunesmith.threads import apply_threads, default_threads, process_threads
 from tunesmith.train.card import run_card
 from tunesmith.train.loop import Run
 
@@ -60,14 +60,14 @@ def train_job(
     `echo(text, err=False)` prints (warnings go with `err=True`); `command` is how the user
     started the job (`["tunesmith", "train", "run.yaml", ...overrides]`): the relaunch repeats
     it and an interrupted run names it with `--resume`. Without it the relaunch runs the
-    resolved config from a temporary file. `threads`: CPU threads per process
-    (`tunesmith.threads`; None: the physical cores shared out between the processes)."""
+    resolved config from a temporary file. `threads`: CPU threads per process, pinned
+    (`tunesmith.threads`); None leaves this process's threads as they are, and gives each
+    torchrun process its share of the physical cores."""
     if nproc > 1:
         _relaunch(config, nproc, resume, overwrite, use_cache, command, threads)
         return None
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    rank = int(os.environ.get("LOCAL_RANK", "0"))
-    apply_threads(plan_threads(threads, share=local, rank=rank))
+    if threads is not None:  # the CLI sets the default itself: a library call pins nothing
+        apply_threads(process_threads(threads))
     run = Run(
         config, resume=resume, overwrite=overwrite, use_cache=use_cache, planned_peak=_planned_peak
     )

@@ -103,6 +103,14 @@ def plan_threads(
     return ThreadPlan(n, tuple(group))
 
 
+def process_threads(threads: int | None) -> ThreadPlan:
+    """The plan for this process of a run: under torchrun its share of this machine's cores
+    (LOCAL_WORLD_SIZE, LOCAL_RANK), else all of them."""
+    share = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    rank = int(os.environ.get("LOCAL_RANK", "0"))
+    return plan_threads(threads, share=share, rank=rank)
+
+
 def apply_threads(plan: ThreadPlan) -> None:
     """Set torch's intra-op threads and pin the calling thread (and the OpenMP team it starts
     from now on) to the plan's CPUs. Call it from the thread that will run the model."""

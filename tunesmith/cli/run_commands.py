@@ -138,7 +138,10 @@ def train_cmd(
     checkpoints, validation and metrics, and write the adapter (or model) to output_dir."""
     from tunesmith.config import load_config
     from tunesmith.jobs import train_job
+    from tunesmith.threads import apply_threads, process_threads
 
+    if nproc == 1:  # else each torchrun process sets its own share
+        apply_threads(process_threads(threads))
     train_job(
         load_config(config, overrides or []),
         resume=resume,
