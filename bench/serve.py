@@ -29,6 +29,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLED = ROOT / "examples" / "tiny-llama"
+PROMPTS = [
+    "def fibonacci(n):",
+    "The capital of France is",
+    "Once upon a time",
+    "import numpy as np\n",
+    "A list of fruits: apple,",
+    "Q: What is 2+2?\nA:",
+]
 
 
 def make_adapters(model_path: str, folder: Path, count: int) -> list[Path]:
@@ -146,14 +154,7 @@ def main() -> None:
     plan = plan_threads(args.threads, reserve=1, pin=not args.no_pin)
     print(f"engine: {plan.describe()}; {args.busy} busy process(es)", flush=True)
 
-    prompts = [
-        "def fibonacci(n):",
-        "The capital of France is",
-        "Once upon a time",
-        "import numpy as np\n",
-        "A list of fruits: apple,",
-        "Q: What is 2+2?\nA:",
-    ]
+    prompts = PROMPTS
     with tempfile.TemporaryDirectory() as tmp:
         folders = make_adapters(args.model, Path(tmp), args.adapters)
         names = [f.name for f in folders]

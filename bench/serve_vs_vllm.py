@@ -40,40 +40,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from serve import load, make_adapters  # noqa: E402
+from onnx_speed import wide_llama  # noqa: E402  (the same 140M random Llama)
+from serve import PROMPTS, load, make_adapters  # noqa: E402
 
 BUNDLED = ROOT / "examples" / "tiny-llama"
-PROMPTS = [
-    "def fibonacci(n):",
-    "The capital of France is",
-    "Once upon a time",
-    "import numpy as np\n",
-    "A list of fruits: apple,",
-    "Q: What is 2+2?\nA:",
-]
 KEY = "bench"
-
-
-def wide_llama(folder: Path) -> Path:
-    """A 140M-parameter random-init Llama with the bundled tokenizer (bench/onnx_speed.py's)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
-
-    tokenizer = AutoTokenizer.from_pretrained(BUNDLED)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=896,
-        intermediate_size=3072,
-        num_hidden_layers=12,
-        num_attention_heads=14,
-        num_key_value_heads=14,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def free_port() -> int:

@@ -503,16 +503,7 @@ class Engine:
     def _prefill_step(self) -> None:
         """Prefill the waiting prompts' next chunks, at most `prefill_tokens` tokens in all, in
         one forward pass; a prompt whose last chunk this is samples its first token."""
-        budget, rows = self.prefill_tokens, []
-        for seq in list(self._prefilling):
-            if self._drop_if_over(seq):
-                self._prefilling.remove(seq)
-                continue
-            n = min(len(seq.prompt) - seq.filled, budget)
-            if n <= 0:
-                break
-            rows.append((seq, seq.filled, n))
-            budget -= n
+        rows = self._next_chunks(self.prefill_tokens)
         if not rows:
             return
         try:
@@ -532,6 +523,21 @@ class Engine:
             if seq.done and seq in self._prefilling:
                 self._prefilling.remove(seq)
         self._free_slots()
+
+    def _next_chunks(self, budget: int) -> list[tuple[Sequence, int, int]]:
+        """The waiting prompts' next chunks, first come first served, `budget` tokens in all:
+        (sequence, first position, tokens)."""
+        rows = []
+        for seq in list(self._prefilling):
+            if self._drop_if_over(seq):
+                self._prefilling.remove(seq)
+                continue
+            n = min(len(seq.prompt) - seq.filled, budget)
+            if n <= 0:
+                break
+            rows.append((seq, seq.filled, n))
+            budget -= n
+        return rows
 
     def _prefill_rows(self, rows: list[tuple[Sequence, int, int]]) -> None:
         chunk = max(n for _, _, n in rows)
@@ -608,16 +614,7 @@ class Engine:
             adapters.append(seq.adapter if ok else None)
             seen.append(seq.position if ok else 0)
         chunks, finishing = [], []
-        budget = 0 if self._prefilled else self.prefill_tokens
-        for seq in list(self._prefilling):
-            if self._drop_if_over(seq):
-                self._prefilling.remove(seq)
-                continue
-            n = min(len(seq.prompt) - seq.filled, budget)
-            if n <= 0:
-                break
-            budget -= n
-            start = seq.filled
+        for seq, start, n in self._next_chunks(0 if self._prefilled else self.prefill_tokens):
             chunks.append((len(ids), n, seq.slot, start))
             ids += seq.prompt[start : start + n]
             positions += range(start, start + n)
