@@ -26,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from transformers import AttentionInterface
 
 _ROUND = 64
 
@@ -278,8 +279,6 @@ ATTENTION = "tunesmith_slots"
 
 
 def register_attention() -> None:
-    from transformers import AttentionInterface
-
     AttentionInterface.register(ATTENTION, slot_attention)
 
 
