@@ -70,7 +70,8 @@ def generate_cmd(
     """Generate a reply to one prompt, streamed as it is produced."""
     from tunesmith.builder import load_for_inference
     from tunesmith.data.encode import bos_prefix
-    from tunesmith.generation import chat_template_of, prompt_ids, stream_reply
+    from tunesmith.generation import chat_template_of, prompt_ids
+    from tunesmith.serve.offline import stream_text
     from tunesmith.threads import apply_threads, plan_threads
 
     sampling = _sampling(max_new_tokens, temperature, top_p, seed)
@@ -85,7 +86,7 @@ def generate_cmd(
             {"role": "user", "content": prompt}
         ]
         ids = prompt_ids(messages, chat_template_of(tokenizer), tokenizer, add_bos=False)
-    stream_reply(lm, tokenizer, ids, sampling, lambda text: typer.echo(text, nl=False))
+    stream_text(lm, tokenizer, ids, sampling, lambda text: typer.echo(text, nl=False))
     typer.echo()
 
 
@@ -110,7 +111,8 @@ def chat_cmd(
     """Chat in the terminal with the model (and adapter), using its chat template and
     streaming replies. /reset clears the history, /exit (or end of input) quits."""
     from tunesmith.builder import load_for_inference
-    from tunesmith.generation import chat_template_of, prompt_ids, stream_reply
+    from tunesmith.generation import chat_template_of, prompt_ids
+    from tunesmith.serve.offline import stream_text
     from tunesmith.threads import apply_threads, plan_threads
 
     sampling = _sampling(max_new_tokens, temperature, top_p, seed)
@@ -139,7 +141,7 @@ def chat_cmd(
         history.append({"role": "user", "content": text})
         ids = prompt_ids(history, template, tokenizer, add_bos=False)
         typer.echo("assistant> ", nl=False)
-        reply = stream_reply(lm, tokenizer, ids, sampling, lambda t: typer.echo(t, nl=False))
+        reply = stream_text(lm, tokenizer, ids, sampling, lambda t: typer.echo(t, nl=False))
         typer.echo()
         history.append({"role": "assistant", "content": reply})
 

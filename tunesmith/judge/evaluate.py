@@ -26,7 +26,8 @@ from tunesmith.data.preference import mapped_record, parse_pair
 from tunesmith.data.sources import read_records
 from tunesmith.data.templates import resolve_chat_template
 from tunesmith.errors import TunesmithError
-from tunesmith.generation import Sampling, generate_batch, prompt_ids
+from tunesmith.generation import Sampling, prompt_ids
+from tunesmith.serve.offline import generate_texts
 from tunesmith.io import atomic_write_json, atomic_write_text
 from tunesmith.models import load_model, load_tokenizer, resolve_device
 from tunesmith.provenance import resolve_base
@@ -242,7 +243,7 @@ def score_model(model, tokenizer, pairs, data: DataSection, max_new_tokens: int,
     template, add_bos = _template_and_bos(data, tokenizer)
     kwargs = data.chat_template_kwargs
     prompts = [prompt_ids(p.messages, template, tokenizer, add_bos, kwargs) for p in pairs]
-    predictions = generate_batch(
+    predictions = generate_texts(
         model, tokenizer, prompts, Sampling(max_new_tokens=max_new_tokens), batch_size
     )
     return generation_scores(predictions, [p.answer for p in pairs]), predictions

@@ -152,6 +152,8 @@ class Sequence:
         self.sent = 0
         """Characters of `text` already reported."""
         self.finish_reason: str | None = None
+        self.exception: Exception | None = None
+        """What failed it, when it failed (`Engine.run`'s callers raise it)."""
         self.cancelled = False
         self.generated_at_cancel: int | None = None
         """`generated` when `cancel` was called (the tests measure what came after)."""
@@ -405,31 +407,60 @@ class Engine:
                     self._cv.wait()
                 if self._stopping:
                     break
-                joining: list[Sequence] = []
-                free = self.max_running - self._running
-                while self._waiting and len(joining) < free:
-                    joining.append(self._waiting.popleft())
-            started = time.perf_counter()
-            with self._model_lock, torch.inference_mode():
-                self._admit(joining)
-                self._prefilled = False
-                if not (self.packed and self._live()):  # else the decode pass takes the chunks
-                    self._prefilled = True
-                    self._prefill_step()
-                self._deliver()  # first tokens go out before the decode step
-                if self._live():
-                    self._step(SLOTS)
-                for key, batch in list(self._batches.items()):
-                    self._step(batch, key)
-                self._deliver()
-            self.stats.busy_s += time.perf_counter() - started
-            self._running = sum(len(b.rows) for b in self._batches.values()) + sum(
-                s is not None for s in self._slots
-            )
+                joining = self._take()
+            self._turn(joining)
         for seq in [r for b in self._batches.values() for r in b.rows] + self._slots:
             if seq is not None:
                 self._finish(seq, "error", ("shutdown", "the server is shutting down"))
         self._deliver()
+        self._reset()
+
+    def run(self, sequences: list[Sequence]) -> None:
+        """Generate `sequences` to their end in the calling thread, as the worker would (the
+        worker must not be running): offline generation (`tunesmith.serve.offline`). The
+        model's active adapters and train/eval mode are as before when it returns."""
+        if self._thread is not None:
+            raise RuntimeError("Engine.run: the worker thread is running; submit() instead")
+        model = self.model
+        active = list(adapter_state(model).active)
+        try:
+            self._waiting.extend(sequences)
+            while self._waiting or self._busy():
+                self._turn(self._take())
+        finally:
+            self._waiting.clear()
+            self._reset()
+            set_active(model, active)
+
+    def _take(self) -> list[Sequence]:
+        """The waiting sequences that fit in the free slots (the caller holds `_cv`)."""
+        joining: list[Sequence] = []
+        free = self.max_running - self._running
+        while self._waiting and len(joining) < free:
+            joining.append(self._waiting.popleft())
+        return joining
+
+    def _turn(self, joining: list[Sequence]) -> None:
+        """One turn of the loop: admit, prefill, decode every group, send the events."""
+        started = time.perf_counter()
+        with self._model_lock, torch.inference_mode():
+            self._admit(joining)
+            self._prefilled = False
+            if not (self.packed and self._live()):  # else the decode pass takes the chunks
+                self._prefilled = True
+                self._prefill_step()
+            self._deliver()  # first tokens go out before the decode step
+            if self._live():
+                self._step(SLOTS)
+            for key, batch in list(self._batches.items()):
+                self._step(batch, key)
+            self._deliver()
+        self.stats.busy_s += time.perf_counter() - started
+        self._running = sum(len(b.rows) for b in self._batches.values()) + sum(
+            s is not None for s in self._slots
+        )
+
+    def _reset(self) -> None:
         self._batches.clear()
         self._slots = [None] * self.max_running
         self._prefilling.clear()
@@ -692,6 +723,7 @@ class Engine:
 
     def _fail(self, seq: Sequence, err: Exception) -> None:
         if not seq.done:
+            seq.exception = err
             self._finish(seq, "error", ("failed", f"generation failed: {type(err).__name__}"))
 
     def _group(self, adapter: str | None) -> tuple[str | None, int]:

@@ -82,6 +82,12 @@ class SlotCache:
             self.keys.append(torch.zeros(shape, dtype=dtype, device=self.device))
             self.values.append(torch.zeros(shape, dtype=dtype, device=self.device))
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The keys' and values' dtype (float32 until the first forward pass has shown it;
+        the masks are cast to the query's dtype where they are used)."""
+        return self._shapes[0][2] if self._shapes else torch.float32
+
     def ready(self) -> bool:
         """Whether the buffers exist (after the first forward pass)."""
         return bool(self.keys)
@@ -220,9 +226,7 @@ class packed_pass:
         global _packed
         _packed = self.plan
         plan, device = self.plan, self.cache.device
-        dtype = self.cache.keys[0].dtype if self.cache.keys else torch.float32
-        if self.cache._shapes:
-            dtype = self.cache._shapes[0][2]
+        dtype = self.cache.dtype
         plan.masks = [mask_decode(plan.decode_seen, dtype, device) if plan.high else None]
         for _, n, _, start in plan.chunks:
             seen = torch.arange(start + n, device=device)[None, :] <= (

@@ -1,0 +1,81 @@
+"""Generation without a server on the serving engine: `tunesmith generate` and `chat` stream a
+reply from it, evaluation's generation metrics decode their prompts on it.
+
+The engine runs in the calling thread (`Engine.run`): the prompts share its slot cache,
+chunked prefill and batched decode, each row through the model's active adapter, and greedy
+decoding gives the tokens transformers' `generate` gives (the tests hold it to that). A model
+the engine cannot route keeps transformers' `generate` (`tunesmith.generation`): several
+active adapters (stacked) or adapters merged into the weights."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from tunesmith.adapters.state import adapter_state, holders, linear_wrappers
+from tunesmith.errors import TunesmithError
+from tunesmith.generation import Sampling, generate_batch, stream_reply
+from tunesmith.serve.engine import Engine, Params, Sequence
+
+
+def why_not(model) -> str | None:
+    """Why the engine cannot generate for `model` as it stands (None: it can)."""
+    if len(adapter_state(model).active) > 1:
+        return "several adapters are active (stacked)"
+    if any(layer.merged for _, layer in linear_wrappers(model)):
+        return "adapters are merged into the weights"
+    return None
+
+
+def generate_texts(
+    model, tokenizer, prompts: list[list[int]], sampling: Sampling, batch_size: int = 16
+) -> list[str]:
+    """A completion for each prompt (ids), at most `batch_size` decoded at once."""
+    if why_not(model) is not None:
+        return generate_batch(model, tokenizer, prompts, sampling, batch_size)
+    sequences = _run(model, tokenizer, prompts, sampling, batch_size, None)
+    return [seq.text.strip() for seq in sequences]
+
+
+def stream_text(model, tokenizer, ids: list[int], sampling: Sampling, echo) -> str:
+    """Generate from `ids`, calling `echo(text_piece)` as tokens arrive; returns the text."""
+    if why_not(model) is not None:
+        return stream_reply(model, tokenizer, ids, sampling, echo)
+    (seq,) = _run(model, tokenizer, [ids], sampling, 1, echo)
+    return seq.text.strip()
+
+
+def _run(
+    model, tokenizer, prompts, sampling: Sampling, batch_size: int, echo: Callable | None
+) -> list[Sequence]:
+    if any(not p for p in prompts):
+        raise TunesmithError(
+            "the prompt is empty: it gives no tokens (and this tokenizer adds no BOS); give some "
+            "text to continue"
+        )
+    active = adapter_state(model).active
+    off = any(holder.disabled for _, holder in holders(model))  # inside adapters.disabled()
+    adapter = active[0] if active and not off else None
+    params = Params(
+        max_tokens=sampling.max_new_tokens,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        seed=sampling.seed,
+    )
+
+    def on_event(kind, value):
+        if kind == "text" and echo is not None:
+            echo(value)
+
+    sequences = [Sequence(p, adapter, params, on_event) for p in prompts]
+    was_training = model.training
+    engine = Engine(model, tokenizer, max_running=max(1, min(batch_size, len(prompts))))
+    try:
+        engine.run(sequences)
+    finally:
+        model.train(was_training)
+    for seq in sequences:
+        if seq.exception is not None:
+            raise seq.exception
+        if seq.finish_reason == "error":
+            raise TunesmithError("generation failed")
+    return sequences
