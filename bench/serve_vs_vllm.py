@@ -1,11 +1,12 @@
 """`tunesmith serve` against vLLM's CPU build, side by side on this machine, in one run.
 
 Both servers run as their own processes with their defaults for this machine (tunesmith's
-`--threads` default; vLLM's own thread binding), fp32, the same model folder, the same two random
-LoRA adapters (r=8, PEFT's format) and the same prompts, greedy, streamed through the `openai`
-client. For each model (the bundled one and a 140M-parameter random-init Llama) and each server,
-alternating, `--rounds` times: start the server (startup: launch to `/health` answering), then
-the scenarios, each `--requests` completions of `--max-tokens` tokens:
+`--threads` default; vLLM's own thread binding), fp32 (or both `--dtype bf16`), the same model
+folder, the same two random LoRA adapters (r=8, PEFT's format) and the same prompts, greedy,
+streamed through the `openai` client. For each model (the bundled one and a 140M-parameter
+random-init Llama) and each server, alternating, `--rounds` times: start the server (startup:
+launch to `/health` answering), then the scenarios, each `--requests` completions of
+`--max-tokens` tokens:
 
 - `c1_base`, `c16_base`: the base model at concurrency 1 and 16;
 - `c16_mixed`: base and the two adapters at random, 16 at a time.
@@ -108,19 +109,25 @@ class Server:
             self.proc.kill()
 
 
-def tunesmith(model: Path, adapters: dict[str, Path], log: Path, extra=()) -> tuple[Server, str]:
+def tunesmith(
+    model: Path, adapters: dict[str, Path], log: Path, extra=(), dtype: str = "fp32"
+) -> tuple[Server, str]:
     port = free_port()
     cmd = [sys.executable, "-m", "tunesmith", "serve", "--model", str(model), "--port", str(port)]
     cmd += ["--api-key", KEY, "--name", "base", "--max-tokens", "4096", "--max-queue", "512"]
+    cmd += ["--dtype", dtype]
     for name, path in adapters.items():
         cmd += ["--adapter", f"{name}={path}"]
     return Server([*cmd, *extra], port, log), "base"
 
 
-def vllm(python: str, model: Path, adapters: dict[str, Path], log: Path) -> tuple[Server, str]:
+def vllm(
+    python: str, model: Path, adapters: dict[str, Path], log: Path, dtype: str = "fp32"
+) -> tuple[Server, str]:
     port = free_port()
     cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model)]
-    cmd += ["--host", "127.0.0.1", "--port", str(port), "--api-key", KEY, "--dtype", "float32"]
+    cmd += ["--host", "127.0.0.1", "--port", str(port), "--api-key", KEY]
+    cmd += ["--dtype", {"fp32": "float32", "bf16": "bfloat16"}[dtype]]
     cmd += ["--max-model-len", "512", "--max-num-seqs", "16", "--enable-lora"]
     cmd += ["--max-lora-rank", "8", "--max-loras", str(len(adapters)), "--lora-modules"]
     cmd += [f"{name}={path}" for name, path in adapters.items()]
@@ -165,12 +172,16 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     parser.add_argument("--sides", default="tunesmith,vllm")
     parser.add_argument(
+        "--dtype", choices=["fp32", "bf16"], default="fp32", help="both servers' weights"
+    )
+    parser.add_argument(
         "--tunesmith-args", default="", help="more options for tunesmith serve, e.g. '--threads 2'"
     )
     args = parser.parse_args()
 
     report = {"command": "python " + " ".join(sys.argv), "date": str(date.today())}
     report |= {"requests": args.requests, "max_tokens": args.max_tokens, "busy": args.busy}
+    report["dtype"] = args.dtype
     results: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -187,9 +198,9 @@ def main() -> None:
                     log = work / f"{label}-{side}-{rnd}.log"
                     if side == "tunesmith":
                         extra = args.tunesmith_args.split()
-                        server, base = tunesmith(model, adapters, log, extra)
+                        server, base = tunesmith(model, adapters, log, extra, args.dtype)
                     else:
-                        server, base = vllm(args.vllm_python, model, adapters, log)
+                        server, base = vllm(args.vllm_python, model, adapters, log, args.dtype)
                     try:
                         got = measure(server, base, list(adapters), args)
                     finally:

@@ -132,7 +132,16 @@ def serve_cmd(
     if base in loaded:
         raise TunesmithError(f"--name: {base!r} is also an adapter's name; choose another")
     plan = plan_threads(threads, reserve=1)
-    engine = Engine(lm, tokenizer, max_running=max_running, max_queue=max_queue, threads=plan)
+    engine = Engine(
+        lm,
+        tokenizer,
+        max_running=max_running,
+        max_queue=max_queue,
+        threads=plan,
+        prefill_tokens=prefill_tokens,
+        prefix_cache_bytes=prefix_cache_mb << 20,
+        pack_weights=True,
+    )
     limits = Limits(max_body_bytes, max_tokens, max_n, timeout, request_timeout)
     server = Server(
         engine,
@@ -146,7 +155,8 @@ def serve_cmd(
         f"serving {base!r} with adapters {', '.join(loaded) or '(none)'} on "
         f"http://{host}:{port}/v1"
         + (" (API key required)" if api_key else "")
-        + f"; {plan.describe()}",
+        + f"; {plan.describe()}"
+        + (f"; {engine.packed_layers} bf16 linear layers prepacked" * bool(engine.packed_layers)),
         err=True,
     )
     serve_forever(build_app(server), sock, request_timeout)

@@ -27,10 +27,10 @@ from tunesmith.data.sources import read_records
 from tunesmith.data.templates import resolve_chat_template
 from tunesmith.errors import TunesmithError
 from tunesmith.generation import Sampling, prompt_ids
-from tunesmith.serve.offline import generate_texts
 from tunesmith.io import atomic_write_json, atomic_write_text
 from tunesmith.models import load_model, load_tokenizer, resolve_device
 from tunesmith.provenance import resolve_base
+from tunesmith.serve.offline import generate_texts
 from tunesmith.train.logps import sequence_logps
 from tunesmith.train.loss import autocast_for, evaluate_loss
 from tunesmith.train.objective import unit_batches

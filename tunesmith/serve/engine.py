@@ -57,6 +57,7 @@ from tunesmith.registry import method_of
 from tunesmith.serve.detok import Detokenizer
 from tunesmith.serve.metrics import TTFT_BUCKETS, Histogram
 from tunesmith.serve.prefix import BLOCK, PrefixCache
+from tunesmith.serve.prepack import prepack
 from tunesmith.serve.slots import (
     ATTENTION,
     PACKABLE,
@@ -238,7 +239,8 @@ class Engine:
     """Continuous batching for `model` (a transformers causal LM with tunesmith adapters
     loaded). `max_running`: sequences decoded at once; `max_queue`: sequences waiting for a
     slot (`submit` raises `QueueFull` beyond it). `threads`: set in the worker thread when it
-    starts (`tunesmith.threads`)."""
+    starts (`tunesmith.threads`). `pack_weights`: prepack bf16 linear weights on a CPU
+    (`tunesmith.serve.prepack`; the same outputs, faster, twice those weights' memory)."""
 
     def __init__(
         self,
@@ -251,8 +253,11 @@ class Engine:
         threads: ThreadPlan | None = None,
         prefill_tokens: int = 512,
         prefix_cache_bytes: int = 256 << 20,
+        pack_weights: bool = False,
     ) -> None:
         self.model = model.eval()
+        self.packed_layers = prepack(model) if pack_weights else 0
+        """bf16 linear layers whose weights were prepacked for oneDNN (`serve.prepack`)."""
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
         self.max_running = max_running
