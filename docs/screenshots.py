@@ -3,6 +3,7 @@ headless Chromium through Playwright, from a run's output folder (copied first: 
 review screenshot casts stay in the copy).
 
     python docs/screenshots.py outputs/quickstart  # docs/report.png, report-samples.png, review.png
+    python docs/screenshots.py --sweep outputs/sweep  # docs/report-sweep.png (tunesmith sweep)
 """
 
 from __future__ import annotations
@@ -59,5 +60,27 @@ def main(output_dir: str) -> None:
     print(f"wrote {DOCS / 'report.png'}, {DOCS / 'report-samples.png'}, {DOCS / 'review.png'}")
 
 
+def sweep(output_dir: str) -> None:
+    """The sweep section of `tunesmith report` on a `tunesmith sweep` folder."""
+    source = Path(output_dir).resolve()
+    with tempfile.TemporaryDirectory() as tmp:
+        os.chdir(tmp)
+        run = Path(output_dir)
+        shutil.copytree(source, run, ignore=shutil.ignore_patterns("trials", "logs", "*.db"))
+        page_file = atomic_write_text(render_report(run), run / "report.html")
+        with sync_playwright() as p:
+            browser = p.chromium.launch(
+                executable_path=shutil.which("chromium"), args=["--no-sandbox"]
+            )
+            page = browser.new_page(viewport={"width": 1100, "height": 1300})
+            page.goto(page_file.resolve().as_uri())
+            page.screenshot(path=str(DOCS / "report-sweep.png"))
+            browser.close()
+    print(f"wrote {DOCS / 'report-sweep.png'}")
+
+
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "outputs/quickstart")
+    if sys.argv[1:2] == ["--sweep"]:
+        sweep(sys.argv[2] if len(sys.argv) > 2 else "outputs/sweep")
+    else:
+        main(sys.argv[1] if len(sys.argv) > 1 else "outputs/quickstart")

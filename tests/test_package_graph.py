@@ -43,6 +43,7 @@ LAZY = {
     "sacrebleu": "heavy; only for generation scores",
     "tunesmith.plan.planner": "jobs.py: 0.7 s at every start; asked on a GPU and in benchmarks",
     "huggingface_hub": "only when a model is a hub id",
+    "optuna.visualization": "sweep.py: imports matplotlib; only when a sweep worker finishes",
     **dict.fromkeys(
         (
             "onnx",

@@ -51,6 +51,7 @@ def train_job(
     threads: int | None = None,
     echo: Echo = _print,
     command: Sequence[str] | None = None,
+    on_validation: Callable[[int, dict], None] | None = None,
 ) -> dict | None:
     """Train as `tunesmith train` does; returns the run's summary (None in a process that does
     not report, and after a torchrun relaunch, whose processes write summary.json).
@@ -62,14 +63,20 @@ def train_job(
     it and an interrupted run names it with `--resume`. Without it the relaunch runs the
     resolved config from a temporary file. `threads`: CPU threads per process, pinned
     (`tunesmith.threads`); None leaves this process's threads as they are, and gives each
-    torchrun process its share of the physical cores."""
+    torchrun process its share of the physical cores. `on_validation(step, metrics)`: called
+    after each validation during training (one process only; what it raises stops the run)."""
     if nproc > 1:
         _relaunch(config, nproc, resume, overwrite, use_cache, command, threads)
         return None
     if threads is not None:  # the CLI sets the default itself: a library call pins nothing
         apply_threads(process_threads(threads))
     run = Run(
-        config, resume=resume, overwrite=overwrite, use_cache=use_cache, planned_peak=_planned_peak
+        config,
+        resume=resume,
+        overwrite=overwrite,
+        use_cache=use_cache,
+        planned_peak=_planned_peak,
+        on_validation=on_validation,
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -1,6 +1,6 @@
-"""Commands on a run config: `config schema`, `config check`, `preprocess`, `train`, `plot`,
-`eval` and `plan`. Each imports what it needs inside (start-up time: `tunesmith --help` loads
-no torch)."""
+"""Commands on a run config: `config schema`, `config check`, `preprocess`, `train`, `sweep`,
+`plot`, `eval` and `plan`. Each imports what it needs inside (start-up time: `tunesmith --help`
+loads no torch)."""
 
 from __future__ import annotations
 
@@ -151,6 +151,50 @@ def train_cmd(
         threads=threads,
         echo=typer.echo,
         command=["tunesmith", "train", str(config), *(overrides or [])],
+    )
+
+
+@app.command(
+    "sweep",
+    epilog=examples(
+        "tunesmith sweep examples/sweep.yaml",
+        "tunesmith sweep run.yaml sweep.trials=40   # another worker: the same command",
+    ),
+)
+def sweep_cmd(
+    config: ConfigArg,
+    overrides: OverridesArg = None,
+    nproc: int = typer.Option(
+        1, "--nproc", min=1, help="Processes per trial (torchrun), as tunesmith train --nproc."
+    ),
+    threads: ThreadsOpt = None,
+) -> None:
+    """Search the config's sweep.space with Optuna: each trial one training run in
+    OUTPUT_DIR/sweep/trials/NNN, trials that the planner says will not fit skipped, the study
+    in sweep.storage shared by every worker started on it; writes sweep/trials.csv and
+    sweep/best.yaml."""
+    from tunesmith.config.load import config_from_dict, read_config_file
+    from tunesmith.threads import apply_threads, process_threads
+
+    try:
+        from tunesmith.sweep import sweep_job
+    except ImportError as err:
+        raise TunesmithError(
+            f"tunesmith sweep needs Optuna ({err.name} is missing); pip install -e '.[sweep]'"
+        ) from None
+    if nproc == 1:
+        apply_threads(process_threads(threads))
+    raw, lines = read_config_file(config)
+    run = config_from_dict(raw, overrides or [], source=str(config), lines=lines)
+    sweep_job(
+        run,
+        raw,
+        source=str(config),
+        lines=lines,
+        overrides=overrides or [],
+        nproc=nproc,
+        threads=threads,
+        echo=typer.echo,
     )
 
 

@@ -23,6 +23,13 @@ def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
     """Read a run config from YAML, apply `key=value` overrides (dotted paths, list indices as
     numbers: `data.datasets.0.weight=2`) and validate. Raises `ConfigError` listing every
     problem, each as `file:line: yaml.path: what is wrong`."""
+    raw, lines = read_config_file(path)
+    return config_from_dict(raw, overrides, source=str(path), lines=lines)
+
+
+def read_config_file(path: str | os.PathLike) -> tuple[dict[str, Any], dict[tuple, int]]:
+    """A config file's mapping as YAML gives it (not validated) and the line of each YAML path
+    (for `config_from_dict`'s messages)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError([f"{path}: no such config file"])
@@ -43,7 +50,7 @@ def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError([f"{path}: expected a mapping of sections (model, data, ...)"])
-    return config_from_dict(raw, overrides, source=str(path), lines=lines)
+    return raw, lines
 
 
 def config_from_dict(
@@ -138,11 +145,17 @@ def apply_override(raw: dict[str, Any], item: str) -> tuple:
         value = yaml.safe_load(text) if text else ""
     except yaml.YAMLError:
         value = text
+    return set_path(raw, key, value, f"override {item!r}")
+
+
+def set_path(raw: dict[str, Any], key: str, value: Any, what: str) -> tuple:
+    """Set the dotted `key` of `raw` to `value` (sections made as needed; `what` starts the
+    message of a path that cannot be set). Returns the key path."""
     parts: list[Any] = key.split(".")
     node: Any = raw
     for depth, part in enumerate(parts[:-1]):
         if isinstance(node, list):
-            node, parts[depth] = _list_item(node, part, parts[: depth + 1], item), int(part)
+            node, parts[depth] = _list_item(node, part, parts[: depth + 1], what), int(part)
             continue
         child = node.get(part)
         if depth == 0 and part == "method" and not isinstance(child, dict):
@@ -153,11 +166,11 @@ def apply_override(raw: dict[str, Any], item: str) -> tuple:
             child = node[part] = {}
         elif not isinstance(child, (dict, list)):
             where = ".".join(map(str, parts[: depth + 1]))
-            raise ConfigError([f"override {item!r}: {where} is a value, not a section"])
+            raise ConfigError([f"{what}: {where} is a value, not a section"])
         node = child
     last = parts[-1]
     if isinstance(node, list):
-        _list_item(node, last, parts, item)
+        _list_item(node, last, parts, what)
         node[int(last)] = value
         parts[-1] = int(last)
     else:
@@ -165,11 +178,11 @@ def apply_override(raw: dict[str, Any], item: str) -> tuple:
     return tuple(parts)
 
 
-def _list_item(node: list, part: str, parts: list, item: str) -> Any:
+def _list_item(node: list, part: str, parts: list, what: str) -> Any:
     if not part.isdigit() or int(part) >= len(node):
         where = ".".join(map(str, parts[:-1]))
         raise ConfigError(
-            [f"override {item!r}: {where} has {len(node)} entries; index with 0..{len(node) - 1}"]
+            [f"{what}: {where} has {len(node)} entries; index with 0..{len(node) - 1}"]
         )
     return node[int(part)]
 

@@ -275,6 +275,81 @@ class EvalSection(Section):
     """Example generations (prompt, reference, base and tuned answers) to print."""
 
 
+class SweepRange(Section):
+    """A range to sample from: floats, or integers when `low`, `high` (and `step`) are."""
+
+    low: int | float
+    high: int | float
+    log: bool = False
+    """Sample on a log scale (learning rates)."""
+    step: int | float | None = Field(None, gt=0)
+    """Only values `low + k * step` (and a finite grid for `sampler: grid`)."""
+
+    @model_validator(mode="after")
+    def _ordered(self) -> SweepRange:
+        if self.low >= self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError(f"log: true needs low > 0 (got {self.low})")
+        if self.log and self.step is not None:
+            raise ValueError("give log or step, not both")
+        return self
+
+    @property
+    def integer(self) -> bool:
+        return all(isinstance(v, int) for v in (self.low, self.high, self.step or 1))
+
+
+LOWER_IS_BETTER = ("loss", "ppl", "perplexity")
+
+
+class SweepSection(Section):
+    space: dict[str, list[Any] | SweepRange] = Field(min_length=1)
+    """What to search: each key a dotted config path (`train.lr`, `method.r`), each value a list
+    of choices or a range `{low, high, log, step}`."""
+    trials: int = Field(20, gt=0)
+    """Trials in the whole study, across every worker sharing its storage."""
+    metric: str = "val_loss"
+    """What a trial is judged by: `val_loss`, `val_ppl`, `train_loss`, or a score of the
+    end-of-training evaluation (`exact_match`, `rouge_l`, ..., with eval.generate_samples)."""
+    direction: Literal["minimize", "maximize"] | None = None
+    """Default: minimize for losses and perplexities, maximize for anything else."""
+    sampler: Literal["tpe", "random", "grid"] = "tpe"
+    """Optuna's TPE, random search, or every combination (lists, and ranges with a step)."""
+    pruner: Literal["median", "hyperband", "none"] = "median"
+    """Stop a trial whose validation loss (every eval.every_steps) falls behind: Optuna's
+    median or Hyperband pruner, or none."""
+    storage: str | None = None
+    """Optuna's storage, any SQLAlchemy URL (`postgresql://user@host/db` for several machines);
+    default: `sqlite:///OUTPUT_DIR/sweep/sweep.db`."""
+    study: str | None = None
+    """The study's name in the storage (default: output_dir's folder name)."""
+    seed: int | None = None
+    """The sampler's seed (default: train.seed)."""
+    gpu: str | None = None
+    """Plan every trial against this GPU (`4090`, `h100`, ... as `tunesmith plan --gpu`); a
+    trial whose planned peak memory does not fit is skipped. Default: the GPU in use."""
+    gpu_mem: str | None = None
+    """Or against this much memory (`24GiB`)."""
+    heartbeat_s: int = Field(30, gt=0)
+    """A running trial's heartbeat: a trial silent for twice this (its worker was killed) is
+    marked failed by the next worker."""
+
+    @property
+    def minimize(self) -> bool:
+        if self.direction is not None:
+            return self.direction == "minimize"
+        return any(word in self.metric.lower() for word in LOWER_IS_BETTER)
+
+    @field_validator("space")
+    @classmethod
+    def _choices(cls, space: dict) -> dict:
+        for key, value in space.items():
+            if isinstance(value, list) and not value:
+                raise ValueError(f"{key}: give at least one choice")
+        return space
+
+
 class RunConfig(Section):
     model: ModelSection
     """The base model and how to load it."""
@@ -293,6 +368,8 @@ class RunConfig(Section):
     """Evaluation during and after training."""
     output_dir: str = "outputs/run"
     """Where checkpoints, metrics and the final adapter or model are written."""
+    sweep: SweepSection | None = None
+    """A hyperparameter search for `tunesmith sweep` (ignored by `tunesmith train`)."""
 
     @field_validator("method", mode="before")
     @classmethod

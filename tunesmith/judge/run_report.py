@@ -5,7 +5,10 @@ searchable and filterable by right or wrong."""
 
 from __future__ import annotations
 
+import base64
+import csv
 import warnings
+from collections import Counter
 from pathlib import Path
 
 from tunesmith.errors import TunesmithError
@@ -200,6 +203,52 @@ def read_samples(output_dir: Path, warn: Warn = _warn) -> list[dict]:
     return [r for _, r in read_json_lines(output_dir / SAMPLES_FILE, warn, SAMPLE_SHAPE)]
 
 
+SWEEP_TRIALS = "sweep/trials.csv"
+SWEEP_PLOTS = {
+    "history": "Optimisation history",
+    "importances": "Parameter importances",
+    "parallel": "Parallel coordinates",
+}
+"""The images `tunesmith sweep` draws beside trials.csv (sweep/<name>.png)."""
+
+
+def _sweep_section(path: Path, warn: Warn) -> str:
+    """`tunesmith sweep`'s trial table (sweep/trials.csv) and its plots, inline."""
+    try:
+        with open(path, encoding="utf-8", newline="") as handle:
+            rows = list(csv.DictReader(handle))
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        warn(f"{path}: not readable ({err}); left out")
+        return '<p class="muted">trials.csv is damaged</p>'
+    if not rows:
+        return '<p class="muted">no trial yet</p>'
+    header = list(rows[0])
+    states = Counter(r.get("state", "") for r in rows)
+    parts = [
+        "<p>"
+        + esc(", ".join(f"{n} {state}" for state, n in states.items()))
+        + f" ({len(rows)} trials; the best config: {esc(path.parent / 'best.yaml')})</p>",
+        table(header, [[_plain_cell(r.get(k, "")) for k in header] for r in rows], numeric_from=2),
+    ]
+    for name, label in SWEEP_PLOTS.items():
+        image = path.parent / f"{name}.png"
+        if image.is_file():
+            data = base64.b64encode(image.read_bytes()).decode("ascii")
+            parts.append(
+                f'<h3>{esc(label)}</h3><img alt="{esc(label)}" style="max-width:100%" '
+                f'src="data:image/png;base64,{data}">'
+            )
+    return "\n".join(parts)
+
+
+def _plain_cell(text: str) -> str:
+    try:
+        value = float(text)
+    except ValueError:
+        return text
+    return text if value.is_integer() and "." not in text else f"{value:.4g}"
+
+
 def render_report(output_dir: str | Path, warn: Warn = _warn) -> str:
     """The page for the run in `output_dir` (at least its config.yaml or metrics.jsonl).
     Damaged files are left out, each with one warning through `warn` naming file and line."""
@@ -208,10 +257,11 @@ def render_report(output_dir: str | Path, warn: Warn = _warn) -> str:
     if not out.is_dir():
         raise TunesmithError(f"{out}: no such folder (give a run's output_dir)")
     config = out / "config.yaml"
-    if not any((out / n).is_file() for n in ("config.yaml", "metrics.jsonl", "eval.json")):
+    names = ("config.yaml", "metrics.jsonl", "eval.json", SWEEP_TRIALS)
+    if not any((out / n).is_file() for n in names):
         raise TunesmithError(
-            f"{out}: holds no run (no config.yaml, metrics.jsonl or eval.json); give a run's "
-            "output_dir or a `tunesmith eval --save` folder"
+            f"{out}: holds no run (no config.yaml, metrics.jsonl, eval.json or "
+            f"{SWEEP_TRIALS}); give a run's output_dir or a `tunesmith eval --save` folder"
         )
     title = f"tunesmith report: {out}"
     parts = [f"<h1>{esc(title)}</h1>"]
@@ -239,6 +289,10 @@ def render_report(output_dir: str | Path, warn: Warn = _warn) -> str:
         ]
         rows = [[k, _plain(summary[k])] for k in keys if k in summary]
         parts += ['<h2 id="summary">Summary</h2>', table(["", "value"], rows)]
+    if (out / SWEEP_TRIALS).is_file():
+        parts += ['<h2 id="sweep">Sweep</h2>', _sweep_section(out / SWEEP_TRIALS, warn)]
+        if not (out / "metrics.jsonl").is_file() and not config.is_file():
+            return page(title, "\n".join(parts), SAMPLES_SCRIPT)  # a sweep's folder alone
     metrics = out / "metrics.jsonl"
     parts.append('<h2 id="curves">Curves</h2>')
     if metrics.is_file():
@@ -275,4 +329,4 @@ def render_report(output_dir: str | Path, warn: Warn = _warn) -> str:
     return page(title, "\n".join(parts), SAMPLES_SCRIPT)
 
 
-__all__ = ["DATA_REPORT_FILE", "REPORT_FILE", "read_samples", "render_report"]
+__all__ = ["DATA_REPORT_FILE", "REPORT_FILE", "SWEEP_TRIALS", "read_samples", "render_report"]

@@ -166,8 +166,12 @@ class Run:
         on_step: Callable[[int, dict], None] | None = None,
         progress: Progress | None = None,
         planned_peak: Callable[[RunConfig], int] | None = None,
+        on_validation: Callable[[int, dict], None] | None = None,
     ):
         self.config = config
+        self.on_validation = on_validation
+        """Called with (step, metrics) after each validation during training (not the final
+        one); what it raises stops the run (a sweep's pruner)."""
         self.out = Path(config.output_dir)
         self.trackers = Trackers([], self.out, {})  # the real ones start in setup (rank 0)
         self.resume = resume
@@ -614,7 +618,9 @@ class Run:
                     window_tokens, window_start = 0, now
                 self.progress.update(done, entry)
                 if every_eval and done % every_eval == 0 and done < self.total_steps:
-                    self._validation(done)
+                    metrics = self._validation(done)
+                    if metrics and self.on_validation is not None:
+                        self.on_validation(done, metrics)
                 if every_save and done % every_save == 0 and done < self.total_steps:
                     self._save(done)
                 if self.on_step is not None:
