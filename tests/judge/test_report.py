@@ -86,8 +86,8 @@ def test_the_report_names_what_is_missing(tmp_path):
     result = run_cli("report", str(empty))
     assert result.returncode == 2
     assert result.stderr.strip().endswith(
-        f"{empty}: holds no run (no config.yaml, metrics.jsonl or eval.json); give a run's "
-        "output_dir or a `tunesmith eval --save` folder"
+        f"{empty}: holds no run (no config.yaml, metrics.jsonl, eval.json or sweep/trials.csv); "
+        "give a run's output_dir or a `tunesmith eval --save` folder"
     )
     (empty / "config.yaml").write_text("method: {name: lora}\n")
     text = render_report(empty)  # only a config: the page says what is not there
