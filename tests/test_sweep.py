@@ -21,7 +21,7 @@ import optuna
 import pytest
 import yaml
 from helpers.data import write_jsonl
-from helpers.runs import ROOT, toy_rows
+from helpers.runs import ROOT, toy_pairs, toy_rows
 
 from tunesmith.config import ConfigError, load_config
 from tunesmith.config.load import read_config_file
@@ -30,16 +30,19 @@ from tunesmith.judge.run_report import render_report
 from tunesmith.sweep import _Trial, metric_value, sweep_job
 
 
-def _write(tmp_path: Path, tiny_dir: Path, sweep: dict, **train) -> Path:
-    """A run config file around the tiny model and the toy task, with `sweep`."""
+def _write(tmp_path: Path, tiny_dir: Path, sweep: dict, objective="sft", **train) -> Path:
+    """A run config file around the tiny model and the toy task (preference pairs for dpo),
+    with `sweep`."""
     data = tmp_path / "data"
     if not data.is_dir():
         data.mkdir()
-        write_jsonl(data / "train.jsonl", toy_rows(48))
-        write_jsonl(data / "val.jsonl", toy_rows(8, seed=1))
+        rows = toy_pairs if objective == "dpo" else toy_rows
+        write_jsonl(data / "train.jsonl", rows(48))
+        write_jsonl(data / "val.jsonl", rows(8, seed=1))
     raw = {
         "model": {"path": str(tiny_dir), "dtype": "fp32", "device": "cpu"},
         "method": {"name": "lora", "r": 4, "alpha": 8},
+        "objective": objective,
         "data": {
             "datasets": [{"path": str(data / "train.jsonl")}],
             "validation": [{"path": str(data / "val.jsonl")}],
@@ -129,6 +132,39 @@ def test_the_planner_skips_a_trial_that_would_not_fit(tmp_path, tiny_dir):
     assert float(rows["16"]["planned_peak_gib"]) == pytest.approx(peaks[1] / 2**30, rel=1e-3)
     assert rows["1"]["state"] == "complete"
     assert len(list((tmp_path / "out" / "sweep" / "trials").iterdir())) == 1
+
+
+def test_a_preference_objective_is_swept_on_its_own_metric(tmp_path, tiny_dir):
+    space = {"objective.beta": [0.05, 0.5]}
+    sweep = {"trials": 2, "sampler": "grid", "metric": "val_reward_accuracy", "space": space}
+    path = _write(tmp_path, tiny_dir, sweep, objective="dpo", lr=5e-3)
+    result = _sweep(path)
+    assert not load_config(path).sweep.minimize  # an accuracy: higher is better
+    rows = _rows(tmp_path)
+    assert {r["state"] for r in rows} == {"complete"}
+    for r in rows:
+        folder = tmp_path / "out" / "sweep" / "trials" / f"{int(r['trial']):03d}"
+        summary = json.loads((folder / "summary.json").read_text())
+        assert float(r["val_reward_accuracy"]) == summary["final_val_reward_accuracy"]
+        assert load_config(folder / "config.yaml").objective.beta == float(r["objective.beta"])
+    best = max(rows, key=lambda r: float(r["val_reward_accuracy"]))
+    assert result.best["val_reward_accuracy"] == float(best["val_reward_accuracy"])
+
+
+@pytest.mark.slow
+def test_each_trial_can_run_on_several_processes(tmp_path, tiny_dir):
+    path = _write(tmp_path, tiny_dir, {"trials": 1, "space": {"train.lr": [5e-3]}})
+    run = subprocess.run(
+        [sys.executable, "-m", "tunesmith.cli", "sweep", str(path), "--nproc", "2"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    summary = json.loads((tmp_path / "out/sweep/trials/000/summary.json").read_text())
+    assert summary["processes"] == 2
+    assert _rows(tmp_path)[0]["state"] == "complete"
 
 
 def test_an_unknown_space_key_is_named(tmp_path, tiny_dir):

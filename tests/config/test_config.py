@@ -150,6 +150,9 @@ def test_overrides(tmp_path):
     assert cfg.train.lr == 1e-4 and cfg.method.r == 8
     assert cfg.data.datasets[0].weight == 2.0 and cfg.data.packing is True
     assert load_config(path, ["method=full"]).method.name == "full"
+    # a section given by name takes a key: `objective.beta` on `objective: dpo` (or none: sft)
+    dpo = load_config(path, ["objective=dpo", "objective.beta=0.3", "data.packing=false"])
+    assert dpo.objective.name == "dpo" and dpo.objective.beta == 0.3
     assert load_config(path, ["method.targets=[q_proj, v_proj]"]).method.targets == [
         "q_proj",
         "v_proj",

@@ -136,6 +136,10 @@ def _line_order(problem: str) -> tuple[int, int]:
     return (0, int(line)) if line.isdigit() else (1, 0)
 
 
+DEFAULT_NAMES = {"method": "lora", "objective": "sft"}
+"""Sections given by name alone (`method: lora`), and the name when they are left out."""
+
+
 def apply_override(raw: dict[str, Any], item: str) -> tuple:
     """Set one `dotted.key=value` in `raw` (the value parsed as YAML). Returns the key path."""
     key, sep, text = item.partition("=")
@@ -158,8 +162,9 @@ def set_path(raw: dict[str, Any], key: str, value: Any, what: str) -> tuple:
             node, parts[depth] = _list_item(node, part, parts[: depth + 1], what), int(part)
             continue
         child = node.get(part)
-        if depth == 0 and part == "method" and not isinstance(child, dict):
-            child = node[part] = {"name": child or "lora"}  # `method: lora` then `method.r=8`
+        if depth == 0 and part in DEFAULT_NAMES and not isinstance(child, dict):
+            # `method: lora` then `method.r=8`; `objective: dpo` then `objective.beta=0.2`
+            child = node[part] = {"name": child or DEFAULT_NAMES[part]}
         elif isinstance(child, str) and part in ("datasets", "validation"):
             child = node[part] = [{"path": child}]
         elif child is None:
