@@ -25,6 +25,7 @@ from helpers.runs import ROOT, toy_pairs, toy_rows
 
 from tunesmith.config import ConfigError, load_config
 from tunesmith.config.load import read_config_file
+from tunesmith.errors import TunesmithError
 from tunesmith.jobs import train_job
 from tunesmith.judge.run_report import render_report
 from tunesmith.sweep import _Trial, metric_value, sweep_job
@@ -170,6 +171,12 @@ def test_each_trial_can_run_on_several_processes(tmp_path, tiny_dir):
 def test_an_unknown_space_key_is_named(tmp_path, tiny_dir):
     path = _write(tmp_path, tiny_dir, {"space": {"train.lrr": [1e-3]}})
     with pytest.raises(ConfigError, match=r"sweep\.space\.train\.lrr: not a config key"):
+        _sweep(path)
+    path = _write(tmp_path, tiny_dir, {"gpu": "5090ti", "space": {"train.lr": [1e-3]}})
+    with pytest.raises(TunesmithError, match=r"^sweep.gpu: '5090ti' is not a GPU the planner"):
+        _sweep(path)
+    path = _write(tmp_path, tiny_dir, {"gpu_mem": "lots", "space": {"train.lr": [1e-3]}})
+    with pytest.raises(TunesmithError, match=r"^sweep.gpu_mem: 'lots' is not a size"):
         _sweep(path)
 
 

@@ -49,6 +49,8 @@ from tunesmith.config.schema import SweepRange, SweepSection
 from tunesmith.errors import TunesmithError, first_line
 from tunesmith.io import atomic_write, atomic_write_text
 from tunesmith.jobs import train_job
+from tunesmith.plan.gpus import gpu
+from tunesmith.shards import parse_size
 
 Echo = Callable[..., None]
 
@@ -113,6 +115,12 @@ def sweep_job(
         f"{'minimize' if sweep.minimize else 'maximize'} {sweep.metric}, sampler "
         f"{sweep.sampler}, pruner {sweep.pruner}"
         + ("" if config.eval.every_steps else " (no eval.every_steps: nothing to prune on)")
+        + (
+            f" (--nproc {nproc}: the processes' validations do not reach the pruner; trials run "
+            "to their end)"
+            if nproc > 1 and sweep.pruner != "none"
+            else ""
+        )
     )
     trial_fn = _Trial(config, raw, source, lines, overrides, nproc, threads, echo, out, target)
     while len(study.get_trials(deepcopy=False)) < sweep.trials:
@@ -170,7 +178,7 @@ def _without_sweep(raw: dict) -> dict:
 
 def _study(config: RunConfig, url: str) -> optuna.Study:
     sweep = config.sweep
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # a trial's failure: our own line
     kwargs: dict[str, Any] = {}
     if url.startswith("sqlite"):  # several workers write at once: wait for the lock
         kwargs["engine_kwargs"] = {"connect_args": {"timeout": 120}}
@@ -243,6 +251,14 @@ def _suggest(trial: optuna.Trial, key: str, spec: list | SweepRange) -> Any:
 def _planning_target(sweep: SweepSection) -> tuple[str | None, str | None]:
     """(GPU name, memory) the planner checks each trial against; the GPU in use by default."""
     if sweep.gpu or sweep.gpu_mem:
+        try:
+            if sweep.gpu:
+                gpu(sweep.gpu)
+            if sweep.gpu_mem:
+                parse_size(sweep.gpu_mem, "sweep.gpu_mem")
+        except TunesmithError as err:
+            message = str(err).replace("--gpu-mem (", "sweep.gpu_mem (")
+            raise TunesmithError(message.replace("--gpu:", "sweep.gpu:", 1)) from None
         return sweep.gpu, sweep.gpu_mem
     if torch.cuda.is_available():
         return None, f"{torch.cuda.get_device_properties(0).total_memory}B"
