@@ -60,11 +60,12 @@ def _write(tmp_path: Path, tiny_dir: Path, sweep: dict, objective="sft", **train
     return path
 
 
-def _sweep(path: Path, lines: list[str] | None = None):
+def _sweep(path: Path, lines: list[str] | None = None, overrides: list[str] | None = None):
     raw, where = read_config_file(path)
-    config = load_config(path)
+    config = load_config(path, overrides or [])
     echo = (lambda text="", **_: lines.append(text)) if lines is not None else lambda *a, **k: None
-    return sweep_job(config, raw, source=str(path), lines=where, echo=echo)
+    kwargs = {"source": str(path), "lines": where, "overrides": overrides or []}
+    return sweep_job(config, raw, echo=echo, **kwargs)
 
 
 def _rows(path: Path) -> list[dict]:
@@ -102,12 +103,15 @@ def test_a_sweep_finds_a_better_learning_rate_than_a_bad_start(tmp_path, tiny_di
 
 def test_an_invalid_combination_is_recorded_and_not_run(tmp_path, tiny_dir):
     space = {"train.micro_batch_size": [0, 2]}
-    path = _write(tmp_path, tiny_dir, {"trials": 2, "sampler": "grid", "space": space})
-    _sweep(path)
+    path = _write(tmp_path, tiny_dir, {"trials": 1, "sampler": "grid", "space": space})
+    # the command line's overrides: the sweep's to the sweep, the others to every trial
+    _sweep(path, overrides=["sweep.trials=2", "train.max_steps=4"])
     rows = {r["train.micro_batch_size"]: r for r in _rows(tmp_path)}
     assert rows["0"]["state"] == "invalid"
     assert "train.micro_batch_size: must be > 0" in rows["0"]["note"]
     assert rows["2"]["state"] == "complete"
+    folder = next((tmp_path / "out" / "sweep" / "trials").iterdir())
+    assert json.loads((folder / "summary.json").read_text())["steps"] == 4
     trials = sorted(p.name for p in (tmp_path / "out" / "sweep" / "trials").iterdir())
     assert len(trials) == 1  # the invalid one made no folder
 

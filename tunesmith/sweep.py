@@ -104,6 +104,8 @@ def sweep_job(
         raise TunesmithError(
             f"{source}: no sweep: section; add one with at least sweep.space (docs/sweeps.md)"
         )
+    # the command line's sweep.* overrides are the sweep's; each trial takes the others
+    overrides = [o for o in overrides if o.partition("=")[0].split(".")[0] != "sweep"]
     _check_space(sweep, raw, source, lines, overrides)
     out = Path(config.output_dir) / "sweep"
     (out / "logs").mkdir(parents=True, exist_ok=True)

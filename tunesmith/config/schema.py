@@ -325,7 +325,8 @@ class SweepSection(Section):
     study: str | None = None
     """The study's name in the storage (default: output_dir's folder name)."""
     seed: int | None = None
-    """The sampler's seed (default: train.seed)."""
+    """The sampler's seed: the same trials again from scratch with one worker. Without it each
+    worker seeds itself, so that several workers do not repeat each other's samples."""
     gpu: str | None = None
     """Plan every trial against this GPU (`4090`, `h100`, ... as `tunesmith plan --gpu`); a
     trial whose planned peak memory does not fit is skipped. Default: the GPU in use."""
