@@ -104,8 +104,11 @@ def test_a_sweep_finds_a_better_learning_rate_than_a_bad_start(tmp_path, tiny_di
 def test_an_invalid_combination_is_recorded_and_not_run(tmp_path, tiny_dir):
     space = {"train.micro_batch_size": [0, 2]}
     path = _write(tmp_path, tiny_dir, {"trials": 1, "sampler": "grid", "space": space})
-    # the command line's overrides: the sweep's to the sweep, the others to every trial
-    _sweep(path, overrides=["sweep.trials=2", "train.max_steps=4"])
+    # the command line's overrides: the sweep's to the sweep, the others to every trial; a
+    # grid of two runs two trials, however many are asked for
+    lines: list[str] = []
+    _sweep(path, lines, overrides=["sweep.trials=5", "train.max_steps=4"])
+    assert "sweep.trials: the grid has 2 combinations; 2 trials it is" in lines
     rows = {r["train.micro_batch_size"]: r for r in _rows(tmp_path)}
     assert rows["0"]["state"] == "invalid"
     assert "train.micro_batch_size: must be > 0" in rows["0"]["note"]

@@ -124,8 +124,14 @@ def sweep_job(
             else ""
         )
     )
+    limit = sweep.trials
+    if sweep.sampler == "grid":  # a grid gone through has nothing new to try
+        limit = min(limit, math.prod(len(values) for values in _grid(sweep).values()))
+        if limit < sweep.trials:
+            echo(f"sweep.trials: the grid has {limit} combinations; {limit} trials it is")
     trial_fn = _Trial(config, raw, source, lines, overrides, nproc, threads, echo, out, target)
-    while len(study.get_trials(deepcopy=False)) < sweep.trials:
+    trial_fn.limit = limit
+    while len(study.get_trials(deepcopy=False)) < limit:
         study.optimize(trial_fn, n_trials=1, catch=(Exception,))
         write_outputs(study, config, raw, source, lines, overrides, out, plots=False)
     rows = write_outputs(study, config, raw, source, lines, overrides, out, plots=True)
@@ -283,10 +289,12 @@ class _Trial:
         self.overrides, self.nproc, self.threads, self.echo = overrides, nproc, threads, echo
         self.out, self.target = out, target
         self.sweep: SweepSection = config.sweep
+        self.limit = self.sweep.trials
+        """Trials in the study at most (a grid's size, when smaller)."""
 
     def __call__(self, trial: optuna.Trial) -> float:
         sweep = self.sweep
-        if trial.number >= sweep.trials:  # another worker took the last one meanwhile
+        if trial.number >= self.limit:  # another worker took the last one meanwhile
             trial.set_user_attr("surplus", True)
             raise optuna.TrialPruned()
         params = {key: _suggest(trial, key, spec) for key, spec in sweep.space.items()}
