@@ -90,7 +90,7 @@ def test_a_sweep_finds_a_better_learning_rate_than_a_bad_start(tmp_path, tiny_di
         assert load_config(folder / "config.yaml").train.lr == float(r["train.lr"])
     best = load_config(tmp_path / "out" / "sweep" / "best.yaml")  # what tunesmith train takes
     assert best.train.lr == result.best["train.lr"] and best.method.r == result.best["method.r"]
-    assert best.sweep is None and best.output_dir == str(tmp_path / "out")
+    assert best.sweep is None and best.output_dir == str(tmp_path / "out" / "best")
     for name in ("history", "importances", "parallel"):
         assert (tmp_path / "out" / "sweep" / f"{name}.png").stat().st_size > 5000
     assert lines[-1].startswith("sweep done: 6 complete; best trial")

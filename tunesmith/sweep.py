@@ -475,7 +475,8 @@ def write_outputs(study, config, raw, source, lines, overrides, out: Path, plots
     complete = [t for t in complete if t.state == optuna.trial.TrialState.COMPLETE]
     if complete:
         best = (min if sweep.minimize else max)(complete, key=lambda t: t.value)
-        overrides = [*overrides, f"output_dir={config.output_dir}"]
+        # a folder of its own: the sweep's holds trials and the report, which train refuses
+        overrides = [*overrides, f"output_dir={Path(config.output_dir) / 'best'}"]
         best_config = trial_config(raw, best.params, source, lines, overrides)
         header = (
             f"# tunesmith sweep {study.study_name}: trial {best.number:03d}, "
