@@ -136,6 +136,15 @@ def chat_template_of(tokenizer) -> str:
     return template
 
 
+def check_prompt(ids: list[int]) -> None:
+    """A prompt must give at least one token."""
+    if not ids:
+        raise TunesmithError(
+            "the prompt is empty: it gives no tokens (and this tokenizer adds no BOS); give some "
+            "text to continue"
+        )
+
+
 def stream_reply(model, tokenizer, ids: list[int], sampling: Sampling, echo) -> str:
     """Generate from `ids`, calling `echo(text_piece)` as tokens arrive; returns the text."""
 
@@ -143,11 +152,7 @@ def stream_reply(model, tokenizer, ids: list[int], sampling: Sampling, echo) -> 
         def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
             echo(text)
 
-    if not ids:
-        raise TunesmithError(
-            "the prompt is empty: it gives no tokens (and this tokenizer adds no BOS); give some "
-            "text to continue"
-        )
+    check_prompt(ids)
     device = next(model.parameters()).device
     stops = stop_token_ids(model, tokenizer)
     if sampling.seed is not None:

@@ -423,7 +423,8 @@ class Engine:
     def run(self, sequences: list[Sequence]) -> None:
         """Generate `sequences` to their end in the calling thread, as the worker would (the
         worker must not be running): offline generation (`tunesmith.serve.offline`). The
-        model's active adapters and train/eval mode are as before when it returns."""
+        model's active adapters are as before when it returns (the engine puts the model in
+        eval mode; `offline` restores a training model's mode)."""
         if self._thread is not None:
             raise RuntimeError("Engine.run: the worker thread is running; submit() instead")
         model = self.model

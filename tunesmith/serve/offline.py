@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from tunesmith.adapters.state import adapter_state, holders, linear_wrappers
 from tunesmith.errors import TunesmithError
-from tunesmith.generation import Sampling, generate_batch, stream_reply
+from tunesmith.generation import Sampling, check_prompt, generate_batch, stream_reply
 from tunesmith.serve.engine import Engine, Params, Sequence
 
 
@@ -47,11 +47,8 @@ def stream_text(model, tokenizer, ids: list[int], sampling: Sampling, echo) -> s
 def _run(
     model, tokenizer, prompts, sampling: Sampling, batch_size: int, echo: Callable | None
 ) -> list[Sequence]:
-    if any(not p for p in prompts):
-        raise TunesmithError(
-            "the prompt is empty: it gives no tokens (and this tokenizer adds no BOS); give some "
-            "text to continue"
-        )
+    for prompt in prompts:
+        check_prompt(prompt)
     active = adapter_state(model).active
     off = any(holder.disabled for _, holder in holders(model))  # inside adapters.disabled()
     adapter = active[0] if active and not off else None
