@@ -419,6 +419,8 @@ class RunConfig(Section):
                     f"{at}.format is {src.format}, but objective {objective.name} trains on "
                     f"{' or '.join(objective.formats)} data"
                 )
+        if objective.output == "logits":  # distillation: supervised data, token by token
+            return self
         if self.data.packing:
             raise ValueError(
                 f"data.packing cannot be used with objective {objective.name}: each pair is "

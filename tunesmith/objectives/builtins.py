@@ -3,5 +3,5 @@ error messages listing them)."""
 
 import importlib
 
-for _name in ("sft", "dpo", "simpo", "orpo", "kto", "reward"):
+for _name in ("sft", "dpo", "simpo", "orpo", "kto", "reward", "distill", "grpo"):
     importlib.import_module(f"tunesmith.objectives.{_name}")

@@ -15,6 +15,26 @@ REFERENCE_LOGPS = "reference_logps"
 """The batch entry holding precomputed reference log-probabilities (one per row)."""
 UNIT_FLAGS = "unit_flags"
 """The batch entry holding one flag per row (KTO: 1 for a desirable example)."""
+TEACHER_IDS = "teacher_ids"
+"""Distillation: the teacher's precomputed top-k token ids per answer token (rows of k)."""
+TEACHER_LOGPS = "teacher_logps"
+"""... and their log-probabilities (temperature 1)."""
+ADVANTAGES = "advantages"
+"""GRPO: each completion's advantage (one per row)."""
+OLD_LOGPS = "old_logps"
+"""GRPO: the generating policy's log-probability of each completion token (rows, seq - 1)."""
+REFERENCE_TOKEN_LOGPS = "reference_token_logps"
+"""GRPO: the reference's log-probability of each completion token (rows, seq - 1)."""
+BATCH_ONLY = (
+    REFERENCE_LOGPS,
+    UNIT_FLAGS,
+    TEACHER_IDS,
+    TEACHER_LOGPS,
+    ADVANTAGES,
+    OLD_LOGPS,
+    REFERENCE_TOKEN_LOGPS,
+)
+"""The batch entries an objective reads that are not model inputs."""
 
 
 @dataclass

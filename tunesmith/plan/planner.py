@@ -4,7 +4,9 @@ switches fit (`recommend.py`, from the analytic estimate)."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -180,11 +182,21 @@ def plan_run(
     train = config.train.model_copy(update={"gradient_checkpointing": checkpointing})
     seq = config.data.max_seq_len
     batch = config.train.micro_batch_size
-    traced = trace_step(model_config, method, train, seq, batch, dtype, objective=config.objective)
+    teacher_config = _teacher_config(config)
+    traced = trace_step(
+        model_config,
+        method,
+        train,
+        seq,
+        batch,
+        dtype,
+        objective=config.objective,
+        teacher_config=teacher_config,
+    )
     fits = None if memory is None else traced.peak_bytes <= memory * GIB
     flops = flops_per_token(model_config, method_of(method).name, seq, checkpointing)
     notes: list[str] = []
-    flops *= _objective_passes(config, model_config, notes)
+    flops *= _objective_passes(config, model_config, notes, teacher_config)
     speed = target.tflops * 1e12 * UTILIZATION / flops if target else None
     if speed is not None and traced.total_params < SMALL_MODEL:
         notes.append(
@@ -236,7 +248,49 @@ def plan_run(
     return plan
 
 
-def _objective_passes(config, model_config, notes: list[str]) -> float:
+def _teacher_config(config):
+    """Distillation's teacher's model config (an adapter folder's base), unless its top-k is
+    precomputed; None otherwise."""
+    objective = config.objective
+    if objective_of(objective).output != "logits" or objective.precompute_teacher:
+        return None
+    path = objective.teacher
+    adapter = Path(path) / "adapter_config.json"
+    if adapter.is_file():
+        path = json.loads(adapter.read_text()).get("base_model_name_or_path") or path
+    return read_model_config(path, "objective.teacher", None, config.model.trust_remote_code)
+
+
+def _parameters(model_config) -> float:
+    """Decoder parameters of a Llama-shaped config (for the teacher's share of the time)."""
+    d = model_config.hidden_size
+    heads = model_config.num_attention_heads
+    kv = getattr(model_config, "num_key_value_heads", None) or heads
+    head_dim = getattr(model_config, "head_dim", None) or d // heads
+    inter = model_config.intermediate_size
+    layer = 2 * d * heads * head_dim + 2 * d * kv * head_dim + 3 * d * inter
+    return layer * model_config.num_hidden_layers + 2 * d * model_config.vocab_size
+
+
+def _distill_passes(config, model_config, notes: list[str], teacher_config) -> float:
+    """Distillation: the teacher's forward pass (2 FLOPs per parameter and token beside the
+    student's 6), unless its top-k is precomputed."""
+    objective = config.objective
+    if teacher_config is None:
+        notes.append(
+            f"objective distill: the teacher's top-{objective.top_k} log-probabilities are "
+            "computed once before training and read with the batches"
+        )
+        return 1.0
+    ratio = _parameters(teacher_config) / max(_parameters(model_config), 1)
+    notes.append(
+        f"objective distill: the teacher ({objective.teacher}) is held in memory beside the "
+        f"model and runs a forward pass without gradients each step: time × {1 + ratio / 3:.2f}"
+    )
+    return 1 + ratio / 3
+
+
+def _objective_passes(config, model_config, notes: list[str], teacher_config=None) -> float:
     """A preference objective's cost beside the supervised step's, as a factor on its FLOPs
     per token, with a note saying what the step holds: each micro-batch is
     micro_batch_size units (a pair is two sequences), and objectives with a reference run
@@ -245,6 +299,8 @@ def _objective_passes(config, model_config, notes: list[str]) -> float:
     objective = objective_of(config.objective)
     if objective.token_level:
         return 1.0
+    if objective.output == "logits":
+        return _distill_passes(config, model_config, notes, teacher_config)
     unit = {"preference": "pair", "unpaired": "example"}[objective.formats[0]]
     batch = config.train.micro_batch_size
     text = (

@@ -36,8 +36,8 @@ from transformers import AttentionInterface
 from tunesmith import builder
 from tunesmith.adapters.dropout import KeyedDropout
 from tunesmith.objectives import objective_of
-from tunesmith.objectives.rows import REFERENCE_LOGPS, UNIT_FLAGS
-from tunesmith.registry import method_of
+from tunesmith.objectives.rows import REFERENCE_LOGPS, TEACHER_IDS, TEACHER_LOGPS, UNIT_FLAGS
+from tunesmith.registry import method_named, method_of
 from tunesmith.train.loss import ALL_TRAINED, model_loss_sum
 from tunesmith.train.objective import UnitLoss, add_score_head
 from tunesmith.train.offload import ActivationOffload
@@ -178,6 +178,13 @@ def _register_attention() -> None:
     AttentionInterface.register(PLAN_ATTENTION, _plan_attention)
 
 
+def distill_loss(objective, teacher, model_config):
+    """Distillation's loss for the trace (the teacher model, or precomputed top-k)."""
+    from tunesmith.objectives.distill.impl import DistillLoss
+
+    return DistillLoss(objective, teacher, getattr(model_config, "vocab_size", None))
+
+
 def build_traced_model(model_config, method, train, compute_dtype, attention: str = "flash"):
     """The model the run trains (see `tunesmith.builder.build_model`), built from
     `model_config` under whatever tensor mode or device is current (fake tensors to trace, the
@@ -247,13 +254,15 @@ def trace_step(
     compute_dtype: torch.dtype,
     attention: str = "flash",
     objective=None,
+    teacher_config=None,
 ) -> TracedStep:
     """Trace two training steps of `method` (a run config's method section) with `train`'s
     micro-batch settings on a model built from `model_config`; see the module docstring.
     With a preference `objective` (its config), a micro-batch is `batch` units of its group
     (pairs: 2 × batch rows) scored by its loss, with the reference pass in the step (the
     adapter switched off, or a frozen copy of a fully trained model) unless it is
-    precomputed."""
+    precomputed. Distillation's teacher (`teacher_config`, unless its top-k is precomputed)
+    is built beside the model, frozen, and runs its forward pass in the step."""
     found = objective_of(objective) if objective is not None else None
     unit = None if found is None or found.token_level else found
     rows = batch * (unit.group if unit else 1)
@@ -282,13 +291,30 @@ def trace_step(
                     model_config, method, train, compute_dtype, attention
                 )
                 reference.eval().requires_grad_(False)
+            teacher = None
+            if unit and unit.output == "logits" and teacher_config is not None:
+                if not objective.precompute_teacher:
+                    frozen = method_named("full").config(name="full")
+                    teacher = build_traced_model(
+                        teacher_config, frozen, train, compute_dtype, attention
+                    )
+                    teacher.eval().requires_grad_(False)
             tensors = list(model.parameters()) + list(model.buffers())
-            if reference is not None:
-                tensors += list(reference.parameters()) + list(reference.buffers())
+            for other in (reference, teacher):
+                if other is not None:
+                    tensors += list(other.parameters()) + list(other.buffers())
             static = tracker.seed(tensors)
             step_loss = None
             batch_in = {"input_ids": ids, "labels": ids}
-            if unit is not None:
+            if unit is not None and unit.output == "logits":
+                step_loss = distill_loss(objective, teacher, model_config)
+                batch_in["attention_mask"] = torch.ones(rows, seq_len, dtype=torch.long)
+                if objective.precompute_teacher:
+                    k = objective.top_k
+                    tokens = rows * (seq_len - 1)
+                    batch_in[TEACHER_IDS] = torch.zeros(tokens, k, dtype=torch.int32)
+                    batch_in[TEACHER_LOGPS] = torch.zeros(tokens, k)
+            elif unit is not None:
                 step_loss = UnitLoss(unit, objective, reference, unit.group)
                 batch_in["attention_mask"] = torch.ones(rows, seq_len, dtype=torch.long)
                 if precompute and unit.reference:

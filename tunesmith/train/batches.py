@@ -41,6 +41,9 @@ class BatchPlan:
     `micro_batch_size` whole units."""
     reference: np.ndarray | None = None
     """Precomputed reference log-probabilities, one per sample, put in each batch."""
+    extras: object | None = None
+    """Per-sample entries put in each batch (`extras.entries(sample indices)`, the samples in
+    batch order): distillation's precomputed teacher top-k."""
 
     @property
     def num_units(self) -> int:
@@ -91,6 +94,12 @@ class BatchPlan:
             else:
                 batch = collate([self.samples[u] for u in chunk], self.pad_id)
                 segments = [[(u, int(self.samples.lengths[u]))] for u in chunk]
+            if self.extras is not None:
+                if self.rows is not None:
+                    members = [i for u in chunk for i in self.rows[u]]
+                elif self.group == 1:
+                    members = chunk
+                batch.update(self.extras.entries(members))
             width = batch["input_ids"].shape[1]
             batch[DROPOUT_KEYS] = token_keys(self.seed, step, segments, width)
             batches.append(batch)
@@ -108,9 +117,15 @@ def trained_tokens(batch: dict) -> int:
 
 
 def collate_units(
-    samples: SampleSet, rows: list[int], pad_id: int, reference: np.ndarray | None = None
+    samples: SampleSet,
+    rows: list[int],
+    pad_id: int,
+    reference: np.ndarray | None = None,
+    extras: object | None = None,
 ) -> dict:
     batch = collate([samples[i] for i in rows], pad_id)
+    if extras is not None:
+        batch.update(extras.entries(rows))
     if samples.flags is not None:
         batch[UNIT_FLAGS] = torch.as_tensor(samples.flags[rows].astype(np.int64))
     if reference is not None:

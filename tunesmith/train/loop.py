@@ -44,6 +44,12 @@ from tunesmith.errors import AdapterError, TrainingError, TrainingInterrupted, T
 from tunesmith.io import atomic_write, atomic_write_json, reporting_full_disk
 from tunesmith.models import load_tokenizer, resolve_device
 from tunesmith.objectives import objective_of
+from tunesmith.objectives.distill.impl import (
+    DistillLoss,
+    load_teacher,
+    precomputed_teacher,
+    vocab_of,
+)
 from tunesmith.registry import method_of
 from tunesmith.train.batches import (
     DROPOUT_KEYS,
@@ -263,6 +269,9 @@ class Run:
         self.reference = {"train": None, "validation": None}
         if self.objective.reference and precompute:
             self.reference = reference_logps_cached(self, build_on)
+        self.teacher, self.extras = None, {"train": None, "validation": None}
+        if self.objective.output == "logits":  # distillation
+            self._setup_teacher(build_on)
 
         number_sites(self.model)  # before wrapping: the names every process shares
         self.speedups = apply_speedups(self.model, cfg.train, self.device_type)
@@ -271,7 +280,9 @@ class Run:
         )
         master = run_dtypes(cfg, self.device_type).weights == torch.float32
         self.unit_loss = None
-        if not self.objective.token_level:
+        if self.objective.output == "logits":
+            self.unit_loss = DistillLoss(cfg.objective, self.teacher, self.vocab)
+        elif not self.objective.token_level:
             self.unit_loss = UnitLoss(
                 self.objective, cfg.objective, self.reference_model, self.prepared.group
             )
@@ -303,6 +314,7 @@ class Run:
             flatten=self.padding_free,
             group=self.prepared.group,
             reference=self.reference["train"],
+            extras=self.extras["train"],
         )
         self.total_steps = self.plan.total_steps(cfg.train.epochs, cfg.train.max_steps)
         self.optimizer = build_optimizer(self.model, cfg.train)
@@ -317,6 +329,18 @@ class Run:
         self.validation_start: dict | None = None
         if resume_from is not None:
             self._restore(resume_from)
+
+    def _setup_teacher(self, device: str) -> None:
+        """Distillation's teacher: loaded and kept (on-the-fly logits), or run once over the
+        data for its top-k and freed (`precompute_teacher`; read back from the data cache when
+        it holds them)."""
+        cfg = self.config
+        if cfg.objective.precompute_teacher:
+            self.extras = precomputed_teacher(self, device, None)
+            self.vocab = None
+            return
+        self.teacher = load_teacher(cfg.objective, self.tokenizer, device, self.dtype)
+        self.vocab = vocab_of(self.teacher)
 
     def _check_output_dir(self) -> None:
         """Lock output_dir for this run, then make sure it holds no other run's files (unless
@@ -494,10 +518,11 @@ class Run:
             lambda: autocast_for(self.device_type, self.dtype),
             self.reference["validation"],
             loss_module=self.step_module if self.strategy == "fsdp" else None,
+            extras=self.extras["validation"],
         )
         self._log_metrics({"step": step, **result})
         shown = [f"validation loss {result['val_loss']:.4f}"]
-        for name in ("reward_accuracy", "reward_margin", "kl"):
+        for name in ("reward_accuracy", "reward_margin", "kl", "agreement"):
             if f"val_{name}" in result:
                 shown.append(f"{name.replace('_', ' ')} {result[f'val_{name}']:.4f}")
         self.progress.log(f"step {step}: " + ", ".join(shown))
@@ -505,7 +530,7 @@ class Run:
 
     def _units(self, batch: dict) -> int:
         """What a step's loss is normalised by: trained tokens (sft), or units (pairs)."""
-        if self.unit_loss is None:
+        if self.unit_loss is None or self.objective.output == "logits":
             return trained_tokens(batch)
         return int(batch["input_ids"].shape[0]) // self.prepared.group
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from tunesmith.data.encode import IGNORE_INDEX
-from tunesmith.objectives.rows import REFERENCE_LOGPS, UNIT_FLAGS
+from tunesmith.objectives.rows import BATCH_ONLY
 from tunesmith.train.batches import eval_batches
 from tunesmith.train.kernels import linear_cross_entropy_of
 
@@ -41,7 +41,7 @@ def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torc
     return total, int((targets != IGNORE_INDEX).sum())
 
 
-NOT_INPUTS = ("labels", "dropout_keys", REFERENCE_LOGPS, UNIT_FLAGS)
+NOT_INPUTS = ("labels", "dropout_keys", *BATCH_ONLY)
 
 
 def model_inputs(batch: dict) -> dict:

@@ -108,12 +108,13 @@ def unit_batches(
     batch_size: int,
     pad_id: int,
     reference: np.ndarray | None = None,
+    extras: object | None = None,
 ) -> Iterator[dict]:
     """Batches of `batch_size` whole units, in order (for evaluation and precomputing)."""
     units = len(samples) // group
     for at in range(0, units, batch_size):
         rows = list(range(at * group, min(units, at + batch_size) * group))
-        yield collate_units(samples, rows, pad_id, reference)
+        yield collate_units(samples, rows, pad_id, reference, extras)
 
 
 def add_metrics(totals: dict, metrics: dict) -> None:
@@ -137,13 +138,15 @@ def evaluate_units(
     autocast,
     reference: np.ndarray | None = None,
     loss_module=None,
+    extras: object | None = None,
 ) -> dict:
-    """The mean loss per unit and each metric's mean on `samples`: `val_loss`, `val_<metric>`."""
+    """The mean loss per unit (per answer token for distillation) and each metric's mean on
+    `samples`: `val_loss`, `val_<metric>`."""
     was_training = model.training
     model.eval()
     total, units, totals = 0.0, 0, {}
     try:
-        for batch in unit_batches(samples, loss.group, batch_size, pad_id, reference):
+        for batch in unit_batches(samples, loss.group, batch_size, pad_id, reference, extras):
             batch = {k: v.to(device) for k, v in batch.items()}
             with autocast():
                 if loss_module is not None:
@@ -196,17 +199,23 @@ def add_score_head(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     return head
 
 
-def reference_cache_key(run) -> str:
-    """What the precomputed reference log-probabilities depend on: the encoded data (train and
-    validation), the base model and how it is loaded, and the method's settings (a quantized or
-    PiSSA-initialised base is another reference)."""
-    cfg = run.config
+def samples_digest(run):
+    """A sha256 fed with the run's encoded train and validation samples."""
     digest = hashlib.sha256()
     for samples in (run.prepared.train, run.prepared.validation):
         if samples is not None:
             for array in (samples.input_ids, samples.labels, samples.offsets):
                 digest.update(np.ascontiguousarray(array).tobytes())
         digest.update(b"|")
+    return digest
+
+
+def reference_cache_key(run) -> str:
+    """What the precomputed reference log-probabilities depend on: the encoded data (train and
+    validation), the base model and how it is loaded, and the method's settings (a quantized or
+    PiSSA-initialised base is another reference)."""
+    cfg = run.config
+    digest = samples_digest(run)
     identity = {
         "model": cfg.model.model_dump(exclude={"device"}),
         "method": {"name": cfg.method.name, **settings(cfg.method)},
