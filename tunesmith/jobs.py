@@ -27,12 +27,11 @@ from pathlib import Path
 from tunesmith.adapters import trainable_parameters
 from tunesmith.cards import write_card
 from tunesmith.config import RunConfig, config_yaml
-from tunesmith.data import summary_lines
 from tunesmith.errors import ProcessesFailed, TrainingInterrupted, TunesmithError, first_line
 from tunesmith.judge.evaluate import compare_after_training
 from tunesmith.threads import apply_threads, default_threads, process_threads
 from tunesmith.train.card import run_card
-from tunesmith.train.loop import Run
+from tunesmith.train.loop import Run, make_run
 
 Echo = Callable[..., None]
 
@@ -70,7 +69,7 @@ def train_job(
         return None
     if threads is not None:  # the CLI sets the default itself: a library call pins nothing
         apply_threads(process_threads(threads))
-    run = Run(
+    run = make_run(
         config,
         resume=resume,
         overwrite=overwrite,
@@ -160,6 +159,8 @@ def _compare(run: Run, echo: Echo, command: Sequence[str] | None) -> None:
             "eval.generate_samples: skipped after an FSDP run (the model is sharded); run "
             f"{how} for the comparison"
         )
+    elif cfg.eval.generate_samples and run.objective.output == "generation":
+        echo("eval.generate_samples: GRPO's validation generates already (completions.jsonl)")
     elif cfg.eval.generate_samples:
         compare_after_training(run, echo=echo)
         summary_file, evaluation = run.out / "summary.json", run.out / "eval.json"
@@ -172,12 +173,14 @@ def _compare(run: Run, echo: Echo, command: Sequence[str] | None) -> None:
 def header_lines(run: Run) -> list[str]:
     """What `tunesmith train` prints before the first step: the data, the model and method,
     the step count, the processes and the speed switches."""
-    lines = summary_lines(run.prepared)
+    lines = run.data_lines()
     counts = trainable_parameters(run.model)
     cfg = run.config
     units = "packed rows" if run.plan.rows is not None else "samples"
     if run.prepared.group > 1:
         units = "examples" if "unpaired" in run.objective.formats else "pairs"
+    if run.objective.output == "generation":
+        units = f"prompts x {cfg.objective.num_generations} completions"
     lines.append(
         f"model {cfg.model.path} on {run.device} ({str(run.dtype).removeprefix('torch.')}),"
         f" method {cfg.method.name}: {counts.trainable:,} of {counts.total:,} parameters "

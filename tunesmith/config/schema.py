@@ -33,6 +33,7 @@ FIELD_ROLES = {
     "tokenized": ("input_ids", "labels"),
     "preference": ("prompt", "chosen", "rejected"),
     "unpaired": ("prompt", "completion", "label"),
+    "prompt": ("prompt", "system"),
 }
 
 
@@ -65,20 +66,25 @@ class ModelSection(Section):
     enough). The run's results mean nothing for a real task."""
     trust_remote_code: bool = False
     """Run Python code shipped with the checkpoint. Off unless you trust its author."""
+    adapter: str | None = None
+    """Start training from this adapter's weights (a folder `tunesmith train` or PEFT wrote,
+    made with the same method settings): a GRPO or DPO run after a supervised one. Adapter
+    methods only."""
 
 
 class DatasetSource(Section):
     path: str
     """A .jsonl, .json, .csv or .parquet file, a folder of them, or a hub dataset id."""
     format: Literal[
-        "auto", "alpaca", "chat", "completion", "tokenized", "preference", "unpaired"
+        "auto", "alpaca", "chat", "completion", "tokenized", "preference", "unpaired", "prompt"
     ] = "auto"
     """Record format: alpaca (instruction/input/output), chat (a list of messages, OpenAI
     role/content or ShareGPT from/value), completion (raw text; every token trains),
     tokenized (input_ids, optional labels); for preference objectives, preference (prompt,
     chosen, rejected, as text or messages; or chosen and rejected sharing the prompt) and
-    unpaired (prompt, completion, label true/false; KTO). "auto" decides from the first
-    record's fields."""
+    unpaired (prompt, completion, label true/false; KTO); for grpo, prompt (a prompt as text
+    or messages, and any other columns, which the reward functions receive). "auto" decides
+    from the first record's fields."""
     fields: dict[str, str] = {}
     """Field mapping {tunesmith's name: your field}. alpaca: instruction, input, output,
     system; chat: messages, role, content, system; completion: text; tokenized: input_ids,
@@ -405,12 +411,13 @@ class RunConfig(Section):
     def _objective_data(self) -> RunConfig:
         objective = objective_of(self.objective)
         if objective.token_level:
+            wants = {"preference": "dpo, simpo, orpo or reward", "unpaired": "kto"}
+            wants["prompt"] = "grpo"
             for at, src in self._sources():
-                if src.format in ("preference", "unpaired"):
+                if src.format in wants:
                     raise ValueError(
                         f"{at}.format is {src.format}, which the sft objective cannot train on; "
-                        "set objective.name to "
-                        + ("dpo, simpo, orpo or reward" if src.format == "preference" else "kto")
+                        f"set objective.name to {wants[src.format]}"
                     )
             return self
         for at, src in self._sources():
@@ -420,6 +427,13 @@ class RunConfig(Section):
                     f"{' or '.join(objective.formats)} data"
                 )
         if objective.output == "logits":  # distillation: supervised data, token by token
+            return self
+        if objective.output == "generation":  # grpo: prompts, whole completions
+            if self.data.packing:
+                raise ValueError(
+                    f"data.packing cannot be used with objective {objective.name}: each "
+                    "completion is scored whole; set data.packing: false"
+                )
             return self
         if self.data.packing:
             raise ValueError(

@@ -79,10 +79,12 @@ def detect_format(record: Record, fields: dict[str, str], config_path: str) -> s
         return "preference"
     if {"prompt", "completion", "label"} <= named:
         return "unpaired"
+    if "prompt" in named:
+        return "prompt"
     raise DataError(
         f"{record.where}: cannot tell the format from fields {sorted(keys)}; set "
-        f"{config_path}.format to alpaca, chat, completion, tokenized, preference or "
-        f"unpaired (and map fields with "
+        f"{config_path}.format to alpaca, chat, completion, tokenized, preference, "
+        f"unpaired or prompt (and map fields with "
         f"{config_path}.fields)"
     )
 

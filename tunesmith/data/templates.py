@@ -67,7 +67,7 @@ TEMPLATE_MARKERS = {
 def resolve_chat_template(setting: str, tokenizer, formats: set[str]) -> tuple[str | None, str]:
     """The template text and a short name for it, for `data.chat_template` = `setting`.
     Returns (None, "none") when no source needs a template (completion/tokenized only)."""
-    if not formats & {"alpaca", "chat", "preference", "unpaired"}:
+    if not formats & {"alpaca", "chat", "preference", "unpaired", "prompt"}:
         return None, "none"
     own = getattr(tokenizer, "chat_template", None)
     if isinstance(own, dict):  # several named templates: use the default one

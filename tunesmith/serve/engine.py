@@ -139,6 +139,8 @@ class Sequence:
         self.deadline = None if timeout_s is None else self.submitted + timeout_s
         self.tokens: list[int] = []
         """Generated ids, without a final stop token."""
+        self.stop_token: int | None = None
+        """The stop token that ended it, when one did (GRPO trains on it)."""
         self.generated = 0
         """Generated ids, a final stop token included (what `usage` counts)."""
         self.text = ""
@@ -884,6 +886,7 @@ class Engine:
             seq.first_token_at = time.monotonic()
             self.stats.ttft.observe(seq.first_token_at - seq.submitted)
         if token in self.stops:
+            seq.stop_token = token
             if not self._add_text(seq, seq.detok.flush()):
                 self._finish(seq, "stop")
             return

@@ -47,11 +47,6 @@ def stream_text(model, tokenizer, ids: list[int], sampling: Sampling, echo) -> s
 def _run(
     model, tokenizer, prompts, sampling: Sampling, batch_size: int, echo: Callable | None
 ) -> list[Sequence]:
-    for prompt in prompts:
-        check_prompt(prompt)
-    active = adapter_state(model).active
-    off = any(holder.disabled for _, holder in holders(model))  # inside adapters.disabled()
-    adapter = active[0] if active and not off else None
     params = Params(
         max_tokens=sampling.max_new_tokens,
         temperature=sampling.temperature,
@@ -63,7 +58,25 @@ def _run(
         if kind == "text" and echo is not None:
             echo(value)
 
-    sequences = [Sequence(p, adapter, params, on_event) for p in prompts]
+    return run_sequences(model, tokenizer, prompts, [params] * len(prompts), batch_size, on_event)
+
+
+def run_sequences(
+    model, tokenizer, prompts, params: list[Params], batch_size: int, on_event=None
+) -> list[Sequence]:
+    """Each prompt (ids) decoded to its end with its own `params`, at most `batch_size` at
+    once, through the model's active adapter (none inside `adapters.disabled()`); the model's
+    train/eval mode is restored afterwards. A failed sequence raises its error."""
+    reason = why_not(model)
+    if reason is not None:
+        raise TunesmithError(f"the serving engine cannot generate for this model: {reason}")
+    for prompt in prompts:
+        check_prompt(prompt)
+    active = adapter_state(model).active
+    off = any(holder.disabled for _, holder in holders(model))  # inside adapters.disabled()
+    adapter = active[0] if active and not off else None
+    listen = on_event or (lambda kind, value: None)
+    sequences = [Sequence(p, adapter, q, listen) for p, q in zip(prompts, params, strict=True)]
     was_training = model.training
     engine = Engine(model, tokenizer, max_running=max(1, min(batch_size, len(prompts))))
     try:

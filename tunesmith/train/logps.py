@@ -55,6 +55,32 @@ def sequence_logps(model, batch: dict) -> Rows:
     return Rows(sums, counts)
 
 
+def token_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The log-probability of each trained token (flat, in row-major order of the positions
+    whose next token trains) and that mask (batch, seq - 1); the head runs chunk by chunk as in
+    `sequence_logps`."""
+    labels = batch["labels"]
+    keep = labels[:, 1:] != IGNORE_INDEX
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if model_type not in PLAIN_HEAD_TYPES or head is None:
+        logits = model(**model_inputs(batch), use_cache=False).logits[:, :-1][keep]
+        return _token_logps(lambda h: h, logits, labels[:, 1:][keep]), keep
+    hidden = model.base_model(**model_inputs(batch), use_cache=False).last_hidden_state
+    hidden, targets = hidden[:, :-1][keep], labels[:, 1:][keep]
+    step = max(1, CHUNK_ELEMENTS // head.out_features if hasattr(head, "out_features") else 1024)
+    parts = []
+    for at in range(0, len(targets), step):
+        h, t = hidden[at : at + step], targets[at : at + step]
+        if torch.is_grad_enabled() and h.requires_grad:
+            parts.append(checkpoint(_token_logps, head, h, t, use_reentrant=False))
+        else:
+            parts.append(_token_logps(head, h, t))
+    if not parts:
+        return hidden.new_zeros(0, dtype=torch.float32) + hidden.sum() * 0, keep
+    return torch.cat(parts), keep
+
+
 def sequence_scores(model, batch: dict) -> Rows:
     """Each row's reward: the score head on the hidden state of its last token (rows are
     padded on the right), as transformers' sequence-classification models compute it."""

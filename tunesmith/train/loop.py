@@ -40,6 +40,7 @@ from tunesmith.builder import build_model, load_trained, output_name, run_dtypes
 from tunesmith.cards import write_card
 from tunesmith.config import RunConfig, config_yaml
 from tunesmith.data import prepare_data
+from tunesmith.data.preview import summary_lines
 from tunesmith.errors import AdapterError, TrainingError, TrainingInterrupted, TunesmithError
 from tunesmith.io import atomic_write, atomic_write_json, reporting_full_disk
 from tunesmith.models import load_tokenizer, resolve_device
@@ -50,6 +51,7 @@ from tunesmith.objectives.distill.impl import (
     precomputed_teacher,
     vocab_of,
 )
+from tunesmith.objectives.grpo.impl import GRPOLoss
 from tunesmith.registry import method_of
 from tunesmith.train.batches import (
     DROPOUT_KEYS,
@@ -228,8 +230,7 @@ class Run:
             )
         seed_everything(cfg.train.seed, cfg.train.deterministic)
         self.tokenizer = load_tokenizer(cfg.model)
-        self.prepared = prepare_data(cfg.data, self.tokenizer, cfg.train.seed, self.use_cache)
-        check_objective_data(self.objective, self.prepared)
+        self._prepare()
         self.device = dist_run.start(
             self.world, resolve_device(cfg.model.device), cfg.train.dist_timeout_s
         )
@@ -260,6 +261,8 @@ class Run:
             seed=cfg.train.seed,
             prepare_base=self.prepare_base,
         )
+        if cfg.model.adapter:
+            self._start_from_adapter(cfg.model.adapter, build_on)
         self.reference_model = None
         precompute = getattr(cfg.objective, "precompute_reference", False)
         if self.objective.reference and not precompute and not self.method.trains_adapter:
@@ -282,6 +285,8 @@ class Run:
         self.unit_loss = None
         if self.objective.output == "logits":
             self.unit_loss = DistillLoss(cfg.objective, self.teacher, self.vocab)
+        elif self.objective.output == "generation":
+            self.unit_loss = GRPOLoss(cfg.objective)
         elif not self.objective.token_level:
             self.unit_loss = UnitLoss(
                 self.objective, cfg.objective, self.reference_model, self.prepared.group
@@ -304,18 +309,7 @@ class Run:
         self.padding_free = padding_free_for(
             cfg.train.padding_free, self.prepared.train_rows is not None, attention
         )
-        self.plan = BatchPlan(
-            self.prepared.train,
-            self.prepared.train_rows,
-            cfg.train.micro_batch_size,
-            cfg.train.grad_accum_steps,
-            cfg.train.seed,
-            self.pad_id,
-            flatten=self.padding_free,
-            group=self.prepared.group,
-            reference=self.reference["train"],
-            extras=self.extras["train"],
-        )
+        self.plan = self._make_plan()
         self.total_steps = self.plan.total_steps(cfg.train.epochs, cfg.train.max_steps)
         self.optimizer = build_optimizer(self.model, cfg.train)
         self.scheduler = build_scheduler(self.optimizer, cfg.train, self.total_steps)
@@ -329,6 +323,48 @@ class Run:
         self.validation_start: dict | None = None
         if resume_from is not None:
             self._restore(resume_from)
+
+    def _prepare(self) -> None:
+        """The data (`self.prepared`), checked against the objective."""
+        cfg = self.config
+        self.prepared = prepare_data(cfg.data, self.tokenizer, cfg.train.seed, self.use_cache)
+        check_objective_data(self.objective, self.prepared)
+
+    def _make_plan(self):
+        """Which samples make up each optimizer step (`BatchPlan`)."""
+        cfg = self.config
+        return BatchPlan(
+            self.prepared.train,
+            self.prepared.train_rows,
+            cfg.train.micro_batch_size,
+            cfg.train.grad_accum_steps,
+            cfg.train.seed,
+            self.pad_id,
+            flatten=self.padding_free,
+            group=self.prepared.group,
+            reference=self.reference["train"],
+            extras=self.extras["train"],
+        )
+
+    def data_lines(self) -> list[str]:
+        """The data's lines in `tunesmith train`'s header."""
+        return summary_lines(self.prepared)
+
+    def _start_from_adapter(self, folder: str, device: str) -> None:
+        """`model.adapter`: the adapter's weights loaded into the one just attached."""
+        if not self.method.trains_adapter:
+            raise TrainingError(
+                f"model.adapter: method {self.method.name} trains no adapter; merge the "
+                "adapter into the model (tunesmith merge) and train from that"
+            )
+        path = Path(folder).expanduser()
+        if not (path / "adapter_config.json").is_file():
+            raise TrainingError(f"model.adapter: {folder} holds no adapter_config.json")
+        try:
+            load_trained(self.model, self.method, path, device)
+        except TunesmithError as err:
+            raise TrainingError(f"model.adapter: {err}") from None
+        self.progress.log(f"starting from the adapter in {folder}")
 
     def _setup_teacher(self, device: str) -> None:
         """Distillation's teacher: loaded and kept (on-the-fly logits), or run once over the
@@ -450,6 +486,7 @@ class Run:
     def _save_main(self, step: int) -> Path:
         def save_weights(folder: Path) -> None:
             save_trained(self.model, self.method, folder)
+            self._checkpoint_extras(folder)
 
         self.last_checkpoint = save_checkpoint(
             self.out,
@@ -461,6 +498,10 @@ class Run:
             self.config.train.keep_last,
         )
         return self.last_checkpoint
+
+    def _checkpoint_extras(self, folder: Path) -> None:
+        """What a checkpoint holds beside weights and optimizer (GRPO: a round's generations
+        when the checkpoint falls inside it)."""
 
     def _trainer_state(self) -> dict:
         """What a checkpoint records besides weights, optimizer and schedule (both layouts)."""
@@ -530,9 +571,9 @@ class Run:
 
     def _units(self, batch: dict) -> int:
         """What a step's loss is normalised by: trained tokens (sft), or units (pairs)."""
-        if self.unit_loss is None or self.objective.output == "logits":
+        if self.unit_loss is None:
             return trained_tokens(batch)
-        return int(batch["input_ids"].shape[0]) // self.prepared.group
+        return self.unit_loss.units(batch)
 
     def train_step(self, step: int) -> dict:
         micro = self.plan.micro_batches(step)
@@ -541,13 +582,18 @@ class Run:
         # every rank runs the same number of passes (the DDP reduction needs all of them): a
         # rank short of micro-batches repeats one with its loss weighted 0
         passes = -(-len(micro) // size)
+        if not mine:
+            raise TrainingError(
+                f"step {step + 1} has {len(micro)} micro-batches for {size} processes; raise "
+                "train.grad_accum_steps to at least the number of processes"
+            )
         n_trained = sum(self._units(b) for b in mine)
         if self.world.distributed:
             n_trained = int(dist_run.all_sum(n_trained, self.device))
         total = torch.zeros((), device=self.device)
         totals: dict = {}
         for i in range(passes):
-            batch, weight = (mine[i], 1.0) if i < len(mine) else (micro[0], 0.0)
+            batch, weight = (mine[i], 1.0) if i < len(mine) else (mine[0], 0.0)
             batch = to_device(batch, self.device)
             # the model's own dropout (GPT-2's, say) draws from torch's generator: seeded by
             # the micro-batch's place in the step, it draws the same on 1 or N processes
@@ -593,13 +639,14 @@ class Run:
         self.scaler.update()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        tokens = sum(int(b["input_ids"].numel()) for b in micro)
+        present = [b for b in micro if b is not None]  # GRPO: this process's generations
+        tokens = sum(int(b["input_ids"].numel()) for b in present)
         return {
             "loss": loss,
             "lr": lr,
             "grad_norm": grad_norm,
             "tokens": tokens,
-            "trained_tokens": sum(trained_tokens(b) for b in micro),
+            "trained_tokens": sum(trained_tokens(b) for b in present),
             "metrics": means(totals),
         }
 
@@ -748,7 +795,7 @@ class Run:
             "trained_tokens": self.counters["trained_tokens"],
             "seconds": round(self.counters["seconds"], 2),
             "final_train_loss": last.get("loss"),
-            "final_val_loss": val and val["val_loss"],
+            "final_val_loss": val and val.get("val_loss"),
             "final_val_ppl": val and val.get("val_ppl"),
             "objective": self.objective.name,
             **{
@@ -781,11 +828,21 @@ class Run:
         return {"planned_peak_bytes": self.planned_peak(self.config)}
 
 
+def make_run(config: RunConfig, **kwargs) -> Run:
+    """The run of `config`: `Run`, or GRPO's (`tunesmith.train.rollout.GRPORun`), which
+    generates its batches."""
+    if objective_of(config.objective).output == "generation":
+        from tunesmith.train.rollout import GRPORun
+
+        return GRPORun(config, **kwargs)
+    return Run(config, **kwargs)
+
+
 def train(config: RunConfig, resume: str | None = None, **kwargs) -> dict:
     """The training loop alone (setup, run, close); returns the summary also written to
     output_dir/summary.json. `tunesmith.train_job` is the whole of `tunesmith train`: the same
     loop plus the torchrun relaunch, what it prints and the end-of-training comparison."""
-    run = Run(config, resume=resume, **kwargs)
+    run = make_run(config, resume=resume, **kwargs)
     run.setup()
     try:
         return run.run()

@@ -77,6 +77,10 @@ class UnitLoss:
         self.group = group
         self._dropout: dict[int, bool] = {}
 
+    def units(self, batch: dict) -> int:
+        """What a step's summed loss is divided by: its units (pairs)."""
+        return int(batch["input_ids"].shape[0]) // self.group
+
     def policy(self, model, batch: dict) -> Rows:
         if self.objective.output == "score":
             return sequence_scores(model, batch)

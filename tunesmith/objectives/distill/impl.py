@@ -116,6 +116,10 @@ class DistillLoss:
         self.vocab = vocab
         self.group = 1
 
+    def units(self, batch: dict) -> int:
+        """What a step's summed loss is divided by: its answer tokens."""
+        return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
     def _teacher_states(self, batch: dict):
         from tunesmith.train.objective import eval_mode
 
