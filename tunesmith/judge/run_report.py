@@ -77,15 +77,50 @@ def _curves(metrics: list[dict]) -> str:
 PREFERENCE_CURVES = (
     ("reward_accuracy", "reward accuracy"),
     ("reward_margin", "reward margin"),
-    ("kl", "KL estimate (KTO)"),
+    ("kl", "KL (KTO's estimate; GRPO's to the reference; distillation's to the teacher)"),
+    ("agreement", "agreement with the teacher's top token"),
+    ("reward", "reward (GRPO: sampled in training, greedy in validation)"),
+    ("completion_length", "completion length (tokens)"),
+    ("clip_ratio", "clipped ratio (share of tokens)"),
 )
-"""A preference objective's curves: (metrics.jsonl key, label); each drawn for training
-steps and for validation (the `val_` key) when the run logged it."""
+"""An objective's curves: (metrics.jsonl key, label); each drawn for training steps and for
+validation (the `val_` key) when the run logged it. GRPO's reward functions add one curve
+each (`reward_<function>`)."""
+GRPO_SAMPLES = "completions.jsonl"
+
+
+def _reward_functions(metrics: list[dict]) -> list[tuple[str, str]]:
+    """GRPO's per-function reward curves: the `reward_<function>` keys of a run that logged
+    completion lengths."""
+    if not any("completion_length" in m for m in metrics):
+        return []
+    names = sorted(
+        {k for m in metrics for k in m if k.startswith("reward_") and not k.endswith("_std")}
+    )
+    return [(k, f"reward {k.removeprefix('reward_')}") for k in names]
+
+
+def _prompt_text(prompt) -> str:
+    """A prompt as text: itself, or a message list's last message."""
+    if isinstance(prompt, list) and prompt and isinstance(prompt[-1], dict):
+        return str(prompt[-1].get("content", ""))
+    return str(prompt)
+
+
+def _completions_section(path: Path, warn: Warn) -> str:
+    """GRPO's sampled validation completions (`completions.jsonl`), newest step first."""
+    rows = [r for _, r in read_json_lines(path, warn, needs(step=int, completion=str))]
+    rows.sort(key=lambda r: -r["step"])
+    body = [
+        [str(r["step"]), _prompt_text(r.get("prompt")), r["completion"], _fmt(r.get("reward"))]
+        for r in rows
+    ]
+    return table(["step", "prompt", "completion", "reward"], body)
 
 
 def _preference_curves(metrics: list[dict]) -> str:
     parts = []
-    for key, label in PREFERENCE_CURVES:
+    for key, label in (*PREFERENCE_CURVES, *_reward_functions(metrics)):
         lines = {
             f"train {label}": [(m["step"], m[key]) for m in metrics if key in m],
             f"validation {label}": [
@@ -282,6 +317,9 @@ def render_report(output_dir: str | Path, warn: Warn = _warn) -> str:
             "final_val_reward_margin",
             "final_val_logps_accuracy",
             "final_val_kl",
+            "final_val_agreement",
+            "final_val_reward",
+            "final_val_completion_length",
             "trainable_parameters",
             "total_parameters",
             "device",
@@ -314,6 +352,11 @@ def render_report(output_dir: str | Path, warn: Warn = _warn) -> str:
     report = data and _data_report(data, out / DATA_REPORT_FILE, warn)
     if report:
         parts += ['<h2 id="data">Data report</h2>', report_body(report)]
+    if (out / GRPO_SAMPLES).is_file():
+        parts += [
+            '<h2 id="completions">Completions (GRPO validation)</h2>',
+            _completions_section(out / GRPO_SAMPLES, warn),
+        ]
     samples = read_samples(out, warn)
     if (out / REVIEW_FILE).is_file() and samples and len(samples[0]["answers"]) >= 2:
         a, b = list(samples[0]["answers"])[:2]

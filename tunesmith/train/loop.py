@@ -641,12 +641,16 @@ class Run:
         self.optimizer.zero_grad(set_to_none=True)
         present = [b for b in micro if b is not None]  # GRPO: this process's generations
         tokens = sum(int(b["input_ids"].numel()) for b in present)
+        trained = sum(trained_tokens(b) for b in present)
+        if len(present) < len(micro) and self.world.distributed:
+            tokens = int(dist_run.all_sum(tokens, self.device))
+            trained = int(dist_run.all_sum(trained, self.device))
         return {
             "loss": loss,
             "lr": lr,
             "grad_norm": grad_norm,
             "tokens": tokens,
-            "trained_tokens": sum(trained_tokens(b) for b in present),
+            "trained_tokens": trained,
             "metrics": means(totals),
         }
 
