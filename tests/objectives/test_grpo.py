@@ -18,7 +18,7 @@ from helpers.runs import WORDS, make_config, quiet
 from pydantic import ValidationError
 from safetensors.torch import load_file
 
-from tunesmith.config import config_from_dict
+from tunesmith.config import ConfigError, config_from_dict
 from tunesmith.data.sources import DataError
 from tunesmith.errors import TrainingError
 from tunesmith.objectives.grpo import GRPOConfig, RewardSpec
@@ -179,11 +179,11 @@ def test_reward_and_data_settings_are_checked_before_the_run(tmp_path, tiny_dir)
         "data": {"datasets": [{"path": "p.jsonl", "format": "prompt"}], "packing": True},
         "objective": {"name": "grpo", "rewards": [{"function": "exact_match"}]},
     }
-    with pytest.raises(ValidationError, match="data.packing cannot be used with objective grpo"):
+    with pytest.raises(ConfigError, match="data.packing cannot be used with objective grpo"):
         config_from_dict(raw)
     raw["objective"] = "sft"
     raw["data"]["packing"] = False
-    with pytest.raises(ValidationError, match="set objective.name to grpo"):
+    with pytest.raises(ConfigError, match="set objective.name to grpo"):
         config_from_dict(raw)
 
 
