@@ -228,12 +228,32 @@ OBJECTIVE_ROWS = {
 }
 
 
+OBJECTIVE_LABELS = {
+    "distill": {
+        "kl": "divergence from the teacher (per answer token)",
+        "agreement": "agreement with the teacher's top token",
+        "ce": "cross-entropy on the answers (per token)",
+    },
+    "grpo": {
+        "reward": "reward (greedy, mean over prompts)",
+        "completion_length": "completion length (tokens)",
+    },
+}
+"""Rows of objectives whose metrics are not the preference ones (or mean something else)."""
+
+
 def objective_table(summary: dict, start: dict | None) -> list[str]:
-    """The end-of-training table of a preference objective's validation metrics: at the start
-    of training (step 0: the base, or the run's first state) and at the end."""
+    """The end-of-training table of an objective's validation metrics: at the start of
+    training (step 0: the base, or the run's first state) and at the end."""
+    labels = dict(OBJECTIVE_LABELS.get(summary.get("objective"), OBJECTIVE_ROWS))
+    if summary.get("objective") == "grpo":  # one row per reward function
+        for key in sorted(summary):
+            name = key.removeprefix("final_val_")
+            if name.startswith("reward_") and not name.endswith("_std"):
+                labels[name] = f"reward {name.removeprefix('reward_')}"
     rows = [
         (label, (start or {}).get(f"val_{name}"), summary.get(f"final_val_{name}"))
-        for name, label in OBJECTIVE_ROWS.items()
+        for name, label in labels.items()
         if summary.get(f"final_val_{name}") is not None
     ]
     if not rows:

@@ -238,3 +238,33 @@ def test_a_distilled_student_gets_closer_to_the_teacher_than_one_trained_on_answ
     answers_only = agreement_with(teacher, sft_config, Path(sft["output"]))
     assert distilled["final_val_kl"] < answers_only["val_kl"]
     assert distilled["final_val_agreement"] > answers_only["val_agreement"]
+
+
+def test_a_precomputed_teacher_is_kept_with_the_data_and_a_resumed_run_matches(tmp_path, tiny_dir):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    teacher = tiny(tmp_path / "teacher", 3)
+    objective = {"name": "distill", "teacher": str(teacher), "precompute_teacher": True}
+    cfg = make_config(
+        tmp_path, tiny_dir, objective=objective, train={"max_steps": 4, "save_every_steps": 2}
+    )
+    lines = []
+    progress = quiet()
+    progress.log = lines.append
+    train(cfg, progress=progress)
+    assert any(line.startswith("teacher top-64: computed for") for line in lines)
+    out = Path(cfg.output_dir)
+    again = tmp_path / "again"
+    shutil.copytree(out, again)
+    shutil.rmtree(again / "checkpoints/step-000004")
+    shutil.rmtree(again / "adapter")
+    lines.clear()
+    resumed = cfg.model_copy(update={"output_dir": str(again)})
+    train(resumed, resume="latest", progress=progress)
+    assert any(line.startswith("teacher top-64: read from") for line in lines)
+    first = load_file(out / "adapter/adapter_model.safetensors")
+    second = load_file(again / "adapter/adapter_model.safetensors")
+    for key in first:
+        assert torch.equal(first[key], second[key]), key

@@ -152,6 +152,67 @@ def test_two_processes_train_dpo_like_one(tmp_path, tiny_dir, strategy, atol):
                 assert b[key] == pytest.approx(a[key], abs=1e-4), key
 
 
+def _objective_config(tmp_path: Path, tiny_dir: Path, name: str, objective: str, **train):
+    """`_config` with objective grpo on prompts (two rewards, KL, two passes a round) or
+    distill from a teacher (a second random tiny model with the same tokenizer)."""
+    path = _config(tmp_path, tiny_dir, name, **train)
+    raw = yaml.safe_load(path.read_text())
+    if objective == "grpo":
+        prompts = tmp_path / "prompts.jsonl"
+        rows = [{"prompt": r["messages"][0]["content"], "answer": r["messages"][1]["content"]}
+                for r in toy_rows(16)]  # fmt: skip
+        write_jsonl(prompts, rows)
+        write_jsonl(tmp_path / "prompts_val.jsonl", rows[:4])
+        raw["objective"] = {
+            "name": "grpo",
+            "num_generations": 4,
+            "max_completion_tokens": 6,
+            "temperature": 1.5,
+            "beta": 0.1,
+            "num_iterations": 2,
+            "rewards": [{"function": "exact_match"}, {"function": "length", "limit": 3}],
+        }
+        raw["data"]["datasets"] = [{"path": str(prompts)}]
+        raw["data"]["validation"] = [{"path": str(tmp_path / "prompts_val.jsonl")}]
+    else:
+        teacher = tmp_path / "teacher"
+        if not teacher.exists():
+            shutil.copytree(tiny_dir, teacher)
+            from transformers import AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_pretrained(teacher)
+            for p in model.parameters():
+                p.data.mul_(1.5)
+            model.save_pretrained(teacher)
+        raw["objective"] = {"name": "distill", "teacher": str(teacher), "loss": "jsd"}
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.mark.parametrize("objective", ["grpo", "distill"])
+def test_two_processes_train_grpo_and_distill_like_one(tmp_path, tiny_dir, objective):
+    """GRPO: each process generates its own micro-batches (a sample's seed does not depend on
+    the process); distillation: each runs the teacher on its own. The same losses, metrics
+    and adapter as one process."""
+    one = _objective_config(tmp_path, tiny_dir, "one", objective)
+    two = _objective_config(tmp_path, tiny_dir, "two", objective, distributed="ddp")
+    single = run_cli("train", str(one))
+    assert single.returncode == 0, single.stderr[-3000:]
+    double = _torchrun("train", str(two))
+    assert double.returncode == 0, double.stderr[-3000:]
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), abs=1e-5)
+    _assert_same_adapter(_adapter(tmp_path / "two"), _adapter(tmp_path / "one"), 1e-5)
+    read = lambda name: [  # noqa: E731
+        json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+    ]
+    keys = ("reward", "reward_std", "completion_length", "kl", "clip_ratio", "val_reward",
+            "agreement", "val_kl", "val_agreement", "tokens")  # fmt: skip
+    for a, b in zip(read("one"), read("two"), strict=True):
+        for key in keys:
+            if key in a:
+                assert b[key] == pytest.approx(a[key], abs=1e-4), key
+
+
 def test_fsdp_checkpoints_resume_exactly_and_on_another_number_of_processes(tmp_path, tiny_dir):
     config = _config(tmp_path, tiny_dir, "run", distributed="fsdp", save_every_steps=2)
     first = _torchrun("train", str(config))

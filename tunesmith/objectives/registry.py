@@ -55,8 +55,10 @@ class Objective:
     """Needs the reference model's log-probabilities (the base with the adapter switched off,
     a frozen copy for full fine-tuning, or precomputed once)."""
     output: str = "logps"
-    """What the loss is computed from: "logps" (per sequence, answer tokens) or "score" (a
-    scalar head on the last token: a reward model)."""
+    """What the loss is computed from: "logps" (per sequence, answer tokens), "score" (a
+    scalar head on the last token: a reward model), "logits" (each answer token's
+    distribution against a teacher's: distillation, `DistillLoss`) or "generation" (the
+    model's own samples, scored by rewards: GRPO, `train.rollout.GRPORun`)."""
     metrics: tuple[str, ...] = ()
     """The per-unit metrics its loss reports, logged as step means and in validation."""
 

@@ -73,10 +73,10 @@ class GRPOConfig(ObjectiveConfig):
     max_completion_tokens: int = Field(64, gt=0)
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
-    loss_type: Literal["grpo", "dr_grpo", "dapo"] = "grpo"
+    loss_type: Literal["grpo", "dr_grpo", "dapo"] = "dapo"
     """grpo: each completion's token losses averaged, then averaged over completions;
     dr_grpo: summed and divided by completions × max_completion_tokens (no length bias);
-    dapo: summed over all tokens of the step and divided by their count."""
+    dapo: summed over all tokens of the step and divided by their count (TRL's default)."""
     epsilon: float = Field(0.2, gt=0, lt=1)
     """The ratio is clipped to [1 − epsilon, 1 + epsilon_high]."""
     epsilon_high: float | None = Field(None, gt=0)
