@@ -105,7 +105,7 @@ def trl_worker(out: Path, adapter: Path, steps: int) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
 
-    from tunesmith.judge.evaluate import normalize
+    from tunesmith.objectives.answers import normalize
 
     started = time.perf_counter()
     datasets.disable_caching()
@@ -181,8 +181,8 @@ def held_out(adapter: str) -> float:
 
     from tunesmith.config import config_from_dict
     from tunesmith.generation import Sampling, generate_batch
-    from tunesmith.judge.evaluate import normalize
-    from tunesmith.objectives.grpo.data import read_prompts
+    from tunesmith.objectives.answers import normalize
+    from tunesmith.rollout.prompts import read_prompts
 
     tokenizer = AutoTokenizer.from_pretrained(MODEL)
     data = config_from_dict(

@@ -91,7 +91,7 @@ def test_every_problem_at_once_with_path_and_line(tmp_path):
         f"{p}:6: method.r: must be > 0, got 0",
         f'{p}:7: method.alpah: unknown key for method "lora"; did you mean "alpha"?',
         f"{p}:11: data.datasets.0.format: expected one of auto, alpaca, chat, completion, "
-        f'tokenized, preference, unpaired, got "chatt"; did you mean "chat"?',
+        f'tokenized, preference, unpaired, prompt, got "chatt"; did you mean "chat"?',
         f'{p}:12: data.chat_template: unknown template "chatm"; did you mean "chatml"? (choose '
         "auto, tokenizer, alpaca, chatml, llama-3, or a .jinja file)",
         f'{p}:14: train.lr: expected a number, got "fast"',

@@ -194,7 +194,8 @@ def test_bad_input_errors_name_file_and_record(tmp_path):
     )
     assert error_for(tmp_path, [{"foo": 1}]) == (
         "FILE, line 1: cannot tell the format from fields ['foo']; set data.datasets.0.format "
-        "to alpaca, chat, completion, tokenized, preference or unpaired (and map fields with "
+        "to alpaca, chat, completion, tokenized, preference, unpaired or prompt (and map fields "
+        "with "
         "data.datasets.0.fields)"
     )
     assert error_for(tmp_path, [{"input_ids": [1, 2], "labels": [1]}]) == (

@@ -22,10 +22,11 @@ from tunesmith.config import ConfigError, config_from_dict
 from tunesmith.data.sources import DataError
 from tunesmith.errors import TrainingError
 from tunesmith.objectives.grpo import GRPOConfig, RewardSpec
-from tunesmith.objectives.grpo.impl import GRPOLoss, advantages, grpo_loss
+from tunesmith.objectives.grpo.impl import advantages, grpo_loss
 from tunesmith.objectives.grpo.rewards import Rewards
 from tunesmith.objectives.rows import ADVANTAGES
 from tunesmith.train.loop import train
+from tunesmith.train.objective import GRPOLoss
 
 
 def config(**fields) -> GRPOConfig:
@@ -94,7 +95,8 @@ def test_on_fresh_samples_the_gradient_is_the_advantage_times_the_score():
     """First pass: old = current (detached), ratio 1, so ∂loss/∂logp = −A per token (grpo:
     divided by the completion's length)."""
     logps = torch.tensor(LOGPS, dtype=torch.float64, requires_grad=True)
-    total, _ = grpo_loss(logps, logps.detach(), None, torch.tensor(ADV), KEEP, config())
+    cfg = config(loss_type="grpo")
+    total, _ = grpo_loss(logps, logps.detach(), None, torch.tensor(ADV), KEEP, cfg)
     total.backward()
     want = [-1.5 / 3] * 3 + [0.8 / 2] * 2
     assert logps.grad.tolist() == pytest.approx(want)

@@ -67,7 +67,7 @@ def parse_pair(record: Record) -> Pair:
                 '"chosen" and "rejected", or "chosen" and "rejected" sharing the prompt)'
             )
     if "prompt" in data:
-        prompt = _messages(record, "prompt", "user")
+        prompt = message_list(record, "prompt", "user")
         return Pair(prompt, _answer(record, "chosen"), _answer(record, "rejected"))
     chosen, rejected = data["chosen"], data["rejected"]
     if isinstance(chosen, str) and isinstance(rejected, str):
@@ -79,8 +79,8 @@ def parse_pair(record: Record) -> Pair:
             )
         prompt = [{"role": "user", "content": chosen[:cut]}]
         return Pair(prompt, _assistant(chosen[cut:]), _assistant(rejected[cut:]))
-    chosen_messages = _messages(record, "chosen", "assistant")
-    rejected_messages = _messages(record, "rejected", "assistant")
+    chosen_messages = message_list(record, "chosen", "assistant")
+    rejected_messages = message_list(record, "rejected", "assistant")
     shared = 0
     while (
         shared < min(len(chosen_messages), len(rejected_messages))
@@ -115,7 +115,7 @@ def parse_unpaired(record: Record) -> Unpaired:
         raise DataError(
             f'{record.where}: field "label" must be true or false, got {json_type(label)}'
         )
-    prompt = _messages(record, "prompt", "user")
+    prompt = message_list(record, "prompt", "user")
     return Unpaired(prompt, _answer(record, "completion"), label)
 
 
@@ -142,7 +142,7 @@ def _assistant(text: str) -> Messages:
 
 
 def _answer(record: Record, name: str) -> Messages:
-    return _checked_answer(record, name, _messages(record, name, "assistant"))
+    return _checked_answer(record, name, message_list(record, name, "assistant"))
 
 
 def _checked_answer(record: Record, name: str, messages: Messages) -> Messages:
@@ -158,7 +158,7 @@ def _checked_answer(record: Record, name: str, messages: Messages) -> Messages:
     return messages
 
 
-def _messages(record: Record, name: str, text_role: str) -> Messages:
+def message_list(record: Record, name: str, text_role: str) -> Messages:
     value = record.data[name]
     if isinstance(value, str):
         return [{"role": text_role, "content": value}]

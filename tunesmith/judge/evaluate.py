@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import json
-import string
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from tunesmith.errors import TunesmithError
 from tunesmith.generation import Sampling, prompt_ids
 from tunesmith.io import atomic_write_json, atomic_write_text
 from tunesmith.models import load_model, load_tokenizer, resolve_device
+from tunesmith.objectives.answers import normalize
 from tunesmith.provenance import resolve_base
 from tunesmith.serve.offline import generate_texts
 from tunesmith.train.logps import sequence_logps
@@ -53,11 +53,6 @@ METRICS = {
     "rouge_l": "ROUGE-L",
 }
 """Score keys (eval.json, `generation_scores`) and their row labels, in table order."""
-
-
-def normalize(text: str) -> str:
-    """Lower case, whitespace collapsed, surrounding punctuation removed."""
-    return " ".join(text.lower().split()).strip(string.punctuation + " ")
 
 
 def label_set(references: list[str]) -> list[str] | None:

@@ -1,6 +1,7 @@
 """Training objectives, the second axis beside the methods: what the loss is computed from.
-One folder per objective (`sft`, `dpo`, `simpo`, `orpo`, `kto`, `reward`, `distill`, `grpo`): its `__init__` is
-the schema and the registry entry (no torch), its `impl.py` the loss. `losses.py` holds the
+One folder per objective (`sft`, `dpo`, `simpo`, `orpo`, `kto`, `reward`, `distill`,
+`grpo`): its `__init__` is the schema and the registry entry (no torch), its `impl.py` the
+loss. `losses.py` holds the
 loss formulas from log-probabilities; `rows.py` what a loss takes (`train/logps.py` computes it);
 `registry.py` is the registry (see its docstring)."""
 

@@ -58,15 +58,26 @@ class Objective:
     """What the loss is computed from: "logps" (per sequence, answer tokens), "score" (a
     scalar head on the last token: a reward model), "logits" (each answer token's
     distribution against a teacher's: distillation, `DistillLoss`) or "generation" (the
-    model's own samples, scored by rewards: GRPO, `train.rollout.GRPORun`)."""
+    model's own samples, scored by rewards: GRPO, `rollout.run.GRPORun`)."""
     metrics: tuple[str, ...] = ()
     """The per-unit metrics its loss reports, logged as step means and in validation."""
+    run: str | None = None
+    """`module:Class` of the `train.loop.Run` subclass an objective that makes its own batches
+    trains with (GRPO generates them); None: the loop's `Run`."""
 
     @property
     def impl(self) -> Any:
         if isinstance(self.implementation, str):
             return importlib.import_module(self.implementation)
         return self.implementation
+
+    @property
+    def run_class(self) -> Any:
+        """The run class (`run`, imported on first use), or None."""
+        if self.run is None:
+            return None
+        module, _, name = self.run.partition(":")
+        return getattr(importlib.import_module(module), name)
 
     @property
     def token_level(self) -> bool:

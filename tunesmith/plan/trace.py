@@ -38,6 +38,7 @@ from tunesmith.adapters.dropout import KeyedDropout
 from tunesmith.objectives import objective_of
 from tunesmith.objectives.rows import REFERENCE_LOGPS, TEACHER_IDS, TEACHER_LOGPS, UNIT_FLAGS
 from tunesmith.registry import method_named, method_of
+from tunesmith.train.distill import DistillLoss
 from tunesmith.train.loss import ALL_TRAINED, model_loss_sum
 from tunesmith.train.objective import UnitLoss, add_score_head
 from tunesmith.train.offload import ActivationOffload
@@ -178,13 +179,6 @@ def _register_attention() -> None:
     AttentionInterface.register(PLAN_ATTENTION, _plan_attention)
 
 
-def distill_loss(objective, teacher, model_config):
-    """Distillation's loss for the trace (the teacher model, or precomputed top-k)."""
-    from tunesmith.objectives.distill.impl import DistillLoss
-
-    return DistillLoss(objective, teacher, getattr(model_config, "vocab_size", None))
-
-
 def build_traced_model(model_config, method, train, compute_dtype, attention: str = "flash"):
     """The model the run trains (see `tunesmith.builder.build_model`), built from
     `model_config` under whatever tensor mode or device is current (fake tensors to trace, the
@@ -307,7 +301,9 @@ def trace_step(
             step_loss = None
             batch_in = {"input_ids": ids, "labels": ids}
             if unit is not None and unit.output == "logits":
-                step_loss = distill_loss(objective, teacher, model_config)
+                step_loss = DistillLoss(
+                    objective, teacher, getattr(model_config, "vocab_size", None)
+                )
                 batch_in["attention_mask"] = torch.ones(rows, seq_len, dtype=torch.long)
                 if objective.precompute_teacher:
                     k = objective.top_k

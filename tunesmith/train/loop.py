@@ -45,13 +45,6 @@ from tunesmith.errors import AdapterError, TrainingError, TrainingInterrupted, T
 from tunesmith.io import atomic_write, atomic_write_json, reporting_full_disk
 from tunesmith.models import load_tokenizer, resolve_device
 from tunesmith.objectives import objective_of
-from tunesmith.objectives.distill.impl import (
-    DistillLoss,
-    load_teacher,
-    precomputed_teacher,
-    vocab_of,
-)
-from tunesmith.objectives.grpo.impl import GRPOLoss
 from tunesmith.registry import method_of
 from tunesmith.train.batches import (
     DROPOUT_KEYS,
@@ -73,9 +66,11 @@ from tunesmith.train.checkpoint import (
     step_of,
     truncate_metrics,
 )
+from tunesmith.train.distill import DistillLoss, load_teacher, precomputed_teacher, vocab_of
 from tunesmith.train.lock import FolderLock
 from tunesmith.train.loss import autocast_for, evaluate_loss, model_loss_sum, to_device
 from tunesmith.train.objective import (
+    GRPOLoss,
     UnitLoss,
     add_metrics,
     add_score_head,
@@ -833,13 +828,10 @@ class Run:
 
 
 def make_run(config: RunConfig, **kwargs) -> Run:
-    """The run of `config`: `Run`, or GRPO's (`tunesmith.train.rollout.GRPORun`), which
-    generates its batches."""
-    if objective_of(config.objective).output == "generation":
-        from tunesmith.train.rollout import GRPORun
-
-        return GRPORun(config, **kwargs)
-    return Run(config, **kwargs)
+    """The run of `config`: `Run`, or its objective's own (`Objective.run`: GRPO's
+    `tunesmith.rollout.run.GRPORun`, which generates its batches)."""
+    run_class = objective_of(config.objective).run_class or Run
+    return run_class(config, **kwargs)
 
 
 def train(config: RunConfig, resume: str | None = None, **kwargs) -> dict:

@@ -25,10 +25,19 @@ from tunesmith.data.prepare import default_cache_dir
 from tunesmith.errors import TrainingError
 from tunesmith.io import atomic_write
 from tunesmith.methods.schema import settings
+from tunesmith.objectives.grpo.impl import grpo_loss
 from tunesmith.objectives.registry import Objective
-from tunesmith.objectives.rows import REFERENCE_LOGPS, SCORE_HEAD, UNIT_FLAGS, Rows
+from tunesmith.objectives.rows import (
+    ADVANTAGES,
+    OLD_LOGPS,
+    REFERENCE_LOGPS,
+    REFERENCE_TOKEN_LOGPS,
+    SCORE_HEAD,
+    UNIT_FLAGS,
+    Rows,
+)
 from tunesmith.train.batches import collate_units
-from tunesmith.train.logps import sequence_logps, sequence_scores
+from tunesmith.train.logps import sequence_logps, sequence_scores, token_logps
 from tunesmith.train.loss import autocast_for
 
 
@@ -296,3 +305,29 @@ def finish_reward_output(folder: Path, trains_adapter: bool, pad_token_id: int |
         if config.get("pad_token_id") is None and pad_token_id is not None:
             config["pad_token_id"] = pad_token_id
     path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+class GRPOLoss:
+    """`(model, batch) -> (summed loss, units, metrics)` on a micro-batch of generated
+    completions (prompt tokens unlabelled); the batch carries each row's advantage, and the
+    generating policy's and the reference's token log-probabilities where needed."""
+
+    def __init__(self, config):
+        self.config = config
+        self.group = 1
+
+    def units(self, batch: dict) -> int:
+        rows = int(batch["input_ids"].shape[0])
+        if self.config.loss_type == "grpo":
+            return rows
+        if self.config.loss_type == "dr_grpo":
+            return rows * self.config.max_completion_tokens
+        return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+    def __call__(self, model, batch: dict):
+        logps, keep = token_logps(model, batch)
+        old = batch.get(OLD_LOGPS)
+        old = logps.detach() if old is None else old.to(logps.dtype)
+        ref = batch.get(REFERENCE_TOKEN_LOGPS)
+        total, metrics = grpo_loss(logps, old, ref, batch[ADVANTAGES], keep, self.config)
+        return total, self.units(batch), metrics

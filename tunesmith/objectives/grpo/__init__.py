@@ -34,6 +34,7 @@ class RewardSpec(BaseModel):
     `path/to/file.py:function` with TRL's signature `(prompts, completions, **columns) ->
     list[float]` (None for a completion it does not score)."""
     weight: float = 1.0
+    """Its weight in the total reward (the weighted sum of all functions)."""
     column: str = "answer"
     """exact_match and numeric_match: the data column holding the reference answer."""
     pattern: str | None = None
@@ -71,8 +72,11 @@ class GRPOConfig(ObjectiveConfig):
     """Completions sampled per prompt (a group). A micro-batch holds train.micro_batch_size
     prompts, so micro_batch_size × num_generations sequences."""
     max_completion_tokens: int = Field(64, gt=0)
+    """Tokens a completion may have (its stop token included); one cut there is clipped."""
     temperature: float = Field(1.0, gt=0)
+    """Sampling temperature of the completions (validation decodes greedily)."""
     top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling: the smallest set of tokens holding this much probability."""
     loss_type: Literal["grpo", "dr_grpo", "dapo"] = "dapo"
     """grpo: each completion's token losses averaged, then averaged over completions;
     dr_grpo: summed and divided by completions × max_completion_tokens (no length bias);
@@ -103,5 +107,6 @@ GRPO = register_objective(
         implementation="tunesmith.objectives.grpo.impl",
         output="generation",
         metrics=GRPO_METRICS,
+        run="tunesmith.rollout.run:GRPORun",
     )
 )

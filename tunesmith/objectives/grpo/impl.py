@@ -12,16 +12,14 @@ sample; the same weights on the first pass, so ρ = 1 there and the gradient is 
 (the KL term is the k3 estimator, as TRL's). `loss_type` says how token losses make the step's
 loss: `grpo` averages each completion's tokens, then the completions; `dr_grpo` sums and
 divides by completions × max_completion_tokens; `dapo` sums and divides by the step's tokens.
-The loop divides a step's summed losses by its units, so `GRPOLoss` returns the sum and
-`units` the divisor's share of each micro-batch: the step's loss is that of one big batch."""
+The loop divides a step's summed losses by its units, so the loss module
+(`train.objective.GRPOLoss`) returns the sum and `units` the divisor's share of each
+micro-batch: the step's loss is that of one big batch."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-
-from tunesmith.data.encode import IGNORE_INDEX
-from tunesmith.objectives.rows import ADVANTAGES, OLD_LOGPS, REFERENCE_TOKEN_LOGPS
 
 
 def advantages(rewards: np.ndarray, group: int, scale: str = "group") -> np.ndarray:
@@ -76,31 +74,3 @@ def grpo_loss(logps, old_logps, ref_logps, adv_rows, keep, config):
     if kl is not None:
         metrics["kl"] = (kl.detach().sum(), n)
     return reduce(loss, rows, lengths, config.loss_type), metrics
-
-
-class GRPOLoss:
-    """`(model, batch) -> (summed loss, units, metrics)` on a micro-batch of generated
-    completions (prompt tokens unlabelled); the batch carries each row's advantage, and the
-    generating policy's and the reference's token log-probabilities where needed."""
-
-    def __init__(self, config):
-        self.config = config
-        self.group = 1
-
-    def units(self, batch: dict) -> int:
-        rows = int(batch["input_ids"].shape[0])
-        if self.config.loss_type == "grpo":
-            return rows
-        if self.config.loss_type == "dr_grpo":
-            return rows * self.config.max_completion_tokens
-        return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-
-    def __call__(self, model, batch: dict):
-        from tunesmith.train.logps import token_logps
-
-        logps, keep = token_logps(model, batch)
-        old = batch.get(OLD_LOGPS)
-        old = logps.detach() if old is None else old.to(logps.dtype)
-        ref = batch.get(REFERENCE_TOKEN_LOGPS)
-        total, metrics = grpo_loss(logps, old, ref, batch[ADVANTAGES], keep, self.config)
-        return total, self.units(batch), metrics

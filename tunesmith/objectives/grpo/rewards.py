@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from tunesmith.errors import TrainingError
+from tunesmith.objectives.answers import normalize
 
 NUMBER = re.compile(r"[-+]?\d[\d,]*(?:\.\d+)?|[-+]?\.\d+")
 
@@ -32,12 +33,6 @@ def _text(completion) -> str:
     if isinstance(completion, list):  # conversational: [{"role": "assistant", "content": ...}]
         return "".join(m.get("content", "") for m in completion if isinstance(m, dict))
     return str(completion)
-
-
-def _normalize(text: str) -> str:
-    from tunesmith.judge.evaluate import normalize
-
-    return normalize(text)
 
 
 def _number(text: str) -> float | None:
@@ -64,7 +59,7 @@ def exact_match(column: str):
     def reward(prompts, completions, **columns):
         answers = _column(columns, column, "exact_match")
         return [
-            float(_normalize(_text(c)) == _normalize(str(a)))
+            float(normalize(_text(c)) == normalize(str(a)))
             for c, a in zip(completions, answers, strict=True)
         ]
 

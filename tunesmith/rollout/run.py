@@ -32,10 +32,10 @@ from tunesmith.adapters.dropout import hash_int, token_keys
 from tunesmith.data.encode import IGNORE_INDEX
 from tunesmith.data.pack import collate
 from tunesmith.errors import TrainingError
-from tunesmith.objectives.grpo.data import read_prompts
 from tunesmith.objectives.grpo.impl import advantages
 from tunesmith.objectives.grpo.rewards import Rewards
 from tunesmith.objectives.rows import ADVANTAGES, OLD_LOGPS, REFERENCE_TOKEN_LOGPS
+from tunesmith.rollout.prompts import read_prompts
 from tunesmith.serve.engine import Params
 from tunesmith.serve.offline import run_sequences, why_not
 from tunesmith.train.batches import DROPOUT_KEYS

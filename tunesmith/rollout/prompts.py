@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from tunesmith.data.preference import _messages
+from tunesmith.data.preference import message_list
 from tunesmith.data.prepare import encode_settings
 from tunesmith.data.sources import DataError, Record, read_records
 from tunesmith.generation import prompt_ids
@@ -86,7 +86,7 @@ def read_prompts(data, tokenizer, seed: int, max_completion_tokens: int) -> Prom
                 )
             if prompt_field != "prompt":
                 data_["prompt"] = data_.pop(prompt_field)
-            messages = _messages(Record(data_, record.where), "prompt", "user")
+            messages = message_list(Record(data_, record.where), "prompt", "user")
             system = data_.get(src.fields.get("system", "system")) or data.system_prompt
             if system and not any(m["role"] == "system" for m in messages):
                 messages = [{"role": "system", "content": system}, *messages]
