@@ -50,7 +50,7 @@ LOGPS = [-1.0, -0.5, -2.0, -0.2, -1.5]
 OLD = [-1.3, -0.5, -1.8, -0.6, -1.4]
 REF = [-1.1, -0.7, -2.2, -0.3, -1.0]
 ADV = [1.5, -0.8]
-KEEP = torch.tensor([[True, True, True], [True, True, False]])
+ROWS = torch.tensor([0, 0, 0, 1, 1]), torch.tensor([3, 2])  # each token's row; the lengths
 
 
 def hand_loss(loss_type: str, beta: float, eps: float = 0.2, eps_high: float | None = None):
@@ -81,7 +81,7 @@ def hand_loss(loss_type: str, beta: float, eps: float = 0.2, eps_high: float | N
 def test_the_loss_equals_its_hand_computed_value(loss_type, beta, eps_high):
     cfg = config(loss_type=loss_type, beta=beta, epsilon_high=eps_high, max_completion_tokens=8)
     t = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
-    total, metrics = grpo_loss(t(LOGPS), t(OLD), t(REF), t(ADV), KEEP, cfg)
+    total, metrics = grpo_loss(t(LOGPS), t(OLD), t(REF), t(ADV), *ROWS, cfg)
     batch = {"input_ids": torch.zeros(2, 4), "labels": torch.tensor([[0] * 4, [0, 0, 0, -100]])}
     units = GRPOLoss(cfg).units(batch)
     want, clip = hand_loss(loss_type, beta, 0.2, eps_high)
@@ -96,7 +96,7 @@ def test_on_fresh_samples_the_gradient_is_the_advantage_times_the_score():
     divided by the completion's length)."""
     logps = torch.tensor(LOGPS, dtype=torch.float64, requires_grad=True)
     cfg = config(loss_type="grpo")
-    total, _ = grpo_loss(logps, logps.detach(), None, torch.tensor(ADV), KEEP, cfg)
+    total, _ = grpo_loss(logps, logps.detach(), None, torch.tensor(ADV), *ROWS, cfg)
     total.backward()
     want = [-1.5 / 3] * 3 + [0.8 / 2] * 2
     assert logps.grad.tolist() == pytest.approx(want)
@@ -366,3 +366,15 @@ def test_grpo_raises_the_held_out_exact_match_of_a_briefly_supervised_adapter(tm
     assert first["step"] == 0
     assert first["val_reward_exact_match"] == pytest.approx(0.31, abs=0.05)
     assert summary["final_val_reward_exact_match"] >= first["val_reward_exact_match"] + 0.04
+
+
+def test_the_planner_traces_a_grpo_step_of_prompts_times_completions(tmp_path, tiny_dir):
+    from tunesmith.plan.planner import plan_run
+
+    grpo = plan_run(grpo_config(tmp_path, tiny_dir, beta=0.1, num_iterations=2))
+    sft = plan_run(make_config(tmp_path, tiny_dir, train={"micro_batch_size": 8}))
+    note = next(n for n in grpo.notes if n.startswith("objective grpo"))
+    assert "2 prompts x 4 completions (8 sequences of up to max_seq_len" in note
+    assert "the sampling policy's log-probabilities and the reference's" in note
+    assert note.endswith("time × 1.50 at least")  # 1 + (1/3 x 3 passes) / 2 iterations
+    assert grpo.traced.peak_bytes >= sft.traced.peak_bytes * 0.9  # 8 sequences each

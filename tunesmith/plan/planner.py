@@ -290,6 +290,31 @@ def _distill_passes(config, model_config, notes: list[str], teacher_config) -> f
     return 1 + ratio / 3
 
 
+def _grpo_passes(config, notes: list[str]) -> float:
+    """GRPO: a micro-batch is micro_batch_size prompts x num_generations completions; each round
+    also generates them (counted as one more forward pass over every token: decoding is
+    memory-bound, so read it as a lower bound), and passes without gradients for the
+    generating policy's log-probabilities (num_iterations > 1) and the reference (beta > 0)."""
+    o = config.objective
+    batch = config.train.micro_batch_size
+    factor = 1 + (1 / 3) / o.num_iterations  # generation, once per round
+    extra = []
+    if o.num_iterations > 1:
+        factor += (1 / 3) / o.num_iterations
+        extra.append("the sampling policy's log-probabilities")
+    if o.beta > 0:
+        factor += (1 / 3) / o.num_iterations
+        extra.append("the reference's (the adapter off)")
+    passes = f"; then passes without gradients for {' and '.join(extra)}" if extra else ""
+    notes.append(
+        f"objective grpo: a micro-batch is {batch} prompts x {o.num_generations} completions "
+        f"({batch * o.num_generations} sequences of up to max_seq_len; the peak above is traced "
+        f"with them); each round first generates them on the serving engine (its KV cache is "
+        f"not in the traced peak){passes}: time × {factor:.2f} at least"
+    )
+    return factor
+
+
 def _objective_passes(config, model_config, notes: list[str], teacher_config=None) -> float:
     """A preference objective's cost beside the supervised step's, as a factor on its FLOPs
     per token, with a note saying what the step holds: each micro-batch is
@@ -301,6 +326,8 @@ def _objective_passes(config, model_config, notes: list[str], teacher_config=Non
         return 1.0
     if objective.output == "logits":
         return _distill_passes(config, model_config, notes, teacher_config)
+    if objective.output == "generation":
+        return _grpo_passes(config, notes)
     unit = {"preference": "pair", "unpaired": "example"}[objective.formats[0]]
     batch = config.train.micro_batch_size
     text = (
@@ -352,7 +379,12 @@ def nothing_fits(plan: Plan, model_config, config, dtype) -> str:
 
 def _workload(config, notes: list[str]) -> Workload | None:
     """The run's dataset as the trainer batches it, or None with a note saying why not."""
-
+    if objective_of(config.objective).output == "generation":
+        notes.append(
+            "dataset time not estimated: objective grpo's batches are generated, their "
+            "lengths known only when it runs"
+        )
+        return None
     try:
         tokenizer = load_tokenizer(config.model)
     except (OSError, ValueError):

@@ -36,11 +36,18 @@ from transformers import AttentionInterface
 from tunesmith import builder
 from tunesmith.adapters.dropout import KeyedDropout
 from tunesmith.objectives import objective_of
-from tunesmith.objectives.rows import REFERENCE_LOGPS, TEACHER_IDS, TEACHER_LOGPS, UNIT_FLAGS
+from tunesmith.objectives.rows import (
+    ADVANTAGES,
+    OLD_LOGPS,
+    REFERENCE_LOGPS,
+    TEACHER_IDS,
+    TEACHER_LOGPS,
+    UNIT_FLAGS,
+)
 from tunesmith.registry import method_named, method_of
 from tunesmith.train.distill import DistillLoss
 from tunesmith.train.loss import ALL_TRAINED, model_loss_sum
-from tunesmith.train.objective import UnitLoss, add_score_head
+from tunesmith.train.objective import GRPOLoss, UnitLoss, add_score_head
 from tunesmith.train.offload import ActivationOffload
 
 PLAN_ATTENTION = "tunesmith_plan_fused"
@@ -260,6 +267,8 @@ def trace_step(
     found = objective_of(objective) if objective is not None else None
     unit = None if found is None or found.token_level else found
     rows = batch * (unit.group if unit else 1)
+    if unit is not None and unit.output == "generation":  # GRPO: prompts x completions
+        rows = batch * objective.num_generations
     master = builder.master_weights(method, train.fp32_master_weights)
     token = ALL_TRAINED.set(True)
     try:
@@ -310,6 +319,12 @@ def trace_step(
                     tokens = rows * (seq_len - 1)
                     batch_in[TEACHER_IDS] = torch.zeros(tokens, k, dtype=torch.int32)
                     batch_in[TEACHER_LOGPS] = torch.zeros(tokens, k)
+            elif unit is not None and unit.output == "generation":
+                step_loss = GRPOLoss(objective)
+                batch_in["attention_mask"] = torch.ones(rows, seq_len, dtype=torch.long)
+                batch_in[ADVANTAGES] = torch.zeros(rows)
+                if objective.num_iterations > 1:
+                    batch_in[OLD_LOGPS] = torch.zeros(rows * (seq_len - 1))
             elif unit is not None:
                 step_loss = UnitLoss(unit, objective, reference, unit.group)
                 batch_in["attention_mask"] = torch.ones(rows, seq_len, dtype=torch.long)

@@ -212,13 +212,17 @@ class GRPORun(Run):
             clipped = [s.finish_reason == "length" for g in seqs for s in g]
             add_metrics(totals, {"completion_length": (sum(lengths), len(lengths))})
             add_metrics(totals, {"completion_clipped": (sum(clipped), len(clipped))})
-        batch_std = self._batch_std(all_totals)
+        scale, group_size = (
+            self.config.objective.scale_rewards,
+            self.config.objective.num_generations,
+        )
+        if scale == "batch":  # the std of the whole round: every process's rewards
+            batch_std = self._batch_std(all_totals)
         for (i, prompts, seqs), total in zip(scored, all_totals, strict=True):
-            scale = self.config.objective.scale_rewards
-            adv = advantages(total, self.config.objective.num_generations, scale)
-            if scale == "batch":  # the std of the whole round, every process's rewards
-                adv = advantages(total, self.config.objective.num_generations, "none")
-                adv = adv / (batch_std + 1e-4)
+            if scale == "batch":
+                adv = advantages(total, group_size, "none") / (batch_std + 1e-4)
+            else:
+                adv = advantages(total, group_size, scale)
             self._rollout.batches[i] = self._batch(prompts, seqs, adv, first_step)
         self._rollout.metrics = totals
         return self._rollout

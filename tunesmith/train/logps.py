@@ -67,7 +67,10 @@ def token_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         logits = model(**model_inputs(batch), use_cache=False).logits[:, :-1][keep]
         return _token_logps(lambda h: h, logits, labels[:, 1:][keep]), keep
     hidden = model.base_model(**model_inputs(batch), use_cache=False).last_hidden_state
-    hidden, targets = hidden[:, :-1][keep], labels[:, 1:][keep]
+    if ALL_TRAINED.get():  # the planner's fake tensors: no data-dependent masking
+        hidden, targets = hidden[:, :-1].reshape(-1, hidden.shape[-1]), labels[:, 1:].reshape(-1)
+    else:
+        hidden, targets = hidden[:, :-1][keep], labels[:, 1:][keep]
     step = max(1, CHUNK_ELEMENTS // head.out_features if hasattr(head, "out_features") else 1024)
     parts = []
     for at in range(0, len(targets), step):

@@ -38,7 +38,7 @@ from tunesmith.objectives.rows import (
 )
 from tunesmith.train.batches import collate_units
 from tunesmith.train.logps import sequence_logps, sequence_scores, token_logps
-from tunesmith.train.loss import autocast_for
+from tunesmith.train.loss import ALL_TRAINED, autocast_for
 
 
 def has_dropout(model: torch.nn.Module) -> bool:
@@ -322,12 +322,21 @@ class GRPOLoss:
             return rows
         if self.config.loss_type == "dr_grpo":
             return rows * self.config.max_completion_tokens
+        if ALL_TRAINED.get():  # the planner's fake tensors
+            return rows * (int(batch["labels"].shape[1]) - 1)
         return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
     def __call__(self, model, batch: dict):
         logps, keep = token_logps(model, batch)
+        if ALL_TRAINED.get():  # the planner's fake tensors: every position is a token
+            b, t = keep.shape
+            rows = torch.arange(b, device=keep.device).repeat_interleave(t)
+            lengths = torch.full((b,), t, device=keep.device)
+        else:
+            rows, lengths = keep.nonzero()[:, 0], keep.sum(-1)
         old = batch.get(OLD_LOGPS)
         old = logps.detach() if old is None else old.to(logps.dtype)
         ref = batch.get(REFERENCE_TOKEN_LOGPS)
-        total, metrics = grpo_loss(logps, old, ref, batch[ADVANTAGES], keep, self.config)
+        adv = batch[ADVANTAGES]
+        total, metrics = grpo_loss(logps, old, ref, adv, rows, lengths, self.config)
         return total, self.units(batch), metrics

@@ -62,11 +62,9 @@ def reduce(loss: torch.Tensor, rows: torch.Tensor, lengths: torch.Tensor, loss_t
     return loss.sum()
 
 
-def grpo_loss(logps, old_logps, ref_logps, adv_rows, keep, config):
-    """The summed loss and the metrics of a micro-batch from flat per-token log-probabilities
-    (in `keep`'s row-major order) and each row's advantage."""
-    rows = keep.nonzero()[:, 0]
-    lengths = keep.sum(-1)
+def grpo_loss(logps, old_logps, ref_logps, adv_rows, rows, lengths, config):
+    """The summed loss and the metrics of a micro-batch from flat per-token log-probabilities,
+    each token's row (`rows`), each row's completion length and advantage."""
     adv = adv_rows[rows].to(logps.dtype)
     loss, clipped, kl = token_losses(logps, old_logps, ref_logps, adv, config)
     n = len(logps)
