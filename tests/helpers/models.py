@@ -3,12 +3,15 @@ LoRA configs and adapters with non-trivial weights, inputs and logits."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from transformers import (
     AutoModelForCausalLM,
     GemmaConfig,
     GPT2Config,
     LlamaConfig,
+    LlamaForCausalLM,
     MistralConfig,
     Phi3Config,
     Qwen2Config,
@@ -109,3 +112,20 @@ def input_ids(batch: int = 3, seq: int = 10, seed: int = 123) -> torch.Tensor:
 def logits(model: torch.nn.Module, ids: torch.Tensor | None = None) -> torch.Tensor:
     ids = input_ids() if ids is None else ids
     return model(input_ids=ids).logits
+
+
+def save_tiny_llama(folder: Path, tokenizer, seed: int = 0, **fields) -> Path:
+    """A random 2-layer Llama of `tokenizer`'s vocabulary, saved with it in `folder`."""
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(seed)
+    config = llama_config(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        **fields,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers.data import chat_tokenizer
-from helpers.models import llama_config
+from helpers.models import save_tiny_llama
 from helpers.runs import make_config, quiet
 from transformers import LlamaForCausalLM
 
@@ -143,18 +143,7 @@ def tiny(folder: Path, seed: int, vocab_extra: bool = False) -> Path:
     tokenizer = chat_tokenizer()
     if vocab_extra:
         tokenizer.add_tokens(["<extra_token>"])
-    tokenizer.save_pretrained(folder)
-    torch.manual_seed(seed)
-    config = llama_config(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    LlamaForCausalLM(config).save_pretrained(folder)
-    return folder
+    return save_tiny_llama(folder, tokenizer, seed)
 
 
 def test_a_teacher_with_another_tokenizer_is_refused_in_one_line(tmp_path, tiny_dir):
