@@ -378,3 +378,22 @@ def test_the_planner_traces_a_grpo_step_of_prompts_times_completions(tmp_path, t
     assert "the sampling policy's log-probabilities and the reference's" in note
     assert note.endswith("time × 1.50 at least")  # 1 + (1/3 x 3 passes) / 2 iterations
     assert grpo.traced.peak_bytes >= sft.traced.peak_bytes * 0.9  # 8 sequences each
+
+
+def test_trackers_get_the_rewards(tmp_path, tiny_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = grpo_config(tmp_path, tiny_dir)
+    cfg = cfg.model_copy(
+        update={
+            "train": cfg.train.model_copy(update={"max_steps": 2, "report_to": ["tensorboard"]})
+        }
+    )
+    train(cfg, progress=quiet())
+    out = Path(cfg.output_dir)
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    events = EventAccumulator(str(out / "tensorboard")).Reload()
+    rewards = [(e.step, e.value) for e in events.Scalars("train/reward_exact_match")]
+    want = [(m["step"], m["reward_exact_match"]) for m in logged if "reward_exact_match" in m]
+    assert rewards == [(s, pytest.approx(v, abs=1e-6)) for s, v in want]
+    assert [e.step for e in events.Scalars("val/reward")] == [0, 2]
