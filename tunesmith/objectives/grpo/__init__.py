@@ -8,7 +8,7 @@ plus any other columns, which the reward functions receive)."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -41,7 +41,7 @@ class RewardSpec(BaseModel):
     """regex: the regular expression the whole completion must match."""
     limit: int | None = Field(None, gt=0)
     """length: completion tokens allowed before the penalty starts."""
-    kwargs: dict = {}
+    kwargs: dict[str, Any] = {}
     """Extra keyword arguments for a user function."""
 
     @model_validator(mode="after")
