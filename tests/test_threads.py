@@ -144,7 +144,7 @@ def test_a_library_training_call_leaves_the_callers_threads_alone(monkeypatch):
 
     called = []
     monkeypatch.setattr(jobs, "apply_threads", called.append)
-    monkeypatch.setattr(jobs, "Run", _Stop)
+    monkeypatch.setattr(jobs, "make_run", _Stop)
     with pytest.raises(_Stopped):
         jobs.train_job(object())
     assert called == []
