@@ -27,38 +27,12 @@ from tunesmith.errors import TrainingError
 from tunesmith.io import atomic_write
 from tunesmith.objectives.distill.impl import chunk_terms
 from tunesmith.objectives.rows import TEACHER_IDS, TEACHER_LOGPS
-from tunesmith.train.loss import ALL_TRAINED, PLAIN_HEAD_TYPES, autocast_for, model_inputs
+from tunesmith.train.logps import answer_states, kept_targets
+from tunesmith.train.loss import autocast_for
 from tunesmith.train.objective import eval_mode, samples_digest
 
 CHUNK_ELEMENTS = 1 << 23
 """fp32 logits per chunk (32 MiB)."""
-
-
-def answer_states(model, batch: dict) -> tuple[torch.Tensor, object]:
-    """The model's final hidden states at the positions whose next token trains (N, H) and its
-    output head; or, for an architecture without a plain head, its logits there (N, V) and
-    None."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if model_type not in PLAIN_HEAD_TYPES or head is None:
-        logits = model(**model_inputs(batch), use_cache=False).logits
-        return kept(logits, batch["labels"]), None
-    hidden = model.base_model(**model_inputs(batch), use_cache=False).last_hidden_state
-    return kept(hidden, batch["labels"]), head
-
-
-def kept(values: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """`values` (batch, seq, ...) at the positions whose next token trains, in row order
-    (every position under the planner's fake tensors, which have no values to mask by)."""
-    if ALL_TRAINED.get():
-        return values[:, :-1].reshape(-1, *values.shape[2:])
-    return values[:, :-1][labels[:, 1:] != IGNORE_INDEX]
-
-
-def kept_targets(labels: torch.Tensor) -> torch.Tensor:
-    """The trained next-token targets, in the order `kept` gives their positions."""
-    targets = labels[:, 1:]
-    return targets.reshape(-1) if ALL_TRAINED.get() else targets[targets != IGNORE_INDEX]
 
 
 def vocab_of(model) -> int:
@@ -242,9 +216,9 @@ def teacher_cache_key(run) -> str:
     return digest.hexdigest()[:32]
 
 
-def precomputed_teacher(run, device: str, teacher) -> dict:
+def precomputed_teacher(run, device: str) -> dict:
     """`objective.precompute_teacher`: the top-k of every train and validation sample, read
-    from the data cache or computed with `teacher` (then kept there)."""
+    from the data cache or computed with the teacher, loaded for it (then kept there)."""
     cfg = run.config
     cache_dir = Path(cfg.data.cache_dir).expanduser() if cfg.data.cache_dir else default_cache_dir()
     path = cache_dir / f"teacher-{teacher_cache_key(run)}.safetensors"
@@ -258,8 +232,7 @@ def precomputed_teacher(run, device: str, teacher) -> dict:
             else None
             for name in splits
         }
-    if teacher is None:
-        teacher = load_teacher(cfg.objective, run.tokenizer, device, run.dtype)
+    teacher = load_teacher(cfg.objective, run.tokenizer, device, run.dtype)
     size = cfg.eval.batch_size or cfg.train.micro_batch_size
     autocast = lambda: autocast_for(device.split(":")[0], run.dtype)  # noqa: E731
     pad = run.tokenizer.pad_token_id or 0

@@ -59,18 +59,11 @@ def token_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """The log-probability of each trained token (flat, in row-major order of the positions
     whose next token trains) and that mask (batch, seq - 1); the head runs chunk by chunk as in
     `sequence_logps`."""
-    labels = batch["labels"]
-    keep = labels[:, 1:] != IGNORE_INDEX
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if model_type not in PLAIN_HEAD_TYPES or head is None:
-        logits = model(**model_inputs(batch), use_cache=False).logits[:, :-1][keep]
-        return _token_logps(lambda h: h, logits, labels[:, 1:][keep]), keep
-    hidden = model.base_model(**model_inputs(batch), use_cache=False).last_hidden_state
-    if ALL_TRAINED.get():  # the planner's fake tensors: no data-dependent masking
-        hidden, targets = hidden[:, :-1].reshape(-1, hidden.shape[-1]), labels[:, 1:].reshape(-1)
-    else:
-        hidden, targets = hidden[:, :-1][keep], labels[:, 1:][keep]
+    keep = batch["labels"][:, 1:] != IGNORE_INDEX
+    hidden, head = answer_states(model, batch)
+    targets = kept_targets(batch["labels"])
+    if head is None:  # `hidden` holds the logits already
+        return _token_logps(lambda h: h, hidden, targets), keep
     step = max(1, CHUNK_ELEMENTS // head.out_features if hasattr(head, "out_features") else 1024)
     parts = []
     for at in range(0, len(targets), step):
@@ -82,6 +75,33 @@ def token_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     if not parts:
         return hidden.new_zeros(0, dtype=torch.float32) + hidden.sum() * 0, keep
     return torch.cat(parts), keep
+
+
+def answer_states(model, batch: dict) -> tuple[torch.Tensor, object]:
+    """The model's final hidden states at the positions whose next token trains (N, H) and its
+    output head; or, for an architecture without a plain head, its logits there (N, V) and
+    None."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if model_type not in PLAIN_HEAD_TYPES or head is None:
+        logits = model(**model_inputs(batch), use_cache=False).logits
+        return kept(logits, batch["labels"]), None
+    hidden = model.base_model(**model_inputs(batch), use_cache=False).last_hidden_state
+    return kept(hidden, batch["labels"]), head
+
+
+def kept(values: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """`values` (batch, seq, ...) at the positions whose next token trains, in row order
+    (every position under the planner's fake tensors, which have no values to mask by)."""
+    if ALL_TRAINED.get():
+        return values[:, :-1].reshape(-1, *values.shape[2:])
+    return values[:, :-1][labels[:, 1:] != IGNORE_INDEX]
+
+
+def kept_targets(labels: torch.Tensor) -> torch.Tensor:
+    """The trained next-token targets, in the order `kept` gives their positions."""
+    targets = labels[:, 1:]
+    return targets.reshape(-1) if ALL_TRAINED.get() else targets[targets != IGNORE_INDEX]
 
 
 def sequence_scores(model, batch: dict) -> Rows:

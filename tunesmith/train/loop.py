@@ -367,7 +367,7 @@ class Run:
         it holds them)."""
         cfg = self.config
         if cfg.objective.precompute_teacher:
-            self.extras = precomputed_teacher(self, device, None)
+            self.extras = precomputed_teacher(self, device)
             self.vocab = None
             return
         self.teacher = load_teacher(cfg.objective, self.tokenizer, device, self.dtype)
