@@ -411,8 +411,11 @@ class RunConfig(Section):
     def _objective_data(self) -> RunConfig:
         objective = objective_of(self.objective)
         if objective.token_level:
-            wants = {"preference": "dpo, simpo, orpo or reward", "unpaired": "kto"}
-            wants["prompt"] = "grpo"
+            wants = {
+                "preference": "dpo, simpo, orpo or reward",
+                "unpaired": "kto",
+                "prompt": "grpo",
+            }
             for at, src in self._sources():
                 if src.format in wants:
                     raise ValueError(
